@@ -1,0 +1,46 @@
+"""The functional core: pure decisions and pure state transitions. No I/O, no clock, no randomness."""
+
+from nexuscore.core._budget import (
+    EMPTY_STATE,
+    BudgetState,
+    Reservation,
+    Settlement,
+    Window,
+    decode_state,
+    encode_state,
+    reserve,
+    settle,
+)
+from nexuscore.core._decide import (
+    Decision,
+    Rejection,
+    admit,
+    decide,
+    estimate_complexity,
+    estimate_input_tokens,
+)
+from nexuscore.core._ids import derive_id
+from nexuscore.core._steps import decision_event, dispatch_event, on_outcome, on_request
+
+__all__ = [
+    "EMPTY_STATE",
+    "BudgetState",
+    "Decision",
+    "Rejection",
+    "Reservation",
+    "Settlement",
+    "Window",
+    "admit",
+    "decide",
+    "decision_event",
+    "decode_state",
+    "derive_id",
+    "dispatch_event",
+    "encode_state",
+    "estimate_complexity",
+    "estimate_input_tokens",
+    "on_outcome",
+    "on_request",
+    "reserve",
+    "settle",
+]

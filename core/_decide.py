@@ -1,0 +1,302 @@
+"""The decision: admission -> residency -> routing -> escalation -> budget -> decode.
+
+``decide`` is a pure function of (request, policy, budget state): no I/O, no clock, no randomness.
+Every rule that fires and every alternative rejected is written down as a ``Reason``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from nexuscore.core._budget import BudgetState
+from nexuscore.policy import Deployment, Match, RoutingPolicy, Tenant, tier_rank
+from nexuscore.schemas import (
+    TIERS,
+    BudgetDecision,
+    DecodeDecision,
+    InferenceRequested,
+    Reason,
+    ResidencyDecision,
+    RoutingDecision,
+    Tier,
+    Verdict,
+)
+
+_RISK_WEIGHT = {"low": 0.1, "medium": 0.25, "high": 0.45, "critical": 0.6}
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """Admission refused the request; nothing else was decided."""
+
+    code: str
+    reason: str
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything decided for an admitted request."""
+
+    verdict: Verdict
+    verdict_reason: str
+    residency: ResidencyDecision
+    routing: RoutingDecision
+    budget: BudgetDecision
+    decode: DecodeDecision | None
+    reasons: tuple[Reason, ...]
+    deployment: Deployment | None
+    input_tokens: int
+    day: str
+
+
+def estimate_input_tokens(prompt: str) -> int:
+    """Roughly four characters a token: the same rule the simulated provider bills by."""
+    return max(1, len(prompt) // 4)
+
+
+def estimate_complexity(request: InferenceRequested, input_tokens: int) -> float:
+    if request.complexity is not None:
+        return request.complexity
+    raw = _RISK_WEIGHT[request.risk_class] + min(0.4, input_tokens / 5000) + 0.1 * len(request.required_capabilities)
+    return round(min(1.0, raw), 4)
+
+
+def matches(when: Match, request: InferenceRequested, complexity: float) -> bool:
+    if when.task_types and request.task_type not in when.task_types:
+        return False
+    if when.risk_classes and request.risk_class not in when.risk_classes:
+        return False
+    if when.capabilities and not set(when.capabilities) <= set(request.required_capabilities):
+        return False
+    return not (when.min_complexity is not None and complexity < when.min_complexity)
+
+
+def admit(request: InferenceRequested, policy: RoutingPolicy) -> Rejection | Tenant:
+    """Admission: is this a request the policy knows how to decide at all?"""
+    tenant = policy.tenants_by_id.get(request.tenant_id)
+    if tenant is None:
+        return Rejection(code="unknown_tenant", reason=f"tenant {request.tenant_id!r} is not in policy {policy.version}")
+    if not any(f.id == request.feature for f in tenant.features):
+        return Rejection(
+            code="unknown_feature",
+            reason=f"feature {request.feature!r} is not configured for tenant {tenant.id!r}",
+        )
+    if request.data_classification not in policy.residency_by_class:
+        return Rejection(
+            code="no_residency_rule",
+            reason=f"no residency rule covers {request.data_classification!r} data",
+        )
+    tokens = estimate_input_tokens(request.prompt)
+    if tokens > policy.max_input_tokens:
+        return Rejection(
+            code="input_too_large",
+            reason=f"about {tokens} input tokens exceed the policy limit of {policy.max_input_tokens}",
+        )
+    if tokens + request.max_output_tokens > policy.max_context_tokens:
+        return Rejection(
+            code="context_too_large",
+            reason=(
+                f"{tokens} input + {request.max_output_tokens} output tokens exceed every deployment's "
+                f"context (largest {policy.max_context_tokens})"
+            ),
+        )
+    return tenant
+
+
+def _residency(request: InferenceRequested, policy: RoutingPolicy, tenant: Tenant) -> ResidencyDecision:
+    rule = policy.residency_by_class[request.data_classification]
+    allowed = sorted({tenant.home_region if r == "home" else r for r in rule.allowed})
+    return ResidencyDecision(
+        home_region=tenant.home_region,
+        allowed_regions=allowed,
+        rule_id=rule.id,
+        transfer_basis=rule.transfer_basis,
+    )
+
+
+def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetState) -> Rejection | Decision:
+    """Decide one request. Pure: the same inputs always give the same decision."""
+    admitted = admit(request, policy)
+    if isinstance(admitted, Rejection):
+        return admitted
+    tenant = admitted
+    feature = next(f for f in tenant.features if f.id == request.feature)
+    reasons: list[Reason] = []
+    input_tokens = estimate_input_tokens(request.prompt)
+    day = request.occurred_at.date().isoformat()
+
+    residency = _residency(request, policy, tenant)
+    reasons.append(
+        Reason(
+            stage="residency",
+            kind="rule_fired",
+            subject=residency.rule_id,
+            detail=f"{request.data_classification} data of a {tenant.home_region} tenant: "
+            f"allowed in {', '.join(residency.allowed_regions)}",
+        )
+    )
+
+    # --- routing: the smallest tier the request can trust --------------------------------------
+    complexity = estimate_complexity(request, input_tokens)
+    floor: Tier = "small"
+    for rule in policy.routing.rules:
+        if matches(rule.when, request, complexity):
+            reasons.append(Reason(stage="routing", kind="rule_fired", subject=rule.id, detail=rule.reason or rule.min_tier))
+            if tier_rank(rule.min_tier) > tier_rank(floor):
+                floor = rule.min_tier
+    suggested: Tier = "mid" if complexity >= policy.routing.mid_complexity else "small"
+    preferred: Tier = suggested if tier_rank(suggested) > tier_rank(floor) else floor
+    if suggested == "mid" and preferred == "mid" and floor != "mid":
+        reasons.append(
+            Reason(
+                stage="routing",
+                kind="note",
+                subject="complexity",
+                detail=f"complexity {complexity} >= {policy.routing.mid_complexity} suggests mid",
+            )
+        )
+
+    needed = input_tokens + request.max_output_tokens
+    required = set(request.required_capabilities)
+    allowed = set(residency.allowed_regions)
+    eligible: list[Deployment] = []
+    for d in policy.deployments:
+        why = ""
+        stage = "routing"
+        if d.region not in allowed:
+            stage = "residency"
+            why = f"region {d.region} is outside {', '.join(residency.allowed_regions)}"
+        elif not required <= set(d.capabilities):
+            why = f"lacks capabilities {', '.join(sorted(required - set(d.capabilities)))}"
+        elif d.context_tokens < needed:
+            why = f"context {d.context_tokens} < {needed} tokens needed"
+        elif tier_rank(d.tier) < tier_rank(floor):
+            why = f"tier {d.tier} is below the floor {floor}"
+        if why:
+            reasons.append(Reason(stage=stage, kind="rejected_alternative", subject=d.id, detail=why))  # type: ignore[arg-type]  # stage is one of the two literals above
+        else:
+            eligible.append(d)
+
+    def cost(d: Deployment) -> int:
+        return d.cost_micros(input_tokens, request.max_output_tokens)
+
+    # Step up from the preferred tier only as far as mid: frontier is never a fallback, only a floor.
+    ceiling = "frontier" if floor == "frontier" else "mid"
+    tier: Tier | None = None
+    for t in TIERS[tier_rank(preferred) : tier_rank(ceiling) + 1]:
+        if any(d.tier == t for d in eligible):
+            tier = t
+            break
+    if tier is not None and tier != preferred:
+        reasons.append(
+            Reason(stage="routing", kind="note", subject="step_up", detail=f"no eligible {preferred} deployment; using {tier}")
+        )
+    ranked = sorted((d for d in eligible if d.tier == tier), key=lambda d: (cost(d), d.id))
+    chosen = ranked[0] if ranked else None
+    for d in eligible:
+        if d is chosen:
+            continue
+        if tier is not None and tier_rank(d.tier) > tier_rank(tier):
+            detail = f"tier {d.tier} is above {tier}, the smallest adequate tier"
+        elif d.tier == tier:
+            detail = f"estimated {cost(d)} micro-USD, more than {chosen.id if chosen else '-'}"
+        else:
+            detail = f"tier {d.tier} is below the preferred {preferred}; kept as a budget fallback"
+        reasons.append(Reason(stage="routing", kind="rejected_alternative", subject=d.id, detail=detail))
+
+    routing = RoutingDecision(
+        complexity=complexity,
+        floor_tier=floor,
+        preferred_tier=preferred,
+        tier=tier,
+        deployment_id=chosen.id if chosen else None,
+        eligible=[d.id for d in eligible],
+    )
+    window = state.window(day)
+    tenant_budget = int(tenant.daily_budget_usd * 1_000_000)
+    feature_budget = int(feature.daily_budget_usd * 1_000_000)
+
+    def budget(action: str, d: Deployment | None, estimate: int) -> BudgetDecision:
+        return BudgetDecision(
+            action=action,  # type: ignore[arg-type]  # callers pass one of the declared literals
+            window=day,
+            estimated_cost_micros=estimate,
+            tenant_budget_micros=tenant_budget,
+            tenant_committed_micros=window.tenant_committed,
+            feature_budget_micros=feature_budget,
+            feature_committed_micros=window.feature_committed(request.feature),
+            deployment_id=d.id if d else None,
+            tier=d.tier if d else None,
+        )
+
+    def finish(verdict: Verdict, why: str, b: BudgetDecision, d: Deployment | None, dec: DecodeDecision | None) -> Decision:
+        return Decision(
+            verdict=verdict,
+            verdict_reason=why,
+            residency=residency,
+            routing=routing,
+            budget=b,
+            decode=dec,
+            reasons=tuple(reasons),
+            deployment=d,
+            input_tokens=input_tokens,
+            day=day,
+        )
+
+    if chosen is None:
+        why = f"no deployment in {', '.join(residency.allowed_regions)} meets tier {preferred} and the request's needs"
+        return finish("denied", "no_eligible_deployment: " + why, budget("not_applicable", None, 0), None, None)
+
+    # --- escalation: some requests are for a person, not a model --------------------------------
+    for esc in policy.escalation:
+        if matches(esc.when, request, complexity):
+            reasons.append(Reason(stage="escalation", kind="rule_fired", subject=esc.id, detail=esc.reason))
+            return finish("escalated", f"{esc.id}: {esc.reason}", budget("not_applicable", chosen, cost(chosen)), None, None)
+
+    # --- budget: reserve the estimate, or downgrade, or deny ------------------------------------
+    options = ranked + sorted(
+        (d for d in eligible if tier_rank(d.tier) < tier_rank(chosen.tier)),
+        key=lambda d: (-tier_rank(d.tier), cost(d), d.id),
+    )
+    fitting: Deployment | None = None
+    for d in options:
+        estimate = cost(d)
+        if window.tenant_committed + estimate > tenant_budget:
+            why = f"tenant budget: {window.tenant_committed} + {estimate} > {tenant_budget} micro-USD"
+        elif window.feature_committed(request.feature) + estimate > feature_budget:
+            why = f"feature budget: {window.feature_committed(request.feature)} + {estimate} > {feature_budget} micro-USD"
+        else:
+            fitting = d
+            break
+        reasons.append(Reason(stage="budget", kind="rejected_alternative", subject=d.id, detail=why))
+    if fitting is None:
+        return finish(
+            "denied",
+            f"budget_exhausted: no eligible deployment fits the {day} budget of {tenant.id}/{request.feature}",
+            budget("denied", chosen, cost(chosen)),
+            None,
+            None,
+        )
+    action = "reserved" if fitting is chosen else "downgraded"
+    if fitting is not chosen:
+        reasons.append(
+            Reason(stage="budget", kind="note", subject=fitting.id, detail=f"downgraded from {chosen.id} to fit the budget")
+        )
+    budget_decision = budget(action, fitting, cost(fitting))
+
+    # --- decode: the latency SLO sets the budget ------------------------------------------------
+    slo = request.latency_slo_ms or feature.latency_slo_ms
+    predictions = [(s, math.ceil(s.ttft_ms + s.ms_per_output_token * request.max_output_tokens)) for s in fitting.decode]
+    fit = next(((s, p) for s, p in predictions if p <= slo), None)
+    if fit is None:
+        strategy, predicted = min(predictions, key=lambda sp: sp[1])
+        reasons.append(
+            Reason(stage="decode", kind="note", subject=strategy.name, detail=f"no strategy fits {slo} ms; fastest predicts {predicted} ms")
+        )
+    else:
+        strategy, predicted = fit
+    for s, p in predictions:
+        if s is not strategy:
+            reasons.append(Reason(stage="decode", kind="rejected_alternative", subject=s.name, detail=f"predicts {p} ms"))
+    decode = DecodeDecision(strategy=strategy.name, latency_slo_ms=slo, predicted_latency_ms=predicted, fits_slo=fit is not None)
+    return finish("dispatch", f"{action} on {fitting.id} ({fitting.tier}, {fitting.region})", budget_decision, fitting, decode)

@@ -1,0 +1,3 @@
+from nexuscore.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""``nexuscore demo``: the whole pipeline on a local broker, end to end, with synthetic traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nexuscore._broker import kafka_broker
+from nexuscore._services import Services
+from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
+from nexuscore.errors import NexusError
+from nexuscore.policy import RoutingPolicy, load_policy
+from nexuscore.projections import TABLES, EvidenceStore
+from nexuscore.schemas import AvroCodec
+from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
+
+
+class Pipeline:
+    """The four stages as child processes: simulated provider, decider, worker, projector."""
+
+    def __init__(self, services: Services, bootstrap: str, topics: Topics, policy_path: Path, evidence_dir: Path) -> None:
+        self.services = services
+        # A few provider errors, so that retries show in the attempts table.
+        provider = services.start("provider", "run", "provider", "--port", "0", "--error-rate", "0.03")
+        url = provider.wait_for_line("simulated provider listening on", 30)
+        common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
+        services.start("decider", "run", "decider", *common, "--policy", str(policy_path))
+        services.start("worker", "run", "worker", *common, "--simulated-url", url)
+        services.start("projector", "run", "projector", *common, "--evidence-dir", str(evidence_dir))
+
+
+def clear_evidence(evidence_dir: Path) -> None:
+    """Remove earlier evidence tables (only the folders NexusCore itself writes)."""
+    for table in TABLES:
+        shutil.rmtree(evidence_dir / table, ignore_errors=True)
+
+
+async def _publish_all(bootstrap: str, topics: Topics, policy: RoutingPolicy, n: int, run: str) -> int:
+    codec = AvroCodec()
+    requests = synthetic_requests(policy, n, seed=7, start=datetime.now(UTC), run=run)
+    producer = new_producer(bootstrap)
+    await start_client(producer, bootstrap)
+    try:
+        await publish(producer, topics, codec, requests)
+        bad = malformed_messages(codec, requests[0])
+        for _, value in bad:
+            await producer.send_and_wait(topics.requests, value, key=b"acme-bank")
+        return len(bad)
+    finally:
+        await producer.stop()
+
+
+def wait_for_evidence(evidence_dir: Path, expected: int, services: Services, timeout_s: float, console: Console) -> dict[str, int]:
+    """Poll the evidence until every request has a terminal state; raise on timeout."""
+    deadline = time.monotonic() + timeout_s
+    summary = {"requests": 0, "terminal": 0, "multiple_terminal": 0, "deadletters": 0}
+    columns = (TextColumn("terminal states in the evidence"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("evidence", total=expected)
+        while time.monotonic() < deadline:
+            services.check()
+            with EvidenceStore(evidence_dir) as store:
+                summary = store.terminal_summary()
+            progress.update(task, completed=summary["terminal"])
+            if summary["terminal"] >= expected:
+                return summary
+            time.sleep(0.5)
+    raise NexusError(
+        f"only {summary['terminal']} of {expected} requests reached a terminal state within {timeout_s:.0f} s "
+        f"(logs in {services.log_dir})"
+    )
+
+
+def run_demo(requests: int, evidence_dir: Path, policy_path: Path, timeout_s: float, console: Console) -> dict[str, int]:
+    policy = load_policy(policy_path)  # a bad policy fails before anything starts
+    evidence_dir = evidence_dir.resolve()
+    clear_evidence(evidence_dir)
+    run = uuid.uuid4().hex[:8]
+    console.print(f"[bold]NexusCore demo[/] run {run}: {requests} requests, policy {policy.version} ({policy.digest[:19]}…)")
+    with kafka_broker() as bootstrap:
+        # A fresh namespace per run: a shared broker keeps earlier runs' history.
+        topics = Topics(namespace=f"demo-{run}.")
+        asyncio.run(ensure_topics(bootstrap, topics))
+        console.print(f"broker {bootstrap}; topics {topics.requests} …")
+        with Services(evidence_dir / "_logs") as services:
+            Pipeline(services, bootstrap, topics, policy_path, evidence_dir)
+            started = time.monotonic()
+            malformed = asyncio.run(_publish_all(bootstrap, topics, policy, requests, run))
+            console.print(f"published {requests} requests and {malformed} malformed messages")
+            summary = wait_for_evidence(evidence_dir, requests, services, timeout_s, console)
+            # The dead letters trail the last request by at most one projector flush.
+            deadline = time.monotonic() + 10
+            while summary["deadletters"] < malformed and time.monotonic() < deadline:
+                time.sleep(0.5)
+                with EvidenceStore(evidence_dir) as store:
+                    summary = store.terminal_summary()
+            elapsed = time.monotonic() - started
+    console.print(
+        f"all {summary['terminal']} requests reached a terminal state in {elapsed:.1f} s "
+        f"({summary['terminal'] / elapsed:.0f} requests/s end to end); "
+        f"{summary['deadletters']} dead letters; {summary['multiple_terminal']} with more than one terminal state"
+    )
+    if summary["multiple_terminal"] or summary["deadletters"] < malformed:
+        raise NexusError(f"evidence incomplete: {summary}")
+    return summary

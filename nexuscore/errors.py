@@ -1,0 +1,44 @@
+"""Every exception NexusCore raises on purpose.
+
+    NexusError                      base: the CLI prints its message as one line, never a traceback
+    ├── PolicyError                 a policy file that cannot be read or is invalid (names file and field)
+    ├── DecodeError                 bytes off a topic that are not a valid event (reason kept for the dead letter)
+    ├── BrokerError                 no Kafka broker could be reached or started
+    ├── ProviderError               a model provider answered with an error or not at all
+    └── EvidenceError               the evidence store is missing or cannot answer a query
+"""
+
+from __future__ import annotations
+
+
+class NexusError(Exception):
+    """Base of every deliberate NexusCore error; its message is meant for a person."""
+
+
+class PolicyError(NexusError):
+    """A routing policy file is unreadable or invalid."""
+
+
+class DecodeError(NexusError):
+    """Bytes that do not decode to a known, valid event."""
+
+
+class BrokerError(NexusError):
+    """The Kafka broker is unreachable, or the local broker could not start."""
+
+
+class ProviderError(NexusError):
+    """A model provider call failed.
+
+    ``retryable`` is true for failures worth another attempt (HTTP 429, 5xx, timeouts, refused
+    connections); ``status_code`` is the HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status_code = status_code
+
+
+class EvidenceError(NexusError):
+    """The evidence store is missing or a query over it failed."""

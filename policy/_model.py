@@ -1,0 +1,230 @@
+"""The RoutingPolicy: a versioned, validated, content-addressed description of how to decide.
+
+A policy is data. Its canonical form (sorted-key compact JSON of the validated model) is hashed with
+sha256; that digest is stamped on every decision made under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nexuscore.errors import PolicyError
+from nexuscore.schemas import TIERS, DataClassification, RiskClass, Tier
+
+Region = Annotated[str, Field(min_length=1, pattern=r"^[a-z][a-z0-9-]*$")]
+Ident = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+Usd = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DecodeStrategy(_Frozen):
+    """A way to decode on a deployment and its predicted latency: ttft + per-token time x tokens."""
+
+    name: Ident
+    ttft_ms: Annotated[int, Field(ge=0)]
+    ms_per_output_token: Annotated[float, Field(ge=0)]
+
+
+class Deployment(_Frozen):
+    """One model served in one region by one provider."""
+
+    id: Ident
+    model: str
+    provider: Literal["openai", "anthropic"]
+    endpoint: str
+    tier: Tier
+    region: Region
+    input_usd_per_1k: Usd
+    output_usd_per_1k: Usd
+    context_tokens: Annotated[int, Field(ge=256)]
+    capabilities: tuple[str, ...] = ()
+    decode: tuple[DecodeStrategy, ...] = Field(min_length=1)
+
+    @cached_property
+    def input_micros_per_1k(self) -> int:
+        return int(self.input_usd_per_1k * 1_000_000)
+
+    @cached_property
+    def output_micros_per_1k(self) -> int:
+        return int(self.output_usd_per_1k * 1_000_000)
+
+    def cost_micros(self, input_tokens: int, output_tokens: int) -> int:
+        """Cost in micro-dollars, rounded up so an estimate is never below the bill."""
+        return cost_micros(input_tokens, output_tokens, self.input_micros_per_1k, self.output_micros_per_1k)
+
+
+class Feature(_Frozen):
+    id: Ident
+    daily_budget_usd: Usd
+    latency_slo_ms: Annotated[int, Field(ge=1)] = 5_000
+
+
+class Tenant(_Frozen):
+    id: Ident
+    home_region: Region
+    daily_budget_usd: Usd
+    features: tuple[Feature, ...] = Field(min_length=1)
+
+
+class ResidencyRule(_Frozen):
+    """Where data of one classification may be processed. ``home`` means the tenant's home region."""
+
+    id: Ident
+    classification: DataClassification
+    allowed: tuple[str, ...] = Field(min_length=1)
+    transfer_basis: str = "none"
+
+
+class Match(_Frozen):
+    """A rule's condition: every non-empty list must match (capabilities: all required present)."""
+
+    task_types: tuple[str, ...] = ()
+    risk_classes: tuple[RiskClass, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    min_complexity: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class RoutingRule(_Frozen):
+    """A floor: requests matching ``when`` must be served at ``min_tier`` or above."""
+
+    id: Ident
+    when: Match
+    min_tier: Tier
+    reason: str = ""
+
+
+class Routing(_Frozen):
+    # Complexity at or above this suggests the mid tier. Frontier is never suggested by complexity:
+    # only a rule can demand it.
+    mid_complexity: Annotated[float, Field(ge=0, le=1)] = 0.6
+    rules: tuple[RoutingRule, ...] = ()
+
+
+class EscalationRule(_Frozen):
+    id: Ident
+    when: Match
+    reason: str
+
+
+class RoutingPolicy(_Frozen):
+    """The whole policy. Cross-references (regions, deployments, tenants) are checked on load."""
+
+    name: Ident
+    version: Ident
+    regions: tuple[Region, ...] = Field(min_length=1)
+    deployments: tuple[Deployment, ...] = Field(min_length=1)
+    tenants: tuple[Tenant, ...] = Field(min_length=1)
+    residency: tuple[ResidencyRule, ...] = Field(min_length=1)
+    routing: Routing = Routing()
+    escalation: tuple[EscalationRule, ...] = ()
+    max_input_tokens: Annotated[int, Field(ge=1)] = 100_000
+
+    @model_validator(mode="after")
+    def _check_references(self) -> RoutingPolicy:
+        regions = set(self.regions)
+        _unique("deployments", [d.id for d in self.deployments])
+        _unique("tenants", [t.id for t in self.tenants])
+        for d in self.deployments:
+            if d.region not in regions:
+                raise ValueError(f"deployment {d.id!r} is in region {d.region!r}, not one of {sorted(regions)}")
+        for t in self.tenants:
+            _unique(f"features of tenant {t.id!r}", [f.id for f in t.features])
+            if t.home_region not in regions:
+                raise ValueError(f"tenant {t.id!r} has home region {t.home_region!r}, not one of {sorted(regions)}")
+        for r in self.residency:
+            for region in r.allowed:
+                if region != "home" and region not in regions:
+                    raise ValueError(f"residency rule {r.id!r} allows unknown region {region!r}")
+        classes = [r.classification for r in self.residency]
+        _unique("residency classifications", classes)
+        return self
+
+    @cached_property
+    def canonical_bytes(self) -> bytes:
+        """Sorted-key compact JSON of the validated policy: equal policies give equal bytes."""
+        data = self.model_dump(mode="json")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    @cached_property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.canonical_bytes).hexdigest()
+
+    @cached_property
+    def tenants_by_id(self) -> dict[str, Tenant]:
+        return {t.id: t for t in self.tenants}
+
+    @cached_property
+    def deployments_by_id(self) -> dict[str, Deployment]:
+        return {d.id: d for d in self.deployments}
+
+    @cached_property
+    def residency_by_class(self) -> dict[str, ResidencyRule]:
+        return {r.classification: r for r in self.residency}
+
+    @cached_property
+    def max_context_tokens(self) -> int:
+        return max(d.context_tokens for d in self.deployments)
+
+
+def cost_micros(input_tokens: int, output_tokens: int, input_micros_per_1k: int, output_micros_per_1k: int) -> int:
+    """Cost in micro-dollars, rounded up so that an estimate is never below the bill."""
+    micros = input_tokens * input_micros_per_1k + output_tokens * output_micros_per_1k
+    return -(-micros // 1000)
+
+
+def _unique(what: str, ids: list[str]) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"duplicate id {i!r} in {what}")
+        seen.add(i)
+
+
+def tier_rank(tier: Tier) -> int:
+    return TIERS.index(tier)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> RoutingPolicy:
+    """Parse and validate YAML text; PolicyError names the source, the field and what is wrong."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RoutingPolicy.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{where}: {err['msg']}")
+        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems)) from exc
+
+
+def load_policy(path: str | Path) -> RoutingPolicy:
+    """Read and validate a policy file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read policy file: {exc.strerror}") from exc
+    return parse_policy(text, str(p))
+
+
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parent / "policies" / "default.yaml"
+
+
+def default_policy() -> RoutingPolicy:
+    return load_policy(DEFAULT_POLICY_PATH)

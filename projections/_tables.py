@@ -1,0 +1,238 @@
+"""The evidence tables: their columns (documented in the README) and how each event becomes rows.
+
+Rows are built from the decoded Avro records directly (no Struct in between): the projector's work
+is per event and this is its hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from nexuscore.schemas import (
+    BudgetSettled,
+    DeadLettered,
+    DispatchRequested,
+    Event,
+    InferenceRequested,
+    ModelCallAttempted,
+    OutcomeRecorded,
+    RequestDecided,
+    RequestRejected,
+)
+
+_TS = pa.timestamp("us", tz="UTC")
+_STRS = pa.list_(pa.string())
+_SOURCE = [("src_topic", pa.string()), ("src_partition", pa.int32()), ("src_offset", pa.int64())]
+_ENVELOPE = [
+    ("event_id", pa.string()),
+    ("request_id", pa.string()),
+    ("tenant_id", pa.string()),
+    ("occurred_at", _TS),
+    ("producer", pa.string()),
+    ("causation_id", pa.string()),
+    ("trace_id", pa.string()),
+    ("policy_digest", pa.string()),
+]
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([*_ENVELOPE, *fields, *_SOURCE])
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "requests": _schema(
+        ("feature", pa.string()),
+        ("task_type", pa.string()),
+        ("risk_class", pa.string()),
+        ("data_classification", pa.string()),
+        ("prompt", pa.string()),
+        ("max_output_tokens", pa.int64()),
+        ("required_capabilities", _STRS),
+        ("complexity", pa.float64()),
+        ("latency_slo_ms", pa.int64()),
+    ),
+    "decisions": _schema(
+        ("feature", pa.string()),
+        ("verdict", pa.string()),
+        ("verdict_reason", pa.string()),
+        ("policy_version", pa.string()),
+        ("home_region", pa.string()),
+        ("allowed_regions", _STRS),
+        ("residency_rule", pa.string()),
+        ("transfer_basis", pa.string()),
+        ("complexity", pa.float64()),
+        ("floor_tier", pa.string()),
+        ("preferred_tier", pa.string()),
+        ("tier", pa.string()),
+        ("deployment_id", pa.string()),
+        ("eligible", _STRS),
+        ("budget_action", pa.string()),
+        ("budget_window", pa.string()),
+        ("estimated_cost_micros", pa.int64()),
+        ("tenant_budget_micros", pa.int64()),
+        ("tenant_committed_micros", pa.int64()),
+        ("feature_budget_micros", pa.int64()),
+        ("feature_committed_micros", pa.int64()),
+        ("decode_strategy", pa.string()),
+        ("latency_slo_ms", pa.int64()),
+        ("predicted_latency_ms", pa.int64()),
+        ("fits_slo", pa.bool_()),
+        ("state_version", pa.int64()),
+    ),
+    "decision_reasons": _schema(
+        ("seq", pa.int32()),
+        ("stage", pa.string()),
+        ("kind", pa.string()),
+        ("subject", pa.string()),
+        ("detail", pa.string()),
+    ),
+    "rejections": _schema(
+        ("reason_code", pa.string()),
+        ("reason", pa.string()),
+        ("policy_version", pa.string()),
+    ),
+    "dispatches": _schema(
+        ("feature", pa.string()),
+        ("deployment_id", pa.string()),
+        ("provider", pa.string()),
+        ("model", pa.string()),
+        ("region", pa.string()),
+        ("allowed_regions", _STRS),
+        ("decode_strategy", pa.string()),
+        ("max_output_tokens", pa.int64()),
+        ("estimated_cost_micros", pa.int64()),
+        ("requested_at", _TS),
+    ),
+    "attempts": _schema(
+        ("attempt", pa.int32()),
+        ("deployment_id", pa.string()),
+        ("region", pa.string()),
+        ("status", pa.string()),
+        ("http_status", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("retryable", pa.bool_()),
+        ("error", pa.string()),
+    ),
+    "outcomes": _schema(
+        ("status", pa.string()),
+        ("feature", pa.string()),
+        ("deployment_id", pa.string()),
+        ("model", pa.string()),
+        ("model_version", pa.string()),
+        ("region", pa.string()),
+        ("attempts", pa.int32()),
+        ("input_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("cost_micros", pa.int64()),
+        ("latency_ms", pa.float64()),
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),
+        ("error", pa.string()),
+    ),
+    "settlements": _schema(
+        ("feature", pa.string()),
+        ("budget_window", pa.string()),
+        ("reserved_micros", pa.int64()),
+        ("actual_micros", pa.int64()),
+        ("tenant_spent_micros", pa.int64()),
+        ("feature_spent_micros", pa.int64()),
+        ("state_version", pa.int64()),
+    ),
+    "deadletters": _schema(
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("reason", pa.string()),
+        ("raw_key", pa.binary()),
+        ("raw_value", pa.binary()),
+    ),
+}
+
+TABLES = tuple(SCHEMAS)
+Row = dict[str, Any]
+Rows = list[tuple[str, Row]]
+
+
+def _flat(record: dict[str, Any], names: tuple[str, ...]) -> Row:
+    return {n: record.get(n) for n in names}
+
+
+def _fields(table: str) -> tuple[str, ...]:
+    return tuple(f.name for f in SCHEMAS[table] if not f.name.startswith("src_"))
+
+
+_REQ = _fields("requests")
+_REJ = _fields("rejections")
+_DISP = _fields("dispatches")
+_ATT = _fields("attempts")
+_OUT = _fields("outcomes")
+_DL = _fields("deadletters")
+_ENV = tuple(n for n, _ in _ENVELOPE)
+
+
+def _decided(r: dict[str, Any]) -> Rows:
+    res, rt, b, dec = r["residency"], r["routing"], r["budget"], r["decode"] or {}
+    row = _flat(r, _ENV)
+    row.update(
+        feature=r["feature"],
+        verdict=r["verdict"],
+        verdict_reason=r["verdict_reason"],
+        policy_version=r["policy_version"],
+        home_region=res["home_region"],
+        allowed_regions=res["allowed_regions"],
+        residency_rule=res["rule_id"],
+        transfer_basis=res["transfer_basis"],
+        complexity=rt["complexity"],
+        floor_tier=rt["floor_tier"],
+        preferred_tier=rt["preferred_tier"],
+        tier=b["tier"] if r["verdict"] == "dispatch" else rt["tier"],
+        deployment_id=b["deployment_id"] if r["verdict"] == "dispatch" else rt["deployment_id"],
+        eligible=rt["eligible"],
+        budget_action=b["action"],
+        budget_window=b["window"],
+        estimated_cost_micros=b["estimated_cost_micros"],
+        tenant_budget_micros=b["tenant_budget_micros"],
+        tenant_committed_micros=b["tenant_committed_micros"],
+        feature_budget_micros=b["feature_budget_micros"],
+        feature_committed_micros=b["feature_committed_micros"],
+        decode_strategy=dec.get("strategy"),
+        latency_slo_ms=dec.get("latency_slo_ms"),
+        predicted_latency_ms=dec.get("predicted_latency_ms"),
+        fits_slo=dec.get("fits_slo"),
+        state_version=r["state_version"],
+    )
+    rows: Rows = [("decisions", row)]
+    for seq, reason in enumerate(r["reasons"]):
+        rr = _flat(r, _ENV)
+        rr.update(seq=seq, stage=reason["stage"], kind=reason["kind"], subject=reason["subject"], detail=reason["detail"])
+        rows.append(("decision_reasons", rr))
+    return rows
+
+
+def _settled(r: dict[str, Any]) -> Rows:
+    row = _flat(r, _ENV)
+    row.update(
+        feature=r["feature"],
+        budget_window=r["window"],
+        reserved_micros=r["reserved_micros"],
+        actual_micros=r["actual_micros"],
+        tenant_spent_micros=r["tenant_spent_micros"],
+        feature_spent_micros=r["feature_spent_micros"],
+        state_version=r["state_version"],
+    )
+    return [("settlements", row)]
+
+
+ROW_BUILDERS: dict[type[Event], Callable[[dict[str, Any]], Rows]] = {
+    InferenceRequested: lambda r: [("requests", _flat(r, _REQ))],
+    RequestRejected: lambda r: [("rejections", _flat(r, _REJ))],
+    RequestDecided: _decided,
+    BudgetSettled: _settled,
+    DispatchRequested: lambda r: [("dispatches", _flat(r, _DISP))],
+    ModelCallAttempted: lambda r: [("attempts", _flat(r, _ATT))],
+    OutcomeRecorded: lambda r: [("outcomes", _flat(r, _OUT))],
+    DeadLettered: lambda r: [("deadletters", _flat(r, _DL))],
+}

@@ -1,0 +1,179 @@
+"""Replay recorded history through the same pure core, under the recorded or a candidate policy.
+
+Order matters for budgets: per tenant, the decision agent applied decisions and settlements in one
+sequence, numbered by ``state_version``. Replay re-applies them in that sequence, so replaying with
+the recorded policy reproduces every recorded decision exactly, and a candidate policy shows what
+would have changed (budget state re-simulated under the candidate's prices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from nexuscore.core import EMPTY_STATE, BudgetState, on_request, settle
+from nexuscore.policy import RoutingPolicy, cost_micros
+from nexuscore.projections import EvidenceStore
+from nexuscore.projections._tables import ROW_BUILDERS, Row
+from nexuscore.schemas import InferenceRequested, RequestDecided, RequestRejected
+
+PRODUCER = "nexuscore.replay"
+# Columns that differ between any two runs or any two policies without the decision changing.
+_IGNORED = {"event_id", "occurred_at", "producer", "policy_digest", "policy_version", "src_topic", "src_partition", "src_offset"}
+_COMPARED = ("verdict", "tier", "deployment_id", "budget_action", "estimated_cost_micros", "decode_strategy")
+
+
+class Change(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    tenant_id: str
+    fields: tuple[str, ...]
+    recorded: dict[str, Any]
+    candidate: dict[str, Any]
+
+
+class ReplayReport(msgspec.Struct, kw_only=True):
+    policy_version: str
+    policy_digest: str
+    requests: int = 0
+    changed: int = 0
+    verdict_changes: int = 0
+    deployment_changes: int = 0
+    tier_changes: int = 0
+    recorded_estimated_micros: int = 0
+    candidate_estimated_micros: int = 0
+    recorded_actual_micros: int = 0
+    candidate_actual_micros: int = 0
+    changes: list[Change] = msgspec.field(default_factory=list)
+
+    @property
+    def estimated_delta_micros(self) -> int:
+        return self.candidate_estimated_micros - self.recorded_estimated_micros
+
+    @property
+    def actual_delta_micros(self) -> int:
+        return self.candidate_actual_micros - self.recorded_actual_micros
+
+
+def _decision_row(event: RequestDecided | RequestRejected) -> tuple[str, Row]:
+    record = msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+    return ROW_BUILDERS[type(event)](record)[0]
+
+
+def _comparable(table: str, row: Row) -> dict[str, Any]:
+    out = {k: v for k, v in row.items() if k not in _IGNORED}
+    out["_table"] = table
+    return out
+
+
+def _ordered(requests: list[Row], decisions: dict[str, Row], settlements: list[Row]) -> Iterator[tuple[str, Row]]:
+    """Per tenant, the order the decision agent saw: decisions and settlements by state version,
+    and rejected requests (which touch no state) just before the next decided request."""
+    items: list[tuple[str, float, int, int, str, Row]] = []
+    by_tenant: dict[str, list[Row]] = defaultdict(list)
+    for r in requests:
+        by_tenant[r["tenant_id"]].append(r)
+    for tenant, rows in by_tenant.items():
+        rows.sort(key=lambda r: (r["src_partition"], r["src_offset"]))
+        pending: list[Row] = []
+        for r in rows:
+            d = decisions.get(r["request_id"])
+            if d is None:
+                pending.append(r)
+                continue
+            version = d["state_version"]
+            items.extend((tenant, version, -1, i, "request", p) for i, p in enumerate(pending))
+            pending = []
+            items.append((tenant, version, 0, 0, "request", r))
+        items.extend((tenant, math.inf, -1, i, "request", p) for i, p in enumerate(pending))
+    items.extend((s["tenant_id"], s["state_version"], 0, 0, "settlement", s) for s in settlements)
+    items.sort(key=lambda it: (it[0], it[1], it[2], it[3]))
+    for it in items:
+        yield it[4], it[5]
+
+
+def replay(
+    store: EvidenceStore,
+    policy: RoutingPolicy,
+    *,
+    tenant: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    keep_changes: int = 1000,
+) -> ReplayReport:
+    """Re-decide every recorded request under ``policy`` and compare with what was recorded."""
+    where = "WHERE tenant_id = $tenant" if tenant else ""
+    params = {"tenant": tenant} if tenant else {}
+    requests = store.query(f"SELECT * FROM requests {where}", params).to_pylist()  # noqa: S608
+    recorded: dict[str, tuple[str, Row]] = {}
+    for table in ("decisions", "rejections"):
+        for row in store.query(f"SELECT * FROM {table} {where}", params).to_pylist():  # noqa: S608
+            recorded[row["request_id"]] = (table, row)
+    decisions = {rid: row for rid, (t, row) in recorded.items() if t == "decisions"}
+    settlements = store.query(f"SELECT * FROM settlements {where}", params).to_pylist()  # noqa: S608
+    outcomes = {o["request_id"]: o for o in store.query(f"SELECT * FROM outcomes {where}", params).to_pylist()}
+
+    report = ReplayReport(policy_version=policy.version, policy_digest=policy.digest)
+    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    chosen: dict[str, str] = {}
+    request_fields = set(InferenceRequested.__struct_fields__)
+    total = len(requests)
+    for kind, row in _ordered(requests, decisions, settlements):
+        tenant_id, request_id = row["tenant_id"], row["request_id"]
+        if kind == "settlement":
+            deployment = chosen.get(request_id)
+            outcome = outcomes.get(request_id)
+            if deployment is None or outcome is None:
+                continue
+            d = policy.deployments_by_id[deployment]
+            actual = (
+                outcome["cost_micros"]
+                if deployment == outcome["deployment_id"]
+                else cost_micros(outcome["input_tokens"], outcome["output_tokens"], d.input_micros_per_1k, d.output_micros_per_1k)
+            )
+            states[tenant_id], _ = settle(states[tenant_id], request_id, actual)
+            report.candidate_actual_micros += actual
+            continue
+        request = msgspec.convert({k: v for k, v in row.items() if k in request_fields}, InferenceRequested)
+        rec_table, rec_row = recorded.get(request_id, ("missing", {}))
+        now = rec_row.get("occurred_at") or request.occurred_at
+        states[tenant_id], events = on_request(states[tenant_id], request, policy, PRODUCER, now)
+        decided = events[0]
+        assert isinstance(decided, RequestDecided | RequestRejected)
+        table, cand_row = _decision_row(decided)
+        if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
+            deployment_id = decided.budget.deployment_id
+            assert deployment_id is not None
+            chosen[request_id] = deployment_id
+            report.candidate_estimated_micros += decided.budget.estimated_cost_micros
+            if request_id not in outcomes:
+                # Never served in the recorded history: settle at the estimate so the budget moves.
+                states[tenant_id], _ = settle(states[tenant_id], request_id, decided.budget.estimated_cost_micros)
+                report.candidate_actual_micros += decided.budget.estimated_cost_micros
+        if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
+            report.recorded_estimated_micros += rec_row["estimated_cost_micros"]
+        report.recorded_actual_micros += outcomes[request_id]["cost_micros"] if request_id in outcomes else 0
+        report.requests += 1
+        a, b = _comparable(rec_table, rec_row), _comparable(table, cand_row)
+        if a != b:
+            fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+            report.changed += 1
+            report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
+            report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")
+            report.tier_changes += a.get("tier") != b.get("tier")
+            if len(report.changes) < keep_changes:
+                report.changes.append(
+                    Change(
+                        request_id=request_id,
+                        tenant_id=tenant_id,
+                        fields=fields,
+                        recorded={k: a.get(k) for k in _COMPARED if k in a},
+                        candidate={k: b.get(k) for k in _COMPARED if k in b},
+                    )
+                )
+        if progress is not None:
+            progress(report.requests, total)
+    return report

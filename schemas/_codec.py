@@ -1,0 +1,119 @@
+"""Avro single-object encoding: ``C3 01`` + CRC-64-AVRO fingerprint (little-endian) + Avro body.
+
+Any Avro library can read these messages with nothing but the ``.avsc`` files: the fingerprint
+names the writer's schema.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import msgspec
+from fastavro.schema import to_parsing_canonical_form
+
+from nexuscore.errors import DecodeError
+from nexuscore.schemas._avro import AVRO_DIR, avro_name
+from nexuscore.schemas._events import EVENT_TYPES, Event
+
+MAGIC = b"\xc3\x01"
+_EMPTY = 0xC15D213AA4D7A795
+
+
+def _crc64_table() -> list[int]:
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (_EMPTY & -(fp & 1))
+        table.append(fp)
+    return table
+
+
+_TABLE = _crc64_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The Rabin CRC-64 fingerprint the Avro specification defines."""
+    fp = _EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ _TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def fingerprint(schema: dict[str, Any]) -> bytes:
+    """The 8 bytes that follow the marker: CRC-64-AVRO of the parsing canonical form, little-endian."""
+    canonical = to_parsing_canonical_form(schema)
+    return crc64_avro(canonical.encode("utf-8")).to_bytes(8, "little")
+
+
+class _Writer(msgspec.Struct, frozen=True):
+    cls: type[Event]
+    parsed: Any
+    header: bytes
+
+
+class AvroCodec:
+    """Encodes events to, and decodes them from, Avro single-object encoding.
+
+    Schemas are read from the committed ``.avsc`` files: the files are the contract, not the code.
+    """
+
+    def __init__(self, types: Iterable[type[Event]] = EVENT_TYPES, avro_dir: Path = AVRO_DIR) -> None:
+        self._by_type: dict[type[Event], _Writer] = {}
+        self._by_fingerprint: dict[bytes, _Writer] = {}
+        for cls in types:
+            path = avro_dir / f"{avro_name(cls)}.avsc"
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            header = MAGIC + fingerprint(schema)
+            writer = _Writer(cls, fastavro.parse_schema(schema), header)
+            self._by_type[cls] = writer
+            self._by_fingerprint[header[2:]] = writer
+
+    def encode(self, event: Event) -> bytes:
+        writer = self._by_type[type(event)]
+        out = io.BytesIO()
+        out.write(writer.header)
+        fastavro.schemaless_writer(out, writer.parsed, msgspec.to_builtins(event, builtin_types=_NATIVE))
+        return out.getvalue()
+
+    def decode(self, data: bytes, expected: tuple[type[Event], ...] | None = None) -> Event:
+        """Decode one message, or raise DecodeError with a reason a person can act on."""
+        if len(data) < 10 or data[:2] != MAGIC:
+            raise DecodeError("not Avro single-object encoding (no C3 01 marker)")
+        writer = self._by_fingerprint.get(data[2:10])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()}")
+        if expected is not None and writer.cls not in expected:
+            names = ", ".join(avro_name(t) for t in expected)
+            raise DecodeError(f"event {avro_name(writer.cls)} does not belong on this topic (expects {names})")
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer.parsed, None)
+        except Exception as exc:  # fastavro raises bare EOFError/ValueError/UnicodeDecodeError...
+            raise DecodeError(f"body does not match {avro_name(writer.cls)}: {type(exc).__name__}: {exc}") from exc
+        try:
+            return msgspec.convert(record, writer.cls)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"invalid {avro_name(writer.cls)}: {exc}") from exc
+
+    def decode_record(self, data: bytes) -> tuple[type[Event], dict[str, Any]]:
+        """Decode to the raw Avro record without building the Struct (for bulk projection)."""
+        if len(data) < 10 or data[:2] != MAGIC:
+            raise DecodeError("not Avro single-object encoding (no C3 01 marker)")
+        writer = self._by_fingerprint.get(data[2:10])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()}")
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer.parsed, None)
+        except Exception as exc:  # see decode()
+            raise DecodeError(f"body does not match {avro_name(writer.cls)}: {exc}") from exc
+        assert isinstance(record, dict)
+        return writer.cls, record
+
+
+_NATIVE = (datetime, bytes)

@@ -1,0 +1,260 @@
+"""Every event NexusCore writes, in one place.
+
+Rules (msgspec's schema-evolution rules, enforced by the Avro contract test):
+- an event's wire name is its ``tag`` (``<name>.v<version>``), never a Python class path;
+- events are frozen; a new field gets a default; a field's type never changes;
+- a breaking change is a new wire name (``.v2``) with an upcaster, never an edit in place.
+
+Money is integer micro-dollars (``*_micros``) so that decisions and replays compare exactly.
+Times are tz-aware UTC (Avro ``timestamp-micros``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+Tier = Literal["small", "mid", "frontier"]
+RiskClass = Literal["low", "medium", "high", "critical"]
+DataClassification = Literal["public", "internal", "confidential", "restricted"]
+Verdict = Literal["dispatch", "denied", "escalated"]
+OutcomeStatus = Literal["answered", "failed"]
+
+TIERS: tuple[Tier, ...] = ("small", "mid", "frontier")
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
+    """The envelope every event carries.
+
+    ``event_id`` is derived from the event's cause (see ``nexuscore.core.derive_id``), so a
+    redelivered input produces the same id and consumers can drop duplicates.
+    """
+
+    event_id: Identifier
+    request_id: str
+    tenant_id: str
+    occurred_at: datetime
+    producer: str
+    causation_id: str = ""
+    trace_id: str = ""
+    policy_digest: str = ""
+
+
+# --- nexus.requests -------------------------------------------------------------------------
+
+
+class InferenceRequested(Event, frozen=True, kw_only=True, tag="inference_requested.v1"):
+    """An application asks for a model call; the gateway decides whether and where it runs."""
+
+    feature: Identifier
+    task_type: Identifier
+    risk_class: RiskClass
+    data_classification: DataClassification
+    prompt: Annotated[str, msgspec.Meta(min_length=1)]
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)]
+    required_capabilities: list[str] = msgspec.field(default_factory=list)
+    # The caller's own estimate of task complexity in [0, 1]; None lets the gateway estimate it.
+    complexity: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    latency_slo_ms: Positive | None = None
+
+
+# --- nexus.decisions ------------------------------------------------------------------------
+
+
+class Reason(msgspec.Struct, frozen=True, kw_only=True, tag="reason.v1"):
+    """One line of a decision's justification: a rule that fired or an alternative rejected."""
+
+    stage: Literal["admission", "escalation", "residency", "routing", "budget", "decode"]
+    kind: Literal["rule_fired", "rejected_alternative", "note"]
+    subject: str
+    detail: str
+
+
+class ResidencyDecision(msgspec.Struct, frozen=True, kw_only=True, tag="residency_decision.v1"):
+    """Where the request's data may be processed, and why."""
+
+    home_region: str
+    allowed_regions: list[str]
+    rule_id: str
+    transfer_basis: str
+
+
+class RoutingDecision(msgspec.Struct, frozen=True, kw_only=True, tag="routing_decision.v1"):
+    """The smallest tier the request can trust and the deployment chosen in it."""
+
+    complexity: float
+    floor_tier: Tier
+    preferred_tier: Tier
+    tier: Tier | None
+    deployment_id: str | None
+    eligible: list[str]
+
+
+class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True, tag="budget_decision.v1"):
+    """The reservation made against the tenant's and feature's daily budgets."""
+
+    action: Literal["reserved", "downgraded", "denied", "not_applicable"]
+    window: str
+    estimated_cost_micros: NonNegative
+    tenant_budget_micros: NonNegative
+    tenant_committed_micros: NonNegative
+    feature_budget_micros: NonNegative
+    feature_committed_micros: NonNegative
+    deployment_id: str | None
+    tier: Tier | None
+
+
+class DecodeDecision(msgspec.Struct, frozen=True, kw_only=True, tag="decode_decision.v1"):
+    """The decode strategy whose predicted latency fits the request's SLO."""
+
+    strategy: str
+    latency_slo_ms: int
+    predicted_latency_ms: int
+    fits_slo: bool
+
+
+class RequestRejected(Event, frozen=True, kw_only=True, tag="request_rejected.v1"):
+    """Admission refused the request before any decision (unknown tenant, too long, ...)."""
+
+    reason_code: str
+    reason: str
+    policy_version: str = ""
+
+
+class RequestDecided(Event, frozen=True, kw_only=True, tag="request_decided.v1"):
+    """The one decision made for an admitted request, with every reason behind it.
+
+    One event, not four: residency, routing, budget and decode are stages of a single decision and
+    an auditor must never see half of one.
+    """
+
+    verdict: Verdict
+    verdict_reason: str
+    policy_version: str
+    feature: str
+    residency: ResidencyDecision
+    routing: RoutingDecision
+    budget: BudgetDecision
+    decode: DecodeDecision | None
+    reasons: list[Reason]
+    # The tenant's budget-state version the decision was made against: replay orders by it.
+    state_version: NonNegative
+
+
+class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget_settled.v1"):
+    """A reservation replaced by the actual cost, once the outcome is known."""
+
+    feature: str
+    window: str
+    reserved_micros: NonNegative
+    actual_micros: NonNegative
+    tenant_spent_micros: NonNegative
+    feature_spent_micros: NonNegative
+    state_version: NonNegative
+
+
+# --- nexus.dispatch -------------------------------------------------------------------------
+
+
+class DispatchRequested(Event, frozen=True, kw_only=True, tag="dispatch_requested.v1"):
+    """An order to a worker: call this deployment, in this region, for this request."""
+
+    feature: str
+    deployment_id: str
+    provider: str
+    endpoint: str
+    model: str
+    region: str
+    allowed_regions: list[str]
+    decode_strategy: str
+    prompt: str
+    max_output_tokens: Positive
+    input_price_micros_per_1k: NonNegative
+    output_price_micros_per_1k: NonNegative
+    estimated_cost_micros: NonNegative
+    idempotency_key: str
+    # When the request was produced, so the data plane can report the gateway's added latency.
+    requested_at: datetime
+
+
+# --- nexus.attempts / nexus.outcomes --------------------------------------------------------
+
+
+class ModelCallAttempted(Event, frozen=True, kw_only=True, tag="model_call_attempted.v1"):
+    """One call to a provider: every retry is its own attempt."""
+
+    attempt: Positive
+    deployment_id: str
+    region: str
+    status: Literal["ok", "error"]
+    http_status: int | None = None
+    latency_ms: float
+    retryable: bool = False
+    error: str = ""
+
+
+class OutcomeRecorded(Event, frozen=True, kw_only=True, tag="outcome_recorded.v1"):
+    """How the request ended on the data plane."""
+
+    status: OutcomeStatus
+    feature: str
+    deployment_id: str
+    model: str
+    model_version: str
+    region: str
+    attempts: Positive
+    input_tokens: NonNegative
+    output_tokens: NonNegative
+    cost_micros: NonNegative
+    latency_ms: float
+    response: str
+    finish_reason: str
+    error: str = ""
+
+
+# --- nexus.deadletter -----------------------------------------------------------------------
+
+
+class DeadLettered(Event, frozen=True, kw_only=True, tag="dead_lettered.v1"):
+    """Input that could not be processed, kept byte for byte with the reason and its position."""
+
+    source_topic: str
+    source_partition: NonNegative
+    source_offset: NonNegative
+    reason: str
+    raw_key: bytes | None
+    raw_value: bytes
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    InferenceRequested,
+    RequestRejected,
+    RequestDecided,
+    BudgetSettled,
+    DispatchRequested,
+    ModelCallAttempted,
+    OutcomeRecorded,
+    DeadLettered,
+)
+
+NESTED_TYPES: tuple[type[msgspec.Struct], ...] = (
+    Reason,
+    ResidencyDecision,
+    RoutingDecision,
+    BudgetDecision,
+    DecodeDecision,
+)
+
+
+def wire_name(cls: type[msgspec.Struct]) -> str:
+    """The explicit, versioned wire name of an event or record type."""
+    tag = cls.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{cls.__name__} has no explicit wire name")
+    return tag

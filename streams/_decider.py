@@ -1,0 +1,117 @@
+"""The decision agent: decode, look up the tenant's budget state, call the core, emit, fold.
+
+One agent consumes both ``nexus.requests`` and ``nexus.outcomes``. Both are keyed by tenant and have
+the same partition count, so a tenant's requests and settlements reach the same agent instance in
+log order and its budget Table entry is never raced.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Protocol
+
+import faust
+
+from nexuscore._clock import Clock
+from nexuscore.core import decode_state, encode_state, on_outcome, on_request
+from nexuscore.errors import DecodeError
+from nexuscore.policy import RoutingPolicy
+from nexuscore.schemas import AvroCodec, DispatchRequested, InferenceRequested, OutcomeRecorded
+from nexuscore.streams._deadletter import dead_letter
+from nexuscore.streams._faust import IdempotentApp
+from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
+
+PRODUCER = "nexuscore.decider"
+_ANY_INPUT = (InferenceRequested, OutcomeRecorded)
+
+
+class Sink(Protocol):
+    """Where the agent's output goes: Kafka topics in production, a recorder in component tests."""
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> None: ...
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_decider(
+    bootstrap: str,
+    policy: RoutingPolicy,
+    clock: Clock,
+    *,
+    topics: Topics = Topics(),
+    partitions: int = DEFAULT_PARTITIONS,
+    web_port: int = 0,
+    store: str = "memory://",
+    sink: Sink | None = None,
+) -> tuple[faust.App, Any]:
+    """Build the faust app and its decision agent (returned for ``agent.test_context()``).
+
+    ``sink`` replaces the topics the agent writes to; component tests pass a recording fake.
+    """
+    app = IdempotentApp(
+        topics.group("nexuscore-decider"),
+        broker=f"kafka://{bootstrap}",
+        store=store,
+        topic_partitions=partitions,
+        web_enabled=False,
+        # faust listens on its web port even with the web server disabled: never share 6066.
+        web_port=web_port or _free_port(),
+        producer_acks=-1,
+        # Decisions are small and latency matters: send at once rather than wait to fill a batch.
+        producer_linger=0.0,
+        broker_commit_every=1000,
+        broker_commit_interval=0.5,
+        stream_wait_empty=False,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    # Bytes in, bytes out: decoding is ours (Avro), and faust's model layer would only add cost.
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    budgets = app.Table("budgets", partitions=partitions, key_type=bytes, value_type=bytes)
+    inputs = app.topic(topics.requests, topics.outcomes, **raw)
+    out_topics = {name: app.topic(name, **raw) for name in (topics.decisions, topics.dispatch, topics.deadletter)}
+    expected = {topics.requests: (InferenceRequested,), topics.outcomes: (OutcomeRecorded,)}
+
+    async def send_to_topic(topic: str, key: bytes, value: bytes) -> None:
+        await out_topics[topic].send(key=key, value=value)
+
+    send = sink.send if sink is not None else send_to_topic
+    codec = AvroCodec()
+
+    async def process(topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+        try:
+            event = codec.decode(value, expected.get(topic, _ANY_INPUT))
+            if key != event.tenant_id.encode():
+                # Budget state is correct only if every tenant's events share one partition.
+                raise DecodeError(f"message key {key!r} is not the tenant id {event.tenant_id!r}")
+        except DecodeError as exc:
+            dl = dead_letter(topic, partition, offset, key, value, str(exc), PRODUCER, clock.now())
+            await send(topics.deadletter, topic.encode(), codec.encode(dl))
+            return
+        state = decode_state(budgets.get(key))
+        if isinstance(event, InferenceRequested):
+            new_state, out = on_request(state, event, policy, PRODUCER, clock.now())
+        else:
+            assert isinstance(event, OutcomeRecorded)
+            new_state, out = on_outcome(state, event, PRODUCER, clock.now())
+        # The decision goes out before the dispatch that acts on it (same producer, in order).
+        for e in out:
+            if isinstance(e, DispatchRequested):
+                await send(topics.dispatch, e.request_id.encode(), codec.encode(e))
+            else:
+                await send(topics.decisions, key, codec.encode(e))
+        if new_state is not state:
+            budgets[key] = encode_state(new_state)
+
+    @app.agent(inputs)  # type: ignore[untyped-decorator]  # faust is untyped
+    async def decide(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            await process(m.topic, m.partition, m.offset, m.key, m.value)
+
+    return app, decide

@@ -1,0 +1,44 @@
+"""aiokafka clients configured the one way NexusCore uses them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
+
+from nexuscore.errors import BrokerError
+
+
+def new_producer(bootstrap: str, *, linger_ms: int = 1) -> AIOKafkaProducer:
+    """acks=all with idempotence: a retried batch is never written twice."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+    )
+
+
+def new_consumer(bootstrap: str, topics: Sequence[str], group_id: str, **extra: object) -> AIOKafkaConsumer:
+    """Manual commits, read from the beginning: a new group must see the whole log."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        **extra,
+    )
+
+
+async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, bootstrap: str, timeout_s: float = 30.0) -> None:
+    """Start a client, or raise one clear BrokerError."""
+    try:
+        await asyncio.wait_for(client.start(), timeout_s)
+    except (KafkaConnectionError, TimeoutError, OSError) as exc:
+        await client.stop()
+        raise BrokerError(f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}") from exc

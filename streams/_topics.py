@@ -1,0 +1,80 @@
+"""Topic names and their creation.
+
+Topics are created up front with explicit partition counts: a faust Table's changelog must have as
+many partitions as its source topics. A namespace prefix lets several pipelines (tests, demos)
+share one broker without reading each other's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from nexuscore.errors import BrokerError
+
+DEFAULT_PARTITIONS = 4
+
+
+class Topics(msgspec.Struct, frozen=True):
+    """The pipeline's topics, under an optional namespace prefix."""
+
+    namespace: str = ""
+
+    @property
+    def requests(self) -> str:  # keyed by tenant
+        return f"{self.namespace}nexus.requests"
+
+    @property
+    def decisions(self) -> str:  # keyed by tenant: decisions, rejections, settlements
+        return f"{self.namespace}nexus.decisions"
+
+    @property
+    def dispatch(self) -> str:  # keyed by request
+        return f"{self.namespace}nexus.dispatch"
+
+    @property
+    def attempts(self) -> str:  # keyed by tenant
+        return f"{self.namespace}nexus.attempts"
+
+    @property
+    def outcomes(self) -> str:  # keyed by tenant
+        return f"{self.namespace}nexus.outcomes"
+
+    @property
+    def deadletter(self) -> str:  # keyed by source topic
+        return f"{self.namespace}nexus.deadletter"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.requests, self.decisions, self.dispatch, self.attempts, self.outcomes, self.deadletter)
+
+    def group(self, name: str) -> str:
+        """A consumer group (or faust app id) private to this namespace."""
+        return f"{self.namespace}{name}"
+
+
+async def ensure_topics(bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0) -> None:
+    """Create every topic of ``topics`` that does not exist yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (KafkaConnectionError, TimeoutError, OSError) as exc:
+        await admin.close()
+        raise BrokerError(f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}") from exc
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in topics.all if t not in existing
+        ]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another process created them between list and create
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics on {bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()

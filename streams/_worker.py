@@ -1,0 +1,235 @@
+"""The data-plane worker: consume dispatches, call the model, record every attempt and the outcome.
+
+It holds no state a restart would need, so it uses aiokafka's batch API directly rather than a faust
+agent (the field notes measured faust's per-event overhead). Offsets are committed only after the
+batch's outcomes are acknowledged by the broker: a crash repeats calls, never loses them, and the
+repeated outcome carries the same event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+
+import httpx
+from aiokafka import AIOKafkaProducer, ConsumerRecord
+
+from nexuscore._clock import Clock
+from nexuscore.core import derive_id
+from nexuscore.errors import DecodeError, ProviderError
+from nexuscore.policy import cost_micros
+from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
+from nexuscore.schemas import AvroCodec, DispatchRequested, ModelCallAttempted, OutcomeRecorded
+from nexuscore.streams._deadletter import dead_letter
+from nexuscore.streams._kafka import new_consumer, new_producer, start_client
+from nexuscore.streams._topics import Topics
+
+log = logging.getLogger(__name__)
+PRODUCER = "nexuscore.worker"
+
+
+class RetryPolicy:
+    """Full-jitter exponential backoff (AWS architecture blog's 'full jitter')."""
+
+    def __init__(self, max_attempts: int = 3, base_s: float = 0.05, cap_s: float = 1.0) -> None:
+        self.max_attempts = max_attempts
+        self.base_s = base_s
+        self.cap_s = cap_s
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
+
+
+class Caller:
+    """Calls one dispatch's deployment with retries and returns the attempts and the outcome."""
+
+    def __init__(
+        self,
+        adapters: Mapping[str, ProviderAdapter],
+        clock: Clock,
+        *,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+        endpoint_override: str | None = None,
+        sleep: Callable[[float], object] = asyncio.sleep,
+    ) -> None:
+        self.adapters = adapters
+        self.clock = clock
+        self.retry = retry or RetryPolicy()
+        self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self.endpoint_override = endpoint_override
+        self.sleep = sleep
+
+    def _adapter(self, d: DispatchRequested) -> ProviderAdapter:
+        # With an override every deployment is served by the simulated OpenAI-compatible provider.
+        return self.adapters["openai" if self.endpoint_override else d.provider]
+
+    async def call(self, d: DispatchRequested) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
+        attempts: list[ModelCallAttempted] = []
+        request = ChatRequest(
+            model=d.model,
+            prompt=d.prompt,
+            max_output_tokens=d.max_output_tokens,
+            idempotency_key=d.idempotency_key,
+            decode_strategy=d.decode_strategy,
+        )
+        started = time.perf_counter()
+        result: ChatResult | None = None
+        error = ""
+        for n in range(1, self.retry.max_attempts + 1):
+            t0 = time.perf_counter()
+            try:
+                result = await self._adapter(d).complete(self.endpoint_override or d.endpoint, request)
+            except ProviderError as exc:
+                attempts.append(self._attempt(d, n, "error", t0, exc.status_code, exc.retryable, str(exc)))
+                error = str(exc)
+                if not exc.retryable or n == self.retry.max_attempts:
+                    break
+                await self._sleep(self.retry.delay(n, self.rng))
+                continue
+            attempts.append(self._attempt(d, n, "ok", t0, 200, False, ""))
+            break
+        latency_ms = (time.perf_counter() - started) * 1000
+        return attempts, self._outcome(d, result, len(attempts), latency_ms, error)
+
+    async def _sleep(self, seconds: float) -> None:
+        awaitable = self.sleep(seconds)
+        if asyncio.iscoroutine(awaitable) or isinstance(awaitable, asyncio.Future):
+            await awaitable
+
+    def _attempt(
+        self, d: DispatchRequested, n: int, status: str, t0: float, http: int | None, retryable: bool, error: str
+    ) -> ModelCallAttempted:
+        return ModelCallAttempted(
+            event_id=derive_id(d.event_id, "attempt", n),
+            request_id=d.request_id,
+            tenant_id=d.tenant_id,
+            occurred_at=self.clock.now(),
+            producer=PRODUCER,
+            causation_id=d.event_id,
+            trace_id=d.trace_id,
+            policy_digest=d.policy_digest,
+            attempt=n,
+            deployment_id=d.deployment_id,
+            region=d.region,
+            status=status,  # type: ignore[arg-type]  # "ok" or "error" from call()
+            http_status=http,
+            latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+            retryable=retryable,
+            error=error,
+        )
+
+    def _outcome(
+        self, d: DispatchRequested, result: ChatResult | None, attempts: int, latency_ms: float, error: str
+    ) -> OutcomeRecorded:
+        common = {
+            "event_id": derive_id(d.event_id, "outcome"),
+            "request_id": d.request_id,
+            "tenant_id": d.tenant_id,
+            "occurred_at": self.clock.now(),
+            "producer": PRODUCER,
+            "causation_id": d.event_id,
+            "trace_id": d.trace_id,
+            "policy_digest": d.policy_digest,
+            "feature": d.feature,
+            "deployment_id": d.deployment_id,
+            "model": d.model,
+            "region": d.region,
+            "attempts": attempts,
+            "latency_ms": round(latency_ms, 3),
+        }
+        if result is None:
+            return OutcomeRecorded(
+                **common,
+                status="failed",
+                model_version="",
+                input_tokens=0,
+                output_tokens=0,
+                cost_micros=0,
+                response="",
+                finish_reason="error",
+                error=error,
+            )
+        # Never bill beyond what was asked for: the budget reserved for max_output_tokens.
+        out_tokens = min(result.output_tokens, d.max_output_tokens)
+        return OutcomeRecorded(
+            **common,
+            status="answered",
+            model_version=result.model_version,
+            input_tokens=result.input_tokens,
+            output_tokens=out_tokens,
+            cost_micros=cost_micros(
+                result.input_tokens, out_tokens, d.input_price_micros_per_1k, d.output_price_micros_per_1k
+            ),
+            response=result.text,
+            finish_reason=result.finish_reason,
+        )
+
+
+class Worker:
+    """Consumes ``nexus.dispatch`` in batches and runs each batch's calls concurrently."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        caller: Caller,
+        clock: Clock,
+        *,
+        topics: Topics = Topics(),
+        max_batch: int = 500,
+        concurrency: int = 256,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.caller = caller
+        self.clock = clock
+        self.topics = topics
+        self.max_batch = max_batch
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.codec = AvroCodec()
+        self.stopping = asyncio.Event()
+        self.processed = 0
+
+    async def run(self) -> None:
+        consumer = new_consumer(self.bootstrap, [self.topics.dispatch], self.topics.group("nexuscore-workers"))
+        producer = new_producer(self.bootstrap)
+        await start_client(producer, self.bootstrap)
+        try:
+            await start_client(consumer, self.bootstrap)
+        except BaseException:
+            await producer.stop()
+            raise
+        try:
+            while not self.stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
+                records = [r for rs in batches.values() for r in rs]
+                if not records:
+                    continue
+                sends = await asyncio.gather(*(self._handle(r, producer) for r in records))
+                await asyncio.gather(*(f for fs in sends for f in fs))
+                await consumer.commit()
+                self.processed += len(records)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _handle(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> list[asyncio.Future[object]]:
+        try:
+            d = self.codec.decode(record.value, (DispatchRequested,))
+        except DecodeError as exc:
+            dl = dead_letter(
+                record.topic, record.partition, record.offset, record.key, record.value, str(exc), PRODUCER, self.clock.now()
+            )
+            return [await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())]
+        async with self.semaphore:
+            attempts, outcome = await self.caller.call(d)
+        key = d.tenant_id.encode()
+        futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
+        futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))
+        return futures
+
+
+def default_adapters(client: httpx.AsyncClient | None = None) -> dict[str, ProviderAdapter]:
+    return {kind: adapter_for(kind, client) for kind in ("openai", "anthropic")}
