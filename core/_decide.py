@@ -57,7 +57,11 @@ def estimate_input_tokens(prompt: str) -> int:
 def estimate_complexity(request: InferenceRequested, input_tokens: int) -> float:
     if request.complexity is not None:
         return request.complexity
-    raw = _RISK_WEIGHT[request.risk_class] + min(0.4, input_tokens / 5000) + 0.1 * len(request.required_capabilities)
+    raw = (
+        _RISK_WEIGHT[request.risk_class]
+        + min(0.4, input_tokens / 5000)
+        + 0.1 * len(request.required_capabilities)
+    )
     return round(min(1.0, raw), 4)
 
 
@@ -75,7 +79,9 @@ def admit(request: InferenceRequested, policy: RoutingPolicy) -> Rejection | Ten
     """Admission: is this a request the policy knows how to decide at all?"""
     tenant = policy.tenants_by_id.get(request.tenant_id)
     if tenant is None:
-        return Rejection(code="unknown_tenant", reason=f"tenant {request.tenant_id!r} is not in policy {policy.version}")
+        return Rejection(
+            code="unknown_tenant", reason=f"tenant {request.tenant_id!r} is not in policy {policy.version}"
+        )
     if not any(f.id == request.feature for f in tenant.features):
         return Rejection(
             code="unknown_feature",
@@ -141,7 +147,11 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
     floor: Tier = "small"
     for rule in policy.routing.rules:
         if matches(rule.when, request, complexity):
-            reasons.append(Reason(stage="routing", kind="rule_fired", subject=rule.id, detail=rule.reason or rule.min_tier))
+            reasons.append(
+                Reason(
+                    stage="routing", kind="rule_fired", subject=rule.id, detail=rule.reason or rule.min_tier
+                )
+            )
             if tier_rank(rule.min_tier) > tier_rank(floor):
                 floor = rule.min_tier
     suggested: Tier = "mid" if complexity >= policy.routing.mid_complexity else "small"
@@ -181,7 +191,7 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
         return d.cost_micros(input_tokens, request.max_output_tokens)
 
     # Step up from the preferred tier only as far as mid: frontier is never a fallback, only a floor.
-    ceiling = "frontier" if floor == "frontier" else "mid"
+    ceiling: Tier = "frontier" if floor == "frontier" else "mid"
     tier: Tier | None = None
     for t in TIERS[tier_rank(preferred) : tier_rank(ceiling) + 1]:
         if any(d.tier == t for d in eligible):
@@ -189,7 +199,12 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
             break
     if tier is not None and tier != preferred:
         reasons.append(
-            Reason(stage="routing", kind="note", subject="step_up", detail=f"no eligible {preferred} deployment; using {tier}")
+            Reason(
+                stage="routing",
+                kind="note",
+                subject="step_up",
+                detail=f"no eligible {preferred} deployment; using {tier}",
+            )
         )
     ranked = sorted((d for d in eligible if d.tier == tier), key=lambda d: (cost(d), d.id))
     chosen = ranked[0] if ranked else None
@@ -229,7 +244,9 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
             tier=d.tier if d else None,
         )
 
-    def finish(verdict: Verdict, why: str, b: BudgetDecision, d: Deployment | None, dec: DecodeDecision | None) -> Decision:
+    def finish(
+        verdict: Verdict, why: str, b: BudgetDecision, d: Deployment | None, dec: DecodeDecision | None
+    ) -> Decision:
         return Decision(
             verdict=verdict,
             verdict_reason=why,
@@ -245,13 +262,21 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
 
     if chosen is None:
         why = f"no deployment in {', '.join(residency.allowed_regions)} meets tier {preferred} and the request's needs"
-        return finish("denied", "no_eligible_deployment: " + why, budget("not_applicable", None, 0), None, None)
+        return finish(
+            "denied", "no_eligible_deployment: " + why, budget("not_applicable", None, 0), None, None
+        )
 
     # --- escalation: some requests are for a person, not a model --------------------------------
     for esc in policy.escalation:
         if matches(esc.when, request, complexity):
             reasons.append(Reason(stage="escalation", kind="rule_fired", subject=esc.id, detail=esc.reason))
-            return finish("escalated", f"{esc.id}: {esc.reason}", budget("not_applicable", chosen, cost(chosen)), None, None)
+            return finish(
+                "escalated",
+                f"{esc.id}: {esc.reason}",
+                budget("not_applicable", chosen, cost(chosen)),
+                None,
+                None,
+            )
 
     # --- budget: reserve the estimate, or downgrade, or deny ------------------------------------
     options = ranked + sorted(
@@ -280,23 +305,45 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
     action = "reserved" if fitting is chosen else "downgraded"
     if fitting is not chosen:
         reasons.append(
-            Reason(stage="budget", kind="note", subject=fitting.id, detail=f"downgraded from {chosen.id} to fit the budget")
+            Reason(
+                stage="budget",
+                kind="note",
+                subject=fitting.id,
+                detail=f"downgraded from {chosen.id} to fit the budget",
+            )
         )
     budget_decision = budget(action, fitting, cost(fitting))
 
     # --- decode: the latency SLO sets the budget ------------------------------------------------
     slo = request.latency_slo_ms or feature.latency_slo_ms
-    predictions = [(s, math.ceil(s.ttft_ms + s.ms_per_output_token * request.max_output_tokens)) for s in fitting.decode]
+    predictions = [
+        (s, math.ceil(s.ttft_ms + s.ms_per_output_token * request.max_output_tokens)) for s in fitting.decode
+    ]
     fit = next(((s, p) for s, p in predictions if p <= slo), None)
     if fit is None:
         strategy, predicted = min(predictions, key=lambda sp: sp[1])
         reasons.append(
-            Reason(stage="decode", kind="note", subject=strategy.name, detail=f"no strategy fits {slo} ms; fastest predicts {predicted} ms")
+            Reason(
+                stage="decode",
+                kind="note",
+                subject=strategy.name,
+                detail=f"no strategy fits {slo} ms; fastest predicts {predicted} ms",
+            )
         )
     else:
         strategy, predicted = fit
     for s, p in predictions:
         if s is not strategy:
-            reasons.append(Reason(stage="decode", kind="rejected_alternative", subject=s.name, detail=f"predicts {p} ms"))
-    decode = DecodeDecision(strategy=strategy.name, latency_slo_ms=slo, predicted_latency_ms=predicted, fits_slo=fit is not None)
-    return finish("dispatch", f"{action} on {fitting.id} ({fitting.tier}, {fitting.region})", budget_decision, fitting, decode)
+            reasons.append(
+                Reason(stage="decode", kind="rejected_alternative", subject=s.name, detail=f"predicts {p} ms")
+            )
+    decode = DecodeDecision(
+        strategy=strategy.name, latency_slo_ms=slo, predicted_latency_ms=predicted, fits_slo=fit is not None
+    )
+    return finish(
+        "dispatch",
+        f"{action} on {fitting.id} ({fitting.tier}, {fitting.region})",
+        budget_decision,
+        fitting,
+        decode,
+    )

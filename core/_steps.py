@@ -14,6 +14,7 @@ from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import (
     BudgetSettled,
     DispatchRequested,
+    Envelope,
     Event,
     InferenceRequested,
     OutcomeRecorded,
@@ -30,18 +31,20 @@ def decision_event(
     producer: str,
     now: datetime,
 ) -> RequestRejected | RequestDecided:
-    common = {
-        "event_id": derive_id(request.event_id, "decision"),
-        "request_id": request.request_id,
-        "tenant_id": request.tenant_id,
-        "occurred_at": now,
-        "producer": producer,
-        "causation_id": request.event_id,
-        "trace_id": request.trace_id,
-        "policy_digest": policy.digest,
-    }
+    common = Envelope(
+        event_id=derive_id(request.event_id, "decision"),
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        occurred_at=now,
+        producer=producer,
+        causation_id=request.event_id,
+        trace_id=request.trace_id,
+        policy_digest=policy.digest,
+    )
     if isinstance(result, Rejection):
-        return RequestRejected(**common, reason_code=result.code, reason=result.reason, policy_version=policy.version)
+        return RequestRejected(
+            **common, reason_code=result.code, reason=result.reason, policy_version=policy.version
+        )
     return RequestDecided(
         **common,
         verdict=result.verdict,
@@ -101,7 +104,9 @@ def on_request(
     assert isinstance(decided, RequestDecided)
     if result.verdict != "dispatch":
         return bump(state), [decided]
-    new_state = reserve(state, request.request_id, result.day, request.feature, result.budget.estimated_cost_micros)
+    new_state = reserve(
+        state, request.request_id, result.day, request.feature, result.budget.estimated_cost_micros
+    )
     return new_state, [decided, dispatch_event(request, result, decided, producer, now)]
 
 

@@ -25,7 +25,9 @@ from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
 class Pipeline:
     """The four stages as child processes: simulated provider, decider, worker, projector."""
 
-    def __init__(self, services: Services, bootstrap: str, topics: Topics, policy_path: Path, evidence_dir: Path) -> None:
+    def __init__(
+        self, services: Services, bootstrap: str, topics: Topics, policy_path: Path, evidence_dir: Path
+    ) -> None:
         self.services = services
         # A few provider errors, so that retries show in the attempts table.
         provider = services.start("provider", "run", "provider", "--port", "0", "--error-rate", "0.03")
@@ -57,11 +59,18 @@ async def _publish_all(bootstrap: str, topics: Topics, policy: RoutingPolicy, n:
         await producer.stop()
 
 
-def wait_for_evidence(evidence_dir: Path, expected: int, services: Services, timeout_s: float, console: Console) -> dict[str, int]:
+def wait_for_evidence(
+    evidence_dir: Path, expected: int, services: Services, timeout_s: float, console: Console
+) -> dict[str, int]:
     """Poll the evidence until every request has a terminal state; raise on timeout."""
     deadline = time.monotonic() + timeout_s
     summary = {"requests": 0, "terminal": 0, "multiple_terminal": 0, "deadletters": 0}
-    columns = (TextColumn("terminal states in the evidence"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("terminal states in the evidence"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("evidence", total=expected)
         while time.monotonic() < deadline:
@@ -78,12 +87,16 @@ def wait_for_evidence(evidence_dir: Path, expected: int, services: Services, tim
     )
 
 
-def run_demo(requests: int, evidence_dir: Path, policy_path: Path, timeout_s: float, console: Console) -> dict[str, int]:
+def run_demo(
+    requests: int, evidence_dir: Path, policy_path: Path, timeout_s: float, console: Console
+) -> dict[str, int]:
     policy = load_policy(policy_path)  # a bad policy fails before anything starts
     evidence_dir = evidence_dir.resolve()
     clear_evidence(evidence_dir)
     run = uuid.uuid4().hex[:8]
-    console.print(f"[bold]NexusCore demo[/] run {run}: {requests} requests, policy {policy.version} ({policy.digest[:19]}…)")
+    console.print(
+        f"[bold]NexusCore demo[/] run {run}: {requests} requests, policy {policy.version} ({policy.digest[:19]}…)"
+    )
     with kafka_broker() as bootstrap:
         # A fresh namespace per run: a shared broker keeps earlier runs' history.
         topics = Topics(namespace=f"demo-{run}.")

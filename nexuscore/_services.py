@@ -90,6 +90,8 @@ class Services:
     def __enter__(self) -> Services:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for s in reversed(self.started):
             s.stop()

@@ -13,10 +13,32 @@ from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec, InferenceRequested
 from nexuscore.streams import Topics
 
-TASKS = ("chat", "summarise", "extract", "credit_decision", "sanctions_screening", "claims_triage", "kyc_check")
+TASKS = (
+    "chat",
+    "summarise",
+    "extract",
+    "credit_decision",
+    "sanctions_screening",
+    "claims_triage",
+    "kyc_check",
+)
 RISKS = ("low", "medium", "high", "critical")
 CLASSES = ("public", "internal", "confidential", "restricted")
-WORDS = "account payment credit customer risk sanctions claim policy review transfer limit balance report".split()
+WORDS = [
+    "account",
+    "payment",
+    "credit",
+    "customer",
+    "risk",
+    "sanctions",
+    "claim",
+    "policy",
+    "review",
+    "transfer",
+    "limit",
+    "balance",
+    "report",
+]
 
 # Malformed messages the demo and tests publish on purpose: every one must reach the dead letters.
 MALFORMED: tuple[tuple[str, bytes], ...] = (
@@ -27,7 +49,9 @@ MALFORMED: tuple[tuple[str, bytes], ...] = (
 )
 
 
-def synthetic_requests(policy: RoutingPolicy, n: int, *, seed: int, start: datetime, run: str) -> list[InferenceRequested]:
+def synthetic_requests(
+    policy: RoutingPolicy, n: int, *, seed: int, start: datetime, run: str
+) -> list[InferenceRequested]:
     """``n`` requests over the policy's tenants, features, regions and risk classes.
 
     About 2% name an unknown tenant, to exercise admission.

@@ -30,26 +30,48 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-run_app = typer.Typer(help="Run one stage of the pipeline in the foreground (stop with Ctrl-C or SIGTERM).", no_args_is_help=True)
-evidence_app = typer.Typer(help="Query the evidence store (Parquet tables through DuckDB views).", no_args_is_help=True)
+run_app = typer.Typer(
+    help="Run one stage of the pipeline in the foreground (stop with Ctrl-C or SIGTERM).",
+    no_args_is_help=True,
+)
+evidence_app = typer.Typer(
+    help="Query the evidence store (Parquet tables through DuckDB views).", no_args_is_help=True
+)
 policy_app = typer.Typer(help="Inspect and validate routing policy files.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(evidence_app, name="evidence")
 app.add_typer(policy_app, name="policy")
 
-EvidenceDir = Annotated[Path, typer.Option("--evidence-dir", "-e", help="Folder of the evidence tables.", envvar="NEXUSCORE_EVIDENCE_DIR")]
-Bootstrap = Annotated[str, typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers, host:port.", envvar="NEXUSCORE_BOOTSTRAP")]
-Namespace = Annotated[str, typer.Option("--namespace", help="Prefix of topic and group names (isolates pipelines on one broker).")]
+EvidenceDir = Annotated[
+    Path,
+    typer.Option(
+        "--evidence-dir", "-e", help="Folder of the evidence tables.", envvar="NEXUSCORE_EVIDENCE_DIR"
+    ),
+]
+Bootstrap = Annotated[
+    str,
+    typer.Option(
+        "--bootstrap", "-b", help="Kafka bootstrap servers, host:port.", envvar="NEXUSCORE_BOOTSTRAP"
+    ),
+]
+Namespace = Annotated[
+    str,
+    typer.Option("--namespace", help="Prefix of topic and group names (isolates pipelines on one broker)."),
+]
 PolicyFile = Annotated[Path, typer.Option("--policy", "-p", help="RoutingPolicy YAML file.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output: table, csv or json.")]
 
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option("--requests", "-n", min=1, help="How many synthetic requests to send.")] = 1000,
+    requests: Annotated[
+        int, typer.Option("--requests", "-n", min=1, help="How many synthetic requests to send.")
+    ] = 1000,
     evidence_dir: EvidenceDir = Path("evidence"),
     policy: PolicyFile = DEFAULT_POLICY_PATH,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for every request to reach a terminal state.")] = 600.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for every request to reach a terminal state.")
+    ] = 600.0,
 ) -> None:
     """Run the whole pipeline on a local Kafka broker with synthetic traffic, then summarise.
 
@@ -72,7 +94,9 @@ def demo(
             "table",
             "Who routed what (by tenant, tier and terminal state)",
         )
-    console.print(f"evidence: {evidence_dir.resolve()}  (try: nexuscore evidence who-routed-what -e {evidence_dir})")
+    console.print(
+        f"evidence: {evidence_dir.resolve()}  (try: nexuscore evidence who-routed-what -e {evidence_dir})"
+    )
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -82,20 +106,28 @@ def demo(
 def run_provider(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 0,
     latency_ms: Annotated[float, typer.Option(help="Mean added latency per call.")] = 0.0,
-    error_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of calls answered with HTTP 503.")] = 0.0,
+    error_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of calls answered with HTTP 503.")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the error draws.")] = 0,
 ) -> None:
     """The simulated model provider: an OpenAI-compatible chat-completions server on localhost."""
     from nexuscore.providers import SimulatedProviderConfig, serve_forever
 
     try:
-        serve_forever(SimulatedProviderConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed), "127.0.0.1", port)
+        serve_forever(
+            SimulatedProviderConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed),
+            "127.0.0.1",
+            port,
+        )
     except OSError as exc:
         raise NexusError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
 
 
 @run_app.command("decider")
-def run_decider(bootstrap: Bootstrap, policy: PolicyFile = DEFAULT_POLICY_PATH, namespace: Namespace = "") -> None:
+def run_decider(
+    bootstrap: Bootstrap, policy: PolicyFile = DEFAULT_POLICY_PATH, namespace: Namespace = ""
+) -> None:
     """The decision agent (faust): residency, routing, budget and decode for every request."""
     from faust.worker import Worker as FaustWorker
 
@@ -116,7 +148,9 @@ def run_decider(bootstrap: Bootstrap, policy: PolicyFile = DEFAULT_POLICY_PATH, 
 def run_worker(
     bootstrap: Bootstrap,
     namespace: Namespace = "",
-    simulated_url: Annotated[str | None, typer.Option(help="Send every call to this simulated OpenAI-compatible provider.")] = None,
+    simulated_url: Annotated[
+        str | None, typer.Option(help="Send every call to this simulated OpenAI-compatible provider.")
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent model calls.")] = 256,
 ) -> None:
     """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome."""
@@ -126,7 +160,13 @@ def run_worker(
     async def main() -> None:
         adapters = default_adapters()
         clock = SystemClock()
-        worker = Worker(bootstrap, Caller(adapters, clock, endpoint_override=simulated_url), clock, topics=Topics(namespace), concurrency=concurrency)
+        worker = Worker(
+            bootstrap,
+            Caller(adapters, clock, endpoint_override=simulated_url),
+            clock,
+            topics=Topics(namespace),
+            concurrency=concurrency,
+        )
         _stop_on_signals(worker.stopping)
         print("worker ready", flush=True)
         try:
@@ -139,7 +179,9 @@ def run_worker(
 
 
 @run_app.command("projector")
-def run_projector(bootstrap: Bootstrap, evidence_dir: EvidenceDir = Path("evidence"), namespace: Namespace = "") -> None:
+def run_projector(
+    bootstrap: Bootstrap, evidence_dir: EvidenceDir = Path("evidence"), namespace: Namespace = ""
+) -> None:
     """The evidence projector: every event on every topic into Parquet tables."""
     from nexuscore.projections import Projector
     from nexuscore.streams import Topics
@@ -180,7 +222,11 @@ def run_broker() -> None:
 
 
 @evidence_app.command("sql")
-def evidence_sql(query: Annotated[str, typer.Argument(help="A DuckDB SELECT over the evidence views.")], evidence_dir: EvidenceDir = Path("evidence"), fmt: Format = "table") -> None:
+def evidence_sql(
+    query: Annotated[str, typer.Argument(help="A DuckDB SELECT over the evidence views.")],
+    evidence_dir: EvidenceDir = Path("evidence"),
+    fmt: Format = "table",
+) -> None:
     """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
     attempts, outcomes, settlements, deadletters, terminal_states."""
     from nexuscore.projections import EvidenceStore
@@ -193,7 +239,9 @@ def evidence_sql(query: Annotated[str, typer.Argument(help="A DuckDB SELECT over
 def evidence_who_routed_what(
     evidence_dir: EvidenceDir = Path("evidence"),
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
-    since: Annotated[str | None, typer.Option(help="Only decisions at or after this date or time (ISO 8601, UTC).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only decisions at or after this date or time (ISO 8601, UTC).")
+    ] = None,
     fmt: Format = "table",
 ) -> None:
     """Which model served whom: requests, verdicts, tiers, deployments, policy versions and cost."""
@@ -244,11 +292,26 @@ def replay(
         report = run_replay(store, candidate, tenant=tenant, progress=tick)
     console.print(f"policy {report.policy_version} ({report.policy_digest})")
     console.print(f"requests replayed:     {report.requests}")
-    console.print(f"decisions changed:     {report.changed}  (verdict {report.verdict_changes}, deployment {report.deployment_changes}, tier {report.tier_changes})")
-    console.print(f"estimated cost delta:  {report.estimated_delta_micros / 1e6:+.6f} USD  ({report.recorded_estimated_micros / 1e6:.6f} -> {report.candidate_estimated_micros / 1e6:.6f})")
-    console.print(f"actual cost delta:     {report.actual_delta_micros / 1e6:+.6f} USD  (recorded usage repriced)")
+    console.print(
+        f"decisions changed:     {report.changed}  (verdict {report.verdict_changes}, deployment {report.deployment_changes}, tier {report.tier_changes})"
+    )
+    console.print(
+        f"estimated cost delta:  {report.estimated_delta_micros / 1e6:+.6f} USD  ({report.recorded_estimated_micros / 1e6:.6f} -> {report.candidate_estimated_micros / 1e6:.6f})"
+    )
+    console.print(
+        f"actual cost delta:     {report.actual_delta_micros / 1e6:+.6f} USD  (recorded usage repriced)"
+    )
     if report.changes and show:
-        rows = [{"request_id": c.request_id, "tenant_id": c.tenant_id, "fields": ", ".join(c.fields), "recorded": json.dumps(c.recorded), "candidate": json.dumps(c.candidate)} for c in report.changes[:show]]
+        rows = [
+            {
+                "request_id": c.request_id,
+                "tenant_id": c.tenant_id,
+                "fields": ", ".join(c.fields),
+                "recorded": json.dumps(c.recorded),
+                "candidate": json.dumps(c.candidate),
+            }
+            for c in report.changes[:show]
+        ]
         _print(pa.Table.from_pylist(rows), "table", f"First {len(rows)} changed decisions")
 
 
@@ -257,8 +320,10 @@ def policy_show(path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML fi
     """Validate a policy file and print its version, digest and contents in brief."""
     p = load_policy(path)
     console.print(f"{p.name} {p.version}\ndigest {p.digest}")
-    console.print(f"{len(p.deployments)} deployments in {', '.join(p.regions)}; {len(p.tenants)} tenants; "
-                  f"{len(p.routing.rules)} routing rules; {len(p.escalation)} escalation rules")
+    console.print(
+        f"{len(p.deployments)} deployments in {', '.join(p.regions)}; {len(p.tenants)} tenants; "
+        f"{len(p.routing.rules)} routing rules; {len(p.escalation)} escalation rules"
+    )
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -268,7 +333,11 @@ def _parse_since(since: str | None) -> datetime | None:
     if since is None:
         return None
     try:
-        parsed = datetime.fromisoformat(since) if "T" in since or " " in since else datetime.combine(date.fromisoformat(since), datetime.min.time())
+        parsed = (
+            datetime.fromisoformat(since)
+            if "T" in since or " " in since
+            else datetime.combine(date.fromisoformat(since), datetime.min.time())
+        )
     except ValueError as exc:
         raise NexusError(f"--since {since!r} is not an ISO 8601 date or time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,11 +1,11 @@
 """Every exception NexusCore raises on purpose.
 
-    NexusError                      base: the CLI prints its message as one line, never a traceback
-    ├── PolicyError                 a policy file that cannot be read or is invalid (names file and field)
-    ├── DecodeError                 bytes off a topic that are not a valid event (reason kept for the dead letter)
-    ├── BrokerError                 no Kafka broker could be reached or started
-    ├── ProviderError               a model provider answered with an error or not at all
-    └── EvidenceError               the evidence store is missing or cannot answer a query
+NexusError                      base: the CLI prints its message as one line, never a traceback
+├── PolicyError                 a policy file that cannot be read or is invalid (names file and field)
+├── DecodeError                 bytes off a topic that are not a valid event (reason kept for the dead letter)
+├── BrokerError                 no Kafka broker could be reached or started
+├── ProviderError               a model provider answered with an error or not at all
+└── EvidenceError               the evidence store is missing or cannot answer a query
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -137,11 +138,15 @@ class RoutingPolicy(_Frozen):
         _unique("tenants", [t.id for t in self.tenants])
         for d in self.deployments:
             if d.region not in regions:
-                raise ValueError(f"deployment {d.id!r} is in region {d.region!r}, not one of {sorted(regions)}")
+                raise ValueError(
+                    f"deployment {d.id!r} is in region {d.region!r}, not one of {sorted(regions)}"
+                )
         for t in self.tenants:
             _unique(f"features of tenant {t.id!r}", [f.id for f in t.features])
             if t.home_region not in regions:
-                raise ValueError(f"tenant {t.id!r} has home region {t.home_region!r}, not one of {sorted(regions)}")
+                raise ValueError(
+                    f"tenant {t.id!r} has home region {t.home_region!r}, not one of {sorted(regions)}"
+                )
         for r in self.residency:
             for region in r.allowed:
                 if region != "home" and region not in regions:
@@ -177,13 +182,15 @@ class RoutingPolicy(_Frozen):
         return max(d.context_tokens for d in self.deployments)
 
 
-def cost_micros(input_tokens: int, output_tokens: int, input_micros_per_1k: int, output_micros_per_1k: int) -> int:
+def cost_micros(
+    input_tokens: int, output_tokens: int, input_micros_per_1k: int, output_micros_per_1k: int
+) -> int:
     """Cost in micro-dollars, rounded up so that an estimate is never below the bill."""
     micros = input_tokens * input_micros_per_1k + output_tokens * output_micros_per_1k
     return -(-micros // 1000)
 
 
-def _unique(what: str, ids: list[str]) -> None:
+def _unique(what: str, ids: Sequence[str]) -> None:
     seen: set[str] = set()
     for i in ids:
         if i in seen:

@@ -94,13 +94,20 @@ class Projector:
         for tp, batch in batches.items():
             for table, rows in batch.rows.items():
                 name = f"{tp.topic}-p{tp.partition}-{batch.first:012d}-{batch.last:012d}.parquet"
-                write_table(self.evidence_dir / table, name, pa.Table.from_pylist(rows, schema=SCHEMAS[table]))
+                write_table(
+                    self.evidence_dir / table, name, pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+                )
                 self.files += 1
 
     async def run(self) -> None:
         for table in TABLES:
             (self.evidence_dir / table).mkdir(parents=True, exist_ok=True)
-        consumer = new_consumer(self.bootstrap, self.topics.all, self.topics.group("nexuscore-projector"), max_partition_fetch_bytes=4 * 1024 * 1024)
+        consumer = new_consumer(
+            self.bootstrap,
+            self.topics.all,
+            self.topics.group("nexuscore-projector"),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
         await start_client(consumer, self.bootstrap)
         batches: dict[TopicPartition, _Batch] = {}
         pending = 0

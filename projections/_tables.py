@@ -207,7 +207,13 @@ def _decided(r: dict[str, Any]) -> Rows:
     rows: Rows = [("decisions", row)]
     for seq, reason in enumerate(r["reasons"]):
         rr = _flat(r, _ENV)
-        rr.update(seq=seq, stage=reason["stage"], kind=reason["kind"], subject=reason["subject"], detail=reason["detail"])
+        rr.update(
+            seq=seq,
+            stage=reason["stage"],
+            kind=reason["kind"],
+            subject=reason["subject"],
+            detail=reason["detail"],
+        )
         rows.append(("decision_reasons", rr))
     return rows
 

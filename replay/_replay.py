@@ -24,7 +24,16 @@ from nexuscore.schemas import InferenceRequested, RequestDecided, RequestRejecte
 
 PRODUCER = "nexuscore.replay"
 # Columns that differ between any two runs or any two policies without the decision changing.
-_IGNORED = {"event_id", "occurred_at", "producer", "policy_digest", "policy_version", "src_topic", "src_partition", "src_offset"}
+_IGNORED = {
+    "event_id",
+    "occurred_at",
+    "producer",
+    "policy_digest",
+    "policy_version",
+    "src_topic",
+    "src_partition",
+    "src_offset",
+}
 _COMPARED = ("verdict", "tier", "deployment_id", "budget_action", "estimated_cost_micros", "decode_strategy")
 
 
@@ -70,7 +79,9 @@ def _comparable(table: str, row: Row) -> dict[str, Any]:
     return out
 
 
-def _ordered(requests: list[Row], decisions: dict[str, Row], settlements: list[Row]) -> Iterator[tuple[str, Row]]:
+def _ordered(
+    requests: list[Row], decisions: dict[str, Row], settlements: list[Row]
+) -> Iterator[tuple[str, Row]]:
     """Per tenant, the order the decision agent saw: decisions and settlements by state version,
     and rejected requests (which touch no state) just before the next decided request."""
     items: list[tuple[str, float, int, int, str, Row]] = []
@@ -107,14 +118,20 @@ def replay(
     """Re-decide every recorded request under ``policy`` and compare with what was recorded."""
     where = "WHERE tenant_id = $tenant" if tenant else ""
     params = {"tenant": tenant} if tenant else {}
-    requests = store.query(f"SELECT * FROM requests {where}", params).to_pylist()  # noqa: S608
+
+    def rows(table: str) -> list[Row]:
+        # Table names are ours; the tenant travels as a bound parameter.
+        result: list[Row] = store.query(f"SELECT * FROM {table} {where}", params).to_pylist()  # noqa: S608
+        return result
+
+    requests = rows("requests")
     recorded: dict[str, tuple[str, Row]] = {}
     for table in ("decisions", "rejections"):
-        for row in store.query(f"SELECT * FROM {table} {where}", params).to_pylist():  # noqa: S608
+        for row in rows(table):
             recorded[row["request_id"]] = (table, row)
     decisions = {rid: row for rid, (t, row) in recorded.items() if t == "decisions"}
-    settlements = store.query(f"SELECT * FROM settlements {where}", params).to_pylist()  # noqa: S608
-    outcomes = {o["request_id"]: o for o in store.query(f"SELECT * FROM outcomes {where}", params).to_pylist()}
+    settlements = rows("settlements")
+    outcomes = {o["request_id"]: o for o in rows("outcomes")}
 
     report = ReplayReport(policy_version=policy.version, policy_digest=policy.digest)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
@@ -132,7 +149,12 @@ def replay(
             actual = (
                 outcome["cost_micros"]
                 if deployment == outcome["deployment_id"]
-                else cost_micros(outcome["input_tokens"], outcome["output_tokens"], d.input_micros_per_1k, d.output_micros_per_1k)
+                else cost_micros(
+                    outcome["input_tokens"],
+                    outcome["output_tokens"],
+                    d.input_micros_per_1k,
+                    d.output_micros_per_1k,
+                )
             )
             states[tenant_id], _ = settle(states[tenant_id], request_id, actual)
             report.candidate_actual_micros += actual
@@ -151,7 +173,9 @@ def replay(
             report.candidate_estimated_micros += decided.budget.estimated_cost_micros
             if request_id not in outcomes:
                 # Never served in the recorded history: settle at the estimate so the budget moves.
-                states[tenant_id], _ = settle(states[tenant_id], request_id, decided.budget.estimated_cost_micros)
+                states[tenant_id], _ = settle(
+                    states[tenant_id], request_id, decided.budget.estimated_cost_micros
+                )
                 report.candidate_actual_micros += decided.budget.estimated_cost_micros
         if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
             report.recorded_estimated_micros += rec_row["estimated_cost_micros"]

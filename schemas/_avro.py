@@ -60,10 +60,10 @@ def _record(info: mi.StructType, defined: set[str]) -> AvroType:
     fields: list[dict[str, Any]] = []
     for f in info.fields:
         field: dict[str, Any] = {"name": f.name, "type": _avro_type(f.type, defined)}
-        default = f.default if f.default is not mi.NODEFAULT else None
-        if f.default_factory is not mi.NODEFAULT:
+        default = f.default if f.default is not msgspec.NODEFAULT else None
+        if f.default_factory is not msgspec.NODEFAULT:
             default = f.default_factory()
-        if f.default is not mi.NODEFAULT or f.default_factory is not mi.NODEFAULT:
+        if f.default is not msgspec.NODEFAULT or f.default_factory is not msgspec.NODEFAULT:
             field["default"] = default
         fields.append(field)
     doc = (info.cls.__doc__ or "").strip().splitlines()[0] if info.cls.__doc__ else ""

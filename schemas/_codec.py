@@ -91,11 +91,15 @@ class AvroCodec:
             raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()}")
         if expected is not None and writer.cls not in expected:
             names = ", ".join(avro_name(t) for t in expected)
-            raise DecodeError(f"event {avro_name(writer.cls)} does not belong on this topic (expects {names})")
+            raise DecodeError(
+                f"event {avro_name(writer.cls)} does not belong on this topic (expects {names})"
+            )
         try:
             record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer.parsed, None)
         except Exception as exc:  # fastavro raises bare EOFError/ValueError/UnicodeDecodeError...
-            raise DecodeError(f"body does not match {avro_name(writer.cls)}: {type(exc).__name__}: {exc}") from exc
+            raise DecodeError(
+                f"body does not match {avro_name(writer.cls)}: {type(exc).__name__}: {exc}"
+            ) from exc
         try:
             return msgspec.convert(record, writer.cls)
         except msgspec.ValidationError as exc:

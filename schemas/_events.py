@@ -12,7 +12,7 @@ Times are tz-aware UTC (Avro ``timestamp-micros``).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 import msgspec
 
@@ -44,6 +44,19 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
     causation_id: str = ""
     trace_id: str = ""
     policy_digest: str = ""
+
+
+class Envelope(TypedDict):
+    """The envelope's fields, for building events of several types from one cause."""
+
+    event_id: str
+    request_id: str
+    tenant_id: str
+    occurred_at: datetime
+    producer: str
+    causation_id: str
+    trace_id: str
+    policy_digest: str
 
 
 # --- nexus.requests -------------------------------------------------------------------------

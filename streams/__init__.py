@@ -1,7 +1,7 @@
 """The stream-processing shell: topics, the decision agent, the data-plane worker."""
 
-from nexuscore.streams._decider import Sink, build_decider
 from nexuscore.streams._deadletter import dead_letter
+from nexuscore.streams._decider import Sink, build_decider
 from nexuscore.streams._kafka import new_consumer, new_producer, start_client
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics, ensure_topics
 from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapters

@@ -9,7 +9,14 @@ from nexuscore.schemas import DeadLettered
 
 
 def dead_letter(
-    topic: str, partition: int, offset: int, key: bytes | None, value: bytes, reason: str, producer: str, now: datetime
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes,
+    reason: str,
+    producer: str,
+    now: datetime,
 ) -> DeadLettered:
     tenant = ""
     if key is not None:

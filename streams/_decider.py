@@ -16,7 +16,7 @@ from nexuscore._clock import Clock
 from nexuscore.core import decode_state, encode_state, on_outcome, on_request
 from nexuscore.errors import DecodeError
 from nexuscore.policy import RoutingPolicy
-from nexuscore.schemas import AvroCodec, DispatchRequested, InferenceRequested, OutcomeRecorded
+from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
@@ -71,11 +71,21 @@ def build_decider(
         value_serializer="raw",
     )
     # Bytes in, bytes out: decoding is ours (Avro), and faust's model layer would only add cost.
-    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
     budgets = app.Table("budgets", partitions=partitions, key_type=bytes, value_type=bytes)
     inputs = app.topic(topics.requests, topics.outcomes, **raw)
-    out_topics = {name: app.topic(name, **raw) for name in (topics.decisions, topics.dispatch, topics.deadletter)}
-    expected = {topics.requests: (InferenceRequested,), topics.outcomes: (OutcomeRecorded,)}
+    out_topics = {
+        name: app.topic(name, **raw) for name in (topics.decisions, topics.dispatch, topics.deadletter)
+    }
+    expected: dict[str, tuple[type[Event], ...]] = {
+        topics.requests: (InferenceRequested,),
+        topics.outcomes: (OutcomeRecorded,),
+    }
 
     async def send_to_topic(topic: str, key: bytes, value: bytes) -> None:
         await out_topics[topic].send(key=key, value=value)
@@ -108,7 +118,7 @@ def build_decider(
         if new_state is not state:
             budgets[key] = encode_state(new_state)
 
-    @app.agent(inputs)  # type: ignore[untyped-decorator]  # faust is untyped
+    @app.agent(inputs)
     async def decide(stream: Any) -> None:
         async for event in stream.events():
             m = event.message

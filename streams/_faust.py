@@ -14,16 +14,16 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 
-class _IdempotentProducer(faust_aiokafka.Producer):  # type: ignore[misc]  # faust is untyped
+class _IdempotentProducer(faust_aiokafka.Producer):
     def _settings_extra(self) -> Mapping[str, Any]:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
-class _Transport(faust_aiokafka.Transport):  # type: ignore[misc]  # faust is untyped
+class _Transport(faust_aiokafka.Transport):
     Producer = _IdempotentProducer
 
 
-class IdempotentApp(faust.App):  # type: ignore[misc]  # faust is untyped
+class IdempotentApp(faust.App):
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self)
 

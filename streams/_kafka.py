@@ -35,10 +35,14 @@ def new_consumer(bootstrap: str, topics: Sequence[str], group_id: str, **extra: 
     )
 
 
-async def start_client(client: AIOKafkaProducer | AIOKafkaConsumer, bootstrap: str, timeout_s: float = 30.0) -> None:
+async def start_client(
+    client: AIOKafkaProducer | AIOKafkaConsumer, bootstrap: str, timeout_s: float = 30.0
+) -> None:
     """Start a client, or raise one clear BrokerError."""
     try:
         await asyncio.wait_for(client.start(), timeout_s)
     except (KafkaConnectionError, TimeoutError, OSError) as exc:
         await client.stop()
-        raise BrokerError(f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}") from exc
+        raise BrokerError(
+            f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}"
+        ) from exc

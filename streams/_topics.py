@@ -8,6 +8,7 @@ share one broker without reading each other's history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -56,24 +57,29 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.namespace}{name}"
 
 
-async def ensure_topics(bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0) -> None:
+async def ensure_topics(
+    bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0
+) -> None:
     """Create every topic of ``topics`` that does not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaConnectionError, TimeoutError, OSError) as exc:
         await admin.close()
-        raise BrokerError(f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}") from exc
+        raise BrokerError(
+            f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}"
+        ) from exc
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=1) for t in topics.all if t not in existing
+            NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+            for t in topics.all
+            if t not in existing
         ]
         if wanted:
-            try:
+            # Another process may create them between list and create.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # another process created them between list and create
     except KafkaError as exc:
         raise BrokerError(f"cannot create topics on {bootstrap}: {exc}") from exc
     finally:

@@ -101,7 +101,14 @@ class Caller:
             await awaitable
 
     def _attempt(
-        self, d: DispatchRequested, n: int, status: str, t0: float, http: int | None, retryable: bool, error: str
+        self,
+        d: DispatchRequested,
+        n: int,
+        status: str,
+        t0: float,
+        http: int | None,
+        retryable: bool,
+        error: str,
     ) -> ModelCallAttempted:
         return ModelCallAttempted(
             event_id=derive_id(d.event_id, "attempt", n),
@@ -125,48 +132,40 @@ class Caller:
     def _outcome(
         self, d: DispatchRequested, result: ChatResult | None, attempts: int, latency_ms: float, error: str
     ) -> OutcomeRecorded:
-        common = {
-            "event_id": derive_id(d.event_id, "outcome"),
-            "request_id": d.request_id,
-            "tenant_id": d.tenant_id,
-            "occurred_at": self.clock.now(),
-            "producer": PRODUCER,
-            "causation_id": d.event_id,
-            "trace_id": d.trace_id,
-            "policy_digest": d.policy_digest,
-            "feature": d.feature,
-            "deployment_id": d.deployment_id,
-            "model": d.model,
-            "region": d.region,
-            "attempts": attempts,
-            "latency_ms": round(latency_ms, 3),
-        }
         if result is None:
-            return OutcomeRecorded(
-                **common,
-                status="failed",
-                model_version="",
-                input_tokens=0,
-                output_tokens=0,
-                cost_micros=0,
-                response="",
-                finish_reason="error",
-                error=error,
-            )
+            result = _FAILED
         # Never bill beyond what was asked for: the budget reserved for max_output_tokens.
         out_tokens = min(result.output_tokens, d.max_output_tokens)
         return OutcomeRecorded(
-            **common,
-            status="answered",
+            event_id=derive_id(d.event_id, "outcome"),
+            request_id=d.request_id,
+            tenant_id=d.tenant_id,
+            occurred_at=self.clock.now(),
+            producer=PRODUCER,
+            causation_id=d.event_id,
+            trace_id=d.trace_id,
+            policy_digest=d.policy_digest,
+            status="failed" if result is _FAILED else "answered",
+            feature=d.feature,
+            deployment_id=d.deployment_id,
+            model=d.model,
             model_version=result.model_version,
+            region=d.region,
+            attempts=attempts,
             input_tokens=result.input_tokens,
             output_tokens=out_tokens,
             cost_micros=cost_micros(
                 result.input_tokens, out_tokens, d.input_price_micros_per_1k, d.output_price_micros_per_1k
             ),
+            latency_ms=round(latency_ms, 3),
             response=result.text,
             finish_reason=result.finish_reason,
+            error=error if result is _FAILED else "",
         )
+
+
+# What a call that never succeeded reports: no tokens, no cost.
+_FAILED = ChatResult(text="", input_tokens=0, output_tokens=0, finish_reason="error", model_version="")
 
 
 class Worker:
@@ -193,7 +192,9 @@ class Worker:
         self.processed = 0
 
     async def run(self) -> None:
-        consumer = new_consumer(self.bootstrap, [self.topics.dispatch], self.topics.group("nexuscore-workers"))
+        consumer = new_consumer(
+            self.bootstrap, [self.topics.dispatch], self.topics.group("nexuscore-workers")
+        )
         producer = new_producer(self.bootstrap)
         await start_client(producer, self.bootstrap)
         try:
@@ -215,14 +216,26 @@ class Worker:
             await consumer.stop()
             await producer.stop()
 
-    async def _handle(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> list[asyncio.Future[object]]:
+    async def _handle(
+        self, record: ConsumerRecord, producer: AIOKafkaProducer
+    ) -> list[asyncio.Future[object]]:
         try:
             d = self.codec.decode(record.value, (DispatchRequested,))
+            assert isinstance(d, DispatchRequested)
         except DecodeError as exc:
             dl = dead_letter(
-                record.topic, record.partition, record.offset, record.key, record.value, str(exc), PRODUCER, self.clock.now()
+                record.topic,
+                record.partition,
+                record.offset,
+                record.key,
+                record.value,
+                str(exc),
+                PRODUCER,
+                self.clock.now(),
             )
-            return [await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())]
+            return [
+                await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())
+            ]
         async with self.semaphore:
             attempts, outcome = await self.caller.call(d)
         key = d.tenant_id.encode()

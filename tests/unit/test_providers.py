@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 import pytest_asyncio
+
+from nexuscore.errors import ProviderError
 from nexuscore.providers import (
     AnthropicMessagesAdapter,
     ChatRequest,
@@ -25,8 +27,6 @@ from nexuscore.providers import (
     SimulatedProviderConfig,
     adapter_for,
 )
-
-from nexuscore.errors import ProviderError
 
 PROMPT = "Summarise the quarterly residency report for the EU region, please."
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -241,8 +241,13 @@ def test_serve_forever_announces_url_and_stops_on_sigterm() -> None:
         "from nexuscore.providers import SimulatedProviderConfig, serve_forever\n"
         "serve_forever(SimulatedProviderConfig(), '127.0.0.1', 0)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONWARNINGS": "error"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
     try:
         assert proc.stdout is not None
         with selectors.DefaultSelector() as sel:
@@ -270,13 +275,17 @@ def test_serve_forever_announces_url_and_stops_on_sigterm() -> None:
 
 
 def _openai_ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json={
-        "id": "x", "model": "gpt-test-2026-01-01",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"},
-        ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
-    })
+    return httpx.Response(
+        200,
+        json={
+            "id": "x",
+            "model": "gpt-test-2026-01-01",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"},
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
+        },
+    )
 
 
 @pytest.mark.asyncio
@@ -287,16 +296,25 @@ async def test_openai_sends_expected_request() -> None:
         seen.append(request)
         return _openai_ok(request)
 
-    result = await _call_mock(OpenAIChatAdapter, handler, api_key="sk-test", base_url="https://api.example.test/v1/")
-    assert result == ChatResult(text="hello", input_tokens=11, output_tokens=3, finish_reason="stop",
-                                model_version="gpt-test-2026-01-01")
+    result = await _call_mock(
+        OpenAIChatAdapter, handler, api_key="sk-test", base_url="https://api.example.test/v1/"
+    )
+    assert result == ChatResult(
+        text="hello",
+        input_tokens=11,
+        output_tokens=3,
+        finish_reason="stop",
+        model_version="gpt-test-2026-01-01",
+    )
     (sent,) = seen
     assert sent.method == "POST"
     assert str(sent.url) == "https://api.example.test/v1/chat/completions"
     assert sent.headers["Idempotency-Key"] == "idem-123"
     assert sent.headers["Authorization"] == "Bearer sk-test"
     assert json.loads(sent.content) == {
-        "model": "gpt-test", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 256,
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 256,
     }
 
 
@@ -314,8 +332,10 @@ async def test_openai_omits_authorization_without_api_key() -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("status", "retryable"), [(400, False), (401, False), (404, False), (429, True),
-                                                   (500, True), (502, True), (503, True)])
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [(400, False), (401, False), (404, False), (429, True), (500, True), (502, True), (503, True)],
+)
 async def test_openai_maps_http_status(status: int, retryable: bool) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, json={"error": {"message": "nope"}})
@@ -327,15 +347,18 @@ async def test_openai_maps_http_status(status: int, retryable: bool) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("body", [
-    b"not json at all",
-    b'{"model": "m", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
-    b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}]}',
-    b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],'
-    b' "usage": {"prompt_tokens": "many", "completion_tokens": 1}}',
-    b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],'
-    b' "usage": {"prompt_tokens": -1, "completion_tokens": 1}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json at all",
+        b'{"model": "m", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}',
+        b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}]}',
+        b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],'
+        b' "usage": {"prompt_tokens": "many", "completion_tokens": 1}}',
+        b'{"model": "m", "choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],'
+        b' "usage": {"prompt_tokens": -1, "completion_tokens": 1}}',
+    ],
+)
 async def test_openai_malformed_body_is_not_retryable(body: bytes) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body)
@@ -348,10 +371,14 @@ async def test_openai_malformed_body_is_not_retryable(body: bytes) -> None:
 @pytest.mark.asyncio
 async def test_openai_null_content_is_empty_text() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={
-            "model": "m", "choices": [{"message": {"content": None}, "finish_reason": "content_filter"}],
-            "usage": {"prompt_tokens": 2, "completion_tokens": 0},
-        })
+        return httpx.Response(
+            200,
+            json={
+                "model": "m",
+                "choices": [{"message": {"content": None}, "finish_reason": "content_filter"}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 0},
+            },
+        )
 
     result = await _call_mock(OpenAIChatAdapter, handler)
     assert (result.text, result.finish_reason, result.output_tokens) == ("", "content_filter", 0)
@@ -361,12 +388,19 @@ async def test_openai_null_content_is_empty_text() -> None:
 
 
 def _anthropic_ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json={
-        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test-20260101",
-        "content": [{"type": "text", "text": "bonjour"}],
-        "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": 21, "output_tokens": 5},
-    })
+    return httpx.Response(
+        200,
+        json={
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-test-20260101",
+            "content": [{"type": "text", "text": "bonjour"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 21, "output_tokens": 5},
+        },
+    )
 
 
 @pytest.mark.asyncio
@@ -377,10 +411,16 @@ async def test_anthropic_parses_answer_and_sends_expected_request() -> None:
         seen.append(request)
         return _anthropic_ok(request)
 
-    result = await _call_mock(AnthropicMessagesAdapter, handler, api_key="ak-test",
-                              base_url="https://api.anthropic.example/v1")
-    assert result == ChatResult(text="bonjour", input_tokens=21, output_tokens=5, finish_reason="end_turn",
-                                model_version="claude-test-20260101")
+    result = await _call_mock(
+        AnthropicMessagesAdapter, handler, api_key="ak-test", base_url="https://api.anthropic.example/v1"
+    )
+    assert result == ChatResult(
+        text="bonjour",
+        input_tokens=21,
+        output_tokens=5,
+        finish_reason="end_turn",
+        model_version="claude-test-20260101",
+    )
     (sent,) = seen
     assert str(sent.url) == "https://api.anthropic.example/v1/messages"
     assert sent.headers["x-api-key"] == "ak-test"
@@ -388,7 +428,9 @@ async def test_anthropic_parses_answer_and_sends_expected_request() -> None:
     assert sent.headers["Idempotency-Key"] == "idem-123"
     assert "Authorization" not in sent.headers
     assert json.loads(sent.content) == {
-        "model": "gpt-test", "max_tokens": 256, "messages": [{"role": "user", "content": PROMPT}],
+        "model": "gpt-test",
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": PROMPT}],
     }
 
 
@@ -408,18 +450,24 @@ async def test_anthropic_omits_api_key_header_without_key() -> None:
 @pytest.mark.asyncio
 async def test_anthropic_skips_non_text_blocks() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={
-            "model": "c", "stop_reason": "max_tokens", "usage": {"input_tokens": 1, "output_tokens": 9},
-            "content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "answer"}],
-        })
+        return httpx.Response(
+            200,
+            json={
+                "model": "c",
+                "stop_reason": "max_tokens",
+                "usage": {"input_tokens": 1, "output_tokens": 9},
+                "content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "answer"}],
+            },
+        )
 
     result = await _call_mock(AnthropicMessagesAdapter, handler)
     assert (result.text, result.finish_reason) == ("answer", "max_tokens")
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("status", "retryable"), [(400, False), (403, False), (429, True), (500, True),
-                                                   (529, True)])
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(400, False), (403, False), (429, True), (500, True), (529, True)]
+)
 async def test_anthropic_maps_http_status(status: int, retryable: bool) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, json={"type": "error", "error": {"type": "overloaded_error"}})
