@@ -295,6 +295,7 @@ def replay(
     console.print(
         f"decisions changed:     {report.changed}  (verdict {report.verdict_changes}, deployment {report.deployment_changes}, tier {report.tier_changes})"
     )
+    console.print(f"same decision, other context: {report.context_differences}")
     console.print(
         f"estimated cost delta:  {report.estimated_delta_micros / 1e6:+.6f} USD  ({report.recorded_estimated_micros / 1e6:.6f} -> {report.candidate_estimated_micros / 1e6:.6f})"
     )

@@ -83,7 +83,7 @@ class EvidenceStore:
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""
-        row = self.con.execute(
+        rows = self.con.execute(
             """
             WITH t AS (SELECT request_id, count(*) AS n FROM terminal_states GROUP BY request_id)
             SELECT (SELECT count(*) FROM requests),
@@ -91,8 +91,8 @@ class EvidenceStore:
                    (SELECT count(*) FROM t WHERE n > 1),
                    (SELECT count(*) FROM deadletters)
             """
-        ).fetchone()
-        assert row is not None
+        ).fetchall()
+        row = rows[0]
         return {"requests": row[0], "terminal": row[1], "multiple_terminal": row[2], "deadletters": row[3]}
 
 

@@ -34,7 +34,16 @@ _IGNORED = {
     "src_partition",
     "src_offset",
 }
-_COMPARED = ("verdict", "tier", "deployment_id", "budget_action", "estimated_cost_micros", "decode_strategy")
+_COMPARED = (
+    "_table",
+    "verdict",
+    "reason_code",
+    "tier",
+    "deployment_id",
+    "budget_action",
+    "estimated_cost_micros",
+    "decode_strategy",
+)
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,7 +58,11 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     policy_version: str
     policy_digest: str
     requests: int = 0
+    # Decisions whose outcome differs: verdict, tier, deployment, budget action, estimate, decode.
     changed: int = 0
+    # Decisions with the same outcome whose recorded context differs (reasons, budget committed...).
+    # Replay with the recorded policy must give 0 of both.
+    context_differences: int = 0
     verdict_changes: int = 0
     deployment_changes: int = 0
     tier_changes: int = 0
@@ -184,20 +197,25 @@ def replay(
         a, b = _comparable(rec_table, rec_row), _comparable(table, cand_row)
         if a != b:
             fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
-            report.changed += 1
-            report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
-            report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")
-            report.tier_changes += a.get("tier") != b.get("tier")
-            if len(report.changes) < keep_changes:
-                report.changes.append(
-                    Change(
-                        request_id=request_id,
-                        tenant_id=tenant_id,
-                        fields=fields,
-                        recorded={k: a.get(k) for k in _COMPARED if k in a},
-                        candidate={k: b.get(k) for k in _COMPARED if k in b},
+            decided_differently = rec_table != table or any(f in _COMPARED for f in fields)
+            if not decided_differently:
+                # Same decision, different context (e.g. the budget already committed).
+                report.context_differences += 1
+            else:
+                report.changed += 1
+                report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
+                report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")
+                report.tier_changes += a.get("tier") != b.get("tier")
+                if len(report.changes) < keep_changes:
+                    report.changes.append(
+                        Change(
+                            request_id=request_id,
+                            tenant_id=tenant_id,
+                            fields=fields,
+                            recorded={k: a.get(k) for k in _COMPARED if k in a},
+                            candidate={k: b.get(k) for k in _COMPARED if k in b},
+                        )
                     )
-                )
         if progress is not None:
             progress(report.requests, total)
     return report

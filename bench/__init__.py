@@ -1,0 +1,1 @@
+"""Benchmarks of NexusCore on a real Kafka broker (``python -m bench.pipeline``)."""

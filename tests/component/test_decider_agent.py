@@ -1,0 +1,121 @@
+"""The decision agent run by faust's test_context(): no broker; output captured by a recording sink."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from nexuscore._clock import FixedClock
+from nexuscore.core import decode_state
+from nexuscore.schemas import (
+    AvroCodec,
+    BudgetSettled,
+    DeadLettered,
+    DispatchRequested,
+    Event,
+    OutcomeRecorded,
+    RequestDecided,
+    RequestRejected,
+)
+from nexuscore.streams import Topics, build_decider
+from tests.factories import POLICY, T0, request
+
+pytestmark = pytest.mark.component
+CODEC = AvroCodec()
+TOPICS = Topics("component.")
+
+
+class RecordingSink:
+    """Stands where the agent's output topics would be."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, Event]] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.sent.append((topic, key, CODEC.decode(value)))
+
+    def of(self, kind: type[Event]) -> list[tuple[str, bytes, Any]]:
+        return [s for s in self.sent if isinstance(s[2], kind)]
+
+
+@pytest_asyncio.fixture
+async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
+    sink = RecordingSink()
+    app, agent = build_decider("127.0.0.1:1", POLICY, FixedClock(T0), topics=TOPICS, sink=sink)
+    app.finalize()
+    app.conf.store = "memory://"
+    async with agent.test_context() as ctx:
+        yield app, ctx, sink
+    # faust builds its Kafka consumer lazily with a private event loop for its thread; the thread never
+    # starts without a broker, so nothing else would close that loop.
+    consumer = app._consumer
+    if consumer is not None and not consumer._thread.thread_loop.is_closed():
+        consumer._thread.thread_loop.close()
+
+
+@pytest.mark.asyncio
+async def test_a_request_yields_its_decision_then_its_dispatch_and_reserves_budget(harness: Any) -> None:
+    app, ctx, sink = harness
+    req = request(feature="credit-memo", task_type="credit_decision", risk_class="high")
+    await ctx.put(CODEC.encode(req), key=b"acme-bank")
+    assert [type(s[2]) for s in sink.sent] == [RequestDecided, DispatchRequested]
+    (topic, key, decided), (dtopic, dkey, dispatch) = sink.sent
+    assert (topic, key) == (TOPICS.decisions, b"acme-bank")
+    assert (dtopic, dkey) == (TOPICS.dispatch, req.request_id.encode())
+    assert decided.policy_digest == POLICY.digest == dispatch.policy_digest
+    assert dispatch.causation_id == decided.event_id and dispatch.region in decided.residency.allowed_regions
+    state = decode_state(app.tables["budgets"][b"acme-bank"])
+    assert state.open[req.request_id].amount == decided.budget.estimated_cost_micros
+
+
+@pytest.mark.asyncio
+async def test_an_outcome_settles_the_reservation(harness: Any) -> None:
+    app, ctx, sink = harness
+    req = request()
+    await ctx.put(CODEC.encode(req), key=b"acme-bank")
+    dispatch = sink.of(DispatchRequested)[0][2]
+    outcome = OutcomeRecorded(
+        event_id="o-1", request_id=req.request_id, tenant_id="acme-bank", occurred_at=T0, producer="w",
+        status="answered", feature=req.feature, deployment_id=dispatch.deployment_id, model=dispatch.model,
+        model_version="v", region=dispatch.region, attempts=1, input_tokens=8, output_tokens=10, cost_micros=7,
+        latency_ms=1.0, response="ok", finish_reason="stop",
+    )  # fmt: skip
+    await ctx.put(CODEC.encode(outcome), key=b"acme-bank")
+    await ctx.put(CODEC.encode(outcome), key=b"acme-bank")  # redelivered: settles once
+    settled = [s[2] for s in sink.of(BudgetSettled)]
+    assert len(settled) == 1 and settled[0].actual_micros == 7
+    state = decode_state(app.tables["budgets"][b"acme-bank"])
+    assert not state.open and state.window(T0.date().isoformat()).tenant_settled == 7
+
+
+@pytest.mark.asyncio
+async def test_unknown_tenants_are_rejected_not_dropped(harness: Any) -> None:
+    _, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(tenant_id="nobody")), key=b"nobody")
+    [(_, _, rejected)] = sink.sent
+    assert isinstance(rejected, RequestRejected) and rejected.reason_code == "unknown_tenant"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (b"acme-bank", b"garbage", "not Avro single-object encoding"),
+        (b"globex-insurance", CODEC.encode(request()), "is not the tenant id"),
+    ],
+)
+async def test_bad_input_goes_to_the_dead_letters_and_the_agent_keeps_going(
+    harness: Any, key: bytes, value: bytes, reason: str
+) -> None:
+    _, ctx, sink = harness
+    await ctx.put(value, key=key)
+    await ctx.put(CODEC.encode(request(request_id="after")), key=b"acme-bank")
+    dead = sink.of(DeadLettered)
+    assert len(dead) == 1
+    topic, dkey, letter = dead[0]
+    assert topic == TOPICS.deadletter and reason in letter.reason
+    assert letter.raw_value == value and letter.raw_key == key
+    assert any(isinstance(s[2], RequestDecided) and s[2].request_id == "after" for s in sink.sent)

@@ -1,0 +1,242 @@
+"""The whole pipeline against a real Kafka broker: a few hundred requests, end to end.
+
+Every assertion is read back from what the pipeline left behind: the topics themselves and the
+Parquet evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fastavro
+import pytest
+from aiokafka import AIOKafkaConsumer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from nexuscore._demo import Pipeline, _publish_all, wait_for_evidence
+from nexuscore._services import Services
+from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
+from nexuscore.projections import EvidenceStore
+from nexuscore.replay import replay
+from nexuscore.schemas import AVRO_DIR
+from nexuscore.streams import Topics, ensure_topics
+
+pytestmark = pytest.mark.integration
+REQUESTS = 300
+MALFORMED = 4
+
+
+@dataclass
+class Run:
+    bootstrap: str
+    topics: Topics
+    evidence: Path
+
+
+@pytest.fixture(scope="module")
+def run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    topics = Topics(f"it-{uuid.uuid4().hex[:8]}.")
+    evidence = tmp_path_factory.mktemp("evidence")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    from rich.console import Console
+
+    with Services(evidence / "_logs") as services:
+        Pipeline(services, bootstrap, topics, DEFAULT_POLICY_PATH, evidence)
+        sent = asyncio.run(_publish_all(bootstrap, topics, default_policy(), REQUESTS, topics.namespace))
+        assert sent == MALFORMED
+        wait_for_evidence(evidence, REQUESTS, services, 180, Console(quiet=True))
+        # Let the last dead letters and settlements land (one projector flush).
+        deadline = asyncio.run(_settle_evidence(evidence))
+        assert deadline
+    yield Run(bootstrap, topics, evidence)
+
+
+async def _settle_evidence(evidence: Path) -> bool:
+    for _ in range(60):
+        with EvidenceStore(evidence) as store:
+            s = store.terminal_summary()
+            pending = store.query(
+                "SELECT count(*) AS n FROM outcomes o ANTI JOIN settlements s USING (request_id) WHERE o.status = 'answered'"
+            ).to_pylist()[0]["n"]
+        if s["deadletters"] >= MALFORMED and pending == 0:
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def one(store: EvidenceStore, sql: str) -> object:
+    return next(iter(store.query(sql).to_pylist()[0].values()))
+
+
+def test_every_request_has_exactly_one_terminal_state(run: Run) -> None:
+    with EvidenceStore(run.evidence) as store:
+        summary = store.terminal_summary()
+        assert summary["requests"] == REQUESTS
+        assert summary["terminal"] == REQUESTS
+        assert summary["multiple_terminal"] == 0
+        states = dict(
+            (r["state"], r["n"])
+            for r in store.query("SELECT state, count(*) AS n FROM terminal_states GROUP BY 1").to_pylist()
+        )
+        # The synthetic mix exercises every kind of ending the pipeline has today.
+        assert {"answered", "rejected", "escalated"} <= set(states), states
+        # Every decision and outcome points at a request that exists.
+        assert one(store, "SELECT count(*) FROM decisions ANTI JOIN requests USING (request_id)") == 0
+        assert one(store, "SELECT count(*) FROM outcomes ANTI JOIN dispatches USING (request_id)") == 0
+
+
+def test_every_decision_carries_the_policy_digest_and_its_reasons(run: Run) -> None:
+    digest = default_policy().digest
+    with EvidenceStore(run.evidence) as store:
+        assert one(store, f"SELECT count(*) FROM decisions WHERE policy_digest <> '{digest}'") == 0
+        assert one(store, "SELECT count(*) FROM decisions d ANTI JOIN decision_reasons r USING (event_id)") == 0
+        assert one(store, "SELECT min(n) FROM (SELECT count(*) AS n FROM decision_reasons GROUP BY event_id)") >= 2
+
+
+def test_no_call_ever_left_the_allowed_regions(run: Run) -> None:
+    with EvidenceStore(run.evidence) as store:
+        assert one(store, "SELECT count(*) FROM dispatches WHERE NOT list_contains(allowed_regions, region)") == 0
+        assert (
+            one(
+                store,
+                "SELECT count(*) FROM attempts a JOIN dispatches d USING (request_id) "
+                "WHERE NOT list_contains(d.allowed_regions, a.region)",
+            )
+            == 0
+        )
+        assert one(store, "SELECT count(*) FROM dispatches") > 0
+
+
+def test_settled_spend_stays_within_every_budget(run: Run) -> None:
+    policy = default_policy()
+    with EvidenceStore(run.evidence) as store:
+        spend = store.query(
+            "SELECT tenant_id, feature, budget_window, max(tenant_spent_micros) AS tenant_spent, "
+            "max(feature_spent_micros) AS feature_spent FROM settlements GROUP BY ALL"
+        ).to_pylist()
+        denied = one(store, "SELECT count(*) FROM decisions WHERE budget_action = 'denied'")
+    assert spend
+    for row in spend:
+        tenant = policy.tenants_by_id[row["tenant_id"]]
+        feature = next(f for f in tenant.features if f.id == row["feature"])
+        assert row["tenant_spent"] <= tenant.daily_budget_usd * 1_000_000
+        assert row["feature_spent"] <= feature.daily_budget_usd * 1_000_000
+    # The default policy gives one tenant a budget small enough that the demo traffic exhausts it.
+    assert denied > 0
+
+
+def test_malformed_input_is_dead_lettered_with_its_bytes_reason_and_position(run: Run) -> None:
+    with EvidenceStore(run.evidence) as store:
+        letters = store.query("SELECT * FROM deadletters ORDER BY source_offset").to_pylist()
+    assert len(letters) == MALFORMED
+    reasons = " | ".join(r["reason"] for r in letters)
+    for expected in ("not Avro single-object encoding", "unknown schema fingerprint", "body does not match", "Expected `int` >= 1"):
+        assert expected in reasons
+    for letter in letters:
+        assert letter["source_topic"] == run.topics.requests
+        assert letter["raw_key"] == b"acme-bank"
+    raw = asyncio.run(_read_topic(run.bootstrap, run.topics.requests))
+    by_position = {(r.partition, r.offset): r.value for r in raw}
+    for letter in letters:
+        assert by_position[(letter["source_partition"], letter["source_offset"])] == letter["raw_value"]
+
+
+async def _read_topic(bootstrap: str, topic: str) -> list:  # type: ignore[type-arg]
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        records = []
+        while True:
+            batch = await consumer.getmany(timeout_ms=1500, max_records=5000)
+            if not batch:
+                return records
+            for rs in batch.values():
+                records.extend(rs)
+    finally:
+        await consumer.stop()
+
+
+def test_messages_on_the_topics_decode_with_plain_fastavro_and_the_avsc_files_alone(run: Run) -> None:
+    schemas = {}
+    for path in AVRO_DIR.glob("*.avsc"):
+        schema = json.loads(path.read_text())
+        schemas[bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))] = (
+            schema["name"],
+            fastavro.parse_schema(schema),
+        )
+    seen: dict[str, int] = {}
+    for topic in (run.topics.decisions, run.topics.dispatch, run.topics.attempts, run.topics.outcomes, run.topics.deadletter):
+        for record in asyncio.run(_read_topic(run.bootstrap, topic)):
+            assert record.value[:2] == b"\xc3\x01"
+            name, parsed = schemas[record.value[2:10]]
+            body = fastavro.schemaless_reader(io.BytesIO(record.value[10:]), parsed, None)
+            assert body["event_id"] and body["occurred_at"].tzinfo is not None
+            seen[name] = seen.get(name, 0) + 1
+    assert {"request_decided_v1", "request_rejected_v1", "budget_settled_v1", "dispatch_requested_v1",
+            "model_call_attempted_v1", "outcome_recorded_v1", "dead_lettered_v1"} <= set(seen)  # fmt: skip
+
+
+def test_replay_with_the_recorded_policy_reports_no_change(run: Run) -> None:
+    with EvidenceStore(run.evidence) as store:
+        report = replay(store, default_policy())
+    assert report.requests == REQUESTS
+    assert report.changed == 0 and report.context_differences == 0, report.changes[:3]
+
+
+def nexuscore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexuscore", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def test_the_cli_queries_and_replays_the_evidence(run: Run) -> None:
+    ev = str(run.evidence)
+    who = nexuscore("evidence", "who-routed-what", "-e", ev, "--tenant", "acme-bank", "--format", "json")
+    assert who.returncode == 0, who.stderr
+    rows = json.loads(who.stdout)
+    assert rows and {r["tenant_id"] for r in rows} == {"acme-bank"}
+    future = nexuscore("evidence", "who-routed-what", "-e", ev, "--since", datetime.now(UTC).replace(year=2100).date().isoformat(), "-f", "json")
+    assert future.returncode == 0 and json.loads(future.stdout) == []
+    sql = nexuscore("evidence", "sql", "SELECT count(*) AS n FROM requests", "-e", ev, "-f", "csv")
+    assert sql.returncode == 0 and sql.stdout.splitlines() == ["n", str(REQUESTS)]
+    bad_sql = nexuscore("evidence", "sql", "SELECT nope FROM requests", "-e", ev)
+    assert bad_sql.returncode == 2 and "query failed" in bad_sql.stderr and "Traceback" not in bad_sql.stderr
+    rep = nexuscore("replay", "--policy", str(DEFAULT_POLICY_PATH), "-e", ev)
+    assert rep.returncode == 0, rep.stderr
+    assert "decisions changed:     0" in rep.stdout
+
+
+def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Path) -> None:
+    unreachable = nexuscore("run", "projector", "--bootstrap", "127.0.0.1:1", "-e", str(tmp_path))
+    assert unreachable.returncode == 2
+    assert "cannot reach the Kafka broker at 127.0.0.1:1" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nversion: '1'\n")
+    demo = nexuscore("demo", "--requests", "5", "--policy", str(bad), "-e", str(tmp_path / "ev"))
+    assert demo.returncode == 2
+    assert demo.stderr.count("\n") == 1 and f"{bad}: invalid policy" in demo.stderr
+
+
+def test_the_demo_command_runs_the_pipeline_to_completion(bootstrap: str, tmp_path: Path) -> None:
+    demo = nexuscore("demo", "--requests", "150", "-e", str(tmp_path / "ev"), env={"NEXUSCORE_BOOTSTRAP": bootstrap})
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "all 150 requests reached a terminal state" in demo.stdout
+    assert "0 with more than one terminal state" in demo.stdout
+    assert "Who routed what" in demo.stdout
+    with EvidenceStore(tmp_path / "ev") as store:
+        assert store.terminal_summary()["terminal"] == 150

@@ -1,0 +1,136 @@
+"""The wire contract: explicit names, Avro single-object encoding, committed .avsc files."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from datetime import UTC, datetime
+
+import fastavro
+import msgspec
+import pytest
+from fastavro.schema import fingerprint as fastavro_fingerprint
+from fastavro.schema import to_parsing_canonical_form
+
+from nexuscore.core import EMPTY_STATE, on_outcome, on_request
+from nexuscore.errors import DecodeError
+from nexuscore.schemas import (
+    AVRO_DIR,
+    EVENT_TYPES,
+    AvroCodec,
+    DeadLettered,
+    Event,
+    InferenceRequested,
+    ModelCallAttempted,
+    OutcomeRecorded,
+    RequestRejected,
+    avro_name,
+    crc64_avro,
+    schema_for,
+    wire_name,
+)
+from tests.factories import POLICY, T0, replace, request
+
+CODEC = AvroCodec()
+
+
+def sample_events() -> list[Event]:
+    req = request(feature="credit-memo", task_type="credit_decision", risk_class="high", complexity=0.3)
+    state, decided = on_request(EMPTY_STATE, req, POLICY, "tests", T0)
+    dispatch = decided[1]
+    outcome = OutcomeRecorded(
+        event_id="o1", request_id=req.request_id, tenant_id=req.tenant_id, occurred_at=T0, producer="t",
+        status="answered", feature=req.feature, deployment_id="eu-mid-1", model="m", model_version="m-1",
+        region="eu", attempts=1, input_tokens=8, output_tokens=20, cost_micros=93, latency_ms=12.5,
+        response="ok", finish_reason="stop",
+    )  # fmt: skip
+    _, settled = on_outcome(state, outcome, "tests", T0)
+    rejected = on_request(EMPTY_STATE, request(tenant_id="nobody"), POLICY, "tests", T0)[1][0]
+    attempt = ModelCallAttempted(
+        event_id="a1", request_id="r", tenant_id="t", occurred_at=T0, producer="t", attempt=1,
+        deployment_id="eu-mid-1", region="eu", status="error", http_status=503, latency_ms=1.5, retryable=True,
+        error="overloaded",
+    )  # fmt: skip
+    dead = DeadLettered(
+        event_id="d1", request_id="", tenant_id="", occurred_at=T0, producer="t", source_topic="nexus.requests",
+        source_partition=2, source_offset=41, reason="not Avro", raw_key=None, raw_value=b"\x00\xff",
+    )  # fmt: skip
+    return [req, *decided, outcome, *settled, rejected, attempt, dead]
+
+
+def test_every_event_type_round_trips_and_the_samples_cover_them_all() -> None:
+    events = sample_events()
+    assert {type(e) for e in events} == set(EVENT_TYPES)
+    for e in events:
+        assert CODEC.decode(CODEC.encode(e)) == e
+
+
+def test_wire_names_are_explicit_and_versioned_never_class_paths() -> None:
+    names = [wire_name(t) for t in EVENT_TYPES]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert re.fullmatch(r"[a-z_]+\.v[0-9]+", name), name
+
+
+def test_the_committed_avsc_files_are_exactly_what_the_events_declare() -> None:
+    # Drift between code and contract fails here; `make schemas` regenerates the files.
+    for t in EVENT_TYPES:
+        committed = json.loads((AVRO_DIR / f"{avro_name(t)}.avsc").read_text())
+        assert committed == schema_for(t), f"{avro_name(t)}.avsc is stale: run `make schemas`"
+
+
+def test_messages_are_single_object_encoded_and_readable_with_plain_fastavro() -> None:
+    for e in sample_events():
+        data = CODEC.encode(e)
+        assert data[:2] == b"\xc3\x01"
+        schema = json.loads((AVRO_DIR / f"{avro_name(type(e))}.avsc").read_text())
+        canonical = to_parsing_canonical_form(schema)
+        assert data[2:10].hex() == fastavro_fingerprint(canonical, "CRC-64-AVRO")
+        record = fastavro.schemaless_reader(io.BytesIO(data[10:]), fastavro.parse_schema(schema), None)
+        assert record["event_id"] == e.event_id
+
+
+def test_crc64_avro_matches_the_specifications_empty_fingerprint_and_fastavro() -> None:
+    assert crc64_avro(b"") == 0xC15D213AA4D7A795
+    canonical = to_parsing_canonical_form({"type": "string"})
+    assert crc64_avro(canonical.encode()).to_bytes(8, "little").hex() == fastavro_fingerprint(canonical, "CRC-64-AVRO")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"tenant_id": "acme"}', "not Avro single-object encoding"),
+        (b"\xc3\x01" + b"\x00" * 8 + b"\x02", "unknown schema fingerprint"),
+    ],
+)
+def test_bad_bytes_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        CODEC.decode(data)
+
+
+def test_truncated_and_out_of_range_messages_are_refused() -> None:
+    valid = CODEC.encode(request())
+    with pytest.raises(DecodeError, match="body does not match inference_requested_v1"):
+        CODEC.decode(valid[: len(valid) // 2])
+    zero = CODEC.encode(replace(request(), max_output_tokens=0))
+    with pytest.raises(DecodeError, match=r"invalid inference_requested_v1: Expected `int` >= 1"):
+        CODEC.decode(zero)
+    bad_class = CODEC.encode(replace(request(), data_classification="secret"))
+    with pytest.raises(DecodeError, match="Invalid enum value 'secret'"):
+        CODEC.decode(bad_class)
+
+
+def test_an_event_on_the_wrong_topic_is_refused() -> None:
+    rejected = RequestRejected(
+        event_id="x", request_id="r", tenant_id="t", occurred_at=T0, producer="p", reason_code="c", reason="r"
+    )
+    with pytest.raises(DecodeError, match="does not belong on this topic"):
+        CODEC.decode(CODEC.encode(rejected), (InferenceRequested,))
+
+
+def test_times_are_tz_aware_utc_on_the_way_back() -> None:
+    e = request(occurred_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC))
+    back = CODEC.decode(CODEC.encode(e))
+    assert back.occurred_at == e.occurred_at and back.occurred_at.utcoffset() is not None
+    assert msgspec.structs.asdict(back) == msgspec.structs.asdict(e)
