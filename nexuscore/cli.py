@@ -104,7 +104,10 @@ def demo(
 
 @run_app.command("provider")
 def run_provider(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 0,
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 0,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")
+    ] = "127.0.0.1",
     latency_ms: Annotated[float, typer.Option(help="Mean added latency per call.")] = 0.0,
     error_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of calls answered with HTTP 503.")

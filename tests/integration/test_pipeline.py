@@ -99,13 +99,21 @@ def test_every_decision_carries_the_policy_digest_and_its_reasons(run: Run) -> N
     digest = default_policy().digest
     with EvidenceStore(run.evidence) as store:
         assert one(store, f"SELECT count(*) FROM decisions WHERE policy_digest <> '{digest}'") == 0
-        assert one(store, "SELECT count(*) FROM decisions d ANTI JOIN decision_reasons r USING (event_id)") == 0
-        assert one(store, "SELECT min(n) FROM (SELECT count(*) AS n FROM decision_reasons GROUP BY event_id)") >= 2
+        assert (
+            one(store, "SELECT count(*) FROM decisions d ANTI JOIN decision_reasons r USING (event_id)") == 0
+        )
+        assert (
+            one(store, "SELECT min(n) FROM (SELECT count(*) AS n FROM decision_reasons GROUP BY event_id)")
+            >= 2
+        )
 
 
 def test_no_call_ever_left_the_allowed_regions(run: Run) -> None:
     with EvidenceStore(run.evidence) as store:
-        assert one(store, "SELECT count(*) FROM dispatches WHERE NOT list_contains(allowed_regions, region)") == 0
+        assert (
+            one(store, "SELECT count(*) FROM dispatches WHERE NOT list_contains(allowed_regions, region)")
+            == 0
+        )
         assert (
             one(
                 store,
@@ -140,7 +148,12 @@ def test_malformed_input_is_dead_lettered_with_its_bytes_reason_and_position(run
         letters = store.query("SELECT * FROM deadletters ORDER BY source_offset").to_pylist()
     assert len(letters) == MALFORMED
     reasons = " | ".join(r["reason"] for r in letters)
-    for expected in ("not Avro single-object encoding", "unknown schema fingerprint", "body does not match", "Expected `int` >= 1"):
+    for expected in (
+        "not Avro single-object encoding",
+        "unknown schema fingerprint",
+        "body does not match",
+        "Expected `int` >= 1",
+    ):
         assert expected in reasons
     for letter in letters:
         assert letter["source_topic"] == run.topics.requests
@@ -152,7 +165,9 @@ def test_malformed_input_is_dead_lettered_with_its_bytes_reason_and_position(run
 
 
 async def _read_topic(bootstrap: str, topic: str) -> list:  # type: ignore[type-arg]
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         records = []
@@ -175,7 +190,13 @@ def test_messages_on_the_topics_decode_with_plain_fastavro_and_the_avsc_files_al
             fastavro.parse_schema(schema),
         )
     seen: dict[str, int] = {}
-    for topic in (run.topics.decisions, run.topics.dispatch, run.topics.attempts, run.topics.outcomes, run.topics.deadletter):
+    for topic in (
+        run.topics.decisions,
+        run.topics.dispatch,
+        run.topics.attempts,
+        run.topics.outcomes,
+        run.topics.deadletter,
+    ):
         for record in asyncio.run(_read_topic(run.bootstrap, topic)):
             assert record.value[:2] == b"\xc3\x01"
             name, parsed = schemas[record.value[2:10]]
@@ -209,7 +230,16 @@ def test_the_cli_queries_and_replays_the_evidence(run: Run) -> None:
     assert who.returncode == 0, who.stderr
     rows = json.loads(who.stdout)
     assert rows and {r["tenant_id"] for r in rows} == {"acme-bank"}
-    future = nexuscore("evidence", "who-routed-what", "-e", ev, "--since", datetime.now(UTC).replace(year=2100).date().isoformat(), "-f", "json")
+    future = nexuscore(
+        "evidence",
+        "who-routed-what",
+        "-e",
+        ev,
+        "--since",
+        datetime.now(UTC).replace(year=2100).date().isoformat(),
+        "-f",
+        "json",
+    )
     assert future.returncode == 0 and json.loads(future.stdout) == []
     sql = nexuscore("evidence", "sql", "SELECT count(*) AS n FROM requests", "-e", ev, "-f", "csv")
     assert sql.returncode == 0 and sql.stdout.splitlines() == ["n", str(REQUESTS)]
@@ -233,7 +263,9 @@ def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Pa
 
 
 def test_the_demo_command_runs_the_pipeline_to_completion(bootstrap: str, tmp_path: Path) -> None:
-    demo = nexuscore("demo", "--requests", "150", "-e", str(tmp_path / "ev"), env={"NEXUSCORE_BOOTSTRAP": bootstrap})
+    demo = nexuscore(
+        "demo", "--requests", "150", "-e", str(tmp_path / "ev"), env={"NEXUSCORE_BOOTSTRAP": bootstrap}
+    )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "all 150 requests reached a terminal state" in demo.stdout
     assert "0 with more than one terminal state" in demo.stdout

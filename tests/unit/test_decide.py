@@ -26,7 +26,9 @@ def test_confidential_data_stays_in_the_tenants_home_region() -> None:
     d = decided(data_classification="confidential")
     assert d.residency.allowed_regions == ["eu"]
     assert d.deployment is not None and d.deployment.region == "eu"
-    rejected = {r.subject: r.detail for r in d.reasons if r.stage == "residency" and r.kind == "rejected_alternative"}
+    rejected = {
+        r.subject: r.detail for r in d.reasons if r.stage == "residency" and r.kind == "rejected_alternative"
+    }
     assert set(rejected) == {"us-small-1", "onprem-small-1", "us-mid-1", "onprem-mid-1", "us-frontier-1"}
     assert "outside" in rejected["us-small-1"]
 
@@ -54,9 +56,18 @@ def test_frontier_only_where_a_rule_demands_it() -> None:
 
 
 def test_every_deployment_is_either_chosen_or_rejected_with_a_reason() -> None:
-    d = decided(feature="credit-memo", task_type="credit_decision", risk_class="medium", data_classification="internal")
+    d = decided(
+        feature="credit-memo",
+        task_type="credit_decision",
+        risk_class="medium",
+        data_classification="internal",
+    )
     assert d.deployment is not None
-    rejected = {r.subject for r in d.reasons if r.kind == "rejected_alternative" and r.stage in ("residency", "routing")}
+    rejected = {
+        r.subject
+        for r in d.reasons
+        if r.kind == "rejected_alternative" and r.stage in ("residency", "routing")
+    }
     assert rejected | {d.deployment.id} == {dep.id for dep in POLICY.deployments}
     assert d.deployment.id not in rejected
 

@@ -43,7 +43,9 @@ requests = st.builds(
 
 @settings(max_examples=400, deadline=None)
 @given(requests)
-def test_no_request_is_ever_assigned_a_deployment_outside_its_allowed_regions(req: InferenceRequested) -> None:
+def test_no_request_is_ever_assigned_a_deployment_outside_its_allowed_regions(
+    req: InferenceRequested,
+) -> None:
     result = decide(req, POLICY, EMPTY_STATE)
     if not isinstance(result, Decision):
         return
@@ -51,7 +53,11 @@ def test_no_request_is_ever_assigned_a_deployment_outside_its_allowed_regions(re
     rule = POLICY.residency_by_class[req.data_classification]
     allowed = {tenant.home_region if r == "home" else r for r in rule.allowed}
     assert set(result.residency.allowed_regions) == allowed
-    for deployment_id in [result.routing.deployment_id, result.budget.deployment_id, *result.routing.eligible]:
+    for deployment_id in [
+        result.routing.deployment_id,
+        result.budget.deployment_id,
+        *result.routing.eligible,
+    ]:
         if deployment_id is not None:
             assert POLICY.deployments_by_id[deployment_id].region in allowed
     if result.verdict == "dispatch":

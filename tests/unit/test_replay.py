@@ -46,7 +46,9 @@ def run_history(policy: RoutingPolicy, n: int, seed: int) -> list[Event]:
         events.extend(settled)
 
     for req in synthetic_requests(policy, n, seed=seed, start=T0, run="replay-test"):
-        states[req.tenant_id], out = on_request(states[req.tenant_id], req, policy, "decider", req.occurred_at)
+        states[req.tenant_id], out = on_request(
+            states[req.tenant_id], req, policy, "decider", req.occurred_at
+        )
         events.append(req)
         events.extend(out)
         in_flight.extend(e for e in out if isinstance(e, DispatchRequested))
@@ -73,7 +75,9 @@ def test_replay_with_the_recorded_policy_reproduces_every_decision(tmp_path: Pat
     events = run_history(policy, 600, seed=3)
     write_evidence(events, tmp_path)
     with EvidenceStore(tmp_path) as store:
-        denied = store.query("SELECT count(*) AS n FROM decisions WHERE budget_action = 'denied'").to_pylist()[0]["n"]
+        denied = store.query(
+            "SELECT count(*) AS n FROM decisions WHERE budget_action = 'denied'"
+        ).to_pylist()[0]["n"]
         assert denied > 0
         report = replay(store, policy)
     assert report.requests == 600
@@ -86,7 +90,9 @@ def test_replay_with_a_candidate_policy_shows_what_would_change(tmp_path: Path) 
     write_evidence(run_history(POLICY, 400, seed=5), tmp_path)
     data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
     data["version"] = "candidate"
-    data["routing"]["rules"].append({"id": "all-credit-mid", "when": {"task_types": ["credit_decision"]}, "min_tier": "mid"})
+    data["routing"]["rules"].append(
+        {"id": "all-credit-mid", "when": {"task_types": ["credit_decision"]}, "min_tier": "mid"}
+    )
     candidate = parse_policy(yaml.safe_dump(data))
     with EvidenceStore(tmp_path) as store:
         report = replay(store, candidate)
@@ -104,7 +110,9 @@ def test_replay_with_a_candidate_policy_shows_what_would_change(tmp_path: Path) 
 def test_replay_of_one_tenant_only_reads_that_tenant(tmp_path: Path) -> None:
     write_evidence(run_history(POLICY, 200, seed=9), tmp_path)
     with EvidenceStore(tmp_path) as store:
-        expected = store.query("SELECT count(*) AS n FROM requests WHERE tenant_id = 'acme-bank'").to_pylist()[0]["n"]
+        expected = store.query(
+            "SELECT count(*) AS n FROM requests WHERE tenant_id = 'acme-bank'"
+        ).to_pylist()[0]["n"]
         report = replay(store, POLICY, tenant="acme-bank")
     assert report.requests == expected > 0 and report.changed == 0
 

@@ -38,7 +38,6 @@ CODEC = AvroCodec()
 def sample_events() -> list[Event]:
     req = request(feature="credit-memo", task_type="credit_decision", risk_class="high", complexity=0.3)
     state, decided = on_request(EMPTY_STATE, req, POLICY, "tests", T0)
-    dispatch = decided[1]
     outcome = OutcomeRecorded(
         event_id="o1", request_id=req.request_id, tenant_id=req.tenant_id, occurred_at=T0, producer="t",
         status="answered", feature=req.feature, deployment_id="eu-mid-1", model="m", model_version="m-1",
@@ -94,7 +93,9 @@ def test_messages_are_single_object_encoded_and_readable_with_plain_fastavro() -
 def test_crc64_avro_matches_the_specifications_empty_fingerprint_and_fastavro() -> None:
     assert crc64_avro(b"") == 0xC15D213AA4D7A795
     canonical = to_parsing_canonical_form({"type": "string"})
-    assert crc64_avro(canonical.encode()).to_bytes(8, "little").hex() == fastavro_fingerprint(canonical, "CRC-64-AVRO")
+    assert crc64_avro(canonical.encode()).to_bytes(8, "little").hex() == fastavro_fingerprint(
+        canonical, "CRC-64-AVRO"
+    )
 
 
 @pytest.mark.parametrize(
