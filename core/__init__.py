@@ -19,7 +19,7 @@ from nexuscore.core._decide import (
     estimate_complexity,
     estimate_input_tokens,
 )
-from nexuscore.core._ids import derive_id
+from nexuscore.core._ids import derive_id, envelope_from
 from nexuscore.core._steps import decision_event, dispatch_event, on_outcome, on_request
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "derive_id",
     "dispatch_event",
     "encode_state",
+    "envelope_from",
     "estimate_complexity",
     "estimate_input_tokens",
     "on_outcome",

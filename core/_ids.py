@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
+
+from nexuscore.schemas import Envelope, Event
 
 
 def derive_id(*parts: str | int) -> str:
     """A 32-hex-digit id from the cause's id and what is derived from it."""
     joined = "\x1f".join(str(p) for p in parts)
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:32]
+
+
+def envelope_from(
+    cause: Event, *parts: str | int, producer: str, now: datetime, policy_digest: str | None = None
+) -> Envelope:
+    """The envelope of an event caused by ``cause``: same request, tenant and trace; id derived from it."""
+    return Envelope(
+        event_id=derive_id(cause.event_id, *parts),
+        request_id=cause.request_id,
+        tenant_id=cause.tenant_id,
+        occurred_at=now,
+        producer=producer,
+        causation_id=cause.event_id,
+        trace_id=cause.trace_id,
+        policy_digest=cause.policy_digest if policy_digest is None else policy_digest,
+    )

@@ -9,12 +9,11 @@ from datetime import datetime
 
 from nexuscore.core._budget import BudgetState, bump, reserve, settle
 from nexuscore.core._decide import Decision, Rejection, decide
-from nexuscore.core._ids import derive_id
+from nexuscore.core._ids import envelope_from
 from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import (
     BudgetSettled,
     DispatchRequested,
-    Envelope,
     Event,
     InferenceRequested,
     OutcomeRecorded,
@@ -31,16 +30,7 @@ def decision_event(
     producer: str,
     now: datetime,
 ) -> RequestRejected | RequestDecided:
-    common = Envelope(
-        event_id=derive_id(request.event_id, "decision"),
-        request_id=request.request_id,
-        tenant_id=request.tenant_id,
-        occurred_at=now,
-        producer=producer,
-        causation_id=request.event_id,
-        trace_id=request.trace_id,
-        policy_digest=policy.digest,
-    )
+    common = envelope_from(request, "decision", producer=producer, now=now, policy_digest=policy.digest)
     if isinstance(result, Rejection):
         return RequestRejected(
             **common, reason_code=result.code, reason=result.reason, policy_version=policy.version
@@ -65,16 +55,9 @@ def dispatch_event(
 ) -> DispatchRequested:
     d = decision.deployment
     assert d is not None and decision.decode is not None
-    event_id = derive_id(request.event_id, "dispatch")
+    envelope = envelope_from(decided, "dispatch", producer=producer, now=now)
     return DispatchRequested(
-        event_id=event_id,
-        request_id=request.request_id,
-        tenant_id=request.tenant_id,
-        occurred_at=now,
-        producer=producer,
-        causation_id=decided.event_id,
-        trace_id=request.trace_id,
-        policy_digest=decided.policy_digest,
+        **envelope,
         feature=request.feature,
         deployment_id=d.id,
         provider=d.provider,
@@ -88,7 +71,7 @@ def dispatch_event(
         input_price_micros_per_1k=d.input_micros_per_1k,
         output_price_micros_per_1k=d.output_micros_per_1k,
         estimated_cost_micros=decision.budget.estimated_cost_micros,
-        idempotency_key=event_id,
+        idempotency_key=envelope["event_id"],
         requested_at=request.occurred_at,
     )
 
@@ -119,14 +102,7 @@ def on_outcome(
     if settlement is None:
         return state, []
     event = BudgetSettled(
-        event_id=derive_id(outcome.event_id, "settlement"),
-        request_id=outcome.request_id,
-        tenant_id=outcome.tenant_id,
-        occurred_at=now,
-        producer=producer,
-        causation_id=outcome.event_id,
-        trace_id=outcome.trace_id,
-        policy_digest=outcome.policy_digest,
+        **envelope_from(outcome, "settlement", producer=producer, now=now),
         feature=settlement.feature,
         window=settlement.day,
         reserved_micros=settlement.reserved,

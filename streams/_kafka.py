@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 
 from nexuscore.errors import BrokerError
@@ -36,13 +37,13 @@ def new_consumer(bootstrap: str, topics: Sequence[str], group_id: str, **extra: 
 
 
 async def start_client(
-    client: AIOKafkaProducer | AIOKafkaConsumer, bootstrap: str, timeout_s: float = 30.0
+    client: AIOKafkaProducer | AIOKafkaConsumer | AIOKafkaAdminClient, bootstrap: str, timeout_s: float = 30.0
 ) -> None:
-    """Start a client, or raise one clear BrokerError."""
+    """Start a client, or close it and raise one clear BrokerError."""
     try:
         await asyncio.wait_for(client.start(), timeout_s)
     except (KafkaConnectionError, TimeoutError, OSError) as exc:
-        await client.stop()
+        await (client.close() if isinstance(client, AIOKafkaAdminClient) else client.stop())
         raise BrokerError(
             f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}"
         ) from exc

@@ -7,14 +7,14 @@ share one broker without reading each other's history.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from nexuscore.errors import BrokerError
+from nexuscore.streams._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
 
@@ -62,13 +62,7 @@ async def ensure_topics(
 ) -> None:
     """Create every topic of ``topics`` that does not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-    except (KafkaConnectionError, TimeoutError, OSError) as exc:
-        await admin.close()
-        raise BrokerError(
-            f"cannot reach the Kafka broker at {bootstrap}: {exc or type(exc).__name__}"
-        ) from exc
+    await start_client(admin, bootstrap, timeout_s)
     try:
         existing = set(await admin.list_topics())
         wanted = [

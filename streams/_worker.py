@@ -18,7 +18,7 @@ import httpx
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from nexuscore._clock import Clock
-from nexuscore.core import derive_id
+from nexuscore.core import envelope_from
 from nexuscore.errors import DecodeError, ProviderError
 from nexuscore.policy import cost_micros
 from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
@@ -111,14 +111,7 @@ class Caller:
         error: str,
     ) -> ModelCallAttempted:
         return ModelCallAttempted(
-            event_id=derive_id(d.event_id, "attempt", n),
-            request_id=d.request_id,
-            tenant_id=d.tenant_id,
-            occurred_at=self.clock.now(),
-            producer=PRODUCER,
-            causation_id=d.event_id,
-            trace_id=d.trace_id,
-            policy_digest=d.policy_digest,
+            **envelope_from(d, "attempt", n, producer=PRODUCER, now=self.clock.now()),
             attempt=n,
             deployment_id=d.deployment_id,
             region=d.region,
@@ -137,14 +130,7 @@ class Caller:
         # Never bill beyond what was asked for: the budget reserved for max_output_tokens.
         out_tokens = min(result.output_tokens, d.max_output_tokens)
         return OutcomeRecorded(
-            event_id=derive_id(d.event_id, "outcome"),
-            request_id=d.request_id,
-            tenant_id=d.tenant_id,
-            occurred_at=self.clock.now(),
-            producer=PRODUCER,
-            causation_id=d.event_id,
-            trace_id=d.trace_id,
-            policy_digest=d.policy_digest,
+            **envelope_from(d, "outcome", producer=PRODUCER, now=self.clock.now()),
             status="failed" if result is _FAILED else "answered",
             feature=d.feature,
             deployment_id=d.deployment_id,
