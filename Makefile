@@ -46,6 +46,7 @@ pytest: install
 	$(BIN)/python -m pytest
 
 bench: jars
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.pipeline
 
 schemas: install

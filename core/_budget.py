@@ -2,6 +2,10 @@
 
 One tenant's state lives in one Kafka partition (topics are keyed by tenant), so its transitions
 are applied strictly in order: no two requests of a tenant can race for the same budget.
+
+The state holds totals only; each open reservation is its own small record (keyed by request in
+the decider's second Table), so that writing the state costs the same however many requests are in
+flight.
 """
 
 from __future__ import annotations
@@ -27,65 +31,21 @@ class Window(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """An estimate held against one day's budgets until the request's outcome settles it."""
+
     day: str
     feature: str
     amount: int
 
 
 class BudgetState(msgspec.Struct, frozen=True, kw_only=True):
-    """A tenant's budget state. ``version`` counts the transitions applied, for ordered replay."""
+    """A tenant's budget totals. ``version`` counts the transitions applied, for ordered replay."""
 
     version: int = 0
     windows: dict[str, Window] = msgspec.field(default_factory=dict)
-    open: dict[str, Reservation] = msgspec.field(default_factory=dict)
 
     def window(self, day: str) -> Window:
         return self.windows.get(day) or Window(day=day)
-
-
-EMPTY_STATE = BudgetState()
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(BudgetState)
-
-
-def encode_state(state: BudgetState) -> bytes:
-    return _encoder.encode(state)
-
-
-def decode_state(data: bytes | None) -> BudgetState:
-    return EMPTY_STATE if not data else _decoder.decode(data)
-
-
-def _with_window(state: BudgetState, window: Window, open_: dict[str, Reservation]) -> BudgetState:
-    windows = dict(state.windows)
-    windows[window.day] = window
-    # Keep the two newest days, plus any day that still has reservations to settle.
-    keep = set(sorted(windows)[-2:]) | {r.day for r in open_.values()}
-    return BudgetState(
-        version=state.version + 1,
-        windows={d: w for d, w in windows.items() if d in keep},
-        open=open_,
-    )
-
-
-def reserve(state: BudgetState, request_id: str, day: str, feature: str, amount: int) -> BudgetState:
-    """Hold ``amount`` against the day's tenant and feature budgets until the outcome settles it."""
-    if request_id in state.open:
-        # A redelivered decision must not hold the budget twice.
-        return msgspec.structs.replace(state, version=state.version + 1)
-    w = state.window(day)
-    fr = dict(w.feature_reserved)
-    fr[feature] = fr.get(feature, 0) + amount
-    window = msgspec.structs.replace(w, tenant_reserved=w.tenant_reserved + amount, feature_reserved=fr)
-    open_ = dict(state.open)
-    open_[request_id] = Reservation(day=day, feature=feature, amount=amount)
-    return _with_window(state, window, open_)
-
-
-def bump(state: BudgetState) -> BudgetState:
-    """A decision that reserved nothing still advances the version, so replay can order it."""
-    return msgspec.structs.replace(state, version=state.version + 1)
 
 
 class Settlement(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,11 +57,51 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     feature_spent: int
 
 
-def settle(state: BudgetState, request_id: str, actual: int) -> tuple[BudgetState, Settlement | None]:
-    """Replace a reservation by the actual cost. Unknown request ids (duplicates) change nothing."""
-    reservation = state.open.get(request_id)
-    if reservation is None:
-        return state, None
+EMPTY_STATE = BudgetState()
+
+_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(BudgetState)
+_reservation_decoder = msgspec.msgpack.Decoder(Reservation)
+
+
+def encode_state(state: BudgetState | Reservation) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes | None) -> BudgetState:
+    return EMPTY_STATE if not data else _state_decoder.decode(data)
+
+
+def decode_reservation(data: bytes | None) -> Reservation | None:
+    return None if not data else _reservation_decoder.decode(data)
+
+
+def _with_window(state: BudgetState, window: Window) -> BudgetState:
+    windows = dict(state.windows)
+    windows[window.day] = window
+    # Keep the two newest days, plus any day that still has reservations to settle.
+    keep = set(sorted(windows)[-2:]) | {d for d, w in windows.items() if w.tenant_reserved}
+    return BudgetState(version=state.version + 1, windows={d: w for d, w in windows.items() if d in keep})
+
+
+def reserve(state: BudgetState, reservation: Reservation) -> BudgetState:
+    """Hold the reservation's amount against its day's tenant and feature budgets."""
+    w = state.window(reservation.day)
+    fr = dict(w.feature_reserved)
+    fr[reservation.feature] = fr.get(reservation.feature, 0) + reservation.amount
+    window = msgspec.structs.replace(
+        w, tenant_reserved=w.tenant_reserved + reservation.amount, feature_reserved=fr
+    )
+    return _with_window(state, window)
+
+
+def bump(state: BudgetState) -> BudgetState:
+    """A decision that reserved nothing still advances the version, so replay can order it."""
+    return msgspec.structs.replace(state, version=state.version + 1)
+
+
+def settle(state: BudgetState, reservation: Reservation, actual: int) -> tuple[BudgetState, Settlement]:
+    """Replace a reservation by the actual cost."""
     w = state.window(reservation.day)
     f = reservation.feature
     fr = dict(w.feature_reserved)
@@ -115,7 +115,6 @@ def settle(state: BudgetState, request_id: str, actual: int) -> tuple[BudgetStat
         feature_settled=fs,
         feature_reserved=fr,
     )
-    open_ = {k: v for k, v in state.open.items() if k != request_id}
     settlement = Settlement(
         day=w.day,
         feature=f,
@@ -124,4 +123,4 @@ def settle(state: BudgetState, request_id: str, actual: int) -> tuple[BudgetStat
         tenant_spent=window.tenant_settled,
         feature_spent=fs[f],
     )
-    return _with_window(state, window, open_), settlement
+    return _with_window(state, window), settlement

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from nexuscore.core._budget import BudgetState, bump, reserve, settle
+from nexuscore.core._budget import BudgetState, Reservation, bump, reserve, settle
 from nexuscore.core._decide import Decision, Rejection, decide
 from nexuscore.core._ids import envelope_from
 from nexuscore.policy import RoutingPolicy
@@ -77,30 +77,43 @@ def dispatch_event(
 
 
 def on_request(
-    state: BudgetState, request: InferenceRequested, policy: RoutingPolicy, producer: str, now: datetime
-) -> tuple[BudgetState, list[Event]]:
-    """Decide a request and fold the decision into the budget state."""
+    state: BudgetState,
+    request: InferenceRequested,
+    policy: RoutingPolicy,
+    producer: str,
+    now: datetime,
+    held: Reservation | None = None,
+) -> tuple[BudgetState, Reservation | None, list[Event]]:
+    """Decide a request and fold the decision into the budget state.
+
+    Returns the new state, the reservation to keep until the outcome (or None), and the events.
+    ``held`` is the reservation already kept for this request: a redelivered request re-emits its
+    decision (same event ids, dropped downstream) without holding the budget twice.
+    """
     result = decide(request, policy, state)
     decided = decision_event(request, result, policy, state.version, producer, now)
     if isinstance(result, Rejection):
-        return state, [decided]
+        return state, None, [decided]
     assert isinstance(decided, RequestDecided)
     if result.verdict != "dispatch":
-        return bump(state), [decided]
-    new_state = reserve(
-        state, request.request_id, result.day, request.feature, result.budget.estimated_cost_micros
+        return bump(state), None, [decided]
+    events: list[Event] = [decided, dispatch_event(request, result, decided, producer, now)]
+    if held is not None:
+        return state, held, events
+    reservation = Reservation(
+        day=result.day, feature=request.feature, amount=result.budget.estimated_cost_micros
     )
-    return new_state, [decided, dispatch_event(request, result, decided, producer, now)]
+    return reserve(state, reservation), reservation, events
 
 
 def on_outcome(
-    state: BudgetState, outcome: OutcomeRecorded, producer: str, now: datetime
+    state: BudgetState, held: Reservation | None, outcome: OutcomeRecorded, producer: str, now: datetime
 ) -> tuple[BudgetState, list[Event]]:
-    """Settle the request's reservation with its actual cost."""
-    version = state.version
-    new_state, settlement = settle(state, outcome.request_id, outcome.cost_micros)
-    if settlement is None:
+    """Settle the request's reservation with its actual cost; without one (a duplicate), do nothing."""
+    if held is None:
         return state, []
+    version = state.version
+    new_state, settlement = settle(state, held, outcome.cost_micros)
     event = BudgetSettled(
         **envelope_from(outcome, "settlement", producer=producer, now=now),
         feature=settlement.feature,

@@ -48,7 +48,7 @@ class Projector:
         evidence_dir: Path,
         *,
         topics: Topics = Topics(),
-        flush_interval_s: float = 0.5,
+        flush_interval_s: float = 1.0,
         flush_rows: int = 50_000,
     ) -> None:
         self.bootstrap = bootstrap

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from nexuscore.core import EMPTY_STATE, BudgetState, on_request, settle
+from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, on_request, settle
 from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
 from nexuscore.projections._tables import ROW_BUILDERS, Row
@@ -149,6 +149,7 @@ def replay(
     report = ReplayReport(policy_version=policy.version, policy_digest=policy.digest)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
     chosen: dict[str, str] = {}
+    reservations: dict[str, Reservation] = {}
     request_fields = set(InferenceRequested.__struct_fields__)
     total = len(requests)
     for kind, row in _ordered(requests, decisions, settlements):
@@ -157,6 +158,9 @@ def replay(
             deployment = chosen.get(request_id)
             outcome = outcomes.get(request_id)
             if deployment is None or outcome is None:
+                continue
+            held = reservations.pop(request_id, None)
+            if held is None:
                 continue
             d = policy.deployments_by_id[deployment]
             actual = (
@@ -169,13 +173,15 @@ def replay(
                     d.output_micros_per_1k,
                 )
             )
-            states[tenant_id], _ = settle(states[tenant_id], request_id, actual)
+            states[tenant_id], _ = settle(states[tenant_id], held, actual)
             report.candidate_actual_micros += actual
             continue
         request = msgspec.convert({k: v for k, v in row.items() if k in request_fields}, InferenceRequested)
         rec_table, rec_row = recorded.get(request_id, ("missing", {}))
         now = rec_row.get("occurred_at") or request.occurred_at
-        states[tenant_id], events = on_request(states[tenant_id], request, policy, PRODUCER, now)
+        states[tenant_id], reservation, events = on_request(states[tenant_id], request, policy, PRODUCER, now)
+        if reservation is not None:
+            reservations[request_id] = reservation
         decided = events[0]
         assert isinstance(decided, RequestDecided | RequestRejected)
         table, cand_row = _decision_row(decided)
@@ -186,9 +192,8 @@ def replay(
             report.candidate_estimated_micros += decided.budget.estimated_cost_micros
             if request_id not in outcomes:
                 # Never served in the recorded history: settle at the estimate so the budget moves.
-                states[tenant_id], _ = settle(
-                    states[tenant_id], request_id, decided.budget.estimated_cost_micros
-                )
+                held = reservations.pop(request_id)
+                states[tenant_id], _ = settle(states[tenant_id], held, held.amount)
                 report.candidate_actual_micros += decided.budget.estimated_cost_micros
         if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
             report.recorded_estimated_micros += rec_row["estimated_cost_micros"]

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import faust
 
 from nexuscore._clock import Clock
-from nexuscore.core import decode_state, encode_state, on_outcome, on_request
+from nexuscore.core import decode_reservation, decode_state, encode_state, on_outcome, on_request
 from nexuscore.errors import DecodeError
 from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
@@ -77,7 +77,10 @@ def build_decider(
         "key_serializer": "raw",
         "value_serializer": "raw",
     }
+    # Totals per tenant, and each open reservation keyed by request. faust writes a table's changelog
+    # to the partition of the event being processed, so both stay in the tenant's partition.
     budgets = app.Table("budgets", partitions=partitions, key_type=bytes, value_type=bytes)
+    reservations = app.Table("reservations", partitions=partitions, key_type=bytes, value_type=bytes)
     inputs = app.topic(topics.requests, topics.outcomes, **raw)
     out_topics = {
         name: app.topic(name, **raw) for name in (topics.decisions, topics.dispatch, topics.deadletter)
@@ -104,11 +107,17 @@ def build_decider(
             await send(topics.deadletter, topic.encode(), codec.encode(dl))
             return
         state = decode_state(budgets.get(key))
+        request_key = event.request_id.encode()
+        held = decode_reservation(reservations.get(request_key))
         if isinstance(event, InferenceRequested):
-            new_state, out = on_request(state, event, policy, PRODUCER, clock.now())
+            new_state, reservation, out = on_request(state, event, policy, PRODUCER, clock.now(), held)
+            if reservation is not None and held is None:
+                reservations[request_key] = encode_state(reservation)
         else:
             assert isinstance(event, OutcomeRecorded)
-            new_state, out = on_outcome(state, event, PRODUCER, clock.now())
+            new_state, out = on_outcome(state, held, event, PRODUCER, clock.now())
+            if held is not None:
+                del reservations[request_key]
         # The decision goes out before the dispatch that acts on it (same producer, in order).
         for e in out:
             if isinstance(e, DispatchRequested):

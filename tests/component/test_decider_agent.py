@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from nexuscore._clock import FixedClock
-from nexuscore.core import decode_state
+from nexuscore.core import decode_reservation, decode_state
 from nexuscore.schemas import (
     AvroCodec,
     BudgetSettled,
@@ -68,7 +68,9 @@ async def test_a_request_yields_its_decision_then_its_dispatch_and_reserves_budg
     assert decided.policy_digest == POLICY.digest == dispatch.policy_digest
     assert dispatch.causation_id == decided.event_id and dispatch.region in decided.residency.allowed_regions
     state = decode_state(app.tables["budgets"][b"acme-bank"])
-    assert state.open[req.request_id].amount == decided.budget.estimated_cost_micros
+    assert state.window(T0.date().isoformat()).tenant_reserved == decided.budget.estimated_cost_micros
+    held = decode_reservation(app.tables["reservations"][req.request_id.encode()])
+    assert held is not None and held.amount == decided.budget.estimated_cost_micros
 
 
 @pytest.mark.asyncio
@@ -88,7 +90,9 @@ async def test_an_outcome_settles_the_reservation(harness: Any) -> None:
     settled = [s[2] for s in sink.of(BudgetSettled)]
     assert len(settled) == 1 and settled[0].actual_micros == 7
     state = decode_state(app.tables["budgets"][b"acme-bank"])
-    assert not state.open and state.window(T0.date().isoformat()).tenant_settled == 7
+    window = state.window(T0.date().isoformat())
+    assert (window.tenant_settled, window.tenant_reserved) == (7, 0)
+    assert req.request_id.encode() not in app.tables["reservations"]
 
 
 @pytest.mark.asyncio

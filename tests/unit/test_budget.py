@@ -1,45 +1,65 @@
-"""Budget state transitions: reserve, settle, idempotence, windows."""
+"""Budget state transitions: reserve, settle, windows, encoding."""
 
 from __future__ import annotations
 
-from nexuscore.core import EMPTY_STATE, decode_state, encode_state, reserve, settle
+from nexuscore.core import (
+    EMPTY_STATE,
+    Reservation,
+    decode_reservation,
+    decode_state,
+    encode_state,
+    reserve,
+    settle,
+)
+
+DAY = "2026-11-25"
 
 
 def test_reserve_then_settle_moves_the_estimate_to_the_actual_cost() -> None:
-    s1 = reserve(EMPTY_STATE, "r1", "2026-11-25", "chat", 500)
-    w = s1.window("2026-11-25")
-    assert (w.tenant_reserved, w.feature_reserved["chat"], s1.version) == (500, 500, 1)
-    s2, settlement = settle(s1, "r1", 320)
-    assert settlement is not None and (settlement.reserved, settlement.actual) == (500, 320)
-    w = s2.window("2026-11-25")
-    assert (w.tenant_settled, w.tenant_reserved, w.feature_settled["chat"]) == (320, 0, 320)
-    assert s2.version == 2 and not s2.open
+    r = Reservation(day=DAY, feature="chat", amount=500)
+    s1 = reserve(EMPTY_STATE, r)
+    w = s1.window(DAY)
+    assert (w.tenant_reserved, w.feature_reserved["chat"], w.tenant_committed, s1.version) == (
+        500,
+        500,
+        500,
+        1,
+    )
+    s2, settlement = settle(s1, r, 320)
+    assert (settlement.reserved, settlement.actual, settlement.tenant_spent) == (500, 320, 320)
+    w = s2.window(DAY)
+    assert (w.tenant_settled, w.tenant_reserved, w.feature_settled["chat"], w.feature_reserved["chat"]) == (
+        320,
+        0,
+        320,
+        0,
+    )
+    assert s2.version == 2
 
 
-def test_a_redelivered_reservation_is_not_held_twice() -> None:
-    s1 = reserve(EMPTY_STATE, "r1", "2026-11-25", "chat", 500)
-    s2 = reserve(s1, "r1", "2026-11-25", "chat", 500)
-    assert s2.window("2026-11-25").tenant_reserved == 500
+def test_reservations_settle_into_their_own_day() -> None:
+    yesterday = Reservation(day="2026-11-24", feature="chat", amount=100)
+    s = reserve(reserve(EMPTY_STATE, yesterday), Reservation(day=DAY, feature="chat", amount=50))
+    s, _ = settle(s, yesterday, 90)
+    assert s.window("2026-11-24").tenant_settled == 90
+    assert s.window(DAY).tenant_settled == 0 and s.window(DAY).tenant_reserved == 50
 
 
-def test_settling_an_unknown_request_changes_nothing() -> None:
-    s1 = reserve(EMPTY_STATE, "r1", "2026-11-25", "chat", 500)
-    s2, settlement = settle(s1, "other", 100)
-    assert settlement is None and s2 is s1
+def test_old_windows_are_pruned_but_days_with_open_reservations_are_kept() -> None:
+    old = Reservation(day="2026-11-20", feature="chat", amount=10)
+    s = reserve(EMPTY_STATE, old)
+    for day in ("2026-11-23", "2026-11-24", DAY):
+        r = Reservation(day=day, feature="chat", amount=10)
+        s, _ = settle(reserve(s, r), r, 10)
+    assert set(s.windows) == {"2026-11-20", "2026-11-24", DAY}
+    s, _ = settle(s, old, 10)
+    assert set(s.windows) == {"2026-11-24", DAY}
 
 
-def test_old_windows_are_pruned_but_open_reservations_keep_theirs() -> None:
-    s = reserve(EMPTY_STATE, "r1", "2026-11-20", "chat", 10)
-    for day in ("2026-11-23", "2026-11-24", "2026-11-25"):
-        s = reserve(s, f"r-{day}", day, "chat", 10)
-        s, _ = settle(s, f"r-{day}", 10)
-    assert set(s.windows) == {"2026-11-20", "2026-11-24", "2026-11-25"}
-    s, _ = settle(s, "r1", 10)
-    s = reserve(s, "r-late", "2026-11-25", "chat", 10)
-    assert set(s.windows) == {"2026-11-24", "2026-11-25"}
-
-
-def test_state_survives_its_table_encoding() -> None:
-    s = reserve(EMPTY_STATE, "r1", "2026-11-25", "chat", 500)
+def test_state_and_reservations_survive_their_table_encoding() -> None:
+    r = Reservation(day=DAY, feature="chat", amount=500)
+    s = reserve(EMPTY_STATE, r)
     assert decode_state(encode_state(s)) == s
     assert decode_state(None) == EMPTY_STATE
+    assert decode_reservation(encode_state(r)) == r
+    assert decode_reservation(None) is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nexuscore.core import EMPTY_STATE, Decision, Rejection, decide, reserve
+from nexuscore.core import EMPTY_STATE, Decision, Rejection, Reservation, decide, reserve
 from nexuscore.policy import tier_rank
 from tests.factories import POLICY, T0, request, with_budgets
 
@@ -104,7 +104,7 @@ def test_budget_denies_when_the_feature_budget_is_spent() -> None:
     policy = with_budgets(POLICY, "100", "0.0001")  # 100 micro-USD a day per feature
     first = decide(request(), policy, EMPTY_STATE)
     assert isinstance(first, Decision) and first.verdict == "dispatch"
-    state = reserve(EMPTY_STATE, "req-1", first.day, "support-chat", 90)
+    state = reserve(EMPTY_STATE, Reservation(day=first.day, feature="support-chat", amount=90))
     second = decide(request(request_id="req-2"), policy, state)
     assert isinstance(second, Decision)
     assert second.verdict == "denied"

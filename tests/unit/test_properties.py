@@ -8,7 +8,7 @@ from datetime import timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexuscore.core import EMPTY_STATE, BudgetState, Decision, decide, on_outcome, on_request
+from nexuscore.core import EMPTY_STATE, BudgetState, Decision, Reservation, decide, on_outcome, on_request
 from nexuscore.schemas import DispatchRequested, InferenceRequested, OutcomeRecorded, RequestDecided
 from tests.factories import POLICY, T0, numbered, with_budgets
 
@@ -89,6 +89,7 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
 
     assert isinstance(rng, random.Random)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    held: dict[str, Reservation] = {}
     in_flight: list[DispatchRequested] = []
     max_estimate = 0
     pending = list(reqs)
@@ -97,7 +98,11 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
         step += 1
         if pending and (not in_flight or rng.random() < 0.6):
             req = pending.pop(0)
-            states[req.tenant_id], events = on_request(states[req.tenant_id], req, TIGHT, "t", T0)
+            states[req.tenant_id], reservation, events = on_request(
+                states[req.tenant_id], req, TIGHT, "t", T0
+            )
+            if reservation is not None:
+                held[req.request_id] = reservation
             for e in events:
                 if isinstance(e, DispatchRequested):
                     in_flight.append(e)
@@ -113,16 +118,19 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
                 model_version="m", region=d.region, attempts=1, input_tokens=1, output_tokens=1,
                 cost_micros=actual, latency_ms=1.0, response="", finish_reason="stop",
             )  # fmt: skip
-            states[d.tenant_id], _ = on_outcome(states[d.tenant_id], outcome, "t", T0)
-            # A duplicate outcome must not be billed twice.
-            again, events = on_outcome(states[d.tenant_id], outcome, "t", T0)
+            states[d.tenant_id], _ = on_outcome(
+                states[d.tenant_id], held.pop(d.request_id, None), outcome, "t", T0
+            )
+            # A duplicate outcome finds no reservation and must not be billed twice.
+            again, events = on_outcome(states[d.tenant_id], held.get(d.request_id), outcome, "t", T0)
             assert again == states[d.tenant_id] and events == []
     for tenant_id, state in states.items():
         tenant = TIGHT.tenants_by_id[tenant_id]
         budget = int(tenant.daily_budget_usd * 1_000_000)
         feature_budget = int(tenant.features[0].daily_budget_usd * 1_000_000)
-        assert not state.open
+        assert not held
         for window in state.windows.values():
+            assert window.tenant_reserved == 0
             assert window.tenant_settled <= budget + max_estimate
             # Bills never exceed estimates here, so the stronger invariant holds too.
             assert window.tenant_settled <= budget

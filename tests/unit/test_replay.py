@@ -12,7 +12,7 @@ import pyarrow as pa
 import yaml
 
 from nexuscore._synthetic import synthetic_requests
-from nexuscore.core import EMPTY_STATE, BudgetState, derive_id, on_outcome, on_request
+from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, parse_policy
 from nexuscore.projections import SCHEMAS, EvidenceStore, write_table
 from nexuscore.projections._tables import ROW_BUILDERS
@@ -27,6 +27,7 @@ def run_history(policy: RoutingPolicy, n: int, seed: int) -> list[Event]:
     """What the decision agent and the workers would have recorded, outcomes arriving out of order."""
     rng = random.Random(seed)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    held: dict[str, Reservation] = {}
     events: list[Event] = []
     in_flight: list[DispatchRequested] = []
 
@@ -42,13 +43,18 @@ def run_history(policy: RoutingPolicy, n: int, seed: int) -> list[Event]:
             finish_reason="stop",
         )  # fmt: skip
         events.append(outcome)
-        states[d.tenant_id], settled = on_outcome(states[d.tenant_id], outcome, "decider", d.occurred_at)
+        reservation = held.pop(d.request_id)
+        states[d.tenant_id], settled = on_outcome(
+            states[d.tenant_id], reservation, outcome, "decider", d.occurred_at
+        )
         events.extend(settled)
 
     for req in synthetic_requests(policy, n, seed=seed, start=T0, run="replay-test"):
-        states[req.tenant_id], out = on_request(
+        states[req.tenant_id], reservation, out = on_request(
             states[req.tenant_id], req, policy, "decider", req.occurred_at
         )
+        if reservation is not None:
+            held[req.request_id] = reservation
         events.append(req)
         events.extend(out)
         in_flight.extend(e for e in out if isinstance(e, DispatchRequested))

@@ -37,15 +37,15 @@ CODEC = AvroCodec()
 
 def sample_events() -> list[Event]:
     req = request(feature="credit-memo", task_type="credit_decision", risk_class="high", complexity=0.3)
-    state, decided = on_request(EMPTY_STATE, req, POLICY, "tests", T0)
+    state, reservation, decided = on_request(EMPTY_STATE, req, POLICY, "tests", T0)
     outcome = OutcomeRecorded(
         event_id="o1", request_id=req.request_id, tenant_id=req.tenant_id, occurred_at=T0, producer="t",
         status="answered", feature=req.feature, deployment_id="eu-mid-1", model="m", model_version="m-1",
         region="eu", attempts=1, input_tokens=8, output_tokens=20, cost_micros=93, latency_ms=12.5,
         response="ok", finish_reason="stop",
     )  # fmt: skip
-    _, settled = on_outcome(state, outcome, "tests", T0)
-    rejected = on_request(EMPTY_STATE, request(tenant_id="nobody"), POLICY, "tests", T0)[1][0]
+    _, settled = on_outcome(state, reservation, outcome, "tests", T0)
+    rejected = on_request(EMPTY_STATE, request(tenant_id="nobody"), POLICY, "tests", T0)[2][0]
     attempt = ModelCallAttempted(
         event_id="a1", request_id="r", tenant_id="t", occurred_at=T0, producer="t", attempt=1,
         deployment_id="eu-mid-1", region="eu", status="error", http_status=503, latency_ms=1.5, retryable=True,
