@@ -12,10 +12,12 @@ import asyncio
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 import httpx
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from nexuscore._clock import Clock
 from nexuscore.core import envelope_from
@@ -154,8 +156,33 @@ class Caller:
 _FAILED = ChatResult(text="", input_tokens=0, output_tokens=0, finish_reason="error", model_version="")
 
 
+class _Offsets:
+    """Which offsets of each partition are still being worked on, so that only a contiguous prefix
+    of finished work is ever committed: a crash repeats calls, never skips them."""
+
+    def __init__(self) -> None:
+        self.pending: dict[TopicPartition, set[int]] = defaultdict(set)
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def started(self, tp: TopicPartition, offset: int) -> None:
+        self.pending[tp].add(offset)
+        self.next_offset[tp] = offset + 1
+
+    def finished(self, tp: TopicPartition, offset: int) -> None:
+        self.pending[tp].discard(offset)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        offsets = {tp: min(self.pending[tp], default=nxt) for tp, nxt in self.next_offset.items()}
+        return {tp: o for tp, o in offsets.items() if self.committed.get(tp) != o}
+
+
 class Worker:
-    """Consumes ``nexus.dispatch`` in batches and runs each batch's calls concurrently."""
+    """Consumes ``nexus.dispatch`` and keeps up to ``concurrency`` model calls in flight.
+
+    Fetching goes on while calls run (a slow call holds one slot, not a whole batch); offsets are
+    committed every ``commit_interval_s`` up to the first call not yet acknowledged by the broker.
+    """
 
     def __init__(
         self,
@@ -166,13 +193,15 @@ class Worker:
         topics: Topics = Topics(),
         max_batch: int = 500,
         concurrency: int = 256,
+        commit_interval_s: float = 0.2,
     ) -> None:
         self.bootstrap = bootstrap
         self.caller = caller
         self.clock = clock
         self.topics = topics
         self.max_batch = max_batch
-        self.semaphore = asyncio.Semaphore(concurrency)
+        self.slots = asyncio.Semaphore(concurrency)
+        self.commit_interval_s = commit_interval_s
         self.codec = AvroCodec()
         self.stopping = asyncio.Event()
         self.processed = 0
@@ -188,19 +217,58 @@ class Worker:
         except BaseException:
             await producer.stop()
             raise
+        offsets = _Offsets()
+        tasks: set[asyncio.Task[None]] = set()
+        last_commit = time.monotonic()
         try:
             while not self.stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
-                records = [r for rs in batches.values() for r in rs]
-                if not records:
-                    continue
-                sends = await asyncio.gather(*(self._handle(r, producer) for r in records))
-                await asyncio.gather(*(f for fs in sends for f in fs))
-                await consumer.commit()
-                self.processed += len(records)
+                batches = await consumer.getmany(timeout_ms=50, max_records=self.max_batch)
+                for tp, records in batches.items():
+                    for record in records:
+                        await self.slots.acquire()  # back-pressure: fetch no faster than calls finish
+                        offsets.started(tp, record.offset)
+                        task = asyncio.create_task(self._run_one(record, tp, producer, offsets))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                if time.monotonic() - last_commit >= self.commit_interval_s:
+                    await self._commit(consumer, offsets)
+                    last_commit = time.monotonic()
+            if tasks:
+                await asyncio.gather(*tasks)
+            await self._commit(consumer, offsets)
         finally:
+            for task in tasks:
+                task.cancel()
             await consumer.stop()
             await producer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: _Offsets) -> None:
+        todo = offsets.committable()
+        if not todo:
+            return
+        try:
+            await consumer.commit(todo)
+        except KafkaError as exc:
+            # After a rebalance these partitions belong to another worker, which resumes from the
+            # last committed offset: the calls since then are repeated, with the same event ids.
+            log.warning("offset commit failed (%s); another worker will repeat these calls", exc)
+            return
+        offsets.committed.update(todo)
+
+    async def _run_one(
+        self, record: ConsumerRecord, tp: TopicPartition, producer: AIOKafkaProducer, offsets: _Offsets
+    ) -> None:
+        try:
+            for future in await self._handle(record, producer):
+                await future
+            offsets.finished(tp, record.offset)
+            self.processed += 1
+        except Exception:
+            # Left pending: the offset is never committed past it, and the worker must be restarted
+            # to retry it. Unexpected by construction (provider errors become failed outcomes).
+            log.exception("dispatch at %s:%s could not be recorded", tp, record.offset)
+        finally:
+            self.slots.release()
 
     async def _handle(
         self, record: ConsumerRecord, producer: AIOKafkaProducer
@@ -222,8 +290,7 @@ class Worker:
             return [
                 await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())
             ]
-        async with self.semaphore:
-            attempts, outcome = await self.caller.call(d)
+        attempts, outcome = await self.caller.call(d)
         key = d.tenant_id.encode()
         futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
         futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))
