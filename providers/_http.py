@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Mapping
 
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 
 from nexuscore.errors import ProviderError
 
@@ -17,8 +18,13 @@ _ERROR_SNIPPET_CHARS = 200
 
 
 def new_client() -> httpx.AsyncClient:
-    """Create the pooled client an adapter owns when none is injected."""
-    return httpx.AsyncClient(limits=POOL_LIMITS)
+    """Create the pooled client an adapter owns when none is injected.
+
+    The httpx interface over aiohttp's connection handling: on this 2-core machine httpx's own
+    transport cost about 6.9 ms of CPU per call at 64 calls in flight, the aiohttp transport about
+    1.1 ms (both measured against the simulated provider in one process).
+    """
+    return HttpxAiohttpClient(limits=POOL_LIMITS)
 
 
 def is_retryable_status(status: int) -> bool:
