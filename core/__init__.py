@@ -9,6 +9,7 @@ from nexuscore.core._budget import (
     decode_reservation,
     decode_state,
     encode_state,
+    release,
     reserve,
     settle,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "estimate_input_tokens",
     "on_outcome",
     "on_request",
+    "release",
     "reserve",
     "settle",
 ]

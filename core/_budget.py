@@ -95,6 +95,17 @@ def reserve(state: BudgetState, reservation: Reservation) -> BudgetState:
     return _with_window(state, window)
 
 
+def release(state: BudgetState, reservation: Reservation) -> BudgetState:
+    """The state as it was before ``reservation`` was made (the version is kept)."""
+    w = state.window(reservation.day)
+    fr = dict(w.feature_reserved)
+    fr[reservation.feature] = fr.get(reservation.feature, 0) - reservation.amount
+    window = msgspec.structs.replace(
+        w, tenant_reserved=w.tenant_reserved - reservation.amount, feature_reserved=fr
+    )
+    return BudgetState(version=state.version, windows={**state.windows, window.day: window})
+
+
 def bump(state: BudgetState) -> BudgetState:
     """A decision that reserved nothing still advances the version, so replay can order it."""
     return msgspec.structs.replace(state, version=state.version + 1)

@@ -7,6 +7,7 @@ Every rule that fires and every alternative rejected is written down as a ``Reas
 from __future__ import annotations
 
 import math
+from datetime import datetime
 
 import msgspec
 
@@ -120,8 +121,14 @@ def _residency(request: InferenceRequested, policy: RoutingPolicy, tenant: Tenan
     )
 
 
-def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetState) -> Rejection | Decision:
-    """Decide one request. Pure: the same inputs always give the same decision."""
+def decide(
+    request: InferenceRequested, policy: RoutingPolicy, state: BudgetState, now: datetime
+) -> Rejection | Decision:
+    """Decide one request at time ``now``. Pure: the same inputs always give the same decision.
+
+    The budget window is the UTC day of ``now`` (the decider's clock), never the caller's own
+    timestamp: a request dated in the future must not open a fresh budget.
+    """
     admitted = admit(request, policy)
     if isinstance(admitted, Rejection):
         return admitted
@@ -129,7 +136,7 @@ def decide(request: InferenceRequested, policy: RoutingPolicy, state: BudgetStat
     feature = next(f for f in tenant.features if f.id == request.feature)
     reasons: list[Reason] = []
     input_tokens = estimate_input_tokens(request.prompt)
-    day = request.occurred_at.date().isoformat()
+    day = now.date().isoformat()
 
     residency = _residency(request, policy, tenant)
     reasons.append(

@@ -15,11 +15,19 @@ def derive_id(*parts: str | int) -> str:
 
 
 def envelope_from(
-    cause: Event, *parts: str | int, producer: str, now: datetime, policy_digest: str | None = None
+    cause: Event,
+    *parts: str | int,
+    producer: str,
+    now: datetime,
+    policy_digest: str | None = None,
+    root: str | None = None,
 ) -> Envelope:
-    """The envelope of an event caused by ``cause``: same request, tenant and trace; id derived from it."""
+    """The envelope of an event caused by ``cause``: same request, tenant and trace.
+
+    Its id is derived from ``root`` (default: the cause's event id) and ``parts``.
+    """
     return Envelope(
-        event_id=derive_id(cause.event_id, *parts),
+        event_id=derive_id(root or cause.event_id, *parts),
         request_id=cause.request_id,
         tenant_id=cause.tenant_id,
         occurred_at=now,

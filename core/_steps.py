@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from nexuscore.core._budget import BudgetState, Reservation, bump, reserve, settle
+from nexuscore.core._budget import BudgetState, Reservation, bump, release, reserve, settle
 from nexuscore.core._decide import Decision, Rejection, decide
 from nexuscore.core._ids import envelope_from
 from nexuscore.policy import RoutingPolicy
@@ -30,7 +30,11 @@ def decision_event(
     producer: str,
     now: datetime,
 ) -> RequestRejected | RequestDecided:
-    common = envelope_from(request, "decision", producer=producer, now=now, policy_digest=policy.digest)
+    # Derived from the request id, not the event id: a client that retries a request under a new
+    # event id gets the same decision ids, so one request never has two terminal states.
+    common = envelope_from(
+        request, "decision", producer=producer, now=now, policy_digest=policy.digest, root=request.request_id
+    )
     if isinstance(result, Rejection):
         return RequestRejected(
             **common, reason_code=result.code, reason=result.reason, policy_version=policy.version
@@ -87,10 +91,11 @@ def on_request(
     """Decide a request and fold the decision into the budget state.
 
     Returns the new state, the reservation to keep until the outcome (or None), and the events.
-    ``held`` is the reservation already kept for this request: a redelivered request re-emits its
-    decision (same event ids, dropped downstream) without holding the budget twice.
+    ``held`` is the reservation already kept for this request: a redelivered request is decided
+    again against the state without its own reservation, and re-emits its decision (same event
+    ids, dropped downstream) without holding the budget twice.
     """
-    result = decide(request, policy, state)
+    result = decide(request, policy, release(state, held) if held is not None else state, now)
     decided = decision_event(request, result, policy, state.version, producer, now)
     if isinstance(result, Rejection):
         return state, None, [decided]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import enum
 import json
 import logging
 import signal
@@ -59,7 +60,15 @@ Namespace = Annotated[
     typer.Option("--namespace", help="Prefix of topic and group names (isolates pipelines on one broker)."),
 ]
 PolicyFile = Annotated[Path, typer.Option("--policy", "-p", help="RoutingPolicy YAML file.")]
-Format = Annotated[str, typer.Option("--format", "-f", help="Output: table, csv or json.")]
+
+
+class OutputFormat(enum.StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+Format = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the rows.")]
 
 
 @app.command()
@@ -120,11 +129,11 @@ def run_provider(
     try:
         serve_forever(
             SimulatedProviderConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed),
-            "127.0.0.1",
+            host,
             port,
         )
     except OSError as exc:
-        raise NexusError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+        raise NexusError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 @run_app.command("decider")
@@ -232,7 +241,7 @@ def run_broker() -> None:
 def evidence_sql(
     query: Annotated[str, typer.Argument(help="A DuckDB SELECT over the evidence views.")],
     evidence_dir: EvidenceDir = Path("evidence"),
-    fmt: Format = "table",
+    fmt: Format = OutputFormat.table,
 ) -> None:
     """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
     attempts, outcomes, settlements, deadletters, terminal_states."""
@@ -249,7 +258,7 @@ def evidence_who_routed_what(
     since: Annotated[
         str | None, typer.Option(help="Only decisions at or after this date or time (ISO 8601, UTC).")
     ] = None,
-    fmt: Format = "table",
+    fmt: Format = OutputFormat.table,
 ) -> None:
     """Which model served whom: requests, verdicts, tiers, deployments, policy versions and cost."""
     from nexuscore.projections import EvidenceStore
@@ -359,15 +368,13 @@ def _print(table: pa.Table, fmt: str, title: str | None = None) -> None:
         writer = csv.DictWriter(sys.stdout, fieldnames=table.column_names)
         writer.writeheader()
         writer.writerows(rows)
-    elif fmt == "table":
+    else:
         out = Table(title=title)
         for name in table.column_names:
             out.add_column(name, overflow="fold")
         for row in rows:
             out.add_row(*("" if v is None else str(v) for v in row.values()))
         console.print(out)
-    else:
-        raise NexusError(f"--format {fmt!r}: expected table, csv or json")
 
 
 def _stop_on_signals(event: asyncio.Event) -> None:

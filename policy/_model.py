@@ -157,8 +157,11 @@ class RoutingPolicy(_Frozen):
 
     @cached_property
     def canonical_bytes(self) -> bytes:
-        """Sorted-key compact JSON of the validated policy: equal policies give equal bytes."""
-        data = self.model_dump(mode="json")
+        """Sorted-key compact JSON of the validated policy: equal policies give equal bytes.
+
+        Amounts are written in their shortest exact form, so ``40`` and ``40.0`` hash alike.
+        """
+        data = _canonical(self.model_dump(mode="python"))
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @cached_property
@@ -180,6 +183,17 @@ class RoutingPolicy(_Frozen):
     @cached_property
     def max_context_tokens(self) -> int:
         return max(d.context_tokens for d in self.deployments)
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, Decimal):
+        text = format(value.normalize(), "f")
+        return "0" if text in ("-0", "0") else text
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
 
 
 def cost_micros(

@@ -19,12 +19,13 @@ from pathlib import Path
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
-from nexuscore.errors import DecodeError
+from nexuscore.errors import DecodeError, EvidenceError
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
-from nexuscore.schemas import AvroCodec
-from nexuscore.streams import Topics, new_consumer, start_client
+from nexuscore.schemas import AvroCodec, InferenceRequested
+from nexuscore.streams import Topics, decode_tenant_event, new_consumer, start_client
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Projector:
         *,
         topics: Topics = Topics(),
         flush_interval_s: float = 1.0,
-        flush_rows: int = 50_000,
+        flush_rows: int = 10_000,
     ) -> None:
         self.bootstrap = bootstrap
         self.evidence_dir = evidence_dir
@@ -72,9 +73,9 @@ class Projector:
         batch.count += 1
         try:
             if record.topic == self.topics.requests:
-                # External input: validate it exactly as the decider does, so that what it
+                # External input: checked exactly as the decider checks it, so that what it
                 # dead-letters never enters the requests table.
-                event = self.codec.decode(record.value)
+                event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
                 cls, data = type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes))
             else:
                 # Our own stages wrote these with the same codec: the Avro schema is check enough.
@@ -91,17 +92,24 @@ class Projector:
         self.events += 1
 
     def flush(self, batches: dict[TopicPartition, _Batch]) -> None:
+        directories = set()
         for tp, batch in batches.items():
             for table, rows in batch.rows.items():
                 name = f"{tp.topic}-p{tp.partition}-{batch.first:012d}-{batch.last:012d}.parquet"
-                write_table(
-                    self.evidence_dir / table, name, pa.Table.from_pylist(rows, schema=SCHEMAS[table])
-                )
+                directory = self.evidence_dir / table
+                data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+                write_table(directory, name, data, sync_dir=False)
+                directories.add(directory)
                 self.files += 1
+        for directory in directories:  # once per flush, not once per file
+            sync_directory(directory)
 
     async def run(self) -> None:
-        for table in TABLES:
-            (self.evidence_dir / table).mkdir(parents=True, exist_ok=True)
+        try:
+            for table in TABLES:
+                (self.evidence_dir / table).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvidenceError(f"cannot write evidence under {self.evidence_dir}: {exc.strerror}") from exc
         consumer = new_consumer(
             self.bootstrap,
             self.topics.all,
@@ -114,7 +122,7 @@ class Projector:
         last_flush = time.monotonic()
         try:
             while not self.stopping.is_set():
-                fetched = await consumer.getmany(timeout_ms=100, max_records=10_000)
+                fetched = await consumer.getmany(timeout_ms=100, max_records=2_000)
                 for records in fetched.values():
                     for record in records:
                         self.add(batches, record)
@@ -124,20 +132,45 @@ class Projector:
                     # Parquet encoding is CPU work: keep the event loop (and the consumer's
                     # heartbeats) responsive while it runs.
                     await asyncio.to_thread(self.flush, batches)
-                    await consumer.commit({tp: b.last + 1 for tp, b in batches.items()})
+                    await _commit(consumer, batches)
                     batches, pending, last_flush = {}, 0, time.monotonic()
                 elif not batches:
                     last_flush = time.monotonic()
         finally:
             if batches:
                 await asyncio.to_thread(self.flush, batches)
-                await consumer.commit({tp: b.last + 1 for tp, b in batches.items()})
+                await _commit(consumer, batches)
             await consumer.stop()
 
 
-def write_table(directory: Path, name: str, table: pa.Table) -> None:
-    """Write a Parquet file atomically: readers never see half a file."""
+async def _commit(consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
+    """Commit what was flushed, for the partitions this projector still owns."""
+    assigned = consumer.assignment()
+    offsets = {tp: b.last + 1 for tp, b in batches.items() if tp in assigned}
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as exc:
+        # The partitions' new owner re-projects from the last commit: the same files again, and
+        # any duplicate row is dropped by the views.
+        log.warning("offset commit failed (%s); these events will be projected again", exc)
+
+
+def write_table(directory: Path, name: str, table: pa.Table, *, sync_dir: bool = True) -> None:
+    """Write a Parquet file atomically and durably: readers never see half a file."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tmp"
     pq.write_table(table, tmp, compression="zstd")
+    # Durable before the offsets that cover it are committed: the file, then its name.
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, directory / name)
+    if sync_dir:
+        sync_directory(directory)
+
+
+def sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

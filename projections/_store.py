@@ -12,8 +12,9 @@ import pyarrow as pa
 from nexuscore.errors import EvidenceError
 from nexuscore.projections._tables import SCHEMAS
 
-# Reasons are keyed by (decision, position); every other table by its event id.
-_DEDUP_KEY = {"decision_reasons": "event_id, seq"}
+# Reasons are keyed by (decision, position); a request by its request id (a client may retry it
+# under a new event id); every other table by its event id.
+_DEDUP_KEY = {"decision_reasons": "event_id, seq", "requests": "request_id"}
 
 TERMINAL_STATES_SQL = """
 CREATE OR REPLACE VIEW terminal_states AS
@@ -53,7 +54,8 @@ class EvidenceStore:
             if files:
                 key = _DEDUP_KEY.get(table, "event_id")
                 source = f"read_parquet({_sql_list([str(f) for f in files])})"
-                self.con.execute(
+                self._create_view(
+                    table,
                     f"CREATE VIEW {table} AS SELECT * EXCLUDE (_rn) FROM ("  # noqa: S608  # names are ours
                     f"SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY src_offset) AS _rn FROM {source}"
                     ") WHERE _rn = 1"
@@ -62,6 +64,14 @@ class EvidenceStore:
                 self.con.register(f"_empty_{table}", schema.empty_table())
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
         self.con.execute(TERMINAL_STATES_SQL)
+
+    def _create_view(self, table: str, sql: str) -> None:
+        try:
+            self.con.execute(sql)
+        except duckdb.Error as exc:
+            self.con.close()
+            first = str(exc).splitlines()[0]
+            raise EvidenceError(f"cannot read the {table} table under {self.root}: {first}") from exc
 
     def close(self) -> None:
         self.con.close()

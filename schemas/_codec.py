@@ -82,8 +82,23 @@ class AvroCodec:
         fastavro.schemaless_writer(out, writer.parsed, msgspec.to_builtins(event, builtin_types=_NATIVE))
         return out.getvalue()
 
-    def decode(self, data: bytes, expected: tuple[type[Event], ...] | None = None) -> Event:
-        """Decode one message, or raise DecodeError with a reason a person can act on."""
+    def decode(self, data: bytes | None, expected: tuple[type[Event], ...] | None = None) -> Event:
+        """Decode and validate one message, or raise DecodeError with a reason a person can act on."""
+        cls, record = self.decode_record(data, expected)
+        try:
+            return msgspec.convert(record, cls)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"invalid {avro_name(cls)}: {exc}") from exc
+
+    def decode_record(
+        self, data: bytes | None, expected: tuple[type[Event], ...] | None = None
+    ) -> tuple[type[Event], dict[str, Any]]:
+        """Decode to the Avro record without building (and validating) the Struct.
+
+        For messages our own stages wrote with this codec, where the schema is check enough.
+        """
+        if data is None:
+            raise DecodeError("message has no value (a tombstone)")
         if len(data) < 10 or data[:2] != MAGIC:
             raise DecodeError("not Avro single-object encoding (no C3 01 marker)")
         writer = self._by_fingerprint.get(data[2:10])
@@ -94,28 +109,15 @@ class AvroCodec:
             raise DecodeError(
                 f"event {avro_name(writer.cls)} does not belong on this topic (expects {names})"
             )
+        body = io.BytesIO(data[10:])
         try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer.parsed, None)
+            record = fastavro.schemaless_reader(body, writer.parsed, None)
         except Exception as exc:  # fastavro raises bare EOFError/ValueError/UnicodeDecodeError...
             raise DecodeError(
                 f"body does not match {avro_name(writer.cls)}: {type(exc).__name__}: {exc}"
             ) from exc
-        try:
-            return msgspec.convert(record, writer.cls)
-        except msgspec.ValidationError as exc:
-            raise DecodeError(f"invalid {avro_name(writer.cls)}: {exc}") from exc
-
-    def decode_record(self, data: bytes) -> tuple[type[Event], dict[str, Any]]:
-        """Decode to the raw Avro record without building the Struct (for bulk projection)."""
-        if len(data) < 10 or data[:2] != MAGIC:
-            raise DecodeError("not Avro single-object encoding (no C3 01 marker)")
-        writer = self._by_fingerprint.get(data[2:10])
-        if writer is None:
-            raise DecodeError(f"unknown schema fingerprint {data[2:10].hex()}")
-        try:
-            record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer.parsed, None)
-        except Exception as exc:  # see decode()
-            raise DecodeError(f"body does not match {avro_name(writer.cls)}: {exc}") from exc
+        if body.tell() != len(data) - 10:
+            raise DecodeError(f"{len(data) - 10 - body.tell()} bytes after the {avro_name(writer.cls)} body")
         assert isinstance(record, dict)
         return writer.cls, record
 

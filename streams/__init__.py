@@ -2,6 +2,7 @@
 
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._decider import Sink, build_decider
+from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._kafka import new_consumer, new_producer, start_client
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics, ensure_topics
 from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapters
@@ -15,6 +16,7 @@ __all__ = [
     "Worker",
     "build_decider",
     "dead_letter",
+    "decode_tenant_event",
     "default_adapters",
     "ensure_topics",
     "new_consumer",

@@ -13,7 +13,7 @@ def dead_letter(
     partition: int,
     offset: int,
     key: bytes | None,
-    value: bytes,
+    value: bytes | None,
     reason: str,
     producer: str,
     now: datetime,
@@ -36,5 +36,5 @@ def dead_letter(
         source_offset=offset,
         reason=reason,
         raw_key=key,
-        raw_value=value,
+        raw_value=value or b"",  # a tombstone: the reason says so
     )

@@ -8,6 +8,8 @@ log order and its budget Table entry is never raced.
 from __future__ import annotations
 
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any, Protocol
 
 import faust
@@ -19,6 +21,7 @@ from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
+from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
 
 PRODUCER = "nexuscore.decider"
@@ -69,6 +72,8 @@ def build_decider(
         stream_wait_empty=False,
         key_serializer="raw",
         value_serializer="raw",
+        # faust keeps a data folder even with the memory store; keep it out of the working directory.
+        datadir=str(Path(tempfile.gettempdir()) / "nexuscore-faust"),
     )
     # Bytes in, bytes out: decoding is ours (Avro), and faust's model layer would only add cost.
     raw: dict[str, Any] = {
@@ -96,36 +101,40 @@ def build_decider(
     send = sink.send if sink is not None else send_to_topic
     codec = AvroCodec()
 
-    async def process(topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
+    async def process(
+        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
         try:
-            event = codec.decode(value, expected.get(topic, _ANY_INPUT))
-            if key != event.tenant_id.encode():
-                # Budget state is correct only if every tenant's events share one partition.
-                raise DecodeError(f"message key {key!r} is not the tenant id {event.tenant_id!r}")
+            event = decode_tenant_event(codec, key, value, expected.get(topic, _ANY_INPUT))
         except DecodeError as exc:
             dl = dead_letter(topic, partition, offset, key, value, str(exc), PRODUCER, clock.now())
             await send(topics.deadletter, topic.encode(), codec.encode(dl))
             return
-        state = decode_state(budgets.get(key))
-        request_key = event.request_id.encode()
+        tenant, now = event.tenant_id.encode(), clock.now()
+        state = decode_state(budgets.get(tenant))
+        # Request ids come from clients: scope them by tenant.
+        request_key = tenant + b"\x1f" + event.request_id.encode()
         held = decode_reservation(reservations.get(request_key))
         if isinstance(event, InferenceRequested):
-            new_state, reservation, out = on_request(state, event, policy, PRODUCER, clock.now(), held)
-            if reservation is not None and held is None:
-                reservations[request_key] = encode_state(reservation)
+            new_state, reservation, out = on_request(state, event, policy, PRODUCER, now, held)
         else:
             assert isinstance(event, OutcomeRecorded)
-            new_state, out = on_outcome(state, held, event, PRODUCER, clock.now())
-            if held is not None:
-                del reservations[request_key]
+            new_state, out = on_outcome(state, held, event, PRODUCER, now)
+            reservation = None
         # The decision goes out before the dispatch that acts on it (same producer, in order).
         for e in out:
             if isinstance(e, DispatchRequested):
                 await send(topics.dispatch, e.request_id.encode(), codec.encode(e))
             else:
-                await send(topics.decisions, key, codec.encode(e))
+                await send(topics.decisions, tenant, codec.encode(e))
+        # The two tables are not updated atomically (faust has no cross-table transaction): a crash
+        # between the writes can leave one reservation counted in one and not the other.
+        if reservation is not None and held is None:
+            reservations[request_key] = encode_state(reservation)
+        elif reservation is None and held is not None:
+            del reservations[request_key]
         if new_state is not state:
-            budgets[key] = encode_state(new_state)
+            budgets[tenant] = encode_state(new_state)
 
     @app.agent(inputs)
     async def decide(stream: Any) -> None:

@@ -172,6 +172,14 @@ class _Offsets:
     def finished(self, tp: TopicPartition, offset: int) -> None:
         self.pending[tp].discard(offset)
 
+    def keep_only(self, assigned: set[TopicPartition]) -> None:
+        """Forget partitions a rebalance took away: their new owner resumes from the last commit,
+        and committing them from here would fail for ever."""
+        for tp in set(self.next_offset) - assigned:
+            del self.next_offset[tp]
+            self.pending.pop(tp, None)
+            self.committed.pop(tp, None)
+
     def committable(self) -> dict[TopicPartition, int]:
         offsets = {tp: min(self.pending[tp], default=nxt) for tp, nxt in self.next_offset.items()}
         return {tp: o for tp, o in offsets.items() if self.committed.get(tp) != o}
@@ -243,6 +251,7 @@ class Worker:
             await producer.stop()
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: _Offsets) -> None:
+        offsets.keep_only(consumer.assignment())
         todo = offsets.committable()
         if not todo:
             return
@@ -261,7 +270,7 @@ class Worker:
         try:
             for future in await self._handle(record, producer):
                 await future
-            offsets.finished(tp, record.offset)
+            offsets.finished(tp, record.offset)  # a no-op if the partition was revoked meanwhile
             self.processed += 1
         except Exception:
             # Left pending: the offset is never committed past it, and the worker must be restarted

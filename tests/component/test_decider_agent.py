@@ -69,7 +69,7 @@ async def test_a_request_yields_its_decision_then_its_dispatch_and_reserves_budg
     assert dispatch.causation_id == decided.event_id and dispatch.region in decided.residency.allowed_regions
     state = decode_state(app.tables["budgets"][b"acme-bank"])
     assert state.window(T0.date().isoformat()).tenant_reserved == decided.budget.estimated_cost_micros
-    held = decode_reservation(app.tables["reservations"][req.request_id.encode()])
+    held = decode_reservation(app.tables["reservations"][b"acme-bank\x1f" + req.request_id.encode()])
     assert held is not None and held.amount == decided.budget.estimated_cost_micros
 
 
@@ -92,7 +92,7 @@ async def test_an_outcome_settles_the_reservation(harness: Any) -> None:
     state = decode_state(app.tables["budgets"][b"acme-bank"])
     window = state.window(T0.date().isoformat())
     assert (window.tenant_settled, window.tenant_reserved) == (7, 0)
-    assert req.request_id.encode() not in app.tables["reservations"]
+    assert b"acme-bank\x1f" + req.request_id.encode() not in app.tables["reservations"]
 
 
 @pytest.mark.asyncio
@@ -108,6 +108,7 @@ async def test_unknown_tenants_are_rejected_not_dropped(harness: Any) -> None:
     ("key", "value", "reason"),
     [
         (b"acme-bank", b"garbage", "not Avro single-object encoding"),
+        (b"acme-bank", None, "no value (a tombstone)"),
         (b"globex-insurance", CODEC.encode(request()), "is not the tenant id"),
     ],
 )
@@ -121,5 +122,5 @@ async def test_bad_input_goes_to_the_dead_letters_and_the_agent_keeps_going(
     assert len(dead) == 1
     topic, dkey, letter = dead[0]
     assert topic == TOPICS.deadletter and reason in letter.reason
-    assert letter.raw_value == value and letter.raw_key == key
+    assert letter.raw_value == (value or b"") and letter.raw_key == key
     assert any(isinstance(s[2], RequestDecided) and s[2].request_id == "after" for s in sink.sent)

@@ -8,7 +8,7 @@ from tests.factories import POLICY, T0, request, with_budgets
 
 
 def decided(**overrides: object) -> Decision:
-    result = decide(request(**overrides), POLICY, EMPTY_STATE)
+    result = decide(request(**overrides), POLICY, EMPTY_STATE, T0)
     assert isinstance(result, Decision), result
     return result
 
@@ -88,24 +88,24 @@ def test_critical_risk_is_escalated_to_a_person() -> None:
 
 
 def test_admission_rejects_unknown_tenants_and_features_and_oversized_context() -> None:
-    assert decide(request(tenant_id="nobody"), POLICY, EMPTY_STATE) == Rejection(
+    assert decide(request(tenant_id="nobody"), POLICY, EMPTY_STATE, T0) == Rejection(
         code="unknown_tenant", reason=f"tenant 'nobody' is not in policy {POLICY.version}"
     )
-    r = decide(request(feature="claims-triage"), POLICY, EMPTY_STATE)
+    r = decide(request(feature="claims-triage"), POLICY, EMPTY_STATE, T0)
     assert isinstance(r, Rejection) and r.code == "unknown_feature"
-    r = decide(request(prompt="x" * 4 * 250_000), POLICY, EMPTY_STATE)
+    r = decide(request(prompt="x" * 4 * 250_000), POLICY, EMPTY_STATE, T0)
     assert isinstance(r, Rejection) and r.code == "input_too_large"
     roomy = POLICY.model_copy(update={"max_input_tokens": 1_000_000})
-    r = decide(request(prompt="x" * 4 * 190_000, max_output_tokens=32_000), roomy, EMPTY_STATE)
+    r = decide(request(prompt="x" * 4 * 190_000, max_output_tokens=32_000), roomy, EMPTY_STATE, T0)
     assert isinstance(r, Rejection) and r.code == "context_too_large"
 
 
 def test_budget_denies_when_the_feature_budget_is_spent() -> None:
     policy = with_budgets(POLICY, "100", "0.0001")  # 100 micro-USD a day per feature
-    first = decide(request(), policy, EMPTY_STATE)
+    first = decide(request(), policy, EMPTY_STATE, T0)
     assert isinstance(first, Decision) and first.verdict == "dispatch"
     state = reserve(EMPTY_STATE, Reservation(day=first.day, feature="support-chat", amount=90))
-    second = decide(request(request_id="req-2"), policy, state)
+    second = decide(request(request_id="req-2"), policy, state, T0)
     assert isinstance(second, Decision)
     assert second.verdict == "denied"
     assert second.budget.action == "denied"
@@ -120,7 +120,7 @@ def test_budget_downgrades_to_a_cheaper_tier_when_no_rule_forbids_it() -> None:
     assert unconstrained.routing.preferred_tier == "mid"
     mid_cost = unconstrained.budget.estimated_cost_micros
     policy = with_budgets(POLICY, "100", str(round((mid_cost - 1) / 1e6, 6)))
-    d = decide(request(**req), policy, EMPTY_STATE)
+    d = decide(request(**req), policy, EMPTY_STATE, T0)
     assert isinstance(d, Decision)
     assert d.verdict == "dispatch"
     assert d.budget.action == "downgraded"
@@ -131,9 +131,12 @@ def test_budget_never_downgrades_below_a_rules_floor() -> None:
     req = {"feature": "credit-memo", "task_type": "credit_decision", "risk_class": "high", "complexity": 0.1}
     cost = decided(**req).budget.estimated_cost_micros
     policy = with_budgets(POLICY, "100", str(round((cost - 1) / 1e6, 6)))
-    d = decide(request(**req), policy, EMPTY_STATE)
-    assert isinstance(d, Decision) and d.verdict == "denied"
-    assert all(tier_rank(r_tier) >= tier_rank("mid") for r_tier in [d.routing.floor_tier])
+    d = decide(request(**req), policy, EMPTY_STATE, T0)
+    assert isinstance(d, Decision) and d.verdict == "denied" and d.budget.action == "denied"
+    tried = [r.subject for r in d.reasons if r.stage == "budget" and r.kind == "rejected_alternative"]
+    assert tried, "the budget stage must say what it tried"
+    # Only deployments at or above the rule's floor were ever considered.
+    assert all(tier_rank(POLICY.deployments_by_id[t].tier) >= tier_rank("mid") for t in tried)
 
 
 def test_decode_strategy_follows_the_latency_slo() -> None:
@@ -156,4 +159,16 @@ def test_decode_strategy_follows_the_latency_slo() -> None:
 
 def test_deciding_is_deterministic() -> None:
     r = request(feature="credit-memo", task_type="credit_decision", risk_class="medium", occurred_at=T0)
-    assert decide(r, POLICY, EMPTY_STATE) == decide(r, POLICY, EMPTY_STATE)
+    assert decide(r, POLICY, EMPTY_STATE, T0) == decide(r, POLICY, EMPTY_STATE, T0)
+
+
+def test_the_budget_window_is_the_deciders_day_not_the_callers_timestamp() -> None:
+    policy = with_budgets(POLICY, "100", "0.0001")
+    spent_today = reserve(
+        EMPTY_STATE, Reservation(day=T0.date().isoformat(), feature="support-chat", amount=90)
+    )
+    future = request(occurred_at=T0.replace(year=2030))
+    d = decide(future, policy, spent_today, T0)
+    assert isinstance(d, Decision)
+    # Dating a request in the future does not open a fresh budget.
+    assert d.day == T0.date().isoformat() and d.verdict == "denied"

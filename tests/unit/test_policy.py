@@ -34,6 +34,14 @@ def test_the_digest_depends_on_content_not_on_formatting(tmp_path: Path) -> None
     assert parse_policy(yaml.safe_dump(data)).digest != default_policy().digest
 
 
+def test_the_digest_does_not_depend_on_how_an_amount_is_written() -> None:
+    text = DEFAULT_POLICY_PATH.read_text()
+    assert "daily_budget_usd: 40\n" in text
+    assert parse_policy(text.replace("daily_budget_usd: 40\n", "daily_budget_usd: 40.000\n")).digest == (
+        default_policy().digest
+    )
+
+
 def test_errors_name_the_file_the_field_and_the_problem(tmp_path: Path) -> None:
     data = default_data()
     deployments = data["deployments"]

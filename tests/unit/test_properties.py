@@ -46,7 +46,7 @@ requests = st.builds(
 def test_no_request_is_ever_assigned_a_deployment_outside_its_allowed_regions(
     req: InferenceRequested,
 ) -> None:
-    result = decide(req, POLICY, EMPTY_STATE)
+    result = decide(req, POLICY, EMPTY_STATE, T0)
     if not isinstance(result, Decision):
         return
     tenant = POLICY.tenants_by_id[req.tenant_id]
@@ -67,7 +67,7 @@ def test_no_request_is_ever_assigned_a_deployment_outside_its_allowed_regions(
 @settings(max_examples=400, deadline=None)
 @given(requests)
 def test_frontier_is_never_chosen_unless_a_rule_demands_it(req: InferenceRequested) -> None:
-    result = decide(req, POLICY, EMPTY_STATE)
+    result = decide(req, POLICY, EMPTY_STATE, T0)
     if isinstance(result, Decision) and result.routing.tier == "frontier":
         assert result.routing.floor_tier == "frontier"
 
@@ -89,7 +89,7 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
 
     assert isinstance(rng, random.Random)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
-    held: dict[str, Reservation] = {}
+    held: dict[tuple[str, str], Reservation] = {}
     in_flight: list[DispatchRequested] = []
     max_estimate = 0
     pending = list(reqs)
@@ -98,11 +98,12 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
         step += 1
         if pending and (not in_flight or rng.random() < 0.6):
             req = pending.pop(0)
+            key = (req.tenant_id, req.request_id)
             states[req.tenant_id], reservation, events = on_request(
-                states[req.tenant_id], req, TIGHT, "t", T0
+                states[req.tenant_id], req, TIGHT, "t", T0, held.get(key)
             )
             if reservation is not None:
-                held[req.request_id] = reservation
+                held[key] = reservation
             for e in events:
                 if isinstance(e, DispatchRequested):
                     in_flight.append(e)
@@ -119,10 +120,12 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
                 cost_micros=actual, latency_ms=1.0, response="", finish_reason="stop",
             )  # fmt: skip
             states[d.tenant_id], _ = on_outcome(
-                states[d.tenant_id], held.pop(d.request_id, None), outcome, "t", T0
+                states[d.tenant_id], held.pop((d.tenant_id, d.request_id), None), outcome, "t", T0
             )
             # A duplicate outcome finds no reservation and must not be billed twice.
-            again, events = on_outcome(states[d.tenant_id], held.get(d.request_id), outcome, "t", T0)
+            again, events = on_outcome(
+                states[d.tenant_id], held.get((d.tenant_id, d.request_id)), outcome, "t", T0
+            )
             assert again == states[d.tenant_id] and events == []
     for tenant_id, state in states.items():
         tenant = TIGHT.tenants_by_id[tenant_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -17,13 +17,13 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, parse_policy
 from nexuscore.projections import SCHEMAS, EvidenceStore, write_table
 from nexuscore.projections._tables import ROW_BUILDERS
 from nexuscore.replay import replay
-from nexuscore.schemas import DispatchRequested, Event, OutcomeRecorded
+from nexuscore.schemas import DispatchRequested, Event, OutcomeRecorded, RequestDecided
 from tests.factories import POLICY, with_budgets
 
 T0 = datetime(2026, 11, 25, 8, tzinfo=UTC)
 
 
-def run_history(policy: RoutingPolicy, n: int, seed: int) -> list[Event]:
+def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) -> list[Event]:
     """What the decision agent and the workers would have recorded, outcomes arriving out of order."""
     rng = random.Random(seed)
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
@@ -49,7 +49,7 @@ def run_history(policy: RoutingPolicy, n: int, seed: int) -> list[Event]:
         )
         events.extend(settled)
 
-    for req in synthetic_requests(policy, n, seed=seed, start=T0, run="replay-test"):
+    for req in synthetic_requests(policy, n, seed=seed, start=start, run="replay-test"):
         states[req.tenant_id], reservation, out = on_request(
             states[req.tenant_id], req, policy, "decider", req.occurred_at
         )
@@ -123,10 +123,13 @@ def test_replay_of_one_tenant_only_reads_that_tenant(tmp_path: Path) -> None:
     assert report.requests == expected > 0 and report.changed == 0
 
 
-def test_history_spans_midnight_without_changing_decisions(tmp_path: Path) -> None:
-    late = T0.replace(hour=23, minute=59, second=59)
-    reqs = synthetic_requests(POLICY, 50, seed=1, start=late, run="midnight")
-    assert reqs[-1].occurred_at - reqs[0].occurred_at < timedelta(seconds=1)
-    write_evidence(run_history(POLICY, 50, seed=1), tmp_path)
+def test_history_across_midnight_replays_exactly(tmp_path: Path) -> None:
+    late = T0.replace(hour=23, minute=59, second=59, microsecond=980_000)
+    policy = with_budgets(POLICY, "0.01", "0.004")
+    events = run_history(policy, 60, seed=1, start=late)
+    days = {e.budget.window for e in events if isinstance(e, RequestDecided)}
+    assert days == {"2026-11-25", "2026-11-26"}  # the decisions fall on both days
+    write_evidence(events, tmp_path)
     with EvidenceStore(tmp_path) as store:
-        assert replay(store, POLICY).changed == 0
+        report = replay(store, policy)
+    assert report.requests == 60 and report.changed == 0 and report.context_differences == 0

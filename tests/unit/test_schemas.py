@@ -122,6 +122,13 @@ def test_truncated_and_out_of_range_messages_are_refused() -> None:
         CODEC.decode(bad_class)
 
 
+def test_tombstones_and_trailing_bytes_are_refused() -> None:
+    with pytest.raises(DecodeError, match="no value"):
+        CODEC.decode(None)
+    with pytest.raises(DecodeError, match="3 bytes after the inference_requested_v1 body"):
+        CODEC.decode(CODEC.encode(request()) + b"xyz")
+
+
 def test_an_event_on_the_wrong_topic_is_refused() -> None:
     rejected = RequestRejected(
         event_id="x", request_id="r", tenant_id="t", occurred_at=T0, producer="p", reason_code="c", reason="r"

@@ -1,0 +1,18 @@
+"""The one check every reader of a tenant-keyed input topic applies, so that the decider and the
+projector always agree on what is bad input."""
+
+from __future__ import annotations
+
+from nexuscore.errors import DecodeError
+from nexuscore.schemas import AvroCodec, Event
+
+
+def decode_tenant_event(
+    codec: AvroCodec, key: bytes | None, value: bytes | None, expected: tuple[type[Event], ...]
+) -> Event:
+    """Decode and validate a message of a tenant-keyed topic, or raise DecodeError."""
+    event = codec.decode(value, expected)
+    if key != event.tenant_id.encode():
+        # Budget state is correct only if all of a tenant's events share one partition.
+        raise DecodeError(f"message key {key!r} is not the tenant id {event.tenant_id!r}")
+    return event
