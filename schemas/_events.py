@@ -256,14 +256,6 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     DeadLettered,
 )
 
-NESTED_TYPES: tuple[type[msgspec.Struct], ...] = (
-    Reason,
-    ResidencyDecision,
-    RoutingDecision,
-    BudgetDecision,
-    DecodeDecision,
-)
-
 
 def wire_name(cls: type[msgspec.Struct]) -> str:
     """The explicit, versioned wire name of an event or record type."""
