@@ -68,6 +68,10 @@ def build_decider(
         # Decisions are small and latency matters: send at once rather than wait to fill a batch.
         producer_linger=0.0,
         broker_commit_every=1000,
+        # A decider that died without leaving its group holds its partitions until the session
+        # times out: keep that short so a replacement takes over in seconds, not a minute.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
         broker_commit_interval=0.5,
         stream_wait_empty=False,
         key_serializer="raw",

@@ -1,0 +1,65 @@
+"""The decider killed with SIGKILL in the middle of the traffic and started again: nothing lost,
+nothing twice. Its budget Table is recovered from the changelog topic by the new process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from nexuscore._demo import _publish_all, wait_for_evidence
+from nexuscore._services import Services
+from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
+from nexuscore.projections import EvidenceStore
+from nexuscore.streams import Topics, ensure_topics
+
+pytestmark = pytest.mark.integration
+REQUESTS = 400
+
+
+def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path: Path) -> None:
+    topics = Topics(f"crash-{uuid.uuid4().hex[:8]}.")
+    evidence = tmp_path / "evidence"
+    asyncio.run(ensure_topics(bootstrap, topics))
+    common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
+    with Services(evidence / "_logs") as services:
+        provider = services.start("provider", "run", "provider", "--port", "0")
+        url = provider.wait_for_line("simulated provider listening on", 30)
+        decider = services.start("decider", "run", "decider", *common, "--policy", str(DEFAULT_POLICY_PATH))
+        services.start("worker", "run", "worker", *common, "--simulated-url", url)
+        services.start("projector", "run", "projector", *common, "--evidence-dir", str(evidence))
+        half = REQUESTS // 2
+        asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "a"))
+        # Kill it once some of the first half is decided; the second half arrives while it is dead.
+        deadline = time.monotonic() + 120
+        decided = 0
+        while time.monotonic() < deadline:
+            if (evidence / "decisions").is_dir():
+                with EvidenceStore(evidence) as store:
+                    decided = store.terminal_summary()["terminal"]
+            if decided >= 20:
+                break
+            time.sleep(0.2)
+        assert decided > 0, "the decider decided nothing"
+        decider.proc.send_signal(signal.SIGKILL)
+        decider.proc.wait(10)
+        decider.stop()  # already dead: closes its log
+        services.started.remove(decider)
+        asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "b"))
+        services.start("decider-restarted", "run", "decider", *common, "--policy", str(DEFAULT_POLICY_PATH))
+        summary = wait_for_evidence(evidence, REQUESTS, services, 240, Console(quiet=True))
+    assert summary["requests"] == REQUESTS
+    assert summary["terminal"] == REQUESTS
+    assert summary["multiple_terminal"] == 0
+    policy = default_policy()
+    with EvidenceStore(evidence) as store:
+        spend = store.query(
+            "SELECT tenant_id, max(tenant_spent_micros) AS spent FROM settlements GROUP BY ALL"
+        ).to_pylist()
+    for row in spend:
+        assert row["spent"] <= policy.tenants_by_id[row["tenant_id"]].daily_budget_usd * 1_000_000
