@@ -22,13 +22,15 @@ pytestmark = pytest.mark.integration
 REQUESTS = 400
 
 
-# Found by this test: in about one run in four (seen in a fresh-clone CI run; three local runs passed)
-# the restarted decider skipped a block of consecutive requests (9 per partition, never decided),
-# which matches faust-streaming's known rebalance bugs (faust-streaming/faust#216 and #221: events
-# prefetched across a rebalance skip offsets). It is kept as a reproducer, not counted as coverage,
-# until the decider stops depending on faust's offset handling across rebalances.
+# Found by this test, cause not yet established: it passed 3 runs out of 3 against a long-running
+# broker, and failed in both fresh-clone CI runs. First failure: the restarted decider never decided
+# 9 consecutive requests in each of 3 partitions, mid-traffic, which matches faust-streaming's known
+# offset skipping across a rebalance (faust-streaming/faust#216, #221). Second failure: the last 44
+# requests of one partition were never decided, although that partition's malformed messages after
+# them were dead-lettered. Kept as a reproducer, not counted as coverage.
 @pytest.mark.xfail(
-    strict=False, reason="faust may skip offsets across the rebalance after a SIGKILL (faust#216, #221)"
+    strict=False,
+    reason="a decider restarted after SIGKILL can leave requests undecided (cause under investigation)",
 )
 def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path: Path) -> None:
     topics = Topics(f"crash-{uuid.uuid4().hex[:8]}.")
