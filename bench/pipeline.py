@@ -57,7 +57,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from nexuscore._broker import REPO_ROOT, kafka_broker, kafka_libs_dir
-from nexuscore._services import Service, Services
+from nexuscore._services import Service, Services, peak_rss_mb
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import derive_id
 from nexuscore.errors import NexusError
@@ -120,17 +120,6 @@ def cpu_seconds(pid: int) -> float | None:
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """Peak resident memory (VmHWM) of a live process, in MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def _kafka_properties(pid: int) -> dict[str, str] | None:

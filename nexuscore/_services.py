@@ -61,13 +61,18 @@ class Service:
 
     def peak_rss_mb(self) -> float | None:
         """Peak resident memory (VmHWM) while the process lives."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
+        return peak_rss_mb(self.proc.pid)
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory (VmHWM) of a live process, in MiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
         return None
+    return None
 
 
 class Services:
