@@ -23,11 +23,11 @@ REQUESTS = 400
 
 
 # Found by this test, cause not yet established: it passed 3 runs out of 3 against a long-running
-# broker, and failed in all three fresh-clone CI runs (27, 44 and 1 requests undecided). First failure: the restarted decider never decided
-# 9 consecutive requests in each of 3 partitions, mid-traffic, which matches faust-streaming's known
-# offset skipping across a rebalance (faust-streaming/faust#216, #221). Second failure: the last 44
-# requests of one partition were never decided, although that partition's malformed messages after
-# them were dead-lettered. Kept as a reproducer, not counted as coverage.
+# broker and failed in all three fresh-clone CI runs, leaving 27, 44 and 1 requests undecided. The
+# first failure (9 consecutive requests in each of 3 partitions, mid-traffic) matches faust-streaming's
+# known offset skipping across a rebalance (faust-streaming/faust#216, #221); in the second, the last
+# 44 requests of one partition were never decided although the malformed messages after them were
+# dead-lettered. Kept as a reproducer, not counted as coverage.
 @pytest.mark.xfail(
     strict=False,
     reason="a decider restarted after SIGKILL can leave requests undecided (cause under investigation)",
