@@ -64,8 +64,9 @@ _state_decoder = msgspec.msgpack.Decoder(BudgetState)
 _reservation_decoder = msgspec.msgpack.Decoder(Reservation)
 
 
-def encode_state(state: BudgetState | Reservation) -> bytes:
-    return _encoder.encode(state)
+def encode_record(record: BudgetState | Reservation) -> bytes:
+    """A budget state or a reservation, as its Table stores it (msgpack)."""
+    return _encoder.encode(record)
 
 
 def decode_state(data: bytes | None) -> BudgetState:

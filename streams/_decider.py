@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import faust
 
 from nexuscore._clock import Clock
-from nexuscore.core import decode_reservation, decode_state, encode_state, on_outcome, on_request
+from nexuscore.core import decode_reservation, decode_state, encode_record, on_outcome, on_request
 from nexuscore.errors import DecodeError
 from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
@@ -134,11 +134,11 @@ def build_decider(
         # The two tables are not updated atomically (faust has no cross-table transaction): a crash
         # between the writes can leave one reservation counted in one and not the other.
         if reservation is not None and held is None:
-            reservations[request_key] = encode_state(reservation)
+            reservations[request_key] = encode_record(reservation)
         elif reservation is None and held is not None:
             del reservations[request_key]
         if new_state is not state:
-            budgets[tenant] = encode_state(new_state)
+            budgets[tenant] = encode_record(new_state)
 
     @app.agent(inputs)
     async def decide(stream: Any) -> None:

@@ -7,7 +7,7 @@ from nexuscore.core import (
     Reservation,
     decode_reservation,
     decode_state,
-    encode_state,
+    encode_record,
     reserve,
     settle,
 )
@@ -59,7 +59,7 @@ def test_old_windows_are_pruned_but_days_with_open_reservations_are_kept() -> No
 def test_state_and_reservations_survive_their_table_encoding() -> None:
     r = Reservation(day=DAY, feature="chat", amount=500)
     s = reserve(EMPTY_STATE, r)
-    assert decode_state(encode_state(s)) == s
+    assert decode_state(encode_record(s)) == s
     assert decode_state(None) == EMPTY_STATE
-    assert decode_reservation(encode_state(r)) == r
+    assert decode_reservation(encode_record(r)) == r
     assert decode_reservation(None) is None
