@@ -77,6 +77,7 @@ def dispatch_event(
         estimated_cost_micros=decision.budget.estimated_cost_micros,
         idempotency_key=envelope["event_id"],
         requested_at=request.occurred_at,
+        data_subject=request.data_subject,
     )
 
 

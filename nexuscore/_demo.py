@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -14,10 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nexuscore._broker import kafka_broker
 from nexuscore._services import Services
+from nexuscore._signing import generate_keypair, load_public_key
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
 from nexuscore.errors import NexusError
 from nexuscore.policy import RoutingPolicy, load_policy
-from nexuscore.projections import TABLES, EvidenceStore
+from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec
 from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
 
@@ -26,7 +28,13 @@ class Pipeline:
     """The four stages as child processes: simulated provider, decider, worker, projector."""
 
     def __init__(
-        self, services: Services, bootstrap: str, topics: Topics, policy_path: Path, evidence_dir: Path
+        self,
+        services: Services,
+        bootstrap: str,
+        topics: Topics,
+        policy_path: Path,
+        evidence_dir: Path,
+        signing_key: Path,
     ) -> None:
         self.services = services
         # A few provider errors, so that retries show in the attempts table.
@@ -35,13 +43,48 @@ class Pipeline:
         common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
         services.start("decider", "run", "decider", *common, "--policy", str(policy_path))
         services.start("worker", "run", "worker", *common, "--simulated-url", url)
-        services.start("projector", "run", "projector", *common, "--evidence-dir", str(evidence_dir))
+        services.start(
+            "projector",
+            "run",
+            "projector",
+            *common,
+            "--evidence-dir",
+            str(evidence_dir),
+            "--signing-key",
+            str(signing_key),
+            "--policy",
+            str(policy_path),
+        )
+
+
+def demo_signing_key(evidence_dir: Path) -> tuple[Path, Path]:
+    """The configured evidence signing key, or a demo key pair made under the evidence folder.
+
+    A real deployment keeps the private key away from the evidence it signs (NEXUSCORE_EVIDENCE_SIGNING_KEY).
+    """
+    configured = os.environ.get("NEXUSCORE_EVIDENCE_SIGNING_KEY")
+    if configured:
+        private = Path(configured)
+        public = Path(os.environ.get("NEXUSCORE_EVIDENCE_PUBLIC_KEY", configured))
+        return private, public
+    private, public = (
+        evidence_dir / "_demo_keys" / "evidence-signing.pem",
+        evidence_dir / "_demo_keys" / "evidence-signing.pub",
+    )
+    generate_keypair(private, public)
+    return private, public
 
 
 def clear_evidence(evidence_dir: Path) -> None:
-    """Remove earlier evidence tables (only the folders NexusCore itself writes)."""
-    for table in TABLES:
-        shutil.rmtree(evidence_dir / table, ignore_errors=True)
+    """Remove an earlier demo's evidence (only what NexusCore itself writes there)."""
+    for region in evidence_dir.glob("region=*"):
+        shutil.rmtree(region, ignore_errors=True)
+    for name in ("manifest.jsonl", "manifest.head.json", "_keys", "_demo_keys"):
+        path = evidence_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 async def _publish_all(bootstrap: str, topics: Topics, policy: RoutingPolicy, n: int, run: str) -> int:
@@ -106,8 +149,9 @@ def run_demo(
         topics = Topics(namespace=f"demo-{run}.")
         asyncio.run(ensure_topics(bootstrap, topics))
         console.print(f"broker {bootstrap}; topics {topics.requests} …")
+        private, public = demo_signing_key(evidence_dir)
         with Services(evidence_dir / "_logs") as services:
-            Pipeline(services, bootstrap, topics, policy_path, evidence_dir)
+            Pipeline(services, bootstrap, topics, policy_path, evidence_dir, private)
             started = time.monotonic()
             malformed = asyncio.run(_publish_all(bootstrap, topics, policy, requests, run))
             console.print(f"published {requests} requests and {malformed} malformed messages")
@@ -126,4 +170,14 @@ def run_demo(
     )
     if summary["multiple_terminal"] or summary["deadletters"] < malformed:
         raise NexusError(f"evidence incomplete: {summary}")
+    known = {policy.digest}
+    report = verify(evidence_dir, load_public_key(public), known)
+    if not report.ok:
+        problems = "; ".join(f"{f.kind} {f.where}: {f.detail}" for f in report.findings if f.fatal)
+        raise NexusError(f"the evidence does not verify: {problems}")
+    console.print(
+        f"evidence verified: {report.rows} events in {report.files} sealed files, every offset of "
+        f"{report.partitions} partitions accounted for, manifest signed by key {report.head['key_id']} "
+        f"(check it yourself: nexuscore evidence verify -e {evidence_dir} --public-key {public})"
+    )
     return summary

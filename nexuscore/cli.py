@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import csv
 import enum
 import json
@@ -11,7 +13,7 @@ import signal
 import sys
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import pyarrow as pa
 import typer
@@ -20,6 +22,9 @@ from rich.table import Table
 
 from nexuscore.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
+
+if TYPE_CHECKING:
+    from nexuscore.projections import EvidenceStore, VerifyReport
 
 console = Console()
 err_console = Console(stderr=True)
@@ -36,7 +41,8 @@ run_app = typer.Typer(
     no_args_is_help=True,
 )
 evidence_app = typer.Typer(
-    help="Query the evidence store (Parquet tables through DuckDB views).", no_args_is_help=True
+    help="The evidence store: query it, report on it, verify it, prove what it holds, erase content.",
+    no_args_is_help=True,
 )
 policy_app = typer.Typer(help="Inspect and validate routing policy files.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
@@ -60,15 +66,53 @@ Namespace = Annotated[
     typer.Option("--namespace", help="Prefix of topic and group names (isolates pipelines on one broker)."),
 ]
 PolicyFile = Annotated[Path, typer.Option("--policy", "-p", help="RoutingPolicy YAML file.")]
+KeystoreDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--keystore",
+        help="Folder of the tenants' content keys (default: _keys inside the evidence folder).",
+        envvar="NEXUSCORE_KEYSTORE",
+    ),
+]
+SigningKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key",
+        help="Ed25519 private key (PEM) that signs the evidence manifest (`nexuscore evidence keygen`).",
+        envvar="NEXUSCORE_EVIDENCE_SIGNING_KEY",
+    ),
+]
+PublicKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--public-key",
+        help="The trusted Ed25519 public key (PEM) of the evidence signer; defaults to the one of "
+        "NEXUSCORE_EVIDENCE_SIGNING_KEY.",
+        envvar="NEXUSCORE_EVIDENCE_PUBLIC_KEY",
+    ),
+]
 
 
 class OutputFormat(enum.StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
+    parquet = "parquet"
 
 
-Format = Annotated[OutputFormat, typer.Option("--format", "-f", help="How to print the rows.")]
+Format = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="How to write the rows (parquet needs --output).")
+]
+Output = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write to this file instead of the terminal.")
+]
+Since = Annotated[
+    str | None, typer.Option(help="From this date or time on (ISO 8601; UTC unless it names a zone).")
+]
+Until = Annotated[
+    str | None, typer.Option(help="Before this date or time (ISO 8601; UTC unless it names a zone).")
+]
+Tenant = Annotated[str | None, typer.Option(help="Only this tenant.")]
 
 
 @app.command()
@@ -196,14 +240,43 @@ def run_worker(
 
 @run_app.command("projector")
 def run_projector(
-    bootstrap: Bootstrap, evidence_dir: EvidenceDir = Path("evidence"), namespace: Namespace = ""
+    bootstrap: Bootstrap,
+    signing_key: SigningKey = None,
+    evidence_dir: EvidenceDir = Path("evidence"),
+    policy: Annotated[
+        Path, typer.Option("--policy", "-p", help="Policy whose tenants' home regions place the evidence.")
+    ] = DEFAULT_POLICY_PATH,
+    keystore: KeystoreDir = None,
+    namespace: Namespace = "",
+    flush_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between flushes.")] = 1.0,
+    flush_rows: Annotated[int, typer.Option(min=1, help="Flush early after this many events.")] = 10_000,
 ) -> None:
-    """The evidence projector: every event on every topic into Parquet tables."""
-    from nexuscore.projections import Projector
+    """The evidence projector: every event on every topic into sealed Parquet tables.
+
+    Rows go under region=<tenant's home region>/<table>/; prompts and responses are encrypted with
+    the tenant's key; every flush is sealed in the manifest, whose head is signed with --signing-key.
+    Resumes from its own manifest after any crash: exactly once, from the log alone.
+    """
+    from nexuscore._clock import SystemClock
+    from nexuscore._signing import load_private_key
+    from nexuscore.projections import LocalKeyStore, Projector
     from nexuscore.streams import Topics
 
+    key = load_private_key(_required_key(signing_key))
+    regions = {t.id: t.home_region for t in load_policy(policy).tenants}
+
     async def main() -> None:
-        projector = Projector(bootstrap, evidence_dir, topics=Topics(namespace))
+        projector = Projector(
+            bootstrap,
+            evidence_dir,
+            key,
+            SystemClock(),
+            regions=regions,
+            keystore=LocalKeyStore(keystore or evidence_dir / "_keys"),
+            topics=Topics(namespace),
+            flush_interval_s=flush_interval,
+            flush_rows=flush_rows,
+        )
         _stop_on_signals(projector.stopping)
         print("projector ready", flush=True)
         await projector.run()
@@ -237,44 +310,332 @@ def run_broker() -> None:
 # --- evidence ------------------------------------------------------------------------------------
 
 
+def _store(evidence_dir: Path, keystore: Path | None) -> EvidenceStore:
+    from nexuscore.projections import EvidenceStore, LocalKeyStore
+
+    return EvidenceStore(evidence_dir, LocalKeyStore(keystore or evidence_dir / "_keys"))
+
+
 @evidence_app.command("sql")
 def evidence_sql(
     query: Annotated[str, typer.Argument(help="A DuckDB SELECT over the evidence views.")],
     evidence_dir: EvidenceDir = Path("evidence"),
     fmt: Format = OutputFormat.table,
+    output: Output = None,
 ) -> None:
     """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
-    attempts, outcomes, settlements, deadletters, terminal_states."""
-    from nexuscore.projections import EvidenceStore
-
-    with EvidenceStore(evidence_dir) as store:
-        _print(store.query(query), fmt)
+    attempts, outcomes, settlements, escalations, reviews, policy_events, deadletters, terminal_states."""
+    with _store(evidence_dir, None) as store:
+        _print(store.query(query), fmt, output=output)
 
 
 @evidence_app.command("who-routed-what")
 def evidence_who_routed_what(
     evidence_dir: EvidenceDir = Path("evidence"),
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Only decisions at or after this date or time (ISO 8601, UTC).")
+    tenant: Tenant = None,
+    feature: Annotated[str | None, typer.Option(help="Only this feature.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model or deployment id.")] = None,
+    tier: Annotated[str | None, typer.Option(help="Only this tier (small, mid, frontier).")] = None,
+    policy_version: Annotated[str | None, typer.Option(help="Only decisions of this policy version.")] = None,
+    since: Since = None,
+    until: Until = None,
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Which model served whom: requests by tenant, feature, verdict, tier, deployment, model, region
+    and policy version, with estimated and actual cost."""
+    with _store(evidence_dir, None) as store:
+        table = store.who_routed_what(
+            tenant,
+            _parse_time(since, "--since"),
+            _parse_time(until, "--until"),
+            feature=feature,
+            model=model,
+            tier=tier,
+            policy_version=policy_version,
+        )
+        _print(table, fmt, "Who routed what", output)
+
+
+@evidence_app.command("lineage")
+def evidence_lineage(
+    request_id: Annotated[str, typer.Argument(help="The request to trace.")],
+    evidence_dir: EvidenceDir = Path("evidence"),
+    keystore: KeystoreDir = None,
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Every event of one request, in order: what the model received, which policy and model version
+    served it, where the data went and under which transfer basis, what it cost."""
+    with _store(evidence_dir, keystore) as store:
+        table = store.lineage(request_id)
+        if table.num_rows == 0:
+            raise NexusError(f"no events of request {request_id!r} in the evidence under {evidence_dir}")
+        _print(table, fmt, f"Lineage of {request_id}", output)
+
+
+@evidence_app.command("spend")
+def evidence_spend(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    tenant: Tenant = None,
+    since: Since = None,
+    until: Until = None,
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Spend by tenant, feature, day and model, with the tenant's daily budget and its utilisation."""
+    with _store(evidence_dir, None) as store:
+        table = store.spend(tenant, _parse_time(since, "--since"), _parse_time(until, "--until"))
+        _print(table, fmt, "Spend", output)
+
+
+@evidence_app.command("residency")
+def evidence_residency(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    tenant: Tenant = None,
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Residency audit: every call outside its tenant's home region, with its transfer basis.
+
+    Exits 1 if any call went outside the regions its decision allowed (that list must be empty).
+    """
+    with _store(evidence_dir, None) as store:
+        table = store.residency(tenant)
+    _print(table, fmt, "Cross-border and out-of-region calls", output)
+    breaches = sum(1 for f in table.column("finding").to_pylist() if f != "cross_border")
+    if breaches:
+        err_console.print(f"[red]{breaches} call(s) outside the allowed regions or without a decision[/]")
+        raise typer.Exit(1)
+
+
+@evidence_app.command("escalations")
+def evidence_escalations(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    tenant: Tenant = None,
+    state: Annotated[
+        str | None, typer.Option(help="Only this review state: pending, approved, denied, timed_out.")
     ] = None,
     fmt: Format = OutputFormat.table,
+    output: Output = None,
 ) -> None:
-    """Which model served whom: requests, verdicts, tiers, deployments, policy versions and cost."""
-    from nexuscore.projections import EvidenceStore
+    """Requests escalated to a person: why, under which policy, and what the review decided."""
+    with _store(evidence_dir, None) as store:
+        _print(store.escalations(tenant, state), fmt, "Escalations", output)
 
-    with EvidenceStore(evidence_dir) as store:
-        _print(store.who_routed_what(tenant, _parse_since(since)), fmt, "Who routed what")
+
+@evidence_app.command("report")
+def evidence_report(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path(
+        "evidence-report.html"
+    ),
+    evidence_dir: EvidenceDir = Path("evidence"),
+    public_key: PublicKey = None,
+) -> None:
+    """One self-contained HTML report (no scripts, no network): spend over time, tier mix, decisions
+    per policy version, residency and escalations. With a public key, the evidence is verified first
+    and the result printed at the top."""
+    from nexuscore.projections._report import render_html
+
+    verified = "Not verified (pass --public-key to verify before reporting)."
+    if public_key is not None or _env_key_available():
+        report = _verify(evidence_dir, public_key, [], None, quiet=True)
+        verified = (
+            f"Verified: {report.rows:,} events in {report.files:,} sealed files; manifest of "
+            f"{report.signed_entries:,} entries signed by key {report.head.get('key_id')}."
+            if report.ok
+            else f"VERIFICATION FAILED: {sum(f.fatal for f in report.findings)} problem(s); run nexuscore evidence verify."
+        )
+    with _store(evidence_dir, None) as store:
+        page = render_html(store, datetime.now(UTC), verified)
+    try:
+        output.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise NexusError(f"cannot write {output}: {exc.strerror}") from exc
+    console.print(f"wrote {output} ({len(page) / 1024:.0f} KiB)")
+
+
+@evidence_app.command("verify")
+def evidence_verify(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    public_key: PublicKey = None,
+    policy: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            help="A policy whose digest decisions may carry (repeatable); the bundled policies and "
+            "those in the policy_events table are always known.",
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Require a terminal state only of requests before this time (a live pipeline)."),
+    ] = None,
+) -> None:
+    """Check the evidence is complete and unaltered; name every gap; exit 1 on any.
+
+    Re-hashes the manifest chain and checks its signed head with the trusted key; recomputes each
+    file's sha256 and the Merkle root of its rows; checks every offset of every partition is
+    accounted for; and that every request has exactly one terminal state, every decision a request
+    and a known policy, every outcome a decision, and no event appears twice.
+    """
+    report = _verify(evidence_dir, public_key, policy or [], _parse_time(until, "--until"), quiet=False)
+    for f in report.findings:
+        style = "red" if f.fatal else "yellow"
+        console.print(f"[{style}]{f.kind}[/] {f.where}: {f.detail}", highlight=False, soft_wrap=True)
+    rate = report.rows / report.seconds if report.seconds else 0.0
+    console.print(
+        f"{report.rows:,} events in {report.files:,} files, {report.partitions} partitions, "
+        f"{report.requests:,} requests; manifest {report.signed_entries:,} signed entries "
+        f"(key {report.head.get('key_id', '-')}); {report.seconds:.1f} s ({rate:,.0f} events/s)"
+    )
+    if not report.ok:
+        console.print(f"[red]FAILED[/]: {sum(f.fatal for f in report.findings)} problem(s)")
+        raise typer.Exit(1)
+    console.print("[green]OK[/]: complete and unaltered")
+
+
+@evidence_app.command("prove")
+def evidence_prove(
+    request_id: Annotated[str, typer.Argument(help="The request whose events to prove.")],
+    evidence_dir: EvidenceDir = Path("evidence"),
+    public_key: PublicKey = None,
+    output: Output = None,
+) -> None:
+    """Print an inclusion proof (JSON) of every stored event of a request against the signed head.
+
+    The README shows how to check it independently with sha256 and Ed25519 alone.
+    """
+    from nexuscore._signing import load_public_key
+    from nexuscore.projections import check_proof, prove
+
+    proof = prove(evidence_dir, request_id)
+    text = json.dumps(proof, indent=2) + "\n"
+    if public_key is not None or _env_key_available():
+        from cryptography.hazmat.primitives import serialization
+
+        key = load_public_key(_public_key_path(public_key))
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        problems = check_proof(proof, raw)
+        if problems:
+            raise NexusError("the proof does not hold: " + "; ".join(problems))
+        err_console.print(f"proof of {len(proof['events'])} events checks out against the trusted key")
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {output}")
+
+
+@evidence_app.command("erase")
+def evidence_erase(
+    tenant: Annotated[str, typer.Option(help="The tenant whose content keys to destroy.")],
+    reason: Annotated[str, typer.Option(help="Why (kept with the erasure record).")],
+    subject: Annotated[
+        str | None, typer.Option(help="Only this data subject's key (the request's data_subject).")
+    ] = None,
+    evidence_dir: EvidenceDir = Path("evidence"),
+    keystore: KeystoreDir = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Destroy a tenant's (or one data subject's) content keys: their prompts and responses become
+    unreadable for good, while every seal, and so `verify`, still holds. This cannot be undone."""
+    from nexuscore.projections import LocalKeyStore
+
+    scope = f"tenant {tenant}" + (f", data subject {subject}" if subject else " (every data subject)")
+    if not yes and not typer.confirm(f"Destroy the content keys of {scope}? This cannot be undone"):
+        raise typer.Exit(1)
+    erased = LocalKeyStore(keystore or evidence_dir / "_keys").erase(
+        tenant, subject, datetime.now(UTC), reason
+    )
+    if not erased:
+        raise NexusError(
+            f"no content keys of {scope} in the keystore (nothing was ever stored, or already erased)"
+        )
+    console.print(f"erased {len(erased)} key(s) of {scope}: {', '.join(erased)}")
+
+
+@evidence_app.command("keygen")
+def evidence_keygen(
+    out: Annotated[Path, typer.Option(help="Folder for the key pair.")] = Path("keys"),
+    name: Annotated[str, typer.Option(help="File name stem.")] = "evidence-signing",
+) -> None:
+    """Create an Ed25519 key pair for signing the evidence manifest: NAME.pem (private, mode 0600)
+    and NAME.pub (give it to whoever verifies)."""
+    from nexuscore._signing import generate_keypair
+
+    key_id = generate_keypair(out / f"{name}.pem", out / f"{name}.pub")
+    console.print(f"key {key_id}: private {out / f'{name}.pem'}, public {out / f'{name}.pub'}")
 
 
 @evidence_app.command("summary")
 def evidence_summary(evidence_dir: EvidenceDir = Path("evidence")) -> None:
     """Counts: requests, requests with a terminal state, duplicates of terminal states, dead letters."""
-    from nexuscore.projections import EvidenceStore
-
-    with EvidenceStore(evidence_dir) as store:
+    with _store(evidence_dir, None) as store:
         for k, v in store.terminal_summary().items():
             console.print(f"{k:>18}: {v}")
+
+
+def _env_key_available() -> bool:
+    import os
+
+    return bool(
+        os.environ.get("NEXUSCORE_EVIDENCE_PUBLIC_KEY") or os.environ.get("NEXUSCORE_EVIDENCE_SIGNING_KEY")
+    )
+
+
+def _public_key_path(public_key: Path | None) -> Path:
+    import os
+
+    if public_key is not None:
+        return public_key
+    signing = os.environ.get("NEXUSCORE_EVIDENCE_SIGNING_KEY")
+    if signing:
+        return Path(signing)
+    raise NexusError(
+        "no trusted key: pass --public-key (or set NEXUSCORE_EVIDENCE_PUBLIC_KEY) to the signer's public key"
+    )
+
+
+def _required_key(signing_key: Path | None) -> Path:
+    if signing_key is None:
+        raise NexusError(
+            "no signing key: pass --signing-key or set NEXUSCORE_EVIDENCE_SIGNING_KEY "
+            "(create one with `nexuscore evidence keygen`)"
+        )
+    return signing_key
+
+
+def _verify(
+    evidence_dir: Path, public_key: Path | None, policies: list[Path], until: datetime | None, *, quiet: bool
+) -> VerifyReport:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from nexuscore._signing import load_public_key
+    from nexuscore.projections import verify
+
+    key = load_public_key(_public_key_path(public_key))
+    if not (evidence_dir / "manifest.jsonl").exists():
+        raise NexusError(
+            f"no evidence manifest under {evidence_dir} (run the projector or pass --evidence-dir)"
+        )
+    known = {load_policy(p).digest for p in [*sorted(DEFAULT_POLICY_PATH.parent.glob("*.yaml")), *policies]}
+    with _store(evidence_dir, None) as store:
+        known |= {
+            r["policy_digest"]
+            for r in store.query("SELECT DISTINCT policy_digest FROM policy_events").to_pylist()
+        }
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True, disable=quiet) as progress:
+        task = progress.add_task("verify", total=None)
+        return verify(
+            evidence_dir,
+            key,
+            known,
+            until=until,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
 
 
 # --- replay and policy -----------------------------------------------------------------------------
@@ -346,35 +707,63 @@ def policy_show(path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML fi
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _parse_since(since: str | None) -> datetime | None:
-    if since is None:
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
         return None
     try:
         parsed = (
-            datetime.fromisoformat(since)
-            if "T" in since or " " in since
-            else datetime.combine(date.fromisoformat(since), datetime.min.time())
+            datetime.fromisoformat(value)
+            if "T" in value or " " in value
+            else datetime.combine(date.fromisoformat(value), datetime.min.time())
         )
     except ValueError as exc:
-        raise NexusError(f"--since {since!r} is not an ISO 8601 date or time") from exc
+        raise NexusError(f"{option} {value!r} is not an ISO 8601 date or time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _print(table: pa.Table, fmt: str, title: str | None = None) -> None:
-    rows: list[dict[str, Any]] = table.to_pylist()
-    if fmt == "json":
-        sys.stdout.write(json.dumps(rows, default=str, indent=2) + "\n")
-    elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=table.column_names)
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        out = Table(title=title)
-        for name in table.column_names:
-            out.add_column(name, overflow="fold")
-        for row in rows:
-            out.add_row(*("" if v is None else str(v) for v in row.values()))
-        console.print(out)
+def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | None = None) -> None:
+    if fmt == "parquet":
+        if output is None:
+            raise NexusError("--format parquet needs --output FILE")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, output)
+        err_console.print(f"wrote {table.num_rows} rows to {output}")
+        return
+    stream: TextIO
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            stream = sys.stdout
+        else:
+            try:
+                stream = stack.enter_context(output.open("w", encoding="utf-8", newline=""))
+            except OSError as exc:
+                raise NexusError(f"cannot write {output}: {exc.strerror}") from exc
+        rows: list[dict[str, Any]] = table.to_pylist()
+        if fmt == "json":
+            stream.write(json.dumps(rows, default=_json_default, indent=2) + "\n")
+        elif fmt == "csv":
+            writer = csv.DictWriter(stream, fieldnames=table.column_names)
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            out = Table(title=title)
+            for name in table.column_names:
+                out.add_column(name, overflow="fold")
+            for row in rows:
+                out.add_row(*("" if v is None else str(v) for v in row.values()))
+            if output is None:
+                console.print(out)
+            else:
+                Console(file=stream, width=200).print(out)
+    if output is not None:
+        err_console.print(f"wrote {table.num_rows} rows to {output}")
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
 
 
 def _stop_on_signals(event: asyncio.Event) -> None:

@@ -5,7 +5,9 @@ NexusError                      base: the CLI prints its message as one line, ne
 ├── DecodeError                 bytes off a topic that are not a valid event (reason kept for the dead letter)
 ├── BrokerError                 no Kafka broker could be reached or started
 ├── ProviderError               a model provider answered with an error or not at all
-└── EvidenceError               the evidence store is missing or cannot answer a query
+├── EvidenceError               the evidence store is missing or cannot answer a query
+├── SignatureError              a signing or verification key that cannot be used
+└── KeyStoreError               the tenants' content keys cannot be read, created or erased
 """
 
 from __future__ import annotations
@@ -42,3 +44,11 @@ class ProviderError(NexusError):
 
 class EvidenceError(NexusError):
     """The evidence store is missing or a query over it failed."""
+
+
+class SignatureError(NexusError):
+    """A signing key or public key is missing, unreadable or of the wrong kind."""
+
+
+class KeyStoreError(NexusError):
+    """The keystore holding the tenants' content keys is unreadable or cannot be changed."""

@@ -1,7 +1,32 @@
-"""The evidence plane: Parquet tables projected from the log, DuckDB views over them."""
+"""The evidence plane: sealed Parquet tables projected from the log, DuckDB views and reports over
+them, verification, inclusion proofs and erasure."""
 
-from nexuscore.projections._projector import Projector, write_table
+from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
+from nexuscore.projections._manifest import Manifest, committed_files
+from nexuscore.projections._projector import UNASSIGNED, Projector
+from nexuscore.projections._prove import check_proof, prove
 from nexuscore.projections._store import EvidenceStore
 from nexuscore.projections._tables import SCHEMAS, TABLES
+from nexuscore.projections._verify import Finding, VerifyReport, verify
+from nexuscore.projections._writer import SealedWriter, region_dir, write_table
 
-__all__ = ["SCHEMAS", "TABLES", "EvidenceStore", "Projector", "write_table"]
+__all__ = [
+    "SCHEMAS",
+    "TABLES",
+    "UNASSIGNED",
+    "EvidenceStore",
+    "FieldCipher",
+    "Finding",
+    "KeyStore",
+    "LocalKeyStore",
+    "Manifest",
+    "Projector",
+    "SealedWriter",
+    "VerifyReport",
+    "check_proof",
+    "committed_files",
+    "prove",
+    "region_dir",
+    "verify",
+    "write_table",
+]

@@ -1,76 +1,141 @@
-"""The evidence projector: every event on every topic becomes rows of Parquet tables.
+"""The evidence projector: every event on every topic becomes one sealed row of a Parquet table.
 
-A stateless stage whose cost is per event, so it reads with aiokafka's batch API (``getmany``) and
-writes Parquet in batches. Files are named by (table, topic, partition, first offset, last offset)
-and offsets are committed only once the files are on disk: a crash re-creates files, never loses
-events, and the views drop any duplicate by event id.
+Exactly once, from the log alone:
+
+- its position lives with the data: each flush ends with a manifest checkpoint naming the offsets
+  it consumed, and a restart resumes from the last checkpoint (Kafka's committed offsets are
+  written too, for lag monitoring only);
+- files are named by (topic, partition, first and last offset of the flush) and written atomically;
+  files of a flush cut short are unlisted, so a restart deletes them and writes them again;
+- an event whose id was already projected within the last ``dedup_window`` offsets of its partition
+  (a stage re-emitting after a crash) is dropped; ``verify`` checks the rest of the store.
+
+Rows are filed under their tenant's home region (``region=<r>/<table>/``), and content is encrypted
+with the tenant's (or data subject's) key before it is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import msgspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore._clock import Clock
 from nexuscore.errors import DecodeError, EvidenceError
-from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
+from nexuscore.projections import _seal
+from nexuscore.projections._keys import FieldCipher, LocalKeyStore
+from nexuscore.projections._manifest import Manifest
+from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row
+from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import AvroCodec, InferenceRequested
-from nexuscore.streams import Topics, decode_tenant_event, new_consumer, start_client
+from nexuscore.streams import Topics, decode_tenant_event, new_consumer, partition_counts, start_client
 
 log = logging.getLogger(__name__)
+
+UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenants, dead letters)
+# The content columns, encrypted under the row's tenant (and data subject) key.
+_CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
+_DEDUP_KEY = {"requests": "request_id"}  # a client may retry a request under a new event id
+
+
+class _Recent:
+    """The keys of the events kept from the last ``window`` offsets of one partition."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.order: deque[tuple[int, str]] = deque()
+        self.keys: set[str] = set()
+
+    def seen(self, offset: int, key: str) -> bool:
+        while self.order and self.order[0][0] < offset - self.window:
+            self.keys.discard(self.order.popleft()[1])
+        if key in self.keys:
+            return True
+        self.order.append((offset, key))
+        self.keys.add(key)
+        return False
 
 
 class _Batch:
     """Rows gathered from one topic-partition since the last flush."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
+        self.start = start  # the first offset this flush accounts for
         self.first = -1
         self.last = -1
-        self.rows: dict[str, list[Row]] = defaultdict(list)
-        self.count = 0
+        self.end = start  # one past the last offset consumed
+        self.rows: dict[tuple[str, str], list[Row]] = defaultdict(list)
+        self.events = 0
+        self.duplicates = 0
+        self.undecodable = 0
 
 
 class Projector:
-    """Projects every NexusCore topic into Parquet tables under ``evidence_dir``."""
+    """Projects every NexusCore topic into sealed Parquet tables under ``evidence_dir``."""
 
     def __init__(
         self,
         bootstrap: str,
         evidence_dir: Path,
+        signing_key: Ed25519PrivateKey,
+        clock: Clock,
         *,
+        regions: Mapping[str, str],
+        keystore: LocalKeyStore | None = None,
         topics: Topics = Topics(),
         flush_interval_s: float = 1.0,
         flush_rows: int = 10_000,
+        dedup_window: int = 10_000,
     ) -> None:
         self.bootstrap = bootstrap
         self.evidence_dir = evidence_dir
+        self.signing_key = signing_key
+        self.clock = clock
+        self.regions = regions
+        self.keystore = keystore or LocalKeyStore(evidence_dir / "_keys")
+        self.cipher = FieldCipher(self.keystore)
         self.topics = topics
         self.flush_interval_s = flush_interval_s
         self.flush_rows = flush_rows
+        self.dedup_window = dedup_window
         self.codec = AvroCodec()
         self.stopping = asyncio.Event()
         self.events = 0
         self.undecodable = 0
+        self.duplicates = 0
         self.files = 0
+        self.writer: SealedWriter | None = None
+        # Where the next flush of each partition starts: the previous one's end, so that offsets
+        # the consumer never returns (transaction markers) are accounted for, not gaps.
+        self._position: dict[TopicPartition, int] = {}
+        self._recent: dict[TopicPartition, _Recent] = {}
+        self._con = duckdb.connect()
+
+    # --- per event -------------------------------------------------------------------------------
 
     def add(self, batches: dict[TopicPartition, _Batch], record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
         batch = batches.get(tp)
         if batch is None:
-            batch = batches[tp] = _Batch()
+            batch = batches[tp] = _Batch(self._position.get(tp, record.offset))
+        if batch.first < 0:
             batch.first = record.offset
         batch.last = record.offset
-        batch.count += 1
+        batch.end = record.offset + 1
         try:
             if record.topic == self.topics.requests:
                 # External input: checked exactly as the decider checks it, so that what it
@@ -83,40 +148,158 @@ class Projector:
         except DecodeError:
             # Bad input on an input topic is dead-lettered by the stage that owns it; the dead
             # letter, not the raw message, is what enters the evidence.
+            batch.undecodable += 1
             self.undecodable += 1
             return
-        source = {"src_topic": record.topic, "src_partition": record.partition, "src_offset": record.offset}
         for table, row in ROW_BUILDERS[cls](data):
-            row.update(source)
-            batch.rows[table].append(row)
+            recent = self._recent.get(tp)
+            if recent is None:
+                recent = self._recent[tp] = _Recent(self.dedup_window)
+            if recent.seen(record.offset, row[_DEDUP_KEY.get(table, "event_id")]):
+                batch.duplicates += 1
+                self.duplicates += 1
+                continue
+            region = self.regions.get(row["tenant_id"], UNASSIGNED)
+            self._protect(table, row)
+            row.update(
+                data_region=region,
+                src_topic=record.topic,
+                src_partition=record.partition,
+                src_offset=record.offset,
+            )
+            batch.rows[(table, region)].append(row)
+        batch.events += 1
         self.events += 1
 
+    def _protect(self, table: str, row: Row) -> None:
+        column = _CONTENT.get(table)
+        if column is None:
+            return
+        value = row[column]
+        if table == "deadletters":
+            tenant = (row.get("raw_key") or b"").decode("utf-8", "replace") or UNASSIGNED
+            text = value.hex()
+        else:
+            tenant, text = row["tenant_id"], value
+            if table == "requests":
+                row["prompt_chars"] = len(value)
+        subject = row.get("data_subject") or None
+        key_id, blob = self.cipher.encrypt(tenant, subject, row["event_id"], column, text, self.clock.now())
+        row[column] = blob
+        row[f"{column}_key"] = key_id
+
+    # --- per flush -------------------------------------------------------------------------------
+
     def flush(self, batches: dict[TopicPartition, _Batch]) -> None:
-        directories = set()
+        """Write and seal every file of this flush, then commit them with one checkpoint."""
+        writer = self.writer
+        assert writer is not None, "recover() first"
+        self.keystore.refresh()
         for tp, batch in batches.items():
-            for table, rows in batch.rows.items():
-                name = f"{tp.topic}-p{tp.partition}-{batch.first:012d}-{batch.last:012d}.parquet"
-                directory = self.evidence_dir / table
-                data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
-                write_table(directory, name, data, sync_dir=False)
-                directories.add(directory)
-                self.files += 1
-        for directory in directories:  # once per flush, not once per file
-            sync_directory(directory)
+            for (table, region), rows in batch.rows.items():
+                writer.write(
+                    pa.Table.from_pylist(rows, schema=SCHEMAS[table]),
+                    table=table,
+                    region=region,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    first_offset=batch.start,
+                    last_offset=batch.end - 1,
+                )
+        writer.commit(
+            [
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "start": b.start,
+                    "end": b.end,
+                    "events": b.events,
+                    "duplicates": b.duplicates,
+                    "undecodable": b.undecodable,
+                }
+                for tp, b in sorted(batches.items())
+            ],
+            self.clock.now(),
+        )
+        for tp, b in batches.items():
+            self._position[tp] = b.end
+
+    # --- start-up --------------------------------------------------------------------------------
+
+    def recover(self) -> Manifest:
+        """Load the ledger, delete files no checkpoint covers, and rebuild the dedup windows."""
+        try:
+            self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvidenceError(f"cannot write evidence under {self.evidence_dir}: {exc.strerror}") from exc
+        self.writer = SealedWriter(self.evidence_dir, self.signing_key)
+        manifest = self.writer.manifest
+        listed = {e["path"] for e in manifest.files()}
+        for path in self.evidence_dir.glob("region=*/*/*.parquet"):
+            relative = path.relative_to(self.evidence_dir).as_posix()
+            if relative not in listed:
+                log.info("removing %s: written by a flush that never reached its checkpoint", relative)
+                path.unlink()
+        for tmp in self.evidence_dir.glob("region=*/*/.*.tmp"):
+            tmp.unlink()
+        by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for e in manifest.files():
+            by_tp[(e["topic"], e["partition"])].append(e)
+        for (topic, partition), end in manifest.positions.items():
+            recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
+            since = end - self.dedup_window - 1
+            rows: list[tuple[int, str]] = []
+            for e in by_tp[(topic, partition)]:
+                if e["last_offset"] >= since:
+                    key = _DEDUP_KEY.get(e["table"], "event_id")
+                    source = _seal.file_source(str(self.evidence_dir / e["path"]))
+                    rows.extend(
+                        self._con.execute(
+                            f"SELECT src_offset, {key} FROM {source} WHERE src_offset >= ?",  # noqa: S608
+                            [since],
+                        ).fetchall()
+                    )
+            for offset, key in sorted(rows):
+                recent.seen(offset, key)
+        self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
+        return manifest
 
     async def run(self) -> None:
         try:
-            for table in TABLES:
-                (self.evidence_dir / table).mkdir(parents=True, exist_ok=True)
+            self.evidence_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EvidenceError(f"cannot write evidence under {self.evidence_dir}: {exc.strerror}") from exc
+        # Before recovery, which deletes the files of unfinished flushes: another live projector's.
+        lock = _lock(self.evidence_dir)
+        try:
+            manifest = await asyncio.to_thread(self.recover)
+        except BaseException:
+            os.close(lock)
+            raise
         consumer = new_consumer(
             self.bootstrap,
-            self.topics.all,
+            (),
             self.topics.group("nexuscore-projector"),
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await start_client(consumer, self.bootstrap)
+        try:
+            counts = await partition_counts(self.bootstrap, self.topics.all)
+            partitions = [TopicPartition(t, p) for t in self.topics.all for p in range(counts[t])]
+            consumer.assign(partitions)
+            for tp in partitions:
+                position = manifest.positions.get((tp.topic, tp.partition))
+                if position is None:
+                    await consumer.seek_to_beginning(tp)
+                    self._position[tp] = await consumer.position(tp)
+                else:
+                    consumer.seek(tp, position)
+            await self._loop(consumer)
+        finally:
+            await consumer.stop()
+            os.close(lock)
+
+    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         batches: dict[TopicPartition, _Batch] = {}
         pending = 0
         last_flush = time.monotonic()
@@ -140,37 +323,22 @@ class Projector:
             if batches:
                 await asyncio.to_thread(self.flush, batches)
                 await _commit(consumer, batches)
-            await consumer.stop()
+
+
+def _lock(evidence_dir: Path) -> int:
+    """One projector per evidence folder: two would interleave one ledger."""
+    fd = os.open(evidence_dir / ".projector.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EvidenceError(f"another projector is writing {evidence_dir}") from None
+    return fd
 
 
 async def _commit(consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
-    """Commit what was flushed, for the partitions this projector still owns."""
-    assigned = consumer.assignment()
-    offsets = {tp: b.last + 1 for tp, b in batches.items() if tp in assigned}
+    """Record the position in Kafka too, so lag shows in the usual tools (the manifest rules)."""
     try:
-        await consumer.commit(offsets)
+        await consumer.commit({tp: b.end for tp, b in batches.items()})
     except KafkaError as exc:
-        # The partitions' new owner re-projects from the last commit: the same files again, and
-        # any duplicate row is dropped by the views.
-        log.warning("offset commit failed (%s); these events will be projected again", exc)
-
-
-def write_table(directory: Path, name: str, table: pa.Table, *, sync_dir: bool = True) -> None:
-    """Write a Parquet file atomically and durably: readers never see half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    # Durable before the offsets that cover it are committed: the file, then its name.
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / name)
-    if sync_dir:
-        sync_directory(directory)
-
-
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        log.warning("offset commit failed (%s); lag figures may be stale", exc)

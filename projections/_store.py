@@ -1,7 +1,13 @@
-"""The evidence store: DuckDB views over the Parquet tables, and the canned reports."""
+"""The evidence store: DuckDB views over the sealed Parquet files, and the canned reports.
+
+Views read exactly the files the signed manifest commits, nothing found lying in a folder. Every
+view is one row per event (the projector dropped duplicates); ``requests`` keeps a client's resubmission
+of a request id as a second row, which ``verify`` reports.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -10,23 +16,40 @@ import duckdb
 import pyarrow as pa
 
 from nexuscore.errors import EvidenceError
+from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
+from nexuscore.projections._manifest import committed_files
 from nexuscore.projections._tables import SCHEMAS
 
-# Reasons are keyed by (decision, position); a request by its request id (a client may retry it
-# under a new event id); every other table by its event id.
-_DEDUP_KEY = {"decision_reasons": "event_id, seq", "requests": "request_id"}
+_DERIVED_VIEWS = """
+CREATE OR REPLACE VIEW decision_reasons AS
+SELECT event_id, request_id, tenant_id, occurred_at, policy_digest, data_region,
+       r.seq AS seq, r.stage AS stage, r.kind AS kind, r.subject AS subject, r.detail AS detail
+FROM (SELECT *, unnest(reasons) AS r FROM decisions);
 
-TERMINAL_STATES_SQL = """
 CREATE OR REPLACE VIEW terminal_states AS
 SELECT request_id, tenant_id, status AS state, occurred_at FROM outcomes
 UNION ALL
 SELECT request_id, tenant_id, 'rejected' AS state, occurred_at FROM rejections
 UNION ALL
-SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE verdict IN ('denied', 'escalated')
+SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE verdict IN ('denied', 'escalated');
+
+CREATE OR REPLACE VIEW escalations AS
+SELECT d.request_id, d.tenant_id, d.feature, d.occurred_at AS escalated_at, d.verdict_reason AS reason,
+       (SELECT string_agg(x.detail, '; ') FROM unnest(d.reasons) AS u(x) WHERE x.stage = 'escalation')
+           AS escalation_rules,
+       d.policy_version, d.policy_digest, d.data_region,
+       coalesce(r.action, 'pending') AS review_state, r.reviewer, r.reason AS review_reason,
+       r.occurred_at AS reviewed_at, r.deadline
+FROM decisions d
+LEFT JOIN (
+    SELECT * FROM reviews QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY occurred_at DESC) = 1
+) r USING (request_id)
+WHERE d.verdict = 'escalated';
 """
 
 WHO_ROUTED_WHAT_SQL = """
 SELECT d.tenant_id, d.feature, d.verdict, d.tier, d.deployment_id,
+       any_value(o.model) FILTER (WHERE o.model IS NOT NULL) AS model,
        any_value(o.region) FILTER (WHERE o.region IS NOT NULL) AS region,
        d.policy_version,
        count(*) AS requests,
@@ -35,35 +58,94 @@ SELECT d.tenant_id, d.feature, d.verdict, d.tier, d.deployment_id,
        round(coalesce(sum(o.cost_micros), 0) / 1e6, 6) AS actual_usd
 FROM decisions d
 LEFT JOIN outcomes o USING (request_id)
-WHERE ($tenant IS NULL OR d.tenant_id = $tenant) AND ($since IS NULL OR d.occurred_at >= $since)
+WHERE ($tenant IS NULL OR d.tenant_id = $tenant)
+  AND ($feature IS NULL OR d.feature = $feature)
+  AND ($tier IS NULL OR d.tier = $tier)
+  AND ($policy_version IS NULL OR d.policy_version = $policy_version)
+  AND ($since IS NULL OR d.occurred_at >= $since)
+  AND ($until IS NULL OR d.occurred_at < $until)
+  AND ($model IS NULL OR o.model = $model OR d.deployment_id = $model)
 GROUP BY ALL
 ORDER BY d.tenant_id, d.feature, requests DESC
 """
 
+SPEND_SQL = """
+WITH spend AS (
+    SELECT o.tenant_id, o.feature, CAST(o.occurred_at AS DATE) AS day, o.model,
+           count(*) AS calls, sum(o.input_tokens) AS input_tokens, sum(o.output_tokens) AS output_tokens,
+           sum(o.cost_micros) AS cost_micros
+    FROM outcomes o
+    WHERE ($tenant IS NULL OR o.tenant_id = $tenant)
+      AND ($since IS NULL OR o.occurred_at >= $since) AND ($until IS NULL OR o.occurred_at < $until)
+    GROUP BY ALL
+),
+budget AS (
+    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros
+    FROM settlements GROUP BY ALL
+),
+limits AS (
+    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros
+    FROM decisions GROUP BY ALL
+)
+SELECT s.tenant_id, s.feature, s.day, s.model, s.calls, s.input_tokens, s.output_tokens,
+       round(s.cost_micros / 1e6, 6) AS cost_usd,
+       round(l.tenant_budget_micros / 1e6, 6) AS tenant_budget_usd,
+       round(100.0 * b.tenant_spent_micros / nullif(l.tenant_budget_micros, 0), 2) AS tenant_budget_used_pct
+FROM spend s
+LEFT JOIN budget b ON b.tenant_id = s.tenant_id AND b.budget_window = CAST(s.day AS VARCHAR)
+LEFT JOIN limits l ON l.tenant_id = s.tenant_id AND l.budget_window = CAST(s.day AS VARCHAR)
+ORDER BY s.day, s.tenant_id, s.feature, s.model
+"""
+
+# Every place a request's content was processed, against where its decision allowed it to go.
+RESIDENCY_SQL = """
+WITH calls AS (
+    SELECT request_id, tenant_id, 'attempt' AS event, event_id, occurred_at, region, deployment_id FROM attempts
+    UNION ALL
+    SELECT request_id, tenant_id, 'outcome', event_id, occurred_at, region, deployment_id FROM outcomes
+    UNION ALL
+    SELECT request_id, tenant_id, 'dispatch', event_id, occurred_at, region, deployment_id FROM dispatches
+)
+SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployment_id, c.region,
+       d.home_region, d.allowed_regions, d.residency_rule, d.transfer_basis,
+       CASE WHEN d.request_id IS NULL THEN 'no_decision'
+            WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
+            ELSE 'cross_border' END AS finding
+FROM calls c LEFT JOIN decisions d USING (request_id)
+WHERE (d.request_id IS NULL OR c.region <> d.home_region)
+  AND ($tenant IS NULL OR c.tenant_id = $tenant)
+ORDER BY finding DESC, c.occurred_at
+"""
+
 
 class EvidenceStore:
-    """An in-memory DuckDB connection with one view per evidence table, deduplicated by event id."""
+    """An in-memory DuckDB connection with one view per evidence table over the committed files."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, keystore: KeyStore | None = None, *, files: list[dict[str, Any]] | None = None
+    ) -> None:
         if not root.is_dir():
             raise EvidenceError(f"no evidence at {root} (run the pipeline or pass --evidence-dir)")
         self.root = root
+        self.keystore = keystore if keystore is not None else LocalKeyStore(root / "_keys")
         self.con = duckdb.connect()
+        self.con.execute("SET TimeZone = 'UTC'")
+        by_table: dict[str, list[str]] = defaultdict(list)
+        # ``verify`` passes the files that passed its checks; everyone else reads what is committed.
+        self.files = committed_files(root) if files is None else files
+        for entry in self.files:
+            by_table[entry["table"]].append(str(root / entry["path"]))
         for table, schema in SCHEMAS.items():
-            files = sorted((root / table).glob("*.parquet"))
-            if files:
-                key = _DEDUP_KEY.get(table, "event_id")
-                source = f"read_parquet({_sql_list([str(f) for f in files])})"
+            paths = by_table.get(table)
+            if paths:
                 self._create_view(
                     table,
-                    f"CREATE VIEW {table} AS SELECT * EXCLUDE (_rn) FROM ("  # noqa: S608  # names are ours
-                    f"SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY src_offset) AS _rn FROM {source}"
-                    ") WHERE _rn = 1"
+                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(paths)}, hive_partitioning = false)",  # noqa: S608  # names are ours
                 )
             else:
                 self.con.register(f"_empty_{table}", schema.empty_table())
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
-        self.con.execute(TERMINAL_STATES_SQL)
+        self.con.execute(_DERIVED_VIEWS)
 
     def _create_view(self, table: str, sql: str) -> None:
         try:
@@ -88,16 +170,58 @@ class EvidenceStore:
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
-    def who_routed_what(self, tenant: str | None = None, since: datetime | None = None) -> pa.Table:
-        return self.query(WHO_ROUTED_WHAT_SQL, {"tenant": tenant, "since": since})
+    # --- canned reports ----------------------------------------------------------------------------
+
+    def who_routed_what(
+        self,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        *,
+        feature: str | None = None,
+        model: str | None = None,
+        tier: str | None = None,
+        policy_version: str | None = None,
+    ) -> pa.Table:
+        params = {
+            "tenant": tenant,
+            "since": since,
+            "until": until,
+            "feature": feature,
+            "model": model,
+            "tier": tier,
+            "policy_version": policy_version,
+        }
+        return self.query(WHO_ROUTED_WHAT_SQL, params)
+
+    def spend(
+        self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
+    ) -> pa.Table:
+        return self.query(SPEND_SQL, {"tenant": tenant, "since": since, "until": until})
+
+    def residency(self, tenant: str | None = None) -> pa.Table:
+        return self.query(RESIDENCY_SQL, {"tenant": tenant})
+
+    def escalations(self, tenant: str | None = None, state: str | None = None) -> pa.Table:
+        return self.query(
+            "SELECT * FROM escalations WHERE ($tenant IS NULL OR tenant_id = $tenant) "
+            "AND ($state IS NULL OR review_state = $state) ORDER BY escalated_at",
+            {"tenant": tenant, "state": state},
+        )
+
+    def lineage(self, request_id: str) -> pa.Table:
+        """Every event of one request, in order, each with what it says in one line."""
+        from nexuscore.projections._lineage import lineage
+
+        return lineage(self, FieldCipher(self.keystore), request_id)
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""
         rows = self.con.execute(
             """
             WITH t AS (SELECT request_id, count(*) AS n FROM terminal_states GROUP BY request_id)
-            SELECT (SELECT count(*) FROM requests),
-                   (SELECT count(*) FROM requests r JOIN t USING (request_id)),
+            SELECT (SELECT count(DISTINCT request_id) FROM requests),
+                   (SELECT count(*) FROM (SELECT DISTINCT request_id FROM requests) r JOIN t USING (request_id)),
                    (SELECT count(*) FROM t WHERE n > 1),
                    (SELECT count(*) FROM deadletters)
             """

@@ -1,7 +1,9 @@
-"""The evidence tables: their columns (documented in the README) and how each event becomes rows.
+"""The evidence tables: their columns (documented in the README) and how each event becomes a row.
 
-Rows are built from the decoded Avro records directly (no Struct in between): the projector's work
-is per event and this is its hot path.
+One event, one row, so that a row is a leaf of its file's Merkle tree and an event's proof is one
+path (a decision's reasons are a nested list; the ``decision_reasons`` view unnests them). Rows are
+built from the decoded Avro records directly (no Struct in between): this is the projector's hot
+path. Content (prompts, responses, raw dead-lettered bytes) arrives here already encrypted.
 """
 
 from __future__ import annotations
@@ -19,13 +21,29 @@ from nexuscore.schemas import (
     InferenceRequested,
     ModelCallAttempted,
     OutcomeRecorded,
+    PolicyStageChanged,
     RequestDecided,
     RequestRejected,
+    ReviewRecorded,
 )
 
 _TS = pa.timestamp("us", tz="UTC")
 _STRS = pa.list_(pa.string())
-_SOURCE = [("src_topic", pa.string()), ("src_partition", pa.int32()), ("src_offset", pa.int64())]
+_SOURCE = [
+    ("data_region", pa.string()),
+    ("src_topic", pa.string()),
+    ("src_partition", pa.int32()),
+    ("src_offset", pa.int64()),
+]
+_REASON = pa.struct(
+    [
+        ("seq", pa.int32()),
+        ("stage", pa.string()),
+        ("kind", pa.string()),
+        ("subject", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
 _ENVELOPE = [
     ("event_id", pa.string()),
     ("request_id", pa.string()),
@@ -48,11 +66,14 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("task_type", pa.string()),
         ("risk_class", pa.string()),
         ("data_classification", pa.string()),
-        ("prompt", pa.string()),
+        ("prompt", pa.binary()),
+        ("prompt_key", pa.string()),
+        ("prompt_chars", pa.int64()),
         ("max_output_tokens", pa.int64()),
         ("required_capabilities", _STRS),
         ("complexity", pa.float64()),
         ("latency_slo_ms", pa.int64()),
+        ("data_subject", pa.string()),
     ),
     "decisions": _schema(
         ("feature", pa.string()),
@@ -81,13 +102,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("predicted_latency_ms", pa.int64()),
         ("fits_slo", pa.bool_()),
         ("state_version", pa.int64()),
-    ),
-    "decision_reasons": _schema(
-        ("seq", pa.int32()),
-        ("stage", pa.string()),
-        ("kind", pa.string()),
-        ("subject", pa.string()),
-        ("detail", pa.string()),
+        ("reasons", pa.list_(_REASON)),
     ),
     "rejections": _schema(
         ("reason_code", pa.string()),
@@ -105,6 +120,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("max_output_tokens", pa.int64()),
         ("estimated_cost_micros", pa.int64()),
         ("requested_at", _TS),
+        ("data_subject", pa.string()),
     ),
     "attempts": _schema(
         ("attempt", pa.int32()),
@@ -128,9 +144,11 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("output_tokens", pa.int64()),
         ("cost_micros", pa.int64()),
         ("latency_ms", pa.float64()),
-        ("response", pa.string()),
+        ("response", pa.binary()),
+        ("response_key", pa.string()),
         ("finish_reason", pa.string()),
         ("error", pa.string()),
+        ("data_subject", pa.string()),
     ),
     "settlements": _schema(
         ("feature", pa.string()),
@@ -148,6 +166,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("reason", pa.string()),
         ("raw_key", pa.binary()),
         ("raw_value", pa.binary()),
+        ("raw_value_key", pa.string()),
+    ),
+    "reviews": _schema(
+        ("action", pa.string()),
+        ("reviewer", pa.string()),
+        ("reason", pa.string()),
+        ("deadline", _TS),
+    ),
+    "policy_events": _schema(
+        ("policy_version", pa.string()),
+        ("from_stage", pa.string()),
+        ("to_stage", pa.string()),
+        ("actor", pa.string()),
+        ("signers", _STRS),
+        ("replay_report_digest", pa.string()),
+        ("reason", pa.string()),
     ),
 }
 
@@ -161,7 +195,10 @@ def _flat(record: dict[str, Any], names: tuple[str, ...]) -> Row:
 
 
 def _fields(table: str) -> tuple[str, ...]:
-    return tuple(f.name for f in SCHEMAS[table] if not f.name.startswith("src_"))
+    return tuple(f.name for f in SCHEMAS[table] if f.name not in _SOURCE_NAMES)
+
+
+_SOURCE_NAMES = {n for n, _ in _SOURCE}
 
 
 _REQ = _fields("requests")
@@ -170,6 +207,8 @@ _DISP = _fields("dispatches")
 _ATT = _fields("attempts")
 _OUT = _fields("outcomes")
 _DL = _fields("deadletters")
+_REV = _fields("reviews")
+_POL = _fields("policy_events")
 _ENV = tuple(n for n, _ in _ENVELOPE)
 
 
@@ -203,19 +242,12 @@ def _decided(r: dict[str, Any]) -> Rows:
         predicted_latency_ms=dec.get("predicted_latency_ms"),
         fits_slo=dec.get("fits_slo"),
         state_version=r["state_version"],
+        reasons=[
+            {"seq": i, "stage": x["stage"], "kind": x["kind"], "subject": x["subject"], "detail": x["detail"]}
+            for i, x in enumerate(r["reasons"])
+        ],
     )
-    rows: Rows = [("decisions", row)]
-    for seq, reason in enumerate(r["reasons"]):
-        rr = _flat(r, _ENV)
-        rr.update(
-            seq=seq,
-            stage=reason["stage"],
-            kind=reason["kind"],
-            subject=reason["subject"],
-            detail=reason["detail"],
-        )
-        rows.append(("decision_reasons", rr))
-    return rows
+    return [("decisions", row)]
 
 
 def _settled(r: dict[str, Any]) -> Rows:
@@ -241,4 +273,6 @@ ROW_BUILDERS: dict[type[Event], Callable[[dict[str, Any]], Rows]] = {
     ModelCallAttempted: lambda r: [("attempts", _flat(r, _ATT))],
     OutcomeRecorded: lambda r: [("outcomes", _flat(r, _OUT))],
     DeadLettered: lambda r: [("deadletters", _flat(r, _DL))],
+    ReviewRecorded: lambda r: [("reviews", _flat(r, _REV))],
+    PolicyStageChanged: lambda r: [("policy_events", _flat(r, _POL))],
 }

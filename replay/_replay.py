@@ -33,6 +33,7 @@ _IGNORED = {
     "src_topic",
     "src_partition",
     "src_offset",
+    "data_region",
 }
 _COMPARED = (
     "_table",
@@ -120,6 +121,13 @@ def _ordered(
         yield it[4], it[5]
 
 
+def _stand_in(row: Row) -> str:
+    """The prompt as the core sees it: only its length decides (token estimates), and the stored
+    prompt is encrypted (and may be erased), so replay uses a stand-in of the same length."""
+    chars: int = row["prompt_chars"]
+    return "x" * max(1, chars)
+
+
 def replay(
     store: EvidenceStore,
     policy: RoutingPolicy,
@@ -176,7 +184,10 @@ def replay(
             states[tenant_id], _ = settle(states[tenant_id], held, actual)
             report.candidate_actual_micros += actual
             continue
-        request = msgspec.convert({k: v for k, v in row.items() if k in request_fields}, InferenceRequested)
+        request = msgspec.convert(
+            {**{k: v for k, v in row.items() if k in request_fields}, "prompt": _stand_in(row)},
+            InferenceRequested,
+        )
         rec_table, rec_row = recorded.get(request_id, ("missing", {}))
         now = rec_row.get("occurred_at") or request.occurred_at
         states[tenant_id], reservation, events = on_request(states[tenant_id], request, policy, PRODUCER, now)

@@ -84,11 +84,27 @@ def render(cls: type[msgspec.Struct]) -> str:
 
 
 def write_all(directory: Path = AVRO_DIR) -> list[Path]:
-    """Regenerate every ``.avsc`` file; returns the paths written."""
+    """Regenerate every ``.avsc`` file; returns the paths written.
+
+    A schema that changes (a new field with a default) keeps its previous version under
+    ``history/``, named by fingerprint, so that messages written with it stay readable.
+    """
+    from fastavro.schema import to_parsing_canonical_form
+
+    from nexuscore.schemas._codec import fingerprint
+
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for cls in EVENT_TYPES:
         path = directory / f"{avro_name(cls)}.avsc"
-        path.write_text(render(cls), encoding="utf-8")
+        new = render(cls)
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if to_parsing_canonical_form(old) != to_parsing_canonical_form(json.loads(new)):
+                kept = directory / "history" / f"{avro_name(cls)}.{fingerprint(old).hex()}.avsc"
+                kept.parent.mkdir(exist_ok=True)
+                kept.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+                written.append(kept)
+        path.write_text(new, encoding="utf-8")
         written.append(path)
     return written

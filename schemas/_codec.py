@@ -56,6 +56,8 @@ class _Writer(msgspec.Struct, frozen=True):
     cls: type[Event]
     parsed: Any
     header: bytes
+    # Set for an earlier version of the schema: fastavro resolves its records to the current one.
+    reader: Any = None
 
 
 class AvroCodec:
@@ -74,6 +76,12 @@ class AvroCodec:
             writer = _Writer(cls, fastavro.parse_schema(schema), header)
             self._by_type[cls] = writer
             self._by_fingerprint[header[2:]] = writer
+            for old_path in sorted((avro_dir / "history").glob(f"{avro_name(cls)}.*.avsc")):
+                old = json.loads(old_path.read_text(encoding="utf-8"))
+                old_header = MAGIC + fingerprint(old)
+                self._by_fingerprint[old_header[2:]] = _Writer(
+                    cls, fastavro.parse_schema(old), old_header, writer.parsed
+                )
 
     def encode(self, event: Event) -> bytes:
         writer = self._by_type[type(event)]
@@ -111,7 +119,7 @@ class AvroCodec:
             )
         body = io.BytesIO(data[10:])
         try:
-            record = fastavro.schemaless_reader(body, writer.parsed, None)
+            record = fastavro.schemaless_reader(body, writer.parsed, writer.reader)
         except Exception as exc:  # fastavro raises bare EOFError/ValueError/UnicodeDecodeError...
             raise DecodeError(
                 f"body does not match {avro_name(writer.cls)}: {type(exc).__name__}: {exc}"

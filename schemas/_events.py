@@ -75,6 +75,9 @@ class InferenceRequested(Event, frozen=True, kw_only=True, tag="inference_reques
     # The caller's own estimate of task complexity in [0, 1]; None lets the gateway estimate it.
     complexity: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     latency_slo_ms: Positive | None = None
+    # The person the content is about, when the caller names one: their content gets its own key,
+    # so it can be erased on its own (right to erasure).
+    data_subject: str = ""
 
 
 # --- nexus.decisions ------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class DispatchRequested(Event, frozen=True, kw_only=True, tag="dispatch_requeste
     idempotency_key: str
     # When the request was produced, so the data plane can report the gateway's added latency.
     requested_at: datetime
+    data_subject: str = ""
 
 
 # --- nexus.attempts / nexus.outcomes --------------------------------------------------------
@@ -229,6 +233,7 @@ class OutcomeRecorded(Event, frozen=True, kw_only=True, tag="outcome_recorded.v1
     response: str
     finish_reason: str
     error: str = ""
+    data_subject: str = ""
 
 
 # --- nexus.deadletter -----------------------------------------------------------------------
@@ -245,6 +250,33 @@ class DeadLettered(Event, frozen=True, kw_only=True, tag="dead_lettered.v1"):
     raw_value: bytes
 
 
+# --- nexus.governance ------------------------------------------------------------------------
+
+
+class ReviewRecorded(Event, frozen=True, kw_only=True, tag="review_recorded.v1"):
+    """A person's decision on an escalated request, or the deadline passing without one."""
+
+    action: Literal["approved", "denied", "timed_out"]
+    reviewer: str
+    reason: str
+    deadline: datetime | None = None
+
+
+class PolicyStageChanged(Event, frozen=True, kw_only=True, tag="policy_stage_changed.v1"):
+    """A policy moved through draft, shadow, canary and active (or was withdrawn).
+
+    ``request_id`` and ``tenant_id`` are empty unless the change concerns one tenant.
+    """
+
+    policy_version: str
+    from_stage: str
+    to_stage: str
+    actor: str
+    signers: list[str] = msgspec.field(default_factory=list)
+    replay_report_digest: str = ""
+    reason: str = ""
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     InferenceRequested,
     RequestRejected,
@@ -254,6 +286,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ModelCallAttempted,
     OutcomeRecorded,
     DeadLettered,
+    ReviewRecorded,
+    PolicyStageChanged,
 )
 
 

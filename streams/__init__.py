@@ -4,7 +4,7 @@ from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._decider import Sink, build_decider
 from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._kafka import new_consumer, new_producer, start_client
-from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics, ensure_topics
+from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics, ensure_topics, partition_counts
 from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapters
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "ensure_topics",
     "new_consumer",
     "new_producer",
+    "partition_counts",
     "start_client",
 ]

@@ -49,8 +49,20 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.namespace}nexus.deadletter"
 
     @property
+    def governance(self) -> str:  # policy stage changes and reviews, keyed by tenant ("" if global)
+        return f"{self.namespace}nexus.governance"
+
+    @property
     def all(self) -> tuple[str, ...]:
-        return (self.requests, self.decisions, self.dispatch, self.attempts, self.outcomes, self.deadletter)
+        return (
+            self.requests,
+            self.decisions,
+            self.dispatch,
+            self.attempts,
+            self.outcomes,
+            self.deadletter,
+            self.governance,
+        )
 
     def group(self, name: str) -> str:
         """A consumer group (or faust app id) private to this namespace."""
@@ -78,3 +90,20 @@ async def ensure_topics(
         raise BrokerError(f"cannot create topics on {bootstrap}: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def partition_counts(bootstrap: str, names: tuple[str, ...], timeout_s: float = 30.0) -> dict[str, int]:
+    """How many partitions each topic has; a missing topic is an error that names it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    await start_client(admin, bootstrap, timeout_s)
+    try:
+        described = await admin.describe_topics(list(names))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topics on {bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+    counts = {d["topic"]: len(d["partitions"]) for d in described if d.get("partitions")}
+    missing = [n for n in names if n not in counts]
+    if missing:
+        raise BrokerError(f"topics {', '.join(missing)} do not exist on {bootstrap}")
+    return counts

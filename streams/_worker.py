@@ -149,6 +149,7 @@ class Caller:
             response=result.text,
             finish_reason=result.finish_reason,
             error=error if result is _FAILED else "",
+            data_subject=d.data_subject,
         )
 
 

@@ -7,18 +7,15 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import msgspec
-import pyarrow as pa
 import yaml
 
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, parse_policy
-from nexuscore.projections import SCHEMAS, EvidenceStore, write_table
-from nexuscore.projections._tables import ROW_BUILDERS
+from nexuscore.projections import EvidenceStore
 from nexuscore.replay import replay
 from nexuscore.schemas import DispatchRequested, Event, OutcomeRecorded, RequestDecided
-from tests.factories import POLICY, with_budgets
+from tests.factories import POLICY, project, with_budgets
 
 T0 = datetime(2026, 11, 25, 8, tzinfo=UTC)
 
@@ -66,14 +63,7 @@ def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) 
 
 
 def write_evidence(events: list[Event], root: Path) -> None:
-    rows: dict[str, list[dict[str, object]]] = defaultdict(list)
-    for offset, e in enumerate(events):
-        record = msgspec.to_builtins(e, builtin_types=(datetime, bytes))
-        for table, row in ROW_BUILDERS[type(e)](record):
-            row.update(src_topic="t", src_partition=0, src_offset=offset)
-            rows[table].append(row)
-    for table, table_rows in rows.items():
-        write_table(root / table, "part.parquet", pa.Table.from_pylist(table_rows, schema=SCHEMAS[table]))
+    project(root, events)
 
 
 def test_replay_with_the_recorded_policy_reproduces_every_decision(tmp_path: Path) -> None:

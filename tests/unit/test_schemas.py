@@ -24,7 +24,9 @@ from nexuscore.schemas import (
     InferenceRequested,
     ModelCallAttempted,
     OutcomeRecorded,
+    PolicyStageChanged,
     RequestRejected,
+    ReviewRecorded,
     avro_name,
     crc64_avro,
     schema_for,
@@ -55,7 +57,16 @@ def sample_events() -> list[Event]:
         event_id="d1", request_id="", tenant_id="", occurred_at=T0, producer="t", source_topic="nexus.requests",
         source_partition=2, source_offset=41, reason="not Avro", raw_key=None, raw_value=b"\x00\xff",
     )  # fmt: skip
-    return [req, *decided, outcome, *settled, rejected, attempt, dead]
+    review = ReviewRecorded(
+        event_id="v1", request_id=req.request_id, tenant_id=req.tenant_id, occurred_at=T0, producer="t",
+        action="approved", reviewer="alice@example.com", reason="checked the memo", deadline=T0,
+    )  # fmt: skip
+    stage = PolicyStageChanged(
+        event_id="p1", request_id="", tenant_id="", occurred_at=T0, producer="t", policy_digest="sha256:ab",
+        policy_version="2", from_stage="canary", to_stage="active", actor="bob", signers=["k1", "k2"],
+        replay_report_digest="sha256:cd",
+    )  # fmt: skip
+    return [req, *decided, outcome, *settled, rejected, attempt, dead, review, stage]
 
 
 def test_every_event_type_round_trips_and_the_samples_cover_them_all() -> None:

@@ -1,0 +1,228 @@
+"""Envelope encryption of evidence content (prompts, responses) with a key per tenant or data subject.
+
+Each scope (a tenant, or one data subject of a tenant) has a data key; data keys are stored wrapped
+(AES-256-GCM) by a key-encryption key, and erasing a scope destroys its data key: what was encrypted
+under it can no longer be read, while the ciphertext, and so every seal over it, stays as it was.
+
+``KeyStore`` is the seam: ``LocalKeyStore`` keeps the keys in a JSON file, guarded by a lock file so
+that an erasure and a running projector never undo each other; a KMS can implement the same four
+methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nexuscore.errors import KeyStoreError
+
+NONCE_BYTES = 12
+
+
+class KeyStore(Protocol):
+    def data_key(self, tenant: str, subject: str | None, now: datetime) -> tuple[str, bytes]:
+        """The current (key id, data key) of a scope, created on first use and durable on return."""
+        ...
+
+    def lookup(self, key_id: str) -> bytes | None:
+        """A data key by id; None once it has been erased (or never existed)."""
+        ...
+
+    def erased_at(self, key_id: str) -> str | None: ...
+
+    def erase(self, tenant: str, subject: str | None, now: datetime, reason: str) -> list[str]:
+        """Destroy the data keys of a tenant (every subject too) or of one subject; return their ids."""
+        ...
+
+
+def _scope(tenant: str, subject: str | None) -> str:
+    return f"{tenant}\x1f{subject or ''}"
+
+
+class LocalKeyStore:
+    """Data keys in ``keystore.json``, wrapped by the 32-byte key-encryption key in ``master.key``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "keystore.json"
+        self._lock_path = directory / ".keystore.lock"
+        self._kek_path = directory / "master.key"
+        self._doc: dict[str, Any] = {"keys": {}, "active": {}, "erased": {}}
+        self._mtime = -1.0
+        self._plain: dict[str, bytes] = {}
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeyStoreError(f"cannot open the keystore under {self.directory}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._reload(force=True)
+            yield
+        finally:
+            os.close(fd)
+
+    def _kek(self) -> AESGCM:
+        if not self._kek_path.exists():
+            fd = os.open(self._kek_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+        key = self._kek_path.read_bytes()
+        if len(key) != 32:
+            raise KeyStoreError(f"{self._kek_path} is not a 32-byte key")
+        return AESGCM(key)
+
+    def _reload(self, force: bool = False) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if not force and mtime == self._mtime:
+            return
+        try:
+            self._doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise KeyStoreError(f"cannot read the keystore {self.path}: {exc}") from exc
+        self._mtime = mtime
+        # Keys erased by another process must stop working here too.
+        self._plain = {k: v for k, v in self._plain.items() if k in self._doc["keys"]}
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(self._doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._mtime = self.path.stat().st_mtime
+
+    def refresh(self) -> None:
+        """Pick up erasures made by other processes (a stat when nothing changed)."""
+        self._reload()
+
+    # --- KeyStore ---------------------------------------------------------------------------------
+
+    def data_key(self, tenant: str, subject: str | None, now: datetime) -> tuple[str, bytes]:
+        key_id = self._doc["active"].get(_scope(tenant, subject))
+        if key_id is not None and (key := self.lookup(key_id)) is not None:
+            return key_id, key
+        with self._locked():
+            key_id = self._doc["active"].get(_scope(tenant, subject))
+            if key_id is None or key_id not in self._doc["keys"]:
+                key_id = secrets.token_hex(8)
+                key = AESGCM.generate_key(bit_length=256)
+                nonce = secrets.token_bytes(NONCE_BYTES)
+                wrapped = nonce + self._kek().encrypt(nonce, key, key_id.encode())
+                self._doc["keys"][key_id] = {
+                    "tenant": tenant,
+                    "subject": subject,
+                    "created_at": now.isoformat(),
+                    "wrapped": base64.b64encode(wrapped).decode("ascii"),
+                }
+                self._doc["active"][_scope(tenant, subject)] = key_id
+                self._save()
+        found = self.lookup(key_id)
+        assert found is not None
+        return key_id, found
+
+    def lookup(self, key_id: str) -> bytes | None:
+        key = self._plain.get(key_id)
+        if key is not None:
+            return key
+        self._reload()
+        entry = self._doc["keys"].get(key_id)
+        if entry is None:
+            return None
+        wrapped = base64.b64decode(entry["wrapped"])
+        try:
+            key = self._kek().decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], key_id.encode())
+        except InvalidTag as exc:
+            raise KeyStoreError(f"data key {key_id} does not unwrap with {self._kek_path}") from exc
+        self._plain[key_id] = key
+        return key
+
+    def erased_at(self, key_id: str) -> str | None:
+        self._reload()
+        entry = self._doc["erased"].get(key_id)
+        return None if entry is None else str(entry["erased_at"])
+
+    def erase(self, tenant: str, subject: str | None, now: datetime, reason: str) -> list[str]:
+        with self._locked():
+            doomed = [
+                k
+                for k, e in self._doc["keys"].items()
+                if e["tenant"] == tenant and (subject is None or e["subject"] == subject)
+            ]
+            for k in doomed:
+                e = self._doc["keys"].pop(k)
+                self._doc["erased"][k] = {
+                    "tenant": tenant,
+                    "subject": e["subject"],
+                    "erased_at": now.isoformat(),
+                    "reason": reason,
+                }
+                self._plain.pop(k, None)
+            self._doc["active"] = {s: k for s, k in self._doc["active"].items() if k not in doomed}
+            if doomed:
+                self._save()
+        return doomed
+
+
+class FieldCipher:
+    """AES-256-GCM over one field of one event, with a nonce derived from (event id, field).
+
+    Deterministic on purpose: re-projecting the same event after a crash yields the same bytes, so
+    the projection depends on the log alone. A nonce repeats only for the same event and field,
+    which carry the same plaintext.
+    """
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+        self._aead: dict[str, tuple[AESGCM, bytes]] = {}
+
+    def encrypt(
+        self, tenant: str, subject: str | None, event_id: str, field: str, text: str, now: datetime
+    ) -> tuple[str, bytes]:
+        key_id, key = self.keys.data_key(tenant, subject, now)
+        cached = self._aead.get(key_id)
+        if cached is None or cached[1] is not key:
+            cached = self._aead[key_id] = (AESGCM(key), key)
+        aad = f"{event_id}\x1f{field}".encode()
+        nonce = hmac.new(key, aad, hashlib.sha256).digest()[:NONCE_BYTES]
+        return key_id, nonce + cached[0].encrypt(nonce, text.encode(), aad)
+
+    def decrypt(self, key_id: str, event_id: str, field: str, blob: bytes) -> str | None:
+        """The plaintext, or None when the key has been erased."""
+        key = self.keys.lookup(key_id)
+        if key is None:
+            return None
+        aad = f"{event_id}\x1f{field}".encode()
+        try:
+            return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad).decode()
+        except InvalidTag as exc:
+            raise KeyStoreError(f"{field} of event {event_id} does not decrypt with key {key_id}") from exc

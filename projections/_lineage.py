@@ -1,0 +1,120 @@
+"""The lineage of one request: every event, in order, and what each says, content decrypted.
+
+Answers the regulator's questions about one request: what the model received, which policy and
+which model version served it, where the data went and on which transfer basis, and what it cost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from nexuscore.projections._keys import FieldCipher
+
+if TYPE_CHECKING:
+    from nexuscore.projections._store import EvidenceStore
+
+Row = dict[str, Any]
+
+_ORDER = (
+    "requests",
+    "rejections",
+    "decisions",
+    "dispatches",
+    "attempts",
+    "outcomes",
+    "settlements",
+    "reviews",
+)
+_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int32()),
+        ("occurred_at", pa.timestamp("us", tz="UTC")),
+        ("event", pa.string()),
+        ("event_id", pa.string()),
+        ("producer", pa.string()),
+        ("data_region", pa.string()),
+        ("policy_digest", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+def _usd(micros: int | None) -> str:
+    return "-" if micros is None else f"${micros / 1e6:.6f}"
+
+
+def _content(store: EvidenceStore, cipher: FieldCipher, row: Row, column: str) -> str:
+    key_id = row[f"{column}_key"]
+    text = cipher.decrypt(key_id, row["event_id"], column, row[column])
+    if text is None:
+        erased = store.keystore.erased_at(key_id)
+        return f"[erased{' ' + erased if erased else ''}: key {key_id} destroyed]"
+    return text
+
+
+def _detail(store: EvidenceStore, cipher: FieldCipher, table: str, r: Row) -> str:
+    if table == "requests":
+        subject = f", data subject {r['data_subject']}" if r["data_subject"] else ""
+        return (
+            f"feature {r['feature']}, task {r['task_type']}, risk {r['risk_class']}, data {r['data_classification']}"
+            f"{subject}, max {r['max_output_tokens']} output tokens; prompt: {_content(store, cipher, r, 'prompt')}"
+        )
+    if table == "rejections":
+        return f"rejected ({r['reason_code']}): {r['reason']}"
+    if table == "decisions":
+        reasons = "; ".join(f"{x['stage']}/{x['kind']} {x['subject']}: {x['detail']}" for x in r["reasons"])
+        return (
+            f"{r['verdict']} ({r['verdict_reason']}) under policy {r['policy_version']}: tier {r['tier']}, "
+            f"deployment {r['deployment_id']}; residency home {r['home_region']}, allowed "
+            f"{', '.join(r['allowed_regions'])} (rule {r['residency_rule']}, basis {r['transfer_basis']}); "
+            f"budget {r['budget_action']} {_usd(r['estimated_cost_micros'])} of {_usd(r['tenant_budget_micros'])}; "
+            f"decode {r['decode_strategy']}; reasons: {reasons}"
+        )
+    if table == "dispatches":
+        return (
+            f"dispatched to {r['deployment_id']} ({r['provider']} {r['model']}) in {r['region']}, allowed "
+            f"{', '.join(r['allowed_regions'])}; estimate {_usd(r['estimated_cost_micros'])}"
+        )
+    if table == "attempts":
+        http = f" HTTP {r['http_status']}" if r["http_status"] is not None else ""
+        error = f": {r['error']}" if r["error"] else ""
+        return f"attempt {r['attempt']} on {r['deployment_id']} in {r['region']}: {r['status']}{http} in {r['latency_ms']} ms{error}"
+    if table == "outcomes":
+        return (
+            f"{r['status']} by {r['model']} version {r['model_version'] or '-'} in {r['region']} after "
+            f"{r['attempts']} attempt(s): {r['input_tokens']} in / {r['output_tokens']} out tokens, "
+            f"cost {_usd(r['cost_micros'])}, {r['latency_ms']} ms; response: {_content(store, cipher, r, 'response')}"
+        )
+    if table == "settlements":
+        return (
+            f"budget settled: reserved {_usd(r['reserved_micros'])}, actual {_usd(r['actual_micros'])}; "
+            f"tenant spent {_usd(r['tenant_spent_micros'])} in window {r['budget_window']}"
+        )
+    return f"review {r['action']} by {r['reviewer']}: {r['reason']}"
+
+
+def lineage(store: EvidenceStore, cipher: FieldCipher, request_id: str) -> pa.Table:
+    rows: list[Row] = []
+    for table in _ORDER:
+        found = store.query(
+            f"SELECT * FROM {table} WHERE request_id = $id ORDER BY src_offset",  # noqa: S608  # names are ours
+            {"id": request_id},
+        ).to_pylist()
+        for r in found:
+            rows.append(
+                {
+                    "occurred_at": r["occurred_at"],
+                    "event": table,
+                    "event_id": r["event_id"],
+                    "producer": r["producer"],
+                    "data_region": r["data_region"],
+                    "policy_digest": r["policy_digest"] or None,
+                    "detail": _detail(store, cipher, table, r),
+                }
+            )
+    rows.sort(key=lambda x: (x["occurred_at"], _ORDER.index(x["event"])))
+    for i, r in enumerate(rows):
+        r["seq"] = i + 1
+    return pa.Table.from_pylist(rows, schema=_SCHEMA)

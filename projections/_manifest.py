@@ -1,0 +1,194 @@
+"""The evidence manifest: an append-only, hash-chained, Merkle-summarised and signed ledger of files.
+
+``manifest.jsonl`` holds one entry per line, each line its own canonical JSON (sorted keys, no
+spaces, ASCII). An entry's hash is sha256 of its line; every entry names the previous one's hash
+(``prev``), so no entry can be changed, removed or reordered without breaking the chain. Two kinds:
+
+- ``file``: one sealed Parquet file (path, table, region, topic, partition, offsets, rows, Merkle
+  root of its rows, sha256 of its bytes);
+- ``checkpoint``: the end of one projector flush, with the range of offsets of every partition it
+  consumed. Checkpoints are the commit points: the projector resumes from them, and entries after
+  the last checkpoint (a flush cut short) are discarded on restart.
+
+``manifest.head.json`` signs, with Ed25519, the number of entries, the hash of the last one and the
+RFC 6962 Merkle root over all entry hashes, so one entry's inclusion is provable in log(n) hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nexuscore import _signing
+from nexuscore.errors import EvidenceError
+from nexuscore.projections import _merkle
+
+MANIFEST = "manifest.jsonl"
+HEAD = "manifest.head.json"
+GENESIS = "0" * 64
+Entry = dict[str, Any]
+
+
+def canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def head_message(head: dict[str, Any]) -> bytes:
+    """The bytes a head's signature covers: every field but the signature and the public key."""
+    return canonical({k: v for k, v in head.items() if k not in ("signature", "public_key")})
+
+
+def read_lines(root: Path) -> list[bytes]:
+    try:
+        data = (root / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise EvidenceError(f"cannot read {root / MANIFEST}: {exc.strerror}") from exc
+    return data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")
+
+
+def read_head(root: Path) -> dict[str, Any] | None:
+    try:
+        head: dict[str, Any] = json.loads((root / HEAD).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(f"cannot read {root / HEAD}: {exc}") from exc
+    return head
+
+
+class Manifest:
+    """The ledger as the projector keeps it: recovered to its last checkpoint, then appended to."""
+
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey) -> None:
+        self.root = root
+        self.key = signing_key
+        self.key_id = _signing.key_id(signing_key.public_key())
+        self.frontier = _merkle.Frontier()
+        self.last = GENESIS
+        self.entries: list[Entry] = []  # committed ones
+        self.positions: dict[tuple[str, int], int] = {}
+        self._pending: list[bytes] = []
+        self._recover()
+
+    def _recover(self) -> None:
+        """Keep every entry up to the last checkpoint whose chain holds; drop the rest."""
+        lines = read_lines(self.root)
+        keep = 0
+        parsed: list[Entry] = []
+        prev = GENESIS
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break
+            if entry.get("prev") != prev or entry.get("seq") != i or canonical(entry) != line:
+                raise EvidenceError(
+                    f"{self.root / MANIFEST} is broken at entry {i}: run `nexuscore evidence verify`"
+                )
+            prev = hashlib.sha256(line).hexdigest()
+            parsed.append(entry)
+            if entry["kind"] == "checkpoint":
+                keep = i + 1
+        if keep < len(lines):
+            self._rewrite(lines[:keep])
+        for line, entry in zip(lines[:keep], parsed[:keep], strict=True):
+            self._absorb(line, entry)
+        self.sign(_now_from(self.entries))
+
+    def _absorb(self, line: bytes, entry: Entry) -> None:
+        self.last = hashlib.sha256(line).hexdigest()
+        self.frontier.append(_merkle.leaf_hash(line))
+        self.entries.append(entry)
+        if entry["kind"] == "checkpoint":
+            for p in entry["partitions"]:
+                self.positions[(p["topic"], p["partition"])] = p["end"]
+
+    def _rewrite(self, lines: list[bytes]) -> None:
+        tmp = self.root / f".{MANIFEST}.tmp"
+        with tmp.open("wb") as f:
+            f.write(b"".join(line + b"\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / MANIFEST)
+        _fsync_dir(self.root)
+
+    def files(self) -> Iterator[Entry]:
+        return (e for e in self.entries if e["kind"] == "file")
+
+    def add(self, entry: Entry) -> None:
+        """Stage an entry; it becomes part of the ledger at the next ``commit``."""
+        seq = len(self.entries) + len(self._pending)
+        prev = hashlib.sha256(self._pending[-1]).hexdigest() if self._pending else self.last
+        self._pending.append(canonical({**entry, "seq": seq, "prev": prev}))
+
+    def commit(self, partitions: list[dict[str, Any]], now: datetime) -> None:
+        """Close a flush: its checkpoint, durably, then a newly signed head."""
+        self.add({"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()})
+        with (self.root / MANIFEST).open("ab") as f:
+            f.write(b"".join(line + b"\n" for line in self._pending))
+            f.flush()
+            os.fsync(f.fileno())
+        for line in self._pending:
+            self._absorb(line, json.loads(line))
+        self._pending = []
+        self.sign(now)
+
+    def sign(self, now: datetime | None) -> None:
+        head: dict[str, Any] = {
+            "size": self.frontier.size,
+            "root": self.frontier.root().hex(),
+            "last": self.last,
+            "signed_at": None if now is None else now.isoformat(),
+            "key_id": self.key_id,
+        }
+        head["signature"] = _signing.sign(self.key, head_message(head))
+        head["public_key"] = _signing.public_raw_b64(self.key.public_key())
+        tmp = self.root / f".{HEAD}.tmp"
+        with tmp.open("wb") as f:
+            f.write(json.dumps(head, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / HEAD)
+        _fsync_dir(self.root)
+
+
+def _now_from(entries: list[Entry]) -> datetime | None:
+    """The time of the last checkpoint: re-signing a recovered ledger does not invent a new time."""
+    for e in reversed(entries):
+        if e["kind"] == "checkpoint":
+            return datetime.fromisoformat(e["sealed_at"])
+    return None
+
+
+def committed_files(root: Path) -> list[Entry]:
+    """The file entries a reader may trust: within the signed head and up to its last checkpoint."""
+    head = read_head(root)
+    if head is None:
+        return []
+    files: list[Entry] = []
+    staged: list[Entry] = []
+    for line in read_lines(root)[: head["size"]]:
+        entry = json.loads(line)
+        if entry["kind"] == "file":
+            staged.append(entry)
+        else:
+            files.extend(staged)
+            staged = []
+    return files
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
