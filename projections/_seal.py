@@ -9,6 +9,8 @@ silently.
 
 from __future__ import annotations
 
+import functools
+
 import duckdb
 import pyarrow as pa
 
@@ -72,9 +74,11 @@ def seal_file(path: str, table: str) -> tuple[int, str]:
     """(rows, Merkle root hex) of one stored file; runs in a worker process during ``verify``."""
     from nexuscore.projections._tables import SCHEMAS
 
-    con = duckdb.connect(config={"threads": 1})
-    try:
-        hashes = leaf_hashes(con, SCHEMAS[table], file_source(path))
-    finally:
-        con.close()
+    hashes = leaf_hashes(_connection(), SCHEMAS[table], file_source(path))
     return len(hashes), _merkle.root(hashes).hex()
+
+
+@functools.cache
+def _connection() -> duckdb.DuckDBPyConnection:
+    """One connection per process: opening one costs more than sealing a small file."""
+    return duckdb.connect(config={"threads": 1})

@@ -10,6 +10,7 @@ a ``Finding`` that names where it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,8 +186,15 @@ def _check_files(
             continue
         jobs.append(e)
     done = 0
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_seal.seal_file, [str(root / e["path"]) for e in jobs], [e["table"] for e in jobs])
+    paths, tables = [str(root / e["path"]) for e in jobs], [e["table"] for e in jobs]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            # The Merkle hashing is pure-Python work: one process per core.
+            results = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(
+                _seal.seal_file, paths, tables
+            )
+        else:
+            results = map(_seal.seal_file, paths, tables)
         for e, (rows, merkle_root) in zip(jobs, results, strict=True):
             if rows != e["rows"]:
                 report.add("rows_mismatch", e["path"], f"has {rows} rows, sealed with {e['rows']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -13,10 +14,11 @@ from aiokafka import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore._clock import FixedClock
-from nexuscore.core import derive_id
+from nexuscore._synthetic import synthetic_requests
+from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
 from nexuscore.policy import RoutingPolicy, default_policy
 from nexuscore.projections import Projector
-from nexuscore.schemas import AvroCodec, Event, InferenceRequested
+from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
 from nexuscore.streams import Topics
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -102,7 +104,7 @@ def project(
         regions={t.id: t.home_region for t in policy.tenants},
         topics=topics,
     )
-    projector.recover()
+    manifest = projector.recover()
     codec = AvroCodec()
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     batches: dict[Any, Any] = {}
@@ -111,6 +113,8 @@ def project(
         partition = zlib.crc32(e.tenant_id.encode()) % partitions
         offset = offsets[(topic, partition)]
         offsets[(topic, partition)] += 1
+        if offset < manifest.positions.get((topic, partition), 0):
+            continue  # already projected: a restarted projector seeks past it
         record = ConsumerRecord(
             topic=topic, partition=partition, offset=offset, timestamp=0, timestamp_type=0,
             key=e.tenant_id.encode(), value=codec.encode(e), checksum=None, serialized_key_size=0,
@@ -123,3 +127,48 @@ def project(
     if batches:
         projector.flush(batches)
     return projector
+
+
+# --- a recorded history: what the decider and the workers would have written --------------------
+
+
+def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) -> list[Event]:
+    """What the decision agent and the workers would have recorded, outcomes arriving out of order."""
+    rng = random.Random(seed)
+    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    held: dict[str, Reservation] = {}
+    events: list[Event] = []
+    in_flight: list[DispatchRequested] = []
+
+    def finish_one() -> None:
+        d = in_flight.pop(rng.randrange(len(in_flight)))
+        out_tokens = rng.randint(1, d.max_output_tokens)
+        cost = -(-(8 * d.input_price_micros_per_1k + out_tokens * d.output_price_micros_per_1k) // 1000)
+        outcome = OutcomeRecorded(
+            event_id=derive_id(d.event_id, "outcome"), request_id=d.request_id, tenant_id=d.tenant_id,
+            occurred_at=d.occurred_at, producer="w", status="answered", feature=d.feature,
+            deployment_id=d.deployment_id, model=d.model, model_version="v", region=d.region, attempts=1,
+            input_tokens=8, output_tokens=out_tokens, cost_micros=cost, latency_ms=3.0, response="r",
+            finish_reason="stop",
+        )  # fmt: skip
+        events.append(outcome)
+        reservation = held.pop(d.request_id)
+        states[d.tenant_id], settled = on_outcome(
+            states[d.tenant_id], reservation, outcome, "decider", d.occurred_at
+        )
+        events.extend(settled)
+
+    for req in synthetic_requests(policy, n, seed=seed, start=start, run="replay-test"):
+        states[req.tenant_id], reservation, out = on_request(
+            states[req.tenant_id], req, policy, "decider", req.occurred_at
+        )
+        if reservation is not None:
+            held[req.request_id] = reservation
+        events.append(req)
+        events.extend(out)
+        in_flight.extend(e for e in out if isinstance(e, DispatchRequested))
+        while in_flight and rng.random() < 0.5:
+            finish_one()
+    while in_flight:
+        finish_one()
+    return events

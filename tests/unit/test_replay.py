@@ -2,64 +2,18 @@
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
-from nexuscore._synthetic import synthetic_requests
-from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
-from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, parse_policy
+from nexuscore.policy import DEFAULT_POLICY_PATH, parse_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.replay import replay
-from nexuscore.schemas import DispatchRequested, Event, OutcomeRecorded, RequestDecided
-from tests.factories import POLICY, project, with_budgets
+from nexuscore.schemas import Event, RequestDecided
+from tests.factories import POLICY, project, run_history, with_budgets
 
 T0 = datetime(2026, 11, 25, 8, tzinfo=UTC)
-
-
-def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) -> list[Event]:
-    """What the decision agent and the workers would have recorded, outcomes arriving out of order."""
-    rng = random.Random(seed)
-    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
-    held: dict[str, Reservation] = {}
-    events: list[Event] = []
-    in_flight: list[DispatchRequested] = []
-
-    def finish_one() -> None:
-        d = in_flight.pop(rng.randrange(len(in_flight)))
-        out_tokens = rng.randint(1, d.max_output_tokens)
-        cost = -(-(8 * d.input_price_micros_per_1k + out_tokens * d.output_price_micros_per_1k) // 1000)
-        outcome = OutcomeRecorded(
-            event_id=derive_id(d.event_id, "outcome"), request_id=d.request_id, tenant_id=d.tenant_id,
-            occurred_at=d.occurred_at, producer="w", status="answered", feature=d.feature,
-            deployment_id=d.deployment_id, model=d.model, model_version="v", region=d.region, attempts=1,
-            input_tokens=8, output_tokens=out_tokens, cost_micros=cost, latency_ms=3.0, response="r",
-            finish_reason="stop",
-        )  # fmt: skip
-        events.append(outcome)
-        reservation = held.pop(d.request_id)
-        states[d.tenant_id], settled = on_outcome(
-            states[d.tenant_id], reservation, outcome, "decider", d.occurred_at
-        )
-        events.extend(settled)
-
-    for req in synthetic_requests(policy, n, seed=seed, start=start, run="replay-test"):
-        states[req.tenant_id], reservation, out = on_request(
-            states[req.tenant_id], req, policy, "decider", req.occurred_at
-        )
-        if reservation is not None:
-            held[req.request_id] = reservation
-        events.append(req)
-        events.extend(out)
-        in_flight.extend(e for e in out if isinstance(e, DispatchRequested))
-        while in_flight and rng.random() < 0.5:
-            finish_one()
-    while in_flight:
-        finish_one()
-    return events
 
 
 def write_evidence(events: list[Event], root: Path) -> None:
