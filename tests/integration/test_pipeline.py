@@ -19,14 +19,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
+import pyarrow.parquet as pq
 import pytest
 from aiokafka import AIOKafkaConsumer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from nexuscore._demo import Pipeline, _publish_all, wait_for_evidence
 from nexuscore._services import Services
+from nexuscore._signing import generate_keypair
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
-from nexuscore.projections import EvidenceStore
+from nexuscore.projections import EvidenceStore, FieldCipher, LocalKeyStore
 from nexuscore.replay import replay
 from nexuscore.schemas import AVRO_DIR
 from nexuscore.streams import Topics, ensure_topics
@@ -41,24 +43,27 @@ class Run:
     bootstrap: str
     topics: Topics
     evidence: Path
+    public_key: Path
 
 
 @pytest.fixture(scope="module")
 def run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     topics = Topics(f"it-{uuid.uuid4().hex[:8]}.")
     evidence = tmp_path_factory.mktemp("evidence")
+    keys = tmp_path_factory.mktemp("keys")
+    generate_keypair(keys / "signer.pem", keys / "signer.pub")
     asyncio.run(ensure_topics(bootstrap, topics))
     from rich.console import Console
 
     with Services(evidence / "_logs") as services:
-        Pipeline(services, bootstrap, topics, DEFAULT_POLICY_PATH, evidence)
+        Pipeline(services, bootstrap, topics, DEFAULT_POLICY_PATH, evidence, keys / "signer.pem")
         sent = asyncio.run(_publish_all(bootstrap, topics, default_policy(), REQUESTS, topics.namespace))
         assert sent == MALFORMED
         wait_for_evidence(evidence, REQUESTS, services, 180, Console(quiet=True))
         # Let the last dead letters and settlements land (one projector flush).
         deadline = asyncio.run(_settle_evidence(evidence))
         assert deadline
-    yield Run(bootstrap, topics, evidence)
+    yield Run(bootstrap, topics, evidence, keys / "signer.pub")
 
 
 async def _settle_evidence(evidence: Path) -> bool:
@@ -161,8 +166,11 @@ def test_malformed_input_is_dead_lettered_with_its_bytes_reason_and_position(run
         assert letter["raw_key"] == b"acme-bank"
     raw = asyncio.run(_read_topic(run.bootstrap, run.topics.requests))
     by_position = {(r.partition, r.offset): r.value for r in raw}
+    cipher = FieldCipher(LocalKeyStore(run.evidence / "_keys"))
     for letter in letters:
-        assert by_position[(letter["source_partition"], letter["source_offset"])] == letter["raw_value"]
+        stored = cipher.decrypt(letter["raw_value_key"], letter["event_id"], "raw_value", letter["raw_value"])
+        assert stored is not None
+        assert by_position[(letter["source_partition"], letter["source_offset"])] == bytes.fromhex(stored)
 
 
 async def _read_topic(bootstrap: str, topic: str) -> list:  # type: ignore[type-arg]
@@ -252,7 +260,19 @@ def test_the_cli_queries_and_replays_the_evidence(run: Run) -> None:
 
 
 def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Path) -> None:
-    unreachable = nexuscore("run", "projector", "--bootstrap", "127.0.0.1:1", "-e", str(tmp_path))
+    no_key = nexuscore("run", "projector", "--bootstrap", "127.0.0.1:1", "-e", str(tmp_path))
+    assert no_key.returncode == 2 and "no signing key" in no_key.stderr
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    unreachable = nexuscore(
+        "run",
+        "projector",
+        "--bootstrap",
+        "127.0.0.1:1",
+        "-e",
+        str(tmp_path),
+        "--signing-key",
+        str(tmp_path / "k.pem"),
+    )
     assert unreachable.returncode == 2
     assert "cannot reach the Kafka broker at 127.0.0.1:1" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
@@ -271,5 +291,46 @@ def test_the_demo_command_runs_the_pipeline_to_completion(bootstrap: str, tmp_pa
     assert "all 150 requests reached a terminal state" in demo.stdout
     assert "0 with more than one terminal state" in demo.stdout
     assert "Who routed what" in demo.stdout
+    assert "evidence verified:" in demo.stdout
     with EvidenceStore(tmp_path / "ev") as store:
         assert store.terminal_summary()["terminal"] == 150
+
+
+def test_the_evidence_verifies_and_every_report_answers(run: Run, tmp_path: Path) -> None:
+    ev, key = str(run.evidence), str(run.public_key)
+    verified = nexuscore("evidence", "verify", "-e", ev, "--public-key", key)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK: complete and unaltered" in verified.stdout
+    stranger = tmp_path / "stranger"
+    generate_keypair(stranger.with_suffix(".pem"), stranger.with_suffix(".pub"))
+    refused = nexuscore("evidence", "verify", "-e", ev, "--public-key", str(stranger.with_suffix(".pub")))
+    assert refused.returncode == 1 and "head_signature" in refused.stdout
+
+    with EvidenceStore(run.evidence) as store:
+        rid = one(store, "SELECT request_id FROM outcomes WHERE status = 'answered' LIMIT 1")
+    lineage = nexuscore("evidence", "lineage", str(rid), "-e", ev, "-f", "json")
+    assert lineage.returncode == 0, lineage.stderr
+    events = [r["event"] for r in json.loads(lineage.stdout)]
+    assert events[0] == "requests" and {"decisions", "dispatches", "attempts", "outcomes"} <= set(events)
+    assert "prompt: " in json.loads(lineage.stdout)[0]["detail"]
+
+    proof = nexuscore("evidence", "prove", str(rid), "-e", ev, "--public-key", key)
+    assert proof.returncode == 0, proof.stderr
+    assert "checks out" in proof.stderr and json.loads(proof.stdout)["request_id"] == rid
+
+    residency = nexuscore("evidence", "residency", "-e", ev, "-f", "json")
+    assert residency.returncode == 0, residency.stderr
+    assert all(r["finding"] == "cross_border" and r["transfer_basis"] for r in json.loads(residency.stdout))
+
+    spend = nexuscore("evidence", "spend", "-e", ev, "-f", "parquet", "-o", str(tmp_path / "spend.parquet"))
+    assert spend.returncode == 0, spend.stderr
+    table = pq.read_table(tmp_path / "spend.parquet")
+    assert table.num_rows > 0 and "tenant_budget_used_pct" in table.column_names
+    assert nexuscore("evidence", "spend", "-e", ev, "-f", "parquet").returncode == 2
+
+    escalations = nexuscore("evidence", "escalations", "-e", ev, "-f", "csv")
+    assert escalations.returncode == 0 and escalations.stdout.startswith("request_id,")
+    report = nexuscore("evidence", "report", "-e", ev, "--public-key", key, "-o", str(tmp_path / "r.html"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<svg") >= 3 and "Verified:" in page and "<script" not in page

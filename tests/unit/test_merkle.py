@@ -44,7 +44,7 @@ def path_rfc(m: int, leaves: list[bytes]) -> list[bytes]:
 LEAVES = [f"event {i}".encode() for i in range(70)]
 
 
-@pytest.mark.parametrize("n", range(0, 70))
+@pytest.mark.parametrize("n", range(70))
 def test_root_path_and_frontier_match_the_rfc_for_every_size(n: int) -> None:
     leaves = LEAVES[:n]
     hashes = [leaf_hash(x) for x in leaves]
