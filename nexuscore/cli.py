@@ -743,7 +743,7 @@ def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | N
         if fmt == "json":
             stream.write(json.dumps(rows, default=_json_default, indent=2) + "\n")
         elif fmt == "csv":
-            writer = csv.DictWriter(stream, fieldnames=table.column_names)
+            writer = csv.DictWriter(stream, fieldnames=table.column_names, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         else:
@@ -753,7 +753,8 @@ def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | N
             for row in rows:
                 out.add_row(*("" if v is None else str(v) for v in row.values()))
             if output is None:
-                console.print(out)
+                # A pipe gets the whole width of the rows, not the 80 columns rich assumes.
+                (console if console.is_terminal else Console(width=200)).print(out)
             else:
                 Console(file=stream, width=200).print(out)
     if output is not None:

@@ -280,7 +280,7 @@ def test_a_proof_checks_out_with_the_readmes_independent_auditor(
     key_file.write_bytes(
         PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    assert len(auditor.group(1).strip().splitlines()) <= 30
+    assert len([line for line in auditor.group(1).splitlines() if line.strip()]) <= 30
 
     def audit(p: dict[str, object]) -> subprocess.CompletedProcess[str]:
         proof_file.write_text(json.dumps(p))

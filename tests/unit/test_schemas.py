@@ -29,6 +29,7 @@ from nexuscore.schemas import (
     ReviewRecorded,
     avro_name,
     crc64_avro,
+    fingerprint,
     schema_for,
     wire_name,
 )
@@ -153,3 +154,19 @@ def test_times_are_tz_aware_utc_on_the_way_back() -> None:
     back = CODEC.decode(CODEC.encode(e))
     assert back.occurred_at == e.occurred_at and back.occurred_at.utcoffset() is not None
     assert msgspec.structs.asdict(back) == msgspec.structs.asdict(e)
+
+
+def test_a_message_written_with_an_earlier_schema_version_is_read_into_the_current_one() -> None:
+    # inference_requested.v1 gained `data_subject` (with a default); messages written before still decode.
+    old_path = next((AVRO_DIR / "history").glob("inference_requested_v1.*.avsc"))
+    old = json.loads(old_path.read_text())
+    assert "data_subject" not in {f["name"] for f in old["fields"]}
+    req = request()
+    record = {
+        k: v for k, v in msgspec.to_builtins(req, builtin_types=(datetime,)).items() if k != "data_subject"
+    }
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(old), record)
+    data = b"\xc3\x01" + fingerprint(old) + body.getvalue()
+    assert data[2:10].hex() == old_path.name.split(".")[1]
+    assert CODEC.decode(data) == req
