@@ -57,6 +57,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from nexuscore._broker import REPO_ROOT, kafka_broker, kafka_libs_dir
+from nexuscore._demo import decider_args, projector_args
+from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Service, Services, peak_rss_mb
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import derive_id
@@ -463,7 +465,7 @@ def run_baseline(
 
 
 def start_pipeline(
-    services: Services, bootstrap: str, topics: Topics, policy_path: Path, evidence_dir: Path
+    services: Services, bootstrap: str, topics: Topics, keys: DevKeys, evidence_dir: Path
 ) -> dict[str, Service]:
     """The four stages with ``nexuscore._demo.Pipeline``'s command lines, minus ``--error-rate 0.03``.
 
@@ -475,11 +477,9 @@ def start_pipeline(
     common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
     return {
         "provider": provider,
-        "decider": services.start("decider", "run", "decider", *common, "--policy", str(policy_path)),
+        "decider": services.start("decider", *decider_args(common, keys)),
         "worker": services.start("worker", "run", "worker", *common, "--simulated-url", url),
-        "projector": services.start(
-            "projector", "run", "projector", *common, "--evidence-dir", str(evidence_dir)
-        ),
+        "projector": services.start("projector", *projector_args(common, keys, evidence_dir)),
     }
 
 
@@ -502,15 +502,13 @@ class EvidenceWatch:
     def refresh(self) -> dict[str, int]:
         for table in self.TABLES:
             known = self.rows[table]
-            folder = self.root / table
-            if not folder.is_dir():
-                continue
             # Files are renamed into place whole (``write_table``), so a listed *.parquet is complete.
-            for path in folder.glob("*.parquet"):
-                if path.name in known:
+            for path in self.root.glob(f"region=*/{table}/*.parquet"):
+                name = str(path)
+                if name in known:
                     continue
                 try:
-                    known[path.name] = pq.read_metadata(path).num_rows
+                    known[name] = pq.read_metadata(path).num_rows
                     mtime = path.stat().st_mtime
                 except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
                     continue
@@ -519,7 +517,7 @@ class EvidenceWatch:
         return {t: sum(v.values()) for t, v in self.rows.items()}
 
     def files(self) -> int:
-        return sum(1 for p in self.root.glob("*/*.parquet"))
+        return sum(1 for p in self.root.glob("region=*/*/*.parquet"))
 
 
 def wait_for_terminal(
@@ -595,7 +593,7 @@ def running_pipeline(
     evidence.mkdir(parents=True, exist_ok=True)
     # Services stops every stage (SIGTERM, grace, SIGKILL) on any exit, Ctrl-C included.
     with Services(root / "logs") as services:
-        stages = start_pipeline(services, bootstrap, topics, policy_path, evidence)
+        stages = start_pipeline(services, bootstrap, topics, dev_keys(root / "keys", policy_path), evidence)
         yield services, stages, EvidenceWatch(evidence)
 
 

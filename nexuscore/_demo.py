@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 import uuid
@@ -14,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nexuscore._broker import kafka_broker
+from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Services
-from nexuscore._signing import generate_keypair, load_public_key
+from nexuscore._signing import load_public_key
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
 from nexuscore.errors import NexusError
 from nexuscore.policy import RoutingPolicy, load_policy
@@ -28,58 +28,41 @@ class Pipeline:
     """The four stages as child processes: simulated provider, decider, worker, projector."""
 
     def __init__(
-        self,
-        services: Services,
-        bootstrap: str,
-        topics: Topics,
-        policy_path: Path,
-        evidence_dir: Path,
-        signing_key: Path,
+        self, services: Services, bootstrap: str, topics: Topics, keys: DevKeys, evidence_dir: Path
     ) -> None:
         self.services = services
         # A few provider errors, so that retries show in the attempts table.
         provider = services.start("provider", "run", "provider", "--port", "0", "--error-rate", "0.03")
         url = provider.wait_for_line("simulated provider listening on", 30)
         common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
-        services.start("decider", "run", "decider", *common, "--policy", str(policy_path))
+        services.start("decider", *decider_args(common, keys))
         services.start("worker", "run", "worker", *common, "--simulated-url", url)
-        services.start(
-            "projector",
-            "run",
-            "projector",
-            *common,
-            "--evidence-dir",
-            str(evidence_dir),
-            "--signing-key",
-            str(signing_key),
-            "--policy",
-            str(policy_path),
-        )
+        services.start("projector", *projector_args(common, keys, evidence_dir))
 
 
-def demo_signing_key(evidence_dir: Path) -> tuple[Path, Path]:
-    """The configured evidence signing key, or a demo key pair made under the evidence folder.
+def decider_args(common: list[str], keys: DevKeys) -> list[str]:
+    return ["run", "decider", *common, "--policy", str(keys.policy), "--trust-store", str(keys.trust_store)]
 
-    A real deployment keeps the private key away from the evidence it signs (NEXUSCORE_EVIDENCE_SIGNING_KEY).
-    """
-    configured = os.environ.get("NEXUSCORE_EVIDENCE_SIGNING_KEY")
-    if configured:
-        private = Path(configured)
-        public = Path(os.environ.get("NEXUSCORE_EVIDENCE_PUBLIC_KEY", configured))
-        return private, public
-    private, public = (
-        evidence_dir / "_demo_keys" / "evidence-signing.pem",
-        evidence_dir / "_demo_keys" / "evidence-signing.pub",
-    )
-    generate_keypair(private, public)
-    return private, public
+
+def projector_args(common: list[str], keys: DevKeys, evidence_dir: Path) -> list[str]:
+    return [
+        "run",
+        "projector",
+        *common,
+        "--evidence-dir",
+        str(evidence_dir),
+        "--signing-key",
+        str(keys.evidence_private),
+        "--policy",
+        str(keys.policy),
+    ]
 
 
 def clear_evidence(evidence_dir: Path) -> None:
     """Remove an earlier demo's evidence (only what NexusCore itself writes there)."""
     for region in evidence_dir.glob("region=*"):
         shutil.rmtree(region, ignore_errors=True)
-    for name in ("manifest.jsonl", "manifest.head.json", "_keys", "_demo_keys"):
+    for name in ("manifest.jsonl", "manifest.head.json", "_keys"):
         path = evidence_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -149,9 +132,9 @@ def run_demo(
         topics = Topics(namespace=f"demo-{run}.")
         asyncio.run(ensure_topics(bootstrap, topics))
         console.print(f"broker {bootstrap}; topics {topics.requests} …")
-        private, public = demo_signing_key(evidence_dir)
+        keys = dev_keys(evidence_dir / "_demo_keys", policy_path)
         with Services(evidence_dir / "_logs") as services:
-            Pipeline(services, bootstrap, topics, policy_path, evidence_dir, private)
+            Pipeline(services, bootstrap, topics, keys, evidence_dir)
             started = time.monotonic()
             malformed = asyncio.run(_publish_all(bootstrap, topics, policy, requests, run))
             console.print(f"published {requests} requests and {malformed} malformed messages")
@@ -171,13 +154,13 @@ def run_demo(
     if summary["multiple_terminal"] or summary["deadletters"] < malformed:
         raise NexusError(f"evidence incomplete: {summary}")
     known = {policy.digest}
-    report = verify(evidence_dir, load_public_key(public), known)
+    report = verify(evidence_dir, load_public_key(keys.evidence_public), known)
     if not report.ok:
         problems = "; ".join(f"{f.kind} {f.where}: {f.detail}" for f in report.findings if f.fatal)
         raise NexusError(f"the evidence does not verify: {problems}")
     console.print(
         f"evidence verified: {report.rows} events in {report.files} sealed files, every offset of "
         f"{report.partitions} partitions accounted for, manifest signed by key {report.head['key_id']} "
-        f"(check it yourself: nexuscore evidence verify -e {evidence_dir} --public-key {public})"
+        f"(check it yourself: nexuscore evidence verify -e {evidence_dir} --public-key {keys.evidence_public})"
     )
     return summary

@@ -44,7 +44,10 @@ evidence_app = typer.Typer(
     help="The evidence store: query it, report on it, verify it, prove what it holds, erase content.",
     no_args_is_help=True,
 )
-policy_app = typer.Typer(help="Inspect and validate routing policy files.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="Routing policies: show, diff, sign and verify them; manage the keys trusted to sign.",
+    no_args_is_help=True,
+)
 app.add_typer(run_app, name="run")
 app.add_typer(evidence_app, name="evidence")
 app.add_typer(policy_app, name="policy")
@@ -182,16 +185,31 @@ def run_provider(
 
 @run_app.command("decider")
 def run_decider(
-    bootstrap: Bootstrap, policy: PolicyFile = DEFAULT_POLICY_PATH, namespace: Namespace = ""
+    bootstrap: Bootstrap,
+    policy: PolicyFile,
+    trust_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-store", "-t", help="Trusted policy signers (YAML).", envvar="NEXUSCORE_TRUST_STORE"
+        ),
+    ] = None,
+    namespace: Namespace = "",
 ) -> None:
-    """The decision agent (faust): residency, routing, budget and decode for every request."""
+    """The decision agent (faust): residency, routing, budget and decode for every request.
+
+    Loads POLICY only if its signatures (POLICY.sig.json) hold against the trust store; otherwise
+    it refuses to start, with one reason (unsigned, bad_signature, unknown_key, revoked_key,
+    expired, invalid_content)."""
     from faust.worker import Worker as FaustWorker
 
     from nexuscore._broker import wait_for_broker
     from nexuscore._clock import SystemClock
+    from nexuscore.policy import load_signed_policy, load_trust_store
     from nexuscore.streams import Topics, build_decider, ensure_topics
 
-    loaded = load_policy(policy)
+    signed = load_signed_policy(policy, load_trust_store(_required_trust(trust_store)), datetime.now(UTC))
+    loaded = signed.policy
+    print(f"policy {loaded.version} {loaded.digest} signed by {'; '.join(signed.signers)}", flush=True)
     topics = Topics(namespace)
     asyncio.run(wait_for_broker(bootstrap, 15))
     asyncio.run(ensure_topics(bootstrap, topics))
@@ -598,6 +616,15 @@ def _public_key_path(public_key: Path | None) -> Path:
     )
 
 
+def _required_trust(trust_store: Path | None) -> Path:
+    if trust_store is None:
+        raise NexusError(
+            "no trust store: pass --trust-store or set NEXUSCORE_TRUST_STORE "
+            "(a YAML of trusted policy signers: `nexuscore policy keygen --trust-store FILE`)"
+        )
+    return trust_store
+
+
 def _required_key(signing_key: Path | None) -> Path:
     if signing_key is None:
         raise NexusError(
@@ -644,6 +671,12 @@ def _verify(
 @app.command()
 def replay(
     policy: PolicyFile,
+    trust_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-store", "-t", help="Trusted policy signers (YAML).", envvar="NEXUSCORE_TRUST_STORE"
+        ),
+    ] = None,
     evidence_dir: EvidenceDir = Path("evidence"),
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's history.")] = None,
     show: Annotated[int, typer.Option(help="How many changed decisions to list.")] = 10,
@@ -655,10 +688,12 @@ def replay(
     """
     from rich.progress import Progress
 
+    from nexuscore.policy import load_signed_policy, load_trust_store
     from nexuscore.projections import EvidenceStore
     from nexuscore.replay import replay as run_replay
 
-    candidate = load_policy(policy)
+    trust = load_trust_store(_required_trust(trust_store))
+    candidate = load_signed_policy(policy, trust, datetime.now(UTC)).policy
     with EvidenceStore(evidence_dir) as store, Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("replaying", total=None)
 
@@ -693,15 +728,203 @@ def replay(
         _print(pa.Table.from_pylist(rows), "table", f"First {len(rows)} changed decisions")
 
 
+TrustStoreFile = Annotated[
+    Path,
+    typer.Option(
+        "--trust-store",
+        "-t",
+        help="YAML file of the trusted public keys and their roles.",
+        envvar="NEXUSCORE_TRUST_STORE",
+    ),
+]
+Role = Annotated[str, typer.Option(help="The signer's role: author, reviewer or operator.")]
+
+
 @policy_app.command("show")
-def policy_show(path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML file.")]) -> None:
-    """Validate a policy file and print its version, digest and contents in brief."""
+def policy_show(
+    path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML file.")],
+    trust_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-store",
+            "-t",
+            help="Check the signatures against this trust store.",
+            envvar="NEXUSCORE_TRUST_STORE",
+        ),
+    ] = None,
+) -> None:
+    """Validate a policy file and print its version, digest, contents in brief and signatures."""
+    from nexuscore.policy import check_signatures, load_trust_store, read_signatures, signatures_path
+
     p = load_policy(path)
     console.print(f"{p.name} {p.version}\ndigest {p.digest}")
     console.print(
         f"{len(p.deployments)} deployments in {', '.join(p.regions)}; {len(p.tenants)} tenants; "
         f"{len(p.routing.rules)} routing rules; {len(p.escalation)} escalation rules"
     )
+    signatures = read_signatures(signatures_path(path))
+    for sig in signatures:
+        current = "" if sig.digest == p.digest else f"  [covers another digest {sig.digest[:19]}…]"
+        console.print(
+            f"signed by {sig.signer} as {sig.role} (key {sig.key_id}) at {sig.signed_at.isoformat()}, "
+            f"expires {sig.expires_at.isoformat()}{current}",
+            highlight=False,
+        )
+    if not signatures:
+        console.print("unsigned")
+    if trust_store is not None:
+        signed = check_signatures(
+            p,
+            path.read_bytes(),
+            signatures,
+            load_trust_store(trust_store),
+            datetime.now(UTC),
+            source=str(path),
+        )
+        console.print(f"[green]trusted[/]: {len(signed.signatures)} valid signature(s)")
+
+
+@policy_app.command("keygen")
+def policy_keygen(
+    name: Annotated[str, typer.Option(help="Who holds the key (a person or a pipeline).")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.pem (private) and NAME.pub.")] = Path("keys"),
+    trust_store: Annotated[
+        Path | None, typer.Option("--trust-store", "-t", help="Also add the public key to this trust store.")
+    ] = None,
+    role: Annotated[
+        list[str] | None, typer.Option(help="Role(s) in the trust store: author, reviewer, operator.")
+    ] = None,
+) -> None:
+    """Create an Ed25519 key pair for signing policies (and optionally trust it)."""
+    from nexuscore._signing import generate_keypair
+
+    stem = name.replace("@", "_at_").replace("/", "_")
+    key_id = generate_keypair(out / f"{stem}.pem", out / f"{stem}.pub")
+    console.print(f"key {key_id} of {name}: private {out / f'{stem}.pem'}, public {out / f'{stem}.pub'}")
+    if trust_store is not None:
+        _trust_add(trust_store, out / f"{stem}.pub", name, role or ["reviewer"])
+
+
+@policy_app.command("trust")
+def policy_trust(
+    trust_store: TrustStoreFile,
+    public_key: Annotated[Path | None, typer.Option(help="Add this public key (PEM).")] = None,
+    name: Annotated[str | None, typer.Option(help="Its holder, with --public-key.")] = None,
+    role: Annotated[list[str] | None, typer.Option(help="Its role(s), with --public-key.")] = None,
+    revoke: Annotated[str | None, typer.Option(help="Revoke this key id, from now on.")] = None,
+) -> None:
+    """List, add to or revoke keys of a trust store."""
+    from nexuscore.policy import TrustStore, load_trust_store, save_trust_store
+
+    if public_key is not None:
+        if name is None:
+            raise NexusError("--public-key needs --name")
+        _trust_add(trust_store, public_key, name, role or ["reviewer"])
+    if revoke is not None:
+        store = load_trust_store(trust_store)
+        key = store.get(revoke)
+        if key is None:
+            raise NexusError(f"{trust_store}: no key {revoke}")
+        revoked = key.model_copy(update={"revoked_at": datetime.now(UTC)})
+        save_trust_store(trust_store, TrustStore(keys=tuple(revoked if k is key else k for k in store.keys)))
+        console.print(f"revoked key {revoke} ({key.name})")
+    store = load_trust_store(trust_store) if trust_store.exists() else TrustStore()
+    for k in store.keys:
+        state = f"revoked {k.revoked_at.isoformat()}" if k.revoked_at else "active"
+        console.print(f"{k.key_id}  {k.name:<24} {','.join(k.roles):<20} {state}", highlight=False)
+
+
+def _trust_add(trust_store: Path, public_key: Path, name: str, roles: list[str]) -> None:
+    from nexuscore._signing import load_public_key
+    from nexuscore.policy import TrustStore, load_trust_store, save_trust_store, trusted_key_entry
+
+    allowed = ("author", "reviewer", "operator")
+    bad = [r for r in roles if r not in allowed]
+    if bad:
+        raise NexusError(f"unknown role(s) {', '.join(bad)}: use {', '.join(allowed)}")
+    store = load_trust_store(trust_store) if trust_store.exists() else TrustStore()
+    entry = trusted_key_entry(load_public_key(public_key), name, tuple(roles))  # type: ignore[arg-type]  # checked above
+    if store.get(entry.key_id) is not None:
+        raise NexusError(f"{trust_store} already holds key {entry.key_id}")
+    save_trust_store(trust_store, TrustStore(keys=(*store.keys, entry)))
+    console.print(f"trusted key {entry.key_id} of {name} as {', '.join(roles)} in {trust_store}")
+
+
+@policy_app.command("sign")
+def policy_sign(
+    path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML file.")],
+    key: Annotated[Path, typer.Option(help="Your Ed25519 private key (PEM).")],
+    signer: Annotated[str, typer.Option(help="Your name, as the trust store knows you.")],
+    role: Role = "reviewer",
+    valid_days: Annotated[int, typer.Option(min=1, help="Days until the signature expires.")] = 180,
+) -> None:
+    """Sign a policy: adds your signature over its digest to FILE.sig.json."""
+    from datetime import timedelta
+
+    from nexuscore._signing import load_private_key
+    from nexuscore.policy import add_signature, sign, signatures_path
+
+    if role not in ("author", "reviewer", "operator"):
+        raise NexusError(f"unknown role {role}: use author, reviewer or operator")
+    p = load_policy(path)
+    sig = sign(
+        p,
+        path.read_bytes(),
+        load_private_key(key),
+        signer=signer,
+        role=role,  # type: ignore[arg-type]  # checked above
+        now=datetime.now(UTC),
+        valid_for=timedelta(days=valid_days),
+    )
+    total = add_signature(signatures_path(path), sig)
+    console.print(
+        f"signed {p.digest} as {role} (key {sig.key_id}); {len(total)} signature(s) in {signatures_path(path)}"
+    )
+
+
+@policy_app.command("verify")
+def policy_verify(
+    path: Annotated[Path, typer.Argument(help="RoutingPolicy YAML file.")],
+    trust_store: TrustStoreFile,
+    min_signers: Annotated[int, typer.Option(min=1, help="Distinct valid signatures required.")] = 1,
+) -> None:
+    """Check a policy's signatures against the trust store, exactly as the agents do before using it.
+
+    Exit 0 if it may be used; otherwise exit 2 with one reason: invalid_content, unsigned,
+    unknown_key, revoked_key, expired, bad_signature or too_few_signatures."""
+    from nexuscore.policy import load_signed_policy, load_trust_store
+
+    signed = load_signed_policy(
+        path, load_trust_store(trust_store), datetime.now(UTC), min_signers=min_signers
+    )
+    console.print(f"[green]OK[/]: {signed.policy.digest} signed by {'; '.join(signed.signers)}")
+
+
+@policy_app.command("diff")
+def policy_diff(
+    old: Annotated[Path, typer.Argument(help="The policy in force.")],
+    new: Annotated[Path, typer.Argument(help="The candidate.")],
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Every field that differs between two policies (deployments, tenants, features and rules matched
+    by id). Exit 0 either way; the digests say whether they are the same policy."""
+    from nexuscore.policy._diff import policy_diff as diff
+
+    a, b = load_policy(old), load_policy(new)
+    rows = [
+        {
+            "path": path,
+            "old": json.dumps(x) if x is not None else "(absent)",
+            "new": json.dumps(y) if y is not None else "(absent)",
+        }
+        for path, x, y in diff(a, b)
+    ]
+    err_console.print(f"{a.digest} -> {b.digest}: {len(rows)} difference(s)")
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([("path", pa.string()), ("old", pa.string()), ("new", pa.string())])
+    )
+    _print(table, fmt, "Policy differences", output)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

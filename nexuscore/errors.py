@@ -2,6 +2,7 @@
 
 NexusError                      base: the CLI prints its message as one line, never a traceback
 ├── PolicyError                 a policy file that cannot be read or is invalid (names file and field)
+│   └── PolicyRefused           a policy refused for use: unsigned, untrusted, revoked, expired... (.reason)
 ├── DecodeError                 bytes off a topic that are not a valid event (reason kept for the dead letter)
 ├── BrokerError                 no Kafka broker could be reached or started
 ├── ProviderError               a model provider answered with an error or not at all
@@ -19,6 +20,14 @@ class NexusError(Exception):
 
 class PolicyError(NexusError):
     """A routing policy file is unreadable or invalid."""
+
+
+class PolicyRefused(PolicyError):
+    """A policy that must not be used; ``reason`` is one of the codes in ``nexuscore.policy``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DecodeError(NexusError):

@@ -1,4 +1,4 @@
-"""Routing policies: validated, canonicalised and content-addressed."""
+"""Routing policies: validated, canonicalised, content-addressed and signed."""
 
 from nexuscore.policy._model import (
     DEFAULT_POLICY_PATH,
@@ -17,6 +17,21 @@ from nexuscore.policy._model import (
     parse_policy,
     tier_rank,
 )
+from nexuscore.policy._signatures import (
+    PolicySignature,
+    SignedPolicy,
+    TrustedKey,
+    TrustStore,
+    add_signature,
+    check_signatures,
+    load_signed_policy,
+    load_trust_store,
+    read_signatures,
+    save_trust_store,
+    sign,
+    signatures_path,
+    trusted_key_entry,
+)
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
@@ -25,13 +40,26 @@ __all__ = [
     "EscalationRule",
     "Feature",
     "Match",
+    "PolicySignature",
     "ResidencyRule",
     "RoutingPolicy",
     "RoutingRule",
+    "SignedPolicy",
     "Tenant",
+    "TrustStore",
+    "TrustedKey",
+    "add_signature",
+    "check_signatures",
     "cost_micros",
     "default_policy",
     "load_policy",
+    "load_signed_policy",
+    "load_trust_store",
     "parse_policy",
+    "read_signatures",
+    "save_trust_store",
+    "sign",
+    "signatures_path",
     "tier_rank",
+    "trusted_key_entry",
 ]

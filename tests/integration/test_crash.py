@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nexuscore._demo import _publish_all, wait_for_evidence
+from nexuscore._demo import _publish_all, decider_args, projector_args, wait_for_evidence
+from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore
@@ -37,19 +38,20 @@ def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path:
     evidence = tmp_path / "evidence"
     asyncio.run(ensure_topics(bootstrap, topics))
     common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
+    keys = dev_keys(tmp_path / "keys", DEFAULT_POLICY_PATH)
     with Services(evidence / "_logs") as services:
         provider = services.start("provider", "run", "provider", "--port", "0")
         url = provider.wait_for_line("simulated provider listening on", 30)
-        decider = services.start("decider", "run", "decider", *common, "--policy", str(DEFAULT_POLICY_PATH))
+        decider = services.start("decider", *decider_args(common, keys))
         services.start("worker", "run", "worker", *common, "--simulated-url", url)
-        services.start("projector", "run", "projector", *common, "--evidence-dir", str(evidence))
+        services.start("projector", *projector_args(common, keys, evidence))
         half = REQUESTS // 2
         asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "a"))
         # Kill it once some of the first half is decided; the second half arrives while it is dead.
         deadline = time.monotonic() + 120
         decided = 0
         while time.monotonic() < deadline:
-            if (evidence / "decisions").is_dir():
+            if (evidence / "manifest.head.json").exists():
                 with EvidenceStore(evidence) as store:
                     decided = store.terminal_summary()["terminal"]
             if decided >= 20:
@@ -61,7 +63,7 @@ def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path:
         decider.stop()  # already dead: closes its log
         services.started.remove(decider)
         asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "b"))
-        services.start("decider-restarted", "run", "decider", *common, "--policy", str(DEFAULT_POLICY_PATH))
+        services.start("decider-restarted", *decider_args(common, keys))
         summary = wait_for_evidence(evidence, REQUESTS, services, 240, Console(quiet=True))
     assert summary["requests"] == REQUESTS
     assert summary["terminal"] == REQUESTS

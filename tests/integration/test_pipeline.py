@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from nexuscore._demo import Pipeline, _publish_all, wait_for_evidence
+from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Services
 from nexuscore._signing import generate_keypair
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
@@ -43,27 +44,30 @@ class Run:
     bootstrap: str
     topics: Topics
     evidence: Path
-    public_key: Path
+    keys: DevKeys
+
+    @property
+    def public_key(self) -> Path:
+        return self.keys.evidence_public
 
 
 @pytest.fixture(scope="module")
 def run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     topics = Topics(f"it-{uuid.uuid4().hex[:8]}.")
     evidence = tmp_path_factory.mktemp("evidence")
-    keys = tmp_path_factory.mktemp("keys")
-    generate_keypair(keys / "signer.pem", keys / "signer.pub")
+    keys = dev_keys(tmp_path_factory.mktemp("keys"), DEFAULT_POLICY_PATH)
     asyncio.run(ensure_topics(bootstrap, topics))
     from rich.console import Console
 
     with Services(evidence / "_logs") as services:
-        Pipeline(services, bootstrap, topics, DEFAULT_POLICY_PATH, evidence, keys / "signer.pem")
+        Pipeline(services, bootstrap, topics, keys, evidence)
         sent = asyncio.run(_publish_all(bootstrap, topics, default_policy(), REQUESTS, topics.namespace))
         assert sent == MALFORMED
         wait_for_evidence(evidence, REQUESTS, services, 180, Console(quiet=True))
         # Let the last dead letters and settlements land (one projector flush).
         deadline = asyncio.run(_settle_evidence(evidence))
         assert deadline
-    yield Run(bootstrap, topics, evidence, keys / "signer.pub")
+    yield Run(bootstrap, topics, evidence, keys)
 
 
 async def _settle_evidence(evidence: Path) -> bool:
@@ -254,7 +258,7 @@ def test_the_cli_queries_and_replays_the_evidence(run: Run) -> None:
     assert sql.returncode == 0 and sql.stdout.splitlines() == ["n", str(REQUESTS)]
     bad_sql = nexuscore("evidence", "sql", "SELECT nope FROM requests", "-e", ev)
     assert bad_sql.returncode == 2 and "query failed" in bad_sql.stderr and "Traceback" not in bad_sql.stderr
-    rep = nexuscore("replay", "--policy", str(DEFAULT_POLICY_PATH), "-e", ev)
+    rep = nexuscore("replay", "--policy", str(run.keys.policy), "-t", str(run.keys.trust_store), "-e", ev)
     assert rep.returncode == 0, rep.stderr
     assert "decisions changed:     0" in rep.stdout
 

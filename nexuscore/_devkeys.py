@@ -1,0 +1,78 @@
+"""Keys for a local run (demo, tests, benchmarks): the evidence signing pair, two reviewers in a trust
+store, and a copy of the policy signed by both.
+
+A real deployment configures its own (NEXUSCORE_EVIDENCE_SIGNING_KEY, NEXUSCORE_TRUST_STORE and a
+policy signed by its reviewers) and keeps private keys away from the evidence they sign.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+
+from nexuscore._signing import generate_keypair, load_private_key
+from nexuscore.policy import (
+    TrustStore,
+    add_signature,
+    load_policy,
+    save_trust_store,
+    sign,
+    signatures_path,
+    trusted_key_entry,
+)
+
+REVIEWERS = ("alice@demo", "bob@demo")
+
+
+class DevKeys(msgspec.Struct, frozen=True):
+    evidence_private: Path
+    evidence_public: Path
+    trust_store: Path
+    policy: Path  # the signed copy
+
+
+def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
+    """Make (or reuse, where configured in the environment) the keys and signatures of a local run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    evidence_private = os.environ.get("NEXUSCORE_EVIDENCE_SIGNING_KEY")
+    if evidence_private:
+        private = Path(evidence_private)
+        public = Path(os.environ.get("NEXUSCORE_EVIDENCE_PUBLIC_KEY", evidence_private))
+    else:
+        private, public = directory / "evidence-signing.pem", directory / "evidence-signing.pub"
+        if not private.exists():
+            generate_keypair(private, public)
+    configured_trust = os.environ.get("NEXUSCORE_TRUST_STORE")
+    if configured_trust:
+        return DevKeys(private, public, Path(configured_trust), policy_path)
+    trust_store = directory / "trust.yaml"
+    policy = directory / policy_path.name
+    shutil.copyfile(policy_path, policy)
+    signatures_path(policy).unlink(missing_ok=True)
+    entries = []
+    now = datetime.now(UTC)
+    for name in REVIEWERS:
+        stem = name.split("@")[0]
+        key_path = directory / f"{stem}.pem"
+        if not key_path.exists():
+            generate_keypair(key_path, directory / f"{stem}.pub")
+        key = load_private_key(key_path)
+        entries.append(trusted_key_entry(key.public_key(), name, ("author", "reviewer")))
+        add_signature(
+            signatures_path(policy),
+            sign(
+                load_policy(policy),
+                policy.read_bytes(),
+                key,
+                signer=name,
+                role="reviewer",
+                now=now,
+                valid_for=timedelta(days=30),
+            ),
+        )
+    save_trust_store(trust_store, TrustStore(keys=tuple(entries)))
+    return DevKeys(private, public, trust_store, policy)
