@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
 PACKAGES := schemas policy core streams providers projections replay
 
-.PHONY: install jars demo test lint typecheck pytest bench schemas clean
+.PHONY: install jars demo test lint typecheck pytest bench bench-evidence schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,6 +48,13 @@ pytest: install
 bench: jars
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.pipeline
+
+# The evidence plane at scale: projector throughput on Kafka, then a store of 10,000,000 decisions
+# (under /tmp/nexus-bench-evidence; DECISIONS=200000 for a quick run), its queries and verify.
+DECISIONS ?= 10000000
+bench-evidence: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bench.evidence --decisions $(DECISIONS)
 
 schemas: install
 	$(BIN)/python -m nexuscore.schemas

@@ -22,7 +22,7 @@ from nexuscore.core._decide import (
     estimate_input_tokens,
 )
 from nexuscore.core._ids import derive_id, envelope_from
-from nexuscore.core._steps import decision_event, dispatch_event, on_outcome, on_request
+from nexuscore.core._steps import decision_event, dispatch_event, on_outcome, on_request, shadow_event
 
 __all__ = [
     "EMPTY_STATE",
@@ -48,4 +48,5 @@ __all__ = [
     "release",
     "reserve",
     "settle",
+    "shadow_event",
 ]

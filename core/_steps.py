@@ -19,6 +19,7 @@ from nexuscore.schemas import (
     OutcomeRecorded,
     RequestDecided,
     RequestRejected,
+    ShadowDecisionRecorded,
 )
 
 
@@ -29,6 +30,7 @@ def decision_event(
     state_version: int,
     producer: str,
     now: datetime,
+    stage: str = "active",
 ) -> RequestRejected | RequestDecided:
     # Derived from the request id, not the event id: a client that retries a request under a new
     # event id gets the same decision ids, so one request never has two terminal states.
@@ -37,7 +39,11 @@ def decision_event(
     )
     if isinstance(result, Rejection):
         return RequestRejected(
-            **common, reason_code=result.code, reason=result.reason, policy_version=policy.version
+            **common,
+            reason_code=result.code,
+            reason=result.reason,
+            policy_version=policy.version,
+            policy_stage=stage,
         )
     return RequestDecided(
         **common,
@@ -51,6 +57,7 @@ def decision_event(
         decode=result.decode,
         reasons=list(result.reasons),
         state_version=state_version,
+        policy_stage=stage,
     )
 
 
@@ -88,6 +95,7 @@ def on_request(
     producer: str,
     now: datetime,
     held: Reservation | None = None,
+    stage: str = "active",
 ) -> tuple[BudgetState, Reservation | None, list[Event]]:
     """Decide a request and fold the decision into the budget state.
 
@@ -97,7 +105,7 @@ def on_request(
     ids, dropped downstream) without holding the budget twice.
     """
     result = decide(request, policy, release(state, held) if held is not None else state, now)
-    decided = decision_event(request, result, policy, state.version, producer, now)
+    decided = decision_event(request, result, policy, state.version, producer, now, stage)
     if isinstance(result, Rejection):
         return state, None, [decided]
     assert isinstance(decided, RequestDecided)
@@ -131,3 +139,52 @@ def on_outcome(
         state_version=version,
     )
     return new_state, [event]
+
+
+def shadow_event(
+    state: BudgetState,
+    request: InferenceRequested,
+    shadow: RoutingPolicy,
+    decided: RequestDecided | RequestRejected,
+    producer: str,
+    now: datetime,
+    held: Reservation | None = None,
+) -> ShadowDecisionRecorded:
+    """What ``shadow`` would have decided, against the same budget state: recorded, never enforced."""
+    result = decide(request, shadow, release(state, held) if held is not None else state, now)
+    envelope = envelope_from(
+        request,
+        "shadow",
+        shadow.digest,
+        producer=producer,
+        now=now,
+        policy_digest=shadow.digest,
+        root=request.request_id,
+    )
+    if isinstance(result, Rejection):
+        verdict, reason, tier, deployment, cost, strategy, regions = (
+            "rejected", result.reason, None, None, 0, None, [],
+        )  # fmt: skip
+    else:
+        verdict, reason = result.verdict, result.verdict_reason
+        tier, deployment = result.budget.tier, result.budget.deployment_id
+        cost, regions = result.budget.estimated_cost_micros, result.residency.allowed_regions
+        strategy = result.decode.strategy if result.decode is not None else None
+    active: tuple[str, str | None] = (
+        (decided.verdict, decided.budget.deployment_id)
+        if isinstance(decided, RequestDecided)
+        else ("rejected", None)
+    )
+    return ShadowDecisionRecorded(
+        **envelope,
+        active_digest=decided.policy_digest,
+        policy_version=shadow.version,
+        verdict=verdict,
+        verdict_reason=reason,
+        tier=tier,
+        deployment_id=deployment,
+        estimated_cost_micros=cost,
+        decode_strategy=strategy,
+        allowed_regions=list(regions),
+        differs=(verdict, deployment) != active,
+    )

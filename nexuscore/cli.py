@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
+import msgspec
 import pyarrow as pa
 import typer
 from rich.console import Console
@@ -197,24 +198,54 @@ def run_decider(
 ) -> None:
     """The decision agent (faust): residency, routing, budget and decode for every request.
 
-    Loads POLICY only if its signatures (POLICY.sig.json) hold against the trust store; otherwise
-    it refuses to start, with one reason (unsigned, bad_signature, unknown_key, revoked_key,
-    expired, invalid_content)."""
+    Policies come from the governance topic (promotions are taken up without a restart); POLICY is
+    the bootstrap, made active only while the log has no active policy, and only if two trusted
+    reviewers signed it (POLICY.sig.json). An untrusted policy is refused with one reason
+    (unsigned, bad_signature, unknown_key, revoked_key, expired, invalid_content)."""
     from faust.worker import Worker as FaustWorker
 
     from nexuscore._broker import wait_for_broker
     from nexuscore._clock import SystemClock
-    from nexuscore.policy import load_signed_policy, load_trust_store
-    from nexuscore.streams import Topics, build_decider, ensure_topics
+    from nexuscore.policy import load_signed_policy, load_trust_store, read_signatures, signatures_path
+    from nexuscore.policy._promotion import Registry
+    from nexuscore.streams import (
+        GovernanceFollower,
+        PolicyHolder,
+        Topics,
+        accept,
+        bootstrap_event,
+        build_decider,
+        ensure_topics,
+        publish_governance,
+    )
 
-    signed = load_signed_policy(policy, load_trust_store(_required_trust(trust_store)), datetime.now(UTC))
-    loaded = signed.policy
-    print(f"policy {loaded.version} {loaded.digest} signed by {'; '.join(signed.signers)}", flush=True)
+    clock = SystemClock()
+    trust = load_trust_store(_required_trust(trust_store))
+    signed = load_signed_policy(policy, trust, clock.now())
     topics = Topics(namespace)
     asyncio.run(wait_for_broker(bootstrap, 15))
     asyncio.run(ensure_topics(bootstrap, topics))
-    faust_app, _ = build_decider(bootstrap, loaded, SystemClock(), topics=topics)
-    print(f"decider ready: policy {loaded.version} {loaded.digest}", flush=True)
+    holder = PolicyHolder(Registry())
+    follower = GovernanceFollower(bootstrap, topics, trust, clock, holder)
+    asyncio.run(follower.catch_up())
+    if holder.registry.active is None:
+        signatures = json.dumps(
+            {"signatures": [msgspec.to_builtins(x) for x in read_signatures(signatures_path(policy))]}
+        )
+        event = bootstrap_event(signed, policy.read_bytes(), signatures, "nexuscore.decider", clock.now())
+        registry, refused = accept(holder.registry, event, trust, clock.now())
+        if refused is not None:
+            raise NexusError(f"{policy} cannot be the bootstrap policy: {refused}")
+        asyncio.run(publish_governance(bootstrap, topics, event))
+        holder.registry = registry
+    active = holder.registry.active
+    assert active is not None
+    faust_app, _ = build_decider(bootstrap, holder, clock, follower=follower, topics=topics)
+    print(
+        f"decider ready: policy {active.policy.version} {active.digest} active"
+        f"{'' if active.digest == signed.policy.digest else f' (from the governance log; {policy} not used)'}",
+        flush=True,
+    )
     worker = FaustWorker(faust_app, loglevel="WARNING", quiet=True)
     # faust's progress spinner sets the root logger to DEBUG, which makes every library debug call
     # build a log record (about 4% of the decider's time): we run headless, so drop it.
@@ -679,53 +710,114 @@ def replay(
     ] = None,
     evidence_dir: EvidenceDir = Path("evidence"),
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's history.")] = None,
+    since: Since = None,
+    until: Until = None,
     show: Annotated[int, typer.Option(help="How many changed decisions to list.")] = 10,
+    report_out: Annotated[
+        Path | None,
+        typer.Option(help="Write the report (JSON) here: what `policy promote --replay-report` takes."),
+    ] = None,
+    diff_out: Annotated[
+        Path | None, typer.Option(help="Write every changed decision here (Parquet, one row each).")
+    ] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
 ) -> None:
-    """Re-decide every recorded request under POLICY and report what would change.
+    """Re-decide recorded requests under POLICY and report exactly what would change.
 
     With the policy that was recorded, every decision is reproduced exactly (0 changes). With a
-    candidate policy, the budget state is re-simulated under its prices.
+    candidate, the budget state is re-simulated under its prices (recorded token usage): tier and
+    model changes, cost deltas, budget denials, escalations, decode strategies and residency. A
+    candidate that would send any request outside its allowed regions fails (exit 1). POLICY must be
+    signed by a trusted key, as for the agents.
     """
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from nexuscore.policy import load_signed_policy, load_trust_store
+    from nexuscore.policy._promotion import replay_report_digest
     from nexuscore.projections import EvidenceStore
     from nexuscore.replay import replay as run_replay
 
     trust = load_trust_store(_required_trust(trust_store))
     candidate = load_signed_policy(policy, trust, datetime.now(UTC)).policy
-    with EvidenceStore(evidence_dir) as store, Progress(console=err_console, transient=True) as progress:
+    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with (
+        EvidenceStore(evidence_dir) as store,
+        Progress(*columns, console=err_console, transient=True) as progress,
+    ):
         task = progress.add_task("replaying", total=None)
 
         def tick(done: int, total: int) -> None:
             if done % 500 == 0 or done == total:
                 progress.update(task, completed=done, total=total)
 
-        report = run_replay(store, candidate, tenant=tenant, progress=tick)
-    console.print(f"policy {report.policy_version} ({report.policy_digest})")
-    console.print(f"requests replayed:     {report.requests}")
-    console.print(
-        f"decisions changed:     {report.changed}  (verdict {report.verdict_changes}, deployment {report.deployment_changes}, tier {report.tier_changes})"
-    )
-    console.print(f"same decision, other context: {report.context_differences}")
-    console.print(
-        f"estimated cost delta:  {report.estimated_delta_micros / 1e6:+.6f} USD  ({report.recorded_estimated_micros / 1e6:.6f} -> {report.candidate_estimated_micros / 1e6:.6f})"
-    )
-    console.print(
-        f"actual cost delta:     {report.actual_delta_micros / 1e6:+.6f} USD  (recorded usage repriced)"
+        report = run_replay(
+            store,
+            candidate,
+            tenant=tenant,
+            since=_parse_time(since, "--since"),
+            until=_parse_time(until, "--until"),
+            progress=tick,
+            keep_changes=10**9 if diff_out is not None else 1000,
+        )
+    r = report
+    lines = [
+        f"policy {r.policy_version} ({r.policy_digest})",
+        f"requests replayed:     {r.requests}",
+        f"decisions changed:     {r.changed}  (verdict {r.verdict_changes}, deployment {r.deployment_changes}, tier {r.tier_changes}, decode {r.decode_changes})",
+        f"same decision, other context: {r.context_differences}",
+        f"budget denials:        {r.recorded_budget_denials} -> {r.candidate_budget_denials}",
+        f"escalations:           {r.recorded_escalations} -> {r.candidate_escalations}",
+        f"residency changes:     {r.residency_changes} (allowed regions differ); breaches {r.residency_breaches}",
+        f"estimated cost delta:  {r.estimated_delta_micros / 1e6:+.6f} USD  ({r.recorded_estimated_micros / 1e6:.6f} -> {r.candidate_estimated_micros / 1e6:.6f})",
+        f"actual cost delta:     {r.actual_delta_micros / 1e6:+.6f} USD  (recorded usage repriced)",
+    ]
+    for line in lines:
+        console.print(line, highlight=False)
+    rows = [
+        {
+            "request_id": c.request_id,
+            "tenant_id": c.tenant_id,
+            "fields": ", ".join(c.fields),
+            "recorded": json.dumps(c.recorded),
+            "candidate": json.dumps(c.candidate),
+        }
+        for c in report.changes
+    ]
+    schema = pa.schema(
+        [(n, pa.string()) for n in ("request_id", "tenant_id", "fields", "recorded", "candidate")]
     )
     if report.changes and show:
-        rows = [
+        _print(
+            pa.Table.from_pylist(rows[:show], schema=schema),
+            "table",
+            f"First {min(show, len(rows))} changed decisions",
+        )
+    if diff_out is not None:
+        _print(pa.Table.from_pylist(rows, schema=schema), "parquet", output=diff_out)
+    if report_out is not None:
+        data = json.dumps(
             {
-                "request_id": c.request_id,
-                "tenant_id": c.tenant_id,
-                "fields": ", ".join(c.fields),
-                "recorded": json.dumps(c.recorded),
-                "candidate": json.dumps(c.candidate),
-            }
-            for c in report.changes[:show]
-        ]
-        _print(pa.Table.from_pylist(rows), "table", f"First {len(rows)} changed decisions")
+                **report.summary(),
+                "evidence": str(evidence_dir),
+                "tenant": tenant,
+                "since": since,
+                "until": until,
+            },
+            indent=2,
+            sort_keys=True,
+        ).encode()
+        report_out.write_bytes(data)
+        console.print(f"report {report_out}: {replay_report_digest(data)}")
+    if html is not None:
+        from nexuscore.replay._html import render_replay_html
+
+        html.write_text(render_replay_html(report, lines, rows[:500]), encoding="utf-8")
+        err_console.print(f"wrote {html}")
+    if report.residency_breaches:
+        err_console.print(
+            f"[red]FAILED[/]: the candidate sends {report.residency_breaches} request(s) outside their allowed regions"
+        )
+        raise typer.Exit(1)
 
 
 TrustStoreFile = Annotated[
@@ -925,6 +1017,138 @@ def policy_diff(
         rows, schema=pa.schema([("path", pa.string()), ("old", pa.string()), ("new", pa.string())])
     )
     _print(table, fmt, "Policy differences", output)
+
+
+@policy_app.command("promote")
+def policy_promote(
+    path: Annotated[Path, typer.Argument(help="The signed policy to promote.")],
+    to: Annotated[str, typer.Option("--to", help="The next stage: draft, shadow, canary or active.")],
+    actor: Annotated[str, typer.Option(help="Who promotes (recorded in the evidence).")],
+    bootstrap: Bootstrap,
+    trust_store: TrustStoreFile,
+    replay_report: Annotated[
+        Path | None,
+        typer.Option(
+            help="The replay report of this exact policy (`replay --report-out`); canary and active need one."
+        ),
+    ] = None,
+    canary_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of tenants (stable hash) a canary decides for.")
+    ] = 0.0,
+    reason: Annotated[str, typer.Option(help="Why (recorded in the evidence).")] = "",
+    namespace: Namespace = "",
+) -> None:
+    """Move a policy one stage on (draft -> shadow -> canary -> active), as an event on the
+    governance topic that every decider takes up without a restart.
+
+    Refused, with its reason, unless the step is the next one for this policy, its signatures hold
+    against the trust store, canary and active come with the replay report of this exact digest,
+    and active carries signatures of two distinct reviewers. Each decider checks all of it again."""
+    from nexuscore._clock import SystemClock
+    from nexuscore.core import derive_id
+    from nexuscore.policy import load_trust_store, read_signatures, signatures_path
+    from nexuscore.policy._promotion import Registry, replay_report_digest
+    from nexuscore.schemas import PolicyStageChanged
+    from nexuscore.streams import (
+        GovernanceFollower,
+        PolicyHolder,
+        Topics,
+        accept,
+        ensure_topics,
+        publish_governance,
+    )
+
+    clock = SystemClock()
+    trust = load_trust_store(trust_store)
+    document = path.read_bytes()
+    p = load_policy(path)
+    signatures = read_signatures(signatures_path(path))
+    report = replay_report.read_bytes() if replay_report is not None else b""
+    topics = Topics(namespace)
+    asyncio.run(ensure_topics(bootstrap, topics))
+    holder = PolicyHolder(Registry())
+    asyncio.run(GovernanceFollower(bootstrap, topics, trust, clock, holder).catch_up())
+    now = clock.now()
+    current = holder.registry.stages.get(p.digest, "")
+    event = PolicyStageChanged(
+        event_id=derive_id("policy", p.digest, to, now.isoformat()),
+        request_id="",
+        tenant_id="",
+        occurred_at=now,
+        producer="nexuscore.cli",
+        policy_digest=p.digest,
+        policy_version=p.version,
+        from_stage=current,
+        to_stage=to,
+        actor=actor,
+        signers=[x.key_id for x in signatures],
+        replay_report_digest=replay_report_digest(report) if report else "",
+        reason=reason,
+        document=document.decode(),
+        signatures=json.dumps({"signatures": [msgspec.to_builtins(x) for x in signatures]}),
+        replay_report=report.decode(),
+        canary_share=canary_share,
+    )
+    registry, refused = accept(holder.registry, event, trust, now)
+    if refused is not None:
+        raise NexusError(f"promotion of {p.version} ({p.digest[:19]}…) to {to} refused: {refused}")
+    asyncio.run(publish_governance(bootstrap, topics, event))
+    share = f" for {canary_share:.0%} of tenants" if to == "canary" else ""
+    console.print(
+        f"policy {p.version} {p.digest} is now {to}{share} (was {current or 'unknown'})", highlight=False
+    )
+
+
+@policy_app.command("history")
+def policy_history(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    trust_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-store",
+            "-t",
+            help="Name the signers from this trust store.",
+            envvar="NEXUSCORE_TRUST_STORE",
+        ),
+    ] = None,
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Every policy that ever served or was promoted: when, to which stage, by whom, on whose
+    signatures and which replay report (provenance, from the evidence)."""
+    from nexuscore.policy import load_trust_store
+
+    names = {}
+    if trust_store is not None:
+        names = {k.key_id: k.name for k in load_trust_store(trust_store).keys}
+    with _store(evidence_dir, None) as store:
+        rows = store.query(
+            "SELECT occurred_at, policy_version, policy_digest, from_stage, to_stage, actor, signers, "
+            "replay_report_digest, canary_share, reason FROM policy_events ORDER BY occurred_at, src_offset"
+        ).to_pylist()
+    for r in rows:
+        r["signers"] = ", ".join(names.get(k, k) for k in r["signers"])
+        r["from_stage"] = r["from_stage"] or "-"
+    schema = pa.schema(
+        [
+            ("occurred_at", pa.timestamp("us", tz="UTC")),
+            *(
+                (n, pa.string())
+                for n in (
+                    "policy_version",
+                    "policy_digest",
+                    "from_stage",
+                    "to_stage",
+                    "actor",
+                    "signers",
+                    "replay_report_digest",
+                )
+            ),
+            ("canary_share", pa.float64()),
+            ("reason", pa.string()),
+        ]
+    )
+    _print(pa.Table.from_pylist(rows, schema=schema), fmt, "Policy history", output)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from nexuscore.schemas import (
     RequestDecided,
     RequestRejected,
     ReviewRecorded,
+    ShadowDecisionRecorded,
 )
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -103,11 +104,25 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("fits_slo", pa.bool_()),
         ("state_version", pa.int64()),
         ("reasons", pa.list_(_REASON)),
+        ("policy_stage", pa.string()),
     ),
     "rejections": _schema(
         ("reason_code", pa.string()),
         ("reason", pa.string()),
         ("policy_version", pa.string()),
+        ("policy_stage", pa.string()),
+    ),
+    "shadow_decisions": _schema(
+        ("active_digest", pa.string()),
+        ("policy_version", pa.string()),
+        ("verdict", pa.string()),
+        ("verdict_reason", pa.string()),
+        ("tier", pa.string()),
+        ("deployment_id", pa.string()),
+        ("estimated_cost_micros", pa.int64()),
+        ("decode_strategy", pa.string()),
+        ("allowed_regions", _STRS),
+        ("differs", pa.bool_()),
     ),
     "dispatches": _schema(
         ("feature", pa.string()),
@@ -182,6 +197,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("signers", _STRS),
         ("replay_report_digest", pa.string()),
         ("reason", pa.string()),
+        ("canary_share", pa.float64()),
+        ("document", pa.string()),
+        ("signatures", pa.string()),
+        ("replay_report", pa.string()),
     ),
 }
 
@@ -209,6 +228,7 @@ _OUT = _fields("outcomes")
 _DL = _fields("deadletters")
 _REV = _fields("reviews")
 _POL = _fields("policy_events")
+_SHADOW = _fields("shadow_decisions")
 _ENV = tuple(n for n, _ in _ENVELOPE)
 
 
@@ -242,6 +262,7 @@ def _decided(r: dict[str, Any]) -> Rows:
         predicted_latency_ms=dec.get("predicted_latency_ms"),
         fits_slo=dec.get("fits_slo"),
         state_version=r["state_version"],
+        policy_stage=r["policy_stage"],
         reasons=[
             {"seq": i, "stage": x["stage"], "kind": x["kind"], "subject": x["subject"], "detail": x["detail"]}
             for i, x in enumerate(r["reasons"])
@@ -275,4 +296,5 @@ ROW_BUILDERS: dict[type[Event], Callable[[dict[str, Any]], Rows]] = {
     DeadLettered: lambda r: [("deadletters", _flat(r, _DL))],
     ReviewRecorded: lambda r: [("reviews", _flat(r, _REV))],
     PolicyStageChanged: lambda r: [("policy_events", _flat(r, _POL))],
+    ShadowDecisionRecorded: lambda r: [("shadow_decisions", _flat(r, _SHADOW))],
 }

@@ -34,6 +34,7 @@ _IGNORED = {
     "src_partition",
     "src_offset",
     "data_region",
+    "policy_stage",
 }
 _COMPARED = (
     "_table",
@@ -71,7 +72,23 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     candidate_estimated_micros: int = 0
     recorded_actual_micros: int = 0
     candidate_actual_micros: int = 0
+    recorded_budget_denials: int = 0
+    candidate_budget_denials: int = 0
+    recorded_escalations: int = 0
+    candidate_escalations: int = 0
+    decode_changes: int = 0
+    residency_changes: int = 0
+    # Candidate dispatches to a region outside the allowed ones: must be 0, or the candidate fails.
+    residency_breaches: int = 0
     changes: list[Change] = msgspec.field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the list of changes: what a promotion's replay report records."""
+        out = msgspec.to_builtins(self)
+        del out["changes"]
+        out["estimated_delta_micros"] = self.estimated_delta_micros
+        out["actual_delta_micros"] = self.actual_delta_micros
+        return dict(out)
 
     @property
     def estimated_delta_micros(self) -> int:
@@ -133,16 +150,32 @@ def replay(
     policy: RoutingPolicy,
     *,
     tenant: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
     keep_changes: int = 1000,
 ) -> ReplayReport:
-    """Re-decide every recorded request under ``policy`` and compare with what was recorded."""
-    where = "WHERE tenant_id = $tenant" if tenant else ""
-    params = {"tenant": tenant} if tenant else {}
+    """Re-decide every recorded request under ``policy`` and compare with what was recorded.
+
+    ``since``/``until`` bound the requests replayed (by their time); budgets start from nothing at
+    ``since``, so spend recorded before it is not counted against the candidate.
+    """
+    where = (
+        "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
+        "AND ($until IS NULL OR occurred_at < $until)"
+    )
+    params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
 
     def rows(table: str) -> list[Row]:
-        # Table names are ours; the tenant travels as a bound parameter.
-        result: list[Row] = store.query(f"SELECT * FROM {table} {where}", params).to_pylist()  # noqa: S608
+        # Table names are ours; filters travel as bound parameters. Other tables follow the
+        # requests chosen, whatever their own times.
+        chosen = f"SELECT request_id FROM requests {where}"  # noqa: S608
+        sql = (
+            f"SELECT * FROM requests {where}"  # noqa: S608
+            if table == "requests"
+            else f"SELECT * FROM {table} WHERE request_id IN ({chosen})"  # noqa: S608
+        )
+        result: list[Row] = store.query(sql, params).to_pylist()
         return result
 
     requests = rows("requests")
@@ -210,6 +243,16 @@ def replay(
             report.recorded_estimated_micros += rec_row["estimated_cost_micros"]
         report.recorded_actual_micros += outcomes[request_id]["cost_micros"] if request_id in outcomes else 0
         report.requests += 1
+        if table == "decisions" and cand_row["verdict"] == "dispatch":
+            region = policy.deployments_by_id[cand_row["deployment_id"]].region
+            report.residency_breaches += region not in cand_row["allowed_regions"]
+        report.recorded_budget_denials += rec_row.get("budget_action") == "denied"
+        report.candidate_budget_denials += cand_row.get("budget_action") == "denied"
+        report.recorded_escalations += rec_row.get("verdict") == "escalated"
+        report.candidate_escalations += cand_row.get("verdict") == "escalated"
+        if rec_table == table == "decisions":
+            report.decode_changes += rec_row["decode_strategy"] != cand_row["decode_strategy"]
+            report.residency_changes += rec_row["allowed_regions"] != cand_row["allowed_regions"]
         a, b = _comparable(rec_table, rec_row), _comparable(table, cand_row)
         if a != b:
             fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))

@@ -141,6 +141,7 @@ class RequestRejected(Event, frozen=True, kw_only=True, tag="request_rejected.v1
     reason_code: str
     reason: str
     policy_version: str = ""
+    policy_stage: str = "active"  # active, or canary for a tenant in a canary's share
 
 
 class RequestDecided(Event, frozen=True, kw_only=True, tag="request_decided.v1"):
@@ -161,6 +162,7 @@ class RequestDecided(Event, frozen=True, kw_only=True, tag="request_decided.v1")
     reasons: list[Reason]
     # The tenant's budget-state version the decision was made against: replay orders by it.
     state_version: NonNegative
+    policy_stage: str = "active"  # active, or canary for a tenant in a canary's share
 
 
 class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget_settled.v1"):
@@ -275,6 +277,30 @@ class PolicyStageChanged(Event, frozen=True, kw_only=True, tag="policy_stage_cha
     signers: list[str] = msgspec.field(default_factory=list)
     replay_report_digest: str = ""
     reason: str = ""
+    # The policy file as signed, its signatures file, and the replay report relied on: every
+    # decider checks them against its own trust store before taking the step up.
+    document: str = ""
+    signatures: str = ""
+    replay_report: str = ""
+    canary_share: float = 0.0
+
+
+class ShadowDecisionRecorded(Event, frozen=True, kw_only=True, tag="shadow_decision_recorded.v1"):
+    """What a policy in shadow would have decided for a live request: recorded, never enforced.
+
+    ``policy_digest`` is the shadow policy's; ``active_digest`` the one that really decided.
+    """
+
+    active_digest: str
+    policy_version: str
+    verdict: str
+    verdict_reason: str
+    tier: str | None
+    deployment_id: str | None
+    estimated_cost_micros: NonNegative
+    decode_strategy: str | None
+    allowed_regions: list[str]
+    differs: bool
 
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -288,6 +314,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     DeadLettered,
     ReviewRecorded,
     PolicyStageChanged,
+    ShadowDecisionRecorded,
 )
 
 

@@ -2,6 +2,13 @@
 
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._decider import Sink, build_decider
+from nexuscore.streams._governance import (
+    GovernanceFollower,
+    PolicyHolder,
+    accept,
+    bootstrap_event,
+    publish_governance,
+)
 from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._kafka import new_consumer, new_producer, start_client
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics, ensure_topics, partition_counts
@@ -10,10 +17,14 @@ from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapt
 __all__ = [
     "DEFAULT_PARTITIONS",
     "Caller",
+    "GovernanceFollower",
+    "PolicyHolder",
     "RetryPolicy",
     "Sink",
     "Topics",
     "Worker",
+    "accept",
+    "bootstrap_event",
     "build_decider",
     "dead_letter",
     "decode_tenant_event",
@@ -22,5 +33,6 @@ __all__ = [
     "new_consumer",
     "new_producer",
     "partition_counts",
+    "publish_governance",
     "start_client",
 ]

@@ -15,12 +15,27 @@ from typing import Any, Protocol
 import faust
 
 from nexuscore._clock import Clock
-from nexuscore.core import decode_reservation, decode_state, encode_record, on_outcome, on_request
+from nexuscore.core import (
+    decode_reservation,
+    decode_state,
+    encode_record,
+    on_outcome,
+    on_request,
+    shadow_event,
+)
 from nexuscore.errors import DecodeError
-from nexuscore.policy import RoutingPolicy
-from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
+from nexuscore.schemas import (
+    AvroCodec,
+    DispatchRequested,
+    Event,
+    InferenceRequested,
+    OutcomeRecorded,
+    RequestDecided,
+    RequestRejected,
+)
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
+from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
 
@@ -43,9 +58,10 @@ def _free_port() -> int:
 
 def build_decider(
     bootstrap: str,
-    policy: RoutingPolicy,
+    holder: PolicyHolder,
     clock: Clock,
     *,
+    follower: GovernanceFollower | None = None,
     topics: Topics = Topics(),
     partitions: int = DEFAULT_PARTITIONS,
     web_port: int = 0,
@@ -54,7 +70,9 @@ def build_decider(
 ) -> tuple[faust.App, Any]:
     """Build the faust app and its decision agent (returned for ``agent.test_context()``).
 
-    ``sink`` replaces the topics the agent writes to; component tests pass a recording fake.
+    ``holder`` says which policy decides each tenant (active, or a canary) and which is in shadow;
+    ``follower`` keeps it current from the governance topic. ``sink`` replaces the topics the agent
+    writes to; component tests pass a recording fake.
     """
     app = IdempotentApp(
         topics.group("nexuscore-decider"),
@@ -120,7 +138,15 @@ def build_decider(
         request_key = tenant + b"\x1f" + event.request_id.encode()
         held = decode_reservation(reservations.get(request_key))
         if isinstance(event, InferenceRequested):
-            new_state, reservation, out = on_request(state, event, policy, PRODUCER, now, held)
+            registry = holder.registry
+            serving = registry.for_tenant(event.tenant_id)
+            new_state, reservation, out = on_request(
+                state, event, serving.policy, PRODUCER, now, held, serving.stage
+            )
+            if registry.shadow is not None:
+                decided = out[0]
+                assert isinstance(decided, RequestDecided | RequestRejected)
+                out.append(shadow_event(state, event, registry.shadow.policy, decided, PRODUCER, now, held))
         else:
             assert isinstance(event, OutcomeRecorded)
             new_state, out = on_outcome(state, held, event, PRODUCER, now)
@@ -139,6 +165,12 @@ def build_decider(
             del reservations[request_key]
         if new_state is not state:
             budgets[tenant] = encode_record(new_state)
+
+    if follower is not None:
+
+        @app.task  # type: ignore[untyped-decorator]  # faust ships no type information
+        async def follow_governance() -> None:
+            await follower.follow()
 
     @app.agent(inputs)
     async def decide(stream: Any) -> None:

@@ -10,6 +10,8 @@ import pytest_asyncio
 
 from nexuscore._clock import FixedClock
 from nexuscore.core import decode_reservation, decode_state
+from nexuscore.policy import SignedPolicy
+from nexuscore.policy._promotion import Registry
 from nexuscore.schemas import (
     AvroCodec,
     BudgetSettled,
@@ -19,13 +21,16 @@ from nexuscore.schemas import (
     OutcomeRecorded,
     RequestDecided,
     RequestRejected,
+    ShadowDecisionRecorded,
 )
-from nexuscore.streams import Topics, build_decider
+from nexuscore.streams import PolicyHolder, Topics, build_decider
 from tests.factories import POLICY, T0, request
 
 pytestmark = pytest.mark.component
 CODEC = AvroCodec()
 TOPICS = Topics("component.")
+ACTIVE = Registry().apply(SignedPolicy(POLICY, ()), "active")
+HOLDER = PolicyHolder(ACTIVE)
 
 
 class RecordingSink:
@@ -43,8 +48,9 @@ class RecordingSink:
 
 @pytest_asyncio.fixture
 async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
+    HOLDER.registry = ACTIVE
     sink = RecordingSink()
-    app, agent = build_decider("127.0.0.1:1", POLICY, FixedClock(T0), topics=TOPICS, sink=sink)
+    app, agent = build_decider("127.0.0.1:1", HOLDER, FixedClock(T0), topics=TOPICS, sink=sink)
     app.finalize()
     app.conf.store = "memory://"
     async with agent.test_context() as ctx:
@@ -124,3 +130,33 @@ async def test_bad_input_goes_to_the_dead_letters_and_the_agent_keeps_going(
     assert topic == TOPICS.deadletter and reason in letter.reason
     assert letter.raw_value == (value or b"") and letter.raw_key == key
     assert any(isinstance(s[2], RequestDecided) and s[2].request_id == "after" for s in sink.sent)
+
+
+@pytest.mark.asyncio
+async def test_a_promotion_is_taken_up_without_a_restart_and_a_shadow_is_recorded_not_enforced(
+    harness: Any,
+) -> None:
+    app, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(request_id="before")), key=b"acme-bank")
+    # A cheaper candidate: same policy, frontier prices cut, as a new digest.
+    data = POLICY.model_dump(mode="json")
+    data["version"] = "candidate"
+    candidate = type(POLICY).model_validate(data)
+    HOLDER.registry = ACTIVE.apply(SignedPolicy(candidate, ()), "shadow")
+    await ctx.put(CODEC.encode(request(request_id="shadowed")), key=b"acme-bank")
+    HOLDER.registry = HOLDER.registry.apply(SignedPolicy(candidate, ()), "canary", canary_share=0.999999)
+    await ctx.put(CODEC.encode(request(request_id="canary")), key=b"acme-bank")
+    decided = {e.request_id: e for _, _, e in sink.of(RequestDecided)}
+    assert decided["before"].policy_digest == decided["shadowed"].policy_digest == POLICY.digest
+    assert decided["before"].policy_stage == decided["shadowed"].policy_stage == "active"
+    assert (decided["canary"].policy_digest, decided["canary"].policy_stage) == (candidate.digest, "canary")
+    shadows = [e for _, _, e in sink.of(ShadowDecisionRecorded)]
+    assert [s.request_id for s in shadows] == ["shadowed"]
+    assert shadows[0].policy_digest == candidate.digest and shadows[0].active_digest == POLICY.digest
+    assert (
+        shadows[0].differs is False and shadows[0].deployment_id == decided["shadowed"].budget.deployment_id
+    )
+    # Only the active decision reserved budget: the shadow is never enforced.
+    state = decode_state(app.tables["budgets"][b"acme-bank"])
+    reserved = sum(d.budget.estimated_cost_micros for d in decided.values())
+    assert state.window(T0.date().isoformat()).tenant_reserved == reserved
