@@ -1504,6 +1504,10 @@ class StoreGenerator:
         )
 
 
+# Columns of the current schemas the generator does not know, and what it wrote in them.
+FILLED: dict[str, str] = {}
+
+
 def write_chunk(
     writer: SealedWriter, gen: StoreGenerator, chunk: Chunk, encrypted: dict[str, tuple[pa.Array, pa.Array]]
 ) -> int:
@@ -1517,6 +1521,13 @@ def write_chunk(
             cols[content[table][0]] = blobs
             cols[content[table][1]] = keys
         schema = SCHEMAS[table]
+        n_rows = chunk.rows[table]
+        for f in schema:
+            if f.name not in cols:  # a column added to the schema after this generator was written
+                cols[f.name] = (
+                    _const("active", n_rows) if f.name == "policy_stage" else pa.nulls(n_rows, f.type)
+                )
+                FILLED[f"{table}.{f.name}"] = "active" if f.name == "policy_stage" else "null"
         data = pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
         del cols
         part, reg, off = chunk.partition[table], chunk.region[table], chunk.offset[table]
@@ -1640,16 +1651,24 @@ def _generate(
         "peak_rss_mb_writer": round(_own_rss_mb(), 1),
         "sample_requests": samples,
         "tenant_shares": dict(zip(gen.p.tenants, TENANT_W, strict=True)),
+        "columns_filled": dict(FILLED),
+        "file_rows": _file_rows(rootp),
     }
 
 
+def _file_rows(root: Path) -> dict[str, Any]:
+    rows = sorted(e["rows"] for e in committed_files(root))
+    if not rows:
+        return {}
+    return {"min": rows[0], "median": rows[len(rows) // 2], "max": rows[-1], "files": len(rows)}
+
+
 def _looks_like_ours(root: Path) -> bool:
-    return (
-        not root.exists()
-        or (root / META).exists()
-        or (root / "manifest.jsonl").exists()
-        or not any(root.iterdir())
-    )
+    """Only an evidence store (or nothing) may be deleted to make room for a new one."""
+    if not root.exists():
+        return True
+    names = {p.name for p in root.iterdir()}
+    return not names or bool(names & {META, "manifest.jsonl", "manifest.head.json"})
 
 
 def build_store(args: Params) -> dict[str, Any]:
@@ -2330,7 +2349,16 @@ def render_markdown(r: dict[str, Any]) -> str:
             "| --- | --- | --- |",
             *(f"| {name} | {v['s']:,} | {v['calls']:,} |" for name, v in s["timed_calls"].items()),
             "",
-            "Budgets are not enforced by the generator: at this volume (about "
+            f"Rows per file: min {s['file_rows'].get('min', 0):,}, median {s['file_rows'].get('median', 0):,}, "
+            f"max {s['file_rows'].get('max', 0):,}. "
+            + (
+                "Columns of the current schemas the generator does not model, written as: "
+                + ", ".join(f"`{c}` = {v}" for c, v in s["columns_filled"].items())
+                + ". "
+                if s.get("columns_filled")
+                else ""
+            )
+            + "Budgets are not enforced by the generator: at this volume (about "
             f"{s['decisions'] / s['days']:,.0f} decisions a day) the default policy's daily budgets would deny most "
             "requests, so committed and spent amounts exceed the budgets; the verdict mix is fixed instead.",
             "",
@@ -2425,8 +2453,8 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     parser.add_argument(
         "--chunk",
         type=int,
-        default=1_000_000,
-        help="Decisions per flush of the generator (default 1,000,000).",
+        default=500_000,
+        help="Decisions per flush of the generator (default 500,000: about 5 GB of memory at peak).",
     )
     parser.add_argument(
         "--root", type=Path, default=DEFAULT_ROOT, help=f"Where the store goes (default {DEFAULT_ROOT})."

@@ -9,7 +9,9 @@ silently.
 
 from __future__ import annotations
 
+import array
 import functools
+import hashlib
 
 import duckdb
 import pyarrow as pa
@@ -31,16 +33,22 @@ def leaf_sql(schema: pa.Schema) -> str:
     return f"json_array({', '.join(parts)})::VARCHAR"
 
 
-def leaf_hashes_sql(schema: pa.Schema, source: str) -> str:
-    """Row leaf hashes (RFC 6962: sha256 of 0x00 || bytes), in file order, computed by DuckDB."""
-    return (
-        f"SELECT unhex(sha256('\\x00'::BLOB || encode({leaf_sql(schema)}))) AS h "  # noqa: S608  # names are ours
-        f"FROM {source}"
-    )
-
-
 def leaf_hashes(con: duckdb.DuckDBPyConnection, schema: pa.Schema, source: str) -> list[bytes]:
-    hashes: list[bytes] = con.sql(leaf_hashes_sql(schema, source)).to_arrow_table().column("h").to_pylist()
+    """Row leaf hashes in file order: DuckDB renders the canonical bytes, OpenSSL hashes them.
+
+    (DuckDB's own sha256 is software-only: hashing here, with the CPU's SHA instructions, measured
+    several times faster on rows that carry a prompt.)
+    """
+    column = con.sql(f"SELECT encode({leaf_sql(schema)}) AS b FROM {source}").to_arrow_table().column("b")  # noqa: S608
+    hashes: list[bytes] = []
+    for chunk in column.chunks:
+        width = "q" if pa.types.is_large_binary(chunk.type) else "i"
+        offsets = array.array(width)
+        offsets.frombytes(chunk.buffers()[1])
+        offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = memoryview(chunk.buffers()[2] or b"")
+        sha = hashlib.sha256
+        hashes.extend(sha(b"\x00" + data[a:b]).digest() for a, b in zip(offsets, offsets[1:], strict=False))
     return hashes
 
 
