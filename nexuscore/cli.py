@@ -25,6 +25,7 @@ from nexuscore.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 
 if TYPE_CHECKING:
+    from nexuscore.policy import RoutingPolicy, TrustStore
     from nexuscore.projections import EvidenceStore, VerifyReport
 
 console = Console()
@@ -701,7 +702,17 @@ def _verify(
 
 @app.command()
 def replay(
-    policy: PolicyFile,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", "-p", help="The candidate policy (signed).")
+    ] = None,
+    recorded: Annotated[
+        bool,
+        typer.Option(
+            "--recorded",
+            help="Verify mode: each request under the policy its decision recorded (from the "
+            "governance events in the evidence, signatures checked); every decision must match.",
+        ),
+    ] = False,
     trust_store: Annotated[
         Path | None,
         typer.Option(
@@ -738,7 +749,10 @@ def replay(
     from nexuscore.replay import replay as run_replay
 
     trust = load_trust_store(_required_trust(trust_store))
-    candidate = load_signed_policy(policy, trust, datetime.now(UTC)).policy
+    if (policy is None) == (not recorded):
+        raise NexusError("pass --policy CANDIDATE, or --recorded to verify against the recorded policies")
+    candidate = load_signed_policy(policy, trust, datetime.now(UTC)).policy if policy is not None else None
+    known = _recorded_policies(evidence_dir, trust) if recorded else None
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
         EvidenceStore(evidence_dir) as store,
@@ -753,6 +767,7 @@ def replay(
         report = run_replay(
             store,
             candidate,
+            recorded_policies=known,
             tenant=tenant,
             since=_parse_time(since, "--since"),
             until=_parse_time(until, "--until"),
@@ -818,6 +833,34 @@ def replay(
             f"[red]FAILED[/]: the candidate sends {report.residency_breaches} request(s) outside their allowed regions"
         )
         raise typer.Exit(1)
+    if recorded and report.changed + report.context_differences:
+        err_console.print(
+            f"[red]FAILED[/]: {report.changed + report.context_differences} recorded decision(s) not reproduced "
+            f"({report.unknown_policies} under a policy not in the evidence)"
+        )
+        raise typer.Exit(1)
+
+
+def _recorded_policies(evidence_dir: Path, trust: TrustStore) -> dict[str, RoutingPolicy]:
+    """Every policy the governance events in the evidence carry whose signatures hold."""
+    from nexuscore.policy import PolicySignature, check_signatures, parse_policy
+
+    found: dict[str, RoutingPolicy] = {}
+    with _store(evidence_dir, None) as store:
+        # Checked as of their promotion: a signature that has expired since still proves who approved.
+        rows = store.query(
+            "SELECT policy_digest, document, signatures, min(occurred_at) AS at FROM policy_events GROUP BY ALL"
+        ).to_pylist()
+    for r in rows:
+        try:
+            p = parse_policy(r["document"], f"policy {r['policy_digest'][:19]}…")
+            sigs = msgspec.json.decode(r["signatures"] or "{}", type=dict[str, list[PolicySignature]])
+            check_signatures(p, r["document"].encode(), sigs.get("signatures", []), trust, r["at"])
+        except NexusError as exc:
+            err_console.print(f"[yellow]skipped[/] {exc}")
+            continue
+        found[p.digest] = p
+    return found
 
 
 TrustStoreFile = Annotated[

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +80,8 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     residency_changes: int = 0
     # Candidate dispatches to a region outside the allowed ones: must be 0, or the candidate fails.
     residency_breaches: int = 0
+    # Verify mode: recorded decisions whose policy is not known (so they cannot be reproduced).
+    unknown_policies: int = 0
     changes: list[Change] = msgspec.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -147,8 +149,9 @@ def _stand_in(row: Row) -> str:
 
 def replay(
     store: EvidenceStore,
-    policy: RoutingPolicy,
+    policy: RoutingPolicy | None,
     *,
+    recorded_policies: Mapping[str, RoutingPolicy] | None = None,
     tenant: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -156,6 +159,9 @@ def replay(
     keep_changes: int = 1000,
 ) -> ReplayReport:
     """Re-decide every recorded request under ``policy`` and compare with what was recorded.
+
+    With ``recorded_policies`` (digest -> policy) instead, each request is re-decided under the
+    policy its recorded decision names (verify mode): every decision must come out the same.
 
     ``since``/``until`` bound the requests replayed (by their time); budgets start from nothing at
     ``since``, so spend recorded before it is not counted against the candidate.
@@ -187,7 +193,14 @@ def replay(
     settlements = rows("settlements")
     outcomes = {o["request_id"]: o for o in rows("outcomes")}
 
-    report = ReplayReport(policy_version=policy.version, policy_digest=policy.digest)
+    if (policy is None) == (recorded_policies is None):
+        raise ValueError("replay under one policy, or under the recorded ones: exactly one")
+    report = (
+        ReplayReport(policy_version=policy.version, policy_digest=policy.digest)
+        if policy is not None
+        else ReplayReport(policy_version="recorded", policy_digest="recorded")
+    )
+    policy_of: dict[str, RoutingPolicy] = {}
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
     chosen: dict[str, str] = {}
     reservations: dict[str, Reservation] = {}
@@ -203,7 +216,7 @@ def replay(
             held = reservations.pop(request_id, None)
             if held is None:
                 continue
-            d = policy.deployments_by_id[deployment]
+            d = policy_of[request_id].deployments_by_id[deployment]
             actual = (
                 outcome["cost_micros"]
                 if deployment == outcome["deployment_id"]
@@ -223,7 +236,20 @@ def replay(
         )
         rec_table, rec_row = recorded.get(request_id, ("missing", {}))
         now = rec_row.get("occurred_at") or request.occurred_at
-        states[tenant_id], reservation, events = on_request(states[tenant_id], request, policy, PRODUCER, now)
+        use = policy if recorded_policies is None else recorded_policies.get(rec_row.get("policy_digest", ""))
+        if use is None:
+            report.requests += 1
+            report.changed += 1
+            report.unknown_policies += 1
+            if len(report.changes) < keep_changes:
+                digest = {"policy_digest": rec_row.get("policy_digest")}
+                report.changes.append(
+                    Change(request_id=request_id, tenant_id=tenant_id, fields=("policy_digest",),
+                           recorded=digest, candidate={})
+                )  # fmt: skip
+            continue
+        policy_of[request_id] = use
+        states[tenant_id], reservation, events = on_request(states[tenant_id], request, use, PRODUCER, now)
         if reservation is not None:
             reservations[request_id] = reservation
         decided = events[0]
@@ -244,7 +270,7 @@ def replay(
         report.recorded_actual_micros += outcomes[request_id]["cost_micros"] if request_id in outcomes else 0
         report.requests += 1
         if table == "decisions" and cand_row["verdict"] == "dispatch":
-            region = policy.deployments_by_id[cand_row["deployment_id"]].region
+            region = use.deployments_by_id[cand_row["deployment_id"]].region
             report.residency_breaches += region not in cand_row["allowed_regions"]
         report.recorded_budget_denials += rec_row.get("budget_action") == "denied"
         report.candidate_budget_denials += cand_row.get("budget_action") == "denied"

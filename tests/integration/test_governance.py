@@ -131,6 +131,10 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
             "WHERE occurred_at > (SELECT max(occurred_at) FROM policy_events)"
         ).to_pylist()
         assert {r["policy_digest"] for r in late} == {digest}
+    # Verify mode: every decision, under bootstrap, canary and active policies alike, reproduced.
+    verified = nexuscore("replay", "--recorded", "-t", str(keys.trust_store), "-e", str(evidence))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "decisions changed:     0" in verified.stdout
     history = nexuscore("policy", "history", "-e", str(evidence), "-t", str(keys.trust_store), "-f", "json")
     assert history.returncode == 0, history.stderr
     rows = json.loads(history.stdout)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nexuscore.policy import DEFAULT_POLICY_PATH, parse_policy
 from nexuscore.projections import EvidenceStore
@@ -77,3 +80,29 @@ def test_history_across_midnight_replays_exactly(tmp_path: Path) -> None:
     with EvidenceStore(tmp_path) as store:
         report = replay(store, policy)
     assert report.requests == 60 and report.changed == 0 and report.context_differences == 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 10_000), st.integers(1, 150), st.sampled_from(["0.05", "40"]))
+def test_replay_with_the_recorded_policies_is_the_identity_on_decisions(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, n: int, budget: str
+) -> None:
+    policy = with_budgets(POLICY, budget, budget)
+    root = tmp_path_factory.mktemp("history") / "evidence"
+    project(root, run_history(policy, n, seed=seed))
+    with EvidenceStore(root) as store:
+        report = replay(store, None, recorded_policies={policy.digest: policy})
+    assert report.requests == n
+    assert (report.changed, report.context_differences, report.unknown_policies) == (0, 0, 0), report.changes[
+        :2
+    ]
+    assert report.estimated_delta_micros == 0 and report.actual_delta_micros == 0
+
+
+def test_verify_mode_lists_decisions_whose_policy_is_unknown(tmp_path: Path) -> None:
+    project(tmp_path, run_history(POLICY, 20, seed=1))
+    with EvidenceStore(tmp_path) as store:
+        report = replay(store, None, recorded_policies={})
+    decided = report.requests - 0
+    assert report.unknown_policies == report.changed == decided > 0
+    assert report.changes[0].fields == ("policy_digest",)
