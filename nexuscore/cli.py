@@ -732,6 +732,18 @@ def replay(
         Path | None, typer.Option(help="Write every changed decision here (Parquet, one row each).")
     ] = None,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
+    from_kafka: Annotated[
+        bool,
+        typer.Option(
+            "--from-kafka",
+            help="Replay what the topics hold (read afresh from offset 0 with --bootstrap/--namespace), "
+            "not the evidence store.",
+        ),
+    ] = False,
+    bootstrap: Annotated[
+        str | None, typer.Option("--bootstrap", "-b", help="With --from-kafka.", envvar="NEXUSCORE_BOOTSTRAP")
+    ] = None,
+    namespace: Namespace = "",
 ) -> None:
     """Re-decide recorded requests under POLICY and report exactly what would change.
 
@@ -752,6 +764,30 @@ def replay(
     if (policy is None) == (not recorded):
         raise NexusError("pass --policy CANDIDATE, or --recorded to verify against the recorded policies")
     candidate = load_signed_policy(policy, trust, datetime.now(UTC)).policy if policy is not None else None
+    scratch = None
+    if from_kafka:
+        import tempfile
+
+        from nexuscore.replay._kafka import project_log
+        from nexuscore.streams import Topics
+
+        if bootstrap is None:
+            raise NexusError("--from-kafka needs --bootstrap (or NEXUSCORE_BOOTSTRAP)")
+        regions = {t.id: t.home_region for t in (candidate or load_policy(DEFAULT_POLICY_PATH)).tenants}
+        scratch = tempfile.TemporaryDirectory(prefix="nexuscore-replay-")
+        evidence_dir = Path(scratch.name)
+        reading_columns = (TextColumn("reading the log"), BarColumn(), MofNCompleteColumn())
+        with Progress(*reading_columns, console=err_console, transient=True) as reading:
+            task = reading.add_task("log", total=None)
+            asyncio.run(
+                project_log(
+                    bootstrap,
+                    Topics(namespace),
+                    evidence_dir,
+                    regions,
+                    lambda done, total: reading.update(task, completed=done, total=total),
+                )
+            )
     known = _recorded_policies(evidence_dir, trust) if recorded else None
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (

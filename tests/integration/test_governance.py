@@ -135,6 +135,12 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
     verified = nexuscore("replay", "--recorded", "-t", str(keys.trust_store), "-e", str(evidence))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "decisions changed:     0" in verified.stdout
+    # The same, from the topics themselves rather than the evidence store.
+    from_log = nexuscore("replay", "--recorded", "--from-kafka", "-t", str(keys.trust_store),
+                         "--bootstrap", bootstrap, "--namespace", topics.namespace)  # fmt: skip
+    assert from_log.returncode == 0, from_log.stdout + from_log.stderr
+    assert f"requests replayed:     {3 * BATCH}" in from_log.stdout
+    assert "decisions changed:     0" in from_log.stdout
     history = nexuscore("policy", "history", "-e", str(evidence), "-t", str(keys.trust_store), "-f", "json")
     assert history.returncode == 0, history.stderr
     rows = json.loads(history.stdout)
