@@ -119,7 +119,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
-        _fsync_dir(self.root)
+        sync_directory(self.root)
 
     def files(self) -> Iterator[Entry]:
         return (e for e in self.entries if e["kind"] == "file")
@@ -158,7 +158,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / HEAD)
-        _fsync_dir(self.root)
+        sync_directory(self.root)
 
 
 def _now_from(entries: list[Entry]) -> datetime | None:
@@ -186,7 +186,8 @@ def committed_files(root: Path) -> list[Entry]:
     return files
 
 
-def _fsync_dir(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
+    """fsync a folder, so that the names of the files just written in it are durable too."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import Manifest
+from nexuscore.projections._manifest import Manifest, sync_directory
 
 
 def region_dir(region: str) -> str:
@@ -94,11 +94,3 @@ def write_table(path: Path, table: pa.Table) -> str:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return hashlib.sha256(data).hexdigest()
-
-
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -172,10 +172,7 @@ class GovernanceFollower:
                 return False
 
             while await behind():
-                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                    for r in records:
-                        self.fold(r.value)
-                    self.positions[tp] = records[-1].offset + 1
+                await self._poll(consumer)
         finally:
             await consumer.stop()
         return self.holder.registry
@@ -184,12 +181,15 @@ class GovernanceFollower:
         consumer = await self._consumer()
         try:
             while stopping is None or not stopping.is_set():
-                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                    for r in records:
-                        self.fold(r.value)
-                    self.positions[tp] = records[-1].offset + 1
+                await self._poll(consumer)
         finally:
             await consumer.stop()
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+            for r in records:
+                self.fold(r.value)
+            self.positions[tp] = records[-1].offset + 1
 
 
 async def publish_governance(bootstrap: str, topics: Topics, event: PolicyStageChanged) -> None:
