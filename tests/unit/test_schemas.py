@@ -13,7 +13,7 @@ import pytest
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from nexuscore.core import EMPTY_STATE, on_outcome, on_request
+from nexuscore.core import EMPTY_STATE, on_outcome, on_request, shadow_event
 from nexuscore.errors import DecodeError
 from nexuscore.schemas import (
     AVRO_DIR,
@@ -67,7 +67,8 @@ def sample_events() -> list[Event]:
         policy_version="2", from_stage="canary", to_stage="active", actor="bob", signers=["k1", "k2"],
         replay_report_digest="sha256:cd",
     )  # fmt: skip
-    return [req, *decided, outcome, *settled, rejected, attempt, dead, review, stage]
+    shadow = shadow_event(EMPTY_STATE, req, POLICY, decided[0], "tests", T0)
+    return [req, *decided, outcome, *settled, rejected, attempt, dead, review, stage, shadow]
 
 
 def test_every_event_type_round_trips_and_the_samples_cover_them_all() -> None:
