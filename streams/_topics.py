@@ -64,6 +64,17 @@ class Topics(msgspec.Struct, frozen=True):
             self.governance,
         )
 
+    @property
+    def changelogs(self) -> tuple[str, ...]:
+        """The decider's Table changelogs, named as faust names them (``<app id>-<table>-changelog``).
+
+        Created up front with the source topics' partition count: left to faust, a decider can
+        write its first change before the new topic is in its metadata, and its agent crashes
+        (PartitionsMismatch) with the request in hand.
+        """
+        app = self.group("nexuscore-decider")
+        return (f"{app}-budgets-changelog", f"{app}-reservations-changelog")
+
     def group(self, name: str) -> str:
         """A consumer group (or faust app id) private to this namespace."""
         return f"{self.namespace}{name}"
@@ -80,6 +91,15 @@ async def ensure_topics(
         wanted = [
             NewTopic(name=t, num_partitions=partitions, replication_factor=1)
             for t in topics.all
+            if t not in existing
+        ] + [
+            NewTopic(
+                name=t,
+                num_partitions=partitions,
+                replication_factor=1,
+                topic_configs={"cleanup.policy": "compact"},
+            )
+            for t in topics.changelogs
             if t not in existing
         ]
         if wanted:

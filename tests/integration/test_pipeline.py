@@ -289,7 +289,14 @@ def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Pa
 
 def test_the_demo_command_runs_the_pipeline_to_completion(bootstrap: str, tmp_path: Path) -> None:
     demo = nexuscore(
-        "demo", "--requests", "150", "-e", str(tmp_path / "ev"), env={"NEXUSCORE_BOOTSTRAP": bootstrap}
+        "demo",
+        "--requests",
+        "150",
+        "-e",
+        str(tmp_path / "ev"),
+        "--timeout",
+        "200",
+        env={"NEXUSCORE_BOOTSTRAP": bootstrap},
     )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "all 150 requests reached a terminal state" in demo.stdout
