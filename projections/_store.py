@@ -57,7 +57,11 @@ SELECT d.tenant_id, d.feature, d.verdict, d.tier, d.deployment_id,
        round(sum(d.estimated_cost_micros) FILTER (WHERE d.verdict = 'dispatch') / 1e6, 6) AS estimated_usd,
        round(coalesce(sum(o.cost_micros), 0) / 1e6, 6) AS actual_usd
 FROM decisions d
-LEFT JOIN outcomes o USING (request_id)
+-- Outcomes filtered too (they follow their decision): the join then reads a tenant's share only.
+LEFT JOIN (
+    SELECT * FROM outcomes
+    WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since)
+) o USING (request_id)
 WHERE ($tenant IS NULL OR d.tenant_id = $tenant)
   AND ($feature IS NULL OR d.feature = $feature)
   AND ($tier IS NULL OR d.tier = $tier)
