@@ -374,7 +374,8 @@ def evidence_sql(
     output: Output = None,
 ) -> None:
     """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
-    attempts, outcomes, settlements, escalations, reviews, policy_events, deadletters, terminal_states."""
+    attempts, outcomes, settlements, escalations, reviews, policy_events, shadow_decisions, deadletters,
+    terminal_states."""
     with _store(evidence_dir, None) as store:
         _print(store.query(query), fmt, output=output)
 
