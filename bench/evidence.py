@@ -74,6 +74,7 @@ from bench.pipeline import (
 )
 from nexuscore._broker import kafka_broker
 from nexuscore._clock import SystemClock
+from nexuscore._synthetic import CLASSES, RISKS, TASKS
 from nexuscore.errors import NexusError
 from nexuscore.policy import RoutingPolicy, default_policy
 from nexuscore.projections import (
@@ -672,18 +673,7 @@ _WORDS = (
     *("decision", "invoice", "counterparty", "exposure", "rating", "memo", "screening", "match"),
     *("alert", "fraud", "chargeback", "merchant"),
 )
-TASKS = (
-    "chat",
-    "summarise",
-    "extract",
-    "credit_decision",
-    "sanctions_screening",
-    "claims_triage",
-    "kyc_check",
-)
-RISKS = ("low", "medium", "high", "critical")
-RISK_W = (50, 30, 17, 3)
-CLASSES = ("public", "internal", "confidential", "restricted")
+RISK_W = (50, 30, 17, 3)  # weights of nexuscore._synthetic's RISKS and CLASSES, in their order
 CLASS_W = (20, 40, 30, 10)
 TIERS = ("small", "mid", "frontier")
 TENANT_W = (0.4, 0.3, 0.1, 0.2)  # the default policy's four tenants, in its order
