@@ -63,6 +63,7 @@ class LocalKeyStore:
         self._doc: dict[str, Any] = {"keys": {}, "active": {}, "erased": {}}
         self._mtime = -1.0
         self._plain: dict[str, bytes] = {}
+        self._kek_cipher: AESGCM | None = None
 
     # --- persistence -----------------------------------------------------------------------------
 
@@ -81,6 +82,8 @@ class LocalKeyStore:
             os.close(fd)
 
     def _kek(self) -> AESGCM:
+        if self._kek_cipher is not None:
+            return self._kek_cipher
         if not self._kek_path.exists():
             fd = os.open(self._kek_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -90,7 +93,8 @@ class LocalKeyStore:
         key = self._kek_path.read_bytes()
         if len(key) != 32:
             raise KeyStoreError(f"{self._kek_path} is not a 32-byte key")
-        return AESGCM(key)
+        self._kek_cipher = AESGCM(key)
+        return self._kek_cipher
 
     def _reload(self, force: bool = False) -> None:
         try:

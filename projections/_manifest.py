@@ -174,13 +174,17 @@ def committed_files(root: Path) -> list[Entry]:
     head = read_head(root)
     if head is None:
         return []
+    return committed([json.loads(line) for line in read_lines(root)[: head["size"]]])
+
+
+def committed(entries: list[Entry]) -> list[Entry]:
+    """The file entries that a later checkpoint commits (those of a flush cut short are not)."""
     files: list[Entry] = []
     staged: list[Entry] = []
-    for line in read_lines(root)[: head["size"]]:
-        entry = json.loads(line)
-        if entry["kind"] == "file":
-            staged.append(entry)
-        else:
+    for e in entries:
+        if e.get("kind") == "file":
+            staged.append(e)
+        elif e.get("kind") == "checkpoint":
             files.extend(staged)
             staged = []
     return files

@@ -21,6 +21,7 @@ import duckdb
 from nexuscore.errors import EvidenceError
 from nexuscore.projections import _merkle, _seal
 from nexuscore.projections._manifest import committed_files, head_message, read_head, read_lines
+from nexuscore.projections._store import sql_list
 from nexuscore.projections._tables import SCHEMAS
 
 
@@ -38,7 +39,7 @@ def prove(root: Path, request_id: str) -> dict[str, Any]:
     con.execute("SET TimeZone = 'UTC'")
     hits: list[tuple[str, str, int]] = []
     for table, paths in by_table.items():
-        sources = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+        sources = sql_list(paths)
         found = con.execute(
             f"SELECT filename, file_row_number FROM read_parquet({sources}, hive_partitioning = false, filename = true, "  # noqa: S608
             "file_row_number = true) WHERE request_id = ? ORDER BY src_offset",

@@ -144,7 +144,7 @@ class EvidenceStore:
             if paths:
                 self._create_view(
                     table,
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(paths)}, hive_partitioning = false)",  # noqa: S608  # names are ours
+                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_list(paths)}, hive_partitioning = false)",  # noqa: S608  # names are ours
                 )
             else:
                 self.con.register(f"_empty_{table}", schema.empty_table())
@@ -234,5 +234,6 @@ class EvidenceStore:
         return {"requests": row[0], "terminal": row[1], "multiple_terminal": row[2], "deadletters": row[3]}
 
 
-def _sql_list(items: list[str]) -> str:
+def sql_list(items: list[str]) -> str:
+    """A DuckDB list literal of file paths, quoted."""
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"

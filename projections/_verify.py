@@ -27,8 +27,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from nexuscore import _signing
 from nexuscore.projections import _merkle, _seal
-from nexuscore.projections._manifest import GENESIS, HEAD, canonical, head_message, read_head, read_lines
-from nexuscore.projections._store import EvidenceStore
+from nexuscore.projections._manifest import (
+    GENESIS,
+    HEAD,
+    canonical,
+    committed,
+    head_message,
+    read_head,
+    read_lines,
+)
+from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
 SHOW = 20  # ids named per finding before "and N more"
@@ -74,7 +82,7 @@ def verify(
     started = time.perf_counter()
     report = VerifyReport()
     entries = _check_manifest(root, public_key, report)
-    files = _committed(entries)
+    files = committed(entries)
     report.files = len(files)
     readable = _check_files(root, files, report, progress, workers or os.cpu_count() or 1)
     _check_placement(root, readable, report)
@@ -143,18 +151,6 @@ def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyRepo
         )
     report.signed_entries = size
     return entries[:size]
-
-
-def _committed(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    files: list[dict[str, Any]] = []
-    staged: list[dict[str, Any]] = []
-    for e in entries:
-        if e.get("kind") == "file":
-            staged.append(e)
-        elif e.get("kind") == "checkpoint":
-            files.extend(staged)
-            staged = []
-    return files
 
 
 def _check_files(
@@ -237,7 +233,7 @@ def _check_placement(root: Path, files: list[dict[str, Any]], report: VerifyRepo
         by_table[e["table"]].append(e)
     for entries in by_table.values():
         paths = {str(root / e["path"]): e for e in entries}
-        sources = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+        sources = sql_list(list(paths))
         rows = con.execute(
             "SELECT filename, min(src_topic), max(src_topic), min(src_partition), max(src_partition), "  # noqa: S608
             "min(src_offset), max(src_offset), min(data_region), max(data_region) "
