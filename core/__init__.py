@@ -1,5 +1,6 @@
 """The functional core: pure decisions and pure state transitions. No I/O, no clock, no randomness."""
 
+from nexuscore.core._breaker import Breaker, BreakerConfig, Transition
 from nexuscore.core._budget import (
     EMPTY_STATE,
     BudgetState,
@@ -13,8 +14,20 @@ from nexuscore.core._budget import (
     reserve,
     settle,
 )
+from nexuscore.core._controls import (
+    MODES,
+    NO_CONTROLS,
+    SCOPES,
+    CachedAnswer,
+    Controls,
+    Switch,
+    decode_answer,
+    encode_answer,
+    kill_switch_message,
+)
 from nexuscore.core._decide import (
     Decision,
+    LatencyView,
     Rejection,
     admit,
     decide,
@@ -22,12 +35,40 @@ from nexuscore.core._decide import (
     estimate_input_tokens,
 )
 from nexuscore.core._ids import derive_id, envelope_from
-from nexuscore.core._steps import decision_event, dispatch_event, on_outcome, on_request, shadow_event
+from nexuscore.core._latency import LatencyWindow, decode_window, encode_window, observe
+from nexuscore.core._steps import (
+    answer_to_keep,
+    decision_event,
+    dispatch_event,
+    on_outcome,
+    on_request,
+    on_review,
+    shadow_event,
+)
 
 __all__ = [
     "EMPTY_STATE",
+    "MODES",
+    "NO_CONTROLS",
+    "SCOPES",
+    "Breaker",
+    "BreakerConfig",
+    "CachedAnswer",
+    "Controls",
+    "LatencyWindow",
+    "Switch",
+    "Transition",
+    "answer_to_keep",
+    "decode_answer",
+    "decode_window",
+    "encode_answer",
+    "encode_window",
+    "kill_switch_message",
+    "observe",
+    "on_review",
     "BudgetState",
     "Decision",
+    "LatencyView",
     "Rejection",
     "Reservation",
     "Settlement",

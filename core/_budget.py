@@ -36,6 +36,9 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     day: str
     feature: str
     amount: int
+    # For the offline cache: which prompt this call answers, and whether its answer may be kept.
+    prompt_sha256: str = ""
+    cacheable: bool = False
 
 
 class BudgetState(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,17 +7,20 @@ Every rule that fires and every alternative rejected is written down as a ``Reas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
 
 from nexuscore.core._budget import BudgetState
-from nexuscore.policy import Deployment, Match, RoutingPolicy, Tenant, tier_rank
+from nexuscore.core._latency import MIN_SAMPLES
+from nexuscore.policy import DecodeStrategy, Deployment, Match, RoutingPolicy, Tenant, tier_rank
 from nexuscore.schemas import (
     TIERS,
     BudgetDecision,
     DecodeDecision,
     InferenceRequested,
+    LatencyObservation,
     Reason,
     ResidencyDecision,
     RoutingDecision,
@@ -48,6 +51,19 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     deployment: Deployment | None
     input_tokens: int
     day: str
+    # Where the worker may fail over to, in order, with the decode strategy chosen for each.
+    fallbacks: tuple[tuple[Deployment, str], ...] = ()
+    # For an escalation: how long a person has to decide.
+    review_deadline_s: int = 0
+
+    @property
+    def chain(self) -> tuple[Deployment, ...]:
+        """The deployment to call, then where to fail over to."""
+        return (self.deployment, *(d for d, _ in self.fallbacks)) if self.deployment else ()
+
+
+# What the Latency Controller observed of (deployment id, decode strategy), if anything.
+LatencyView = Callable[[str, str], LatencyObservation | None]
 
 
 def estimate_input_tokens(prompt: str) -> int:
@@ -121,13 +137,31 @@ def _residency(request: InferenceRequested, policy: RoutingPolicy, tenant: Tenan
     )
 
 
+def routing_confidence(
+    request: InferenceRequested, policy: RoutingPolicy, complexity: float, floor: Tier
+) -> float:
+    """1.0 when a rule set the floor or the caller gave the complexity; otherwise the closer the
+    estimated complexity lies to the small/mid boundary, the less sure the tier is (0.5 on it)."""
+    if request.complexity is not None or floor != "small":
+        return 1.0
+    return round(min(1.0, 0.5 + abs(complexity - policy.routing.mid_complexity)), 4)
+
+
 def decide(
-    request: InferenceRequested, policy: RoutingPolicy, state: BudgetState, now: datetime
+    request: InferenceRequested,
+    policy: RoutingPolicy,
+    state: BudgetState,
+    now: datetime,
+    *,
+    latency: LatencyView | None = None,
+    approved_by: str = "",
 ) -> Rejection | Decision:
     """Decide one request at time ``now``. Pure: the same inputs always give the same decision.
 
     The budget window is the UTC day of ``now`` (the decider's clock), never the caller's own
-    timestamp: a request dated in the future must not open a fresh budget.
+    timestamp: a request dated in the future must not open a fresh budget. ``latency`` is what the
+    Latency Controller has observed of each deployment; ``approved_by`` names the reviewer who
+    approved an escalated request, which then skips the escalation stage.
     """
     admitted = admit(request, policy)
     if isinstance(admitted, Rejection):
@@ -226,6 +260,7 @@ def decide(
             detail = f"tier {d.tier} is below the preferred {preferred}; kept as a budget fallback"
         reasons.append(Reason(stage="routing", kind="rejected_alternative", subject=d.id, detail=detail))
 
+    confidence = routing_confidence(request, policy, complexity, floor)
     routing = RoutingDecision(
         complexity=complexity,
         floor_tier=floor,
@@ -233,6 +268,7 @@ def decide(
         tier=tier,
         deployment_id=chosen.id if chosen else None,
         eligible=[d.id for d in eligible],
+        confidence=confidence,
     )
     window = state.window(day)
     tenant_budget = int(tenant.daily_budget_usd * 1_000_000)
@@ -252,19 +288,30 @@ def decide(
         )
 
     def finish(
-        verdict: Verdict, why: str, b: BudgetDecision, d: Deployment | None, dec: DecodeDecision | None
+        verdict: Verdict,
+        why: str,
+        b: BudgetDecision,
+        d: Deployment | None,
+        dec: DecodeDecision | None,
+        fallbacks: tuple[tuple[Deployment, str], ...] = (),
     ) -> Decision:
+        final_routing = routing
+        if d is not None and (d.id != routing.deployment_id or fallbacks):
+            final_routing = msgspec.structs.replace(
+                routing, deployment_id=d.id, fallbacks=[f.id for f, _ in fallbacks]
+            )
         return Decision(
             verdict=verdict,
             verdict_reason=why,
             residency=residency,
-            routing=routing,
+            routing=final_routing,
             budget=b,
             decode=dec,
             reasons=tuple(reasons),
             deployment=d,
             input_tokens=input_tokens,
             day=day,
+            fallbacks=fallbacks,
         )
 
     if chosen is None:
@@ -274,15 +321,36 @@ def decide(
         )
 
     # --- escalation: some requests are for a person, not a model --------------------------------
-    for esc in policy.escalation:
+    if approved_by:
+        reasons.append(
+            Reason(stage="escalation", kind="note", subject="review", detail=f"approved by {approved_by}")
+        )
+    elif confidence < policy.routing.min_confidence:
+        detail = (
+            f"routing confidence {confidence} < {policy.routing.min_confidence}: estimated complexity "
+            f"{complexity} is too close to the {policy.routing.mid_complexity} small/mid boundary"
+        )
+        reasons.append(Reason(stage="escalation", kind="rule_fired", subject="low-confidence", detail=detail))
+        escalated = finish(
+            "escalated",
+            f"low-confidence: {detail}",
+            budget("not_applicable", chosen, cost(chosen)),
+            None,
+            None,
+        )
+        return msgspec.structs.replace(escalated, review_deadline_s=policy.review_deadline_s)
+    for esc in [] if approved_by else policy.escalation:
         if matches(esc.when, request, complexity):
             reasons.append(Reason(stage="escalation", kind="rule_fired", subject=esc.id, detail=esc.reason))
-            return finish(
+            escalated = finish(
                 "escalated",
                 f"{esc.id}: {esc.reason}",
                 budget("not_applicable", chosen, cost(chosen)),
                 None,
                 None,
+            )
+            return msgspec.structs.replace(
+                escalated, review_deadline_s=esc.review_deadline_s or policy.review_deadline_s
             )
 
     # --- budget: reserve the estimate, or downgrade, or deny ------------------------------------
@@ -319,16 +387,55 @@ def decide(
                 detail=f"downgraded from {chosen.id} to fit the budget",
             )
         )
-    budget_decision = budget(action, fitting, cost(fitting))
 
-    # --- decode: the latency SLO sets the budget ------------------------------------------------
+    def fits_budget(d: Deployment) -> bool:
+        estimate = cost(d)
+        return (
+            window.tenant_committed + estimate <= tenant_budget
+            and window.feature_committed(request.feature) + estimate <= feature_budget
+        )
+
+    # The failover chain: the fitting deployment, then the same tier's others that the budget allows.
+    chain = [fitting] + sorted(
+        (d for d in eligible if d.tier == fitting.tier and d is not fitting and fits_budget(d)),
+        key=lambda d: (cost(d), d.id),
+    )
+
+    # --- decode: the latency SLO sets the budget; the Latency Controller predicts ---------------
     slo = request.latency_slo_ms or feature.latency_slo_ms
-    predictions = [
-        (s, math.ceil(s.ttft_ms + s.ms_per_output_token * request.max_output_tokens)) for s in fitting.decode
-    ]
-    fit = next(((s, p) for s, p in predictions if p <= slo), None)
-    if fit is None:
-        strategy, predicted = min(predictions, key=lambda sp: sp[1])
+    observations: list[LatencyObservation] = []
+
+    def predict(d: Deployment, s: DecodeStrategy) -> tuple[int, str]:
+        seen = latency(d.id, s.name) if latency else None
+        if seen is not None:
+            observations.append(seen)
+            if seen.samples >= MIN_SAMPLES:
+                return seen.p95_ms, "observed"
+        return math.ceil(s.ttft_ms + s.ms_per_output_token * request.max_output_tokens), "policy"
+
+    predictions = {d.id: [(s, *predict(d, s)) for s in d.decode] for d in chain}
+
+    def best(d: Deployment) -> tuple[DecodeStrategy, int, str, bool]:
+        fit = next(((s, p, b) for s, p, b in predictions[d.id] if p <= slo), None)
+        if fit is not None:
+            return fit[0], fit[1], fit[2], True
+        s, p, b = min(predictions[d.id], key=lambda spb: spb[1])
+        return s, p, b, False
+
+    picked = next((d for d in chain if best(d)[3]), fitting)
+    strategy, predicted, basis, fits = best(picked)
+    for d in chain:
+        if d is picked:
+            break
+        reasons.append(
+            Reason(
+                stage="decode",
+                kind="rejected_alternative",
+                subject=d.id,
+                detail=f"predicts {best(d)[1]} ms ({best(d)[2]}), over the {slo} ms SLO",
+            )
+        )
+    if not fits:
         reasons.append(
             Reason(
                 stage="decode",
@@ -337,20 +444,43 @@ def decide(
                 detail=f"no strategy fits {slo} ms; fastest predicts {predicted} ms",
             )
         )
-    else:
-        strategy, predicted = fit
-    for s, p in predictions:
+    for s, p, b in predictions[picked.id]:
         if s is not strategy:
             reasons.append(
-                Reason(stage="decode", kind="rejected_alternative", subject=s.name, detail=f"predicts {p} ms")
+                Reason(
+                    stage="decode",
+                    kind="rejected_alternative",
+                    subject=s.name,
+                    detail=f"predicts {p} ms ({b})",
+                )
             )
     decode = DecodeDecision(
-        strategy=strategy.name, latency_slo_ms=slo, predicted_latency_ms=predicted, fits_slo=fit is not None
+        strategy=strategy.name,
+        latency_slo_ms=slo,
+        predicted_latency_ms=predicted,
+        fits_slo=fits,
+        basis=basis,
+        observations=observations,
     )
+    fallbacks = tuple((d, best(d)[0].name) for d in chain if d is not picked)
+    # The reservation covers the dearest deployment the worker may fail over to, so a failover can
+    # never spend more than was held.
+    reserved = max(cost(d) for d in chain)
+    if fallbacks:
+        reasons.append(
+            Reason(
+                stage="routing",
+                kind="note",
+                subject="failover",
+                detail=f"may fail over to {', '.join(d.id for d, _ in fallbacks)}; {reserved} micro-USD held",
+            )
+        )
+    budget_decision = budget(action, picked, reserved)
     return finish(
         "dispatch",
-        f"{action} on {fitting.id} ({fitting.tier}, {fitting.region})",
+        f"{action} on {picked.id} ({picked.tier}, {picked.region})",
         budget_decision,
-        fitting,
+        picked,
         decode,
+        fallbacks,
     )

@@ -50,9 +50,21 @@ policy_app = typer.Typer(
     help="Routing policies: show, diff, sign and verify them; manage the keys trusted to sign.",
     no_args_is_help=True,
 )
+review_app = typer.Typer(
+    help="The escalation boundary: requests waiting for a person. List them, look at one, approve "
+    "(the request resumes) or deny it (it ends); either way your identity and reason are evidence.",
+    no_args_is_help=True,
+)
+control_app = typer.Typer(
+    help="Kill switches: turn inference off, or offline (cached answers only, tools disabled), "
+    "globally or for one tenant or feature, in seconds and without a restart; then on again.",
+    no_args_is_help=True,
+)
 app.add_typer(run_app, name="run")
 app.add_typer(evidence_app, name="evidence")
 app.add_typer(policy_app, name="policy")
+app.add_typer(review_app, name="review")
+app.add_typer(control_app, name="control")
 
 EvidenceDir = Annotated[
     Path,
@@ -166,18 +178,60 @@ def run_provider(
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")
     ] = "127.0.0.1",
-    latency_ms: Annotated[float, typer.Option(help="Mean added latency per call.")] = 0.0,
+    latency_ms: Annotated[float, typer.Option(min=0.0, help="Mean added latency per call.")] = 0.0,
     error_rate: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of calls answered with HTTP 503.")
     ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the error draws.")] = 0,
+    rate_limit_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of calls answered with HTTP 429 and a 'Retry-After: 0' header."
+        ),
+    ] = 0.0,
+    timeout_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of calls that hang for --hang-s seconds before answering (the client's timeout "
+            "should fire first).",
+        ),
+    ] = 0.0,
+    hang_s: Annotated[
+        float, typer.Option(min=0.0, help="How long a call picked by --timeout-rate hangs, in seconds.")
+    ] = 60.0,
+    spike_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of calls given an extra latency spike of --spike-ms."),
+    ] = 0.0,
+    spike_ms: Annotated[
+        float, typer.Option(min=0.0, help="Extra latency of a call picked by --spike-rate, in ms.")
+    ] = 0.0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the latency and fault draws (each fault has its own sequence).")
+    ] = 0,
 ) -> None:
-    """The simulated model provider: an OpenAI-compatible chat-completions server on localhost."""
+    """The simulated model provider: an OpenAI-compatible chat-completions server on localhost.
+
+    Faults are drawn per call, each from its own seeded sequence; when several fall on one call a hang
+    wins over a 503, and a 503 over a 429. A running provider takes new settings without a restart:
+    POST /_faults with a JSON object of the fields to change (error_rate, rate_limit_rate,
+    timeout_rate, hang_s, spike_rate, spike_ms, latency_ms, latency_jitter_ms, output_tokens, seed)
+    answers the new configuration, or HTTP 400 naming the problem; GET /_faults shows it."""
     from nexuscore.providers import SimulatedProviderConfig, serve_forever
 
     try:
         serve_forever(
-            SimulatedProviderConfig(latency_ms=latency_ms, error_rate=error_rate, seed=seed),
+            SimulatedProviderConfig(
+                latency_ms=latency_ms,
+                error_rate=error_rate,
+                rate_limit_rate=rate_limit_rate,
+                timeout_rate=timeout_rate,
+                hang_s=hang_s,
+                spike_rate=spike_rate,
+                spike_ms=spike_ms,
+                seed=seed,
+            ),
             host,
             port,
         )
@@ -374,8 +428,8 @@ def evidence_sql(
     output: Output = None,
 ) -> None:
     """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
-    attempts, outcomes, settlements, escalations, reviews, policy_events, shadow_decisions, deadletters,
-    terminal_states."""
+    attempts, outcomes, settlements, escalations, reviews, resolutions, policy_events, shadow_decisions,
+    circuit_events, kill_switches, deadletters, terminal_states."""
     with _store(evidence_dir, None) as store:
         _print(store.query(query), fmt, output=output)
 
@@ -1246,6 +1300,237 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
     except ValueError as exc:
         raise NexusError(f"{option} {value!r} is not an ISO 8601 date or time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# --- review ----------------------------------------------------------------------------------------
+
+Reviewer = Annotated[
+    str,
+    typer.Option("--reviewer", help="Who decides (recorded as evidence).", envvar="NEXUSCORE_REVIEWER"),
+]
+Reason = Annotated[str, typer.Option("--reason", help="Why (recorded as evidence).")]
+WaitSeconds = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0.0, help="Seconds to wait for the decider's resolution to reach the evidence."
+    ),
+]
+
+
+@review_app.command("list")
+def review_list(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    tenant: Tenant = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="pending (default), dispatched, denied, timed_out, refused, or all."),
+    ] = "pending",
+    fmt: Format = OutputFormat.table,
+    output: Output = None,
+) -> None:
+    """Escalated requests, oldest first, with why they were escalated and their review deadline."""
+    with _store(evidence_dir, None) as store:
+        rows = store.escalations(tenant, None if state == "all" else state)
+        columns = ["request_id", "tenant_id", "feature", "escalated_at", "deadline", "review_state", "reason"]
+        _print(rows.select(columns) if fmt == "table" else rows, fmt, "Escalations", output)
+
+
+@review_app.command("show")
+def review_show(
+    request_id: Annotated[str, typer.Argument(help="The escalated request.")],
+    evidence_dir: EvidenceDir = Path("evidence"),
+    keystore: KeystoreDir = None,
+) -> None:
+    """One escalated request: why, its deadline and review state, and its whole lineage (prompt
+    decrypted) so the reviewer sees what the model would receive."""
+    with _store(evidence_dir, keystore) as store:
+        row = _escalation(store, request_id)
+        for key in (
+            "tenant_id",
+            "feature",
+            "escalated_at",
+            "deadline",
+            "reason",
+            "review_state",
+            "reviewer",
+            "review_reason",
+        ):
+            if row.get(key) is not None:
+                console.print(f"[bold]{key}[/bold]: {row[key]}")
+        _print(store.lineage(request_id), "table", f"Lineage of {request_id}")
+
+
+def _escalation(store: EvidenceStore, request_id: str) -> dict[str, Any]:
+    rows = store.query("SELECT * FROM escalations WHERE request_id = $id", {"id": request_id}).to_pylist()
+    if not rows:
+        raise NexusError(
+            f"request {request_id} is not escalated in this evidence (see `nexuscore review list`)"
+        )
+    row: dict[str, Any] = rows[0]
+    return row
+
+
+def _review(
+    action: str,
+    request_id: str,
+    reviewer: str,
+    reason: str,
+    bootstrap: str,
+    namespace: str,
+    evidence_dir: Path,
+    wait: float,
+) -> None:
+    import time
+
+    from nexuscore._clock import SystemClock
+    from nexuscore._operations import publish, review_event
+    from nexuscore.streams import Topics
+
+    with _store(evidence_dir, None) as store:
+        row = _escalation(store, request_id)
+    if row["review_state"] != "pending":
+        raise NexusError(
+            f"request {request_id} is no longer awaiting review: {row['review_state']}"
+            f"{' by ' + row['reviewer'] if row.get('reviewer') else ''}"
+        )
+    event = review_event(request_id, row["tenant_id"], action, reviewer, reason, SystemClock().now())
+    asyncio.run(publish(bootstrap, Topics(namespace), event))
+    console.print(f"review {event.event_id} recorded: {action} by {reviewer}")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        with _store(evidence_dir, None) as store:
+            row = _escalation(store, request_id)
+        if row["review_state"] != "pending":
+            console.print(f"resolution: {row['review_state']} ({row['resolution_reason']})")
+            return
+        time.sleep(0.5)
+    if wait:
+        err_console.print(
+            f"no resolution in the evidence after {wait:g} s; see `nexuscore review show {request_id}`"
+        )
+
+
+@review_app.command("approve")
+def review_approve(
+    request_id: Annotated[str, typer.Argument(help="The escalated request.")],
+    reviewer: Reviewer,
+    reason: Reason,
+    bootstrap: Bootstrap,
+    namespace: Namespace = "",
+    evidence_dir: EvidenceDir = Path("evidence"),
+    wait: WaitSeconds = 30.0,
+) -> None:
+    """Approve: the request resumes. The decider decides it again without the escalation stage (budget,
+    latency and kill switches as they are now) and dispatches it, or records why it cannot. An
+    approval after the deadline ends the request as timed out."""
+    _review("approved", request_id, reviewer, reason, bootstrap, namespace, evidence_dir, wait)
+
+
+@review_app.command("deny")
+def review_deny(
+    request_id: Annotated[str, typer.Argument(help="The escalated request.")],
+    reviewer: Reviewer,
+    reason: Reason,
+    bootstrap: Bootstrap,
+    namespace: Namespace = "",
+    evidence_dir: EvidenceDir = Path("evidence"),
+    wait: WaitSeconds = 30.0,
+) -> None:
+    """Deny: the request ends, with your identity and reason in the evidence."""
+    _review("denied", request_id, reviewer, reason, bootstrap, namespace, evidence_dir, wait)
+
+
+# --- control ---------------------------------------------------------------------------------------
+
+
+class Scope(enum.StrEnum):
+    global_ = "global"
+    tenant = "tenant"
+    feature = "feature"
+
+
+def _switch(
+    mode: str,
+    scope: Scope,
+    target: str,
+    actor: str,
+    reason: str,
+    key: Path | None,
+    bootstrap: str,
+    namespace: str,
+) -> None:
+    from nexuscore._clock import SystemClock
+    from nexuscore._operations import kill_switch_event, publish
+    from nexuscore.streams import Topics
+
+    if key is None:
+        raise NexusError("an operator's signing key is needed: --key PEM or NEXUSCORE_OPERATOR_KEY")
+    event = kill_switch_event(scope.value, target, mode, actor, reason, key, SystemClock().now())
+    asyncio.run(publish(bootstrap, Topics(namespace), event))
+    where = "globally" if scope is Scope.global_ else f"for {scope.value} {target}"
+    console.print(f"inference {mode} {where}: event {event.event_id} (deciders take it up within a second)")
+
+
+ScopeOption = Annotated[Scope, typer.Option("--scope", help="global, tenant or feature.")]
+Target = Annotated[
+    str,
+    typer.Option("--target", help="The tenant id, or the feature id (or tenant/feature); none for global."),
+]
+Actor = Annotated[
+    str, typer.Option("--actor", help="Who throws the switch (recorded).", envvar="NEXUSCORE_OPERATOR")
+]
+OperatorKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--key",
+        help="The operator's Ed25519 private key (PEM); its public key must be in the "
+        "deciders' trust store with the operator role.",
+        envvar="NEXUSCORE_OPERATOR_KEY",
+    ),
+]
+
+
+@control_app.command("off")
+def control_off(
+    reason: Reason,
+    actor: Actor,
+    bootstrap: Bootstrap,
+    scope: ScopeOption = Scope.global_,
+    target: Target = "",
+    key: OperatorKey = None,
+    namespace: Namespace = "",
+) -> None:
+    """Turn inference off: every new request in scope is denied, with the switch as its reason."""
+    _switch("off", scope, target, actor, reason, key, bootstrap, namespace)
+
+
+@control_app.command("offline")
+def control_offline(
+    reason: Reason,
+    actor: Actor,
+    bootstrap: Bootstrap,
+    scope: ScopeOption = Scope.global_,
+    target: Target = "",
+    key: OperatorKey = None,
+    namespace: Namespace = "",
+) -> None:
+    """Offline mode: answer from the cache of earlier answers (same tenant, policy, model and prompt),
+    marked cached; tools disabled; a request with no cached answer is denied."""
+    _switch("offline", scope, target, actor, reason, key, bootstrap, namespace)
+
+
+@control_app.command("on")
+def control_on(
+    reason: Reason,
+    actor: Actor,
+    bootstrap: Bootstrap,
+    scope: ScopeOption = Scope.global_,
+    target: Target = "",
+    key: OperatorKey = None,
+    namespace: Namespace = "",
+) -> None:
+    """Lift the switch of this scope and target: inference resumes."""
+    _switch("on", scope, target, actor, reason, key, bootstrap, namespace)
 
 
 def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | None = None) -> None:

@@ -110,12 +110,16 @@ class Routing(_Frozen):
     # only a rule can demand it.
     mid_complexity: Annotated[float, Field(ge=0, le=1)] = 0.6
     rules: tuple[RoutingRule, ...] = ()
+    # Requests routed with less confidence than this go to a person (0: never).
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class EscalationRule(_Frozen):
     id: Ident
     when: Match
     reason: str
+    # How long a person has to decide before the request ends with a recorded timeout.
+    review_deadline_s: Annotated[int, Field(ge=1)] | None = None
 
 
 class RoutingPolicy(_Frozen):
@@ -129,6 +133,8 @@ class RoutingPolicy(_Frozen):
     residency: tuple[ResidencyRule, ...] = Field(min_length=1)
     routing: Routing = Routing()
     escalation: tuple[EscalationRule, ...] = ()
+    # The review deadline of an escalation whose rule does not set its own.
+    review_deadline_s: Annotated[int, Field(ge=1)] = 3600
     max_input_tokens: Annotated[int, Field(ge=1)] = 100_000
 
     @model_validator(mode="after")

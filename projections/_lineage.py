@@ -26,6 +26,7 @@ _ORDER = (
     "outcomes",
     "settlements",
     "reviews",
+    "resolutions",
 )
 _SCHEMA = pa.schema(
     [
@@ -70,22 +71,36 @@ def _detail(store: EvidenceStore, cipher: FieldCipher, table: str, r: Row) -> st
             f"deployment {r['deployment_id']}; residency home {r['home_region']}, allowed "
             f"{', '.join(r['allowed_regions'])} (rule {r['residency_rule']}, basis {r['transfer_basis']}); "
             f"budget {r['budget_action']} {_usd(r['estimated_cost_micros'])} of {_usd(r['tenant_budget_micros'])}; "
-            f"decode {r['decode_strategy']}; reasons: {reasons}"
+            f"decode {r['decode_strategy']} (predicts {r['predicted_latency_ms']} ms, {r['latency_basis']}); "
+            f"routing confidence {r['confidence']}; reasons: {reasons}"
         )
     if table == "dispatches":
+        fallbacks = f"; may fail over to {', '.join(r['fallbacks'])}" if r["fallbacks"] else ""
         return (
             f"dispatched to {r['deployment_id']} ({r['provider']} {r['model']}) in {r['region']}, allowed "
-            f"{', '.join(r['allowed_regions'])}; estimate {_usd(r['estimated_cost_micros'])}"
+            f"{', '.join(r['allowed_regions'])}; estimate {_usd(r['estimated_cost_micros'])}{fallbacks}"
+        )
+    if table == "resolutions":
+        return (
+            f"escalation {r['resolution']}: {r['verdict_reason']} (review by {r['reviewer']}: "
+            f"{r['review_reason']}; policy {r['policy_version']})"
         )
     if table == "attempts":
         http = f" HTTP {r['http_status']}" if r["http_status"] is not None else ""
         error = f": {r['error']}" if r["error"] else ""
         return f"attempt {r['attempt']} on {r['deployment_id']} in {r['region']}: {r['status']}{http} in {r['latency_ms']} ms{error}"
     if table == "outcomes":
+        how = (
+            f"from the offline cache (answer of request {r['cached_from']})"
+            if r["cached"]
+            else f"after {r['attempts']} attempt(s)"
+        )
+        skipped = f"; passed over {', '.join(r['skipped'])}" if r["skipped"] else ""
         return (
-            f"{r['status']} by {r['model']} version {r['model_version'] or '-'} in {r['region']} after "
-            f"{r['attempts']} attempt(s): {r['input_tokens']} in / {r['output_tokens']} out tokens, "
-            f"cost {_usd(r['cost_micros'])}, {r['latency_ms']} ms; response: {_content(store, cipher, r, 'response')}"
+            f"{r['status']} by {r['model']} version {r['model_version'] or '-'} in {r['region']} {how}: "
+            f"{r['input_tokens']} in / {r['output_tokens']} out tokens, cost {_usd(r['cost_micros'])}, "
+            f"{r['latency_ms']} ms (predicted {r['predicted_latency_ms']} ms, SLO {r['latency_slo_ms']} ms)"
+            f"{skipped}; response: {_content(store, cipher, r, 'response')}"
         )
     if table == "settlements":
         return (

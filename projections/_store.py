@@ -31,19 +31,21 @@ SELECT request_id, tenant_id, status AS state, occurred_at FROM outcomes
 UNION ALL
 SELECT request_id, tenant_id, 'rejected' AS state, occurred_at FROM rejections
 UNION ALL
-SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE verdict IN ('denied', 'escalated');
+SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE verdict = 'denied'
+UNION ALL
+-- An escalated request ends with its resolution, unless that resumed it (its outcome ends it then).
+SELECT request_id, tenant_id, 'escalation_' || resolution AS state, occurred_at FROM resolutions
+WHERE resolution <> 'dispatched';
 
 CREATE OR REPLACE VIEW escalations AS
 SELECT d.request_id, d.tenant_id, d.feature, d.occurred_at AS escalated_at, d.verdict_reason AS reason,
        (SELECT string_agg(x.detail, '; ') FROM unnest(d.reasons) AS u(x) WHERE x.stage = 'escalation')
            AS escalation_rules,
-       d.policy_version, d.policy_digest, d.data_region,
-       coalesce(r.action, 'pending') AS review_state, r.reviewer, r.reason AS review_reason,
-       r.occurred_at AS reviewed_at, r.deadline
+       d.policy_version, d.policy_digest, d.data_region, d.review_deadline AS deadline,
+       coalesce(res.resolution, 'pending') AS review_state, res.reviewer, res.review_reason,
+       res.occurred_at AS reviewed_at, res.verdict_reason AS resolution_reason
 FROM decisions d
-LEFT JOIN (
-    SELECT * FROM reviews QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY occurred_at DESC) = 1
-) r USING (request_id)
+LEFT JOIN resolutions res USING (request_id)
 WHERE d.verdict = 'escalated';
 """
 

@@ -15,10 +15,13 @@ import pyarrow as pa
 
 from nexuscore.schemas import (
     BudgetSettled,
+    CircuitStateChanged,
     DeadLettered,
     DispatchRequested,
+    EscalationResolved,
     Event,
     InferenceRequested,
+    KillSwitchChanged,
     ModelCallAttempted,
     OutcomeRecorded,
     PolicyStageChanged,
@@ -43,6 +46,15 @@ _REASON = pa.struct(
         ("kind", pa.string()),
         ("subject", pa.string()),
         ("detail", pa.string()),
+    ]
+)
+_OBSERVATION = pa.struct(
+    [
+        ("deployment_id", pa.string()),
+        ("strategy", pa.string()),
+        ("p50_ms", pa.int64()),
+        ("p95_ms", pa.int64()),
+        ("samples", pa.int64()),
     ]
 )
 _ENVELOPE = [
@@ -105,6 +117,26 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("state_version", pa.int64()),
         ("reasons", pa.list_(_REASON)),
         ("policy_stage", pa.string()),
+        ("confidence", pa.float64()),
+        ("fallbacks", _STRS),
+        ("latency_basis", pa.string()),
+        ("latency_observations", pa.list_(_OBSERVATION)),
+        ("review_deadline", _TS),
+    ),
+    "resolutions": _schema(
+        ("feature", pa.string()),
+        ("resolution", pa.string()),
+        ("review_event_id", pa.string()),
+        ("reviewer", pa.string()),
+        ("review_reason", pa.string()),
+        ("verdict_reason", pa.string()),
+        ("policy_version", pa.string()),
+        ("deployment_id", pa.string()),
+        ("budget_action", pa.string()),
+        ("estimated_cost_micros", pa.int64()),
+        ("decode_strategy", pa.string()),
+        ("state_version", pa.int64()),
+        ("reasons", pa.list_(_REASON)),
     ),
     "rejections": _schema(
         ("reason_code", pa.string()),
@@ -136,6 +168,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("estimated_cost_micros", pa.int64()),
         ("requested_at", _TS),
         ("data_subject", pa.string()),
+        ("fallbacks", _STRS),
+        ("latency_slo_ms", pa.int64()),
+        ("predicted_latency_ms", pa.int64()),
     ),
     "attempts": _schema(
         ("attempt", pa.int32()),
@@ -164,6 +199,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("finish_reason", pa.string()),
         ("error", pa.string()),
         ("data_subject", pa.string()),
+        ("decode_strategy", pa.string()),
+        ("latency_slo_ms", pa.int64()),
+        ("predicted_latency_ms", pa.int64()),
+        ("cached", pa.bool_()),
+        ("cached_from", pa.string()),
+        ("skipped", _STRS),
     ),
     "settlements": _schema(
         ("feature", pa.string()),
@@ -202,6 +243,24 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("signatures", pa.string()),
         ("replay_report", pa.string()),
     ),
+    "circuit_events": _schema(
+        ("deployment_id", pa.string()),
+        ("region", pa.string()),
+        ("from_state", pa.string()),
+        ("to_state", pa.string()),
+        ("reason", pa.string()),
+        ("consecutive_failures", pa.int64()),
+        ("open_until", _TS),
+    ),
+    "kill_switches": _schema(
+        ("scope", pa.string()),
+        ("target", pa.string()),
+        ("mode", pa.string()),
+        ("actor", pa.string()),
+        ("reason", pa.string()),
+        ("key_id", pa.string()),
+        ("signature", pa.string()),
+    ),
 }
 
 TABLES = tuple(SCHEMAS)
@@ -229,6 +288,8 @@ _DL = _fields("deadletters")
 _REV = _fields("reviews")
 _POL = _fields("policy_events")
 _SHADOW = _fields("shadow_decisions")
+_CIRCUIT = _fields("circuit_events")
+_SWITCH = _fields("kill_switches")
 _ENV = tuple(n for n, _ in _ENVELOPE)
 
 
@@ -263,12 +324,51 @@ def _decided(r: dict[str, Any]) -> Rows:
         fits_slo=dec.get("fits_slo"),
         state_version=r["state_version"],
         policy_stage=r["policy_stage"],
-        reasons=[
-            {"seq": i, "stage": x["stage"], "kind": x["kind"], "subject": x["subject"], "detail": x["detail"]}
-            for i, x in enumerate(r["reasons"])
+        reasons=_reasons(r["reasons"]),
+        confidence=rt.get("confidence", 1.0),
+        fallbacks=rt.get("fallbacks") or [],
+        latency_basis=dec.get("basis"),
+        latency_observations=[
+            {k: o[k] for k in ("deployment_id", "strategy", "p50_ms", "p95_ms", "samples")}
+            for o in dec.get("observations") or []
         ],
+        review_deadline=r.get("review_deadline"),
     )
     return [("decisions", row)]
+
+
+def _reasons(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"seq": i, "stage": x["stage"], "kind": x["kind"], "subject": x["subject"], "detail": x["detail"]}
+        for i, x in enumerate(reasons)
+    ]
+
+
+def _resolved(r: dict[str, Any]) -> Rows:
+    b, dec = r.get("budget") or {}, r.get("decode") or {}
+    row = _flat(r, _ENV)
+    row.update(
+        feature=r["feature"],
+        resolution=r["resolution"],
+        review_event_id=r["review_event_id"],
+        reviewer=r["reviewer"],
+        review_reason=r["review_reason"],
+        verdict_reason=r["verdict_reason"],
+        policy_version=r["policy_version"],
+        deployment_id=r.get("deployment_id"),
+        budget_action=b.get("action"),
+        estimated_cost_micros=b.get("estimated_cost_micros"),
+        decode_strategy=dec.get("strategy"),
+        state_version=r["state_version"],
+        reasons=_reasons(r.get("reasons") or []),
+    )
+    return [("resolutions", row)]
+
+
+def _dispatched(r: dict[str, Any]) -> Rows:
+    row = _flat(r, _DISP)
+    row["fallbacks"] = [f["deployment_id"] for f in r.get("fallbacks") or []]
+    return [("dispatches", row)]
 
 
 def _settled(r: dict[str, Any]) -> Rows:
@@ -290,11 +390,14 @@ ROW_BUILDERS: dict[type[Event], Callable[[dict[str, Any]], Rows]] = {
     RequestRejected: lambda r: [("rejections", _flat(r, _REJ))],
     RequestDecided: _decided,
     BudgetSettled: _settled,
-    DispatchRequested: lambda r: [("dispatches", _flat(r, _DISP))],
+    DispatchRequested: _dispatched,
     ModelCallAttempted: lambda r: [("attempts", _flat(r, _ATT))],
     OutcomeRecorded: lambda r: [("outcomes", _flat(r, _OUT))],
     DeadLettered: lambda r: [("deadletters", _flat(r, _DL))],
     ReviewRecorded: lambda r: [("reviews", _flat(r, _REV))],
     PolicyStageChanged: lambda r: [("policy_events", _flat(r, _POL))],
     ShadowDecisionRecorded: lambda r: [("shadow_decisions", _flat(r, _SHADOW))],
+    EscalationResolved: _resolved,
+    CircuitStateChanged: lambda r: [("circuit_events", _flat(r, _CIRCUIT))],
+    KillSwitchChanged: lambda r: [("kill_switches", _flat(r, _SWITCH))],
 }

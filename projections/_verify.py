@@ -331,7 +331,8 @@ def _check_events(
                 "outcome_without_decision",
                 "outcomes",
                 "SELECT request_id FROM outcomes ANTI JOIN "
-                "(SELECT request_id FROM decisions WHERE verdict = 'dispatch') USING (request_id) ORDER BY 1",
+                "(SELECT request_id FROM decisions WHERE verdict = 'dispatch' UNION ALL "
+                "SELECT request_id FROM resolutions WHERE resolution = 'dispatched') USING (request_id) ORDER BY 1",
                 {},
             ),
         ]

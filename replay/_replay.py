@@ -16,11 +16,27 @@ from typing import Any
 
 import msgspec
 
-from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, on_request, settle
+from nexuscore.core import (
+    EMPTY_STATE,
+    BudgetState,
+    Controls,
+    Reservation,
+    Switch,
+    on_request,
+    on_review,
+    settle,
+)
 from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
 from nexuscore.projections._tables import ROW_BUILDERS, Row
-from nexuscore.schemas import InferenceRequested, RequestDecided, RequestRejected
+from nexuscore.schemas import (
+    EscalationResolved,
+    InferenceRequested,
+    LatencyObservation,
+    RequestDecided,
+    RequestRejected,
+    ReviewRecorded,
+)
 
 PRODUCER = "nexuscore.replay"
 # Columns that differ between any two runs or any two policies without the decision changing.
@@ -82,6 +98,11 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     residency_breaches: int = 0
     # Verify mode: recorded decisions whose policy is not known (so they cannot be reproduced).
     unknown_policies: int = 0
+    # Decisions an operator's kill switch (off or offline) made: replayed for their effect on the
+    # budget, never compared (no policy made them).
+    operator_overrides: int = 0
+    # Escalations a person resolved, re-applied in their recorded order.
+    reviews_applied: int = 0
     changes: list[Change] = msgspec.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -112,8 +133,34 @@ def _comparable(table: str, row: Row) -> dict[str, Any]:
     return out
 
 
+def _override(row: Row) -> Controls | None:
+    """The kill switch a recorded decision was made under, as far as it shaped the decision."""
+    for x in row.get("reasons") or []:
+        if x["stage"] == "admission" and x["subject"] in ("kill_switch", "offline"):
+            mode = (
+                "offline"
+                if x["subject"] == "offline" or x["detail"].startswith("inference offline")
+                else "off"
+            )
+            switch = Switch(scope="global", target="", mode=mode, actor="", reason="", event_id="")
+            return Controls(switches=(switch,))
+    return None
+
+
+def _observed(row: Row) -> Callable[[str, str], LatencyObservation | None]:
+    """What the Latency Controller had observed when the recorded decision was made."""
+    seen = {
+        (o["deployment_id"], o["strategy"]): LatencyObservation(**o)
+        for o in row.get("latency_observations") or []
+    }
+    return lambda deployment, strategy: seen.get((deployment, strategy))
+
+
 def _ordered(
-    requests: list[Row], decisions: dict[str, Row], settlements: list[Row]
+    requests: list[Row],
+    decisions: dict[str, Row],
+    settlements: list[Row],
+    resolutions: list[Row] = (),  # type: ignore[assignment]  # an empty tuple is an empty sequence
 ) -> Iterator[tuple[str, Row]]:
     """Per tenant, the order the decision agent saw: decisions and settlements by state version,
     and rejected requests (which touch no state) just before the next decided request."""
@@ -135,6 +182,7 @@ def _ordered(
             items.append((tenant, version, 0, 0, "request", r))
         items.extend((tenant, math.inf, -1, i, "request", p) for i, p in enumerate(pending))
     items.extend((s["tenant_id"], s["state_version"], 0, 0, "settlement", s) for s in settlements)
+    items.extend((r["tenant_id"], r["state_version"], 0, 0, "resolution", r) for r in resolutions)
     items.sort(key=lambda it: (it[0], it[1], it[2], it[3]))
     for it in items:
         yield it[4], it[5]
@@ -191,6 +239,7 @@ def replay(
             recorded[row["request_id"]] = (table, row)
     decisions = {rid: row for rid, (t, row) in recorded.items() if t == "decisions"}
     settlements = rows("settlements")
+    resolutions = rows("resolutions")
     outcomes = {o["request_id"]: o for o in rows("outcomes")}
 
     if (policy is None) == (recorded_policies is None):
@@ -206,8 +255,33 @@ def replay(
     reservations: dict[str, Reservation] = {}
     request_fields = set(InferenceRequested.__struct_fields__)
     total = len(requests)
-    for kind, row in _ordered(requests, decisions, settlements):
+    escalated: dict[str, tuple[InferenceRequested, RequestDecided]] = {}
+    for kind, row in _ordered(requests, decisions, settlements, resolutions):
         tenant_id, request_id = row["tenant_id"], row["request_id"]
+        if kind == "resolution":
+            if request_id not in escalated:
+                continue  # the candidate did not escalate it
+            request, escalation = escalated.pop(request_id)
+            action = {"denied": "denied", "timed_out": "timed_out"}.get(row["resolution"], "approved")
+            review = ReviewRecorded(
+                event_id=row["review_event_id"], request_id=request_id, tenant_id=tenant_id,
+                occurred_at=row["occurred_at"], producer=PRODUCER, action=action,  # type: ignore[arg-type]  # one of the three
+                reviewer=row["reviewer"], reason=row["review_reason"], deadline=escalation.review_deadline,
+            )  # fmt: skip
+            states[tenant_id], reservation, events = on_review(
+                states[tenant_id], request, escalation, review, policy_of[request_id], PRODUCER, row["occurred_at"],
+                latency=_observed(decisions.get(request_id, {})),
+            )  # fmt: skip
+            report.reviews_applied += 1
+            if reservation is not None:
+                reservations[request_id] = reservation
+                resolved = events[0]
+                assert isinstance(resolved, EscalationResolved) and resolved.deployment_id is not None
+                chosen[request_id] = resolved.deployment_id
+                if request_id not in outcomes:
+                    states[tenant_id], _ = settle(states[tenant_id], reservation, reservation.amount)
+                    reservations.pop(request_id)
+            continue
         if kind == "settlement":
             deployment = chosen.get(request_id)
             outcome = outcomes.get(request_id)
@@ -249,11 +323,23 @@ def replay(
                 )  # fmt: skip
             continue
         policy_of[request_id] = use
-        states[tenant_id], reservation, events = on_request(states[tenant_id], request, use, PRODUCER, now)
+        override = _override(rec_row)
+        states[tenant_id], reservation, events = on_request(
+            states[tenant_id], request, use, PRODUCER, now,
+            controls=override or Controls(), latency=_observed(rec_row),
+        )  # fmt: skip
         if reservation is not None:
             reservations[request_id] = reservation
         decided = events[0]
         assert isinstance(decided, RequestDecided | RequestRejected)
+        if isinstance(decided, RequestDecided) and decided.verdict == "escalated":
+            escalated[request_id] = (request, decided)
+        if override is not None:
+            report.requests += 1
+            report.operator_overrides += 1
+            if progress is not None:
+                progress(report.requests, total)
+            continue
         table, cand_row = _decision_row(decided)
         if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
             deployment_id = decided.budget.deployment_id

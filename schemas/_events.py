@@ -110,6 +110,12 @@ class RoutingDecision(msgspec.Struct, frozen=True, kw_only=True, tag="routing_de
     tier: Tier | None
     deployment_id: str | None
     eligible: list[str]
+    # How sure the router is of the tier: 1.0 when a rule or the caller fixed the complexity, less
+    # the closer an estimated complexity lies to the small/mid boundary.
+    confidence: float = 1.0
+    # Where a worker may fail over to, in order, if the chosen deployment fails: same tier, inside
+    # the allowed regions, and inside the budget reserved.
+    fallbacks: list[str] = msgspec.field(default_factory=list)
 
 
 class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True, tag="budget_decision.v1"):
@@ -126,13 +132,27 @@ class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True, tag="budget_deci
     tier: Tier | None
 
 
+class LatencyObservation(msgspec.Struct, frozen=True, kw_only=True, tag="latency_observation.v1"):
+    """What the Latency Controller had observed of one (deployment, strategy) when it decided."""
+
+    deployment_id: str
+    strategy: str
+    p50_ms: int
+    p95_ms: int
+    samples: NonNegative
+
+
 class DecodeDecision(msgspec.Struct, frozen=True, kw_only=True, tag="decode_decision.v1"):
-    """The decode strategy whose predicted latency fits the request's SLO."""
+    """The deployment's decode strategy whose predicted latency fits the request's SLO."""
 
     strategy: str
     latency_slo_ms: int
     predicted_latency_ms: int
     fits_slo: bool
+    # "policy" (the policy's prior: ttft + per-token time) or "observed" (windowed p95).
+    basis: str = "policy"
+    # The observations the prediction was made from: recorded, so replay uses the same inputs.
+    observations: list[LatencyObservation] = msgspec.field(default_factory=list)
 
 
 class RequestRejected(Event, frozen=True, kw_only=True, tag="request_rejected.v1"):
@@ -163,6 +183,8 @@ class RequestDecided(Event, frozen=True, kw_only=True, tag="request_decided.v1")
     # The tenant's budget-state version the decision was made against: replay orders by it.
     state_version: NonNegative
     policy_stage: str = "active"  # active, or canary for a tenant in a canary's share
+    # For an escalated request: when it ends with a recorded timeout unless a person decides first.
+    review_deadline: datetime | None = None
 
 
 class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget_settled.v1"):
@@ -177,7 +199,39 @@ class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget_settled.v1"):
     state_version: NonNegative
 
 
+class EscalationResolved(Event, frozen=True, kw_only=True, tag="escalation_resolved.v1"):
+    """How an escalated request ended: a person approved it (it resumes) or denied it, or its
+    review deadline passed. ``resolution`` is dispatched, denied, timed_out or refused (approved,
+    but the budget or a kill switch no longer allows the call)."""
+
+    resolution: str
+    review_event_id: str
+    reviewer: str
+    review_reason: str
+    verdict_reason: str
+    policy_version: str
+    feature: str
+    budget: BudgetDecision | None = None
+    decode: DecodeDecision | None = None
+    deployment_id: str | None = None
+    reasons: list[Reason] = msgspec.field(default_factory=list)
+    state_version: NonNegative = 0
+
+
 # --- nexus.dispatch -------------------------------------------------------------------------
+
+
+class FallbackTarget(msgspec.Struct, frozen=True, kw_only=True, tag="fallback_target.v1"):
+    """A deployment the worker may fail over to, already checked against residency and budget."""
+
+    deployment_id: str
+    provider: str
+    endpoint: str
+    model: str
+    region: str
+    decode_strategy: str
+    input_price_micros_per_1k: NonNegative
+    output_price_micros_per_1k: NonNegative
 
 
 class DispatchRequested(Event, frozen=True, kw_only=True, tag="dispatch_requested.v1"):
@@ -200,6 +254,9 @@ class DispatchRequested(Event, frozen=True, kw_only=True, tag="dispatch_requeste
     # When the request was produced, so the data plane can report the gateway's added latency.
     requested_at: datetime
     data_subject: str = ""
+    fallbacks: list[FallbackTarget] = msgspec.field(default_factory=list)
+    latency_slo_ms: NonNegative = 0
+    predicted_latency_ms: NonNegative = 0
 
 
 # --- nexus.attempts / nexus.outcomes --------------------------------------------------------
@@ -236,6 +293,34 @@ class OutcomeRecorded(Event, frozen=True, kw_only=True, tag="outcome_recorded.v1
     finish_reason: str
     error: str = ""
     data_subject: str = ""
+    # The Latency Controller's prediction, recorded beside the actual latency.
+    decode_strategy: str = ""
+    latency_slo_ms: NonNegative = 0
+    predicted_latency_ms: NonNegative = 0
+    # Answered from the offline cache (no model was called), and from which request's answer.
+    cached: bool = False
+    cached_from: str = ""
+    # Deployments passed over without a call (for example "eu-small-1: circuit open").
+    skipped: list[str] = msgspec.field(default_factory=list)
+
+
+# --- nexus.circuits -------------------------------------------------------------------------
+
+
+class CircuitStateChanged(Event, frozen=True, kw_only=True, tag="circuit_state_changed.v1"):
+    """A worker's circuit breaker for one deployment changed state (closed, open, half_open).
+
+    Keyed by deployment: every worker follows the topic and takes up the others' openings, so a
+    failing deployment is avoided by all of them. ``request_id`` is the call that tipped it.
+    """
+
+    deployment_id: str
+    region: str
+    from_state: str
+    to_state: str
+    reason: str
+    consecutive_failures: NonNegative
+    open_until: datetime | None = None
 
 
 # --- nexus.deadletter -----------------------------------------------------------------------
@@ -255,6 +340,9 @@ class DeadLettered(Event, frozen=True, kw_only=True, tag="dead_lettered.v1"):
 # --- nexus.governance ------------------------------------------------------------------------
 
 
+# --- nexus.reviews (keyed by tenant, like the requests, so a review reaches their decider) ------
+
+
 class ReviewRecorded(Event, frozen=True, kw_only=True, tag="review_recorded.v1"):
     """A person's decision on an escalated request, or the deadline passing without one."""
 
@@ -262,6 +350,22 @@ class ReviewRecorded(Event, frozen=True, kw_only=True, tag="review_recorded.v1")
     reviewer: str
     reason: str
     deadline: datetime | None = None
+
+
+class KillSwitchChanged(Event, frozen=True, kw_only=True, tag="kill_switch_changed.v1"):
+    """An operator turned inference off, to offline (cached answers only) or back on.
+
+    ``scope`` is global, tenant or feature; ``target`` the tenant or feature id ("" for global).
+    Signed by an operator key of the deciders' trust store.
+    """
+
+    scope: str
+    target: str
+    mode: str
+    actor: str
+    reason: str
+    key_id: str = ""
+    signature: str = ""
 
 
 class PolicyStageChanged(Event, frozen=True, kw_only=True, tag="policy_stage_changed.v1"):
@@ -315,6 +419,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ReviewRecorded,
     PolicyStageChanged,
     ShadowDecisionRecorded,
+    EscalationResolved,
+    CircuitStateChanged,
+    KillSwitchChanged,
 )
 
 

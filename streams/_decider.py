@@ -7,20 +7,30 @@ log order and its budget Table entry is never raced.
 
 from __future__ import annotations
 
+import logging
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import faust
+import msgspec
 
 from nexuscore._clock import Clock
 from nexuscore.core import (
+    answer_to_keep,
+    decode_answer,
     decode_reservation,
     decode_state,
+    decode_window,
+    derive_id,
+    encode_answer,
     encode_record,
+    encode_window,
+    observe,
     on_outcome,
     on_request,
+    on_review,
     shadow_event,
 )
 from nexuscore.errors import DecodeError
@@ -29,9 +39,11 @@ from nexuscore.schemas import (
     DispatchRequested,
     Event,
     InferenceRequested,
+    LatencyObservation,
     OutcomeRecorded,
     RequestDecided,
     RequestRejected,
+    ReviewRecorded,
 )
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
@@ -39,8 +51,23 @@ from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
 
+log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
-_ANY_INPUT = (InferenceRequested, OutcomeRecorded)
+_ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
+# How often each decider looks for escalations whose review deadline has passed.
+DEADLINE_SCAN_S = 1.0
+
+
+class PendingEscalation(msgspec.Struct, frozen=True, kw_only=True):
+    """An escalated request awaiting its review: the request and its decision, as they went out."""
+
+    request: bytes
+    decided: bytes
+    deadline_us: int = 0
+
+
+_pending_encoder = msgspec.msgpack.Encoder()
+_pending_decoder = msgspec.msgpack.Decoder(PendingEscalation)
 
 
 class Sink(Protocol):
@@ -104,17 +131,27 @@ def build_decider(
         "key_serializer": "raw",
         "value_serializer": "raw",
     }
+
     # Totals per tenant, and each open reservation keyed by request. faust writes a table's changelog
     # to the partition of the event being processed, so both stay in the tenant's partition.
-    budgets = app.Table("budgets", partitions=partitions, key_type=bytes, value_type=bytes)
-    reservations = app.Table("reservations", partitions=partitions, key_type=bytes, value_type=bytes)
-    inputs = app.topic(topics.requests, topics.outcomes, **raw)
+    def table(name: str) -> Any:
+        return app.Table(name, partitions=partitions, key_type=bytes, value_type=bytes)
+
+    budgets, reservations = table("budgets"), table("reservations")
+    # Escalated requests awaiting review; latency windows per (partition, deployment, strategy);
+    # answers kept for offline mode, keyed by tenant first. faust writes a change to the changelog
+    # partition of the event being processed, so a key must only ever be written from one
+    # partition: the latency windows are per input partition for that reason.
+    escalations, latency, answers = table("escalations"), table("latency"), table("answers")
+    inputs = app.topic(topics.requests, topics.outcomes, topics.reviews, **raw)
     out_topics = {
-        name: app.topic(name, **raw) for name in (topics.decisions, topics.dispatch, topics.deadletter)
+        name: app.topic(name, **raw)
+        for name in (topics.decisions, topics.dispatch, topics.deadletter, topics.outcomes, topics.reviews)
     }
     expected: dict[str, tuple[type[Event], ...]] = {
         topics.requests: (InferenceRequested,),
         topics.outcomes: (OutcomeRecorded,),
+        topics.reviews: (ReviewRecorded,),
     }
 
     async def send_to_topic(topic: str, key: bytes, value: bytes) -> None:
@@ -137,24 +174,87 @@ def build_decider(
         # Request ids come from clients: scope them by tenant.
         request_key = tenant + b"\x1f" + event.request_id.encode()
         held = decode_reservation(reservations.get(request_key))
+
+        def observed(deployment: str, strategy: str) -> LatencyObservation | None:
+            w = decode_window(latency.get(_latency_key(partition, deployment, strategy)))
+            if not w.samples:
+                return None
+            return LatencyObservation(
+                deployment_id=deployment,
+                strategy=strategy,
+                p50_ms=w.p50_ms,
+                p95_ms=w.p95_ms,
+                samples=w.samples,
+            )
+
+        controls = holder.controls
         if isinstance(event, InferenceRequested):
             registry = holder.registry
             serving = registry.for_tenant(event.tenant_id)
             new_state, reservation, out = on_request(
-                state, event, serving.policy, PRODUCER, now, held, serving.stage
+                state,
+                event,
+                serving.policy,
+                PRODUCER,
+                now,
+                held,
+                serving.stage,
+                controls=controls,
+                latency=observed,
+                answers=lambda key: decode_answer(answers.get(key)),
             )
             if registry.shadow is not None:
                 decided = out[0]
                 assert isinstance(decided, RequestDecided | RequestRejected)
                 out.append(shadow_event(state, event, registry.shadow.policy, decided, PRODUCER, now, held))
+            decided = out[0]
+            if isinstance(decided, RequestDecided) and decided.verdict == "escalated" and held is None:
+                deadline = decided.review_deadline
+                escalations[request_key] = _pending_encoder.encode(
+                    PendingEscalation(
+                        request=value or b"",
+                        decided=codec.encode(decided),
+                        deadline_us=int(deadline.timestamp() * 1_000_000) if deadline else 0,
+                    )
+                )
+        elif isinstance(event, ReviewRecorded):
+            raw_pending = escalations.get(request_key)
+            if raw_pending is None:
+                log.info("review %s of %s: nothing is awaiting review", event.event_id, event.request_id)
+                return
+            pending = _pending_decoder.decode(raw_pending)
+            request = codec.decode(pending.request, (InferenceRequested,))
+            escalated = codec.decode(pending.decided, (RequestDecided,))
+            assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
+            new_state, reservation, out = on_review(
+                state,
+                request,
+                escalated,
+                event,
+                holder.registry.for_tenant(event.tenant_id).policy,
+                PRODUCER,
+                now,
+                controls=controls,
+                latency=observed,
+            )
+            held = None
+            del escalations[request_key]
         else:
             assert isinstance(event, OutcomeRecorded)
             new_state, out = on_outcome(state, held, event, PRODUCER, now)
             reservation = None
+            kept = answer_to_keep(event, held)
+            if kept is not None:
+                answers[kept[0]] = encode_answer(kept[1])
+            if held is not None and event.status == "answered" and not event.cached and event.decode_strategy:
+                key = _latency_key(partition, event.deployment_id, event.decode_strategy)
+                latency[key] = encode_window(observe(decode_window(latency.get(key)), event.latency_ms, now))
         # The decision goes out before the dispatch that acts on it (same producer, in order).
         for e in out:
             if isinstance(e, DispatchRequested):
                 await send(topics.dispatch, e.request_id.encode(), codec.encode(e))
+            elif isinstance(e, OutcomeRecorded):
+                await send(topics.outcomes, tenant, codec.encode(e))
             else:
                 await send(topics.decisions, tenant, codec.encode(e))
         # The two tables are not updated atomically (faust has no cross-table transaction): a crash
@@ -165,6 +265,38 @@ def build_decider(
             del reservations[request_key]
         if new_state is not state:
             budgets[tenant] = encode_record(new_state)
+
+    timed_out: set[bytes] = set()
+
+    @app.timer(interval=DEADLINE_SCAN_S)  # type: ignore[untyped-decorator]  # faust ships no type information
+    async def end_overdue_reviews() -> None:
+        """Put a timeout review on the topic for each escalation past its deadline: the agent then
+        ends it in order with any review a person sends (whichever comes first wins)."""
+        now = clock.now()
+        now_us = int(now.timestamp() * 1_000_000)
+        for key, raw_pending in list(escalations.items()):
+            pending = _pending_decoder.decode(raw_pending)
+            if not pending.deadline_us or pending.deadline_us > now_us or key in timed_out:
+                continue
+            escalated = codec.decode(pending.decided, (RequestDecided,))
+            review = ReviewRecorded(
+                event_id=derive_id(escalated.request_id, escalated.tenant_id, "review-timeout"),
+                request_id=escalated.request_id,
+                tenant_id=escalated.tenant_id,
+                occurred_at=now,
+                producer=PRODUCER,
+                causation_id=escalated.event_id,
+                trace_id=escalated.trace_id,
+                policy_digest=escalated.policy_digest,
+                action="timed_out",
+                reviewer=PRODUCER,
+                reason="no review before the deadline",
+                deadline=escalated.review_deadline,
+            )
+            await out_topics[topics.reviews].send(
+                key=escalated.tenant_id.encode(), value=codec.encode(review)
+            )
+            timed_out.add(key)
 
     if follower is not None:
 
@@ -179,3 +311,7 @@ def build_decider(
             await process(m.topic, m.partition, m.offset, m.key, m.value)
 
     return app, decide
+
+
+def _latency_key(partition: int, deployment: str, strategy: str) -> bytes:
+    return f"{partition}\x1f{deployment}\x1f{strategy}".encode()

@@ -14,13 +14,15 @@ from datetime import datetime
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore import _signing
 from nexuscore._clock import Clock
-from nexuscore.core import derive_id
+from nexuscore.core import NO_CONTROLS, Controls, derive_id, kill_switch_message
 from nexuscore.errors import DecodeError, PolicyError, PolicyRefused
 from nexuscore.policy import PolicySignature, SignedPolicy, TrustStore, check_signatures, parse_policy
 from nexuscore.policy._promotion import REVIEWERS_FOR_ACTIVE, Registry, check_promotion
-from nexuscore.schemas import AvroCodec, PolicyStageChanged
+from nexuscore.schemas import AvroCodec, Event, KillSwitchChanged, PolicyStageChanged
 from nexuscore.streams._kafka import new_producer, start_client
 from nexuscore.streams._topics import Topics, partition_counts
 
@@ -30,10 +32,32 @@ BOOTSTRAP = "bootstrap"
 
 
 class PolicyHolder:
-    """The registry the agent reads on every event; the follower swaps it as promotions arrive."""
+    """The registry and the operators' controls the agent reads on every event; the follower swaps
+    them as promotions and kill switches arrive."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, controls: Controls = NO_CONTROLS) -> None:
         self.registry = registry
+        self.controls = controls
+
+
+def sign_kill_switch(event: KillSwitchChanged, key: Ed25519PrivateKey) -> KillSwitchChanged:
+    """The event with the operator's key id and signature over what it switches."""
+    keyed = msgspec.structs.replace(event, key_id=_signing.key_id(key.public_key()), signature="")
+    return msgspec.structs.replace(keyed, signature=_signing.sign(key, kill_switch_message(keyed)))
+
+
+def check_kill_switch(event: KillSwitchChanged, trust: TrustStore, now: datetime) -> str | None:
+    """Why a kill switch must not be taken up (None: it holds): an operator's valid signature."""
+    trusted = trust.get(event.key_id)
+    if trusted is None:
+        return f"signed by key {event.key_id or '(none)'}, which is not in the trust store"
+    if "operator" not in trusted.roles:
+        return f"key {event.key_id} ({trusted.name}) is not an operator's"
+    if trusted.revoked_at is not None and trusted.revoked_at <= now:
+        return f"key {event.key_id} ({trusted.name}) was revoked {trusted.revoked_at.isoformat()}"
+    if not _signing.verify(trusted.key(), kill_switch_message(event), event.signature):
+        return "the signature does not match the event"
+    return None
 
 
 def signed_from_event(event: PolicyStageChanged, trust: TrustStore, now: datetime) -> SignedPolicy:
@@ -130,9 +154,19 @@ class GovernanceFollower:
 
     def fold(self, value: bytes | None) -> None:
         try:
-            event = self.codec.decode(value, (PolicyStageChanged,))
+            event: Event = self.codec.decode(value, (PolicyStageChanged, KillSwitchChanged))
         except DecodeError:
-            return  # reviews and anything else on the topic are not policy steps
+            return  # anything else on the topic is not a governance step
+        if isinstance(event, KillSwitchChanged):
+            refused = check_kill_switch(event, self.trust, self.clock.now())
+            if refused is not None:
+                self.refusals.append(refused)
+                log.warning("kill switch %s refused: %s", event.event_id, refused)
+                return
+            self.holder.controls = self.holder.controls.apply(event)
+            where = "global" if event.scope == "global" else f"{event.scope} {event.target}"
+            log.warning("inference %s (%s) by %s: %s", event.mode, where, event.actor, event.reason)
+            return
         assert isinstance(event, PolicyStageChanged)
         registry, refused = accept(self.holder.registry, event, self.trust, self.clock.now())
         if refused is not None:
@@ -192,7 +226,9 @@ class GovernanceFollower:
             self.positions[tp] = records[-1].offset + 1
 
 
-async def publish_governance(bootstrap: str, topics: Topics, event: PolicyStageChanged) -> None:
+async def publish_governance(
+    bootstrap: str, topics: Topics, event: PolicyStageChanged | KillSwitchChanged
+) -> None:
     producer = new_producer(bootstrap)
     await start_client(producer, bootstrap)
     try:

@@ -17,6 +17,9 @@ from nexuscore.errors import BrokerError
 from nexuscore.streams._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
+# The decider's faust Tables: budget totals, open reservations, escalations awaiting review,
+# latency windows, and the offline answer cache.
+DECIDER_TABLES = ("budgets", "reservations", "escalations", "latency", "answers")
 
 
 class Topics(msgspec.Struct, frozen=True):
@@ -49,8 +52,16 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.namespace}nexus.deadletter"
 
     @property
-    def governance(self) -> str:  # policy stage changes and reviews, keyed by tenant ("" if global)
+    def governance(self) -> str:  # policy stage changes and kill switches, in one ordered partition
         return f"{self.namespace}nexus.governance"
+
+    @property
+    def reviews(self) -> str:  # keyed by tenant: people's reviews of escalations, and timeouts
+        return f"{self.namespace}nexus.reviews"
+
+    @property
+    def circuits(self) -> str:  # keyed by deployment: circuit breaker state changes
+        return f"{self.namespace}nexus.circuits"
 
     @property
     def all(self) -> tuple[str, ...]:
@@ -62,6 +73,8 @@ class Topics(msgspec.Struct, frozen=True):
             self.outcomes,
             self.deadletter,
             self.governance,
+            self.reviews,
+            self.circuits,
         )
 
     @property
@@ -73,7 +86,7 @@ class Topics(msgspec.Struct, frozen=True):
         (PartitionsMismatch) with the request in hand.
         """
         app = self.group("nexuscore-decider")
-        return (f"{app}-budgets-changelog", f"{app}-reservations-changelog")
+        return tuple(f"{app}-{table}-changelog" for table in DECIDER_TABLES)
 
     def group(self, name: str) -> str:
         """A consumer group (or faust app id) private to this namespace."""

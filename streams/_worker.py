@@ -9,13 +9,15 @@ repeated outcome carries the same event id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx
+import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -24,7 +26,14 @@ from nexuscore.core import envelope_from
 from nexuscore.errors import DecodeError, ProviderError
 from nexuscore.policy import cost_micros
 from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
-from nexuscore.schemas import AvroCodec, DispatchRequested, ModelCallAttempted, OutcomeRecorded
+from nexuscore.schemas import (
+    AvroCodec,
+    CircuitStateChanged,
+    DispatchRequested,
+    ModelCallAttempted,
+    OutcomeRecorded,
+)
+from nexuscore.streams._circuits import CircuitBoard, follow_circuits
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._kafka import new_consumer, new_producer, start_client
 from nexuscore.streams._topics import Topics
@@ -45,8 +54,40 @@ class RetryPolicy:
         return rng.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
 
 
+class _Target(msgspec.Struct, frozen=True, kw_only=True):
+    """One deployment the call may go to: the dispatch's own, then its fallbacks in order."""
+
+    deployment_id: str
+    provider: str
+    endpoint: str
+    model: str
+    region: str
+    decode_strategy: str
+    input_price_micros_per_1k: int
+    output_price_micros_per_1k: int
+
+
+def targets_of(d: DispatchRequested) -> list[_Target]:
+    primary = _Target(
+        deployment_id=d.deployment_id,
+        provider=d.provider,
+        endpoint=d.endpoint,
+        model=d.model,
+        region=d.region,
+        decode_strategy=d.decode_strategy,
+        input_price_micros_per_1k=d.input_price_micros_per_1k,
+        output_price_micros_per_1k=d.output_price_micros_per_1k,
+    )
+    return [primary, *(_Target(**msgspec.structs.asdict(f)) for f in d.fallbacks)]
+
+
 class Caller:
-    """Calls one dispatch's deployment with retries and returns the attempts and the outcome."""
+    """Calls one dispatch's deployment with retries, failing over along the decision's fallbacks.
+
+    Each deployment gets up to ``retry.max_attempts`` attempts (full jitter between them) unless its
+    circuit opens; then the next fallback is tried. A deployment outside the dispatch's allowed
+    regions is never called, whatever the dispatch says: residency is checked here again.
+    """
 
     def __init__(
         self,
@@ -57,6 +98,8 @@ class Caller:
         rng: random.Random | None = None,
         endpoint_override: str | None = None,
         sleep: Callable[[float], object] = asyncio.sleep,
+        circuits: CircuitBoard | None = None,
+        call_timeout_s: float = 30.0,
     ) -> None:
         self.adapters = adapters
         self.clock = clock
@@ -64,38 +107,76 @@ class Caller:
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self.endpoint_override = endpoint_override
         self.sleep = sleep
+        self.circuits = circuits or CircuitBoard(clock, PRODUCER)
+        self.call_timeout_s = call_timeout_s
 
-    def _adapter(self, d: DispatchRequested) -> ProviderAdapter:
+    def _adapter(self, t: _Target) -> ProviderAdapter:
         # With an override every deployment is served by the simulated OpenAI-compatible provider.
-        return self.adapters["openai" if self.endpoint_override else d.provider]
+        return self.adapters["openai" if self.endpoint_override else t.provider]
+
+    def _endpoint(self, t: _Target) -> str:
+        return self.endpoint_override or t.endpoint
 
     async def call(self, d: DispatchRequested) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
         attempts: list[ModelCallAttempted] = []
+        skipped: list[str] = []
+        started = time.perf_counter()
+        result: ChatResult | None = None
+        error = ""
+        last: _Target | None = None
+        for target in targets_of(d):
+            if target.region not in d.allowed_regions:
+                skipped.append(
+                    f"{target.deployment_id}: region {target.region} is outside the allowed regions"
+                )
+                continue
+            if not await self.circuits.admit(target.deployment_id, target.region, d.request_id, d.tenant_id):
+                skipped.append(f"{target.deployment_id}: circuit open")
+                continue
+            last = target
+            result, error = await self._call_target(d, target, attempts)
+            if result is not None:
+                break
+        latency_ms = (time.perf_counter() - started) * 1000
+        if last is None:
+            error = "no deployment could be called: " + "; ".join(skipped)
+            last = targets_of(d)[0]
+        return attempts, self._outcome(d, last, result, max(1, len(attempts)), latency_ms, error, skipped)
+
+    async def _call_target(
+        self, d: DispatchRequested, t: _Target, attempts: list[ModelCallAttempted]
+    ) -> tuple[ChatResult | None, str]:
         request = ChatRequest(
-            model=d.model,
+            model=t.model,
             prompt=d.prompt,
             max_output_tokens=d.max_output_tokens,
             idempotency_key=d.idempotency_key,
-            decode_strategy=d.decode_strategy,
+            decode_strategy=t.decode_strategy,
+            timeout_s=self.call_timeout_s,
         )
-        started = time.perf_counter()
-        result: ChatResult | None = None
         error = ""
         for n in range(1, self.retry.max_attempts + 1):
             t0 = time.perf_counter()
             try:
-                result = await self._adapter(d).complete(self.endpoint_override or d.endpoint, request)
+                result = await self._adapter(t).complete(self._endpoint(t), request)
             except ProviderError as exc:
-                attempts.append(self._attempt(d, n, "error", t0, exc.status_code, exc.retryable, str(exc)))
+                attempts.append(
+                    self._attempt(
+                        d, t, len(attempts) + 1, "error", t0, exc.status_code, exc.retryable, str(exc)
+                    )
+                )
                 error = str(exc)
+                await self.circuits.record(t.deployment_id, t.region, d.request_id, d.tenant_id, False, error)
                 if not exc.retryable or n == self.retry.max_attempts:
                     break
+                if self.circuits.state(t.deployment_id) == "open":
+                    break  # fail over now rather than retry a deployment found failing
                 await self._sleep(self.retry.delay(n, self.rng))
                 continue
-            attempts.append(self._attempt(d, n, "ok", t0, 200, False, ""))
-            break
-        latency_ms = (time.perf_counter() - started) * 1000
-        return attempts, self._outcome(d, result, len(attempts), latency_ms, error)
+            attempts.append(self._attempt(d, t, len(attempts) + 1, "ok", t0, 200, False, ""))
+            await self.circuits.record(t.deployment_id, t.region, d.request_id, d.tenant_id, True)
+            return result, ""
+        return None, error
 
     async def _sleep(self, seconds: float) -> None:
         awaitable = self.sleep(seconds)
@@ -105,6 +186,7 @@ class Caller:
     def _attempt(
         self,
         d: DispatchRequested,
+        t: _Target,
         n: int,
         status: str,
         t0: float,
@@ -115,8 +197,8 @@ class Caller:
         return ModelCallAttempted(
             **envelope_from(d, "attempt", n, producer=PRODUCER, now=self.clock.now()),
             attempt=n,
-            deployment_id=d.deployment_id,
-            region=d.region,
+            deployment_id=t.deployment_id,
+            region=t.region,
             status=status,  # type: ignore[arg-type]  # "ok" or "error" from call()
             http_status=http,
             latency_ms=round((time.perf_counter() - t0) * 1000, 3),
@@ -125,7 +207,14 @@ class Caller:
         )
 
     def _outcome(
-        self, d: DispatchRequested, result: ChatResult | None, attempts: int, latency_ms: float, error: str
+        self,
+        d: DispatchRequested,
+        t: _Target,
+        result: ChatResult | None,
+        attempts: int,
+        latency_ms: float,
+        error: str,
+        skipped: list[str],
     ) -> OutcomeRecorded:
         if result is None:
             result = _FAILED
@@ -135,22 +224,30 @@ class Caller:
             **envelope_from(d, "outcome", producer=PRODUCER, now=self.clock.now()),
             status="failed" if result is _FAILED else "answered",
             feature=d.feature,
-            deployment_id=d.deployment_id,
-            model=d.model,
+            deployment_id=t.deployment_id,
+            model=t.model,
             model_version=result.model_version,
-            region=d.region,
+            region=t.region,
             attempts=attempts,
             input_tokens=result.input_tokens,
             output_tokens=out_tokens,
             cost_micros=cost_micros(
-                result.input_tokens, out_tokens, d.input_price_micros_per_1k, d.output_price_micros_per_1k
+                result.input_tokens, out_tokens, t.input_price_micros_per_1k, t.output_price_micros_per_1k
             ),
             latency_ms=round(latency_ms, 3),
             response=result.text,
             finish_reason=result.finish_reason,
             error=error if result is _FAILED else "",
             data_subject=d.data_subject,
+            decode_strategy=t.decode_strategy,
+            latency_slo_ms=d.latency_slo_ms,
+            predicted_latency_ms=d.predicted_latency_ms,
+            skipped=skipped,
         )
+
+    def refused(self, d: DispatchRequested, why: str) -> OutcomeRecorded:
+        """The outcome of a dispatch not called at all (a full bulkhead): failed, nothing billed."""
+        return self._outcome(d, targets_of(d)[0], None, 1, 0.0, why, [])
 
 
 # What a call that never succeeded reports: no tokens, no cost.
@@ -186,11 +283,44 @@ class _Offsets:
         return {tp: o for tp, o in offsets.items() if self.committed.get(tp) != o}
 
 
+class Bulkhead:
+    """A cap on one tenant's concurrent calls, and on how many more may wait for a slot.
+
+    A tenant over both is refused at once (a failed outcome, "bulkhead full"), rather than left to
+    hold the worker's fetch: one tenant's flood must not starve the others.
+    """
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self.concurrency = concurrency
+        self.queue = queue
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._waiting: dict[str, int] = defaultdict(int)
+        self.refused = 0
+
+    def full(self, tenant: str) -> bool:
+        slots = self._slots.get(tenant)
+        return slots is not None and slots.locked() and self._waiting[tenant] >= self.queue
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        slots = self._slots.setdefault(tenant, asyncio.Semaphore(self.concurrency))
+        self._waiting[tenant] += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._waiting[tenant] -= 1
+        try:
+            yield
+        finally:
+            slots.release()
+
+
 class Worker:
     """Consumes ``nexus.dispatch`` and keeps up to ``concurrency`` model calls in flight.
 
     Fetching goes on while calls run (a slow call holds one slot, not a whole batch); offsets are
     committed every ``commit_interval_s`` up to the first call not yet acknowledged by the broker.
+    Each tenant may hold ``tenant_concurrency`` of the slots at most (its bulkhead).
     """
 
     def __init__(
@@ -202,6 +332,7 @@ class Worker:
         topics: Topics = Topics(),
         max_batch: int = 500,
         concurrency: int = 256,
+        tenant_concurrency: int | None = None,
         commit_interval_s: float = 0.2,
     ) -> None:
         self.bootstrap = bootstrap
@@ -209,6 +340,11 @@ class Worker:
         self.clock = clock
         self.topics = topics
         self.max_batch = max_batch
+        per_tenant = tenant_concurrency or max(1, concurrency // 4)
+        self.bulkhead = Bulkhead(per_tenant, queue=4 * per_tenant)
+        # Dispatches taken off the topic and not yet recorded: calls in flight plus those waiting
+        # for their tenant's bulkhead.
+        self.pending = asyncio.Semaphore(concurrency + self.bulkhead.queue)
         self.slots = asyncio.Semaphore(concurrency)
         self.commit_interval_s = commit_interval_s
         self.codec = AvroCodec()
@@ -226,6 +362,15 @@ class Worker:
         except BaseException:
             await producer.stop()
             raise
+
+        async def publish(event: CircuitStateChanged) -> None:
+            key = event.deployment_id.encode()
+            await producer.send(self.topics.circuits, self.codec.encode(event), key=key)
+
+        self.caller.circuits.publish = publish
+        circuits = asyncio.create_task(
+            follow_circuits(self.bootstrap, self.topics, self.caller.circuits, self.stopping)
+        )
         offsets = _Offsets()
         tasks: set[asyncio.Task[None]] = set()
         last_commit = time.monotonic()
@@ -234,7 +379,7 @@ class Worker:
                 batches = await consumer.getmany(timeout_ms=50, max_records=self.max_batch)
                 for tp, records in batches.items():
                     for record in records:
-                        await self.slots.acquire()  # back-pressure: fetch no faster than calls finish
+                        await self.pending.acquire()  # back-pressure: fetch no faster than calls finish
                         offsets.started(tp, record.offset)
                         task = asyncio.create_task(self._run_one(record, tp, producer, offsets))
                         tasks.add(task)
@@ -242,12 +387,18 @@ class Worker:
                 if time.monotonic() - last_commit >= self.commit_interval_s:
                     await self._commit(consumer, offsets)
                     last_commit = time.monotonic()
+                if circuits.done():
+                    circuits.result()  # the follower failed: stop with its error, not silently
             if tasks:
                 await asyncio.gather(*tasks)
             await self._commit(consumer, offsets)
         finally:
+            self.stopping.set()
             for task in tasks:
                 task.cancel()
+            with contextlib.suppress(Exception):
+                await circuits
+            self.caller.circuits.publish = None
             await consumer.stop()
             await producer.stop()
 
@@ -278,7 +429,7 @@ class Worker:
             # to retry it. Unexpected by construction (provider errors become failed outcomes).
             log.exception("dispatch at %s:%s could not be recorded", tp, record.offset)
         finally:
-            self.slots.release()
+            self.pending.release()
 
     async def _handle(
         self, record: ConsumerRecord, producer: AIOKafkaProducer
@@ -300,7 +451,17 @@ class Worker:
             return [
                 await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())
             ]
-        attempts, outcome = await self.caller.call(d)
+        attempts: list[ModelCallAttempted] = []
+        if self.bulkhead.full(d.tenant_id):
+            self.bulkhead.refused += 1
+            why = (
+                f"bulkhead full: tenant {d.tenant_id} has {self.bulkhead.concurrency} calls in flight "
+                f"and {self.bulkhead.queue} waiting"
+            )
+            outcome = self.caller.refused(d, why)
+        else:
+            async with self.bulkhead.slot(d.tenant_id), self.slots:
+                attempts, outcome = await self.caller.call(d)
         key = d.tenant_id.encode()
         futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
         futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))

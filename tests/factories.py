@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore._clock import FixedClock
 from nexuscore._synthetic import synthetic_requests
-from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
+from nexuscore.core import (
+    EMPTY_STATE,
+    BudgetState,
+    Reservation,
+    derive_id,
+    on_outcome,
+    on_request,
+    on_review,
+)
 from nexuscore.policy import RoutingPolicy, default_policy
 from nexuscore.projections import Projector
-from nexuscore.schemas import AvroCodec, DispatchRequested, Event, InferenceRequested, OutcomeRecorded
+from nexuscore.schemas import (
+    AvroCodec,
+    DispatchRequested,
+    Event,
+    InferenceRequested,
+    OutcomeRecorded,
+    RequestDecided,
+    ReviewRecorded,
+)
 from nexuscore.streams import Topics
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
@@ -75,8 +91,11 @@ _TOPIC_OF = {
     "ModelCallAttempted": "attempts",
     "OutcomeRecorded": "outcomes",
     "DeadLettered": "deadletter",
-    "ReviewRecorded": "governance",
+    "ReviewRecorded": "reviews",
     "PolicyStageChanged": "governance",
+    "EscalationResolved": "decisions",
+    "CircuitStateChanged": "circuits",
+    "KillSwitchChanged": "governance",
 }
 
 
@@ -158,6 +177,28 @@ def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) 
         )
         events.extend(settled)
 
+    def review(req: InferenceRequested, escalated: RequestDecided) -> list[Event]:
+        """A person approves or denies the escalation, or nobody does before its deadline."""
+        assert escalated.review_deadline is not None
+        action = rng.choice(["approved", "denied", "timed_out"])
+        at = (
+            escalated.review_deadline + timedelta(seconds=1)
+            if action == "timed_out"
+            else escalated.occurred_at
+        )
+        r = ReviewRecorded(
+            event_id=derive_id(req.request_id, "review"), request_id=req.request_id, tenant_id=req.tenant_id,
+            occurred_at=at, producer="reviewer", action=action,  # type: ignore[arg-type]  # one of the three
+            reviewer="carol@bank" if action != "timed_out" else "nexuscore.decider", reason=f"{action} in a test",
+            deadline=escalated.review_deadline,
+        )  # fmt: skip
+        states[req.tenant_id], reservation, out = on_review(
+            states[req.tenant_id], req, escalated, r, policy, "decider", at
+        )
+        if reservation is not None:
+            held[req.request_id] = reservation
+        return [r, *out]
+
     for req in synthetic_requests(policy, n, seed=seed, start=start, run="replay-test"):
         states[req.tenant_id], reservation, out = on_request(
             states[req.tenant_id], req, policy, "decider", req.occurred_at
@@ -166,6 +207,10 @@ def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) 
             held[req.request_id] = reservation
         events.append(req)
         events.extend(out)
+        if isinstance(out[0], RequestDecided) and out[0].verdict == "escalated":
+            reviewed = review(req, out[0])
+            events.extend(reviewed)
+            out = reviewed
         in_flight.extend(e for e in out if isinstance(e, DispatchRequested))
         while in_flight and rng.random() < 0.5:
             finish_one()

@@ -117,8 +117,9 @@ def test_budget_downgrades_to_a_cheaper_tier_when_no_rule_forbids_it() -> None:
     # Complexity suggests mid; no rule sets a floor, so small is an acceptable budget fallback.
     req = {"complexity": 0.9, "data_classification": "public", "prompt": "p" * 8000, "max_output_tokens": 512}
     unconstrained = decided(**req)
-    assert unconstrained.routing.preferred_tier == "mid"
-    mid_cost = unconstrained.budget.estimated_cost_micros
+    assert unconstrained.routing.preferred_tier == "mid" and unconstrained.deployment is not None
+    # The cheapest mid deployment's own cost (the reservation also covers its failover chain).
+    mid_cost = unconstrained.deployment.cost_micros(unconstrained.input_tokens, 512)
     policy = with_budgets(POLICY, "100", str(round((mid_cost - 1) / 1e6, 6)))
     d = decide(request(**req), policy, EMPTY_STATE, T0)
     assert isinstance(d, Decision)
@@ -129,7 +130,9 @@ def test_budget_downgrades_to_a_cheaper_tier_when_no_rule_forbids_it() -> None:
 
 def test_budget_never_downgrades_below_a_rules_floor() -> None:
     req = {"feature": "credit-memo", "task_type": "credit_decision", "risk_class": "high", "complexity": 0.1}
-    cost = decided(**req).budget.estimated_cost_micros
+    first = decided(**req)
+    tokens = request(**req).max_output_tokens
+    cost = min(d.cost_micros(first.input_tokens, tokens) for d in first.chain)
     policy = with_budgets(POLICY, "100", str(round((cost - 1) / 1e6, 6)))
     d = decide(request(**req), policy, EMPTY_STATE, T0)
     assert isinstance(d, Decision) and d.verdict == "denied" and d.budget.action == "denied"

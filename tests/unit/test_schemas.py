@@ -13,18 +13,21 @@ import pytest
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from nexuscore.core import EMPTY_STATE, on_outcome, on_request, shadow_event
+from nexuscore.core import EMPTY_STATE, on_outcome, on_request, on_review, shadow_event
 from nexuscore.errors import DecodeError
 from nexuscore.schemas import (
     AVRO_DIR,
     EVENT_TYPES,
     AvroCodec,
+    CircuitStateChanged,
     DeadLettered,
     Event,
     InferenceRequested,
+    KillSwitchChanged,
     ModelCallAttempted,
     OutcomeRecorded,
     PolicyStageChanged,
+    RequestDecided,
     RequestRejected,
     ReviewRecorded,
     avro_name,
@@ -68,7 +71,24 @@ def sample_events() -> list[Event]:
         replay_report_digest="sha256:cd",
     )  # fmt: skip
     shadow = shadow_event(EMPTY_STATE, req, POLICY, decided[0], "tests", T0)
-    return [req, *decided, outcome, *settled, rejected, attempt, dead, review, stage, shadow]
+    critical = request(request_id="crit", risk_class="critical")
+    escalated = on_request(EMPTY_STATE, critical, POLICY, "tests", T0)[2][0]
+    assert isinstance(escalated, RequestDecided) and escalated.verdict == "escalated"
+    approval = msgspec.structs.replace(review, request_id="crit")
+    resolved = on_review(EMPTY_STATE, critical, escalated, approval, POLICY, "tests", T0)[2]
+    circuit = CircuitStateChanged(
+        event_id="c1", request_id="r", tenant_id="t", occurred_at=T0, producer="w1", deployment_id="eu-mid-1",
+        region="eu", from_state="closed", to_state="open", reason="5 consecutive failures: HTTP 503",
+        consecutive_failures=5, open_until=T0,
+    )  # fmt: skip
+    switch = KillSwitchChanged(
+        event_id="k1", request_id="", tenant_id="", occurred_at=T0, producer="t", scope="tenant",
+        target="acme-bank", mode="offline", actor="carol", reason="provider outage", key_id="ab", signature="c2ln",
+    )  # fmt: skip
+    return [
+        req, *decided, outcome, *settled, rejected, attempt, dead, review, stage, shadow, escalated,
+        *resolved, circuit, switch,
+    ]  # fmt: skip
 
 
 def test_every_event_type_round_trips_and_the_samples_cover_them_all() -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from datetime import timedelta
 
+import msgspec
 import pytest
 from aiokafka import TopicPartition
 
 from nexuscore._clock import FixedClock
-from nexuscore.core import EMPTY_STATE, on_request
+from nexuscore.core import EMPTY_STATE, BreakerConfig, on_request
 from nexuscore.errors import ProviderError
 from nexuscore.providers import ChatRequest, ChatResult
-from nexuscore.schemas import DispatchRequested
+from nexuscore.schemas import CircuitStateChanged, DispatchRequested
 from nexuscore.streams import Caller, RetryPolicy
-from nexuscore.streams._worker import _Offsets
+from nexuscore.streams._circuits import CircuitBoard
+from nexuscore.streams._worker import Bulkhead, _Offsets
 from tests.factories import POLICY, T0, request
 
 
@@ -35,11 +39,14 @@ class ScriptedProvider:
         return None
 
 
-def dispatch() -> DispatchRequested:
-    _, _, events = on_request(EMPTY_STATE, request(max_output_tokens=100), POLICY, "tests", T0)
+def dispatch(*, failover: bool = False, **fields: object) -> DispatchRequested:
+    """A dispatch of public data, which may go to any region: with its fallbacks or without."""
+    req = request(max_output_tokens=100, data_classification="public", **fields)
+    _, _, events = on_request(EMPTY_STATE, req, POLICY, "tests", T0)
     d = events[1]
     assert isinstance(d, DispatchRequested)
-    return d
+    assert d.fallbacks, "the default policy gives public data a failover chain"
+    return d if failover else msgspec.structs.replace(d, fallbacks=[])
 
 
 def caller(provider: ScriptedProvider, override: str | None = None) -> tuple[Caller, list[float]]:
@@ -122,3 +129,120 @@ def test_only_a_contiguous_prefix_of_finished_offsets_is_committable() -> None:
     assert o.committable() == {}
     o.finished(tp, 10)
     assert o.committable() == {tp: 13}
+
+
+@pytest.mark.asyncio
+async def test_a_failing_deployment_fails_over_inside_the_allowed_regions_recording_every_attempt() -> None:
+    provider = ScriptedProvider(BUSY, BUSY, BUSY, OK)
+    c, _ = caller(provider)
+    d = dispatch(failover=True)
+    attempts, outcome = await c.call(d)
+    fallback = d.fallbacks[0]
+    assert [(a.deployment_id, a.status) for a in attempts] == [
+        (d.deployment_id, "error"),
+        (d.deployment_id, "error"),
+        (d.deployment_id, "error"),
+        (fallback.deployment_id, "ok"),
+    ]
+    assert [a.attempt for a in attempts] == [1, 2, 3, 4]
+    assert outcome.status == "answered" and outcome.attempts == 4
+    assert (outcome.deployment_id, outcome.region, outcome.model) == (
+        fallback.deployment_id,
+        fallback.region,
+        fallback.model,
+    )
+    assert {a.region for a in attempts} <= set(d.allowed_regions)
+    # Billed at the prices of the deployment that answered, never more than the reservation.
+    assert outcome.cost_micros <= d.estimated_cost_micros
+
+
+@pytest.mark.asyncio
+async def test_a_fallback_outside_the_allowed_regions_is_never_called() -> None:
+    d = dispatch(failover=True)
+    outside = msgspec.structs.replace(d.fallbacks[0], region="elsewhere")
+    d = msgspec.structs.replace(d, fallbacks=[outside])
+    c, _ = caller(ScriptedProvider(BUSY, BUSY, BUSY))
+    attempts, outcome = await c.call(d)
+    assert {a.deployment_id for a in attempts} == {d.deployment_id}
+    assert outcome.status == "failed"
+    assert outcome.skipped == [f"{outside.deployment_id}: region elsewhere is outside the allowed regions"]
+
+
+@pytest.mark.asyncio
+async def test_an_open_circuit_is_skipped_and_reported_then_probed_after_its_cool_down() -> None:
+    clock = FixedClock(T0)
+    board = CircuitBoard(clock, "worker-a", BreakerConfig(failure_threshold=2, cool_down_s=10))
+    published: list[CircuitStateChanged] = []
+
+    async def publish(event: CircuitStateChanged) -> None:
+        published.append(event)
+
+    board.publish = publish
+    provider = ScriptedProvider(BUSY, BUSY, OK, OK, OK)
+    c = Caller(
+        {"openai": provider, "anthropic": provider},
+        clock,
+        retry=RetryPolicy(max_attempts=3, base_s=0.1, cap_s=1.0),
+        rng=random.Random(1),
+        sleep=lambda _: None,
+        circuits=board,
+    )
+    d = dispatch(failover=True)
+    first_attempts, first = await c.call(d)
+    # Two failures open the circuit: the third retry is not made, the fallback answers.
+    assert [a.deployment_id for a in first_attempts] == [
+        d.deployment_id,
+        d.deployment_id,
+        d.fallbacks[0].deployment_id,
+    ]
+    assert [(e.deployment_id, e.from_state, e.to_state) for e in published] == [
+        (d.deployment_id, "closed", "open")
+    ]
+    assert published[0].open_until == T0 + timedelta(seconds=10)
+    _, second = await c.call(d)
+    assert second.skipped == [f"{d.deployment_id}: circuit open"]
+    assert second.deployment_id == d.fallbacks[0].deployment_id
+    clock.at = T0 + timedelta(seconds=11)
+    _, third = await c.call(d)
+    assert third.deployment_id == d.deployment_id and not third.skipped
+    assert [(e.from_state, e.to_state) for e in published[1:]] == [
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
+
+
+def test_a_circuit_opened_by_another_worker_is_taken_up() -> None:
+    clock = FixedClock(T0)
+    mine, theirs = CircuitBoard(clock, "worker-a"), CircuitBoard(clock, "worker-b")
+    theirs_event = CircuitStateChanged(
+        event_id="e1", request_id="r", tenant_id="t", occurred_at=T0, producer="worker-b",
+        deployment_id="eu-small-1", region="eu", from_state="closed", to_state="open",
+        reason="5 consecutive failures", consecutive_failures=5, open_until=T0 + timedelta(seconds=5),
+    )  # fmt: skip
+    mine.take_up(theirs_event)
+    theirs.take_up(theirs_event)  # its own event: already applied where it was made
+    assert mine.state("eu-small-1") == "open"
+    assert theirs.state("eu-small-1") == "closed"
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_over_its_bulkhead_waits_then_is_refused_while_others_still_get_slots() -> None:
+    bulkhead = Bulkhead(concurrency=2, queue=1)
+    release = asyncio.Event()
+    running: list[str] = []
+
+    async def call(tenant: str) -> None:
+        async with bulkhead.slot(tenant):
+            running.append(tenant)
+            await release.wait()
+
+    flood = [asyncio.create_task(call("flood")) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert running == ["flood", "flood"]  # two in flight, the third waits
+    assert bulkhead.full("flood")  # a fourth would be refused at once
+    other = asyncio.create_task(call("quiet"))
+    await asyncio.sleep(0)
+    assert running[-1] == "quiet" and not bulkhead.full("quiet")
+    release.set()
+    await asyncio.gather(*flood, other)
+    assert running.count("flood") == 3
