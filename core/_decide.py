@@ -321,37 +321,29 @@ def decide(
         )
 
     # --- escalation: some requests are for a person, not a model --------------------------------
+    # A policy's rules first (the more specific reason), then the router's own doubt.
     if approved_by:
         reasons.append(
             Reason(stage="escalation", kind="note", subject="review", detail=f"approved by {approved_by}")
         )
-    elif confidence < policy.routing.min_confidence:
-        detail = (
-            f"routing confidence {confidence} < {policy.routing.min_confidence}: estimated complexity "
-            f"{complexity} is too close to the {policy.routing.mid_complexity} small/mid boundary"
-        )
-        reasons.append(Reason(stage="escalation", kind="rule_fired", subject="low-confidence", detail=detail))
-        escalated = finish(
-            "escalated",
-            f"low-confidence: {detail}",
-            budget("not_applicable", chosen, cost(chosen)),
-            None,
-            None,
-        )
-        return msgspec.structs.replace(escalated, review_deadline_s=policy.review_deadline_s)
-    for esc in [] if approved_by else policy.escalation:
-        if matches(esc.when, request, complexity):
+    else:
+        why, deadline_s = "", policy.review_deadline_s
+        esc = next((e for e in policy.escalation if matches(e.when, request, complexity)), None)
+        if esc is not None:
             reasons.append(Reason(stage="escalation", kind="rule_fired", subject=esc.id, detail=esc.reason))
-            escalated = finish(
-                "escalated",
-                f"{esc.id}: {esc.reason}",
-                budget("not_applicable", chosen, cost(chosen)),
-                None,
-                None,
+            why, deadline_s = f"{esc.id}: {esc.reason}", esc.review_deadline_s or deadline_s
+        elif confidence < policy.routing.min_confidence:
+            detail = (
+                f"routing confidence {confidence} < {policy.routing.min_confidence}: estimated complexity "
+                f"{complexity} is too close to the {policy.routing.mid_complexity} small/mid boundary"
             )
-            return msgspec.structs.replace(
-                escalated, review_deadline_s=esc.review_deadline_s or policy.review_deadline_s
+            reasons.append(
+                Reason(stage="escalation", kind="rule_fired", subject="low-confidence", detail=detail)
             )
+            why = f"low-confidence: {detail}"
+        if why:
+            escalated = finish("escalated", why, budget("not_applicable", chosen, cost(chosen)), None, None)
+            return msgspec.structs.replace(escalated, review_deadline_s=deadline_s)
 
     # --- budget: reserve the estimate, or downgrade, or deny ------------------------------------
     options = ranked + sorted(

@@ -24,6 +24,7 @@ from nexuscore.policy import (
     signatures_path,
     trusted_key_entry,
 )
+from nexuscore.policy._signatures import Role
 
 REVIEWERS = ("alice@demo", "bob@demo")
 
@@ -33,6 +34,8 @@ class DevKeys(msgspec.Struct, frozen=True):
     evidence_public: Path
     trust_store: Path
     policy: Path  # the signed copy
+    # An operator's private key (kill switches): alice holds the operator role too.
+    operator: Path | None = None
 
 
 def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
@@ -48,7 +51,7 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
             generate_keypair(private, public)
     configured_trust = os.environ.get("NEXUSCORE_TRUST_STORE")
     if configured_trust:
-        return DevKeys(private, public, Path(configured_trust), policy_path)
+        return DevKeys(private, public, Path(configured_trust), policy_path, _configured_operator())
     trust_store = directory / "trust.yaml"
     policy = directory / policy_path.name
     shutil.copyfile(policy_path, policy)
@@ -61,7 +64,10 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
         if not key_path.exists():
             generate_keypair(key_path, directory / f"{stem}.pub")
         key = load_private_key(key_path)
-        entries.append(trusted_key_entry(key.public_key(), name, ("author", "reviewer")))
+        roles: tuple[Role, ...] = (
+            ("author", "reviewer", "operator") if stem == "alice" else ("author", "reviewer")
+        )
+        entries.append(trusted_key_entry(key.public_key(), name, roles))
         add_signature(
             signatures_path(policy),
             sign(
@@ -75,4 +81,9 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
             ),
         )
     save_trust_store(trust_store, TrustStore(keys=tuple(entries)))
-    return DevKeys(private, public, trust_store, policy)
+    return DevKeys(private, public, trust_store, policy, directory / "alice.pem")
+
+
+def _configured_operator() -> Path | None:
+    configured = os.environ.get("NEXUSCORE_OPERATOR_KEY")
+    return Path(configured) if configured else None

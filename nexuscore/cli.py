@@ -316,20 +316,55 @@ def run_worker(
         str | None, typer.Option(help="Send every call to this simulated OpenAI-compatible provider.")
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent model calls.")] = 256,
+    tenant_concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, help="Concurrent calls one tenant may hold (its bulkhead); default a quarter."),
+    ] = None,
+    call_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds one provider call may take.")] = 30.0,
+    attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts per deployment (retries on 429, 5xx and timeouts).")
+    ] = 3,
+    breaker_failures: Annotated[
+        int, typer.Option(min=1, help="Consecutive failures that open a deployment's circuit.")
+    ] = 5,
+    breaker_cool_down: Annotated[
+        float, typer.Option(min=0.1, help="Seconds an open circuit waits before one probe call.")
+    ] = 10.0,
 ) -> None:
-    """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome."""
+    """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome.
+
+    Retries 429, 5xx and timeouts with full jitter; fails over along the decision's fallbacks (never
+    outside its allowed regions); keeps a circuit breaker per deployment, shared with the other
+    workers through the circuits topic; caps each tenant's concurrent calls (bulkhead)."""
+    import os
+    import socket
+
     from nexuscore._clock import SystemClock
-    from nexuscore.streams import Caller, Topics, Worker, default_adapters
+    from nexuscore.core import BreakerConfig
+    from nexuscore.streams import Caller, CircuitBoard, RetryPolicy, Topics, Worker, default_adapters
 
     async def main() -> None:
         adapters = default_adapters()
         clock = SystemClock()
+        worker_id = f"nexuscore.worker@{socket.gethostname()}:{os.getpid()}"
+        board = CircuitBoard(
+            clock, worker_id, BreakerConfig(failure_threshold=breaker_failures, cool_down_s=breaker_cool_down)
+        )
+        caller = Caller(
+            adapters,
+            clock,
+            endpoint_override=simulated_url,
+            retry=RetryPolicy(max_attempts=attempts),
+            circuits=board,
+            call_timeout_s=call_timeout,
+        )
         worker = Worker(
             bootstrap,
-            Caller(adapters, clock, endpoint_override=simulated_url),
+            caller,
             clock,
             topics=Topics(namespace),
             concurrency=concurrency,
+            tenant_concurrency=tenant_concurrency,
         )
         _stop_on_signals(worker.stopping)
         print("worker ready", flush=True)

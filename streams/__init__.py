@@ -1,5 +1,6 @@
 """The stream-processing shell: topics, the decision agent, the data-plane worker."""
 
+from nexuscore.streams._circuits import CircuitBoard
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._decider import Sink, build_decider
 from nexuscore.streams._governance import (
@@ -17,6 +18,7 @@ from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapt
 __all__ = [
     "DEFAULT_PARTITIONS",
     "Caller",
+    "CircuitBoard",
     "GovernanceFollower",
     "PolicyHolder",
     "RetryPolicy",

@@ -274,11 +274,14 @@ def build_decider(
         ends it in order with any review a person sends (whichever comes first wins)."""
         now = clock.now()
         now_us = int(now.timestamp() * 1_000_000)
-        for key, raw_pending in list(escalations.items()):
+        pending_now = list(escalations.items())
+        timed_out.intersection_update(k for k, _ in pending_now)  # forget the ones since resolved
+        for key, raw_pending in pending_now:
             pending = _pending_decoder.decode(raw_pending)
             if not pending.deadline_us or pending.deadline_us > now_us or key in timed_out:
                 continue
             escalated = codec.decode(pending.decided, (RequestDecided,))
+            assert isinstance(escalated, RequestDecided)
             review = ReviewRecorded(
                 event_id=derive_id(escalated.request_id, escalated.tenant_id, "review-timeout"),
                 request_id=escalated.request_id,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 import pytest_asyncio
 
 from nexuscore._clock import FixedClock
-from nexuscore.core import decode_reservation, decode_state
+from nexuscore.core import Controls, decode_reservation, decode_state
+from nexuscore.core._latency import MIN_SAMPLES
 from nexuscore.policy import SignedPolicy
 from nexuscore.policy._promotion import Registry
 from nexuscore.schemas import (
@@ -17,10 +20,13 @@ from nexuscore.schemas import (
     BudgetSettled,
     DeadLettered,
     DispatchRequested,
+    EscalationResolved,
     Event,
+    KillSwitchChanged,
     OutcomeRecorded,
     RequestDecided,
     RequestRejected,
+    ReviewRecorded,
     ShadowDecisionRecorded,
 )
 from nexuscore.streams import PolicyHolder, Topics, build_decider
@@ -31,6 +37,14 @@ CODEC = AvroCodec()
 TOPICS = Topics("component.")
 ACTIVE = Registry().apply(SignedPolicy(POLICY, ()), "active")
 HOLDER = PolicyHolder(ACTIVE)
+CLOCK = FixedClock(T0)
+
+
+def _switch(scope: str, target: str, mode: str) -> KillSwitchChanged:
+    return KillSwitchChanged(
+        event_id=f"k-{scope}-{mode}", request_id="", tenant_id="", occurred_at=T0, producer="t", scope=scope,
+        target=target, mode=mode, actor="dana@ops", reason="provider outage",
+    )  # fmt: skip
 
 
 class RecordingSink:
@@ -49,8 +63,10 @@ class RecordingSink:
 @pytest_asyncio.fixture
 async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
     HOLDER.registry = ACTIVE
+    HOLDER.controls = Controls()
+    CLOCK.at = T0
     sink = RecordingSink()
-    app, agent = build_decider("127.0.0.1:1", HOLDER, FixedClock(T0), topics=TOPICS, sink=sink)
+    app, agent = build_decider("127.0.0.1:1", HOLDER, CLOCK, topics=TOPICS, sink=sink)
     app.finalize()
     app.conf.store = "memory://"
     async with agent.test_context() as ctx:
@@ -160,3 +176,127 @@ async def test_a_promotion_is_taken_up_without_a_restart_and_a_shadow_is_recorde
     state = decode_state(app.tables["budgets"][b"acme-bank"])
     reserved = sum(d.budget.estimated_cost_micros for d in decided.values())
     assert state.window(T0.date().isoformat()).tenant_reserved == reserved
+
+
+def _review(req_id: str, action: str, at: datetime = T0) -> ReviewRecorded:
+    return ReviewRecorded(
+        event_id=f"review-{req_id}-{action}", request_id=req_id, tenant_id="acme-bank", occurred_at=at,
+        producer="nexuscore.review", action=action, reviewer="carol@acme-bank", reason=f"{action}: memo checked",  # type: ignore[arg-type]  # one of the three
+    )  # fmt: skip
+
+
+def _outcome(
+    dispatch: DispatchRequested, *, latency_ms: float = 1.0, response: str = "ok"
+) -> OutcomeRecorded:
+    return OutcomeRecorded(
+        event_id=f"o-{dispatch.request_id}", request_id=dispatch.request_id, tenant_id=dispatch.tenant_id,
+        occurred_at=T0, producer="w", policy_digest=dispatch.policy_digest, status="answered",
+        feature=dispatch.feature, deployment_id=dispatch.deployment_id, model=dispatch.model, model_version="v",
+        region=dispatch.region, attempts=1, input_tokens=8, output_tokens=10, cost_micros=7,
+        latency_ms=latency_ms, response=response, finish_reason="stop", decode_strategy=dispatch.decode_strategy,
+    )  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_an_approved_escalation_resumes_and_a_denied_one_ends_with_the_reviewer_recorded(
+    harness: Any,
+) -> None:
+    app, ctx, sink = harness
+    for rid in ("crit-1", "crit-2"):
+        await ctx.put(CODEC.encode(request(request_id=rid, risk_class="critical")), key=b"acme-bank")
+    escalated = [e for _, _, e in sink.of(RequestDecided)]
+    assert [e.verdict for e in escalated] == ["escalated", "escalated"]
+    assert escalated[0].review_deadline == T0 + timedelta(seconds=POLICY.escalation[0].review_deadline_s or 0)
+    assert not sink.of(DispatchRequested)  # nothing goes to a model before a person decides
+    assert len(app.tables["escalations"]) == 2
+
+    await ctx.put(CODEC.encode(_review("crit-1", "approved")), key=b"acme-bank")
+    await ctx.put(CODEC.encode(_review("crit-2", "denied")), key=b"acme-bank")
+    await ctx.put(CODEC.encode(_review("crit-2", "approved")), key=b"acme-bank")  # too late: already ended
+    resolved = {e.request_id: e for _, _, e in sink.of(EscalationResolved)}
+    assert set(resolved) == {"crit-1", "crit-2"}
+    assert resolved["crit-1"].resolution == "dispatched" and resolved["crit-1"].reviewer == "carol@acme-bank"
+    assert resolved["crit-2"].resolution == "denied" and "memo checked" in resolved["crit-2"].verdict_reason
+    [(_, _, dispatch)] = sink.of(DispatchRequested)
+    assert dispatch.request_id == "crit-1" and dispatch.causation_id == resolved["crit-1"].event_id
+    # The approved request holds its budget now; nothing awaits review any more.
+    state = decode_state(app.tables["budgets"][b"acme-bank"])
+    assert state.window(T0.date().isoformat()).tenant_reserved == dispatch.estimated_cost_micros
+    assert len(app.tables["escalations"]) == 0
+
+
+@pytest.mark.asyncio
+async def test_an_escalation_past_its_deadline_ends_as_timed_out_even_if_approved_late(
+    harness: Any,
+) -> None:
+    app, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(request_id="crit-3", risk_class="critical")), key=b"acme-bank")
+    [(_, _, escalated)] = sink.of(RequestDecided)
+    CLOCK.at = escalated.review_deadline + timedelta(seconds=1)
+    await ctx.put(CODEC.encode(_review("crit-3", "approved", CLOCK.at)), key=b"acme-bank")
+    [(_, _, resolved)] = sink.of(EscalationResolved)
+    assert resolved.resolution == "timed_out" and not sink.of(DispatchRequested)
+
+
+@pytest.mark.asyncio
+async def test_a_kill_switch_denies_then_offline_mode_answers_from_the_cache_marked_cached(
+    harness: Any,
+) -> None:
+    _, ctx, sink = harness
+    first = request(request_id="warm", data_classification="internal")
+    await ctx.put(CODEC.encode(first), key=b"acme-bank")
+    [(_, _, dispatch)] = sink.of(DispatchRequested)
+    await ctx.put(CODEC.encode(_outcome(dispatch, response="the kept answer")), key=b"acme-bank")
+
+    HOLDER.controls = Controls().apply(_switch("tenant", "acme-bank", "off"))
+    await ctx.put(CODEC.encode(request(request_id="off-1")), key=b"acme-bank")
+    HOLDER.controls = Controls().apply(_switch("global", "", "offline"))
+    same_prompt = msgspec.structs.replace(first, request_id="offline-hit", event_id="e-offline-hit")
+    await ctx.put(CODEC.encode(same_prompt), key=b"acme-bank")
+    await ctx.put(CODEC.encode(request(request_id="offline-miss", prompt="never asked")), key=b"acme-bank")
+    tools = request(request_id="offline-tools", prompt=first.prompt, required_capabilities=["tools"])
+    await ctx.put(CODEC.encode(tools), key=b"acme-bank")
+
+    decided = {e.request_id: e for _, _, e in sink.of(RequestDecided)}
+    assert decided["off-1"].verdict == "denied" and decided["off-1"].verdict_reason.startswith("kill_switch:")
+    assert decided["offline-hit"].verdict == "dispatch"
+    assert decided["offline-hit"].verdict_reason.startswith("offline: answered from the cache (request warm")
+    assert (
+        decided["offline-miss"].verdict == "denied"
+        and "no cached answer" in decided["offline-miss"].verdict_reason
+    )
+    assert (
+        decided["offline-tools"].verdict == "denied"
+        and "tools are disabled" in decided["offline-tools"].verdict_reason
+    )
+    [(topic, _, cached)] = [s for s in sink.of(OutcomeRecorded)]
+    assert topic == TOPICS.outcomes and cached.request_id == "offline-hit"
+    assert (cached.cached, cached.cached_from, cached.response, cached.cost_micros) == (
+        True,
+        "warm",
+        "the kept answer",
+        0,
+    )
+    assert [d.request_id for _, _, d in sink.of(DispatchRequested)] == ["warm"]  # no model was called offline
+
+
+@pytest.mark.asyncio
+async def test_the_latency_controller_predicts_from_observed_calls_once_it_has_enough(harness: Any) -> None:
+    _, ctx, sink = harness
+    for n in range(MIN_SAMPLES + 1):
+        await ctx.put(
+            CODEC.encode(request(request_id=f"lat-{n}", data_classification="confidential")), key=b"acme-bank"
+        )
+        dispatch = sink.of(DispatchRequested)[-1][2]
+        await ctx.put(CODEC.encode(_outcome(dispatch, latency_ms=9000.0 + n)), key=b"acme-bank")
+    decisions = [e for _, _, e in sink.of(RequestDecided)]
+    first, last = decisions[0], decisions[-1]
+    assert first.decode.basis == "policy" and first.decode.fits_slo
+    slow = first.budget.deployment_id
+    assert all(d.budget.deployment_id == slow for d in decisions[:MIN_SAMPLES])
+    # Once the window holds enough calls its p95 predicts: the slow deployment no longer fits the
+    # SLO, and the controller moves to the next deployment of the failover chain, recording why.
+    [seen] = [o for o in last.decode.observations if o.deployment_id == slow]
+    assert seen.samples == MIN_SAMPLES and seen.p95_ms >= 9000
+    assert last.budget.deployment_id != slow and last.decode.fits_slo
+    assert any(r.subject == slow and r.stage == "decode" and "(observed)" in r.detail for r in last.reasons)
