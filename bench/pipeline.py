@@ -57,7 +57,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from nexuscore._broker import REPO_ROOT, kafka_broker, kafka_libs_dir
-from nexuscore._demo import decider_args, projector_args
+from nexuscore._demo import ReviewDesk, decider_args, projector_args
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Service, Services, peak_rss_mb
 from nexuscore._synthetic import synthetic_requests
@@ -521,7 +521,12 @@ class EvidenceWatch:
 
 
 def wait_for_terminal(
-    watch: EvidenceWatch, services: Services, expected: int, timeout_s: float, what: str
+    watch: EvidenceWatch,
+    services: Services,
+    expected: int,
+    timeout_s: float,
+    what: str,
+    desk: ReviewDesk | None = None,
 ) -> tuple[dict[str, int], float, float]:
     """Poll until ``expected`` requests have a terminal state in the evidence; return the DuckDB
     summary, the monotonic time it was seen and how long that DuckDB check took. Raises BenchError
@@ -544,6 +549,8 @@ def wait_for_terminal(
         if gate and now >= next_full:
             with EvidenceStore(watch.root) as store:
                 summary = store.terminal_summary()
+                if desk is not None:
+                    desk.poll(store)  # escalations end once a person (here, the desk) reviews them
             seen = time.monotonic()
             if summary["terminal"] >= expected:
                 return summary, seen, seen - now
@@ -579,7 +586,7 @@ def warm_up(
     started = time.monotonic()
     requests = synthetic_requests(policy, n, seed=3, start=datetime.now(UTC), run=f"{run}-warmup")
     asyncio.run(send_all(bootstrap, topics.requests, encode_requests(codec, requests)))
-    wait_for_terminal(watch, services, n, WARMUP_TIMEOUT_S, "warm-up")
+    wait_for_terminal(watch, services, n, WARMUP_TIMEOUT_S, "warm-up", ReviewDesk(bootstrap, topics))
     return time.monotonic() - started
 
 
@@ -777,7 +784,12 @@ def run_throughput(
                 flush=True,
             )
             summary, seen_mono, check_s = wait_for_terminal(
-                watch, services, args.warmup + args.requests, 120 + args.requests / FLOOR_RPS, "throughput"
+                watch,
+                services,
+                args.warmup + args.requests,
+                120 + args.requests / FLOOR_RPS,
+                "throughput",
+                ReviewDesk(bootstrap, topics),
             )
             cpu.stop()
         finally:
@@ -984,7 +996,12 @@ def run_latency(
             flush=True,
         )
         summary, _, _ = wait_for_terminal(
-            watch, services, args.warmup + total, 120 + total / FLOOR_RPS, "latency run"
+            watch,
+            services,
+            args.warmup + total,
+            120 + total / FLOOR_RPS,
+            "latency run",
+            ReviewDesk(bootstrap, topics),
         )
         rss = {name: s.peak_rss_mb() for name, s in stages.items()}
     # Read after the run so that the reader does not compete with the decider for the CPU: every

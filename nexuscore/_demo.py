@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nexuscore._broker import kafka_broker
 from nexuscore._devkeys import DevKeys, dev_keys
+from nexuscore._operations import publish as publish_operation
+from nexuscore._operations import review_event
 from nexuscore._services import Services
 from nexuscore._signing import load_public_key
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
@@ -85,10 +89,48 @@ async def _publish_all(bootstrap: str, topics: Topics, policy: RoutingPolicy, n:
         await producer.stop()
 
 
+class ReviewDesk:
+    """A stand-in for the people at the escalation boundary: it reviews each escalation it finds
+    pending in the evidence, approving about half and denying the rest, through the same events
+    `nexuscore review approve|deny` publishes."""
+
+    REVIEWER = "demo-reviewer@nexuscore"
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.reviewed: set[str] = set()
+
+    def poll(self, store: EvidenceStore) -> int:
+        pending = store.escalations(state="pending").to_pylist()
+        todo = [row for row in pending if row["request_id"] not in self.reviewed]
+        if todo:
+            asyncio.run(self._publish(todo))
+        return len(todo)
+
+    async def _publish(self, rows: list[dict[str, Any]]) -> None:
+        now = datetime.now(UTC)
+        for row in rows:
+            approve = int(hashlib.sha256(row["request_id"].encode()).hexdigest(), 16) % 2 == 0
+            action = "approved" if approve else "denied"
+            why = (
+                "checked against the file: fine to answer" if approve else "not for a model: handled by phone"
+            )
+            event = review_event(row["request_id"], row["tenant_id"], action, self.REVIEWER, why, now)
+            await publish_operation(self.bootstrap, self.topics, event)
+            self.reviewed.add(row["request_id"])
+
+
 def wait_for_evidence(
-    evidence_dir: Path, expected: int, services: Services, timeout_s: float, console: Console
+    evidence_dir: Path,
+    expected: int,
+    services: Services,
+    timeout_s: float,
+    console: Console,
+    desk: ReviewDesk | None = None,
 ) -> dict[str, int]:
-    """Poll the evidence until every request has a terminal state; raise on timeout."""
+    """Poll the evidence until every request has a terminal state; raise on timeout. With a desk,
+    escalations found pending are reviewed on the way (else they wait for their deadline)."""
     deadline = time.monotonic() + timeout_s
     summary = {"requests": 0, "terminal": 0, "multiple_terminal": 0, "deadletters": 0}
     columns = (
@@ -103,6 +145,8 @@ def wait_for_evidence(
             services.check()
             with EvidenceStore(evidence_dir) as store:
                 summary = store.terminal_summary()
+                if desk is not None:
+                    desk.poll(store)
             progress.update(task, completed=summary["terminal"])
             if summary["terminal"] >= expected:
                 return summary
@@ -138,7 +182,8 @@ def run_demo(
             started = time.monotonic()
             malformed = asyncio.run(_publish_all(bootstrap, topics, policy, requests, run))
             console.print(f"published {requests} requests and {malformed} malformed messages")
-            summary = wait_for_evidence(evidence_dir, requests, services, timeout_s, console)
+            desk = ReviewDesk(bootstrap, topics)
+            summary = wait_for_evidence(evidence_dir, requests, services, timeout_s, console, desk)
             # The dead letters trail the last request by at most one projector flush.
             deadline = time.monotonic() + 10
             while summary["deadletters"] < malformed and time.monotonic() < deadline:
@@ -146,6 +191,7 @@ def run_demo(
                 with EvidenceStore(evidence_dir) as store:
                     summary = store.terminal_summary()
             elapsed = time.monotonic() - started
+    console.print(f"{len(desk.reviewed)} escalations reviewed by {ReviewDesk.REVIEWER} (about half approved)")
     console.print(
         f"all {summary['terminal']} requests reached a terminal state {elapsed:.1f} s after the first was "
         "published (stage start-up included; `make bench` measures throughput); "

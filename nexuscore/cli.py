@@ -330,6 +330,13 @@ def run_worker(
     breaker_cool_down: Annotated[
         float, typer.Option(min=0.1, help="Seconds an open circuit waits before one probe call.")
     ] = 10.0,
+    route: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DEPLOYMENT=URL: send this deployment's calls to this simulated provider (repeatable; "
+            "overrides --simulated-url for it)."
+        ),
+    ] = None,
 ) -> None:
     """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome.
 
@@ -343,6 +350,13 @@ def run_worker(
     from nexuscore.core import BreakerConfig
     from nexuscore.streams import Caller, CircuitBoard, RetryPolicy, Topics, Worker, default_adapters
 
+    routes: dict[str, str] = {}
+    for r in route or []:
+        deployment, sep, url = r.partition("=")
+        if not sep or not deployment or not url:
+            raise NexusError(f"--route takes DEPLOYMENT=URL, not {r!r}")
+        routes[deployment] = url
+
     async def main() -> None:
         adapters = default_adapters()
         clock = SystemClock()
@@ -354,6 +368,7 @@ def run_worker(
             adapters,
             clock,
             endpoint_override=simulated_url,
+            routes=routes,
             retry=RetryPolicy(max_attempts=attempts),
             circuits=board,
             call_timeout_s=call_timeout,

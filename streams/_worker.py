@@ -100,6 +100,7 @@ class Caller:
         sleep: Callable[[float], object] = asyncio.sleep,
         circuits: CircuitBoard | None = None,
         call_timeout_s: float = 30.0,
+        routes: Mapping[str, str] | None = None,
     ) -> None:
         self.adapters = adapters
         self.clock = clock
@@ -109,13 +110,15 @@ class Caller:
         self.sleep = sleep
         self.circuits = circuits or CircuitBoard(clock, PRODUCER)
         self.call_timeout_s = call_timeout_s
+        self.routes = dict(routes or {})
 
     def _adapter(self, t: _Target) -> ProviderAdapter:
-        # With an override every deployment is served by the simulated OpenAI-compatible provider.
-        return self.adapters["openai" if self.endpoint_override else t.provider]
+        # Overridden endpoints are simulated providers, which speak the OpenAI-compatible API.
+        overridden = self.endpoint_override or t.deployment_id in self.routes
+        return self.adapters["openai" if overridden else t.provider]
 
     def _endpoint(self, t: _Target) -> str:
-        return self.endpoint_override or t.endpoint
+        return self.routes.get(t.deployment_id) or self.endpoint_override or t.endpoint
 
     async def call(self, d: DispatchRequested) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
         attempts: list[ModelCallAttempted] = []

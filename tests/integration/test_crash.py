@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nexuscore._demo import _publish_all, decider_args, projector_args, wait_for_evidence
+from nexuscore._demo import ReviewDesk, _publish_all, decider_args, projector_args, wait_for_evidence
 from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
@@ -64,7 +64,9 @@ def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path:
         services.started.remove(decider)
         asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "b"))
         services.start("decider-restarted", *decider_args(common, keys))
-        summary = wait_for_evidence(evidence, REQUESTS, services, 240, Console(quiet=True))
+        summary = wait_for_evidence(
+            evidence, REQUESTS, services, 240, Console(quiet=True), ReviewDesk(bootstrap, topics)
+        )
     assert summary["requests"] == REQUESTS
     assert summary["terminal"] == REQUESTS
     assert summary["multiple_terminal"] == 0

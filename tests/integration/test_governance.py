@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nexuscore._demo import Pipeline, _publish_all, wait_for_evidence
+from nexuscore._demo import Pipeline, ReviewDesk, _publish_all, wait_for_evidence
 from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_policy
@@ -69,8 +69,9 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
 
     with Services(evidence / "_logs") as services:
         Pipeline(services, bootstrap, topics, keys, evidence)
+        desk = ReviewDesk(bootstrap, topics)
         publish("a")
-        wait_for_evidence(evidence, BATCH, services, 120, Console(quiet=True))
+        wait_for_evidence(evidence, BATCH, services, 120, Console(quiet=True), desk)
 
         code, out = promote("draft")
         assert code == 2 and "(unsigned)" in out
@@ -110,7 +111,7 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
         assert code == 0, out
         time.sleep(2)
         publish("c")
-        wait_for_evidence(evidence, 3 * BATCH, services, 120, Console(quiet=True))
+        wait_for_evidence(evidence, 3 * BATCH, services, 120, Console(quiet=True), desk)
         _until(
             evidence,
             f"SELECT count(*) AS n FROM decisions WHERE policy_digest = '{digest}' AND policy_stage = 'active'",

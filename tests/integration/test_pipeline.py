@@ -24,7 +24,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from nexuscore._demo import Pipeline, _publish_all, wait_for_evidence
+from nexuscore._demo import Pipeline, ReviewDesk, _publish_all, wait_for_evidence
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Services
 from nexuscore._signing import generate_keypair
@@ -63,7 +63,9 @@ def run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         Pipeline(services, bootstrap, topics, keys, evidence)
         sent = asyncio.run(_publish_all(bootstrap, topics, default_policy(), REQUESTS, topics.namespace))
         assert sent == MALFORMED
-        wait_for_evidence(evidence, REQUESTS, services, 180, Console(quiet=True))
+        wait_for_evidence(
+            evidence, REQUESTS, services, 180, Console(quiet=True), ReviewDesk(bootstrap, topics)
+        )
         # Let the last dead letters and settlements land (one projector flush).
         deadline = asyncio.run(_settle_evidence(evidence))
         assert deadline
