@@ -248,7 +248,8 @@ def on_request(
     if hit is not None:
         return bump(state), None, [decided, cached_outcome(request, decided, hit, producer, now)]
     if result.verdict != "dispatch":
-        return bump(state), None, [decided]
+        # Redelivered after an approved review resumed it: the reservation it holds stays.
+        return (state, held, [decided]) if held is not None else (bump(state), None, [decided])
     events: list[Event] = [decided, dispatch_event(request, result, decided, producer, now)]
     if held is not None:
         return state, held, events

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ import msgspec
 
 from nexuscore._clock import Clock
 from nexuscore.core import (
+    BudgetState,
+    Reservation,
     answer_to_keep,
     decode_answer,
     decode_reservation,
@@ -58,16 +61,30 @@ _ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
 DEADLINE_SCAN_S = 1.0
 
 
-class PendingEscalation(msgspec.Struct, frozen=True, kw_only=True):
-    """An escalated request awaiting its review: the request and its decision, as they went out."""
+class EscalationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What the decider knows of one escalation.
 
-    request: bytes
-    decided: bytes
+    Awaiting review: the request and its decision as they went out, and the deadline. A review can
+    also arrive first: after a crash the request is decided again, possibly after the review that
+    the first decision prompted; it is kept (``early_review``) and applied as soon as the request
+    is escalated again. Once resolved, the record stays as a marker, so that a redelivered request
+    or review changes nothing.
+    """
+
+    request: bytes = b""
+    decided: bytes = b""
     deadline_us: int = 0
+    early_review: bytes = b""
+    resolved: bool = False
 
 
-_pending_encoder = msgspec.msgpack.Encoder()
-_pending_decoder = msgspec.msgpack.Decoder(PendingEscalation)
+_RESOLVED = EscalationRecord(resolved=True)
+_escalation_encoder = msgspec.msgpack.Encoder()
+_escalation_decoder = msgspec.msgpack.Decoder(EscalationRecord)
+
+
+def _escalation(data: bytes | None) -> EscalationRecord | None:
+    return None if data is None else _escalation_decoder.decode(data)
 
 
 class Sink(Protocol):
@@ -160,6 +177,26 @@ def build_decider(
     send = sink.send if sink is not None else send_to_topic
     codec = AvroCodec()
 
+    def review(
+        state: BudgetState,
+        request: InferenceRequested,
+        escalated: RequestDecided,
+        event: ReviewRecorded,
+        now: datetime,
+        partition: int = 0,
+    ) -> tuple[BudgetState, Reservation | None, list[Event]]:
+        return on_review(
+            state,
+            request,
+            escalated,
+            event,
+            holder.registry.for_tenant(event.tenant_id).policy,
+            PRODUCER,
+            now,
+            controls=holder.controls,
+            latency=lambda d, s: _observed(latency, partition, d, s),
+        )
+
     async def process(
         topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
     ) -> None:
@@ -176,16 +213,7 @@ def build_decider(
         held = decode_reservation(reservations.get(request_key))
 
         def observed(deployment: str, strategy: str) -> LatencyObservation | None:
-            w = decode_window(latency.get(_latency_key(partition, deployment, strategy)))
-            if not w.samples:
-                return None
-            return LatencyObservation(
-                deployment_id=deployment,
-                strategy=strategy,
-                p50_ms=w.p50_ms,
-                p95_ms=w.p95_ms,
-                samples=w.samples,
-            )
+            return _observed(latency, partition, deployment, strategy)
 
         controls = holder.controls
         if isinstance(event, InferenceRequested):
@@ -208,37 +236,47 @@ def build_decider(
                 assert isinstance(decided, RequestDecided | RequestRejected)
                 out.append(shadow_event(state, event, registry.shadow.policy, decided, PRODUCER, now, held))
             decided = out[0]
-            if isinstance(decided, RequestDecided) and decided.verdict == "escalated" and held is None:
+            record = _escalation(escalations.get(request_key))
+            if (
+                isinstance(decided, RequestDecided)
+                and decided.verdict == "escalated"
+                and (record is None or not record.resolved)
+            ):
                 deadline = decided.review_deadline
-                escalations[request_key] = _pending_encoder.encode(
-                    PendingEscalation(
-                        request=value or b"",
-                        decided=codec.encode(decided),
-                        deadline_us=int(deadline.timestamp() * 1_000_000) if deadline else 0,
-                    )
+                pending = EscalationRecord(
+                    request=value or b"",
+                    decided=codec.encode(decided),
+                    deadline_us=int(deadline.timestamp() * 1_000_000) if deadline else 0,
                 )
+                if record is not None and record.early_review:
+                    early = codec.decode(record.early_review, (ReviewRecorded,))
+                    assert isinstance(early, ReviewRecorded)
+                    new_state, reservation, resolved = review(
+                        new_state, event, decided, early, now, partition
+                    )
+                    out.extend(resolved)
+                    escalations[request_key] = _escalation_encoder.encode(_RESOLVED)
+                else:
+                    escalations[request_key] = _escalation_encoder.encode(pending)
         elif isinstance(event, ReviewRecorded):
-            raw_pending = escalations.get(request_key)
-            if raw_pending is None:
-                log.info("review %s of %s: nothing is awaiting review", event.event_id, event.request_id)
+            record = _escalation(escalations.get(request_key))
+            if record is not None and record.resolved:
+                log.info("review %s of %s: already resolved", event.event_id, event.request_id)
                 return
-            pending = _pending_decoder.decode(raw_pending)
-            request = codec.decode(pending.request, (InferenceRequested,))
-            escalated = codec.decode(pending.decided, (RequestDecided,))
+            if record is None or not record.request:
+                # The escalation is not (yet) known here: after a crash its request may be decided
+                # again after this review. Keep the first review until then.
+                if record is None:
+                    escalations[request_key] = _escalation_encoder.encode(
+                        EscalationRecord(early_review=value or b"")
+                    )
+                return
+            request = codec.decode(record.request, (InferenceRequested,))
+            escalated = codec.decode(record.decided, (RequestDecided,))
             assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
-            new_state, reservation, out = on_review(
-                state,
-                request,
-                escalated,
-                event,
-                holder.registry.for_tenant(event.tenant_id).policy,
-                PRODUCER,
-                now,
-                controls=controls,
-                latency=observed,
-            )
+            new_state, reservation, out = review(state, request, escalated, event, now, partition)
             held = None
-            del escalations[request_key]
+            escalations[request_key] = _escalation_encoder.encode(_RESOLVED)
         else:
             assert isinstance(event, OutcomeRecorded)
             new_state, out = on_outcome(state, held, event, PRODUCER, now)
@@ -275,9 +313,11 @@ def build_decider(
         now = clock.now()
         now_us = int(now.timestamp() * 1_000_000)
         pending_now = list(escalations.items())
-        timed_out.intersection_update(k for k, _ in pending_now)  # forget the ones since resolved
-        for key, raw_pending in pending_now:
-            pending = _pending_decoder.decode(raw_pending)
+        timed_out.intersection_update(k for k, v in pending_now if not _escalation_decoder.decode(v).resolved)
+        for key, raw in pending_now:
+            pending = _escalation_decoder.decode(raw)
+            if pending.resolved or not pending.request:
+                continue
             if not pending.deadline_us or pending.deadline_us > now_us or key in timed_out:
                 continue
             escalated = codec.decode(pending.decided, (RequestDecided,))
@@ -314,6 +354,15 @@ def build_decider(
             await process(m.topic, m.partition, m.offset, m.key, m.value)
 
     return app, decide
+
+
+def _observed(latency: Any, partition: int, deployment: str, strategy: str) -> LatencyObservation | None:
+    w = decode_window(latency.get(_latency_key(partition, deployment, strategy)))
+    if not w.samples:
+        return None
+    return LatencyObservation(
+        deployment_id=deployment, strategy=strategy, p50_ms=w.p50_ms, p95_ms=w.p95_ms, samples=w.samples
+    )
 
 
 def _latency_key(partition: int, deployment: str, strategy: str) -> bytes:

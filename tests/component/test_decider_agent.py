@@ -222,7 +222,24 @@ async def test_an_approved_escalation_resumes_and_a_denied_one_ends_with_the_rev
     # The approved request holds its budget now; nothing awaits review any more.
     state = decode_state(app.tables["budgets"][b"acme-bank"])
     assert state.window(T0.date().isoformat()).tenant_reserved == dispatch.estimated_cost_micros
-    assert len(app.tables["escalations"]) == 0
+    assert all(b"resolved" in v for v in app.tables["escalations"].values())  # markers only
+
+
+@pytest.mark.asyncio
+async def test_a_review_that_overtakes_its_redecided_request_is_applied_when_the_request_comes(
+    harness: Any,
+) -> None:
+    # After a crash, the request that prompted a review may be decided again after the review.
+    _, ctx, sink = harness
+    await ctx.put(CODEC.encode(_review("crit-4", "approved")), key=b"acme-bank")
+    assert not sink.sent
+    crit = request(request_id="crit-4", risk_class="critical")
+    await ctx.put(CODEC.encode(crit), key=b"acme-bank")
+    await ctx.put(CODEC.encode(crit), key=b"acme-bank")  # and once more, redelivered
+    kinds = [type(e).__name__ for _, _, e in sink.sent]
+    assert kinds == ["RequestDecided", "EscalationResolved", "DispatchRequested", "RequestDecided"]
+    [(_, _, resolved)] = sink.of(EscalationResolved)
+    assert resolved.resolution == "dispatched" and resolved.review_event_id == "review-crit-4-approved"
 
 
 @pytest.mark.asyncio

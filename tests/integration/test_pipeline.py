@@ -99,8 +99,12 @@ def test_every_request_has_exactly_one_terminal_state(run: Run) -> None:
             (r["state"], r["n"])
             for r in store.query("SELECT state, count(*) AS n FROM terminal_states GROUP BY 1").to_pylist()
         )
-        # The synthetic mix exercises every kind of ending the pipeline has today.
-        assert {"answered", "rejected", "escalated"} <= set(states), states
+        # The synthetic mix exercises the endings: answered, rejected at admission, and escalations
+        # ended by the review desk (about half approved: those end answered).
+        assert {"answered", "rejected", "escalation_denied"} <= set(states), states
+        reviewed = store.query("SELECT resolution, reviewer FROM resolutions").to_pylist()
+        assert {r["resolution"] for r in reviewed} == {"dispatched", "denied"}
+        assert {r["reviewer"] for r in reviewed} == {ReviewDesk.REVIEWER}
         # Every decision and outcome points at a request that exists.
         assert one(store, "SELECT count(*) FROM decisions ANTI JOIN requests USING (request_id)") == 0
         assert one(store, "SELECT count(*) FROM outcomes ANTI JOIN dispatches USING (request_id)") == 0
