@@ -22,6 +22,7 @@ from nexuscore.core import (
     BudgetState,
     Reservation,
     answer_to_keep,
+    bump,
     decode_answer,
     decode_reservation,
     decode_state,
@@ -34,6 +35,7 @@ from nexuscore.core import (
     on_outcome,
     on_request,
     on_review,
+    reserve,
     shadow_event,
 )
 from nexuscore.errors import DecodeError
@@ -78,6 +80,19 @@ class EscalationRecord(msgspec.Struct, frozen=True, kw_only=True):
     resolved: bool = False
 
 
+class DecidedRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A request's decision as it went out, kept so that a redelivered request gets the very same
+    events (a new decision against a moved budget could differ: denied once, dispatched the next
+    time) and its budget effect is applied once. ``version_before`` is the tenant's budget-state
+    version it was decided against: a state still at or below it never received the effect."""
+
+    sent: list[tuple[str, bytes, bytes]]
+    version_before: int
+    reservation: bytes = b""
+
+
+_decided_encoder = msgspec.msgpack.Encoder()
+_decided_decoder = msgspec.msgpack.Decoder(DecidedRecord)
 _RESOLVED = EscalationRecord(resolved=True)
 _escalation_encoder = msgspec.msgpack.Encoder()
 _escalation_decoder = msgspec.msgpack.Decoder(EscalationRecord)
@@ -134,7 +149,10 @@ def build_decider(
         # times out: keep that short so a replacement takes over in seconds, not a minute.
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
-        broker_commit_interval=0.5,
+        broker_commit_interval=0.25,
+        # Outputs wait for their input's commit (which first puts the Table changes on the broker):
+        # nothing goes out that a restart would decide differently.
+        stream_publish_on_commit=True,
         stream_wait_empty=False,
         key_serializer="raw",
         value_serializer="raw",
@@ -160,6 +178,7 @@ def build_decider(
     # partition of the event being processed, so a key must only ever be written from one
     # partition: the latency windows are per input partition for that reason.
     escalations, latency, answers = table("escalations"), table("latency"), table("answers")
+    decided_requests = table("decided")
     inputs = app.topic(topics.requests, topics.outcomes, topics.reviews, **raw)
     out_topics = {
         name: app.topic(name, **raw)
@@ -216,6 +235,10 @@ def build_decider(
             return _observed(latency, partition, deployment, strategy)
 
         controls = holder.controls
+        if isinstance(event, InferenceRequested) and (memo := decided_requests.get(request_key)) is not None:
+            await redeliver(_decided_decoder.decode(memo), state, tenant, request_key)
+            return
+        sent: list[tuple[str, bytes, bytes]] = []
         if isinstance(event, InferenceRequested):
             registry = holder.registry
             serving = registry.for_tenant(event.tenant_id)
@@ -261,12 +284,17 @@ def build_decider(
         elif isinstance(event, ReviewRecorded):
             record = _escalation(escalations.get(request_key))
             if record is not None and record.resolved:
-                log.info("review %s of %s: already resolved", event.event_id, event.request_id)
+                log.warning("review %s of %s: already resolved; ignored", event.event_id, event.request_id)
                 return
             if record is None or not record.request:
                 # The escalation is not (yet) known here: after a crash its request may be decided
                 # again after this review. Keep the first review until then.
                 if record is None:
+                    log.warning(
+                        "review %s of %s arrived before its escalation: kept",
+                        event.event_id,
+                        event.request_id,
+                    )
                     escalations[request_key] = _escalation_encoder.encode(
                         EscalationRecord(early_review=value or b"")
                     )
@@ -290,19 +318,43 @@ def build_decider(
         # The decision goes out before the dispatch that acts on it (same producer, in order).
         for e in out:
             if isinstance(e, DispatchRequested):
-                await send(topics.dispatch, e.request_id.encode(), codec.encode(e))
+                sent.append((topics.dispatch, e.request_id.encode(), codec.encode(e)))
             elif isinstance(e, OutcomeRecorded):
-                await send(topics.outcomes, tenant, codec.encode(e))
+                sent.append((topics.outcomes, tenant, codec.encode(e)))
             else:
-                await send(topics.decisions, tenant, codec.encode(e))
-        # The two tables are not updated atomically (faust has no cross-table transaction): a crash
-        # between the writes can leave one reservation counted in one and not the other.
+                sent.append((topics.decisions, tenant, codec.encode(e)))
+        for out_topic, out_key, out_value in sent:
+            await send(out_topic, out_key, out_value)
+        # Outputs are published when the input's offset is committed, after every Table change
+        # before it is on the broker (see nexuscore.streams._faust). The Tables are still not
+        # updated atomically with each other: the decision record goes first, the budget last.
+        if isinstance(event, InferenceRequested) and held is None:
+            decided_requests[request_key] = _decided_encoder.encode(
+                DecidedRecord(
+                    sent=sent,
+                    version_before=state.version,
+                    reservation=encode_record(reservation) if reservation is not None else b"",
+                )
+            )
         if reservation is not None and held is None:
             reservations[request_key] = encode_record(reservation)
         elif reservation is None and held is not None:
             del reservations[request_key]
         if new_state is not state:
             budgets[tenant] = encode_record(new_state)
+
+    async def redeliver(memo: DecidedRecord, state: BudgetState, tenant: bytes, request_key: bytes) -> None:
+        """A request decided before: the same events again, and its budget effect if it was lost."""
+        for out_topic, out_key, out_value in memo.sent:
+            await send(out_topic, out_key, out_value)
+        if state.version > memo.version_before:
+            return  # its effect is in the state already
+        reservation = decode_reservation(memo.reservation) if memo.reservation else None
+        if reservation is not None:
+            reservations[request_key] = encode_record(reservation)
+            budgets[tenant] = encode_record(reserve(state, reservation))
+        else:
+            budgets[tenant] = encode_record(bump(state))
 
     timed_out: set[bytes] = set()
 

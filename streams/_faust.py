@@ -16,8 +16,9 @@ accepted then.
 And Table changes: faust sends them to the changelog with ``send_soon`` (buffered) and commits
 the input offsets without waiting for them, so a process killed just after a commit can lose the
 state changes of events it will never see again (an escalation awaiting review, a reservation).
-This consumer drains the producer before every commit: a committed offset means its Table changes
-are on the broker.
+This consumer drains the producer before every commit, and before publishing the outputs attached
+to the offsets committed (the decider publishes on commit): a committed offset, or an output seen
+by anyone, means the Table changes behind it are on the broker.
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ class InOrderConsumer(faust_aiokafka.Consumer):
         self._refetching: dict[TP, int] = {}
         self.stale_dropped = 0
 
-    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+    async def _handle_attached(self, commit_offsets: Mapping[TP, int]) -> None:
+        # Before the outputs attached to these offsets go out, and before the offsets are
+        # committed, the Table changes made so far must be on the broker.
         producer = self.app.producer
         while producer.buffer.size:  # its flush gives up after 0.1 s without progress: insist
             await producer.buffer.flush()
         await producer.flush()
-        committed: bool = await super()._commit_offsets(offsets, start_new_transaction)
-        return committed
+        await super()._handle_attached(commit_offsets)
 
     async def perform_seek(self) -> None:
         await super().perform_seek()

@@ -18,8 +18,8 @@ from nexuscore.streams._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
 # The decider's faust Tables: budget totals, open reservations, escalations awaiting review,
-# latency windows, and the offline answer cache.
-DECIDER_TABLES = ("budgets", "reservations", "escalations", "latency", "answers")
+# latency windows, the offline answer cache, and each request's decision as it went out.
+DECIDER_TABLES = ("budgets", "reservations", "escalations", "latency", "answers", "decided")
 
 
 class Topics(msgspec.Struct, frozen=True):

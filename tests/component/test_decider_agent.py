@@ -235,10 +235,12 @@ async def test_a_review_that_overtakes_its_redecided_request_is_applied_when_the
     assert not sink.sent
     crit = request(request_id="crit-4", risk_class="critical")
     await ctx.put(CODEC.encode(crit), key=b"acme-bank")
+    first = list(sink.sent)
     await ctx.put(CODEC.encode(crit), key=b"acme-bank")  # and once more, redelivered
-    kinds = [type(e).__name__ for _, _, e in sink.sent]
-    assert kinds == ["RequestDecided", "EscalationResolved", "DispatchRequested", "RequestDecided"]
-    [(_, _, resolved)] = sink.of(EscalationResolved)
+    kinds = [type(e).__name__ for _, _, e in first]
+    assert kinds == ["RequestDecided", "EscalationResolved", "DispatchRequested"]
+    assert sink.sent == first + first  # the very same events again, nothing decided anew
+    (_, _, resolved), _ = sink.of(EscalationResolved)
     assert resolved.resolution == "dispatched" and resolved.review_event_id == "review-crit-4-approved"
 
 
@@ -317,3 +319,15 @@ async def test_the_latency_controller_predicts_from_observed_calls_once_it_has_e
     assert seen.samples == MIN_SAMPLES and seen.p95_ms >= 9000
     assert last.budget.deployment_id != slow and last.decode.fits_slo
     assert any(r.subject == slow and r.stage == "decode" and "(observed)" in r.detail for r in last.reasons)
+
+
+@pytest.mark.asyncio
+async def test_a_redelivered_request_gets_its_first_decision_again_and_reserves_once(harness: Any) -> None:
+    app, ctx, sink = harness
+    tight = request(request_id="tight", tenant_id="initech-payments", feature="fraud-review")
+    await ctx.put(CODEC.encode(tight), key=b"initech-payments")
+    first = list(sink.sent)
+    reserved = decode_state(app.tables["budgets"][b"initech-payments"])
+    await ctx.put(CODEC.encode(tight), key=b"initech-payments")
+    assert sink.sent == first + first
+    assert decode_state(app.tables["budgets"][b"initech-payments"]) == reserved

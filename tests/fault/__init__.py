@@ -1,0 +1,1 @@
+"""Fault injection: the whole pipeline under load while its processes are killed (slow; `make fault`)."""
