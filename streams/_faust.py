@@ -62,9 +62,19 @@ class InOrderConsumer(faust_aiokafka.Consumer):
 
     async def perform_seek(self) -> None:
         await super().perform_seek()
-        for tp in self.assignment():
-            self._next_offset[tp] = self._read_offset.get(tp)
+        assigned = self.assignment()
+        acked_topic = self.app.topics.acks_enabled_for
+        # No committed offset: aiokafka leaves the position where fetching got to, past records
+        # dropped here as fetched before this seek. Start those partitions from their beginning
+        # (the auto_offset_reset=earliest the decider relies on), explicitly.
+        fresh = [tp for tp in assigned if self._read_offset.get(tp) is None and acked_topic(tp.topic)]
+        starts = await self.earliest_offsets(*fresh) if fresh else {}
+        for tp in assigned:
             self._refetching.pop(tp, None)
+            if tp in starts:
+                await self.seek(tp, starts[tp])
+            else:
+                self._next_offset[tp] = self._read_offset.get(tp)
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
