@@ -143,13 +143,19 @@ class EvidenceStore:
             by_table[entry["table"]].append(str(root / entry["path"]))
         for table, schema in SCHEMAS.items():
             paths = by_table.get(table)
+            self.con.register(f"_empty_{table}", schema.empty_table())
             if paths:
-                self._create_view(
-                    table,
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_list(paths)}, hive_partitioning = false)",  # noqa: S608  # names are ours
-                )
+                # Files of older versions may lack columns added since: matched by name, and any
+                # column no file has is added as NULLs of its type, so queries see today's schema.
+                files = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
+                self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {files}")  # noqa: S608  # names are ours
+                present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
+                if set(schema.names) - present:
+                    self.con.execute(
+                        f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {files} "  # noqa: S608  # names are ours
+                        f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
+                    )
             else:
-                self.con.register(f"_empty_{table}", schema.empty_table())
                 self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
         self.con.execute(_DERIVED_VIEWS)
 

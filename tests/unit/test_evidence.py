@@ -328,3 +328,25 @@ def test_the_canonical_row_bytes_are_pinned(tmp_path: Path) -> None:
     con.register("b", blob)
     assert con.sql(f"SELECT {leaf_sql(blob.schema)} FROM b").fetchall()[0][0] == '["AP8="]'
     assert base64.b64decode("AP8=") == b"\x00\xff"
+
+
+def test_files_written_before_a_column_existed_read_with_that_column_as_nulls(
+    pristine: Path, tmp_path: Path
+) -> None:
+    # An older version wrote decisions without the columns added since (review_deadline, ...).
+    root = tmp_path / "evidence"
+    shutil.copytree(pristine, root)
+    added = ["review_deadline", "latency_observations", "confidence"]
+    decision_files = sorted(root.glob("region=*/decisions/*.parquet"))
+    for f in decision_files:
+        table = pq.read_table(f)
+        pq.write_table(table.drop_columns(added), f)
+    with EvidenceStore(root) as store:
+        rows = store.query("SELECT verdict, review_deadline, confidence FROM decisions").to_pylist()
+        assert rows and all(r["review_deadline"] is None and r["confidence"] is None for r in rows)
+        assert store.terminal_summary()["requests"] > 0  # the derived views still bind
+    # Mixed: one file of today's shape among old ones.
+    shutil.copyfile(next(pristine.glob("region=*/decisions/*.parquet")), decision_files[0])
+    with EvidenceStore(root) as store:
+        confidences = store.query("SELECT confidence FROM decisions").column("confidence").to_pylist()
+        assert any(c is not None for c in confidences) and any(c is None for c in confidences)
