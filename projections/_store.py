@@ -147,12 +147,12 @@ class EvidenceStore:
             if paths:
                 # Files of older versions may lack columns added since: matched by name, and any
                 # column no file has is added as NULLs of its type, so queries see today's schema.
-                files = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
-                self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {files}")  # noqa: S608  # names are ours
+                source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
+                self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
                 present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
                 if set(schema.names) - present:
                     self.con.execute(
-                        f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {files} "  # noqa: S608  # names are ours
+                        f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                         f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
                     )
             else:

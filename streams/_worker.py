@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx
-import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -30,6 +29,7 @@ from nexuscore.schemas import (
     AvroCodec,
     CircuitStateChanged,
     DispatchRequested,
+    FallbackTarget,
     ModelCallAttempted,
     OutcomeRecorded,
 )
@@ -54,21 +54,9 @@ class RetryPolicy:
         return rng.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
 
 
-class _Target(msgspec.Struct, frozen=True, kw_only=True):
-    """One deployment the call may go to: the dispatch's own, then its fallbacks in order."""
-
-    deployment_id: str
-    provider: str
-    endpoint: str
-    model: str
-    region: str
-    decode_strategy: str
-    input_price_micros_per_1k: int
-    output_price_micros_per_1k: int
-
-
-def targets_of(d: DispatchRequested) -> list[_Target]:
-    primary = _Target(
+def targets_of(d: DispatchRequested) -> list[FallbackTarget]:
+    """The dispatch's own deployment, then its fallbacks in order."""
+    primary = FallbackTarget(
         deployment_id=d.deployment_id,
         provider=d.provider,
         endpoint=d.endpoint,
@@ -78,7 +66,7 @@ def targets_of(d: DispatchRequested) -> list[_Target]:
         input_price_micros_per_1k=d.input_price_micros_per_1k,
         output_price_micros_per_1k=d.output_price_micros_per_1k,
     )
-    return [primary, *(_Target(**msgspec.structs.asdict(f)) for f in d.fallbacks)]
+    return [primary, *d.fallbacks]
 
 
 class Caller:
@@ -112,12 +100,12 @@ class Caller:
         self.call_timeout_s = call_timeout_s
         self.routes = dict(routes or {})
 
-    def _adapter(self, t: _Target) -> ProviderAdapter:
+    def _adapter(self, t: FallbackTarget) -> ProviderAdapter:
         # Overridden endpoints are simulated providers, which speak the OpenAI-compatible API.
         overridden = self.endpoint_override or t.deployment_id in self.routes
         return self.adapters["openai" if overridden else t.provider]
 
-    def _endpoint(self, t: _Target) -> str:
+    def _endpoint(self, t: FallbackTarget) -> str:
         return self.routes.get(t.deployment_id) or self.endpoint_override or t.endpoint
 
     async def call(self, d: DispatchRequested) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
@@ -126,7 +114,7 @@ class Caller:
         started = time.perf_counter()
         result: ChatResult | None = None
         error = ""
-        last: _Target | None = None
+        last: FallbackTarget | None = None
         for target in targets_of(d):
             if target.region not in d.allowed_regions:
                 skipped.append(
@@ -147,7 +135,7 @@ class Caller:
         return attempts, self._outcome(d, last, result, max(1, len(attempts)), latency_ms, error, skipped)
 
     async def _call_target(
-        self, d: DispatchRequested, t: _Target, attempts: list[ModelCallAttempted]
+        self, d: DispatchRequested, t: FallbackTarget, attempts: list[ModelCallAttempted]
     ) -> tuple[ChatResult | None, str]:
         request = ChatRequest(
             model=t.model,
@@ -189,7 +177,7 @@ class Caller:
     def _attempt(
         self,
         d: DispatchRequested,
-        t: _Target,
+        t: FallbackTarget,
         n: int,
         status: str,
         t0: float,
@@ -212,7 +200,7 @@ class Caller:
     def _outcome(
         self,
         d: DispatchRequested,
-        t: _Target,
+        t: FallbackTarget,
         result: ChatResult | None,
         attempts: int,
         latency_ms: float,
