@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from collections import defaultdict
@@ -185,10 +186,13 @@ def _check_files(
     paths, tables = [str(root / e["path"]) for e in jobs], [e["table"] for e in jobs]
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(jobs) > 1:
-            # The Merkle hashing is pure-Python work: one process per core.
-            results = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(
-                _seal.seal_file, paths, tables
+            # The Merkle hashing is pure-Python work: one process per core. Not forked from this
+            # process: a fork copies the locks DuckDB's threads hold here, and the workers (which
+            # use DuckDB too) can wait on them for ever.
+            pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
             )
+            results = stack.enter_context(pool).map(_seal.seal_file, paths, tables)
         else:
             results = map(_seal.seal_file, paths, tables)
         for e, (rows, merkle_root) in zip(jobs, results, strict=True):
