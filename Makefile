@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
 PACKAGES := schemas policy core streams providers projections replay
 
-.PHONY: install jars demo test lint typecheck pytest bench bench-evidence schemas clean
+.PHONY: install jars demo test lint typecheck pytest fault bench bench-evidence schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ typecheck: install
 
 pytest: install
 	$(BIN)/python -m pytest
+
+# The fault-injection suite (slow, outside `make test`): FAULT_REQUESTS requests while every process
+# type is killed with SIGKILL, the broker restarted and the provider failing; figures in bench/results/fault.*.
+FAULT_REQUESTS ?= 20000
+fault: jars
+	FAULT_REQUESTS=$(FAULT_REQUESTS) $(BIN)/python -m pytest -m slow tests/fault -s
 
 bench: jars
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'

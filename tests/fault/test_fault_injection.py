@@ -33,7 +33,7 @@ import pyarrow as pa
 import pytest
 
 from nexuscore._broker import REPO_ROOT, LocalKafka, ensure_kafka_jars
-from nexuscore._demo import decider_args, projector_args
+from nexuscore._demo import ReviewDesk, decider_args, projector_args
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Service, Services
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
@@ -164,6 +164,9 @@ class Pipeline:
         self.t0 = 0.0
         self.provider_port = 0
         self.broker_lock = threading.Lock()
+        # Stands in for the reviewers: escalations wait for a person (or their deadline, minutes away).
+        self.desk = ReviewDesk(broker.bootstrap, topics)
+        self._desk_polled = 0.0
 
     def args(self, role: str) -> list[str]:
         kind = role.split("-")[0]
@@ -230,14 +233,28 @@ class Pipeline:
         )
 
     def pause(self, seconds: float) -> None:
-        """Sleep, but fail at once if a process died on its own (only faults may kill them)."""
+        """Sleep, but fail at once if a process died on its own (only faults may kill them); review
+        the escalations pending meanwhile."""
         deadline = time.monotonic() + seconds
         while True:
             self.services.check()
+            self.review()
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             time.sleep(min(0.5, left))
+
+    def review(self, every_s: float = 5.0) -> dict[str, int]:
+        """Poll the evidence (at most every ``every_s``): the terminal summary, and a review for
+        every escalation found pending."""
+        if time.monotonic() - self._desk_polled < every_s:
+            return {}
+        self._desk_polled = time.monotonic()
+        if not (self.evidence / "manifest.head.json").exists():
+            return _summary(self.evidence)
+        with EvidenceStore(self.evidence) as store:
+            self.desk.poll(store)
+            return store.terminal_summary()
 
 
 def _summary(evidence: Path) -> dict[str, int]:
@@ -247,30 +264,29 @@ def _summary(evidence: Path) -> dict[str, int]:
         return store.terminal_summary()
 
 
-def _wait_until_terminal(
-    pipeline: Pipeline, expected: int, timeout_s: float, stall_s: float
-) -> tuple[dict[str, int], float, str | None]:
-    """Like ``nexuscore._demo.wait_for_evidence``, but gives up early once nothing moves for
-    ``stall_s`` and never raises: the checks that follow say what is missing."""
+def _wait_until_terminal(pipeline: Pipeline, expected: int, timeout_s: float, stall_s: float) -> str | None:
+    """Like ``nexuscore._demo.wait_for_evidence`` (escalations reviewed on the way), but gives up
+    early once nothing moves for ``stall_s`` and never raises: the checks that follow say what is
+    missing. Returns why it stopped waiting, or None once every request has a terminal state."""
     deadline = time.monotonic() + timeout_s
-    last, last_change = (-1, -1), time.monotonic()
+    last, last_change = (-1, -1, -1), time.monotonic()
     summary = _summary(pipeline.evidence)
     while True:
         try:
             pipeline.services.check()
         except NexusError as exc:
-            return summary, time.monotonic(), f"a process died on its own: {exc}"
-        summary = _summary(pipeline.evidence)
+            return f"a process died on its own: {exc}"
+        summary = pipeline.review(every_s=0) or summary
         now = time.monotonic()
         if summary["terminal"] >= expected:
-            return summary, now, None
-        progress = (summary["requests"], summary["terminal"])
+            return None
+        progress = (summary["requests"], summary["terminal"], len(pipeline.desk.reviewed))
         if progress != last:
             last, last_change = progress, now
         elif now - last_change > stall_s:
-            return summary, now, f"no progress for {stall_s:.0f} s at {summary}"
+            return f"no progress for {stall_s:.0f} s at {summary}"
         if now > deadline:
-            return summary, now, f"timed out after {timeout_s:.0f} s at {summary}"
+            return f"timed out after {timeout_s:.0f} s at {summary}"
         time.sleep(3)
 
 
@@ -302,6 +318,14 @@ UNION ALL
 SELECT request_id, occurred_at, 'decision', producer, src_topic, src_partition, src_offset,
        concat(verdict, ' ', deployment_id, ' budget ', budget_action, ' event ', event_id)
 FROM decisions WHERE list_contains($ids, request_id)
+UNION ALL
+SELECT request_id, occurred_at, 'review', producer, src_topic, src_partition, src_offset,
+       concat(action, ' by ', reviewer)
+FROM reviews WHERE list_contains($ids, request_id)
+UNION ALL
+SELECT request_id, occurred_at, 'resolution', producer, src_topic, src_partition, src_offset,
+       concat(resolution, ' ', deployment_id, ' (', verdict_reason, ')')
+FROM resolutions WHERE list_contains($ids, request_id)
 UNION ALL
 SELECT request_id, occurred_at, 'dispatch', producer, src_topic, src_partition, src_offset,
        concat(deployment_id, ' in ', region)
@@ -339,18 +363,49 @@ def _events(store: EvidenceStore, ids: list[str], limit: int = 5) -> str:
     return f"{len(ids)} request(s){more}:\n" + "\n".join(lines)
 
 
+# What every client logs while the broker restarts, and a busy decider's routine warnings: not a
+# diagnosis.
+_ROUTINE = re.compile(
+    r"Unable connect|Failed fetch|Unable to update metadata|Unable to request metadata|NodeNotReady|"
+    r"Got error produce response|Group Coordinator|coordinator dead|Heartbeat|Timer commit is overlapping|"
+    r"producer buffer full|is now active"
+)
+
+
 def _decider_log_errors(log_dir: Path) -> str:
     lines = []
     for log in sorted(log_dir.glob("decider*.log")):
         found = [
             line
             for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-            if re.search(r"ERROR|Traceback|Crash|Error:", line)
+            if re.search(r"WARNING|ERROR|Traceback|Crash|Error:", line)
         ]
+        noise = [line for line in found if _ROUTINE.search(line)]
+        rest = [line for line in found if not _ROUTINE.search(line)]
         lines.append(
-            f"  {log.name}: {len(found)} error line(s)" + "".join(f"\n    {x[:200]}" for x in found[:5])
+            f"  {log.name}: {len(rest)} warning/error line(s) besides {len(noise)} routine ones (broker away, slow commits)"
+            + "".join(f"\n    {x[:200]}" for x in rest[:5])
         )
     return "\n".join(lines)
+
+
+_HOW_FAR_SQL = """
+SELECT CASE
+         WHEN d.verdict IS NULL THEN 'no decision'
+         WHEN d.verdict = 'escalated' AND v.request_id IS NOT NULL
+             THEN 'escalated, review recorded, no resolution'
+         WHEN d.verdict = 'escalated' THEN 'escalated, no review yet'
+         WHEN o.request_id IS NULL THEN d.verdict || ', no outcome'
+         ELSE d.verdict || ', other'
+       END AS stage, count(*) AS n,
+       list(v.src_partition || '@' || v.src_offset ORDER BY v.src_partition, v.src_offset)
+           FILTER (WHERE v.request_id IS NOT NULL) AS review_positions
+FROM (SELECT unnest($ids) AS request_id) l
+LEFT JOIN (SELECT request_id, any_value(verdict) AS verdict FROM decisions GROUP BY 1) d USING (request_id)
+LEFT JOIN reviews v USING (request_id)
+LEFT JOIN (SELECT DISTINCT request_id FROM outcomes) o USING (request_id)
+GROUP BY 1 ORDER BY 2 DESC
+"""
 
 
 def _budget(store: EvidenceStore, policy: RoutingPolicy) -> tuple[dict[str, Any], list[str]]:
@@ -360,22 +415,36 @@ def _budget(store: EvidenceStore, policy: RoutingPolicy) -> tuple[dict[str, Any]
     outcomes of the requests it dispatched in that window."""
     rows = store.query(
         """
-        WITH d AS (
+        WITH est AS (
+            -- What each dispatched request was estimated at: when decided, or when its escalation
+            -- was approved and it resumed.
+            SELECT request_id, tenant_id, feature, estimated_cost_micros AS estimate
+            FROM decisions WHERE verdict = 'dispatch'
+            UNION ALL
+            SELECT request_id, tenant_id, feature, estimated_cost_micros
+            FROM resolutions WHERE resolution = 'dispatched'
+        ), win AS (
+            SELECT e.request_id, coalesce(any_value(s.budget_window), any_value(d.budget_window))
+                       AS budget_window
+            FROM (SELECT DISTINCT request_id FROM est) e
+            LEFT JOIN settlements s USING (request_id) LEFT JOIN decisions d USING (request_id)
+            GROUP BY e.request_id
+        ), d AS (
             SELECT request_id, any_value(tenant_id) AS tenant_id, any_value(feature) AS feature,
-                   any_value(budget_window) AS budget_window, max(estimated_cost_micros) AS estimate
-            FROM decisions WHERE verdict = 'dispatch' GROUP BY request_id
+                   any_value(budget_window) AS budget_window, max(estimate) AS estimate
+            FROM est JOIN win USING (request_id) GROUP BY request_id
         ), billed AS (
-            SELECT d.tenant_id, d.feature, d.budget_window, sum(o.cost) AS billed
+            SELECT d.tenant_id, d.feature, d.budget_window, CAST(sum(o.cost) AS BIGINT) AS billed
             FROM (SELECT request_id, max(cost_micros) AS cost FROM outcomes GROUP BY request_id) o
             JOIN d USING (request_id) GROUP BY ALL
         ), recorded AS (
             SELECT tenant_id, feature, budget_window, max(tenant_spent_micros) AS tenant_spent,
                    max(feature_spent_micros) AS feature_spent
             FROM settlements GROUP BY ALL
-        ), est AS (
+        ), largest AS (
             SELECT tenant_id, feature, budget_window, max(estimate) AS max_estimate FROM d GROUP BY ALL
         )
-        SELECT * FROM est LEFT JOIN billed USING (tenant_id, feature, budget_window)
+        SELECT * FROM largest LEFT JOIN billed USING (tenant_id, feature, budget_window)
         LEFT JOIN recorded USING (tenant_id, feature, budget_window)
         """
     ).to_pylist()
@@ -496,6 +565,7 @@ def _verify(evidence: Path, public_key: Path) -> tuple[dict[str, Any], list[str]
 def _analyse(
     evidence: Path, published: list[str], policy: RoutingPolicy, public_key: Path, log_dir: Path
 ) -> tuple[dict[str, Any], list[str]]:
+    """Every check, from the evidence alone: the figures, and a description of each problem."""
     problems: list[str] = []
     figures: dict[str, Any] = {}
     with EvidenceStore(evidence) as store:
@@ -526,15 +596,24 @@ def _analyse(
                 "FROM requests WHERE list_contains($ids, request_id) GROUP BY 1 ORDER BY 1",
                 {"ids": lost},
             ).to_pylist()
+            how_far = store.query(_HOW_FAR_SQL, {"ids": lost}).to_pylist()
             problems.append(
-                f"LOST (no terminal state): {_events(store, lost)}\n  by partition of the requests topic: "
-                f"{partitions}\n  decider logs:\n{_decider_log_errors(log_dir)}"
+                f"LOST (no terminal state): {_events(store, lost)}\n  how far they got: {how_far}"
+                f"\n  by partition of the requests topic: {partitions}"
+                f"\n  decider logs:\n{_decider_log_errors(log_dir)}"
             )
         if strangers:
             problems.append(f"requests in the evidence that were never published: {strangers[:5]}")
         if doubled:
             problems.append(f"TWO OR MORE terminal states: {_events(store, doubled)}")
 
+        # From the evidence, not the polling: the first request's time to the last terminal state's.
+        duration = store.query(
+            "SELECT epoch((SELECT max(occurred_at) FROM terminal_states))"
+            " - epoch((SELECT min(occurred_at) FROM requests)) AS s"
+        ).to_pylist()[0]["s"]
+        figures["duration_s"] = round(duration, 1)
+        figures["throughput_rps"] = round(len(published) / duration, 1)
         figures["terminal_states"] = {
             r["state"]: r["n"]
             for r in store.query(
@@ -562,6 +641,26 @@ def _analyse(
         figures["outcomes"] = {
             r["status"]: r["n"]
             for r in store.query("SELECT status, count(*) AS n FROM outcomes GROUP BY 1").to_pylist()
+        }
+        figures["failed_outcomes_by_cause"] = {
+            r["cause"]: r["n"]
+            for r in store.query(
+                """
+                SELECT CASE WHEN error LIKE '%circuit open%' THEN 'circuit open'
+                            WHEN error LIKE '%bulkhead%' THEN 'bulkhead full'
+                            WHEN error LIKE '%timed out%' THEN 'timed out or connection refused'
+                            WHEN error LIKE '%HTTP 503%' THEN 'HTTP 503'
+                            WHEN error LIKE '%HTTP 429%' THEN 'HTTP 429'
+                            ELSE left(error, 60) END AS cause, count(*) AS n
+                FROM outcomes WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC
+                """
+            ).to_pylist()
+        }
+        figures["escalations"] = {
+            r["review_state"]: r["n"]
+            for r in store.query(
+                "SELECT review_state, count(*) AS n FROM escalations GROUP BY 1 ORDER BY 2 DESC"
+            ).to_pylist()
         }
         figures["budget"], budget_problems = _budget(store, policy)
         figures["residency"], residency_problems = _residency(store, policy)
@@ -597,6 +696,8 @@ def _markdown(f: dict[str, Any]) -> str:
     ev, att, bud, res = f["evidence"], f["attempts"], f["budget"], f["residency"]
     states = ", ".join(f"{k} {v:,}" for k, v in f["terminal_states"].items())
     outcomes = ", ".join(f"{k} {v:,}" for k, v in sorted(f["outcomes"].items()))
+    failed = ", ".join(f"{k} {v:,}" for k, v in f["failed_outcomes_by_cause"].items()) or "none"
+    escalations = ", ".join(f"{k} {v:,}" for k, v in f["escalations"].items()) or "none"
     lines = [
         "# Fault injection",
         "",
@@ -612,10 +713,12 @@ def _markdown(f: dict[str, Any]) -> str:
         f"| **calls outside the allowed regions** | **{res['outside_allowed_regions']:,}** (of {res['calls_checked']:,} calls; {res['cross_border_calls_with_basis']:,} cross-border with a transfer basis) |",
         f"| **largest budget overshoot** | **{bud['max_overshoot_micros']:,} micro-USD** ({bud['scopes_checked']} tenant and feature days checked; allowed: the largest single estimate) |",
         f"| `nexuscore evidence verify` | exit {f['verify']['exit_code']}: {' '.join(f['verify']['summary'])} |",
-        f"| duration (first request published → last terminal state) | {f['duration_s']:.1f} s |",
-        f"| throughput | {f['throughput_rps']:.1f} requests/s |",
+        f"| duration (first request published → last terminal state, from the evidence) | {f['duration_s']:.1f} s |",
+        f"| throughput over that time, faults and recoveries included | {f['throughput_rps']:.1f} requests/s |",
         f"| terminal states | {states} |",
         f"| outcomes | {outcomes} |",
+        f"| failed outcomes by cause | {failed} |",
+        f"| escalations, by review state (reviewed by a stand-in desk, about half approved) | {escalations} |",
         f"| attempts / retries / failed attempts | {att['attempts']:,} / {att['retries']:,} / {att['failed_attempts']:,} |",
         f"| failed attempts: 503 / 429 / timeouts (30 s) / connection failures (provider down) | {att['http_503']:,} / {att['http_429']:,} / {att['timeouts']:,} / {att['connection_errors']:,} |",
         f"| calls answered after ≥ 2 s (latency spikes) | {att['slow_ok_calls_over_2s']:,} |",
@@ -689,12 +792,10 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
             if publisher.error is not None:
                 raise publisher.error
             assert len(publisher.ids) == REQUESTS, f"published {len(publisher.ids)} of {REQUESTS}"
-            reached = time.monotonic()
             if stop_reason is None:
-                _, reached, stop_reason = _wait_until_terminal(
+                stop_reason = _wait_until_terminal(
                     pipeline, REQUESTS, timeout_s=max(900.0, REQUESTS * 0.1), stall_s=240.0
                 )
-            duration = reached - publisher.started_at
             if stop_reason is None:
                 _settle(evidence)
         # Every service stopped (the projector's last flush sealed): the evidence no longer moves.
@@ -712,8 +813,6 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
         "command": f"FAULT_REQUESTS={REQUESTS} make fault",
         "requests": REQUESTS,
         "provider_faults": ", ".join(f"{k} {v:g}" for k, v in PROVIDER_FAULTS.items()),
-        "duration_s": round(duration, 1),
-        "throughput_rps": round(REQUESTS / duration, 1),
         "waves": publisher.waves,
         "faults": [asdict(x) for x in pipeline.faults],
         **figures,
