@@ -78,6 +78,9 @@ class EscalationRecord(msgspec.Struct, frozen=True, kw_only=True):
     deadline_us: int = 0
     early_review: bytes = b""
     resolved: bool = False
+    # The review that resolved it and what that sent: sent again if the same review is redelivered.
+    resolved_by: str = ""
+    sent: list[tuple[str, bytes, bytes]] = msgspec.field(default_factory=list)
 
 
 class DecidedRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,13 +92,19 @@ class DecidedRecord(msgspec.Struct, frozen=True, kw_only=True):
     sent: list[tuple[str, bytes, bytes]]
     version_before: int
     reservation: bytes = b""
+    # The outcome that settled it and the settlement sent: sent again if the outcome is redelivered.
+    settled_by: str = ""
+    settlement: list[tuple[str, bytes, bytes]] = msgspec.field(default_factory=list)
 
 
 _decided_encoder = msgspec.msgpack.Encoder()
 _decided_decoder = msgspec.msgpack.Decoder(DecidedRecord)
-_RESOLVED = EscalationRecord(resolved=True)
 _escalation_encoder = msgspec.msgpack.Encoder()
 _escalation_decoder = msgspec.msgpack.Decoder(EscalationRecord)
+
+
+def _decided(data: bytes | None) -> DecidedRecord | None:
+    return None if data is None else _decided_decoder.decode(data)
 
 
 def _escalation(data: bytes | None) -> EscalationRecord | None:
@@ -278,13 +287,20 @@ def build_decider(
                         new_state, event, decided, early, now, partition
                     )
                     out.extend(resolved)
-                    escalations[request_key] = _escalation_encoder.encode(_RESOLVED)
+                    escalations[request_key] = _escalation_encoder.encode(
+                        EscalationRecord(resolved=True, resolved_by=early.event_id)
+                    )
                 else:
                     escalations[request_key] = _escalation_encoder.encode(pending)
         elif isinstance(event, ReviewRecorded):
             record = _escalation(escalations.get(request_key))
             if record is not None and record.resolved:
-                log.warning("review %s of %s: already resolved; ignored", event.event_id, event.request_id)
+                if record.resolved_by == event.event_id:
+                    await resend(record.sent)  # the same review again: its outputs may not be out
+                else:
+                    log.warning(
+                        "review %s of %s: already resolved; ignored", event.event_id, event.request_id
+                    )
                 return
             if record is None or not record.request:
                 # The escalation is not (yet) known here: after a crash its request may be decided
@@ -304,9 +320,13 @@ def build_decider(
             assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
             new_state, reservation, out = review(state, request, escalated, event, now, partition)
             held = None
-            escalations[request_key] = _escalation_encoder.encode(_RESOLVED)
         else:
             assert isinstance(event, OutcomeRecorded)
+            if held is None:
+                memo = _decided(decided_requests.get(request_key))
+                if memo is not None and memo.settled_by == event.event_id:
+                    await resend(memo.settlement)  # the same outcome again: its settlement may not be out
+                    return
             new_state, out = on_outcome(state, held, event, PRODUCER, now)
             reservation = None
             kept = answer_to_keep(event, held)
@@ -323,8 +343,16 @@ def build_decider(
                 sent.append((topics.outcomes, tenant, codec.encode(e)))
             else:
                 sent.append((topics.decisions, tenant, codec.encode(e)))
-        for out_topic, out_key, out_value in sent:
-            await send(out_topic, out_key, out_value)
+        await resend(sent)
+        if isinstance(event, ReviewRecorded):
+            escalations[request_key] = _escalation_encoder.encode(
+                EscalationRecord(resolved=True, resolved_by=event.event_id, sent=sent)
+            )
+        elif isinstance(event, OutcomeRecorded) and held is not None:
+            memo = _decided(decided_requests.get(request_key))
+            if memo is not None:
+                settled = msgspec.structs.replace(memo, settled_by=event.event_id, settlement=sent)
+                decided_requests[request_key] = _decided_encoder.encode(settled)
         # Outputs are published when the input's offset is committed, after every Table change
         # before it is on the broker (see nexuscore.streams._faust). The Tables are still not
         # updated atomically with each other: the decision record goes first, the budget last.
@@ -343,10 +371,13 @@ def build_decider(
         if new_state is not state:
             budgets[tenant] = encode_record(new_state)
 
+    async def resend(sent: list[tuple[str, bytes, bytes]]) -> None:
+        for out_topic, out_key, out_value in sent:
+            await send(out_topic, out_key, out_value)
+
     async def redeliver(memo: DecidedRecord, state: BudgetState, tenant: bytes, request_key: bytes) -> None:
         """A request decided before: the same events again, and its budget effect if it was lost."""
-        for out_topic, out_key, out_value in memo.sent:
-            await send(out_topic, out_key, out_value)
+        await resend(memo.sent)
         if state.version > memo.version_before:
             return  # its effect is in the state already
         reservation = decode_reservation(memo.reservation) if memo.reservation else None

@@ -110,7 +110,8 @@ async def test_an_outcome_settles_the_reservation(harness: Any) -> None:
     await ctx.put(CODEC.encode(outcome), key=b"acme-bank")
     await ctx.put(CODEC.encode(outcome), key=b"acme-bank")  # redelivered: settles once
     settled = [s[2] for s in sink.of(BudgetSettled)]
-    assert len(settled) == 1 and settled[0].actual_micros == 7
+    # The settlement is sent again, the same event (the evidence keeps one), the budget moved once.
+    assert len(settled) == 2 and settled[0] == settled[1] and settled[0].actual_micros == 7
     state = decode_state(app.tables["budgets"][b"acme-bank"])
     window = state.window(T0.date().isoformat())
     assert (window.tenant_settled, window.tenant_reserved) == (7, 0)
@@ -331,3 +332,29 @@ async def test_a_redelivered_request_gets_its_first_decision_again_and_reserves_
     await ctx.put(CODEC.encode(tight), key=b"initech-payments")
     assert sink.sent == first + first
     assert decode_state(app.tables["budgets"][b"initech-payments"]) == reserved
+
+
+@pytest.mark.asyncio
+async def test_a_redelivered_review_or_outcome_sends_what_it_sent_the_first_time(harness: Any) -> None:
+    # A crash after a Table change reached the broker but before the outputs went out (they wait
+    # for the commit) redelivers the input: its outputs must go out then, identical.
+    _, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(request_id="crit-5", risk_class="critical")), key=b"acme-bank")
+    approval = _review("crit-5", "approved")
+    await ctx.put(CODEC.encode(approval), key=b"acme-bank")
+    resolved = sink.sent[1:]
+    assert [type(e).__name__ for _, _, e in resolved] == ["EscalationResolved", "DispatchRequested"]
+    await ctx.put(CODEC.encode(approval), key=b"acme-bank")
+    assert sink.sent[3:] == resolved
+    other = _review("crit-5", "denied")
+    await ctx.put(CODEC.encode(other), key=b"acme-bank")  # a different, later review: nothing
+    assert len(sink.sent) == 5
+
+    plain = request(request_id="plain")
+    await ctx.put(CODEC.encode(plain), key=b"acme-bank")
+    dispatch = sink.of(DispatchRequested)[-1][2]
+    outcome = _outcome(dispatch)
+    await ctx.put(CODEC.encode(outcome), key=b"acme-bank")
+    settled = sink.of(BudgetSettled)
+    await ctx.put(CODEC.encode(outcome), key=b"acme-bank")
+    assert sink.of(BudgetSettled) == settled + settled
