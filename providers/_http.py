@@ -57,6 +57,12 @@ async def post_json(
         # so a provider trickling bytes cannot hold a request past timeout_s.
         async with asyncio.timeout(timeout_s):
             response = await client.post(url, content=body, headers=headers, timeout=timeout_s)
+    except httpx.ConnectTimeout as exc:
+        # The aiohttp transport reports a refused connection this way too, within milliseconds.
+        raise ProviderError(
+            f"{provider} call to {url}: no connection (refused, or none within {timeout_s:g}s)",
+            retryable=True,
+        ) from exc
     except (TimeoutError, httpx.TimeoutException) as exc:
         raise ProviderError(
             f"{provider} call to {url} timed out after {timeout_s:g}s", retryable=True

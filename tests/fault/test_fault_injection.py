@@ -628,8 +628,7 @@ def _analyse(
                    count(*) FILTER (WHERE http_status = 503) AS http_503,
                    count(*) FILTER (WHERE http_status = 429) AS http_429,
                    count(*) FILTER (WHERE error LIKE '%timed out%' AND latency_ms >= 29000) AS timeouts,
-                   -- The worker's HTTP client reports a refused connection (provider down) as a
-                   -- ConnectTimeout, so the attempt says "timed out" after a few milliseconds.
+                   -- Everything else without an HTTP status: no connection (the provider down).
                    count(*) FILTER (WHERE status = 'error' AND http_status IS NULL
                                     AND NOT (error LIKE '%timed out%' AND latency_ms >= 29000))
                        AS connection_errors,
@@ -648,7 +647,8 @@ def _analyse(
                 """
                 SELECT CASE WHEN error LIKE '%circuit open%' THEN 'circuit open'
                             WHEN error LIKE '%bulkhead%' THEN 'bulkhead full'
-                            WHEN error LIKE '%timed out%' THEN 'timed out or connection refused'
+                            WHEN error LIKE '%timed out%' THEN 'timed out'
+                            WHEN error LIKE '%no connection%' THEN 'no connection (provider down)'
                             WHEN error LIKE '%HTTP 503%' THEN 'HTTP 503'
                             WHEN error LIKE '%HTTP 429%' THEN 'HTTP 429'
                             ELSE left(error, 60) END AS cause, count(*) AS n
