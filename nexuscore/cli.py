@@ -343,12 +343,10 @@ def run_worker(
     Retries 429, 5xx and timeouts with full jitter; fails over along the decision's fallbacks (never
     outside its allowed regions); keeps a circuit breaker per deployment, shared with the other
     workers through the circuits topic; caps each tenant's concurrent calls (bulkhead)."""
-    import os
-    import socket
-
     from nexuscore._clock import SystemClock
     from nexuscore.core import BreakerConfig
     from nexuscore.streams import Caller, CircuitBoard, RetryPolicy, Topics, Worker, default_adapters
+    from nexuscore.streams._worker import worker_id
 
     routes: dict[str, str] = {}
     for r in route or []:
@@ -360,9 +358,10 @@ def run_worker(
     async def main() -> None:
         adapters = default_adapters()
         clock = SystemClock()
-        worker_id = f"nexuscore.worker@{socket.gethostname()}:{os.getpid()}"
         board = CircuitBoard(
-            clock, worker_id, BreakerConfig(failure_threshold=breaker_failures, cool_down_s=breaker_cool_down)
+            clock,
+            worker_id(),
+            BreakerConfig(failure_threshold=breaker_failures, cool_down_s=breaker_cool_down),
         )
         caller = Caller(
             adapters,

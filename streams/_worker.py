@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -69,6 +71,11 @@ def targets_of(d: DispatchRequested) -> list[FallbackTarget]:
     return [primary, *d.fallbacks]
 
 
+def worker_id() -> str:
+    """This worker's name on the circuits topic: each worker must tell its own events from others'."""
+    return f"{PRODUCER}@{socket.gethostname()}:{os.getpid()}"
+
+
 class Caller:
     """Calls one dispatch's deployment with retries, failing over along the decision's fallbacks.
 
@@ -96,7 +103,7 @@ class Caller:
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self.endpoint_override = endpoint_override
         self.sleep = sleep
-        self.circuits = circuits or CircuitBoard(clock, PRODUCER)
+        self.circuits = circuits or CircuitBoard(clock, worker_id())
         self.call_timeout_s = call_timeout_s
         self.routes = dict(routes or {})
 
