@@ -253,7 +253,8 @@ def on_request(
     events: list[Event] = [decided, dispatch_event(request, result, decided, producer, now)]
     if held is not None:
         return state, held, events
-    return reserve(state, reservation_for(request, result)), reservation_for(request, result), events
+    reservation = reservation_for(request, result)
+    return reserve(state, reservation), reservation, events
 
 
 def reservation_for(request: InferenceRequested, decision: Decision) -> Reservation:
