@@ -414,8 +414,10 @@ def decide(
         s, p, b = min(predictions[d.id], key=lambda spb: spb[1])
         return s, p, b, False
 
-    picked = next((d for d in chain if best(d)[3]), fitting)
-    strategy, predicted, basis, fits = best(picked)
+    # Each deployment's best strategy, worked out once (decide is replay's hot path too).
+    bests = {d.id: best(d) for d in chain}
+    picked = next((d for d in chain if bests[d.id][3]), fitting)
+    strategy, predicted, basis, fits = bests[picked.id]
     for d in chain:
         if d is picked:
             break
@@ -424,7 +426,7 @@ def decide(
                 stage="decode",
                 kind="rejected_alternative",
                 subject=d.id,
-                detail=f"predicts {best(d)[1]} ms ({best(d)[2]}), over the {slo} ms SLO",
+                detail=f"predicts {bests[d.id][1]} ms ({bests[d.id][2]}), over the {slo} ms SLO",
             )
         )
     if not fits:
@@ -454,7 +456,7 @@ def decide(
         basis=basis,
         observations=observations,
     )
-    fallbacks = tuple((d, best(d)[0].name) for d in chain if d is not picked)
+    fallbacks = tuple((d, bests[d.id][0].name) for d in chain if d is not picked)
     # The reservation covers the dearest deployment the worker may fail over to, so a failover can
     # never spend more than was held.
     reserved = max(cost(d) for d in chain)
