@@ -494,8 +494,9 @@ class EvidenceWatch:
     # Tables whose last file completes the terminal states (dispatches only gate).
     TERMINAL = frozenset({"requests", "decisions", "rejections", "outcomes"})
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, keys: DevKeys) -> None:
         self.root = root
+        self.keys = keys  # the review desk signs its reviews with the reviewer key among them
         self.rows: dict[str, dict[str, int]] = {t: {} for t in self.TABLES}
         self.latest_mtime = 0.0
 
@@ -586,7 +587,7 @@ def warm_up(
     started = time.monotonic()
     requests = synthetic_requests(policy, n, seed=3, start=datetime.now(UTC), run=f"{run}-warmup")
     asyncio.run(send_all(bootstrap, topics.requests, encode_requests(codec, requests)))
-    wait_for_terminal(watch, services, n, WARMUP_TIMEOUT_S, "warm-up", ReviewDesk(bootstrap, topics))
+    wait_for_terminal(watch, services, n, WARMUP_TIMEOUT_S, "warm-up", ReviewDesk(bootstrap, topics, watch.keys))
     return time.monotonic() - started
 
 
@@ -600,8 +601,9 @@ def running_pipeline(
     evidence.mkdir(parents=True, exist_ok=True)
     # Services stops every stage (SIGTERM, grace, SIGKILL) on any exit, Ctrl-C included.
     with Services(root / "logs") as services:
-        stages = start_pipeline(services, bootstrap, topics, dev_keys(root / "keys", policy_path), evidence)
-        yield services, stages, EvidenceWatch(evidence)
+        keys = dev_keys(root / "keys", policy_path)
+        stages = start_pipeline(services, bootstrap, topics, keys, evidence)
+        yield services, stages, EvidenceWatch(evidence, keys)
 
 
 # --- the profiler ----------------------------------------------------------------------------------
@@ -789,7 +791,7 @@ def run_throughput(
                 args.warmup + args.requests,
                 120 + args.requests / FLOOR_RPS,
                 "throughput",
-                ReviewDesk(bootstrap, topics),
+                ReviewDesk(bootstrap, topics, watch.keys),
             )
             cpu.stop()
         finally:
@@ -1001,7 +1003,7 @@ def run_latency(
             args.warmup + total,
             120 + total / FLOOR_RPS,
             "latency run",
-            ReviewDesk(bootstrap, topics),
+            ReviewDesk(bootstrap, topics, watch.keys),
         )
         rss = {name: s.peak_rss_mb() for name, s in stages.items()}
     # Read after the run so that the reader does not compete with the decider for the CPU: every

@@ -15,18 +15,9 @@ from nexuscore.core._budget import (
     reserve,
     settle,
 )
-from nexuscore.core._controls import (
-    MODES,
-    NO_CONTROLS,
-    SCOPES,
-    CachedAnswer,
-    Controls,
-    Switch,
-    decode_answer,
-    encode_answer,
-    kill_switch_message,
-)
+from nexuscore.core._controls import CachedAnswer, decode_answer, encode_answer
 from nexuscore.core._decide import (
+    MAX_PROMPT_BYTES,
     Decision,
     LatencyView,
     Rejection,
@@ -44,20 +35,17 @@ from nexuscore.core._steps import (
     on_outcome,
     on_request,
     on_review,
+    refusal_event,
     shadow_event,
 )
 
 __all__ = [
+    "MAX_PROMPT_BYTES",
     "EMPTY_STATE",
-    "MODES",
-    "NO_CONTROLS",
-    "SCOPES",
     "Breaker",
     "BreakerConfig",
     "CachedAnswer",
-    "Controls",
     "LatencyWindow",
-    "Switch",
     "Transition",
     "answer_to_keep",
     "bump",
@@ -65,7 +53,6 @@ __all__ = [
     "decode_window",
     "encode_answer",
     "encode_window",
-    "kill_switch_message",
     "observe",
     "on_review",
     "BudgetState",
@@ -88,6 +75,7 @@ __all__ = [
     "estimate_input_tokens",
     "on_outcome",
     "on_request",
+    "refusal_event",
     "release",
     "reserve",
     "settle",

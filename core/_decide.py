@@ -104,6 +104,13 @@ def admit(request: InferenceRequested, policy: RoutingPolicy) -> Rejection | Ten
             code="unknown_feature",
             reason=f"feature {request.feature!r} is not configured for tenant {tenant.id!r}",
         )
+    if request.task_type not in policy.task_types:
+        # The rules were written for the listed task types only; anything else would be routed by
+        # complexity alone, as if no rule applied to it.
+        return Rejection(
+            code="unknown_task_type",
+            reason=f"task type {request.task_type!r} is not in policy {policy.version}",
+        )
     if request.data_classification not in policy.residency_by_class:
         return Rejection(
             code="no_residency_rule",
@@ -124,6 +131,23 @@ def admit(request: InferenceRequested, policy: RoutingPolicy) -> Rejection | Ten
             ),
         )
     return tenant
+
+
+# The broker takes messages of up to 1 MiB. A dispatch carries the prompt once, beside fields the
+# schema bounds (a few KiB at most): a prompt of at most this many UTF-8 bytes always fits. Tokens
+# alone do not bound it (four characters a token, and a character may take four bytes).
+MAX_PROMPT_BYTES = 512 * 1024
+
+
+def admit_size(request: InferenceRequested) -> Rejection | None:
+    """Admission by encoded size: no accepted request may produce an event the broker refuses."""
+    size = len(request.prompt.encode("utf-8", "surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        return Rejection(
+            code="request_too_large",
+            reason=f"the prompt is {size} bytes of UTF-8, over the gateway's limit of {MAX_PROMPT_BYTES}",
+        )
+    return None
 
 
 def _residency(request: InferenceRequested, policy: RoutingPolicy, tenant: Tenant) -> ResidencyDecision:
@@ -166,6 +190,9 @@ def decide(
     admitted = admit(request, policy)
     if isinstance(admitted, Rejection):
         return admitted
+    too_large = admit_size(request)
+    if too_large is not None:
+        return too_large
     tenant = admitted
     feature = next(f for f in tenant.features if f.id == request.feature)
     reasons: list[Reason] = []

@@ -24,10 +24,12 @@ def envelope_from(
 ) -> Envelope:
     """The envelope of an event caused by ``cause``: same request, tenant and trace.
 
-    Its id is derived from ``root`` (default: the cause's event id) and ``parts``.
+    Its id is derived from the tenant, ``root`` (default: the cause's event id) and ``parts``: ids
+    that clients choose (request ids, event ids) are unique only per tenant, so every id derived
+    from one is scoped by its tenant, and two tenants using the same request id never collide.
     """
     return Envelope(
-        event_id=derive_id(root or cause.event_id, *parts),
+        event_id=derive_id(cause.tenant_id, root or cause.event_id, *parts),
         request_id=cause.request_id,
         tenant_id=cause.tenant_id,
         occurred_at=now,

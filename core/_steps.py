@@ -11,25 +11,21 @@ from datetime import datetime, timedelta
 import msgspec
 
 from nexuscore.core._budget import BudgetState, Reservation, bump, release, reserve, settle
-from nexuscore.core._controls import (
-    NO_CONTROLS,
-    TOOL_CAPABILITIES,
-    CachedAnswer,
-    Controls,
-    answer_key,
-    prompt_digest,
-)
+from nexuscore.core._controls import TOOL_CAPABILITIES, CachedAnswer, answer_key, prompt_digest
 from nexuscore.core._decide import Decision, LatencyView, Rejection, decide
-from nexuscore.core._ids import envelope_from
-from nexuscore.policy import RoutingPolicy
+from nexuscore.core._ids import derive_id, envelope_from
+from nexuscore.policy import NO_CONTROLS, Controls, Refusal, RoutingPolicy
 from nexuscore.schemas import (
+    ActRefused,
     BudgetSettled,
     DispatchRequested,
     EscalationResolved,
     Event,
     FallbackTarget,
     InferenceRequested,
+    KillSwitchChanged,
     OutcomeRecorded,
+    PolicyStageChanged,
     Reason,
     RequestDecided,
     RequestRejected,
@@ -421,4 +417,37 @@ def answer_to_keep(outcome: OutcomeRecorded, held: Reservation | None) -> tuple[
         input_tokens=outcome.input_tokens,
         output_tokens=outcome.output_tokens,
         finish_reason=outcome.finish_reason,
+    )
+
+
+def refusal_event(
+    act: ReviewRecorded | PolicyStageChanged | KillSwitchChanged,
+    refusal: Refusal,
+    source: tuple[str, int, int],
+    producer: str,
+    now: datetime,
+) -> ActRefused:
+    """The evidence of a refused human act. Its id derives from where the act was read, so every
+    copy of a replayed act is a refusal of its own, never dropped as a duplicate."""
+    topic, partition, offset = source
+    kind = {ReviewRecorded: "review", PolicyStageChanged: "policy_stage", KillSwitchChanged: "kill_switch"}
+    actor = act.reviewer if isinstance(act, ReviewRecorded) else act.actor
+    return ActRefused(
+        event_id=derive_id(act.tenant_id, "refused", topic, partition, offset),
+        request_id=act.request_id,
+        tenant_id=act.tenant_id,
+        occurred_at=now,
+        producer=producer,
+        causation_id=act.event_id,
+        trace_id=act.trace_id,
+        policy_digest=act.policy_digest,
+        act=kind[type(act)],
+        act_event_id=act.event_id,
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+        key_id=act.key_id,
+        claimed_actor=actor[:200],
+        code=refusal.code,
+        reason=refusal.reason[:2000],
     )

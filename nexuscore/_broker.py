@@ -25,6 +25,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -44,6 +46,7 @@ from nexuscore.errors import BrokerError
 __all__ = [
     "KAFKA_IMAGE",
     "REPO_ROOT",
+    "SASL_ADMIN",
     "LocalKafka",
     "docker_available",
     "ensure_kafka_jars",
@@ -128,6 +131,14 @@ _BROKER_SETTINGS: Final[Mapping[str, str]] = {
     # log.flush.*: keep Kafka's defaults (no forced fsync, rely on the page cache): durability across
     # machine crashes is irrelevant for a throw-away broker, and fsyncs would only slow tests down.
 }
+
+# SASL (``LocalKafka(sasl_users=...)``): the broker's own principal, a super user that the broker and
+# controller authenticate as on both listeners; clients log in with SASL/PLAIN over plain TCP.
+SASL_ADMIN: Final = "admin"
+_SASL_LISTENER: Final = "SASL_PLAINTEXT"
+# User names and passwords go into a JAAS line inside server.properties: quotes, semicolons,
+# backslashes or whitespace would end it early, so they are refused rather than escaped.
+_SASL_TOKEN: Final = re.compile(r"[A-Za-z0-9._@+-]{1,128}")
 
 # A running LocalKafka registers here so the atexit hook can kill brokers whose owner never called
 # stop() (a crashed test session, a forgotten object).
@@ -381,16 +392,28 @@ class LocalKafka:
     owner never called ``stop()``.
     """
 
-    def __init__(self, libs: Path | None = None, *, overrides: Mapping[str, str | int] | None = None) -> None:
+    def __init__(
+        self,
+        libs: Path | None = None,
+        *,
+        overrides: Mapping[str, str | int] | None = None,
+        sasl_users: Mapping[str, str] | None = None,
+    ) -> None:
         """Prepare (but do not start) a broker.
 
         Args:
             libs: folder with the Kafka jars; default ``kafka_libs_dir()`` (see ``ensure_kafka_jars``).
             overrides: extra or replacement ``server.properties`` entries, e.g. for a test that needs
                 ``log.retention.ms``. Listener, node and path settings are managed here.
+            sasl_users: user name -> password. When given, both listeners speak SASL_PLAINTEXT with
+                mechanism PLAIN and Kafka's StandardAuthorizer is on: ``admin`` (added with a random
+                password if missing) is the only super user, and every other user may do only what
+                an ACL allows (``allow.everyone.if.no.acl.found=false``). Clients need
+                ``client_config(user)``. None (the default): PLAINTEXT, no authorization.
         """
         self._libs = Path(libs) if libs is not None else kafka_libs_dir()
         self._overrides = {key: str(value) for key, value in (overrides or {}).items()}
+        self._sasl_users = _checked_sasl_users(sasl_users) if sasl_users is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.data_dir: Path | None = None
         self.port: int | None = None
@@ -400,10 +423,32 @@ class LocalKafka:
 
     @property
     def bootstrap(self) -> str:
-        """``"127.0.0.1:PORT"`` of the PLAINTEXT listener; only valid after ``start()``."""
+        """``"127.0.0.1:PORT"`` of the client listener (PLAINTEXT, or SASL_PLAINTEXT with ``sasl_users``);
+        only valid after ``start()``."""
         if self.port is None:
             raise BrokerError("the local Kafka broker has not been started")
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl(self) -> bool:
+        """True if clients must log in (``sasl_users`` was given)."""
+        return self._sasl_users is not None
+
+    def client_config(self, user: str = SASL_ADMIN) -> dict[str, str]:
+        """aiokafka client keyword arguments for logging in as ``user``; ``{}`` for a PLAINTEXT broker.
+
+        Use as ``AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, **kafka.client_config("producer"))``.
+        """
+        if self._sasl_users is None:
+            return {}
+        if user not in self._sasl_users:
+            raise BrokerError(f"the local Kafka broker has no SASL user {user!r}")
+        return {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": user,
+            "sasl_plain_password": self._sasl_users[user],
+        }
 
     @property
     def log_path(self) -> Path | None:
@@ -524,6 +569,8 @@ class LocalKafka:
                 "log.dirs": str(self.data_dir / "data"),
             }
         )
+        if self._sasl_users is not None:
+            settings.update(_sasl_settings(self.port, self.controller_port, self._sasl_users))
         settings.update(self._overrides)
         self._properties_path.write_text(
             "".join(f"{key}={value}\n" for key, value in settings.items()), encoding="utf-8"
@@ -593,7 +640,8 @@ class LocalKafka:
     def _await_ready(self, deadline: float, timeout_s: float) -> None:
         """Block until the broker answers a metadata request; raise BrokerError if it cannot."""
         try:
-            _run_sync(_wait(self.bootstrap, max(0.0, deadline - time.monotonic()), self._exit_reason))
+            remaining = max(0.0, deadline - time.monotonic())
+            _run_sync(_wait(self.bootstrap, remaining, self._exit_reason, self.client_config()))
         except _BrokerExited:
             # Checked on the ports themselves too: broker.log only says it when the slf4j binding works
             # (see kafka/log4j2.properties).
@@ -650,6 +698,49 @@ class LocalKafka:
     def _log_file_path(self) -> Path:
         assert self.data_dir is not None
         return self.data_dir / "broker.log"
+
+
+def _checked_sasl_users(users: Mapping[str, str]) -> dict[str, str]:
+    """``users`` with ``admin`` added (random password) if missing; BrokerError for unusable names."""
+    checked = dict(users)
+    checked.setdefault(SASL_ADMIN, secrets.token_urlsafe(18))
+    for name, password in checked.items():
+        if not (_SASL_TOKEN.fullmatch(name) and _SASL_TOKEN.fullmatch(password)):
+            raise BrokerError(
+                f"SASL user {name!r}: names and passwords must be 1-128 characters of "
+                "letters, digits and . _ @ + -"
+            )
+    return checked
+
+
+def _sasl_settings(port: int, controller_port: int, users: Mapping[str, str]) -> dict[str, str]:
+    """server.properties entries for SASL/PLAIN on both listeners and the StandardAuthorizer.
+
+    The controller listener speaks SASL too: the broker half of this combined node logs in to the
+    controller half as ``admin``, a super user, so broker registration and heartbeats are
+    authorized without opening the controller port to anonymous clients.
+    """
+    jaas = " ".join(
+        [
+            "org.apache.kafka.common.security.plain.PlainLoginModule required",
+            f'username="{SASL_ADMIN}" password="{users[SASL_ADMIN]}"',
+            *(f'user_{name}="{password}"' for name, password in users.items()),
+        ]
+    )
+    return {
+        "listeners": f"{_SASL_LISTENER}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"{_SASL_LISTENER}://127.0.0.1:{port}",
+        "listener.security.protocol.map": f"{_SASL_LISTENER}:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+        "inter.broker.listener.name": _SASL_LISTENER,
+        "sasl.enabled.mechanisms": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        f"listener.name.{_SASL_LISTENER.lower()}.plain.sasl.jaas.config": f"{jaas};",
+        "listener.name.controller.plain.sasl.jaas.config": f"{jaas};",
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{SASL_ADMIN}",
+        "allow.everyone.if.no.acl.found": "false",
+    }
 
 
 class _BrokerExited(BrokerError):
@@ -718,8 +809,16 @@ async def wait_for_broker(bootstrap: str, timeout_s: float) -> None:
     await _wait(bootstrap, timeout_s, None)
 
 
-async def _wait(bootstrap: str, timeout_s: float, give_up: Callable[[], str | None] | None) -> None:
-    """``wait_for_broker`` with an extra check, polled between attempts, that can abort the wait."""
+async def _wait(
+    bootstrap: str,
+    timeout_s: float,
+    give_up: Callable[[], str | None] | None,
+    client_config: Mapping[str, str] | None = None,
+) -> None:
+    """``wait_for_broker`` with an extra check, polled between attempts, that can abort the wait.
+
+    ``client_config``: extra aiokafka arguments for the probe (a SASL login).
+    """
     hosts = _parse_bootstrap(bootstrap)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -734,7 +833,7 @@ async def _wait(bootstrap: str, timeout_s: float, give_up: Callable[[], str | No
             )
         attempt_s = min(remaining, 5.0)
         try:
-            await asyncio.wait_for(_probe(bootstrap, hosts, attempt_s), timeout=attempt_s)
+            await asyncio.wait_for(_probe(bootstrap, hosts, attempt_s, client_config), timeout=attempt_s)
         except Exception as exc:  # any failure just means "not ready yet"; the last one is reported
             last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         else:
@@ -742,7 +841,12 @@ async def _wait(bootstrap: str, timeout_s: float, give_up: Callable[[], str | No
         await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
 
 
-async def _probe(bootstrap: str, hosts: list[tuple[str, int]], timeout_s: float) -> None:
+async def _probe(
+    bootstrap: str,
+    hosts: list[tuple[str, int]],
+    timeout_s: float,
+    client_config: Mapping[str, str] | None = None,
+) -> None:
     """One readiness check: a TCP connect, then a real metadata request through aiokafka."""
     # aiokafka logs an ERROR for every refused bootstrap connection; a plain TCP connect first keeps
     # the many attempts while a broker boots silent.
@@ -762,6 +866,7 @@ async def _probe(bootstrap: str, hosts: list[tuple[str, int]], timeout_s: float)
         bootstrap_servers=bootstrap,
         client_id="nexuscore-broker-probe",
         request_timeout_ms=max(1000, int(timeout_s * 1000)),
+        **(client_config or {}),
     )
     try:
         await admin.start()

@@ -17,12 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nexuscore._broker import kafka_broker
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._operations import publish as publish_operation
-from nexuscore._operations import review_event
+from nexuscore._operations import review_event, signer_name
 from nexuscore._services import Services
-from nexuscore._signing import load_public_key
+from nexuscore._signing import load_private_key, load_public_key
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
 from nexuscore.errors import NexusError
-from nexuscore.policy import RoutingPolicy, load_policy
+from nexuscore.policy import RoutingPolicy, load_policy, load_trust_store
 from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec
 from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
@@ -59,14 +59,32 @@ def projector_args(common: list[str], keys: DevKeys, evidence_dir: Path) -> list
         str(keys.evidence_private),
         "--policy",
         str(keys.policy),
+        "--trust-store",
+        str(keys.trust_store),
     ]
 
 
+def demo_dirs(evidence_dir: Path, keys_dir: Path | None = None) -> tuple[Path, Path]:
+    """Where the demo keeps its keys and its services' logs: beside the evidence folder, never in it.
+
+    A key that signs the evidence must not sit with what it signs (whoever can write the folder
+    could re-sign it), and ``verify`` names every file the manifest does not.
+    """
+    evidence_dir = evidence_dir.resolve()
+    keys = (keys_dir or evidence_dir.with_name(evidence_dir.name + ".keys")).resolve()
+    if keys == evidence_dir or evidence_dir in keys.parents:
+        raise NexusError(
+            f"the keys folder {keys} is inside the evidence folder {evidence_dir}: keep it outside"
+        )
+    return keys, evidence_dir.with_name(evidence_dir.name + ".logs")
+
+
 def clear_evidence(evidence_dir: Path) -> None:
-    """Remove an earlier demo's evidence (only what NexusCore itself writes there)."""
+    """Remove an earlier demo's evidence (only what NexusCore itself writes there, including the
+    keys and logs older versions of the demo kept inside it)."""
     for region in evidence_dir.glob("region=*"):
         shutil.rmtree(region, ignore_errors=True)
-    for name in ("manifest.jsonl", "manifest.head.json", "_keys"):
+    for name in ("manifest.jsonl", "manifest.head.json", "erasures.jsonl", "_keys", "_demo_keys", "_logs"):
         path = evidence_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -91,19 +109,25 @@ async def _publish_all(bootstrap: str, topics: Topics, policy: RoutingPolicy, n:
 
 class ReviewDesk:
     """A stand-in for the people at the escalation boundary: it reviews each escalation it finds
-    pending in the evidence, approving about half and denying the rest, through the same events
-    `nexuscore review approve|deny` publishes."""
+    pending in the evidence, approving about half and denying the rest, through the same signed
+    events `nexuscore review approve|deny` publishes (with the reviewer key of ``keys``)."""
 
-    REVIEWER = "demo-reviewer@nexuscore"
-
-    def __init__(self, bootstrap: str, topics: Topics) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, keys: DevKeys) -> None:
+        if keys.reviewer is None:
+            raise NexusError("the review desk needs a reviewer's key (NEXUSCORE_REVIEWER_KEY)")
         self.bootstrap = bootstrap
         self.topics = topics
-        self.reviewed: set[str] = set()
+        self.key = load_private_key(keys.reviewer)
+        self.reviewer = signer_name(self.key, load_trust_store(keys.trust_store), "reviewer")
+        self.reviewed: set[tuple[str, str]] = set()
 
     def poll(self, store: EvidenceStore) -> int:
-        pending = store.escalations(state="pending").to_pylist()
-        todo = [row for row in pending if row["request_id"] not in self.reviewed]
+        pending = store.query(
+            "SELECT d.tenant_id, d.request_id, d.event_id FROM decisions d "
+            "JOIN escalations e ON e.tenant_id = d.tenant_id AND e.request_id = d.request_id "
+            "WHERE d.verdict = 'escalated' AND e.review_state = 'pending'"
+        ).to_pylist()
+        todo = [row for row in pending if (row["tenant_id"], row["request_id"]) not in self.reviewed]
         if todo:
             asyncio.run(self._publish(todo))
         return len(todo)
@@ -116,9 +140,11 @@ class ReviewDesk:
             why = (
                 "checked against the file: fine to answer" if approve else "not for a model: handled by phone"
             )
-            event = review_event(row["request_id"], row["tenant_id"], action, self.REVIEWER, why, now)
+            event = review_event(
+                row["request_id"], row["tenant_id"], row["event_id"], action, why, self.key, self.reviewer, now
+            )
             await publish_operation(self.bootstrap, self.topics, event)
-            self.reviewed.add(row["request_id"])
+            self.reviewed.add((row["tenant_id"], row["request_id"]))
 
 
 def wait_for_evidence(
@@ -158,13 +184,20 @@ def wait_for_evidence(
 
 
 def run_demo(
-    requests: int, evidence_dir: Path, policy_path: Path, timeout_s: float, console: Console
+    requests: int,
+    evidence_dir: Path,
+    policy_path: Path,
+    timeout_s: float,
+    console: Console,
+    *,
+    keys_dir: Path | None = None,
 ) -> dict[str, int]:
     policy = load_policy(policy_path)  # a bad policy fails before anything starts
     evidence_dir = evidence_dir.resolve()
+    keys_dir, logs_dir = demo_dirs(evidence_dir, keys_dir)
     try:
         clear_evidence(evidence_dir)
-        (evidence_dir / "_logs").mkdir(parents=True, exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NexusError(f"cannot write evidence under {evidence_dir}: {exc.strerror}") from exc
     run = uuid.uuid4().hex[:8]
@@ -176,13 +209,13 @@ def run_demo(
         topics = Topics(namespace=f"demo-{run}.")
         asyncio.run(ensure_topics(bootstrap, topics))
         console.print(f"broker {bootstrap}; topics {topics.requests} …")
-        keys = dev_keys(evidence_dir / "_demo_keys", policy_path)
-        with Services(evidence_dir / "_logs") as services:
+        keys = dev_keys(keys_dir, policy_path)
+        with Services(logs_dir) as services:
             Pipeline(services, bootstrap, topics, keys, evidence_dir)
             started = time.monotonic()
             malformed = asyncio.run(_publish_all(bootstrap, topics, policy, requests, run))
             console.print(f"published {requests} requests and {malformed} malformed messages")
-            desk = ReviewDesk(bootstrap, topics)
+            desk = ReviewDesk(bootstrap, topics, keys)
             summary = wait_for_evidence(evidence_dir, requests, services, timeout_s, console, desk)
             # The dead letters trail the last request by at most one projector flush.
             deadline = time.monotonic() + 10
@@ -191,7 +224,7 @@ def run_demo(
                 with EvidenceStore(evidence_dir) as store:
                     summary = store.terminal_summary()
             elapsed = time.monotonic() - started
-    console.print(f"{len(desk.reviewed)} escalations reviewed by {ReviewDesk.REVIEWER} (about half approved)")
+    console.print(f"{len(desk.reviewed)} escalations reviewed by {desk.reviewer} (about half approved)")
     console.print(
         f"all {summary['terminal']} requests reached a terminal state {elapsed:.1f} s after the first was "
         "published (stage start-up included; `make bench` measures throughput); "

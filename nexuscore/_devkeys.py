@@ -34,8 +34,10 @@ class DevKeys(msgspec.Struct, frozen=True):
     evidence_public: Path
     trust_store: Path
     policy: Path  # the signed copy
-    # An operator's private key (kill switches): alice holds the operator role too.
+    # An operator's private key (kill switches, promotions): alice holds the operator role too.
     operator: Path | None = None
+    # A reviewer's private key (the demo's review desk signs its reviews with it): bob's.
+    reviewer: Path | None = None
 
 
 def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
@@ -51,7 +53,15 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
             generate_keypair(private, public)
     configured_trust = os.environ.get("NEXUSCORE_TRUST_STORE")
     if configured_trust:
-        return DevKeys(private, public, Path(configured_trust), policy_path, _configured_operator())
+        reviewer = os.environ.get("NEXUSCORE_REVIEWER_KEY")
+        return DevKeys(
+            private,
+            public,
+            Path(configured_trust),
+            policy_path,
+            _configured_operator(),
+            Path(reviewer) if reviewer else None,
+        )
     trust_store = directory / "trust.yaml"
     policy = directory / policy_path.name
     shutil.copyfile(policy_path, policy)
@@ -81,7 +91,7 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
             ),
         )
     save_trust_store(trust_store, TrustStore(keys=tuple(entries)))
-    return DevKeys(private, public, trust_store, policy, directory / "alice.pem")
+    return DevKeys(private, public, trust_store, policy, directory / "alice.pem", directory / "bob.pem")
 
 
 def _configured_operator() -> Path | None:

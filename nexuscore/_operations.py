@@ -1,47 +1,85 @@
-"""What people do to a running pipeline: review escalations, and turn inference off or offline.
+"""What people do to a running pipeline: review escalations, promote policies, and turn inference
+off or offline.
 
-Both are events on Kafka (``review_recorded.v1`` on the reviews topic, keyed by tenant so that it
-reaches the decider holding the request; ``kill_switch_changed.v1`` on the governance topic,
-signed by an operator), so they are taken up without a restart and recorded as evidence.
+Each is a signed event on Kafka (``review_recorded.v1`` on the reviews topic, keyed by tenant so
+that it reaches the decider holding the request; ``policy_stage_changed.v1`` and
+``kill_switch_changed.v1`` on the governance topic), signed with the person's key of the right role
+(``nexuscore.policy.sign_*``), so they are taken up without a restart, refused when forged or stale,
+and recorded as evidence either way.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from nexuscore import _signing
-from nexuscore.core import MODES, SCOPES, derive_id
+from nexuscore.core import derive_id
 from nexuscore.errors import NexusError
-from nexuscore.schemas import AvroCodec, KillSwitchChanged, ReviewRecorded
-from nexuscore.streams import Topics
-from nexuscore.streams._governance import POLICY_KEY, sign_kill_switch
-from nexuscore.streams._kafka import new_producer, start_client
+from nexuscore.policy import (
+    MODES,
+    SCOPES,
+    Registry,
+    Role,
+    TrustStore,
+    load_policy,
+    read_signatures,
+    replay_report_digest,
+    sign_kill_switch,
+    sign_promotion,
+    sign_review,
+    signatures_path,
+)
+from nexuscore.schemas import AvroCodec, KillSwitchChanged, PolicyStageChanged, ReviewRecorded
+from nexuscore.streams import POLICY_KEY, Topics, new_producer, start_client
+
+
+def signer_name(key: Ed25519PrivateKey, trust: TrustStore, role: Role) -> str:
+    """The trust store's name for ``key`` in ``role``: the actor every act records."""
+    key_id = _signing.key_id(key.public_key())
+    trusted = trust.get(key_id)
+    if trusted is None:
+        raise NexusError(f"key {key_id} is not in the trust store: the deciders would refuse the act")
+    if role not in trusted.roles:
+        raise NexusError(f"key {key_id} ({trusted.name}) does not have the {role} role in the trust store")
+    return trusted.name
 
 
 def review_event(
-    request_id: str, tenant_id: str, action: str, reviewer: str, reason: str, now: datetime
+    request_id: str,
+    tenant_id: str,
+    escalation_id: str,
+    action: str,
+    reason: str,
+    key: Ed25519PrivateKey,
+    reviewer: str,
+    now: datetime,
 ) -> ReviewRecorded:
+    """A reviewer's signed decision on one escalation (``escalation_id``: its decision's event id)."""
     if action not in ("approved", "denied"):
         raise NexusError(f"a review approves or denies, not {action!r}")
-    if not reviewer.strip():
-        raise NexusError("a review needs the reviewer's identity (--reviewer or NEXUSCORE_REVIEWER)")
     if not reason.strip():
         raise NexusError("a review needs a reason (--reason): it goes into the evidence")
-    return ReviewRecorded(
-        event_id=derive_id(request_id, tenant_id, "review", action, reviewer, now.isoformat()),
+    unsigned = ReviewRecorded(
+        event_id=derive_id(tenant_id, request_id, "review", action, reviewer, now.isoformat()),
         request_id=request_id,
         tenant_id=tenant_id,
         occurred_at=now,
         producer="nexuscore.review",
+        causation_id=escalation_id,
         action=action,  # type: ignore[arg-type]  # checked above
         reviewer=reviewer,
         reason=reason,
     )
+    return sign_review(unsigned, key)
 
 
 def kill_switch_event(
-    scope: str, target: str, mode: str, actor: str, reason: str, key_path: Path, now: datetime
+    scope: str, target: str, mode: str, reason: str, key: Ed25519PrivateKey, actor: str, now: datetime
 ) -> KillSwitchChanged:
     if scope not in SCOPES:
         raise NexusError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -63,7 +101,49 @@ def kill_switch_event(
         actor=actor,
         reason=reason,
     )
-    return sign_kill_switch(unsigned, _signing.load_private_key(key_path))
+    return sign_kill_switch(unsigned, key)
+
+
+def promotion_event(
+    path: Path,
+    to: str,
+    key_path: Path,
+    trust: TrustStore,
+    registry: Registry,
+    report: bytes,
+    canary_share: float,
+    reason: str,
+    now: datetime,
+) -> PolicyStageChanged:
+    """One promotion step of the policy file at ``path``, signed by the operator's key."""
+    key = _signing.load_private_key(key_path)
+    actor = signer_name(key, trust, "operator")
+    try:
+        document = path.read_bytes()
+    except OSError as exc:
+        raise NexusError(f"cannot read the policy {path}: {exc.strerror}") from exc
+    policy = load_policy(path)
+    signatures = read_signatures(signatures_path(path))
+    unsigned = PolicyStageChanged(
+        event_id=derive_id("policy", policy.digest, to, now.isoformat()),
+        request_id="",
+        tenant_id="",
+        occurred_at=now,
+        producer="nexuscore.cli",
+        policy_digest=policy.digest,
+        policy_version=policy.version,
+        from_stage=registry.stages.get(policy.digest, ""),
+        to_stage=to,
+        actor=actor,
+        signers=[x.key_id for x in signatures],
+        replay_report_digest=replay_report_digest(report) if report else "",
+        reason=reason,
+        document=document.decode("utf-8"),
+        signatures=json.dumps({"signatures": [msgspec.to_builtins(x) for x in signatures]}),
+        replay_report=report.decode("utf-8", "replace"),
+        canary_share=canary_share,
+    )
+    return sign_promotion(unsigned, key)
 
 
 async def publish(bootstrap: str, topics: Topics, event: ReviewRecorded | KillSwitchChanged) -> None:

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nexuscore._text import safe_rich_text, safe_text
 from nexuscore.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 
@@ -142,6 +143,14 @@ def demo(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every request to reach a terminal state.")
     ] = 600.0,
+    keys_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys-dir",
+            help="Folder of the demo's signing keys, outside the evidence folder (default: "
+            "EVIDENCE_DIR.keys beside it).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline on a local Kafka broker with synthetic traffic, then summarise.
 
@@ -152,7 +161,7 @@ def demo(
     from nexuscore._demo import run_demo
     from nexuscore.projections import EvidenceStore
 
-    run_demo(requests, evidence_dir, policy, timeout, console)
+    run_demo(requests, evidence_dir, policy, timeout, console, keys_dir=keys_dir)
     with EvidenceStore(evidence_dir.resolve()) as store:
         _print(
             store.query(
@@ -261,13 +270,18 @@ def run_decider(
 
     from nexuscore._broker import wait_for_broker
     from nexuscore._clock import SystemClock
-    from nexuscore.policy import load_signed_policy, load_trust_store, read_signatures, signatures_path
-    from nexuscore.policy._promotion import Registry
+    from nexuscore.policy import (
+        Registry,
+        judge,
+        load_signed_policy,
+        load_trust_store,
+        read_signatures,
+        signatures_path,
+    )
     from nexuscore.streams import (
         GovernanceFollower,
         PolicyHolder,
         Topics,
-        accept,
         bootstrap_event,
         build_decider,
         ensure_topics,
@@ -288,11 +302,11 @@ def run_decider(
             {"signatures": [msgspec.to_builtins(x) for x in read_signatures(signatures_path(policy))]}
         )
         event = bootstrap_event(signed, policy.read_bytes(), signatures, "nexuscore.decider", clock.now())
-        registry, refused = accept(holder.registry, event, trust, clock.now())
+        state, refused = judge(holder.state, event, trust, clock.now())
         if refused is not None:
             raise NexusError(f"{policy} cannot be the bootstrap policy: {refused}")
         asyncio.run(publish_governance(bootstrap, topics, event))
-        holder.registry = registry
+        holder.state = state
     active = holder.registry.active
     assert active is not None
     faust_app, _ = build_decider(bootstrap, holder, clock, follower=follower, topics=topics)
@@ -400,6 +414,15 @@ def run_projector(
         Path, typer.Option("--policy", "-p", help="Policy whose tenants' home regions place the evidence.")
     ] = DEFAULT_POLICY_PATH,
     keystore: KeystoreDir = None,
+    trust_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust-store",
+            "-t",
+            help="The deciders' trust store: governance acts and reviews are judged against it; refused ones go to the refusals table.",
+            envvar="NEXUSCORE_TRUST_STORE",
+        ),
+    ] = None,
     namespace: Namespace = "",
     flush_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between flushes.")] = 1.0,
     flush_rows: Annotated[int, typer.Option(min=1, help="Flush early after this many events.")] = 10_000,
@@ -408,14 +431,19 @@ def run_projector(
 
     Rows go under region=<tenant's home region>/<table>/; prompts and responses are encrypted with
     the tenant's key; every flush is sealed in the manifest, whose head is signed with --signing-key.
-    Resumes from its own manifest after any crash: exactly once, from the log alone.
+    Resumes from its own manifest after any crash: exactly once, from the log alone. Governance
+    acts and reviews are judged with the deciders' own rules against --trust-store (the same file
+    the deciders use): accepted ones enter policy_events, kill_switches and reviews, refused ones
+    the refusals table, with the reason.
     """
     from nexuscore._clock import SystemClock
     from nexuscore._signing import load_private_key
+    from nexuscore.policy import load_trust_store
     from nexuscore.projections import LocalKeyStore, Projector
     from nexuscore.streams import Topics
 
     key = load_private_key(_required_key(signing_key))
+    trust = load_trust_store(_required_trust(trust_store))
     regions = {t.id: t.home_region for t in load_policy(policy).tenants}
 
     async def main() -> None:
@@ -429,6 +457,7 @@ def run_projector(
             topics=Topics(namespace),
             flush_interval_s=flush_interval,
             flush_rows=flush_rows,
+            trust=trust,
         )
         _stop_on_signals(projector.stopping)
         print("projector ready", flush=True)
@@ -471,14 +500,17 @@ def _store(evidence_dir: Path, keystore: Path | None) -> EvidenceStore:
 
 @evidence_app.command("sql")
 def evidence_sql(
-    query: Annotated[str, typer.Argument(help="A DuckDB SELECT over the evidence views.")],
+    query: Annotated[str, typer.Argument(help="One DuckDB SELECT statement over the evidence views.")],
     evidence_dir: EvidenceDir = Path("evidence"),
     fmt: Format = OutputFormat.table,
     output: Output = None,
 ) -> None:
-    """Run SQL over the evidence views: requests, decisions, decision_reasons, rejections, dispatches,
-    attempts, outcomes, settlements, escalations, reviews, resolutions, policy_events, shadow_decisions,
-    circuit_events, kill_switches, deadletters, terminal_states."""
+    """Run one SELECT over the evidence views: requests, decisions, decision_reasons, rejections,
+    dispatches, attempts, outcomes, settlements, escalations, reviews, resolutions, policy_events,
+    shadow_decisions, circuit_events, kill_switches, deadletters, terminal_states.
+
+    Read-only: any other statement (COPY, SET, ATTACH, INSTALL, ...) or a second one is refused,
+    and the query can read no file but the views' sealed Parquet files (exit 2 otherwise)."""
     with _store(evidence_dir, None) as store:
         _print(store.query(query), fmt, output=output)
 
@@ -516,13 +548,16 @@ def evidence_lineage(
     request_id: Annotated[str, typer.Argument(help="The request to trace.")],
     evidence_dir: EvidenceDir = Path("evidence"),
     keystore: KeystoreDir = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="The request's tenant (needed when several tenants used the id).")
+    ] = None,
     fmt: Format = OutputFormat.table,
     output: Output = None,
 ) -> None:
     """Every event of one request, in order: what the model received, which policy and model version
     served it, where the data went and under which transfer basis, what it cost."""
     with _store(evidence_dir, keystore) as store:
-        table = store.lineage(request_id)
+        table = store.lineage(request_id, tenant)
         if table.num_rows == 0:
             raise NexusError(f"no events of request {request_id!r} in the evidence under {evidence_dir}")
         _print(table, fmt, f"Lineage of {request_id}", output)
@@ -626,15 +661,19 @@ def evidence_verify(
         str | None,
         typer.Option(help="Require a terminal state only of requests before this time (a live pipeline)."),
     ] = None,
+    keystore: KeystoreDir = None,
 ) -> None:
     """Check the evidence is complete and unaltered; name every gap; exit 1 on any.
 
     Re-hashes the manifest chain and checks its signed head with the trusted key; recomputes each
     file's sha256 and the Merkle root of its rows; checks every offset of every partition is
-    accounted for; and that every request has exactly one terminal state, every decision a request
+    accounted for; that the folder holds nothing the manifest does not name; that every content
+    key the evidence uses is in the keystore, or was destroyed by `evidence erase` (a signed
+    record); and that every request has exactly one terminal state, every decision a request
     and a known policy, every outcome a decision, and no event appears twice.
     """
-    report = _verify(evidence_dir, public_key, policy or [], _parse_time(until, "--until"), quiet=False)
+    until_time = _parse_time(until, "--until")
+    report = _verify(evidence_dir, public_key, policy or [], until_time, quiet=False, keystore=keystore)
     for f in report.findings:
         style = "red" if f.fatal else "yellow"
         console.print(f"[{style}]{f.kind}[/] {f.where}: {f.detail}", highlight=False, soft_wrap=True)
@@ -691,18 +730,23 @@ def evidence_erase(
     ] = None,
     evidence_dir: EvidenceDir = Path("evidence"),
     keystore: KeystoreDir = None,
+    signing_key: SigningKey = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Destroy a tenant's (or one data subject's) content keys: their prompts and responses become
-    unreadable for good, while every seal, and so `verify`, still holds. This cannot be undone."""
-    from nexuscore.projections import LocalKeyStore
+    unreadable for good, while every seal, and so `verify`, still holds. This cannot be undone.
 
+    The key ids destroyed are first recorded in the evidence folder (erasures.jsonl), signed with
+    the evidence signing key: `verify` accepts a key as gone only with such a record."""
+    from nexuscore._signing import load_private_key
+    from nexuscore.projections import LocalKeyStore, erase
+
+    key = load_private_key(_required_key(signing_key))
     scope = f"tenant {tenant}" + (f", data subject {subject}" if subject else " (every data subject)")
     if not yes and not typer.confirm(f"Destroy the content keys of {scope}? This cannot be undone"):
         raise typer.Exit(1)
-    erased = LocalKeyStore(keystore or evidence_dir / "_keys").erase(
-        tenant, subject, datetime.now(UTC), reason
-    )
+    keys = LocalKeyStore(keystore or evidence_dir / "_keys")
+    erased = erase(evidence_dir, keys, key, tenant, subject, datetime.now(UTC), reason)
     if not erased:
         raise NexusError(
             f"no content keys of {scope} in the keystore (nothing was ever stored, or already erased)"
@@ -771,24 +815,27 @@ def _required_key(signing_key: Path | None) -> Path:
 
 
 def _verify(
-    evidence_dir: Path, public_key: Path | None, policies: list[Path], until: datetime | None, *, quiet: bool
+    evidence_dir: Path,
+    public_key: Path | None,
+    policies: list[Path],
+    until: datetime | None,
+    *,
+    quiet: bool,
+    keystore: Path | None = None,
 ) -> VerifyReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from nexuscore._signing import load_public_key
-    from nexuscore.projections import verify
+    from nexuscore.projections import LocalKeyStore, verify
 
     key = load_public_key(_public_key_path(public_key))
     if not (evidence_dir / "manifest.jsonl").exists():
         raise NexusError(
             f"no evidence manifest under {evidence_dir} (run the projector or pass --evidence-dir)"
         )
+    # verify() adds the digests in policy_events itself, from the files that pass its checks: a
+    # store opened here would fail on a missing file before verify could name it.
     known = {load_policy(p).digest for p in [*sorted(DEFAULT_POLICY_PATH.parent.glob("*.yaml")), *policies]}
-    with _store(evidence_dir, None) as store:
-        known |= {
-            r["policy_digest"]
-            for r in store.query("SELECT DISTINCT policy_digest FROM policy_events").to_pylist()
-        }
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True, disable=quiet) as progress:
         task = progress.add_task("verify", total=None)
@@ -798,6 +845,7 @@ def _verify(
             known,
             until=until,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            keystore=LocalKeyStore(keystore or evidence_dir / "_keys"),
         )
 
 
@@ -890,6 +938,7 @@ def replay(
                     evidence_dir,
                     regions,
                     lambda done, total: reading.update(task, completed=done, total=total),
+                    trust,
                 )
             )
     known = _recorded_policies(evidence_dir, trust) if recorded else None
@@ -1206,7 +1255,14 @@ def policy_diff(
 def policy_promote(
     path: Annotated[Path, typer.Argument(help="The signed policy to promote.")],
     to: Annotated[str, typer.Option("--to", help="The next stage: draft, shadow, canary or active.")],
-    actor: Annotated[str, typer.Option(help="Who promotes (recorded in the evidence).")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key",
+            help="The operator's Ed25519 private key (PEM) that signs the step; it must be in the trust store with the operator role.",
+            envvar="NEXUSCORE_OPERATOR_KEY",
+        ),
+    ],
     bootstrap: Bootstrap,
     trust_store: TrustStoreFile,
     replay_report: Annotated[
@@ -1224,62 +1280,47 @@ def policy_promote(
     """Move a policy one stage on (draft -> shadow -> canary -> active), as an event on the
     governance topic that every decider takes up without a restart.
 
-    Refused, with its reason, unless the step is the next one for this policy, its signatures hold
-    against the trust store, canary and active come with the replay report of this exact digest,
-    and active carries signatures of two distinct reviewers. Each decider checks all of it again."""
+    The step is signed with the operator's --key (the recorded actor is that key's name in the
+    trust store) over the policy's digest and version, the stages, the canary share and the replay
+    report's digest. Refused, with its reason, unless the step is the next one for this policy, its
+    signatures hold against the trust store, canary and active come with the replay report of this
+    exact digest, and active carries signatures of two distinct reviewers. Each decider, and the
+    projector, judge all of it again; a refused step is recorded in the evidence's refusals."""
     from nexuscore._clock import SystemClock
-    from nexuscore.core import derive_id
-    from nexuscore.policy import load_trust_store, read_signatures, signatures_path
-    from nexuscore.policy._promotion import Registry, replay_report_digest
-    from nexuscore.schemas import PolicyStageChanged
-    from nexuscore.streams import (
-        GovernanceFollower,
-        PolicyHolder,
-        Topics,
-        accept,
-        ensure_topics,
-        publish_governance,
-    )
+    from nexuscore._operations import promotion_event
+    from nexuscore.policy import Registry, judge, load_trust_store
+    from nexuscore.streams import GovernanceFollower, PolicyHolder, Topics, ensure_topics, publish_governance
 
     clock = SystemClock()
     trust = load_trust_store(trust_store)
-    document = path.read_bytes()
-    p = load_policy(path)
-    signatures = read_signatures(signatures_path(path))
-    report = replay_report.read_bytes() if replay_report is not None else b""
+    report = _read_bytes(replay_report, "replay report") if replay_report is not None else b""
     topics = Topics(namespace)
     asyncio.run(ensure_topics(bootstrap, topics))
     holder = PolicyHolder(Registry())
     asyncio.run(GovernanceFollower(bootstrap, topics, trust, clock, holder).catch_up())
     now = clock.now()
-    current = holder.registry.stages.get(p.digest, "")
-    event = PolicyStageChanged(
-        event_id=derive_id("policy", p.digest, to, now.isoformat()),
-        request_id="",
-        tenant_id="",
-        occurred_at=now,
-        producer="nexuscore.cli",
-        policy_digest=p.digest,
-        policy_version=p.version,
-        from_stage=current,
-        to_stage=to,
-        actor=actor,
-        signers=[x.key_id for x in signatures],
-        replay_report_digest=replay_report_digest(report) if report else "",
-        reason=reason,
-        document=document.decode(),
-        signatures=json.dumps({"signatures": [msgspec.to_builtins(x) for x in signatures]}),
-        replay_report=report.decode(),
-        canary_share=canary_share,
-    )
-    registry, refused = accept(holder.registry, event, trust, now)
+    event = promotion_event(path, to, key, trust, holder.registry, report, canary_share, reason, now)
+    _, refused = judge(holder.state, event, trust, now)
     if refused is not None:
-        raise NexusError(f"promotion of {p.version} ({p.digest[:19]}…) to {to} refused: {refused}")
+        raise NexusError(f"promotion of {event.policy_version} ({event.policy_digest[:19]}…) to {to} refused: {refused}")
     asyncio.run(publish_governance(bootstrap, topics, event))
     share = f" for {canary_share:.0%} of tenants" if to == "canary" else ""
     console.print(
-        f"policy {p.version} {p.digest} is now {to}{share} (was {current or 'unknown'})", highlight=False
+        f"policy {event.policy_version} {event.policy_digest} is now {to}{share} "
+        f"(was {event.from_stage or 'unknown'}), signed by {event.actor}",
+        highlight=False,
     )
+
+
+def _read_bytes(path: Path, what: str, limit: int = 16 * 1024 * 1024) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise NexusError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+    if len(data) > limit:
+        raise NexusError(f"the {what} {path} is over {limit // (1024 * 1024)} MiB")
+    return data
 
 
 @policy_app.command("history")
@@ -1298,7 +1339,8 @@ def policy_history(
     output: Output = None,
 ) -> None:
     """Every policy that ever served or was promoted: when, to which stage, by whom, on whose
-    signatures and which replay report (provenance, from the evidence)."""
+    signatures and which replay report (provenance, from the evidence). Promotion steps that were
+    refused (forged, stale, replayed, out of order) are listed too, as refused, with the reason."""
     from nexuscore.policy import load_trust_store
 
     names = {}
@@ -1307,7 +1349,11 @@ def policy_history(
     with _store(evidence_dir, None) as store:
         rows = store.query(
             "SELECT occurred_at, policy_version, policy_digest, from_stage, to_stage, actor, signers, "
-            "replay_report_digest, canary_share, reason FROM policy_events ORDER BY occurred_at, src_offset"
+            "replay_report_digest, canary_share, reason, 'accepted' AS status, src_offset "
+            "FROM policy_events UNION ALL "
+            "SELECT occurred_at, NULL, policy_digest, NULL, NULL, claimed_actor, [], NULL, NULL, NULL, "
+            "'refused (' || code || '): ' || reason, src_offset FROM refusals WHERE act = 'policy_stage' "
+            "ORDER BY occurred_at, src_offset"
         ).to_pylist()
     for r in rows:
         r["signers"] = ", ".join(names.get(k, k) for k in r["signers"])
@@ -1329,6 +1375,7 @@ def policy_history(
             ),
             ("canary_share", pa.float64()),
             ("reason", pa.string()),
+            ("status", pa.string()),
         ]
     )
     _print(pa.Table.from_pylist(rows, schema=schema), fmt, "Policy history", output)
@@ -1355,7 +1402,11 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
 
 Reviewer = Annotated[
     str,
-    typer.Option("--reviewer", help="Who decides (recorded as evidence).", envvar="NEXUSCORE_REVIEWER"),
+    typer.Option(
+        "--reviewer",
+        help="Who decides; optional, as the evidence records the --key's name in the trust store (if given, it must match).",
+        envvar="NEXUSCORE_REVIEWER",
+    ),
 ]
 Reason = Annotated[str, typer.Option("--reason", help="Why (recorded as evidence).")]
 WaitSeconds = Annotated[
@@ -1405,7 +1456,8 @@ def review_show(
             "review_reason",
         ):
             if row.get(key) is not None:
-                console.print(f"[bold]{key}[/bold]: {row[key]}")
+                # Reasons and names are whatever the requester or reviewer typed: shown, not obeyed.
+                console.print(f"[bold]{key}[/bold]: {safe_text(row[key])}", emoji=False)
         _print(store.lineage(request_id), "table", f"Lineage of {request_id}")
 
 
@@ -1424,6 +1476,8 @@ def _review(
     request_id: str,
     reviewer: str,
     reason: str,
+    key: Path,
+    trust_store: Path,
     bootstrap: str,
     namespace: str,
     evidence_dir: Path,
@@ -1435,22 +1489,25 @@ def _review(
     from nexuscore._operations import publish, review_event
     from nexuscore.streams import Topics
 
+    private, name = _signer(key, trust_store, "reviewer", reviewer)
     with _store(evidence_dir, None) as store:
         row = _escalation(store, request_id)
+        escalation_id = _escalation_event_id(store, row["tenant_id"], request_id)
     if row["review_state"] != "pending":
         raise NexusError(
             f"request {request_id} is no longer awaiting review: {row['review_state']}"
             f"{' by ' + row['reviewer'] if row.get('reviewer') else ''}"
         )
-    event = review_event(request_id, row["tenant_id"], action, reviewer, reason, SystemClock().now())
+    now = SystemClock().now()
+    event = review_event(request_id, row["tenant_id"], escalation_id, action, reason, private, name, now)
     asyncio.run(publish(bootstrap, Topics(namespace), event))
-    console.print(f"review {event.event_id} recorded: {action} by {reviewer}")
+    console.print(f"review {event.event_id} recorded: {action} by {name}", highlight=False)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         with _store(evidence_dir, None) as store:
             row = _escalation(store, request_id)
         if row["review_state"] != "pending":
-            console.print(f"resolution: {row['review_state']} ({row['resolution_reason']})")
+            console.print(f"resolution: {row['review_state']} ({row['resolution_reason']})", highlight=False)
             return
         time.sleep(0.5)
     if wait:
@@ -1459,12 +1516,36 @@ def _review(
         )
 
 
+def _escalation_event_id(store: EvidenceStore, tenant_id: str, request_id: str) -> str:
+    """The escalated decision's event id: a review is signed over it, so it answers that one escalation."""
+    rows = store.query(
+        "SELECT event_id FROM decisions WHERE tenant_id = $t AND request_id = $r AND verdict = 'escalated'",
+        {"t": tenant_id, "r": request_id},
+    ).to_pylist()
+    if not rows:
+        raise NexusError(f"request {request_id} of {tenant_id} has no escalated decision in this evidence")
+    return str(rows[0]["event_id"])
+
+
+ReviewerKey = Annotated[
+    Path,
+    typer.Option(
+        "--key",
+        help="The reviewer's Ed25519 private key (PEM); its public key must be in the deciders' trust store "
+        "with the reviewer role. The evidence records its name there as the reviewer.",
+        envvar="NEXUSCORE_REVIEWER_KEY",
+    ),
+]
+
+
 @review_app.command("approve")
 def review_approve(
     request_id: Annotated[str, typer.Argument(help="The escalated request.")],
-    reviewer: Reviewer,
     reason: Reason,
+    key: ReviewerKey,
+    trust_store: TrustStoreFile,
     bootstrap: Bootstrap,
+    reviewer: Reviewer = "",
     namespace: Namespace = "",
     evidence_dir: EvidenceDir = Path("evidence"),
     wait: WaitSeconds = 30.0,
@@ -1472,21 +1553,23 @@ def review_approve(
     """Approve: the request resumes. The decider decides it again without the escalation stage (budget,
     latency and kill switches as they are now) and dispatches it, or records why it cannot. An
     approval after the deadline ends the request as timed out."""
-    _review("approved", request_id, reviewer, reason, bootstrap, namespace, evidence_dir, wait)
+    _review("approved", request_id, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
 
 
 @review_app.command("deny")
 def review_deny(
     request_id: Annotated[str, typer.Argument(help="The escalated request.")],
-    reviewer: Reviewer,
     reason: Reason,
+    key: ReviewerKey,
+    trust_store: TrustStoreFile,
     bootstrap: Bootstrap,
+    reviewer: Reviewer = "",
     namespace: Namespace = "",
     evidence_dir: EvidenceDir = Path("evidence"),
     wait: WaitSeconds = 30.0,
 ) -> None:
     """Deny: the request ends, with your identity and reason in the evidence."""
-    _review("denied", request_id, reviewer, reason, bootstrap, namespace, evidence_dir, wait)
+    _review("denied", request_id, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
 
 
 # --- control ---------------------------------------------------------------------------------------
@@ -1505,6 +1588,7 @@ def _switch(
     actor: str,
     reason: str,
     key: Path | None,
+    trust_store: Path,
     bootstrap: str,
     namespace: str,
 ) -> None:
@@ -1514,10 +1598,27 @@ def _switch(
 
     if key is None:
         raise NexusError("an operator's signing key is needed: --key PEM or NEXUSCORE_OPERATOR_KEY")
-    event = kill_switch_event(scope.value, target, mode, actor, reason, key, SystemClock().now())
+    private, name = _signer(key, trust_store, "operator", actor)
+    event = kill_switch_event(scope.value, target, mode, reason, private, name, SystemClock().now())
     asyncio.run(publish(bootstrap, Topics(namespace), event))
     where = "globally" if scope is Scope.global_ else f"for {scope.value} {target}"
-    console.print(f"inference {mode} {where}: event {event.event_id} (deciders take it up within a second)")
+    console.print(
+        f"inference {mode} {where}: event {event.event_id} signed by {name} (deciders take it up within a second)",
+        highlight=False,
+    )
+
+
+def _signer(key: Path, trust_store: Path, role: str, claimed: str) -> tuple[Any, str]:
+    """The private key and the trust store's name for it in ``role`` (``claimed``, if given, must be it)."""
+    from nexuscore import _signing
+    from nexuscore._operations import signer_name
+    from nexuscore.policy import load_trust_store
+
+    private = _signing.load_private_key(key)
+    name = signer_name(private, load_trust_store(trust_store), role)  # type: ignore[arg-type]
+    if claimed and claimed != name:
+        raise NexusError(f"--key is {name}'s key in the trust store, not {claimed!r}'s")
+    return private, name
 
 
 ScopeOption = Annotated[Scope, typer.Option("--scope", help="global, tenant or feature.")]
@@ -1526,7 +1627,12 @@ Target = Annotated[
     typer.Option("--target", help="The tenant id, or the feature id (or tenant/feature); none for global."),
 ]
 Actor = Annotated[
-    str, typer.Option("--actor", help="Who throws the switch (recorded).", envvar="NEXUSCORE_OPERATOR")
+    str,
+    typer.Option(
+        "--actor",
+        help="Who throws the switch; optional, as the evidence records the --key's name in the trust store (if given, it must match).",
+        envvar="NEXUSCORE_OPERATOR",
+    ),
 ]
 OperatorKey = Annotated[
     Path | None,
@@ -1542,22 +1648,24 @@ OperatorKey = Annotated[
 @control_app.command("off")
 def control_off(
     reason: Reason,
-    actor: Actor,
     bootstrap: Bootstrap,
+    trust_store: TrustStoreFile,
+    actor: Actor = "",
     scope: ScopeOption = Scope.global_,
     target: Target = "",
     key: OperatorKey = None,
     namespace: Namespace = "",
 ) -> None:
     """Turn inference off: every new request in scope is denied, with the switch as its reason."""
-    _switch("off", scope, target, actor, reason, key, bootstrap, namespace)
+    _switch("off", scope, target, actor, reason, key, trust_store, bootstrap, namespace)
 
 
 @control_app.command("offline")
 def control_offline(
     reason: Reason,
-    actor: Actor,
     bootstrap: Bootstrap,
+    trust_store: TrustStoreFile,
+    actor: Actor = "",
     scope: ScopeOption = Scope.global_,
     target: Target = "",
     key: OperatorKey = None,
@@ -1565,21 +1673,22 @@ def control_offline(
 ) -> None:
     """Offline mode: answer from the cache of earlier answers (same tenant, policy, model and prompt),
     marked cached; tools disabled; a request with no cached answer is denied."""
-    _switch("offline", scope, target, actor, reason, key, bootstrap, namespace)
+    _switch("offline", scope, target, actor, reason, key, trust_store, bootstrap, namespace)
 
 
 @control_app.command("on")
 def control_on(
     reason: Reason,
-    actor: Actor,
     bootstrap: Bootstrap,
+    trust_store: TrustStoreFile,
+    actor: Actor = "",
     scope: ScopeOption = Scope.global_,
     target: Target = "",
     key: OperatorKey = None,
     namespace: Namespace = "",
 ) -> None:
     """Lift the switch of this scope and target: inference resumes."""
-    _switch("on", scope, target, actor, reason, key, bootstrap, namespace)
+    _switch("on", scope, target, actor, reason, key, trust_store, bootstrap, namespace)
 
 
 def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | None = None) -> None:
@@ -1589,7 +1698,7 @@ def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | N
         import pyarrow.parquet as pq
 
         pq.write_table(table, output)
-        err_console.print(f"wrote {table.num_rows} rows to {output}")
+        err_console.print(f"wrote {table.num_rows} rows to {safe_text(output)}")
         return
     stream: TextIO
     with contextlib.ExitStack() as stack:
@@ -1608,18 +1717,20 @@ def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | N
             writer.writeheader()
             writer.writerows(rows)
         else:
-            out = Table(title=title)
+            # Every cell, header and title may hold text from outside (prompts, reasons, names,
+            # an SQL alias): as rich Text it is shown literally, never read as markup or escapes.
+            out = Table(title=None if title is None else safe_rich_text(title))
             for name in table.column_names:
-                out.add_column(name, overflow="fold")
+                out.add_column(safe_rich_text(name), overflow="fold")
             for row in rows:
-                out.add_row(*("" if v is None else str(v) for v in row.values()))
+                out.add_row(*(safe_rich_text("" if v is None else v) for v in row.values()))
             if output is None:
                 # A pipe gets the whole width of the rows, not the 80 columns rich assumes.
                 (console if console.is_terminal else Console(width=200)).print(out)
             else:
                 Console(file=stream, width=200).print(out)
     if output is not None:
-        err_console.print(f"wrote {table.num_rows} rows to {output}")
+        err_console.print(f"wrote {table.num_rows} rows to {safe_text(output)}")
 
 
 def _json_default(value: object) -> str:
@@ -1639,7 +1750,8 @@ def main() -> None:
     try:
         app()
     except NexusError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message often quotes input (a file's content, an id, a query): one line, shown as is.
+        err_console.print(f"[red]error:[/] {safe_text(exc)}", highlight=False, soft_wrap=True, emoji=False)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -1,5 +1,21 @@
 """Routing policies: validated, canonicalised, content-addressed and signed."""
 
+from nexuscore.policy._acts import (
+    FRESHNESS,
+    SIGNER_CODES,
+    Refusal,
+    check_act,
+    check_review,
+    judge_review,
+    kill_switch_message,
+    promotion_message,
+    review_message,
+    sign_kill_switch,
+    sign_promotion,
+    sign_review,
+)
+from nexuscore.policy._controls import MODES, NO_CONTROLS, SCOPES, Controls, Switch
+from nexuscore.policy._governance import BOOTSTRAP, GovernanceAct, GovernanceState, judge
 from nexuscore.policy._model import (
     DEFAULT_POLICY_PATH,
     DecodeStrategy,
@@ -17,8 +33,18 @@ from nexuscore.policy._model import (
     parse_policy,
     tier_rank,
 )
+from nexuscore.policy._promotion import (
+    REVIEWERS_FOR_ACTIVE,
+    STAGES,
+    Registry,
+    Serving,
+    check_promotion,
+    in_canary,
+    replay_report_digest,
+)
 from nexuscore.policy._signatures import (
     PolicySignature,
+    Role,
     SignedPolicy,
     TrustedKey,
     TrustStore,
@@ -34,6 +60,35 @@ from nexuscore.policy._signatures import (
 )
 
 __all__ = [
+    "BOOTSTRAP",
+    "FRESHNESS",
+    "MODES",
+    "NO_CONTROLS",
+    "REVIEWERS_FOR_ACTIVE",
+    "SCOPES",
+    "SIGNER_CODES",
+    "STAGES",
+    "Controls",
+    "GovernanceAct",
+    "GovernanceState",
+    "Refusal",
+    "Registry",
+    "Role",
+    "Serving",
+    "Switch",
+    "check_act",
+    "check_promotion",
+    "check_review",
+    "in_canary",
+    "judge",
+    "judge_review",
+    "kill_switch_message",
+    "promotion_message",
+    "replay_report_digest",
+    "review_message",
+    "sign_kill_switch",
+    "sign_promotion",
+    "sign_review",
     "DEFAULT_POLICY_PATH",
     "DecodeStrategy",
     "Deployment",

@@ -14,10 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nexuscore.errors import PolicyError
+from nexuscore.policy._yaml import decode_document, load_yaml, read_document
 from nexuscore.schemas import TIERS, DataClassification, RiskClass, Tier
 
 Region = Annotated[str, Field(min_length=1, pattern=r"^[a-z][a-z0-9-]*$")]
@@ -122,12 +122,31 @@ class EscalationRule(_Frozen):
     review_deadline_s: Annotated[int, Field(ge=1)] | None = None
 
 
+# What a policy without a ``task_types`` list admits: the task types there were when the list was
+# introduced. Such a policy was signed and recorded under a digest of a document without the list,
+# so its meaning must not become "any task type" (admission would stop checking) nor "none" (every
+# request of its recorded history would replay as a rejection).
+DEFAULT_TASK_TYPES: tuple[str, ...] = (
+    "chat",
+    "summarise",
+    "extract",
+    "credit_decision",
+    "sanctions_screening",
+    "claims_triage",
+    "kyc_check",
+)
+
+
 class RoutingPolicy(_Frozen):
-    """The whole policy. Cross-references (regions, deployments, tenants) are checked on load."""
+    """The whole policy. Cross-references (regions, deployments, tenants, task types) are checked
+    on load."""
 
     name: Ident
     version: Ident
     regions: tuple[Region, ...] = Field(min_length=1)
+    # Every task type a request may name: admission rejects any other, and a rule may name only
+    # these, so a misspelt task type in a rule is an error rather than a rule that never matches.
+    task_types: tuple[Ident, ...] = Field(default=DEFAULT_TASK_TYPES, min_length=1)
     deployments: tuple[Deployment, ...] = Field(min_length=1)
     tenants: tuple[Tenant, ...] = Field(min_length=1)
     residency: tuple[ResidencyRule, ...] = Field(min_length=1)
@@ -159,7 +178,21 @@ class RoutingPolicy(_Frozen):
                     raise ValueError(f"residency rule {r.id!r} allows unknown region {region!r}")
         classes = [r.classification for r in self.residency]
         _unique("residency classifications", classes)
+        self._check_task_types()
         return self
+
+    def _check_task_types(self) -> None:
+        _unique("task_types", self.task_types)
+        known = set(self.task_types)
+        rules = [("routing", r.id, r.when) for r in self.routing.rules]
+        rules += [("escalation", r.id, r.when) for r in self.escalation]
+        for kind, rule_id, when in rules:
+            unknown = [t for t in when.task_types if t not in known]
+            if unknown:
+                raise ValueError(
+                    f"{kind} rule {rule_id!r} names task type(s) {', '.join(map(repr, unknown))}, "
+                    f"not in task_types"
+                )
 
     @cached_property
     def canonical_bytes(self) -> bytes:
@@ -167,7 +200,11 @@ class RoutingPolicy(_Frozen):
 
         Amounts are written in their shortest exact form, so ``40`` and ``40.0`` hash alike.
         """
-        data = _canonical(self.model_dump(mode="python"))
+        # A policy that does not list its task types keeps the digest it had before the field
+        # existed (its signatures and recorded decisions name that digest); one that lists them,
+        # even the default list, is a different document and hashes as one.
+        omit = set() if "task_types" in self.model_fields_set else {"task_types"}
+        data = _canonical(self.model_dump(mode="python", exclude=omit))
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
     @cached_property
@@ -222,32 +259,41 @@ def tier_rank(tier: Tier) -> int:
     return TIERS.index(tier)
 
 
+# A hostile document can fail on thousands of fields: the first few say enough, on one line.
+_MAX_PROBLEMS = 10
+
+
 def parse_policy(text: str, source: str = "<policy>") -> RoutingPolicy:
     """Parse and validate YAML text; PolicyError names the source, the field and what is wrong."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    data = load_yaml(text, source)
+    if data is None:
+        raise PolicyError(f"{source}: empty document, expected a policy (a mapping)")
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return RoutingPolicy.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            problems.append(f"{where}: {err['msg']}")
-        raise PolicyError(f"{source}: invalid policy: " + "; ".join(problems)) from exc
+        raise PolicyError(f"{source}: invalid policy: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    errors = exc.errors()
+    problems = [
+        f"{'.'.join(str(p)[:60] for p in err['loc']) or '(top level)'}: {err['msg']}"
+        for err in errors[:_MAX_PROBLEMS]
+    ]
+    more = f" (and {len(errors) - _MAX_PROBLEMS} more)" if len(errors) > _MAX_PROBLEMS else ""
+    return " ".join(("; ".join(problems) + more).split())
 
 
 def load_policy(path: str | Path) -> RoutingPolicy:
     """Read and validate a policy file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        document = read_document(p)
     except OSError as exc:
         raise PolicyError(f"{p}: cannot read policy file: {exc.strerror}") from exc
-    return parse_policy(text, str(p))
+    return parse_policy(decode_document(document, str(p)), str(p))
 
 
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parent / "policies" / "default.yaml"

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nexuscore import _signing
 from nexuscore.errors import PolicyError, PolicyRefused
 from nexuscore.policy._model import RoutingPolicy, parse_policy
+from nexuscore.policy._yaml import decode_document, load_yaml, read_document
 
 PURPOSE = "nexuscore.policy.v1"
 Role = Literal["author", "reviewer", "operator"]
@@ -106,11 +107,14 @@ def signatures_path(policy_path: Path) -> Path:
 
 def load_trust_store(path: Path) -> TrustStore:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        document = read_document(path)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read trust store: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from exc
+    data = load_yaml(decode_document(document, str(path)), str(path))
+    if data is None:
+        data = {}  # a trust store file just created, still empty, holds no keys yet
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return TrustStore.model_validate(data)
     except ValidationError as exc:
@@ -242,13 +246,11 @@ def check_signatures(
 def load_signed_policy(path: Path, trust: TrustStore, now: datetime, *, min_signers: int = 1) -> SignedPolicy:
     """Read a policy and its signatures file; refuse it unless enough trusted signatures hold."""
     try:
-        document = path.read_bytes()
+        document = read_document(path)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from exc
     try:
-        policy = parse_policy(document.decode("utf-8"), str(path))
-    except UnicodeDecodeError as exc:
-        raise PolicyRefused("invalid_content", f"{path} refused (invalid_content): not UTF-8 text") from exc
+        policy = parse_policy(decode_document(document, str(path)), str(path))
     except PolicyError as exc:
         raise PolicyRefused("invalid_content", f"{path} refused (invalid_content): {exc}") from exc
     sig_path = signatures_path(path)

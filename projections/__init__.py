@@ -1,7 +1,7 @@
 """The evidence plane: sealed Parquet tables projected from the log, DuckDB views and reports over
 them, verification, inclusion proofs and erasure."""
 
-from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
+from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
 from nexuscore.projections._manifest import Manifest, committed_files
 from nexuscore.projections._projector import UNASSIGNED, Projector
 from nexuscore.projections._prove import check_proof, prove
@@ -25,6 +25,7 @@ __all__ = [
     "VerifyReport",
     "check_proof",
     "committed_files",
+    "erase",
     "prove",
     "region_dir",
     "verify",

@@ -6,7 +6,8 @@ under it can no longer be read, while the ciphertext, and so every seal over it,
 
 ``KeyStore`` is the seam: ``LocalKeyStore`` keeps the keys in a JSON file, guarded by a lock file so
 that an erasure and a running projector never undo each other; a KMS can implement the same four
-methods.
+methods. ``erase`` is how keys are meant to go: it records the erasure, signed, in the evidence
+folder first, so that ``verify`` can tell an erasure from a keystore that lost keys.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from nexuscore import _signing
 from nexuscore.errors import KeyStoreError
+from nexuscore.projections._manifest import read_head, record_erasure
 
 NONCE_BYTES = 12
 
@@ -43,8 +47,18 @@ class KeyStore(Protocol):
 
     def erased_at(self, key_id: str) -> str | None: ...
 
-    def erase(self, tenant: str, subject: str | None, now: datetime, reason: str) -> list[str]:
-        """Destroy the data keys of a tenant (every subject too) or of one subject; return their ids."""
+    def erase(
+        self,
+        tenant: str,
+        subject: str | None,
+        now: datetime,
+        reason: str,
+        record: Callable[[list[str]], None] | None = None,
+    ) -> list[str]:
+        """Destroy the data keys of a tenant (every subject too) or of one subject; return their ids.
+
+        ``record`` is called with the ids before any is destroyed (and not at all when none is).
+        """
         ...
 
 
@@ -81,10 +95,13 @@ class LocalKeyStore:
         finally:
             os.close(fd)
 
-    def _kek(self) -> AESGCM:
+    def _kek(self, create: bool = False) -> AESGCM:
         if self._kek_cipher is not None:
             return self._kek_cipher
         if not self._kek_path.exists():
+            if not create:
+                # A reader must not mint a new master key over keys wrapped by the lost one.
+                raise KeyStoreError(f"{self._kek_path} is missing: the data keys cannot be unwrapped")
             fd = os.open(self._kek_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
@@ -104,7 +121,7 @@ class LocalKeyStore:
         if not force and mtime == self._mtime:
             return
         try:
-            self._doc = json.loads(self.path.read_text(encoding="utf-8"))
+            self._doc = _parts(json.loads(self.path.read_text(encoding="utf-8")), self.path)
         except (OSError, ValueError) as exc:
             raise KeyStoreError(f"cannot read the keystore {self.path}: {exc}") from exc
         self._mtime = mtime
@@ -141,7 +158,7 @@ class LocalKeyStore:
                 key_id = secrets.token_hex(8)
                 key = AESGCM.generate_key(bit_length=256)
                 nonce = secrets.token_bytes(NONCE_BYTES)
-                wrapped = nonce + self._kek().encrypt(nonce, key, key_id.encode())
+                wrapped = nonce + self._kek(create=True).encrypt(nonce, key, key_id.encode())
                 self._doc["keys"][key_id] = {
                     "tenant": tenant,
                     "subject": subject,
@@ -162,10 +179,10 @@ class LocalKeyStore:
         entry = self._doc["keys"].get(key_id)
         if entry is None:
             return None
-        wrapped = base64.b64decode(entry["wrapped"])
         try:
+            wrapped = base64.b64decode(entry["wrapped"], validate=True)
             key = self._kek().decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], key_id.encode())
-        except InvalidTag as exc:
+        except (InvalidTag, KeyError, TypeError, ValueError) as exc:
             raise KeyStoreError(f"data key {key_id} does not unwrap with {self._kek_path}") from exc
         self._plain[key_id] = key
         return key
@@ -173,15 +190,24 @@ class LocalKeyStore:
     def erased_at(self, key_id: str) -> str | None:
         self._reload()
         entry = self._doc["erased"].get(key_id)
-        return None if entry is None else str(entry["erased_at"])
+        return None if not isinstance(entry, dict) else str(entry.get("erased_at", "at an unknown time"))
 
-    def erase(self, tenant: str, subject: str | None, now: datetime, reason: str) -> list[str]:
+    def erase(
+        self,
+        tenant: str,
+        subject: str | None,
+        now: datetime,
+        reason: str,
+        record: Callable[[list[str]], None] | None = None,
+    ) -> list[str]:
         with self._locked():
             doomed = [
                 k
                 for k, e in self._doc["keys"].items()
                 if e["tenant"] == tenant and (subject is None or e["subject"] == subject)
             ]
+            if doomed and record is not None:
+                record(doomed)
             for k in doomed:
                 e = self._doc["keys"].pop(k)
                 self._doc["erased"][k] = {
@@ -195,6 +221,49 @@ class LocalKeyStore:
             if doomed:
                 self._save()
         return doomed
+
+
+def _parts(doc: object, path: Path) -> dict[str, Any]:
+    """The keystore document with its three parts, each a JSON object (missing ones empty)."""
+    if not isinstance(doc, dict):
+        raise KeyStoreError(f"the keystore {path} is not a JSON object")
+    parts = {name: doc.get(name, {}) for name in ("keys", "active", "erased")}
+    if not all(isinstance(part, dict) for part in parts.values()):
+        raise KeyStoreError(f"the keystore {path} is malformed (keys, active and erased must be objects)")
+    return parts
+
+
+def erase(
+    root: Path,
+    keys: KeyStore,
+    signing_key: Ed25519PrivateKey,
+    tenant: str,
+    subject: str | None,
+    now: datetime,
+    reason: str,
+) -> list[str]:
+    """``nexuscore evidence erase``: destroy the content keys of a tenant (or one data subject) after
+    recording their ids, signed with the evidence signing key, in the evidence folder at ``root``."""
+    if not root.is_dir():
+        raise KeyStoreError(f"no evidence at {root}: the erasure must be recorded beside it")
+    signer = _signing.key_id(signing_key.public_key())
+    head = read_head(root)
+    if head is not None and head.get("key_id") != signer:
+        # Signed with another key, the record would not convince ``verify``: the keys would look lost.
+        raise KeyStoreError(
+            f"key {signer} does not sign this evidence (its manifest is signed by {head.get('key_id')})"
+        )
+
+    def record(key_ids: list[str]) -> None:
+        entry = {
+            "tenant": tenant,
+            "subject": subject,
+            "key_ids": sorted(key_ids),
+            "erased_at": now.isoformat(),
+        }
+        record_erasure(root, signing_key, {**entry, "reason": reason})
+
+    return keys.erase(tenant, subject, now, reason, record)
 
 
 class FieldCipher:

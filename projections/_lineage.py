@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from nexuscore.errors import EvidenceError
 from nexuscore.projections._keys import FieldCipher
 
 if TYPE_CHECKING:
@@ -51,7 +52,10 @@ def _content(store: EvidenceStore, cipher: FieldCipher, row: Row, column: str) -
     text = cipher.decrypt(key_id, row["event_id"], column, row[column])
     if text is None:
         erased = store.keystore.erased_at(key_id)
-        return f"[erased{' ' + erased if erased else ''}: key {key_id} destroyed]"
+        if erased is None:
+            # Neither readable nor erased: the keystore lost it (``verify`` names it a finding).
+            return f"[key missing: key {key_id} is not in the keystore]"
+        return f"[erased {erased}: key {key_id} destroyed]"
     return text
 
 
@@ -110,13 +114,24 @@ def _detail(store: EvidenceStore, cipher: FieldCipher, table: str, r: Row) -> st
     return f"review {r['action']} by {r['reviewer']}: {r['reason']}"
 
 
-def lineage(store: EvidenceStore, cipher: FieldCipher, request_id: str) -> pa.Table:
+def lineage(
+    store: EvidenceStore, cipher: FieldCipher, request_id: str, tenant: str | None = None
+) -> pa.Table:
     # One statement for every table: DuckDB scans them in parallel, each file's request-id bloom
     # filters skipping the row groups that cannot hold the request.
-    selects = [f"SELECT '{t}' AS _table, * FROM {t} WHERE request_id = $id" for t in _ORDER]  # noqa: S608
+    where = "request_id = $id AND ($tenant IS NULL OR tenant_id = $tenant)"
+    selects = [f"SELECT '{t}' AS _table, * FROM {t} WHERE {where}" for t in _ORDER]  # noqa: S608
     sql = " UNION ALL BY NAME ".join(selects)
+    found = store.query(sql, {"id": request_id, "tenant": tenant}).to_pylist()
+    tenants = sorted({r["tenant_id"] for r in found})
+    if len(tenants) > 1:
+        # Request ids are unique per tenant only: mixing two tenants' events would be one story
+        # made of two.
+        raise EvidenceError(
+            f"request id {request_id!r} is used by {len(tenants)} tenants ({', '.join(tenants)}): pass --tenant"
+        )
     rows: list[Row] = []
-    for r in store.query(sql, {"id": request_id}).to_pylist():
+    for r in found:
         rows.append(
             {
                 "occurred_at": r["occurred_at"],

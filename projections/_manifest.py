@@ -12,6 +12,10 @@ spaces, ASCII). An entry's hash is sha256 of its line; every entry names the pre
 
 ``manifest.head.json`` signs, with Ed25519, the number of entries, the hash of the last one and the
 RFC 6962 Merkle root over all entry hashes, so one entry's inclusion is provable in log(n) hashes.
+
+``erasures.jsonl`` beside it records each ``evidence erase``: the tenant (and data subject), the
+content key ids destroyed, when and why, each line signed with the same key as the head. ``verify``
+accepts a content key as gone only if a signed record names it; any other missing key is a finding.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from nexuscore.projections import _merkle
 
 MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
+ERASURES = "erasures.jsonl"
 GENESIS = "0" * 64
 Entry = dict[str, Any]
 
@@ -197,3 +202,37 @@ def sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def erasure_message(record: dict[str, Any]) -> bytes:
+    """The bytes an erasure record's signature covers: every field but the signature."""
+    return canonical({k: v for k, v in record.items() if k != "signature"})
+
+
+def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -> None:
+    """Append ``record``, signed, to the erasure ledger, durably (before the keys are destroyed:
+    a crash in between leaves a record of keys still present, which ``verify`` only warns about)."""
+    signed = {**record, "key_id": _signing.key_id(key.public_key())}
+    signed["signature"] = _signing.sign(key, erasure_message(signed))
+    path = root / ERASURES
+    created = not path.exists()
+    try:
+        with path.open("ab") as f:
+            f.write(canonical(signed) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            sync_directory(root)
+    except OSError as exc:
+        raise EvidenceError(f"cannot record the erasure in {path}: {exc.strerror}") from exc
+
+
+def read_erasures(root: Path) -> list[bytes]:
+    """The erasure ledger's lines (none when nothing was ever erased)."""
+    try:
+        data = (root / ERASURES).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise EvidenceError(f"cannot read {root / ERASURES}: {exc.strerror}") from exc
+    return [line for line in data.split(b"\n") if line]

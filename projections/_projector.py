@@ -17,6 +17,7 @@ with the tenant's (or data subject's) key before it is written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -35,21 +36,56 @@ from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore._clock import Clock
+from nexuscore.core import refusal_event
 from nexuscore.errors import DecodeError, EvidenceError
+from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._manifest import Manifest
-from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row
+from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows
 from nexuscore.projections._writer import SealedWriter
-from nexuscore.schemas import AvroCodec, InferenceRequested
-from nexuscore.streams import Topics, decode_tenant_event, new_consumer, partition_counts, start_client
+from nexuscore.schemas import (
+    ActRefused,
+    AvroCodec,
+    DeadLettered,
+    InferenceRequested,
+    KillSwitchChanged,
+    PolicyStageChanged,
+    ReviewRecorded,
+)
+from nexuscore.streams import (
+    Topics,
+    appended_at,
+    dead_letter,
+    decode_tenant_event,
+    new_consumer,
+    partition_counts,
+    start_client,
+)
 
 log = logging.getLogger(__name__)
 
 UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenants, dead letters)
 # The content columns, encrypted under the row's tenant (and data subject) key.
 _CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
-_DEDUP_KEY = {"requests": "request_id"}  # a client may retry a request under a new event id
+# A client may retry a request under a new event id: requests are deduplicated by request id,
+# which is unique per tenant only. The SQL gives the same key from a sealed file (on recovery).
+_DEDUP_SQL = {"requests": "tenant_id || chr(31) || request_id"}
+
+
+def _dedup_key(table: str, row: Row) -> str:
+    if table == "requests":
+        return f"{row['tenant_id']}\x1f{row['request_id']}"
+    return str(row["event_id"])
+
+
+# Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
+# and reviews; the workers dispatch): the projector records a dead letter for them itself.
+def _own_dead_letters(topics: Topics) -> frozenset[str]:
+    return frozenset({topics.decisions, topics.attempts, topics.deadletter, topics.governance, topics.circuits})
+
+
+PRODUCER = "nexuscore.projector"
 
 
 class _Recent:
@@ -100,8 +136,20 @@ class Projector:
         flush_interval_s: float = 1.0,
         flush_rows: int = 10_000,
         dedup_window: int = 10_000,
+        trust: TrustStore | None = None,
+        group: str | None = "nexuscore-projector",
     ) -> None:
         self.bootstrap = bootstrap
+        # The consumer group whose offsets show the projector's lag (its position lives in the
+        # manifest); None for a scratch projection, which must not move the live one's figures.
+        self.group = topics.group(group) if group is not None else None
+        # Governance acts and reviews are judged with the deciders' rules against this trust store:
+        # accepted ones go to their tables, refused ones to ``refusals`` (none trusted: all refused).
+        self.trust = trust or TrustStore()
+        self.governance = GovernanceState()
+        # Governance offsets below these were projected before a restart: folded, not projected.
+        self._governance_until: dict[TopicPartition, int] = {}
+        self._own_dead_letters = _own_dead_letters(topics)
         self.evidence_dir = evidence_dir
         self.signing_key = signing_key
         self.clock = clock
@@ -129,6 +177,10 @@ class Projector:
 
     def add(self, batches: dict[TopicPartition, _Batch], record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
+        if record.offset < self._governance_until.get(tp, 0):
+            with contextlib.suppress(DecodeError):
+                self._rows(record)  # projected before a restart: only its effect on the state
+            return
         batch = batches.get(tp)
         if batch is None:
             batch = batches[tp] = _Batch(self._position.get(tp, record.offset))
@@ -137,39 +189,112 @@ class Projector:
         batch.last = record.offset
         batch.end = record.offset + 1
         try:
-            if record.topic == self.topics.requests:
-                # External input: checked exactly as the decider checks it, so that what it
-                # dead-letters never enters the requests table.
-                event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
-                cls, data = type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes))
-            else:
-                # Our own stages wrote these with the same codec: the Avro schema is check enough.
-                cls, data = self.codec.decode_record(record.value)
-        except DecodeError:
-            # Bad input on an input topic is dead-lettered by the stage that owns it; the dead
-            # letter, not the raw message, is what enters the evidence.
+            rows = self._rows(record)
+        except DecodeError as exc:
             batch.undecodable += 1
             self.undecodable += 1
-            return
-        for table, row in ROW_BUILDERS[cls](data):
+            if record.topic not in self._own_dead_letters:
+                # Bad input on an input topic is dead-lettered by the stage that owns it; the dead
+                # letter, not the raw message, is what enters the evidence.
+                return
+            rows = self._dead_letter(record, str(exc))
+        except Exception as exc:  # noqa: BLE001  # no input may stop the projector
+            log.exception("%s[%d]@%d could not be projected", record.topic, record.partition, record.offset)
+            rows = self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
+        for table, row in rows:
             recent = self._recent.get(tp)
             if recent is None:
                 recent = self._recent[tp] = _Recent(self.dedup_window)
-            if recent.seen(record.offset, row[_DEDUP_KEY.get(table, "event_id")]):
-                batch.duplicates += 1
-                self.duplicates += 1
-                continue
-            region = self.regions.get(row["tenant_id"], UNASSIGNED)
-            self._protect(table, row)
-            row.update(
-                data_region=region,
-                src_topic=record.topic,
-                src_partition=record.partition,
-                src_offset=record.offset,
-            )
-            batch.rows[(table, region)].append(row)
+            if recent.seen(record.offset, _dedup_key(table, row)):
+                if not (table == "reviews" and row.get("key_id")):
+                    batch.duplicates += 1
+                    self.duplicates += 1
+                    continue
+                # A signed review seen again is a replay, not a stage re-emitting: evidence.
+                table, row = self._refused(record, ReviewRecorded, row, Refusal("replayed", "this review was received already"))
+            self._place(batch, record, table, row)
         batch.events += 1
         self.events += 1
+
+    def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
+        region = self.regions.get(row["tenant_id"], UNASSIGNED)
+        self._protect(table, row)
+        row.update(
+            data_region=region,
+            src_topic=record.topic,
+            src_partition=record.partition,
+            src_offset=record.offset,
+        )
+        batch.rows[(table, region)].append(row)
+
+    def _rows(self, record: ConsumerRecord) -> Rows:
+        """The rows one message becomes (DecodeError: none, it is bad input)."""
+        if record.topic == self.topics.requests:
+            # External input: checked exactly as the decider checks it, so that what it
+            # dead-letters never enters the requests table.
+            event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
+            return ROW_BUILDERS[InferenceRequested](msgspec.to_builtins(event, builtin_types=(datetime, bytes)))
+        if record.topic == self.topics.governance:
+            return self._governance_rows(record)
+        if record.topic == self.topics.reviews:
+            return self._review_rows(record)
+        # Our own stages wrote these with the same codec: the Avro schema is check enough.
+        cls, data = self.codec.decode_record(record.value)
+        return ROW_BUILDERS[cls](data)
+
+    def _governance_rows(self, record: ConsumerRecord) -> Rows:
+        """Judged with the deciders' own rule, in log order, at the broker's append time."""
+        event = self.codec.decode(record.value, (PolicyStageChanged, KillSwitchChanged))
+        assert isinstance(event, PolicyStageChanged | KillSwitchChanged)
+        appended = appended_at(record.timestamp, self.clock.now())
+        if record.partition != 0:
+            refusal: Refusal | None = Refusal("invalid", "governance acts are read from partition 0 only, in order")
+        else:
+            self.governance, refusal = judge(self.governance, event, self.trust, appended)
+        if refusal is not None:
+            return [self._refused(record, type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes)), refusal, appended)]
+        return ROW_BUILDERS[type(event)](msgspec.to_builtins(event, builtin_types=(datetime, bytes)))
+
+    def _review_rows(self, record: ConsumerRecord) -> Rows:
+        """A person's review enters ``reviews`` only with a valid reviewer signature (the decider
+        judges the rest: what it answers, and timeouts); a forgery enters ``refusals``."""
+        event = decode_tenant_event(self.codec, record.key, record.value, (ReviewRecorded,))
+        assert isinstance(event, ReviewRecorded)
+        data = msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+        if event.action != "timed_out":
+            appended = appended_at(record.timestamp, self.clock.now())
+            signer = check_review(event, self.trust, appended)
+            if isinstance(signer, Refusal):
+                return [self._refused(record, ReviewRecorded, data, signer, appended)]
+        return ROW_BUILDERS[ReviewRecorded](data)
+
+    def _refused(
+        self,
+        record: ConsumerRecord,
+        cls: type[ReviewRecorded] | type[PolicyStageChanged] | type[KillSwitchChanged],
+        data: Row,
+        refusal: Refusal,
+        at: datetime | None = None,
+    ) -> tuple[str, Row]:
+        act = msgspec.convert(
+            {k: v for k, v in data.items() if k in cls.__struct_fields__}, cls, from_attributes=False
+        )
+        when = at or appended_at(record.timestamp, self.clock.now())
+        refused = refusal_event(act, refusal, (record.topic, record.partition, record.offset), PRODUCER, when)
+        return ROW_BUILDERS[ActRefused](msgspec.to_builtins(refused, builtin_types=(datetime, bytes)))[0]
+
+    def _dead_letter(self, record: ConsumerRecord, reason: str) -> Rows:
+        dl = dead_letter(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            reason,
+            PRODUCER,
+            appended_at(record.timestamp, self.clock.now()),
+        )
+        return ROW_BUILDERS[DeadLettered](msgspec.to_builtins(dl, builtin_types=(datetime, bytes)))
 
     def _protect(self, table: str, row: Row) -> None:
         column = _CONTENT.get(table)
@@ -251,7 +376,7 @@ class Projector:
             rows: list[tuple[int, str]] = []
             for e in by_tp[(topic, partition)]:
                 if e["last_offset"] >= since:
-                    key = _DEDUP_KEY.get(e["table"], "event_id")
+                    key = _DEDUP_SQL.get(e["table"], "event_id")
                     source = _seal.file_source(str(self.evidence_dir / e["path"]))
                     rows.extend(
                         self._con.execute(
@@ -279,7 +404,7 @@ class Projector:
         consumer = new_consumer(
             self.bootstrap,
             (),
-            self.topics.group("nexuscore-projector"),
+            self.group,  # type: ignore[arg-type]  # None: a consumer without a group
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await start_client(consumer, self.bootstrap)
@@ -292,6 +417,11 @@ class Projector:
                 if position is None:
                     await consumer.seek_to_beginning(tp)
                     self._position[tp] = await consumer.position(tp)
+                elif tp.topic == self.topics.governance:
+                    # The governance state is a fold of the whole log: read it again from the
+                    # start, projecting only what follows the position.
+                    self._governance_until[tp] = position
+                    await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, position)
             await self._loop(consumer)
@@ -315,14 +445,18 @@ class Projector:
                     # Parquet encoding is CPU work: keep the event loop (and the consumer's
                     # heartbeats) responsive while it runs.
                     await asyncio.to_thread(self.flush, batches)
-                    await _commit(consumer, batches)
+                    await self._commit(consumer, batches)
                     batches, pending, last_flush = {}, 0, time.monotonic()
                 elif not batches:
                     last_flush = time.monotonic()
         finally:
             if batches:
                 await asyncio.to_thread(self.flush, batches)
-                await _commit(consumer, batches)
+                await self._commit(consumer, batches)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
+        if self.group is not None:
+            await _commit(consumer, batches)
 
 
 def _lock(evidence_dir: Path) -> int:

@@ -2,11 +2,17 @@
 
 Views read exactly the files the signed manifest commits, nothing found lying in a folder. Every
 view is one row per event (the projector dropped duplicates); ``requests`` keeps a client's resubmission
-of a request id as a second row, which ``verify`` reports.
+of a request id as a second row, which ``verify`` reports. A request id is unique per tenant only:
+every join and grouping by request matches (``tenant_id``, ``request_id``).
+
+The DuckDB connection is a sandbox, because ``evidence sql`` runs whatever a person types on it: it
+may read the committed Parquet files and nothing else (no other file, no network, no extension), it
+cannot change its own configuration, and it runs one SELECT statement at a time.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +51,7 @@ SELECT d.request_id, d.tenant_id, d.feature, d.occurred_at AS escalated_at, d.ve
        coalesce(res.resolution, 'pending') AS review_state, res.reviewer, res.review_reason,
        res.occurred_at AS reviewed_at, res.verdict_reason AS resolution_reason
 FROM decisions d
-LEFT JOIN resolutions res USING (request_id)
+LEFT JOIN resolutions res USING (tenant_id, request_id)
 WHERE d.verdict = 'escalated';
 """
 
@@ -63,7 +69,7 @@ FROM decisions d
 LEFT JOIN (
     SELECT * FROM outcomes
     WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since)
-) o USING (request_id)
+) o USING (tenant_id, request_id)
 WHERE ($tenant IS NULL OR d.tenant_id = $tenant)
   AND ($feature IS NULL OR d.feature = $feature)
   AND ($tier IS NULL OR d.tier = $tier)
@@ -117,7 +123,7 @@ SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployme
        CASE WHEN d.request_id IS NULL THEN 'no_decision'
             WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
             ELSE 'cross_border' END AS finding
-FROM calls c LEFT JOIN decisions d USING (request_id)
+FROM calls c LEFT JOIN decisions d USING (tenant_id, request_id)
 WHERE (d.request_id IS NULL OR c.region <> d.home_region)
   AND ($tenant IS NULL OR c.tenant_id = $tenant)
 ORDER BY finding DESC, c.occurred_at
@@ -134,30 +140,31 @@ class EvidenceStore:
             raise EvidenceError(f"no evidence at {root} (run the pipeline or pass --evidence-dir)")
         self.root = root
         self.keystore = keystore if keystore is not None else LocalKeyStore(root / "_keys")
-        self.con = duckdb.connect()
-        self.con.execute("SET TimeZone = 'UTC'")
         by_table: dict[str, list[str]] = defaultdict(list)
         # ``verify`` passes the files that passed its checks; everyone else reads what is committed.
         self.files = committed_files(root) if files is None else files
         for entry in self.files:
-            by_table[entry["table"]].append(str(root / entry["path"]))
+            by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
+        self.con = _sandbox([p for paths in by_table.values() for p in paths])
         for table, schema in SCHEMAS.items():
-            paths = by_table.get(table)
-            self.con.register(f"_empty_{table}", schema.empty_table())
-            if paths:
-                # Files of older versions may lack columns added since: matched by name, and any
-                # column no file has is added as NULLs of its type, so queries see today's schema.
-                source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
-                self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
-                present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
-                if set(schema.names) - present:
-                    self.con.execute(
-                        f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
-                        f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
-                    )
-            else:
-                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
+            self._create_table_view(table, schema, by_table.get(table))
         self.con.execute(_DERIVED_VIEWS)
+
+    def _create_table_view(self, table: str, schema: pa.Schema, paths: list[str] | None) -> None:
+        self.con.register(f"_empty_{table}", schema.empty_table())
+        if not paths:
+            self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
+            return
+        # Files of older versions may lack columns added since: matched by name, and any
+        # column no file has is added as NULLs of its type, so queries see today's schema.
+        source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
+        self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
+        present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
+        if set(schema.names) - present:
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
+                f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
+            )
 
     def _create_view(self, table: str, sql: str) -> None:
         try:
@@ -177,8 +184,9 @@ class EvidenceStore:
         self.close()
 
     def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
+        """Rows of one SELECT statement; anything else (COPY, SET, ATTACH, a second statement) is refused."""
         try:
-            return self.con.sql(sql, params=params or None).to_arrow_table()
+            return self.con.sql(_one_select(sql), params=params or None).to_arrow_table()
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
@@ -221,19 +229,24 @@ class EvidenceStore:
             {"tenant": tenant, "state": state},
         )
 
-    def lineage(self, request_id: str) -> pa.Table:
-        """Every event of one request, in order, each with what it says in one line."""
+    def lineage(self, request_id: str, tenant: str | None = None) -> pa.Table:
+        """Every event of one request, in order, each with what it says in one line.
+
+        Request ids are unique per tenant only: without ``tenant``, an id that several tenants used
+        is an error naming them.
+        """
         from nexuscore.projections._lineage import lineage
 
-        return lineage(self, FieldCipher(self.keystore), request_id)
+        return lineage(self, FieldCipher(self.keystore), request_id, tenant)
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""
         rows = self.con.execute(
             """
-            WITH t AS (SELECT request_id, count(*) AS n FROM terminal_states GROUP BY request_id)
-            SELECT (SELECT count(DISTINCT request_id) FROM requests),
-                   (SELECT count(*) FROM (SELECT DISTINCT request_id FROM requests) r JOIN t USING (request_id)),
+            WITH t AS (SELECT tenant_id, request_id, count(*) AS n FROM terminal_states GROUP BY ALL),
+                 r AS (SELECT DISTINCT tenant_id, request_id FROM requests)
+            SELECT (SELECT count(*) FROM r),
+                   (SELECT count(*) FROM r JOIN t USING (tenant_id, request_id)),
                    (SELECT count(*) FROM t WHERE n > 1),
                    (SELECT count(*) FROM deadletters)
             """
@@ -245,3 +258,63 @@ class EvidenceStore:
 def sql_list(items: list[str]) -> str:
     """A DuckDB list literal of file paths, quoted."""
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"
+
+
+def _sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
+    """A connection that may read ``paths`` and nothing else, and cannot be talked out of it.
+
+    External access off with ``allowed_paths`` leaves exactly these files readable (no other file,
+    no ``_keys/``, no URL); extensions neither load nor install; the locked configuration stops a
+    query from turning any of that back on. ``allowed_paths`` would still let a COPY or an ATTACH
+    write to these very files, which is why ``query`` runs nothing but SELECT.
+    """
+    con = duckdb.connect(
+        config={
+            "autoload_known_extensions": False,
+            "autoinstall_known_extensions": False,
+            "python_enable_replacements": False,  # no reading the caller's Python variables either
+        }
+    )
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET allowed_paths = $paths", {"paths": paths})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except duckdb.Error:
+        con.close()
+        raise
+    return con
+
+
+def _one_select(sql: str) -> duckdb.Statement:
+    """The one SELECT statement ``sql`` holds (parsed once, run as parsed), or an EvidenceError."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
+    if len(statements) != 1:
+        raise EvidenceError(f"evidence queries are read-only: one SELECT statement, not {len(statements)}")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        kind = statements[0].type.name
+        raise EvidenceError(f"evidence queries are read-only: one SELECT statement, not {kind}")
+    return statements[0]
+
+
+def _table_path(entry: dict[str, Any], root: Path) -> str:
+    """The entry's path, if it names a Parquet file of its table and region (no ``..``, no ``_keys``)."""
+    if not is_table_path(entry):
+        raise EvidenceError(
+            f"a manifest entry under {root} names {entry.get('path')!r}, not a file of its table "
+            "(run `nexuscore evidence verify`)"
+        )
+    return str(entry["path"])
+
+
+def is_table_path(entry: dict[str, Any]) -> bool:
+    """Does the entry's path name a Parquet file directly in its own ``region=<r>/<table>/`` folder?"""
+    path, table, region = entry.get("path"), entry.get("table"), entry.get("region")
+    if not (isinstance(path, str) and isinstance(table, str) and isinstance(region, str)):
+        return False
+    if table not in SCHEMAS or "/" in region or region in {"", ".", ".."}:
+        return False
+    return re.fullmatch(rf"region={re.escape(region)}/{re.escape(table)}/[^/]+\.parquet", path) is not None

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from nexuscore.schemas import (
+    ActRefused,
     BudgetSettled,
     CircuitStateChanged,
     DeadLettered,
@@ -223,12 +224,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("raw_key", pa.binary()),
         ("raw_value", pa.binary()),
         ("raw_value_key", pa.string()),
+        ("raw_size", pa.int64()),
+        ("raw_sha256", pa.string()),
     ),
     "reviews": _schema(
         ("action", pa.string()),
         ("reviewer", pa.string()),
         ("reason", pa.string()),
         ("deadline", _TS),
+        ("key_id", pa.string()),
     ),
     "policy_events": _schema(
         ("policy_version", pa.string()),
@@ -242,6 +246,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("document", pa.string()),
         ("signatures", pa.string()),
         ("replay_report", pa.string()),
+        ("key_id", pa.string()),
+        ("signature", pa.string()),
     ),
     "circuit_events": _schema(
         ("deployment_id", pa.string()),
@@ -260,6 +266,17 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("reason", pa.string()),
         ("key_id", pa.string()),
         ("signature", pa.string()),
+    ),
+    "refusals": _schema(
+        ("act", pa.string()),
+        ("act_event_id", pa.string()),
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("key_id", pa.string()),
+        ("claimed_actor", pa.string()),
+        ("code", pa.string()),
+        ("reason", pa.string()),
     ),
 }
 
@@ -290,6 +307,7 @@ _POL = _fields("policy_events")
 _SHADOW = _fields("shadow_decisions")
 _CIRCUIT = _fields("circuit_events")
 _SWITCH = _fields("kill_switches")
+_REFUSED = _fields("refusals")
 _ENV = tuple(n for n, _ in _ENVELOPE)
 
 
@@ -400,4 +418,5 @@ ROW_BUILDERS: dict[type[Event], Callable[[dict[str, Any]], Rows]] = {
     EscalationResolved: _resolved,
     CircuitStateChanged: lambda r: [("circuit_events", _flat(r, _CIRCUIT))],
     KillSwitchChanged: lambda r: [("kill_switches", _flat(r, _SWITCH))],
+    ActRefused: lambda r: [("refusals", _flat(r, _REFUSED))],
 }

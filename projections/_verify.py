@@ -4,8 +4,11 @@ It trusts nothing but the public key it is given. It re-hashes the manifest chai
 signed head; recomputes every file's sha256 and the Merkle root of its rows; checks that every row
 sits in the file its entry describes; that the checkpoints cover every offset of every partition;
 and that the events make sense together (one terminal state per request, decisions of known
-requests under known policies, outcomes of dispatched decisions, no event twice). Each problem is
-a ``Finding`` that names where it is.
+requests under known policies, outcomes of dispatched decisions, no event twice). It looks at the
+whole folder (a file no manifest entry names is a finding) and at the content keys: every key the
+evidence uses must be in the keystore and decrypt its content, or be named by an erasure record
+signed with the trusted key. Request ids are unique per tenant only: requests are matched by
+(tenant, request id). Each problem is a ``Finding`` that names where it is.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,20 +31,37 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from nexuscore import _signing
+from nexuscore.errors import KeyStoreError
 from nexuscore.projections import _merkle, _seal
+from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
+    ERASURES,
     GENESIS,
     HEAD,
+    MANIFEST,
     canonical,
     committed,
+    erasure_message,
     head_message,
+    read_erasures,
     read_head,
     read_lines,
 )
-from nexuscore.projections._store import EvidenceStore, sql_list
+from nexuscore.projections._store import EvidenceStore, is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
 SHOW = 20  # ids named per finding before "and N more"
+# What the folder may hold besides committed files: the ledger, its head, the erasure ledger, the
+# projector's lock file, and the local keystore (checked through its keys, not as files).
+_OWN_FILES = {MANIFEST, HEAD, ERASURES, ".projector.lock"}
+_KEYS_DIR = "_keys"
+# A file of a flush not yet committed (or its temporary file while it is written), by its name.
+_FLUSH_FILE = re.compile(
+    r"region=[^/]+/[^/]+/(?P<tmp>\.)?(?P<topic>[^/.][^/]*)-p(?P<partition>\d+)-(?P<first>\d{12})-\d{12}\.parquet"
+    r"(?(tmp)\.tmp)"
+)
+_HEAD_TMP = {f".{MANIFEST}.tmp", f".{HEAD}.tmp"}  # the manifest or its head being replaced
+_CONTENT = (("requests", "prompt"), ("outcomes", "response"), ("deadletters", "raw_value"))
 
 
 @dataclass(frozen=True)
@@ -79,16 +100,22 @@ def verify(
     until: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    keystore: KeyStore | None = None,
 ) -> VerifyReport:
+    """Check the store under ``root``; ``keystore`` holds its content keys (default: ``root/_keys``)."""
     started = time.perf_counter()
     report = VerifyReport()
     entries = _check_manifest(root, public_key, report)
     files = committed(entries)
     report.files = len(files)
     readable = _check_files(root, files, report, progress, workers or os.cpu_count() or 1)
+    _check_folder(root, entries, files, report)
     _check_placement(root, readable, report)
     _check_coverage(entries, report)
-    _check_events(root, readable, known_digests, until, report)
+    keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
+    with EvidenceStore(root, keys, files=readable) as store:
+        _check_events(store, known_digests, until, report)
+        _check_keys(store, _signed_erasures(root, public_key, report), report)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -164,13 +191,10 @@ def _check_files(
     """sha256 and Merkle root of every file; returns the entries whose files are intact."""
     total = sum(e["rows"] for e in files)
     intact: list[dict[str, Any]] = []
-    listed = set()
     jobs = []
     for e in files:
-        listed.add(e["path"])
         path = root / e["path"]
-        expected_prefix = f"region={e['region']}/{e['table']}/"
-        if not e["path"].startswith(expected_prefix) or e["table"] not in SCHEMAS:
+        if not is_table_path(e):
             report.add("file_misplaced", e["path"], f"entry says table {e['table']}, region {e['region']}")
             continue
         try:
@@ -206,17 +230,66 @@ def _check_files(
             done += e["rows"]
             if progress is not None:
                 progress(done, total)
-    for path in root.glob("region=*/*/*.parquet"):
-        relative = path.relative_to(root).as_posix()
-        if relative not in listed:
+    return intact
+
+
+def _check_folder(
+    root: Path, entries: list[dict[str, Any]], files: list[dict[str, Any]], report: VerifyReport
+) -> None:
+    """Every file in the folder is a committed one, the store's own, or a flush still being written.
+
+    Anything else under ``region=`` is fatal: it sits where evidence lives but is none. Elsewhere it
+    is a warning (nothing reads it, but it should not be there).
+    """
+    listed = {e["path"] for e in files}
+    committed_end: dict[tuple[str, int], int] = {}
+    for e in entries:
+        for p in e["partitions"] if e.get("kind") == "checkpoint" else ():
+            committed_end[(p["topic"], p["partition"])] = p["end"]
+    for relative in _folder_files(root):
+        if relative in listed or relative in _OWN_FILES:
+            continue
+        if relative in _HEAD_TMP or _unflushed(relative, committed_end):
             report.add(
-                "unlisted_file",
+                "unflushed_file",
                 relative,
-                "is in the store but in no committed manifest entry: ignored (debris of an interrupted "
-                "flush until the projector restarts, or put there by someone)",
+                "belongs to a flush no checkpoint commits yet: ignored (a flush in progress, or debris "
+                "of one cut short, which the projector deletes when it restarts)",
                 fatal=False,
             )
-    return intact
+        elif relative.startswith("region="):
+            report.add(
+                "unlisted_file", relative, "is among the evidence tables but in no committed manifest entry"
+            )
+        else:
+            report.add(
+                "foreign_file",
+                relative,
+                "is in the evidence folder but is no part of the evidence: nothing reads it",
+                fatal=False,
+            )
+
+
+def _unflushed(relative: str, committed_end: dict[tuple[str, int], int]) -> bool:
+    """Is this the file of a flush after the last checkpoint of its partition, of a topic the ledger
+    knows? (Only what the projector itself could be writing now, or left when cut short.)"""
+    flush = _FLUSH_FILE.fullmatch(relative)
+    if flush is None or flush["topic"] not in {topic for topic, _ in committed_end}:
+        return False
+    return int(flush["first"]) >= committed_end.get((flush["topic"], int(flush["partition"])), 0)
+
+
+def _folder_files(root: Path) -> list[str]:
+    """Every entry of the folder that is not a directory (symbolic links to directories included),
+    as paths relative to ``root``; the keystore folder is left out."""
+    found: list[str] = []
+    for directory, dirs, names in os.walk(root):
+        here = Path(directory).relative_to(root)
+        if here == Path("."):
+            dirs[:] = [d for d in dirs if d != _KEYS_DIR]
+        found.extend((here / d).as_posix() for d in dirs if os.path.islink(os.path.join(directory, d)))
+        found.extend((here / n).as_posix() for n in names)
+    return sorted(found)
 
 
 def _sha256_file(path: Path) -> str:
@@ -288,82 +361,183 @@ def _ids(rows: list[tuple[Any, ...]]) -> str:
 
 
 def _check_events(
-    root: Path,
-    files: list[dict[str, Any]],
-    known_digests: set[str],
-    until: datetime | None,
-    report: VerifyReport,
+    store: EvidenceStore, known_digests: set[str], until: datetime | None, report: VerifyReport
 ) -> None:
-    with EvidenceStore(root, files=files) as store:
-        con = store.con
-        report.requests = con.execute("SELECT count(DISTINCT request_id) FROM requests").fetchall()[0][0]
-        checks: list[tuple[str, str, str, dict[str, Any]]] = [
-            (
-                "no_terminal_state",
-                "requests",
-                "SELECT r.request_id, r.src_topic, r.src_partition, r.src_offset FROM requests r "
-                "ANTI JOIN terminal_states t USING (request_id) "
-                "WHERE $until IS NULL OR r.occurred_at < $until ORDER BY r.src_partition, r.src_offset",
-                {"until": until},
-            ),
-            (
-                "multiple_terminal_states",
-                "terminal_states",
-                "SELECT request_id, string_agg(state, '+') FROM terminal_states GROUP BY 1 HAVING count(*) > 1 ORDER BY 1",
-                {},
-            ),
-            (
-                "decision_without_request",
-                "decisions",
-                "SELECT request_id FROM decisions ANTI JOIN requests USING (request_id) ORDER BY 1",
-                {},
-            ),
-            (
-                "rejection_without_request",
-                "rejections",
-                "SELECT request_id FROM rejections ANTI JOIN requests USING (request_id) ORDER BY 1",
-                {},
-            ),
-            (
-                "unknown_policy",
-                "decisions",
-                "SELECT policy_digest, count(*) FROM decisions "
-                "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
-                {"known": sorted(known_digests)},
-            ),
-            (
-                "outcome_without_decision",
-                "outcomes",
-                "SELECT request_id FROM outcomes ANTI JOIN "
-                "(SELECT request_id FROM decisions WHERE verdict = 'dispatch' UNION ALL "
-                "SELECT request_id FROM resolutions WHERE resolution = 'dispatched') USING (request_id) ORDER BY 1",
-                {},
-            ),
-        ]
-        for table in SCHEMAS:
-            if table != "requests":
-                checks.append(
-                    (
-                        "duplicate_event",
-                        table,
-                        f"SELECT event_id, count(*) FROM {table} GROUP BY 1 HAVING count(*) > 1 ORDER BY 1",  # noqa: S608
-                        {},
-                    )
+    con = store.con
+    # Policies promoted through governance are known too: their documents are in the evidence.
+    known = known_digests | {
+        r[0] for r in con.execute("SELECT DISTINCT policy_digest FROM policy_events").fetchall()
+    }
+    report.requests = con.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT tenant_id, request_id FROM requests)"
+    ).fetchall()[0][0]
+    for kind, where, sql, params in _event_checks(known, until):
+        rows = con.execute(sql, params or None).fetchall()
+        if rows:
+            report.add(kind, where, f"{len(rows)}: {_ids(rows)}")
+    resubmitted = con.execute(
+        "SELECT tenant_id || '/' || request_id FROM requests GROUP BY tenant_id, request_id "
+        "HAVING count(*) > 1 ORDER BY 1"
+    ).fetchall()
+    if resubmitted:
+        report.add(
+            "resubmitted_request",
+            "requests",
+            f"{len(resubmitted)} request ids submitted more than once (one decision each): {_ids(resubmitted)}",
+            fatal=False,
+        )
+
+
+def _event_checks(known: set[str], until: datetime | None) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(finding, table, query, parameters): each query lists what is wrong, first column named.
+
+    Requests are matched by (tenant, request id), and events by (tenant, event id): both ids are
+    unique per tenant only. Ids are named ``tenant/id``.
+    """
+    checks: list[tuple[str, str, str, dict[str, Any]]] = [
+        (
+            "no_terminal_state",
+            "requests",
+            "SELECT r.tenant_id || '/' || r.request_id, r.src_topic, r.src_partition, r.src_offset FROM requests r "
+            "ANTI JOIN terminal_states t USING (tenant_id, request_id) "
+            "WHERE $until IS NULL OR r.occurred_at < $until ORDER BY r.src_partition, r.src_offset",
+            {"until": until},
+        ),
+        (
+            "multiple_terminal_states",
+            "terminal_states",
+            "SELECT tenant_id || '/' || request_id, string_agg(state, '+') FROM terminal_states "
+            "GROUP BY tenant_id, request_id HAVING count(*) > 1 ORDER BY 1",
+            {},
+        ),
+        (
+            "decision_without_request",
+            "decisions",
+            "SELECT tenant_id || '/' || request_id FROM decisions ANTI JOIN requests USING (tenant_id, request_id) "
+            "ORDER BY 1",
+            {},
+        ),
+        (
+            "rejection_without_request",
+            "rejections",
+            "SELECT tenant_id || '/' || request_id FROM rejections ANTI JOIN requests USING (tenant_id, request_id) "
+            "ORDER BY 1",
+            {},
+        ),
+        (
+            "unknown_policy",
+            "decisions",
+            "SELECT policy_digest, count(*) FROM decisions "
+            "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
+            {"known": sorted(known)},
+        ),
+        (
+            "outcome_without_decision",
+            "outcomes",
+            "SELECT tenant_id || '/' || request_id FROM outcomes ANTI JOIN "
+            "(SELECT tenant_id, request_id FROM decisions WHERE verdict = 'dispatch' UNION ALL "
+            "SELECT tenant_id, request_id FROM resolutions WHERE resolution = 'dispatched') "
+            "USING (tenant_id, request_id) ORDER BY 1",
+            {},
+        ),
+    ]
+    for table in SCHEMAS:
+        if table != "requests":
+            checks.append(
+                (
+                    "duplicate_event",
+                    table,
+                    f"SELECT tenant_id || '/' || event_id, count(*) FROM {table} "  # noqa: S608
+                    "GROUP BY tenant_id, event_id HAVING count(*) > 1 ORDER BY 1",
+                    {},
                 )
-        for kind, where, sql, params in checks:
-            rows = con.execute(sql, params or None).fetchall()
-            if rows:
-                report.add(kind, where, f"{len(rows)}: {_ids(rows)}")
-        resubmitted = con.execute(
-            "SELECT request_id FROM requests GROUP BY 1 HAVING count(*) > 1 ORDER BY 1"
-        ).fetchall()
-        if resubmitted:
-            report.add(
-                "resubmitted_request",
-                "requests",
-                f"{len(resubmitted)} request ids submitted more than once (one decision each): {_ids(resubmitted)}",
-                fatal=False,
             )
+    return checks
+
+
+def _signed_erasures(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> set[str]:
+    """The content key ids that erasure records signed with the trusted key say were destroyed."""
+    erased: set[str] = set()
+    for i, line in enumerate(read_erasures(root)):
+        try:
+            record = json.loads(line)
+            signed = _signing.verify(public_key, erasure_message(record), str(record.get("signature", "")))
+        except (ValueError, AttributeError):
+            signed = False
+        if not signed:
+            report.add(
+                "erasure_forged",
+                f"{ERASURES} line {i}",
+                f"is not an erasure record signed with the trusted key {_signing.key_id(public_key)}: "
+                "the keys it names are not taken as erased",
+            )
+            continue
+        erased.update(str(k) for k in record.get("key_ids", []))
+    return erased
+
+
+def _check_keys(store: EvidenceStore, erased: set[str], report: VerifyReport) -> None:
+    """Each content key the evidence uses decrypts one of its rows, or a signed record erased it."""
+    cipher = FieldCipher(store.keystore)
+    missing: list[tuple[str]] = []
+    broken: list[tuple[str]] = []
+    lingering: list[tuple[str]] = []
+    why = ""
+    for key_id, (event_id, column, blob) in sorted(_key_samples(store).items()):
+        try:
+            text = cipher.decrypt(key_id, event_id, column, blob)
+        except KeyStoreError as exc:
+            broken.append((key_id,))
+            why = why or str(exc)
+            continue
+        if text is None and key_id not in erased:
+            missing.append((key_id,))
+        elif text is not None and key_id in erased:
+            lingering.append((key_id,))
+    if missing:
+        report.add(
+            "key_missing",
+            "keystore",
+            f"{len(missing)} content keys the evidence uses are neither in the keystore nor named by a "
+            f"signed erasure record (keystore replaced or keys removed other than by `evidence erase`): {_ids(missing)}",
+        )
+    if broken:
+        report.add(
+            "key_unusable",
+            "keystore",
+            f"{len(broken)} content keys do not decrypt their content ({why}): {_ids(broken)}",
+        )
+    if lingering:
+        report.add(
+            "erasure_incomplete",
+            "keystore",
+            f"{len(lingering)} content keys recorded as erased are still in the keystore "
+            f"(an erasure cut short: run it again): {_ids(lingering)}",
+            fatal=False,
+        )
+
+
+def _key_samples(store: EvidenceStore) -> dict[str, tuple[str, str, bytes]]:
+    """One encrypted value per content key id: key id -> (event id, column, ciphertext).
+
+    The first event of each key is found from the id columns alone, then only those rows' content is
+    read: content is most of the store's bytes.
+    """
+    samples: dict[str, tuple[str, str, bytes]] = {}
+    for table, column in _CONTENT:
+        key = f"{column}_key"
+        firsts = store.con.execute(
+            f"SELECT {key}, min(event_id) FROM {table} WHERE {key} <> '' GROUP BY 1"  # noqa: S608
+        ).fetchall()
+        wanted = {(k, e) for k, e in firsts}
+        rows = store.con.execute(
+            f"SELECT {key}, event_id, {column} FROM {table} WHERE event_id IN (SELECT unnest($ids))",  # noqa: S608
+            {"ids": sorted({e for _, e in firsts})},
+        ).fetchall()
+        for k, e, blob in rows:
+            if (k, e) in wanted:
+                samples[k] = (e, column, blob)
+    return samples
 
 
 __all__ = ["Finding", "VerifyReport", "verify"]

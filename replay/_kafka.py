@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore._clock import SystemClock
+from nexuscore.policy import TrustStore
 from nexuscore.projections import Projector
 from nexuscore.streams import Topics, partition_counts, start_client
 
@@ -38,8 +39,10 @@ async def project_log(
     root: Path,
     regions: Mapping[str, str],
     progress: Callable[[int, int], None] | None = None,
+    trust: TrustStore | None = None,
 ) -> None:
-    """Project every topic, from the start to its end offset now, into ``root``."""
+    """Project every topic, from the start to its end offset now, into ``root``; governance acts
+    and reviews are judged against ``trust`` (the deciders' trust store), as the projector does."""
     ends = await _end_offsets(bootstrap, topics)
     total = sum(ends.values())
     projector = Projector(
@@ -51,6 +54,8 @@ async def project_log(
         topics=topics,
         flush_interval_s=0.5,
         flush_rows=50_000,
+        trust=trust,
+        group=None,  # a scratch projection: the live projector's committed offsets stay its own
     )
     runner = asyncio.create_task(projector.run())
     try:

@@ -19,14 +19,12 @@ import msgspec
 from nexuscore.core import (
     EMPTY_STATE,
     BudgetState,
-    Controls,
     Reservation,
-    Switch,
     on_request,
     on_review,
     settle,
 )
-from nexuscore.policy import RoutingPolicy, cost_micros
+from nexuscore.policy import Controls, RoutingPolicy, Switch, cost_micros
 from nexuscore.projections import EvidenceStore
 from nexuscore.projections._tables import ROW_BUILDERS, Row
 from nexuscore.schemas import (
@@ -156,9 +154,16 @@ def _observed(row: Row) -> Callable[[str, str], LatencyObservation | None]:
     return lambda deployment, strategy: seen.get((deployment, strategy))
 
 
+Key = tuple[str, str]  # (tenant id, request id): request ids are unique per tenant only
+
+
+def _key(row: Row) -> Key:
+    return (row["tenant_id"], row["request_id"])
+
+
 def _ordered(
     requests: list[Row],
-    decisions: dict[str, Row],
+    decisions: dict[Key, Row],
     settlements: list[Row],
     resolutions: list[Row] = (),  # type: ignore[assignment]  # an empty tuple is an empty sequence
 ) -> Iterator[tuple[str, Row]]:
@@ -172,7 +177,7 @@ def _ordered(
         rows.sort(key=lambda r: (r["src_partition"], r["src_offset"]))
         pending: list[Row] = []
         for r in rows:
-            d = decisions.get(r["request_id"])
+            d = decisions.get(_key(r))
             if d is None:
                 pending.append(r)
                 continue
@@ -223,24 +228,25 @@ def replay(
     def rows(table: str) -> list[Row]:
         # Table names are ours; filters travel as bound parameters. Other tables follow the
         # requests chosen, whatever their own times.
-        chosen = f"SELECT request_id FROM requests {where}"  # noqa: S608
+        chosen = f"SELECT tenant_id, request_id FROM requests {where}"  # noqa: S608
         sql = (
             f"SELECT * FROM requests {where}"  # noqa: S608
             if table == "requests"
-            else f"SELECT * FROM {table} WHERE request_id IN ({chosen})"  # noqa: S608
+            # Request ids are unique per tenant only: rows follow their (tenant, request) pair.
+            else f"SELECT t.* FROM {table} t SEMI JOIN ({chosen}) c USING (tenant_id, request_id)"  # noqa: S608
         )
         result: list[Row] = store.query(sql, params).to_pylist()
         return result
 
     requests = rows("requests")
-    recorded: dict[str, tuple[str, Row]] = {}
+    recorded: dict[Key, tuple[str, Row]] = {}
     for table in ("decisions", "rejections"):
         for row in rows(table):
-            recorded[row["request_id"]] = (table, row)
+            recorded[_key(row)] = (table, row)
     decisions = {rid: row for rid, (t, row) in recorded.items() if t == "decisions"}
     settlements = rows("settlements")
     resolutions = rows("resolutions")
-    outcomes = {o["request_id"]: o for o in rows("outcomes")}
+    outcomes = {_key(o): o for o in rows("outcomes")}
 
     if (policy is None) == (recorded_policies is None):
         raise ValueError("replay under one policy, or under the recorded ones: exactly one")
@@ -249,19 +255,20 @@ def replay(
         if policy is not None
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
-    policy_of: dict[str, RoutingPolicy] = {}
+    policy_of: dict[Key, RoutingPolicy] = {}
     states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
-    chosen: dict[str, str] = {}
-    reservations: dict[str, Reservation] = {}
+    chosen: dict[Key, str] = {}
+    reservations: dict[Key, Reservation] = {}
     request_fields = set(InferenceRequested.__struct_fields__)
     total = len(requests)
-    escalated: dict[str, tuple[InferenceRequested, RequestDecided]] = {}
+    escalated: dict[Key, tuple[InferenceRequested, RequestDecided]] = {}
     for kind, row in _ordered(requests, decisions, settlements, resolutions):
         tenant_id, request_id = row["tenant_id"], row["request_id"]
+        key = (tenant_id, request_id)
         if kind == "resolution":
-            if request_id not in escalated:
+            if key not in escalated:
                 continue  # the candidate did not escalate it
-            request, escalation = escalated.pop(request_id)
+            request, escalation = escalated.pop(key)
             action = {"denied": "denied", "timed_out": "timed_out"}.get(row["resolution"], "approved")
             review = ReviewRecorded(
                 event_id=row["review_event_id"], request_id=request_id, tenant_id=tenant_id,
@@ -269,28 +276,28 @@ def replay(
                 reviewer=row["reviewer"], reason=row["review_reason"], deadline=escalation.review_deadline,
             )  # fmt: skip
             states[tenant_id], reservation, events = on_review(
-                states[tenant_id], request, escalation, review, policy_of[request_id], PRODUCER, row["occurred_at"],
-                latency=_observed(decisions.get(request_id, {})),
+                states[tenant_id], request, escalation, review, policy_of[key], PRODUCER, row["occurred_at"],
+                latency=_observed(decisions.get(key, {})),
             )  # fmt: skip
             report.reviews_applied += 1
             if reservation is not None:
-                reservations[request_id] = reservation
+                reservations[key] = reservation
                 resolved = events[0]
                 assert isinstance(resolved, EscalationResolved) and resolved.deployment_id is not None
-                chosen[request_id] = resolved.deployment_id
-                if request_id not in outcomes:
+                chosen[key] = resolved.deployment_id
+                if key not in outcomes:
                     states[tenant_id], _ = settle(states[tenant_id], reservation, reservation.amount)
-                    reservations.pop(request_id)
+                    reservations.pop(key)
             continue
         if kind == "settlement":
-            deployment = chosen.get(request_id)
-            outcome = outcomes.get(request_id)
+            deployment = chosen.get(key)
+            outcome = outcomes.get(key)
             if deployment is None or outcome is None:
                 continue
-            held = reservations.pop(request_id, None)
+            held = reservations.pop(key, None)
             if held is None:
                 continue
-            d = policy_of[request_id].deployments_by_id[deployment]
+            d = policy_of[key].deployments_by_id[deployment]
             actual = (
                 outcome["cost_micros"]
                 if deployment == outcome["deployment_id"]
@@ -308,7 +315,7 @@ def replay(
             {**{k: v for k, v in row.items() if k in request_fields}, "prompt": _stand_in(row)},
             InferenceRequested,
         )
-        rec_table, rec_row = recorded.get(request_id, ("missing", {}))
+        rec_table, rec_row = recorded.get(key, ("missing", {}))
         now = rec_row.get("occurred_at") or request.occurred_at
         use = policy if recorded_policies is None else recorded_policies.get(rec_row.get("policy_digest", ""))
         if use is None:
@@ -322,18 +329,18 @@ def replay(
                            recorded=digest, candidate={})
                 )  # fmt: skip
             continue
-        policy_of[request_id] = use
+        policy_of[key] = use
         override = _override(rec_row)
         states[tenant_id], reservation, events = on_request(
             states[tenant_id], request, use, PRODUCER, now,
             controls=override or Controls(), latency=_observed(rec_row),
         )  # fmt: skip
         if reservation is not None:
-            reservations[request_id] = reservation
+            reservations[key] = reservation
         decided = events[0]
         assert isinstance(decided, RequestDecided | RequestRejected)
         if isinstance(decided, RequestDecided) and decided.verdict == "escalated":
-            escalated[request_id] = (request, decided)
+            escalated[key] = (request, decided)
         if override is not None:
             report.requests += 1
             report.operator_overrides += 1
@@ -344,16 +351,16 @@ def replay(
         if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
             deployment_id = decided.budget.deployment_id
             assert deployment_id is not None
-            chosen[request_id] = deployment_id
+            chosen[key] = deployment_id
             report.candidate_estimated_micros += decided.budget.estimated_cost_micros
-            if request_id not in outcomes:
+            if key not in outcomes:
                 # Never served in the recorded history: settle at the estimate so the budget moves.
-                held = reservations.pop(request_id)
+                held = reservations.pop(key)
                 states[tenant_id], _ = settle(states[tenant_id], held, held.amount)
                 report.candidate_actual_micros += decided.budget.estimated_cost_micros
         if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
             report.recorded_estimated_micros += rec_row["estimated_cost_micros"]
-        report.recorded_actual_micros += outcomes[request_id]["cost_micros"] if request_id in outcomes else 0
+        report.recorded_actual_micros += outcomes[key]["cost_micros"] if key in outcomes else 0
         report.requests += 1
         if table == "decisions" and cand_row["verdict"] == "dispatch":
             region = use.deployments_by_id[cand_row["deployment_id"]].region

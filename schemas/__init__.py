@@ -5,6 +5,7 @@ from nexuscore.schemas._codec import AvroCodec, crc64_avro, fingerprint
 from nexuscore.schemas._events import (
     EVENT_TYPES,
     TIERS,
+    ActRefused,
     BudgetDecision,
     BudgetSettled,
     CircuitStateChanged,
@@ -39,6 +40,7 @@ __all__ = [
     "AVRO_DIR",
     "EVENT_TYPES",
     "TIERS",
+    "ActRefused",
     "AvroCodec",
     "BudgetDecision",
     "BudgetSettled",

@@ -27,6 +27,10 @@ TIERS: tuple[Tier, ...] = ("small", "mid", "frontier")
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Free text a person or client supplies (reasons, names): bounded so no event outgrows the broker.
+Text = Annotated[str, msgspec.Meta(max_length=4000)]
+# A request id is the client's: unique per tenant, printable, short.
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
@@ -65,19 +69,22 @@ class Envelope(TypedDict):
 class InferenceRequested(Event, frozen=True, kw_only=True, tag="inference_requested.v1"):
     """An application asks for a model call; the gateway decides whether and where it runs."""
 
+    request_id: RequestId
     feature: Identifier
     task_type: Identifier
     risk_class: RiskClass
     data_classification: DataClassification
     prompt: Annotated[str, msgspec.Meta(min_length=1)]
     max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)]
-    required_capabilities: list[str] = msgspec.field(default_factory=list)
+    required_capabilities: Annotated[list[Identifier], msgspec.Meta(max_length=32)] = msgspec.field(
+        default_factory=list
+    )
     # The caller's own estimate of task complexity in [0, 1]; None lets the gateway estimate it.
     complexity: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
-    latency_slo_ms: Positive | None = None
+    latency_slo_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] | None = None
     # The person the content is about, when the caller names one: their content gets its own key,
     # so it can be erased on its own (right to erasure).
-    data_subject: str = ""
+    data_subject: Annotated[str, msgspec.Meta(max_length=200)] = ""
 
 
 # --- nexus.decisions ------------------------------------------------------------------------
@@ -327,7 +334,9 @@ class CircuitStateChanged(Event, frozen=True, kw_only=True, tag="circuit_state_c
 
 
 class DeadLettered(Event, frozen=True, kw_only=True, tag="dead_lettered.v1"):
-    """Input that could not be processed, kept byte for byte with the reason and its position."""
+    """Input that could not be processed: its reason and position, and a bounded prefix of its
+    bytes with the size and sha256 of the whole (the original stays on its source topic at the
+    recorded offset), so that a dead letter never outgrows the broker's limit."""
 
     source_topic: str
     source_partition: NonNegative
@@ -335,6 +344,8 @@ class DeadLettered(Event, frozen=True, kw_only=True, tag="dead_lettered.v1"):
     reason: str
     raw_key: bytes | None
     raw_value: bytes
+    raw_size: NonNegative = 0
+    raw_sha256: str = ""
 
 
 # --- nexus.governance ------------------------------------------------------------------------
@@ -347,9 +358,15 @@ class ReviewRecorded(Event, frozen=True, kw_only=True, tag="review_recorded.v1")
     """A person's decision on an escalated request, or the deadline passing without one."""
 
     action: Literal["approved", "denied", "timed_out"]
-    reviewer: str
-    reason: str
+    reviewer: Text
+    reason: Text
     deadline: datetime | None = None
+    # A person's review is signed by a reviewer key of the deciders' trust store, over the request,
+    # tenant, the escalation it answers (``causation_id``), the action and when (see
+    # ``nexuscore.policy.review_message``); ``reviewer`` must be that key's name. A deadline's
+    # timeout is the decider's own and unsigned: it is taken only once the deadline has passed.
+    key_id: str = ""
+    signature: str = ""
 
 
 class KillSwitchChanged(Event, frozen=True, kw_only=True, tag="kill_switch_changed.v1"):
@@ -362,8 +379,8 @@ class KillSwitchChanged(Event, frozen=True, kw_only=True, tag="kill_switch_chang
     scope: str
     target: str
     mode: str
-    actor: str
-    reason: str
+    actor: Text
+    reason: Text
     key_id: str = ""
     signature: str = ""
 
@@ -387,6 +404,10 @@ class PolicyStageChanged(Event, frozen=True, kw_only=True, tag="policy_stage_cha
     signatures: str = ""
     replay_report: str = ""
     canary_share: float = 0.0
+    # The operator's key and signature over the step (digest, version, stages, share, the replay
+    # report's digest, when): see ``nexuscore.policy.promotion_message``.
+    key_id: str = ""
+    signature: str = ""
 
 
 class ShadowDecisionRecorded(Event, frozen=True, kw_only=True, tag="shadow_decision_recorded.v1"):
@@ -407,6 +428,24 @@ class ShadowDecisionRecorded(Event, frozen=True, kw_only=True, tag="shadow_decis
     differs: bool
 
 
+class ActRefused(Event, frozen=True, kw_only=True, tag="act_refused.v1"):
+    """A human act (review, promotion step, kill switch) that was not applied, and why.
+
+    ``act_event_id`` is the refused event's own id, ``source_*`` where it was read. The event id is
+    derived from that position, so a replayed copy of an act is its own refusal, never a duplicate.
+    """
+
+    act: str
+    act_event_id: str
+    source_topic: str
+    source_partition: NonNegative
+    source_offset: NonNegative
+    key_id: str
+    claimed_actor: str
+    code: str
+    reason: str
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     InferenceRequested,
     RequestRejected,
@@ -422,6 +461,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     EscalationResolved,
     CircuitStateChanged,
     KillSwitchChanged,
+    ActRefused,
 )
 
 

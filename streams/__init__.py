@@ -4,9 +4,10 @@ from nexuscore.streams._circuits import CircuitBoard
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._decider import Sink, build_decider
 from nexuscore.streams._governance import (
+    POLICY_KEY,
     GovernanceFollower,
     PolicyHolder,
-    accept,
+    appended_at,
     bootstrap_event,
     publish_governance,
 )
@@ -17,6 +18,7 @@ from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapt
 
 __all__ = [
     "DEFAULT_PARTITIONS",
+    "POLICY_KEY",
     "Caller",
     "CircuitBoard",
     "GovernanceFollower",
@@ -25,7 +27,7 @@ __all__ = [
     "Sink",
     "Topics",
     "Worker",
-    "accept",
+    "appended_at",
     "bootstrap_event",
     "build_decider",
     "dead_letter",

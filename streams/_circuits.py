@@ -114,6 +114,24 @@ def circuit_event(
     )
 
 
+def _take_up(codec: AvroCodec, board: CircuitBoard, value: bytes | None, now: datetime) -> None:
+    """One message of the circuits topic; what is not a state change is the projector's to record
+    as a dead letter, and nothing on the topic may stop the worker that follows it."""
+    try:
+        event = codec.decode(value, (CircuitStateChanged,))
+        assert isinstance(event, CircuitStateChanged)
+        if event.to_state not in ("open", "half_open", "closed"):
+            raise DecodeError(f"unknown circuit state {event.to_state!r:.40}")
+    except DecodeError:
+        return
+    if event.to_state == "open" and event.open_until is not None and event.open_until < now:
+        return  # an opening long over: nothing to take up
+    try:
+        board.take_up(event)
+    except Exception:  # noqa: BLE001  # a hostile change must not stop the worker
+        log.exception("circuit change %s could not be taken up", event.event_id)
+
+
 async def follow_circuits(
     bootstrap: str, topics: Topics, board: CircuitBoard, stopping: asyncio.Event
 ) -> None:
@@ -131,13 +149,6 @@ async def follow_circuits(
             now = board.clock.now()
             for records in batches.values():
                 for r in records:
-                    try:
-                        event = codec.decode(r.value, (CircuitStateChanged,))
-                    except DecodeError:
-                        continue
-                    assert isinstance(event, CircuitStateChanged)
-                    if event.to_state == "open" and event.open_until is not None and event.open_until < now:
-                        continue  # an opening long over: nothing to take up
-                    board.take_up(event)
+                    _take_up(codec, board, r.value, now)
     finally:
         await consumer.stop()

@@ -7,6 +7,7 @@ log order and its budget Table entry is never raced.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import tempfile
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 import faust
 import msgspec
+from aiokafka.errors import KafkaError
 
 from nexuscore._clock import Clock
 from nexuscore.core import (
@@ -35,10 +37,12 @@ from nexuscore.core import (
     on_outcome,
     on_request,
     on_review,
+    refusal_event,
     reserve,
     shadow_event,
 )
 from nexuscore.errors import DecodeError
+from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
     DispatchRequested,
@@ -52,7 +56,7 @@ from nexuscore.schemas import (
 )
 from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
-from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
+from nexuscore.streams._governance import GovernanceFollower, PolicyHolder, appended_at
 from nexuscore.streams._inputs import decode_tenant_event
 from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
 
@@ -135,13 +139,16 @@ def build_decider(
     web_port: int = 0,
     store: str = "memory://",
     sink: Sink | None = None,
+    trust: TrustStore | None = None,
 ) -> tuple[faust.App, Any]:
     """Build the faust app and its decision agent (returned for ``agent.test_context()``).
 
     ``holder`` says which policy decides each tenant (active, or a canary) and which is in shadow;
     ``follower`` keeps it current from the governance topic. ``sink`` replaces the topics the agent
-    writes to; component tests pass a recording fake.
+    writes to; component tests pass a recording fake. ``trust`` holds the reviewers' keys (by
+    default the follower's trust store): a review is applied only if ``judge_review`` accepts it.
     """
+    reviewers = trust if trust is not None else (follower.trust if follower is not None else TrustStore())
     app = IdempotentApp(
         topics.group("nexuscore-decider"),
         broker=f"kafka://{bootstrap}",
@@ -226,14 +233,40 @@ def build_decider(
         )
 
     async def process(
-        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int | None = None
     ) -> None:
+        """One input inside a boundary: what cannot be processed becomes a dead letter with its
+        reason, and the agent goes on (a failure of the broker itself still stops it)."""
         try:
             event = decode_tenant_event(codec, key, value, expected.get(topic, _ANY_INPUT))
         except DecodeError as exc:
-            dl = dead_letter(topic, partition, offset, key, value, str(exc), PRODUCER, clock.now())
-            await send(topics.deadletter, topic.encode(), codec.encode(dl))
+            await reject(topic, partition, offset, key, value, str(exc))
             return
+        try:
+            await decide_one(event, topic, partition, offset, value, appended_at(timestamp_ms, clock.now()))
+        except (KafkaError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001  # no input may stop the decider
+            log.exception("could not process %s[%d]@%d", topic, partition, offset)
+            await reject(topic, partition, offset, key, value, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def reject(
+        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        dl = dead_letter(topic, partition, offset, key, value, reason, PRODUCER, clock.now())
+        await send(topics.deadletter, topic.encode(), codec.encode(dl))
+
+    async def refuse(act: ReviewRecorded, refusal: Refusal, source: tuple[str, int, int], now: datetime) -> None:
+        log.warning("review %s of %s refused: %s", act.event_id, act.request_id, refusal)
+        if refusal.code in SIGNER_CODES:
+            return  # the projector records these from the reviews topic: one refusal per act
+        refused = refusal_event(act, refusal, source, PRODUCER, now)
+        await send(topics.decisions, act.tenant_id.encode(), codec.encode(refused))
+
+    async def decide_one(
+        event: Event, topic: str, partition: int, offset: int, value: bytes | None, appended: datetime
+    ) -> None:
+        source = (topic, partition, offset)
         tenant, now = event.tenant_id.encode(), clock.now()
         state = decode_state(budgets.get(tenant))
         # Request ids come from clients: scope them by tenant.
@@ -280,9 +313,12 @@ def build_decider(
                     decided=codec.encode(decided),
                     deadline_us=int(deadline.timestamp() * 1_000_000) if deadline else 0,
                 )
-                if record is not None and record.early_review:
-                    early = codec.decode(record.early_review, (ReviewRecorded,))
-                    assert isinstance(early, ReviewRecorded)
+                early = _early_review(record)
+                # Its signature and freshness were checked when it arrived; what it answers, now.
+                refused = early and judge_review(
+                    early, decided.event_id, decided.review_deadline, reviewers, early.occurred_at
+                )
+                if early is not None and not refused:
                     new_state, reservation, resolved = review(
                         new_state, event, decided, early, now, partition
                     )
@@ -291,6 +327,8 @@ def build_decider(
                         EscalationRecord(resolved=True, resolved_by=early.event_id)
                     )
                 else:
+                    if early is not None and isinstance(refused, Refusal):
+                        await refuse(early, refused, ("early-review", partition, offset), now)
                     escalations[request_key] = _escalation_encoder.encode(pending)
         elif isinstance(event, ReviewRecorded):
             record = _escalation(escalations.get(request_key))
@@ -298,26 +336,18 @@ def build_decider(
                 if record.resolved_by == event.event_id:
                     await resend(record.sent)  # the same review again: its outputs may not be out
                 else:
-                    log.warning(
-                        "review %s of %s: already resolved; ignored", event.event_id, event.request_id
-                    )
+                    await refuse(event, Refusal("not_pending", "the escalation was resolved already"), source, now)
                 return
             if record is None or not record.request:
-                # The escalation is not (yet) known here: after a crash its request may be decided
-                # again after this review. Keep the first review until then.
-                if record is None:
-                    log.warning(
-                        "review %s of %s arrived before its escalation: kept",
-                        event.event_id,
-                        event.request_id,
-                    )
-                    escalations[request_key] = _escalation_encoder.encode(
-                        EscalationRecord(early_review=value or b"")
-                    )
+                await hold_early_review(event, record, request_key, value, source, now, appended)
                 return
             request = codec.decode(record.request, (InferenceRequested,))
             escalated = codec.decode(record.decided, (RequestDecided,))
             assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
+            refused = judge_review(event, escalated.event_id, escalated.review_deadline, reviewers, appended)
+            if refused is not None:
+                await refuse(event, refused, source, now)
+                return
             new_state, reservation, out = review(state, request, escalated, event, now, partition)
             held = None
         else:
@@ -370,6 +400,28 @@ def build_decider(
             del reservations[request_key]
         if new_state is not state:
             budgets[tenant] = encode_record(new_state)
+
+    async def hold_early_review(
+        event: ReviewRecorded,
+        record: EscalationRecord | None,
+        request_key: bytes,
+        value: bytes | None,
+        source: tuple[str, int, int],
+        now: datetime,
+        appended: datetime,
+    ) -> None:
+        """A review of an escalation not (yet) known here: after a crash its request may be decided
+        again after this review. The first signed one is kept until then; anything else (a
+        timeout, a forgery, a second review) is refused, so no one can fill the Table with them."""
+        if record is not None or event.action == "timed_out":
+            await refuse(event, Refusal("not_pending", "no escalation of this request awaits review"), source, now)
+            return
+        signer = check_review(event, reviewers, appended)
+        if isinstance(signer, Refusal):
+            await refuse(event, signer, source, now)
+            return
+        log.warning("review %s of %s arrived before its escalation: kept", event.event_id, event.request_id)
+        escalations[request_key] = _escalation_encoder.encode(EscalationRecord(early_review=value or b""))
 
     async def resend(sent: list[tuple[str, bytes, bytes]]) -> None:
         for out_topic, out_key, out_value in sent:
@@ -434,9 +486,21 @@ def build_decider(
     async def decide(stream: Any) -> None:
         async for event in stream.events():
             m = event.message
-            await process(m.topic, m.partition, m.offset, m.key, m.value)
+            stamp = int(m.timestamp * 1000) if m.timestamp is not None else None
+            await process(m.topic, m.partition, m.offset, m.key, m.value, stamp)
 
     return app, decide
+
+
+def _early_review(record: EscalationRecord | None) -> ReviewRecorded | None:
+    if record is None or not record.early_review:
+        return None
+    early = _codec.decode(record.early_review, (ReviewRecorded,))
+    assert isinstance(early, ReviewRecorded)
+    return early
+
+
+_codec = AvroCodec()
 
 
 def _observed(latency: Any, partition: int, deployment: str, strategy: str) -> LatencyObservation | None:

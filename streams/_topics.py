@@ -17,6 +17,10 @@ from nexuscore.errors import BrokerError
 from nexuscore.streams._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
+# The topics of signed human acts (governance, reviews) take the broker's clock as each record's
+# timestamp: an act's freshness is judged against a time no producer can set. Governance has one
+# partition, so every reader folds its acts in the same order.
+_HUMAN_ACTS = {"message.timestamp.type": "LogAppendTime"}
 # The decider's faust Tables: budget totals, open reservations, escalations awaiting review,
 # latency windows, the offline answer cache, and each request's decision as it went out.
 DECIDER_TABLES = ("budgets", "reservations", "escalations", "latency", "answers", "decided")
@@ -102,7 +106,12 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name=t, num_partitions=partitions, replication_factor=1)
+            NewTopic(
+                name=t,
+                num_partitions=1 if t == topics.governance else partitions,
+                replication_factor=1,
+                topic_configs=_HUMAN_ACTS if t in (topics.governance, topics.reviews) else {},
+            )
             for t in topics.all
             if t not in existing
         ] + [

@@ -15,7 +15,7 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx
@@ -96,8 +96,13 @@ class Caller:
         circuits: CircuitBoard | None = None,
         call_timeout_s: float = 30.0,
         routes: Mapping[str, str] | None = None,
+        incarnation: str | None = None,
     ) -> None:
         self.adapters = adapters
+        # Attempt ids include this process's incarnation: a dispatch called again after a crash
+        # (its offset not yet committed) records its second calls beside the first ones, so the
+        # evidence shows every call that reached a provider.
+        self.incarnation = incarnation or f"{worker_id()}:{os.urandom(6).hex()}"
         self.clock = clock
         self.retry = retry or RetryPolicy()
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
@@ -193,7 +198,7 @@ class Caller:
         error: str,
     ) -> ModelCallAttempted:
         return ModelCallAttempted(
-            **envelope_from(d, "attempt", n, producer=PRODUCER, now=self.clock.now()),
+            **envelope_from(d, "attempt", n, self.incarnation, producer=PRODUCER, now=self.clock.now()),
             attempt=n,
             deployment_id=t.deployment_id,
             region=t.region,
@@ -332,6 +337,7 @@ class Worker:
         concurrency: int = 256,
         tenant_concurrency: int | None = None,
         commit_interval_s: float = 0.2,
+        called_limit: int = 200_000,
     ) -> None:
         self.bootstrap = bootstrap
         self.caller = caller
@@ -348,6 +354,12 @@ class Worker:
         self.codec = AvroCodec()
         self.stopping = asyncio.Event()
         self.processed = 0
+        # Dispatches this worker has called (or is calling), by event id: a dispatch published
+        # again (a decider re-emitting after its crash, a rebalance back to this worker) is
+        # recognised and not called a second time. Bounded: the oldest ids are forgotten first.
+        self.called: OrderedDict[str, None] = OrderedDict()
+        self.called_limit = called_limit
+        self.repeats = 0
 
     async def run(self) -> None:
         consumer = new_consumer(
@@ -418,16 +430,44 @@ class Worker:
         self, record: ConsumerRecord, tp: TopicPartition, producer: AIOKafkaProducer, offsets: _Offsets
     ) -> None:
         try:
-            for future in await self._handle(record, producer):
+            try:
+                futures = await self._handle(record, producer)
+            except (KafkaError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001  # no input may stop the worker
+                log.exception("dispatch at %s:%s could not be processed", tp, record.offset)
+                futures = [await self._dead_letter(record, producer, f"internal error: {type(exc).__name__}: {exc}")]
+            for future in futures:
                 await future
             offsets.finished(tp, record.offset)  # a no-op if the partition was revoked meanwhile
             self.processed += 1
         except Exception:
             # Left pending: the offset is never committed past it, and the worker must be restarted
-            # to retry it. Unexpected by construction (provider errors become failed outcomes).
+            # to retry it. Only a failure of the broker itself gets here.
             log.exception("dispatch at %s:%s could not be recorded", tp, record.offset)
         finally:
             self.pending.release()
+
+    async def _dead_letter(
+        self, record: ConsumerRecord, producer: AIOKafkaProducer, reason: str
+    ) -> asyncio.Future[object]:
+        dl = dead_letter(
+            record.topic, record.partition, record.offset, record.key, record.value, reason, PRODUCER, self.clock.now()
+        )
+        future: asyncio.Future[object] = await producer.send(
+            self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode()
+        )
+        return future
+
+    def _first_call(self, dispatch_id: str) -> bool:
+        """True once per dispatch id (within the bound): the caller may call the provider."""
+        if dispatch_id in self.called:
+            self.called.move_to_end(dispatch_id)
+            return False
+        self.called[dispatch_id] = None
+        if len(self.called) > self.called_limit:
+            self.called.popitem(last=False)
+        return True
 
     async def _handle(
         self, record: ConsumerRecord, producer: AIOKafkaProducer
@@ -436,19 +476,17 @@ class Worker:
             d = self.codec.decode(record.value, (DispatchRequested,))
             assert isinstance(d, DispatchRequested)
         except DecodeError as exc:
-            dl = dead_letter(
-                record.topic,
-                record.partition,
-                record.offset,
-                record.key,
-                record.value,
-                str(exc),
-                PRODUCER,
-                self.clock.now(),
-            )
-            return [
-                await producer.send(self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode())
-            ]
+            return [await self._dead_letter(record, producer, str(exc))]
+        if record.key != d.request_id.encode():
+            # The decider keys a dispatch by its request: anything else was not written by it.
+            why = f"message key {record.key!r:.80} is not the request id {d.request_id!r}"
+            return [await self._dead_letter(record, producer, why)]
+        if not self._first_call(d.event_id):
+            # Already called by this worker: its attempts and outcome are on their topics (or on
+            # their way, with the same ids). Calling again would bill the tenant twice.
+            self.repeats += 1
+            log.warning("dispatch %s of %s seen again at %s; not called twice", d.event_id, d.request_id, record.offset)
+            return []
         attempts: list[ModelCallAttempted] = []
         if self.bulkhead.full(d.tenant_id):
             self.bulkhead.refused += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from nexuscore.core import (
     on_request,
     on_review,
 )
-from nexuscore.policy import RoutingPolicy, default_policy
+from nexuscore.policy import RoutingPolicy, TrustStore, default_policy
 from nexuscore.projections import Projector
 from nexuscore.schemas import (
     AvroCodec,
@@ -96,6 +97,7 @@ _TOPIC_OF = {
     "EscalationResolved": "decisions",
     "CircuitStateChanged": "circuits",
     "KillSwitchChanged": "governance",
+    "ActRefused": "decisions",
 }
 
 
@@ -111,9 +113,13 @@ def project(
     partitions: int = 2,
     flush_every: int = 0,
     policy: RoutingPolicy = POLICY,
+    trust: TrustStore | None = None,
+    raw: Sequence[tuple[str, bytes | None, bytes | None]] = (),
 ) -> Projector:
     """Project ``events`` into a sealed store under ``root`` exactly as the projector does from Kafka
-    (decode, dedup, encrypt, seal, commit), with records made by hand: the log is this list."""
+    (decode, dedup, encrypt, seal, commit), with records made by hand: the log is this list, each
+    appended by the broker at its event's time (``raw``: undecodable (topic, key, value) after it).
+    ``trust`` judges governance acts and reviews."""
     topics = Topics()
     projector = Projector(
         "unused:9092",
@@ -122,21 +128,25 @@ def project(
         FixedClock(T0),
         regions={t.id: t.home_region for t in policy.tenants},
         topics=topics,
+        trust=trust,
     )
     manifest = projector.recover()
     codec = AvroCodec()
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     batches: dict[Any, Any] = {}
-    for n, e in enumerate(events, 1):
-        topic = getattr(topics, _TOPIC_OF[type(e).__name__])
-        partition = zlib.crc32(e.tenant_id.encode()) % partitions
+    messages = [
+        (getattr(topics, _TOPIC_OF[type(e).__name__]), e.tenant_id.encode(), codec.encode(e), e.occurred_at)
+        for e in events
+    ] + [(getattr(topics, topic), key, value, T0) for topic, key, value in raw]
+    for n, (topic, key, value, at) in enumerate(messages, 1):
+        partition = 0 if topic == topics.governance else zlib.crc32(key or b"") % partitions
         offset = offsets[(topic, partition)]
         offsets[(topic, partition)] += 1
         if offset < manifest.positions.get((topic, partition), 0):
             continue  # already projected: a restarted projector seeks past it
         record = ConsumerRecord(
-            topic=topic, partition=partition, offset=offset, timestamp=0, timestamp_type=0,
-            key=e.tenant_id.encode(), value=codec.encode(e), checksum=None, serialized_key_size=0,
+            topic=topic, partition=partition, offset=offset, timestamp=int(at.timestamp() * 1000),
+            timestamp_type=1, key=key, value=value, checksum=None, serialized_key_size=0,
             serialized_value_size=0, headers=(),
         )  # fmt: skip
         projector.add(batches, record)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
+import fastavro
 import msgspec
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore._clock import FixedClock
-from nexuscore.core import Controls, decode_reservation, decode_state
+from nexuscore.core import decode_reservation, decode_state, derive_id
 from nexuscore.core._latency import MIN_SAMPLES
-from nexuscore.policy import SignedPolicy
+from nexuscore.policy import Controls, SignedPolicy, TrustStore, sign_review, trusted_key_entry
 from nexuscore.policy._promotion import Registry
 from nexuscore.schemas import (
+    ActRefused,
     AvroCodec,
     BudgetSettled,
     DeadLettered,
@@ -28,6 +32,7 @@ from nexuscore.schemas import (
     RequestRejected,
     ReviewRecorded,
     ShadowDecisionRecorded,
+    schema_for,
 )
 from nexuscore.streams import PolicyHolder, Topics, build_decider
 from tests.factories import POLICY, T0, request
@@ -38,6 +43,8 @@ TOPICS = Topics("component.")
 ACTIVE = Registry().apply(SignedPolicy(POLICY, ()), "active")
 HOLDER = PolicyHolder(ACTIVE)
 CLOCK = FixedClock(T0)
+REVIEWER = Ed25519PrivateKey.from_private_bytes(bytes([7]) * 32)
+TRUST = TrustStore(keys=(trusted_key_entry(REVIEWER.public_key(), "carol@acme-bank", ("reviewer",)),))
 
 
 def _switch(scope: str, target: str, mode: str) -> KillSwitchChanged:
@@ -66,7 +73,7 @@ async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
     HOLDER.controls = Controls()
     CLOCK.at = T0
     sink = RecordingSink()
-    app, agent = build_decider("127.0.0.1:1", HOLDER, CLOCK, topics=TOPICS, sink=sink)
+    app, agent = build_decider("127.0.0.1:1", HOLDER, CLOCK, topics=TOPICS, sink=sink, trust=TRUST)
     app.finalize()
     app.conf.store = "memory://"
     async with agent.test_context() as ctx:
@@ -179,11 +186,21 @@ async def test_a_promotion_is_taken_up_without_a_restart_and_a_shadow_is_recorde
     assert state.window(T0.date().isoformat()).tenant_reserved == reserved
 
 
-def _review(req_id: str, action: str, at: datetime = T0) -> ReviewRecorded:
-    return ReviewRecorded(
+def _review(
+    req_id: str, action: str, at: datetime = T0, key: Ed25519PrivateKey = REVIEWER, reviewer: str = "carol@acme-bank"
+) -> ReviewRecorded:
+    """A reviewer's signed review of the escalation of ``req_id`` (its decision's id is derived)."""
+    return sign_review(ReviewRecorded(
         event_id=f"review-{req_id}-{action}", request_id=req_id, tenant_id="acme-bank", occurred_at=at,
-        producer="nexuscore.review", action=action, reviewer="carol@acme-bank", reason=f"{action}: memo checked",  # type: ignore[arg-type]  # one of the three
-    )  # fmt: skip
+        causation_id=derive_id("acme-bank", req_id, "decision"), producer="nexuscore.review", action=action,  # type: ignore[arg-type]  # one of the three
+        reviewer=reviewer, reason=f"{action}: memo checked",
+    ), key)  # fmt: skip
+
+
+async def put_review(ctx: Any, review: ReviewRecorded, appended: datetime | None = None) -> None:
+    """As the broker would append it: the reviews topic's timestamps are the broker's clock."""
+    at = appended or review.occurred_at
+    await ctx.put(CODEC.encode(review), key=review.tenant_id.encode(), timestamp=at.timestamp())
 
 
 def _outcome(
@@ -211,9 +228,11 @@ async def test_an_approved_escalation_resumes_and_a_denied_one_ends_with_the_rev
     assert not sink.of(DispatchRequested)  # nothing goes to a model before a person decides
     assert len(app.tables["escalations"]) == 2
 
-    await ctx.put(CODEC.encode(_review("crit-1", "approved")), key=b"acme-bank")
-    await ctx.put(CODEC.encode(_review("crit-2", "denied")), key=b"acme-bank")
-    await ctx.put(CODEC.encode(_review("crit-2", "approved")), key=b"acme-bank")  # too late: already ended
+    await put_review(ctx, _review("crit-1", "approved"))
+    await put_review(ctx, _review("crit-2", "denied"))
+    await put_review(ctx, _review("crit-2", "approved"))  # too late: already ended
+    [(_, _, refused)] = sink.of(ActRefused)  # and recorded as such
+    assert (refused.act, refused.code, refused.act_event_id) == ("review", "not_pending", "review-crit-2-approved")
     resolved = {e.request_id: e for _, _, e in sink.of(EscalationResolved)}
     assert set(resolved) == {"crit-1", "crit-2"}
     assert resolved["crit-1"].resolution == "dispatched" and resolved["crit-1"].reviewer == "carol@acme-bank"
@@ -232,7 +251,7 @@ async def test_a_review_that_overtakes_its_redecided_request_is_applied_when_the
 ) -> None:
     # After a crash, the request that prompted a review may be decided again after the review.
     _, ctx, sink = harness
-    await ctx.put(CODEC.encode(_review("crit-4", "approved")), key=b"acme-bank")
+    await put_review(ctx, _review("crit-4", "approved"))
     assert not sink.sent
     crit = request(request_id="crit-4", risk_class="critical")
     await ctx.put(CODEC.encode(crit), key=b"acme-bank")
@@ -253,7 +272,7 @@ async def test_an_escalation_past_its_deadline_ends_as_timed_out_even_if_approve
     await ctx.put(CODEC.encode(request(request_id="crit-3", risk_class="critical")), key=b"acme-bank")
     [(_, _, escalated)] = sink.of(RequestDecided)
     CLOCK.at = escalated.review_deadline + timedelta(seconds=1)
-    await ctx.put(CODEC.encode(_review("crit-3", "approved", CLOCK.at)), key=b"acme-bank")
+    await put_review(ctx, _review("crit-3", "approved", CLOCK.at))
     [(_, _, resolved)] = sink.of(EscalationResolved)
     assert resolved.resolution == "timed_out" and not sink.of(DispatchRequested)
 
@@ -341,14 +360,14 @@ async def test_a_redelivered_review_or_outcome_sends_what_it_sent_the_first_time
     _, ctx, sink = harness
     await ctx.put(CODEC.encode(request(request_id="crit-5", risk_class="critical")), key=b"acme-bank")
     approval = _review("crit-5", "approved")
-    await ctx.put(CODEC.encode(approval), key=b"acme-bank")
+    await put_review(ctx, approval)
     resolved = sink.sent[1:]
     assert [type(e).__name__ for _, _, e in resolved] == ["EscalationResolved", "DispatchRequested"]
-    await ctx.put(CODEC.encode(approval), key=b"acme-bank")
+    await put_review(ctx, approval)
     assert sink.sent[3:] == resolved
     other = _review("crit-5", "denied")
-    await ctx.put(CODEC.encode(other), key=b"acme-bank")  # a different, later review: nothing
-    assert len(sink.sent) == 5
+    await put_review(ctx, other)  # a different, later review: refused, nothing else
+    assert len(sink.sent) == 6 and sink.of(ActRefused)[0][2].code == "not_pending"
 
     plain = request(request_id="plain")
     await ctx.put(CODEC.encode(plain), key=b"acme-bank")
@@ -358,3 +377,74 @@ async def test_a_redelivered_review_or_outcome_sends_what_it_sent_the_first_time
     settled = sink.of(BudgetSettled)
     await ctx.put(CODEC.encode(outcome), key=b"acme-bank")
     assert sink.of(BudgetSettled) == settled + settled
+
+
+@pytest.mark.asyncio
+async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_pending(harness: Any) -> None:
+    # Finding: an unsigned "approved" review with any reviewer name resumed an escalated request.
+    app, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(request_id="crit-6", risk_class="critical")), key=b"acme-bank")
+    mallory = Ed25519PrivateKey.from_private_bytes(bytes([9]) * 32)
+    genuine = _review("crit-6", "approved")
+    forgeries = {
+        "unsigned": msgspec.structs.replace(genuine, event_id="f1", key_id="", signature=""),
+        "unknown_key": _review("crit-6", "approved", key=mallory, reviewer="carol@acme-bank"),
+        "actor_mismatch": _review("crit-6", "approved", reviewer="the-ceo"),
+        "bad_signature": msgspec.structs.replace(genuine, event_id="f4", reason="approve everything"),
+        "wrong_escalation": sign_review(msgspec.structs.replace(genuine, event_id="f5", causation_id="other"), REVIEWER),
+        "not_due": msgspec.structs.replace(genuine, event_id="f6", action="timed_out", key_id="", signature=""),
+    }
+    for forged in forgeries.values():
+        await put_review(ctx, forged)
+    # A genuine review replayed long after it was signed is stale.
+    await put_review(ctx, genuine, appended=T0 + timedelta(hours=1))
+    # The decider records what only its state can judge; the projector records the signature
+    # failures from the reviews topic (tests/unit/test_refusals_evidence.py), one refusal per act.
+    codes = [e.code for _, _, e in sink.of(ActRefused)]
+    assert codes == ["wrong_escalation", "not_due"]
+    assert not sink.of(EscalationResolved) and not sink.of(DispatchRequested)
+    await put_review(ctx, genuine)  # the reviewer's own, fresh: applied
+    [(_, _, resolved)] = sink.of(EscalationResolved)
+    assert resolved.resolution == "dispatched" and resolved.reviewer == "carol@acme-bank"
+
+
+@pytest.mark.asyncio
+async def test_an_early_forged_review_is_not_kept_so_the_table_cannot_be_filled(harness: Any) -> None:
+    app, ctx, sink = harness
+    unsigned = msgspec.structs.replace(_review("crit-7", "approved"), key_id="", signature="")
+    await put_review(ctx, unsigned)
+    await put_review(ctx, msgspec.structs.replace(unsigned, event_id="t", action="timed_out"))
+    assert [e.code for _, _, e in sink.of(ActRefused)] == ["not_pending"]  # "unsigned": the projector's
+    assert len(app.tables["escalations"]) == 0
+
+
+@pytest.mark.asyncio
+async def test_two_tenants_may_use_the_same_request_id_without_any_id_colliding(harness: Any) -> None:
+    _, ctx, sink = harness
+    await ctx.put(CODEC.encode(request(request_id="same", event_id="e-same")), key=b"acme-bank")
+    other = request(request_id="same", event_id="e-same", tenant_id="globex-insurance", feature="claims-triage")
+    await ctx.put(CODEC.encode(other), key=b"globex-insurance")
+    ids = [e.event_id for _, _, e in sink.sent]
+    assert len(ids) == len(set(ids)) and {e.tenant_id for _, _, e in sink.sent} == {"acme-bank", "globex-insurance"}
+
+
+@pytest.mark.asyncio
+async def test_a_request_id_that_is_empty_or_too_long_is_dead_lettered(harness: Any) -> None:
+    _, ctx, sink = harness
+    for bad in ("", "x" * 129, "tab\there"):
+        value = _encode_unchecked(request(request_id="ok"), request_id=bad)
+        await ctx.put(value, key=b"acme-bank")
+    dead = [e for _, _, e in sink.of(DeadLettered)]
+    assert len(dead) == 3 and all("request_id" in d.reason for d in dead)
+    assert not sink.of(RequestDecided)
+
+
+def _encode_unchecked(event: Event, **changes: Any) -> bytes:
+    """Encode with fields the Struct would refuse (what a hostile producer can put on the wire)."""
+    record = {**msgspec.to_builtins(event, builtin_types=(datetime, bytes)), **changes}
+    record.pop("event_type", None)
+    parsed = fastavro.parse_schema(schema_for(type(event)))
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, parsed, record)
+    header = CODEC.encode(event)[:10]  # magic and fingerprint of the same schema
+    return header + out.getvalue()

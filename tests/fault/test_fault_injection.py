@@ -165,7 +165,7 @@ class Pipeline:
         self.provider_port = 0
         self.broker_lock = threading.Lock()
         # Stands in for the reviewers: escalations wait for a person (or their deadline, minutes away).
-        self.desk = ReviewDesk(broker.bootstrap, topics)
+        self.desk = ReviewDesk(broker.bootstrap, topics, keys)
         self._desk_polled = 0.0
 
     def args(self, role: str) -> list[str]:

@@ -64,7 +64,7 @@ def test_a_killed_decider_loses_and_duplicates_nothing(bootstrap: str, tmp_path:
         asyncio.run(_publish_all(bootstrap, topics, default_policy(), half, topics.namespace + "b"))
         services.start("decider-restarted", *decider_args(common, keys))
         summary = wait_for_evidence(
-            evidence, REQUESTS, services, 240, Console(quiet=True), ReviewDesk(bootstrap, topics)
+            evidence, REQUESTS, services, 240, Console(quiet=True), ReviewDesk(bootstrap, topics, keys)
         )
     assert summary["requests"] == REQUESTS
     assert summary["terminal"] == REQUESTS

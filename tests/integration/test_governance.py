@@ -60,7 +60,7 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
 
     def promote(stage: str, *extra: str) -> tuple[int, str]:
         out = nexuscore(
-            "policy", "promote", str(candidate), "--to", stage, "--actor", "carol", *common, *extra
+            "policy", "promote", str(candidate), "--to", stage, "--key", str(keys.operator), *common, *extra
         )
         return out.returncode, out.stdout + out.stderr
 
@@ -69,12 +69,12 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
 
     with Services(evidence / "_logs") as services:
         Pipeline(services, bootstrap, topics, keys, evidence)
-        desk = ReviewDesk(bootstrap, topics)
+        desk = ReviewDesk(bootstrap, topics, keys)
         publish("a")
         wait_for_evidence(evidence, BATCH, services, 120, Console(quiet=True), desk)
 
         code, out = promote("draft")
-        assert code == 2 and "(unsigned)" in out
+        assert code == 2 and "unsigned" in out and "no signatures" in out
         sign = nexuscore("policy", "sign", str(candidate), "--key", str(tmp_path / "keys" / "alice.pem"),
                          "--signer", "alice@demo")  # fmt: skip
         assert sign.returncode == 0, sign.stderr

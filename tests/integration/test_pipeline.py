@@ -64,7 +64,7 @@ def run(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
         sent = asyncio.run(_publish_all(bootstrap, topics, default_policy(), REQUESTS, topics.namespace))
         assert sent == MALFORMED
         wait_for_evidence(
-            evidence, REQUESTS, services, 180, Console(quiet=True), ReviewDesk(bootstrap, topics)
+            evidence, REQUESTS, services, 180, Console(quiet=True), ReviewDesk(bootstrap, topics, keys)
         )
         # Let the last dead letters and settlements land (one projector flush).
         deadline = asyncio.run(_settle_evidence(evidence))
@@ -104,7 +104,7 @@ def test_every_request_has_exactly_one_terminal_state(run: Run) -> None:
         assert {"answered", "rejected", "escalation_denied"} <= set(states), states
         reviewed = store.query("SELECT resolution, reviewer FROM resolutions").to_pylist()
         assert {r["resolution"] for r in reviewed} == {"dispatched", "denied"}
-        assert {r["reviewer"] for r in reviewed} == {ReviewDesk.REVIEWER}
+        assert {r["reviewer"] for r in reviewed} == {"bob@demo"}
         # Every decision and outcome points at a request that exists.
         assert one(store, "SELECT count(*) FROM decisions ANTI JOIN requests USING (request_id)") == 0
         assert one(store, "SELECT count(*) FROM outcomes ANTI JOIN dispatches USING (request_id)") == 0
@@ -273,6 +273,7 @@ def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Pa
     no_key = nexuscore("run", "projector", "--bootstrap", "127.0.0.1:1", "-e", str(tmp_path))
     assert no_key.returncode == 2 and "no signing key" in no_key.stderr
     generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    (tmp_path / "trust.yaml").write_text("keys: []\n")
     unreachable = nexuscore(
         "run",
         "projector",
@@ -282,6 +283,8 @@ def test_an_unreachable_broker_and_a_bad_policy_give_one_clear_line(tmp_path: Pa
         str(tmp_path),
         "--signing-key",
         str(tmp_path / "k.pem"),
+        "--trust-store",
+        str(tmp_path / "trust.yaml"),
     )
     assert unreachable.returncode == 2
     assert "cannot reach the Kafka broker at 127.0.0.1:1" in unreachable.stderr

@@ -79,11 +79,20 @@ def _caught_up(root: Path, ends: dict[tuple[str, int], int]) -> bool:
     return all(positions.get(tp, 0) >= end for tp, end in ends.items())
 
 
+def _empty_trust(directory: Path) -> Path:
+    """No trusted keys: this test projects no governance acts or reviews."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "trust.yaml"
+    path.write_text("keys: []\n")
+    return path
+
+
 def _projector(name: str, root: Path, bootstrap: str, topics: Topics, key: Path, logs: Path) -> Service:
     return Service(
         name,
         ["run", "projector", "--bootstrap", bootstrap, "--namespace", topics.namespace, "-e", str(root),
          "--signing-key", str(key), "--policy", str(DEFAULT_POLICY_PATH), "--flush-rows", "400",
+         "--trust-store", str(_empty_trust(logs)),
          "--flush-interval", "0.05"],
         logs,
     )  # fmt: skip

@@ -94,7 +94,8 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
     asyncio.run(ensure_topics(bootstrap, topics))
     common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
     keys = dev_keys(tmp_path / "keys", DEFAULT_POLICY_PATH)
-    assert keys.operator is not None
+    assert keys.operator is not None and keys.reviewer is not None
+    acts = [*common, "--trust-store", str(keys.trust_store)]  # signed acts name their signer from it
 
     def rows(sql: str) -> list[dict[str, Any]]:
         with EvidenceStore(evidence) as store:
@@ -140,7 +141,7 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
 
         # 2. The kill switch: acme-bank off, signed by an operator; taken up without a restart.
         _cli("control", "off", "--scope", "tenant", "--target", "acme-bank", "--reason", "incident 42",
-             "--actor", "alice@demo", "--key", str(keys.operator), *common)  # fmt: skip
+             "--actor", "alice@demo", "--key", str(keys.operator), *acts)  # fmt: skip
         time.sleep(2)
         off = [_request(f"off-{n}") for n in range(3)]
         _send(bootstrap, topics, off)
@@ -153,9 +154,9 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
 
         # 3. Offline mode: a prompt answered before is answered from the cache, marked cached.
         _cli("control", "offline", "--reason", "provider outage", "--actor", "alice@demo",
-             "--key", str(keys.operator), *common)  # fmt: skip
+             "--key", str(keys.operator), *acts)  # fmt: skip
         _cli("control", "on", "--scope", "tenant", "--target", "acme-bank", "--reason", "incident 42 over",
-             "--actor", "alice@demo", "--key", str(keys.operator), *common)  # fmt: skip
+             "--actor", "alice@demo", "--key", str(keys.operator), *acts)  # fmt: skip
         time.sleep(2)
         again = _request("cached-1", prompt=first[0].prompt)
         unseen = _request("cached-miss", prompt="a question nobody asked")
@@ -180,7 +181,7 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
             "alice@demo",
             "--key",
             str(keys.operator),
-            *common,
+            *acts,
         )
         time.sleep(2)
 
@@ -198,11 +199,11 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
         assert "crit-0" in listed and "crit-1" in listed
         shown = _cli("review", "show", "crit-0", "-e", str(evidence)).stdout
         assert "critical-risk" in shown
-        approve = _cli("review", "approve", "crit-0", "--reviewer", "carol@acme-bank", "--reason", "memo checked",
-                       "-e", str(evidence), *common)  # fmt: skip
+        approve = _cli("review", "approve", "crit-0", "--key", str(keys.reviewer), "--reason", "memo checked",
+                       "-e", str(evidence), *acts)  # fmt: skip
         assert "resolution: dispatched" in approve.stdout
-        _cli("review", "deny", "crit-1", "--reviewer", "carol@acme-bank", "--reason", "call the customer",
-             "-e", str(evidence), *common)  # fmt: skip
+        _cli("review", "deny", "crit-1", "--key", str(keys.reviewer), "--reason", "call the customer",
+             "-e", str(evidence), *acts)  # fmt: skip
         _until("the reviewed requests", ended(["crit-0", "crit-1"]), services)
         states = {
             r["request_id"]: r["state"]
@@ -213,13 +214,13 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
             r["request_id"]: r for r in rows("SELECT * FROM escalations WHERE request_id LIKE 'crit-%'")
         }
         assert (
-            reviewed["crit-0"]["reviewer"] == "carol@acme-bank"
+            reviewed["crit-0"]["reviewer"] == "bob@demo"  # the key's name in the trust store
             and reviewed["crit-0"]["review_state"] == "dispatched"
         )
         assert reviewed["crit-1"]["review_reason"] == "call the customer"
         again_denied = subprocess.run(  # noqa: S603  # our own CLI
-            [sys.executable, "-m", "nexuscore", "review", "deny", "crit-1", "--reviewer", "x", "--reason", "y",
-             "-e", str(evidence), *common],
+            [sys.executable, "-m", "nexuscore", "review", "deny", "crit-1", "--key", str(keys.reviewer), "--reason", "y",
+             "-e", str(evidence), *acts],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert again_denied.returncode == 2 and "no longer awaiting review" in again_denied.stderr

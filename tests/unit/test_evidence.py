@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore.errors import EvidenceError
 from nexuscore.projections import (
     SCHEMAS,
     EvidenceStore,
@@ -26,12 +27,13 @@ from nexuscore.projections import (
     SealedWriter,
     check_proof,
     committed_files,
+    erase,
     prove,
     verify,
 )
 from nexuscore.projections._manifest import canonical, head_message
 from nexuscore.projections._seal import leaf_sql
-from nexuscore.schemas import Event, InferenceRequested, OutcomeRecorded
+from nexuscore.schemas import EscalationResolved, Event, InferenceRequested, OutcomeRecorded, RequestDecided
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -254,10 +256,10 @@ def test_content_is_encrypted_at_rest_and_erasure_leaves_the_seals_intact(
 
     assert prompt_of(subject_req.request_id) == subject_req.prompt
     keys = LocalKeyStore(root / "_keys")
-    assert keys.erase("acme-bank", "subject-42", T0, "art. 17 request") != []
+    assert erase(root, keys, signing_key(), "acme-bank", "subject-42", T0, "art. 17 request") != []
     assert prompt_of(subject_req.request_id).startswith("[erased")
     assert prompt_of(acme_other.request_id) == acme_other.prompt
-    keys.erase("acme-bank", None, T0, "tenant offboarded")
+    erase(root, keys, signing_key(), "acme-bank", None, T0, "tenant offboarded")
     assert prompt_of(acme_other.request_id).startswith("[erased")
     assert prompt_of(globex.request_id) == globex.prompt
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
@@ -350,3 +352,70 @@ def test_files_written_before_a_column_existed_read_with_that_column_as_nulls(
     with EvidenceStore(root) as store:
         confidences = store.query("SELECT confidence FROM decisions").column("confidence").to_pylist()
         assert any(c is not None for c in confidences) and any(c is None for c in confidences)
+
+
+def _escalated(events: list[Event], tenant: str, resolution: str) -> str:
+    return next(
+        e.request_id
+        for e in events
+        if isinstance(e, EscalationResolved) and e.tenant_id == tenant and e.resolution == resolution
+    )
+
+
+def test_two_tenants_may_use_the_same_request_id(tmp_path: Path, history: list[Event]) -> None:
+    # globex's escalation was approved and answered; initech's was denied. Request ids are unique
+    # per tenant only, so initech may well have picked globex's id (the tenants hash to different
+    # partitions, as they may).
+    shared = _escalated(history, "globex-insurance", "dispatched")
+    renamed = _escalated(history, "initech-payments", "denied")
+    events = [
+        msgspec.structs.replace(e, request_id=shared) if e.request_id == renamed else e for e in history
+    ]
+    root = tmp_path / "evidence"
+    project(root, events, flush_every=160)
+
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert report.findings == []
+    assert report.requests == sum(isinstance(e, InferenceRequested) for e in events)
+    with EvidenceStore(root) as store:
+        summary = store.terminal_summary()
+        assert summary["requests"] == summary["terminal"] == report.requests
+        assert summary["multiple_terminal"] == 0
+        states = store.query(
+            "SELECT tenant_id, state FROM terminal_states WHERE request_id = $id ORDER BY 1", {"id": shared}
+        ).to_pylist()
+        assert states == [
+            {"tenant_id": "globex-insurance", "state": "answered"},
+            {"tenant_id": "initech-payments", "state": "escalation_denied"},
+        ]
+        escalations = {
+            r["tenant_id"]: r["review_state"]
+            for r in store.escalations().to_pylist()
+            if r["request_id"] == shared
+        }
+        assert escalations == {"globex-insurance": "dispatched", "initech-payments": "denied"}
+        assert len([r for r in store.escalations().to_pylist() if r["request_id"] == shared]) == 2
+
+        # Who routed what: initech's denied escalation took none of globex's answer or cost.
+        initech = [
+            r for r in store.who_routed_what().to_pylist()
+            if r["tenant_id"] == "initech-payments" and r["verdict"] == "escalated"
+        ]  # fmt: skip
+        assert sum(r["answered"] for r in initech) == 0
+        assert sum(r["actual_usd"] for r in initech) == 0
+        decided = [e for e in events if isinstance(e, RequestDecided)]
+        assert sum(r["requests"] for r in store.who_routed_what().to_pylist()) == len(decided)
+
+        # Residency: every call is judged against its own tenant's decision.
+        home = {t.id: t.home_region for t in POLICY.tenants}
+        for r in store.residency().to_pylist():
+            assert r["home_region"] == home[r["tenant_id"]], r
+
+        with pytest.raises(EvidenceError, match="globex-insurance, initech-payments"):
+            store.lineage(shared)
+        for tenant in ("globex-insurance", "initech-payments"):
+            own = [e for e in events if e.request_id == shared and e.tenant_id == tenant]
+            got = set(store.lineage(shared, tenant).column("event_id").to_pylist())
+            assert got <= {e.event_id for e in own}  # nothing of the other tenant's
+            kinds = (InferenceRequested, RequestDecided, EscalationResolved)
+            assert {e.event_id for e in own if isinstance(e, kinds)} <= got

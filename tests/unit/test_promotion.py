@@ -8,17 +8,27 @@ from datetime import timedelta
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore.policy import DEFAULT_POLICY_PATH, SignedPolicy, TrustStore, sign, trusted_key_entry
+from nexuscore.policy import (
+    DEFAULT_POLICY_PATH,
+    GovernanceState,
+    SignedPolicy,
+    TrustStore,
+    judge,
+    sign,
+    sign_promotion,
+    trusted_key_entry,
+)
 from nexuscore.policy._promotion import Registry, check_promotion, in_canary, replay_report_digest
 from nexuscore.schemas import PolicyStageChanged
-from nexuscore.streams import accept, bootstrap_event
+from nexuscore.streams import bootstrap_event
 from tests.factories import POLICY, T0
 
-ALICE, BOB = (Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (1, 2))
+ALICE, BOB, OPERATOR = (Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (1, 2, 3))
 TRUST = TrustStore(
     keys=(
         trusted_key_entry(ALICE.public_key(), "alice", ("reviewer",)),
         trusted_key_entry(BOB.public_key(), "bob", ("reviewer",)),
+        trusted_key_entry(OPERATOR.public_key(), "olga", ("operator",)),
     )
 )
 DOCUMENT = DEFAULT_POLICY_PATH.read_bytes()
@@ -107,20 +117,25 @@ def test_a_decider_refuses_a_tampered_or_untrusted_promotion_and_keeps_its_polic
     both = signed(ALICE, BOB, policy=POLICY, document=DOCUMENT)
     sigs = json.dumps({"signatures": [msgspec.to_builtins(s) for s in both.signatures]})
     boot = bootstrap_event(both, DOCUMENT, sigs, "decider", T0)
-    registry, refused = accept(Registry(), boot, TRUST, T0)
-    assert refused is None and registry.active is not None and registry.active.digest == POLICY.digest
-    draft = msgspec.structs.replace(
+    state, refused = judge(GovernanceState(), boot, TRUST, T0)
+    assert refused is None and state.registry.active is not None
+    assert state.registry.active.digest == POLICY.digest
+    draft = sign_promotion(msgspec.structs.replace(
         boot, event_id="d", from_stage="", to_stage="draft", reason="", policy_digest=CANDIDATE.digest,
+        policy_version=CANDIDATE.version, actor="olga", occurred_at=T0 + timedelta(seconds=1),
         document=CANDIDATE_DOC.decode(), signatures=json.dumps(
             {"signatures": [msgspec.to_builtins(s) for s in signed(ALICE).signatures]}),
-    )  # fmt: skip
-    after, refused = accept(registry, draft, TRUST, T0)
-    assert refused is None and after.stages[CANDIDATE.digest] == "draft"
-    tampered = msgspec.structs.replace(draft, document=CANDIDATE_DOC.decode().replace("0.0002", "0.0001"))
-    kept, refused = accept(registry, tampered, TRUST, T0)
-    assert kept is registry and refused is not None
-    stranger = msgspec.structs.replace(draft, signatures=json.dumps(
-        {"signatures": [msgspec.to_builtins(s) for s in signed(Ed25519PrivateKey.generate()).signatures]}))  # fmt: skip
-    kept, refused = accept(registry, stranger, TRUST, T0)
-    assert kept is registry and "unknown_key" in str(refused)
+    ), OPERATOR)  # fmt: skip
+    after, refused = judge(state, draft, TRUST, T0 + timedelta(seconds=2))
+    assert refused is None and after.registry.stages[CANDIDATE.digest] == "draft"
+    tampered = sign_promotion(
+        msgspec.structs.replace(draft, document=CANDIDATE_DOC.decode().replace("0.0002", "0.0001")), OPERATOR
+    )
+    kept, refused = judge(state, tampered, TRUST, T0 + timedelta(seconds=2))
+    assert kept is state and refused is not None and refused.code == "invalid"
+    stranger = sign_promotion(msgspec.structs.replace(draft, signatures=json.dumps(
+        {"signatures": [msgspec.to_builtins(s) for s in signed(Ed25519PrivateKey.generate()).signatures]})),
+        OPERATOR)  # fmt: skip
+    kept, refused = judge(state, stranger, TRUST, T0 + timedelta(seconds=2))
+    assert kept is state and "unknown_key" in str(refused)
     assert isinstance(draft, PolicyStageChanged)

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexuscore.core import EMPTY_STATE, BreakerConfig, Controls, Decision, decide, on_request, on_review
+from nexuscore.core import EMPTY_STATE, BreakerConfig, Decision, decide, on_request, on_review
 from nexuscore.core._breaker import CLOSED, admit, adopt, record
 from nexuscore.core._latency import EMPTY_WINDOW, MAX_SAMPLES, WINDOW_S, observe, quantile
+from nexuscore.policy import Controls
 from nexuscore.schemas import (
     DispatchRequested,
     EscalationResolved,

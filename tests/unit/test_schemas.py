@@ -18,6 +18,7 @@ from nexuscore.errors import DecodeError
 from nexuscore.schemas import (
     AVRO_DIR,
     EVENT_TYPES,
+    ActRefused,
     AvroCodec,
     CircuitStateChanged,
     DeadLettered,
@@ -85,9 +86,14 @@ def sample_events() -> list[Event]:
         event_id="k1", request_id="", tenant_id="", occurred_at=T0, producer="t", scope="tenant",
         target="acme-bank", mode="offline", actor="carol", reason="provider outage", key_id="ab", signature="c2ln",
     )  # fmt: skip
+    refused = ActRefused(
+        event_id="x1", request_id="", tenant_id="", occurred_at=T0, producer="t", act="kill_switch",
+        act_event_id="k0", source_topic="nexus.governance", source_partition=0, source_offset=7, key_id="",
+        claimed_actor="mallory", code="unsigned", reason="kill switch k0 is not signed",
+    )  # fmt: skip
     return [
         req, *decided, outcome, *settled, rejected, attempt, dead, review, stage, shadow, escalated,
-        *resolved, circuit, switch,
+        *resolved, circuit, switch, refused,
     ]  # fmt: skip
 
 
