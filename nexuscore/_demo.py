@@ -197,6 +197,7 @@ def run_demo(
     keys_dir, logs_dir = demo_dirs(evidence_dir, keys_dir)
     try:
         clear_evidence(evidence_dir)
+        evidence_dir.mkdir(parents=True, exist_ok=True)  # the projector fills it; readers wait on it
         logs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NexusError(f"cannot write evidence under {evidence_dir}: {exc.strerror}") from exc

@@ -131,6 +131,11 @@ Until = Annotated[
     str | None, typer.Option(help="Before this date or time (ISO 8601; UTC unless it names a zone).")
 ]
 Tenant = Annotated[str | None, typer.Option(help="Only this tenant.")]
+# Request ids are unique per tenant only: commands about one request take its tenant when the id is
+# ambiguous.
+RequestTenant = Annotated[
+    str | None, typer.Option("--tenant", help="The request's tenant (needed when several tenants used the id).")
+]
 
 
 @app.command()
@@ -548,9 +553,7 @@ def evidence_lineage(
     request_id: Annotated[str, typer.Argument(help="The request to trace.")],
     evidence_dir: EvidenceDir = Path("evidence"),
     keystore: KeystoreDir = None,
-    tenant: Annotated[
-        str | None, typer.Option(help="The request's tenant (needed when several tenants used the id).")
-    ] = None,
+    tenant: RequestTenant = None,
     fmt: Format = OutputFormat.table,
     output: Output = None,
 ) -> None:
@@ -693,6 +696,7 @@ def evidence_verify(
 def evidence_prove(
     request_id: Annotated[str, typer.Argument(help="The request whose events to prove.")],
     evidence_dir: EvidenceDir = Path("evidence"),
+    tenant: RequestTenant = None,
     public_key: PublicKey = None,
     output: Output = None,
 ) -> None:
@@ -703,7 +707,7 @@ def evidence_prove(
     from nexuscore._signing import load_public_key
     from nexuscore.projections import check_proof, prove
 
-    proof = prove(evidence_dir, request_id)
+    proof = prove(evidence_dir, request_id, tenant)
     text = json.dumps(proof, indent=2) + "\n"
     if public_key is not None or _env_key_available():
         from cryptography.hazmat.primitives import serialization
@@ -1440,11 +1444,12 @@ def review_show(
     request_id: Annotated[str, typer.Argument(help="The escalated request.")],
     evidence_dir: EvidenceDir = Path("evidence"),
     keystore: KeystoreDir = None,
+    tenant: RequestTenant = None,
 ) -> None:
     """One escalated request: why, its deadline and review state, and its whole lineage (prompt
     decrypted) so the reviewer sees what the model would receive."""
     with _store(evidence_dir, keystore) as store:
-        row = _escalation(store, request_id)
+        row = _escalation(store, request_id, tenant)
         for key in (
             "tenant_id",
             "feature",
@@ -1458,15 +1463,21 @@ def review_show(
             if row.get(key) is not None:
                 # Reasons and names are whatever the requester or reviewer typed: shown, not obeyed.
                 console.print(f"[bold]{key}[/bold]: {safe_text(row[key])}", emoji=False)
-        _print(store.lineage(request_id), "table", f"Lineage of {request_id}")
+        _print(store.lineage(request_id, row["tenant_id"]), "table", f"Lineage of {request_id}")
 
 
-def _escalation(store: EvidenceStore, request_id: str) -> dict[str, Any]:
-    rows = store.query("SELECT * FROM escalations WHERE request_id = $id", {"id": request_id}).to_pylist()
+def _escalation(store: EvidenceStore, request_id: str, tenant: str | None = None) -> dict[str, Any]:
+    rows = store.query(
+        "SELECT * FROM escalations WHERE request_id = $id AND ($t IS NULL OR tenant_id = $t)",
+        {"id": request_id, "t": tenant},
+    ).to_pylist()
     if not rows:
         raise NexusError(
             f"request {request_id} is not escalated in this evidence (see `nexuscore review list`)"
         )
+    if len({r["tenant_id"] for r in rows}) > 1:
+        tenants = ", ".join(sorted({r["tenant_id"] for r in rows}))
+        raise NexusError(f"request id {request_id} was escalated for several tenants ({tenants}): name one with --tenant")
     row: dict[str, Any] = rows[0]
     return row
 
@@ -1474,6 +1485,7 @@ def _escalation(store: EvidenceStore, request_id: str) -> dict[str, Any]:
 def _review(
     action: str,
     request_id: str,
+    tenant: str | None,
     reviewer: str,
     reason: str,
     key: Path,
@@ -1491,7 +1503,7 @@ def _review(
 
     private, name = _signer(key, trust_store, "reviewer", reviewer)
     with _store(evidence_dir, None) as store:
-        row = _escalation(store, request_id)
+        row = _escalation(store, request_id, tenant)
         escalation_id = _escalation_event_id(store, row["tenant_id"], request_id)
     if row["review_state"] != "pending":
         raise NexusError(
@@ -1505,7 +1517,7 @@ def _review(
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         with _store(evidence_dir, None) as store:
-            row = _escalation(store, request_id)
+            row = _escalation(store, request_id, row["tenant_id"])
         if row["review_state"] != "pending":
             console.print(f"resolution: {row['review_state']} ({row['resolution_reason']})", highlight=False)
             return
@@ -1545,6 +1557,7 @@ def review_approve(
     key: ReviewerKey,
     trust_store: TrustStoreFile,
     bootstrap: Bootstrap,
+    tenant: RequestTenant = None,
     reviewer: Reviewer = "",
     namespace: Namespace = "",
     evidence_dir: EvidenceDir = Path("evidence"),
@@ -1553,7 +1566,7 @@ def review_approve(
     """Approve: the request resumes. The decider decides it again without the escalation stage (budget,
     latency and kill switches as they are now) and dispatches it, or records why it cannot. An
     approval after the deadline ends the request as timed out."""
-    _review("approved", request_id, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
+    _review("approved", request_id, tenant, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
 
 
 @review_app.command("deny")
@@ -1563,13 +1576,14 @@ def review_deny(
     key: ReviewerKey,
     trust_store: TrustStoreFile,
     bootstrap: Bootstrap,
+    tenant: RequestTenant = None,
     reviewer: Reviewer = "",
     namespace: Namespace = "",
     evidence_dir: EvidenceDir = Path("evidence"),
     wait: WaitSeconds = 30.0,
 ) -> None:
     """Deny: the request ends, with your identity and reason in the evidence."""
-    _review("denied", request_id, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
+    _review("denied", request_id, tenant, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
 
 
 # --- control ---------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ from nexuscore.projections._store import sql_list
 from nexuscore.projections._tables import SCHEMAS
 
 
-def prove(root: Path, request_id: str) -> dict[str, Any]:
+def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, Any]:
+    """An inclusion proof of every stored event of one request (of ``tenant``: request ids are
+    unique per tenant only, so an id several tenants used needs one)."""
     head = read_head(root)
     if head is None:
         raise EvidenceError(f"no signed manifest head under {root}")
@@ -38,16 +40,23 @@ def prove(root: Path, request_id: str) -> dict[str, Any]:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     hits: list[tuple[str, str, int]] = []
+    tenants: set[str] = set()
     for table, paths in by_table.items():
         sources = sql_list(paths)
         found = con.execute(
-            f"SELECT filename, file_row_number FROM read_parquet({sources}, hive_partitioning = false, filename = true, "  # noqa: S608
-            "file_row_number = true) WHERE request_id = ? ORDER BY src_offset",
-            [request_id],
+            f"SELECT filename, file_row_number, tenant_id FROM read_parquet({sources}, hive_partitioning = false, "  # noqa: S608
+            "filename = true, file_row_number = true) WHERE request_id = ? AND (? IS NULL OR tenant_id = ?) "
+            "ORDER BY src_offset",
+            [request_id, tenant, tenant],
         ).fetchall()
-        hits.extend((table, name, row) for name, row in found)
+        hits.extend((table, name, row) for name, row, _ in found)
+        tenants.update(t for _, _, t in found)
     if not hits:
         raise EvidenceError(f"no events of request {request_id!r} in the committed evidence under {root}")
+    if len(tenants) > 1:
+        raise EvidenceError(
+            f"request id {request_id!r} was used by several tenants ({', '.join(sorted(tenants))}): name one with --tenant"
+        )
     events = []
     for table, name, row in hits:
         source = _seal.file_source(name)

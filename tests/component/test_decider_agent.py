@@ -448,3 +448,20 @@ def _encode_unchecked(event: Event, **changes: Any) -> bytes:
     fastavro.schemaless_writer(out, parsed, record)
     header = CODEC.encode(event)[:10]  # magic and fingerprint of the same schema
     return header + out.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_nothing_near_the_broker_limit_stops_the_decider_or_becomes_an_event_over_it(harness: Any) -> None:
+    # Finding 3: non-Avro bytes just under 1 MiB made a dead letter over the producer's limit, and a
+    # request within the token limit (four characters a token) could make a dispatch over 1 MiB.
+    _, ctx, sink = harness
+    await ctx.put(b"\xc3\x01" + b"\x00" * 1_040_000, key=b"acme-bank")
+    wide = request(request_id="wide", prompt="\U0001d11e" * 150_000)  # 600 KB of UTF-8, 37,500 tokens
+    await ctx.put(CODEC.encode(wide), key=b"acme-bank")
+    await ctx.put(CODEC.encode(request(request_id="after")), key=b"acme-bank")
+    [(_, _, dead)] = sink.of(DeadLettered)
+    assert dead.raw_size == 1_040_002 and len(dead.raw_value) == 64 * 1024 and len(dead.raw_sha256) == 64
+    rejected = {e.request_id: e for _, _, e in sink.of(RequestRejected)}
+    assert rejected["wide"].reason_code == "request_too_large"
+    assert [d.request_id for _, _, d in sink.of(DispatchRequested)] == ["after"]  # and it went on
+    assert max(len(CODEC.encode(e)) for _, _, e in sink.sent) < 1024 * 1024

@@ -8,16 +8,16 @@ from datetime import timedelta
 
 import msgspec
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from nexuscore._clock import FixedClock
 from nexuscore.core import EMPTY_STATE, BreakerConfig, on_request
 from nexuscore.errors import ProviderError
 from nexuscore.providers import ChatRequest, ChatResult
-from nexuscore.schemas import CircuitStateChanged, DispatchRequested
+from nexuscore.schemas import AvroCodec, CircuitStateChanged, DeadLettered, DispatchRequested
 from nexuscore.streams import Caller, RetryPolicy
 from nexuscore.streams._circuits import CircuitBoard
-from nexuscore.streams._worker import Bulkhead, _Offsets
+from nexuscore.streams._worker import Bulkhead, Worker, _Offsets, targets_of
 from tests.factories import POLICY, T0, request
 
 
@@ -246,3 +246,86 @@ async def test_a_tenant_over_its_bulkhead_waits_then_is_refused_while_others_sti
     release.set()
     await asyncio.gather(*flood, other)
     assert running.count("flood") == 3
+
+
+class RecordingProducer:
+    """Stands where the worker's Kafka producer would be: every send is acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[object]:
+        self.sent.append((topic, value, key))
+        done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _record(value: bytes | None, key: bytes | None, offset: int = 0) -> ConsumerRecord:
+    return ConsumerRecord(
+        topic="nexus.dispatch", partition=0, offset=offset, timestamp=0, timestamp_type=0, key=key,
+        value=value, checksum=None, serialized_key_size=0, serialized_value_size=0, headers=(),
+    )  # fmt: skip
+
+
+def _worker(provider: ScriptedProvider) -> Worker:
+    return Worker("unused:9092", caller(provider)[0], FixedClock(T0))
+
+
+@pytest.mark.asyncio
+async def test_a_dispatch_delivered_twice_calls_the_provider_once() -> None:
+    # Finding 9: a redelivered dispatch called the provider twice (and the evidence kept one attempt).
+    provider, producer = ScriptedProvider(OK, OK), RecordingProducer()
+    worker, d = _worker(provider), dispatch()
+    value = AvroCodec().encode(d)
+    first = await worker._handle(_record(value, d.request_id.encode()), producer)  # type: ignore[arg-type]
+    again = await worker._handle(_record(value, d.request_id.encode(), offset=7), producer)  # type: ignore[arg-type]
+    assert len(provider.calls) == 1 and len(first) == 2 and again == [] and worker.repeats == 1
+
+
+def test_attempts_of_a_second_worker_incarnation_keep_their_own_ids() -> None:
+    # After a crash before the commit, a new worker calls again: both calls must be in the evidence.
+    d = dispatch()
+    one, two = (Caller({}, FixedClock(T0), incarnation=i) for i in ("w1", "w2"))
+    a1 = one._attempt(d, targets_of(d)[0], 1, "ok", 0.0, 200, False, "")
+    a2 = two._attempt(d, targets_of(d)[0], 1, "ok", 0.0, 200, False, "")
+    assert a1.event_id != a2.event_id
+    assert one._outcome(d, targets_of(d)[0], None, 1, 0.0, "", []).event_id == two._outcome(
+        d, targets_of(d)[0], None, 1, 0.0, "", []
+    ).event_id  # one outcome per dispatch, whichever incarnation records it
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("value", "key", "reason"),
+    [
+        (b"\x00" * 1_000_000, b"r", "not Avro"),
+        (None, b"r", "no value"),
+        ("valid", b"someone-else", "is not the request id"),
+    ],
+)
+async def test_bad_dispatches_are_dead_lettered_with_a_bounded_copy(value: object, key: bytes, reason: str) -> None:
+    provider, producer = ScriptedProvider(OK), RecordingProducer()
+    raw = AvroCodec().encode(dispatch()) if value == "valid" else value
+    await _worker(provider)._handle(_record(raw, key), producer)  # type: ignore[arg-type]
+    [(topic, sent, _)] = producer.sent
+    dead = AvroCodec().decode(sent, (DeadLettered,))
+    assert isinstance(dead, DeadLettered) and topic.endswith("nexus.deadletter") and reason in dead.reason
+    assert len(dead.raw_value) <= 64 * 1024 and dead.raw_size == len(raw or b"") and not provider.calls
+
+
+@pytest.mark.asyncio
+async def test_a_dispatch_that_breaks_the_worker_is_dead_lettered_and_its_offset_finished() -> None:
+    class Exploding(ScriptedProvider):
+        async def complete(self, base_url: str, request: ChatRequest) -> ChatResult:
+            raise RuntimeError("adapter bug")
+
+    producer, worker, d = RecordingProducer(), _worker(Exploding()), dispatch()
+    offsets, tp = _Offsets(), TopicPartition("nexus.dispatch", 0)
+    offsets.started(tp, 0)
+    await worker.pending.acquire()
+    await worker._run_one(_record(AvroCodec().encode(d), d.request_id.encode()), tp, producer, offsets)  # type: ignore[arg-type]
+    [(topic, sent, _)] = producer.sent
+    dead = AvroCodec().decode(sent, (DeadLettered,))
+    assert isinstance(dead, DeadLettered) and "internal error: RuntimeError: adapter bug" in dead.reason
+    assert offsets.committable() == {tp: 1}
