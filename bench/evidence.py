@@ -73,9 +73,9 @@ from bench.pipeline import (
     summarise_profile,
 )
 from nexuscore._broker import kafka_broker
-from nexuscore._clock import SystemClock
 from nexuscore._synthetic import CLASSES, RISKS, TASKS
-from nexuscore.errors import NexusError
+from nexuscore.kernel.clock import SystemClock
+from nexuscore.kernel.errors import NexusError
 from nexuscore.policy import RoutingPolicy, default_policy
 from nexuscore.projections import (
     SCHEMAS,
@@ -88,7 +88,7 @@ from nexuscore.projections import (
     verify,
 )
 from nexuscore.schemas import AvroCodec
-from nexuscore.streams import (
+from nexuscore.transport import (
     DEFAULT_PARTITIONS,
     Topics,
     ensure_topics,

@@ -62,11 +62,11 @@ from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Service, Services, peak_rss_mb
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import derive_id
-from nexuscore.errors import NexusError
+from nexuscore.kernel.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, load_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.schemas import AvroCodec, DispatchRequested, InferenceRequested
-from nexuscore.streams import (
+from nexuscore.transport import (
     DEFAULT_PARTITIONS,
     Topics,
     ensure_topics,
@@ -587,7 +587,9 @@ def warm_up(
     started = time.monotonic()
     requests = synthetic_requests(policy, n, seed=3, start=datetime.now(UTC), run=f"{run}-warmup")
     asyncio.run(send_all(bootstrap, topics.requests, encode_requests(codec, requests)))
-    wait_for_terminal(watch, services, n, WARMUP_TIMEOUT_S, "warm-up", ReviewDesk(bootstrap, topics, watch.keys))
+    wait_for_terminal(
+        watch, services, n, WARMUP_TIMEOUT_S, "warm-up", ReviewDesk(bootstrap, topics, watch.keys)
+    )
     return time.monotonic() - started
 
 

@@ -1,6 +1,10 @@
 """The functional core: pure decisions and pure state transitions. No I/O, no clock, no randomness."""
 
+from nexuscore.core._breaker import CLOSED as CLOSED_BREAKER
 from nexuscore.core._breaker import Breaker, BreakerConfig, Transition
+from nexuscore.core._breaker import admit as breaker_admit
+from nexuscore.core._breaker import adopt as breaker_adopt
+from nexuscore.core._breaker import record as breaker_record
 from nexuscore.core._budget import (
     EMPTY_STATE,
     BudgetState,
@@ -40,6 +44,10 @@ from nexuscore.core._steps import (
 )
 
 __all__ = [
+    "CLOSED_BREAKER",
+    "breaker_admit",
+    "breaker_adopt",
+    "breaker_record",
     "MAX_PROMPT_BYTES",
     "EMPTY_STATE",
     "Breaker",

@@ -33,8 +33,8 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import CreateAclsRequest, DescribeAclsRequest
 
-from nexuscore.errors import BrokerError
-from nexuscore.streams import Topics
+from nexuscore.kernel.errors import BrokerError
+from nexuscore.transport import Topics
 
 __all__ = ["PRINCIPALS", "Grant", "Operation", "acl_table", "apply_acls", "bindings", "markdown_table"]
 

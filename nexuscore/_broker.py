@@ -9,7 +9,7 @@ order of preference:
 3. ``LocalKafka``: a single-node KRaft broker run straight from the Kafka jars with the local
    ``java``; the jars are fetched once by Maven (``ensure_kafka_jars``) from ``kafka/pom.xml``.
 
-Everything that goes wrong is raised as ``nexuscore.errors.BrokerError`` with a one-line message
+Everything that goes wrong is raised as ``nexuscore.kernel.errors.BrokerError`` with a one-line message
 meant for a person (it quotes the last lines of the broker or Maven output where that explains it).
 
 The module is POSIX-only (process groups, ``fcntl``), like the rest of the development tooling.
@@ -41,7 +41,7 @@ from typing import Any, Final, NoReturn, Self, TypeVar
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from nexuscore.errors import BrokerError
+from nexuscore.kernel.errors import BrokerError
 
 __all__ = [
     "KAFKA_IMAGE",

@@ -19,13 +19,13 @@ from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._operations import publish as publish_operation
 from nexuscore._operations import review_event, signer_name
 from nexuscore._services import Services
-from nexuscore._signing import load_private_key, load_public_key
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
-from nexuscore.errors import NexusError
+from nexuscore.kernel.errors import NexusError
+from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.policy import RoutingPolicy, load_policy, load_trust_store
 from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec
-from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
+from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
 
 class Pipeline:
@@ -141,7 +141,14 @@ class ReviewDesk:
                 "checked against the file: fine to answer" if approve else "not for a model: handled by phone"
             )
             event = review_event(
-                row["request_id"], row["tenant_id"], row["event_id"], action, why, self.key, self.reviewer, now
+                row["request_id"],
+                row["tenant_id"],
+                row["event_id"],
+                action,
+                why,
+                self.key,
+                self.reviewer,
+                now,
             )
             await publish_operation(self.bootstrap, self.topics, event)
             self.reviewed.add((row["tenant_id"], row["request_id"]))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import msgspec
 
-from nexuscore._signing import generate_keypair, load_private_key
+from nexuscore.kernel.signing import generate_keypair, load_private_key
 from nexuscore.policy import (
+    Role,
     TrustStore,
     add_signature,
     load_policy,
@@ -24,7 +25,6 @@ from nexuscore.policy import (
     signatures_path,
     trusted_key_entry,
 )
-from nexuscore.policy._signatures import Role
 
 REVIEWERS = ("alice@demo", "bob@demo")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore import _signing
 from nexuscore.core import derive_id
-from nexuscore.errors import NexusError
+from nexuscore.kernel import signing
+from nexuscore.kernel.errors import NexusError
 from nexuscore.policy import (
     MODES,
     SCOPES,
@@ -35,12 +35,13 @@ from nexuscore.policy import (
     signatures_path,
 )
 from nexuscore.schemas import AvroCodec, KillSwitchChanged, PolicyStageChanged, ReviewRecorded
-from nexuscore.streams import POLICY_KEY, Topics, new_producer, start_client
+from nexuscore.streams import POLICY_KEY
+from nexuscore.transport import Topics, new_producer, start_client
 
 
 def signer_name(key: Ed25519PrivateKey, trust: TrustStore, role: Role) -> str:
     """The trust store's name for ``key`` in ``role``: the actor every act records."""
-    key_id = _signing.key_id(key.public_key())
+    key_id = signing.key_id(key.public_key())
     trusted = trust.get(key_id)
     if trusted is None:
         raise NexusError(f"key {key_id} is not in the trust store: the deciders would refuse the act")
@@ -116,7 +117,7 @@ def promotion_event(
     now: datetime,
 ) -> PolicyStageChanged:
     """One promotion step of the policy file at ``path``, signed by the operator's key."""
-    key = _signing.load_private_key(key_path)
+    key = signing.load_private_key(key_path)
     actor = signer_name(key, trust, "operator")
     try:
         document = path.read_bytes()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from nexuscore.errors import NexusError
+from nexuscore.kernel.errors import NexusError
 
 
 class Service:

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from nexuscore.core import derive_id
 from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec, InferenceRequested
-from nexuscore.streams import Topics
+from nexuscore.transport import Topics
 
 TASKS = (
     "chat",

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nexuscore._text import safe_rich_text, safe_text
-from nexuscore.errors import NexusError
+from nexuscore.kernel.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 
 if TYPE_CHECKING:
@@ -134,7 +134,8 @@ Tenant = Annotated[str | None, typer.Option(help="Only this tenant.")]
 # Request ids are unique per tenant only: commands about one request take its tenant when the id is
 # ambiguous.
 RequestTenant = Annotated[
-    str | None, typer.Option("--tenant", help="The request's tenant (needed when several tenants used the id).")
+    str | None,
+    typer.Option("--tenant", help="The request's tenant (needed when several tenants used the id)."),
 ]
 
 
@@ -274,7 +275,7 @@ def run_decider(
     from faust.worker import Worker as FaustWorker
 
     from nexuscore._broker import wait_for_broker
-    from nexuscore._clock import SystemClock
+    from nexuscore.kernel.clock import SystemClock
     from nexuscore.policy import (
         Registry,
         judge,
@@ -286,12 +287,11 @@ def run_decider(
     from nexuscore.streams import (
         GovernanceFollower,
         PolicyHolder,
-        Topics,
         bootstrap_event,
         build_decider,
-        ensure_topics,
         publish_governance,
     )
+    from nexuscore.transport import Topics, ensure_topics
 
     clock = SystemClock()
     trust = load_trust_store(_required_trust(trust_store))
@@ -362,10 +362,10 @@ def run_worker(
     Retries 429, 5xx and timeouts with full jitter; fails over along the decision's fallbacks (never
     outside its allowed regions); keeps a circuit breaker per deployment, shared with the other
     workers through the circuits topic; caps each tenant's concurrent calls (bulkhead)."""
-    from nexuscore._clock import SystemClock
     from nexuscore.core import BreakerConfig
-    from nexuscore.streams import Caller, CircuitBoard, RetryPolicy, Topics, Worker, default_adapters
-    from nexuscore.streams._worker import worker_id
+    from nexuscore.kernel.clock import SystemClock
+    from nexuscore.streams import Caller, CircuitBoard, RetryPolicy, Worker, default_adapters, worker_id
+    from nexuscore.transport import Topics
 
     routes: dict[str, str] = {}
     for r in route or []:
@@ -441,11 +441,11 @@ def run_projector(
     the deciders use): accepted ones enter policy_events, kill_switches and reviews, refused ones
     the refusals table, with the reason.
     """
-    from nexuscore._clock import SystemClock
-    from nexuscore._signing import load_private_key
+    from nexuscore.kernel.clock import SystemClock
+    from nexuscore.kernel.signing import load_private_key
     from nexuscore.policy import load_trust_store
     from nexuscore.projections import LocalKeyStore, Projector
-    from nexuscore.streams import Topics
+    from nexuscore.transport import Topics
 
     key = load_private_key(_required_key(signing_key))
     trust = load_trust_store(_required_trust(trust_store))
@@ -627,7 +627,7 @@ def evidence_report(
     """One self-contained HTML report (no scripts, no network): spend over time, tier mix, decisions
     per policy version, residency and escalations. With a public key, the evidence is verified first
     and the result printed at the top."""
-    from nexuscore.projections._report import render_html
+    from nexuscore.projections import render_html
 
     verified = "Not verified (pass --public-key to verify before reporting)."
     if public_key is not None or _env_key_available():
@@ -704,7 +704,7 @@ def evidence_prove(
 
     The README shows how to check it independently with sha256 and Ed25519 alone.
     """
-    from nexuscore._signing import load_public_key
+    from nexuscore.kernel.signing import load_public_key
     from nexuscore.projections import check_proof, prove
 
     proof = prove(evidence_dir, request_id, tenant)
@@ -742,7 +742,7 @@ def evidence_erase(
 
     The key ids destroyed are first recorded in the evidence folder (erasures.jsonl), signed with
     the evidence signing key: `verify` accepts a key as gone only with such a record."""
-    from nexuscore._signing import load_private_key
+    from nexuscore.kernel.signing import load_private_key
     from nexuscore.projections import LocalKeyStore, erase
 
     key = load_private_key(_required_key(signing_key))
@@ -765,7 +765,7 @@ def evidence_keygen(
 ) -> None:
     """Create an Ed25519 key pair for signing the evidence manifest: NAME.pem (private, mode 0600)
     and NAME.pub (give it to whoever verifies)."""
-    from nexuscore._signing import generate_keypair
+    from nexuscore.kernel.signing import generate_keypair
 
     key_id = generate_keypair(out / f"{name}.pem", out / f"{name}.pub")
     console.print(f"key {key_id}: private {out / f'{name}.pem'}, public {out / f'{name}.pub'}")
@@ -829,7 +829,7 @@ def _verify(
 ) -> VerifyReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from nexuscore._signing import load_public_key
+    from nexuscore.kernel.signing import load_public_key
     from nexuscore.projections import LocalKeyStore, verify
 
     key = load_public_key(_public_key_path(public_key))
@@ -911,8 +911,7 @@ def replay(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from nexuscore.policy import load_signed_policy, load_trust_store
-    from nexuscore.policy._promotion import replay_report_digest
+    from nexuscore.policy import load_signed_policy, load_trust_store, replay_report_digest
     from nexuscore.projections import EvidenceStore
     from nexuscore.replay import replay as run_replay
 
@@ -924,8 +923,8 @@ def replay(
     if from_kafka:
         import tempfile
 
-        from nexuscore.replay._kafka import project_log
-        from nexuscore.streams import Topics
+        from nexuscore.replay import project_log
+        from nexuscore.transport import Topics
 
         if bootstrap is None:
             raise NexusError("--from-kafka needs --bootstrap (or NEXUSCORE_BOOTSTRAP)")
@@ -1017,7 +1016,7 @@ def replay(
         report_out.write_bytes(data)
         console.print(f"report {report_out}: {replay_report_digest(data)}")
     if html is not None:
-        from nexuscore.replay._html import render_replay_html
+        from nexuscore.replay import render_replay_html
 
         html.write_text(render_replay_html(report, lines, rows[:500]), encoding="utf-8")
         err_console.print(f"wrote {html}")
@@ -1124,7 +1123,7 @@ def policy_keygen(
     ] = None,
 ) -> None:
     """Create an Ed25519 key pair for signing policies (and optionally trust it)."""
-    from nexuscore._signing import generate_keypair
+    from nexuscore.kernel.signing import generate_keypair
 
     stem = name.replace("@", "_at_").replace("/", "_")
     key_id = generate_keypair(out / f"{stem}.pem", out / f"{stem}.pub")
@@ -1163,7 +1162,7 @@ def policy_trust(
 
 
 def _trust_add(trust_store: Path, public_key: Path, name: str, roles: list[str]) -> None:
-    from nexuscore._signing import load_public_key
+    from nexuscore.kernel.signing import load_public_key
     from nexuscore.policy import TrustStore, load_trust_store, save_trust_store, trusted_key_entry
 
     allowed = ("author", "reviewer", "operator")
@@ -1189,7 +1188,7 @@ def policy_sign(
     """Sign a policy: adds your signature over its digest to FILE.sig.json."""
     from datetime import timedelta
 
-    from nexuscore._signing import load_private_key
+    from nexuscore.kernel.signing import load_private_key
     from nexuscore.policy import add_signature, sign, signatures_path
 
     if role not in ("author", "reviewer", "operator"):
@@ -1237,7 +1236,7 @@ def policy_diff(
 ) -> None:
     """Every field that differs between two policies (deployments, tenants, features and rules matched
     by id). Exit 0 either way; the digests say whether they are the same policy."""
-    from nexuscore.policy._diff import policy_diff as diff
+    from nexuscore.policy import policy_diff as diff
 
     a, b = load_policy(old), load_policy(new)
     rows = [
@@ -1290,10 +1289,11 @@ def policy_promote(
     signatures hold against the trust store, canary and active come with the replay report of this
     exact digest, and active carries signatures of two distinct reviewers. Each decider, and the
     projector, judge all of it again; a refused step is recorded in the evidence's refusals."""
-    from nexuscore._clock import SystemClock
     from nexuscore._operations import promotion_event
+    from nexuscore.kernel.clock import SystemClock
     from nexuscore.policy import Registry, judge, load_trust_store
-    from nexuscore.streams import GovernanceFollower, PolicyHolder, Topics, ensure_topics, publish_governance
+    from nexuscore.streams import GovernanceFollower, PolicyHolder, publish_governance
+    from nexuscore.transport import Topics, ensure_topics
 
     clock = SystemClock()
     trust = load_trust_store(trust_store)
@@ -1306,7 +1306,9 @@ def policy_promote(
     event = promotion_event(path, to, key, trust, holder.registry, report, canary_share, reason, now)
     _, refused = judge(holder.state, event, trust, now)
     if refused is not None:
-        raise NexusError(f"promotion of {event.policy_version} ({event.policy_digest[:19]}…) to {to} refused: {refused}")
+        raise NexusError(
+            f"promotion of {event.policy_version} ({event.policy_digest[:19]}…) to {to} refused: {refused}"
+        )
     asyncio.run(publish_governance(bootstrap, topics, event))
     share = f" for {canary_share:.0%} of tenants" if to == "canary" else ""
     console.print(
@@ -1477,7 +1479,9 @@ def _escalation(store: EvidenceStore, request_id: str, tenant: str | None = None
         )
     if len({r["tenant_id"] for r in rows}) > 1:
         tenants = ", ".join(sorted({r["tenant_id"] for r in rows}))
-        raise NexusError(f"request id {request_id} was escalated for several tenants ({tenants}): name one with --tenant")
+        raise NexusError(
+            f"request id {request_id} was escalated for several tenants ({tenants}): name one with --tenant"
+        )
     row: dict[str, Any] = rows[0]
     return row
 
@@ -1497,9 +1501,9 @@ def _review(
 ) -> None:
     import time
 
-    from nexuscore._clock import SystemClock
     from nexuscore._operations import publish, review_event
-    from nexuscore.streams import Topics
+    from nexuscore.kernel.clock import SystemClock
+    from nexuscore.transport import Topics
 
     private, name = _signer(key, trust_store, "reviewer", reviewer)
     with _store(evidence_dir, None) as store:
@@ -1566,7 +1570,19 @@ def review_approve(
     """Approve: the request resumes. The decider decides it again without the escalation stage (budget,
     latency and kill switches as they are now) and dispatches it, or records why it cannot. An
     approval after the deadline ends the request as timed out."""
-    _review("approved", request_id, tenant, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
+    _review(
+        "approved",
+        request_id,
+        tenant,
+        reviewer,
+        reason,
+        key,
+        trust_store,
+        bootstrap,
+        namespace,
+        evidence_dir,
+        wait,
+    )
 
 
 @review_app.command("deny")
@@ -1583,7 +1599,19 @@ def review_deny(
     wait: WaitSeconds = 30.0,
 ) -> None:
     """Deny: the request ends, with your identity and reason in the evidence."""
-    _review("denied", request_id, tenant, reviewer, reason, key, trust_store, bootstrap, namespace, evidence_dir, wait)
+    _review(
+        "denied",
+        request_id,
+        tenant,
+        reviewer,
+        reason,
+        key,
+        trust_store,
+        bootstrap,
+        namespace,
+        evidence_dir,
+        wait,
+    )
 
 
 # --- control ---------------------------------------------------------------------------------------
@@ -1606,9 +1634,9 @@ def _switch(
     bootstrap: str,
     namespace: str,
 ) -> None:
-    from nexuscore._clock import SystemClock
     from nexuscore._operations import kill_switch_event, publish
-    from nexuscore.streams import Topics
+    from nexuscore.kernel.clock import SystemClock
+    from nexuscore.transport import Topics
 
     if key is None:
         raise NexusError("an operator's signing key is needed: --key PEM or NEXUSCORE_OPERATOR_KEY")
@@ -1624,11 +1652,11 @@ def _switch(
 
 def _signer(key: Path, trust_store: Path, role: str, claimed: str) -> tuple[Any, str]:
     """The private key and the trust store's name for it in ``role`` (``claimed``, if given, must be it)."""
-    from nexuscore import _signing
     from nexuscore._operations import signer_name
+    from nexuscore.kernel import signing
     from nexuscore.policy import load_trust_store
 
-    private = _signing.load_private_key(key)
+    private = signing.load_private_key(key)
     name = signer_name(private, load_trust_store(trust_store), role)  # type: ignore[arg-type]
     if claimed and claimed != name:
         raise NexusError(f"--key is {name}'s key in the trust store, not {claimed!r}'s")

@@ -15,6 +15,7 @@ from nexuscore.policy._acts import (
     sign_review,
 )
 from nexuscore.policy._controls import MODES, NO_CONTROLS, SCOPES, Controls, Switch
+from nexuscore.policy._diff import policy_diff
 from nexuscore.policy._governance import BOOTSTRAP, GovernanceAct, GovernanceState, judge
 from nexuscore.policy._model import (
     DEFAULT_POLICY_PATH,
@@ -111,6 +112,7 @@ __all__ = [
     "load_signed_policy",
     "load_trust_store",
     "parse_policy",
+    "policy_diff",
     "read_signatures",
     "save_trust_store",
     "sign",

@@ -20,7 +20,7 @@ from typing import Literal
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore import _signing
+from nexuscore.kernel import signing
 from nexuscore.policy._signatures import Role, TrustedKey, TrustStore
 from nexuscore.schemas import KillSwitchChanged, PolicyStageChanged, ReviewRecorded
 
@@ -50,7 +50,9 @@ RefusalCode = Literal[
 
 # Refusals anyone can judge from the message and the trust store alone (the projector records them
 # from the topic); the others depend on a decider's state, and the decider records them.
-SIGNER_CODES = frozenset({"unsigned", "unknown_key", "wrong_role", "revoked_key", "bad_signature", "actor_mismatch", "stale"})
+SIGNER_CODES = frozenset(
+    {"unsigned", "unknown_key", "wrong_role", "revoked_key", "bad_signature", "actor_mismatch", "stale"}
+)
 
 
 class Refusal(msgspec.Struct, frozen=True):
@@ -123,18 +125,18 @@ def review_message(event: ReviewRecorded) -> bytes:
 
 
 def sign_kill_switch(event: KillSwitchChanged, key: Ed25519PrivateKey) -> KillSwitchChanged:
-    keyed = msgspec.structs.replace(event, key_id=_signing.key_id(key.public_key()), signature="")
-    return msgspec.structs.replace(keyed, signature=_signing.sign(key, kill_switch_message(keyed)))
+    keyed = msgspec.structs.replace(event, key_id=signing.key_id(key.public_key()), signature="")
+    return msgspec.structs.replace(keyed, signature=signing.sign(key, kill_switch_message(keyed)))
 
 
 def sign_promotion(event: PolicyStageChanged, key: Ed25519PrivateKey) -> PolicyStageChanged:
-    keyed = msgspec.structs.replace(event, key_id=_signing.key_id(key.public_key()), signature="")
-    return msgspec.structs.replace(keyed, signature=_signing.sign(key, promotion_message(keyed)))
+    keyed = msgspec.structs.replace(event, key_id=signing.key_id(key.public_key()), signature="")
+    return msgspec.structs.replace(keyed, signature=signing.sign(key, promotion_message(keyed)))
 
 
 def sign_review(event: ReviewRecorded, key: Ed25519PrivateKey) -> ReviewRecorded:
-    keyed = msgspec.structs.replace(event, key_id=_signing.key_id(key.public_key()), signature="")
-    return msgspec.structs.replace(keyed, signature=_signing.sign(key, review_message(keyed)))
+    keyed = msgspec.structs.replace(event, key_id=signing.key_id(key.public_key()), signature="")
+    return msgspec.structs.replace(keyed, signature=signing.sign(key, review_message(keyed)))
 
 
 def check_signer(
@@ -149,16 +151,22 @@ def check_signer(
     if role not in trusted.roles:
         return Refusal("wrong_role", f"key {key_id} ({trusted.name}) is not a {role}'s")
     if trusted.revoked_at is not None and trusted.revoked_at <= now:
-        return Refusal("revoked_key", f"key {key_id} ({trusted.name}) was revoked {trusted.revoked_at.isoformat()}")
-    if not _signing.verify(trusted.key(), message, signature):
-        return Refusal("bad_signature", f"the signature of key {key_id} ({trusted.name}) does not match the act")
+        return Refusal(
+            "revoked_key", f"key {key_id} ({trusted.name}) was revoked {trusted.revoked_at.isoformat()}"
+        )
+    if not signing.verify(trusted.key(), message, signature):
+        return Refusal(
+            "bad_signature", f"the signature of key {key_id} ({trusted.name}) does not match the act"
+        )
     return trusted
 
 
 def check_fresh(signed_at: datetime, appended_at: datetime) -> Refusal | None:
     """An act must reach the log soon after it was signed, and not before."""
     if signed_at > appended_at + CLOCK_SKEW:
-        return Refusal("stale", f"signed at {signed_at.isoformat()}, after the log took it ({appended_at.isoformat()})")
+        return Refusal(
+            "stale", f"signed at {signed_at.isoformat()}, after the log took it ({appended_at.isoformat()})"
+        )
     if signed_at < appended_at - FRESHNESS:
         return Refusal(
             "stale",
@@ -202,7 +210,11 @@ def check_review(event: ReviewRecorded, trust: TrustStore, appended_at: datetime
 
 
 def judge_review(
-    review: ReviewRecorded, escalation_id: str, deadline: datetime | None, trust: TrustStore, appended_at: datetime
+    review: ReviewRecorded,
+    escalation_id: str,
+    deadline: datetime | None,
+    trust: TrustStore,
+    appended_at: datetime,
 ) -> Refusal | None:
     """May this review end the escalation whose decision is ``escalation_id``? (None: it may.)
 
@@ -217,7 +229,9 @@ def judge_review(
         )
     if review.action == "timed_out":
         if deadline is None or appended_at < deadline:
-            return Refusal("not_due", f"a timeout before the deadline ({deadline.isoformat() if deadline else 'none'})")
+            return Refusal(
+                "not_due", f"a timeout before the deadline ({deadline.isoformat() if deadline else 'none'})"
+            )
         return None
     signer = check_review(review, trust, appended_at)
     return signer if isinstance(signer, Refusal) else None

@@ -22,7 +22,7 @@ from datetime import datetime
 
 import msgspec
 
-from nexuscore.errors import PolicyError, PolicyRefused
+from nexuscore.kernel.errors import PolicyError, PolicyRefused
 from nexuscore.policy._acts import Refusal, check_act, kill_switch_message, promotion_message
 from nexuscore.policy._controls import MODES, NO_CONTROLS, SCOPES, Controls
 from nexuscore.policy._model import parse_policy
@@ -63,8 +63,15 @@ def judge(
 def _switch(
     state: GovernanceState, event: KillSwitchChanged, trust: TrustStore, appended_at: datetime
 ) -> tuple[GovernanceState, Refusal | None]:
-    if event.scope not in SCOPES or event.mode not in MODES or (event.scope == "global") != (not event.target):
-        return state, Refusal("invalid", f"not a kill switch: scope {event.scope!r}, target {event.target!r}, mode {event.mode!r}")
+    if (
+        event.scope not in SCOPES
+        or event.mode not in MODES
+        or (event.scope == "global") != (not event.target)
+    ):
+        return state, Refusal(
+            "invalid",
+            f"not a kill switch: scope {event.scope!r}, target {event.target!r}, mode {event.mode!r}",
+        )
     signer = check_act(
         event.key_id, event.signature, kill_switch_message(event), "operator", event.actor, trust,
         event.occurred_at, appended_at,
@@ -77,7 +84,8 @@ def _switch(
         return state, Refusal("replayed", f"kill switch {event.event_id} was applied already")
     if last is not None and event.occurred_at <= last[0]:
         return state, Refusal(
-            "not_newer", f"signed {event.occurred_at.isoformat()}, not after the switch in force for {target} ({last[0].isoformat()})"
+            "not_newer",
+            f"signed {event.occurred_at.isoformat()}, not after the switch in force for {target} ({last[0].isoformat()})",
         )
     switched = {**state.switched, target: (event.occurred_at, event.event_id)}
     return msgspec.structs.replace(state, controls=state.controls.apply(event), switched=switched), None
@@ -97,7 +105,8 @@ def _bootstrap(
     reviewers = {s.key_id for s in signed.signatures if s.role == "reviewer"}
     if len(reviewers) < REVIEWERS_FOR_ACTIVE:
         return state, Refusal(
-            "refused_step", f"the bootstrap policy needs {REVIEWERS_FOR_ACTIVE} reviewers' signatures, it has {len(reviewers)}"
+            "refused_step",
+            f"the bootstrap policy needs {REVIEWERS_FOR_ACTIVE} reviewers' signatures, it has {len(reviewers)}",
         )
     registry = state.registry.apply(signed, "active")
     return msgspec.structs.replace(state, registry=registry, applied=state.applied | {event.event_id}), None
@@ -116,7 +125,8 @@ def _promotion(
         return state, Refusal("replayed", f"promotion step {event.event_id} was applied already")
     if state.promoted_at is not None and event.occurred_at <= state.promoted_at:
         return state, Refusal(
-            "not_newer", f"signed {event.occurred_at.isoformat()}, not after the last step applied ({state.promoted_at.isoformat()})"
+            "not_newer",
+            f"signed {event.occurred_at.isoformat()}, not after the last step applied ({state.promoted_at.isoformat()})",
         )
     signed = signed_from_event(event, trust, appended_at)
     if isinstance(signed, Refusal):
@@ -126,17 +136,23 @@ def _promotion(
         return state, refused
     registry = state.registry.apply(signed, event.to_stage, event.canary_share)
     applied = state.applied | {event.event_id}
-    return msgspec.structs.replace(state, registry=registry, promoted_at=event.occurred_at, applied=applied), None
+    return msgspec.structs.replace(
+        state, registry=registry, promoted_at=event.occurred_at, applied=applied
+    ), None
 
 
 def _step_refusal(registry: Registry, signed: SignedPolicy, event: PolicyStageChanged) -> Refusal | None:
     if signed.policy.version != event.policy_version:
         return Refusal(
-            "invalid", f"the event names version {event.policy_version!r}, the document is version {signed.policy.version!r}"
+            "invalid",
+            f"the event names version {event.policy_version!r}, the document is version {signed.policy.version!r}",
         )
     held = registry.stages.get(signed.policy.digest, "")
     if event.to_stage in STAGES and event.from_stage != held:
-        return Refusal("refused_step", f"the step is from {event.from_stage or '(none)'!r}, the policy holds {held or '(none)'!r}")
+        return Refusal(
+            "refused_step",
+            f"the step is from {event.from_stage or '(none)'!r}, the policy holds {held or '(none)'!r}",
+        )
     reason = check_promotion(
         registry,
         signed,
@@ -155,7 +171,9 @@ def signed_from_event(event: PolicyStageChanged, trust: TrustStore, now: datetim
     except PolicyError as exc:
         return Refusal("invalid", f"{exc}")
     if policy.digest != event.policy_digest:
-        return Refusal("invalid", f"the document has digest {policy.digest}, the event names {event.policy_digest}")
+        return Refusal(
+            "invalid", f"the document has digest {policy.digest}, the event names {event.policy_digest}"
+        )
     try:
         signatures = msgspec.json.decode(event.signatures or "{}", type=dict[str, list[PolicySignature]])
     except msgspec.DecodeError as exc:

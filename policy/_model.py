@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nexuscore.errors import PolicyError
+from nexuscore.kernel.errors import PolicyError
 from nexuscore.policy._yaml import decode_document, load_yaml, read_document
 from nexuscore.schemas import TIERS, DataClassification, RiskClass, Tier
 

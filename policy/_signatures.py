@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nexuscore import _signing
-from nexuscore.errors import PolicyError, PolicyRefused
+from nexuscore.kernel import signing
+from nexuscore.kernel.errors import PolicyError, PolicyRefused
 from nexuscore.policy._model import RoutingPolicy, parse_policy
 from nexuscore.policy._yaml import decode_document, load_yaml, read_document
 
@@ -129,7 +129,7 @@ def save_trust_store(path: Path, store: TrustStore) -> None:
 
 def trusted_key_entry(public: Ed25519PublicKey, name: str, roles: tuple[Role, ...]) -> TrustedKey:
     pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return TrustedKey(key_id=_signing.key_id(public), name=name, roles=roles, public_key=pem.decode())
+    return TrustedKey(key_id=signing.key_id(public), name=name, roles=roles, public_key=pem.decode())
 
 
 def sign(
@@ -143,7 +143,7 @@ def sign(
     valid_for: timedelta,
 ) -> PolicySignature:
     unsigned = PolicySignature(
-        key_id=_signing.key_id(key.public_key()),
+        key_id=signing.key_id(key.public_key()),
         signer=signer,
         role=role,
         digest=policy.digest,
@@ -151,7 +151,7 @@ def sign(
         signed_at=now,
         expires_at=now + valid_for,
     )
-    return msgspec.structs.replace(unsigned, signature=_signing.sign(key, unsigned.message()))
+    return msgspec.structs.replace(unsigned, signature=signing.sign(key, unsigned.message()))
 
 
 def read_signatures(path: Path) -> list[PolicySignature]:
@@ -212,7 +212,7 @@ def check_signatures(
         elif (
             s.digest != policy.digest
             or s.file_sha256 != file_sha256
-            or not _signing.verify(trusted.key(), s.message(), s.signature)
+            or not signing.verify(trusted.key(), s.message(), s.signature)
         ):
             if s.digest != policy.digest:
                 covered = f"covers {s.digest[:19]}…, not this policy's {policy.digest[:19]}…"

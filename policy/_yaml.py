@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from nexuscore.errors import PolicyError
+from nexuscore.kernel.errors import PolicyError
 
 # Ample for any real policy (the default is under 10 KiB); checked before any parsing.
 MAX_DOCUMENT_BYTES = 1 << 20

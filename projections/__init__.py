@@ -5,12 +5,16 @@ from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, er
 from nexuscore.projections._manifest import Manifest, committed_files
 from nexuscore.projections._projector import UNASSIGNED, Projector
 from nexuscore.projections._prove import check_proof, prove
+from nexuscore.projections._report import render_html
 from nexuscore.projections._store import EvidenceStore
-from nexuscore.projections._tables import SCHEMAS, TABLES
+from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
 from nexuscore.projections._verify import Finding, VerifyReport, verify
 from nexuscore.projections._writer import SealedWriter, region_dir, write_table
 
 __all__ = [
+    "ROW_BUILDERS",
+    "Row",
+    "render_html",
     "SCHEMAS",
     "TABLES",
     "UNASSIGNED",

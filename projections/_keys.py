@@ -29,8 +29,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nexuscore import _signing
-from nexuscore.errors import KeyStoreError
+from nexuscore.kernel import signing
+from nexuscore.kernel.errors import KeyStoreError
 from nexuscore.projections._manifest import read_head, record_erasure
 
 NONCE_BYTES = 12
@@ -246,7 +246,7 @@ def erase(
     recording their ids, signed with the evidence signing key, in the evidence folder at ``root``."""
     if not root.is_dir():
         raise KeyStoreError(f"no evidence at {root}: the erasure must be recorded beside it")
-    signer = _signing.key_id(signing_key.public_key())
+    signer = signing.key_id(signing_key.public_key())
     head = read_head(root)
     if head is not None and head.get("key_id") != signer:
         # Signed with another key, the record would not convince ``verify``: the keys would look lost.

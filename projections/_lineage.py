@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from nexuscore.errors import EvidenceError
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import FieldCipher
 
 if TYPE_CHECKING:

@@ -30,8 +30,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore import _signing
-from nexuscore.errors import EvidenceError
+from nexuscore.kernel import signing
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _merkle
 
 MANIFEST = "manifest.jsonl"
@@ -76,7 +76,7 @@ class Manifest:
     def __init__(self, root: Path, signing_key: Ed25519PrivateKey) -> None:
         self.root = root
         self.key = signing_key
-        self.key_id = _signing.key_id(signing_key.public_key())
+        self.key_id = signing.key_id(signing_key.public_key())
         self.frontier = _merkle.Frontier()
         self.last = GENESIS
         self.entries: list[Entry] = []  # committed ones
@@ -155,8 +155,8 @@ class Manifest:
             "signed_at": None if now is None else now.isoformat(),
             "key_id": self.key_id,
         }
-        head["signature"] = _signing.sign(self.key, head_message(head))
-        head["public_key"] = _signing.public_raw_b64(self.key.public_key())
+        head["signature"] = signing.sign(self.key, head_message(head))
+        head["public_key"] = signing.public_raw_b64(self.key.public_key())
         tmp = self.root / f".{HEAD}.tmp"
         with tmp.open("wb") as f:
             f.write(json.dumps(head, indent=1).encode())
@@ -212,8 +212,8 @@ def erasure_message(record: dict[str, Any]) -> bytes:
 def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -> None:
     """Append ``record``, signed, to the erasure ledger, durably (before the keys are destroyed:
     a crash in between leaves a record of keys still present, which ``verify`` only warns about)."""
-    signed = {**record, "key_id": _signing.key_id(key.public_key())}
-    signed["signature"] = _signing.sign(key, erasure_message(signed))
+    signed = {**record, "key_id": signing.key_id(key.public_key())}
+    signed["signature"] = signing.sign(key, erasure_message(signed))
     path = root / ERASURES
     created = not path.exists()
     try:

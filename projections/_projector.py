@@ -35,9 +35,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore._clock import Clock
 from nexuscore.core import refusal_event
-from nexuscore.errors import DecodeError, EvidenceError
+from nexuscore.kernel.clock import Clock
+from nexuscore.kernel.errors import DecodeError, EvidenceError
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
@@ -53,7 +53,7 @@ from nexuscore.schemas import (
     PolicyStageChanged,
     ReviewRecorded,
 )
-from nexuscore.streams import (
+from nexuscore.transport import (
     Topics,
     appended_at,
     dead_letter,
@@ -82,7 +82,9 @@ def _dedup_key(table: str, row: Row) -> str:
 # Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
 # and reviews; the workers dispatch): the projector records a dead letter for them itself.
 def _own_dead_letters(topics: Topics) -> frozenset[str]:
-    return frozenset({topics.decisions, topics.attempts, topics.deadletter, topics.governance, topics.circuits})
+    return frozenset(
+        {topics.decisions, topics.attempts, topics.deadletter, topics.governance, topics.circuits}
+    )
 
 
 PRODUCER = "nexuscore.projector"
@@ -211,7 +213,9 @@ class Projector:
                     self.duplicates += 1
                     continue
                 # A signed review seen again is a replay, not a stage re-emitting: evidence.
-                table, row = self._refused(record, ReviewRecorded, row, Refusal("replayed", "this review was received already"))
+                table, row = self._refused(
+                    record, ReviewRecorded, row, Refusal("replayed", "this review was received already")
+                )
             self._place(batch, record, table, row)
         batch.events += 1
         self.events += 1
@@ -233,7 +237,9 @@ class Projector:
             # External input: checked exactly as the decider checks it, so that what it
             # dead-letters never enters the requests table.
             event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
-            return ROW_BUILDERS[InferenceRequested](msgspec.to_builtins(event, builtin_types=(datetime, bytes)))
+            return ROW_BUILDERS[InferenceRequested](
+                msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+            )
         if record.topic == self.topics.governance:
             return self._governance_rows(record)
         if record.topic == self.topics.reviews:
@@ -248,11 +254,21 @@ class Projector:
         assert isinstance(event, PolicyStageChanged | KillSwitchChanged)
         appended = appended_at(record.timestamp, self.clock.now())
         if record.partition != 0:
-            refusal: Refusal | None = Refusal("invalid", "governance acts are read from partition 0 only, in order")
+            refusal: Refusal | None = Refusal(
+                "invalid", "governance acts are read from partition 0 only, in order"
+            )
         else:
             self.governance, refusal = judge(self.governance, event, self.trust, appended)
         if refusal is not None:
-            return [self._refused(record, type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes)), refusal, appended)]
+            return [
+                self._refused(
+                    record,
+                    type(event),
+                    msgspec.to_builtins(event, builtin_types=(datetime, bytes)),
+                    refusal,
+                    appended,
+                )
+            ]
         return ROW_BUILDERS[type(event)](msgspec.to_builtins(event, builtin_types=(datetime, bytes)))
 
     def _review_rows(self, record: ConsumerRecord) -> Rows:

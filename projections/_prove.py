@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from nexuscore.errors import EvidenceError
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _merkle, _seal
 from nexuscore.projections._manifest import committed_files, head_message, read_head, read_lines
 from nexuscore.projections._store import sql_list

@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from nexuscore.errors import EvidenceError
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import committed_files
 from nexuscore.projections._tables import SCHEMAS

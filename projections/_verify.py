@@ -30,8 +30,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from nexuscore import _signing
-from nexuscore.errors import KeyStoreError
+from nexuscore.kernel import signing
+from nexuscore.kernel.errors import KeyStoreError
 from nexuscore.projections import _merkle, _seal
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
@@ -154,11 +154,11 @@ def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyRepo
         return []
     report.head = head
     size = head.get("size", -1)
-    if not _signing.verify(public_key, head_message(head), str(head.get("signature", ""))):
+    if not signing.verify(public_key, head_message(head), str(head.get("signature", ""))):
         report.add(
             "head_signature",
             HEAD,
-            f"signature does not verify with the trusted key {_signing.key_id(public_key)} "
+            f"signature does not verify with the trusted key {signing.key_id(public_key)} "
             f"(head names key {head.get('key_id')})",
         )
     if not isinstance(size, int) or size > len(entries) or size < 0:
@@ -461,14 +461,14 @@ def _signed_erasures(root: Path, public_key: Ed25519PublicKey, report: VerifyRep
     for i, line in enumerate(read_erasures(root)):
         try:
             record = json.loads(line)
-            signed = _signing.verify(public_key, erasure_message(record), str(record.get("signature", "")))
+            signed = signing.verify(public_key, erasure_message(record), str(record.get("signature", "")))
         except (ValueError, AttributeError):
             signed = False
         if not signed:
             report.add(
                 "erasure_forged",
                 f"{ERASURES} line {i}",
-                f"is not an erasure record signed with the trusted key {_signing.key_id(public_key)}: "
+                f"is not an erasure record signed with the trusted key {signing.key_id(public_key)}: "
                 "the keys it names are not taken as erased",
             )
             continue

@@ -1,7 +1,7 @@
 """Model provider adapters and a simulated OpenAI-compatible provider.
 
 Adapters turn a provider-neutral :class:`ChatRequest` into one vendor HTTP call and raise
-:class:`nexuscore.errors.ProviderError` (with ``retryable``) for every failure.
+:class:`nexuscore.kernel.errors.ProviderError` (with ``retryable``) for every failure.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
 class ProviderAdapter(Protocol):
     """A client for one provider wire protocol.
 
-    ``complete`` raises :class:`nexuscore.errors.ProviderError` for every failure of the call, with
+    ``complete`` raises :class:`nexuscore.kernel.errors.ProviderError` for every failure of the call, with
     ``retryable`` telling the caller whether another attempt is worthwhile.
     """
 

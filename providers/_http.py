@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
-from nexuscore.errors import ProviderError
+from nexuscore.kernel.errors import ProviderError
 
 # Sized for ~200 calls in flight at once without waiting on the pool.
 POOL_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=256)

@@ -7,7 +7,7 @@ from typing import Annotated
 import httpx
 import msgspec
 
-from nexuscore.errors import ProviderError
+from nexuscore.kernel.errors import ProviderError
 
 from ._adapter import ChatRequest, ChatResult
 from ._http import new_client, post_json

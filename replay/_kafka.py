@@ -14,10 +14,10 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore._clock import SystemClock
+from nexuscore.kernel.clock import SystemClock
 from nexuscore.policy import TrustStore
 from nexuscore.projections import Projector
-from nexuscore.streams import Topics, partition_counts, start_client
+from nexuscore.transport import Topics, partition_counts, start_client
 
 
 async def _end_offsets(bootstrap: str, topics: Topics) -> dict[tuple[str, int], int]:

@@ -25,8 +25,7 @@ from nexuscore.core import (
     settle,
 )
 from nexuscore.policy import Controls, RoutingPolicy, Switch, cost_micros
-from nexuscore.projections import EvidenceStore
-from nexuscore.projections._tables import ROW_BUILDERS, Row
+from nexuscore.projections import ROW_BUILDERS, EvidenceStore, Row
 from nexuscore.schemas import (
     EscalationResolved,
     InferenceRequested,

@@ -17,7 +17,7 @@ import fastavro
 import msgspec
 from fastavro.schema import to_parsing_canonical_form
 
-from nexuscore.errors import DecodeError
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas._avro import AVRO_DIR, avro_name
 from nexuscore.schemas._events import EVENT_TYPES, Event
 

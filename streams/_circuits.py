@@ -15,13 +15,20 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from nexuscore._clock import Clock
-from nexuscore.core import Breaker, BreakerConfig, Transition, derive_id
-from nexuscore.core._breaker import CLOSED, admit, adopt, record
-from nexuscore.errors import DecodeError
+from nexuscore.core import CLOSED_BREAKER as CLOSED
+from nexuscore.core import (
+    Breaker,
+    BreakerConfig,
+    Transition,
+    breaker_admit,
+    breaker_adopt,
+    breaker_record,
+    derive_id,
+)
+from nexuscore.kernel.clock import Clock
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas import AvroCodec, CircuitStateChanged
-from nexuscore.streams._kafka import start_client
-from nexuscore.streams._topics import Topics, partition_counts
+from nexuscore.transport import Topics, partition_counts, start_client
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ class CircuitBoard:
         return self.breakers.get(deployment, CLOSED).state
 
     async def admit(self, deployment: str, region: str, request_id: str, tenant_id: str) -> bool:
-        allowed, breaker, change = admit(self.breakers.get(deployment, CLOSED), self.clock.now())
+        allowed, breaker, change = breaker_admit(self.breakers.get(deployment, CLOSED), self.clock.now())
         self.breakers[deployment] = breaker
         await self._announce(deployment, region, request_id, tenant_id, change)
         return allowed
@@ -51,7 +58,7 @@ class CircuitBoard:
     async def record(
         self, deployment: str, region: str, request_id: str, tenant_id: str, ok: bool, error: str = ""
     ) -> None:
-        breaker, change = record(
+        breaker, change = breaker_record(
             self.breakers.get(deployment, CLOSED), ok, self.clock.now(), self.config, error
         )
         self.breakers[deployment] = breaker
@@ -61,7 +68,7 @@ class CircuitBoard:
         if event.producer == self.worker_id:
             return
         before = self.breakers.get(event.deployment_id, CLOSED)
-        after = adopt(before, event.to_state, event.open_until)  # type: ignore[arg-type]  # a State name off the wire
+        after = breaker_adopt(before, event.to_state, event.open_until)  # type: ignore[arg-type]  # a State name off the wire
         if after is not before:
             log.warning(
                 "circuit of %s %s by %s: %s",

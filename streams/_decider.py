@@ -19,7 +19,6 @@ import faust
 import msgspec
 from aiokafka.errors import KafkaError
 
-from nexuscore._clock import Clock
 from nexuscore.core import (
     BudgetState,
     Reservation,
@@ -41,7 +40,8 @@ from nexuscore.core import (
     reserve,
     shadow_event,
 )
-from nexuscore.errors import DecodeError
+from nexuscore.kernel.clock import Clock
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
@@ -54,11 +54,9 @@ from nexuscore.schemas import (
     RequestRejected,
     ReviewRecorded,
 )
-from nexuscore.streams._deadletter import dead_letter
 from nexuscore.streams._faust import IdempotentApp
-from nexuscore.streams._governance import GovernanceFollower, PolicyHolder, appended_at
-from nexuscore.streams._inputs import decode_tenant_event
-from nexuscore.streams._topics import DEFAULT_PARTITIONS, Topics
+from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
+from nexuscore.transport import DEFAULT_PARTITIONS, Topics, appended_at, dead_letter, decode_tenant_event
 
 log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
@@ -233,7 +231,12 @@ def build_decider(
         )
 
     async def process(
-        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, timestamp_ms: int | None = None
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        timestamp_ms: int | None = None,
     ) -> None:
         """One input inside a boundary: what cannot be processed becomes a dead letter with its
         reason, and the agent goes on (a failure of the broker itself still stops it)."""
@@ -256,7 +259,9 @@ def build_decider(
         dl = dead_letter(topic, partition, offset, key, value, reason, PRODUCER, clock.now())
         await send(topics.deadletter, topic.encode(), codec.encode(dl))
 
-    async def refuse(act: ReviewRecorded, refusal: Refusal, source: tuple[str, int, int], now: datetime) -> None:
+    async def refuse(
+        act: ReviewRecorded, refusal: Refusal, source: tuple[str, int, int], now: datetime
+    ) -> None:
         log.warning("review %s of %s refused: %s", act.event_id, act.request_id, refusal)
         if refusal.code in SIGNER_CODES:
             return  # the projector records these from the reviews topic: one refusal per act
@@ -336,7 +341,9 @@ def build_decider(
                 if record.resolved_by == event.event_id:
                     await resend(record.sent)  # the same review again: its outputs may not be out
                 else:
-                    await refuse(event, Refusal("not_pending", "the escalation was resolved already"), source, now)
+                    await refuse(
+                        event, Refusal("not_pending", "the escalation was resolved already"), source, now
+                    )
                 return
             if record is None or not record.request:
                 await hold_early_review(event, record, request_key, value, source, now, appended)
@@ -414,7 +421,9 @@ def build_decider(
         again after this review. The first signed one is kept until then; anything else (a
         timeout, a forgery, a second review) is refused, so no one can fill the Table with them."""
         if record is not None or event.action == "timed_out":
-            await refuse(event, Refusal("not_pending", "no escalation of this request awaits review"), source, now)
+            await refuse(
+                event, Refusal("not_pending", "no escalation of this request awaits review"), source, now
+            )
             return
         signer = check_review(event, reviewers, appended)
         if isinstance(signer, Refusal):

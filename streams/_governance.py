@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from nexuscore._clock import Clock
 from nexuscore.core import derive_id
-from nexuscore.errors import DecodeError
+from nexuscore.kernel.clock import Clock
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.policy import (
     BOOTSTRAP,
     NO_CONTROLS,
@@ -30,8 +30,7 @@ from nexuscore.policy import (
     judge,
 )
 from nexuscore.schemas import AvroCodec, KillSwitchChanged, PolicyStageChanged
-from nexuscore.streams._kafka import new_producer, start_client
-from nexuscore.streams._topics import Topics, partition_counts
+from nexuscore.transport import Topics, appended_at, new_producer, partition_counts, start_client
 
 log = logging.getLogger(__name__)
 POLICY_KEY = b"policy"  # one key, so every policy event is in one partition, in order
@@ -59,13 +58,6 @@ class PolicyHolder:
     @controls.setter
     def controls(self, controls: Controls) -> None:
         self.state = msgspec.structs.replace(self.state, controls=controls)
-
-
-def appended_at(timestamp_ms: int | None, fallback: datetime) -> datetime:
-    """When the broker took a record (governance topics use LogAppendTime, which no producer sets)."""
-    if timestamp_ms is None or timestamp_ms < 0:
-        return fallback
-    return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
 
 
 def bootstrap_event(
@@ -115,7 +107,9 @@ class GovernanceFollower:
             self.refusals.append(f"undecodable: {exc}")
             return
         assert isinstance(event, PolicyStageChanged | KillSwitchChanged)
-        state, refused = judge(self.holder.state, event, self.trust, appended_at(timestamp_ms, self.clock.now()))
+        state, refused = judge(
+            self.holder.state, event, self.trust, appended_at(timestamp_ms, self.clock.now())
+        )
         self.holder.state = state
         if refused is not None:
             self.refusals.append(str(refused))
@@ -124,7 +118,9 @@ class GovernanceFollower:
             where = "global" if event.scope == "global" else f"{event.scope} {event.target}"
             log.warning("inference %s (%s) by %s: %s", event.mode, where, event.actor, event.reason)
         else:
-            log.warning("policy %s %s is now %s", event.policy_version, event.policy_digest[:19], event.to_stage)
+            log.warning(
+                "policy %s %s is now %s", event.policy_version, event.policy_digest[:19], event.to_stage
+            )
 
     async def _consumer(self) -> AIOKafkaConsumer:
         counts = await partition_counts(self.bootstrap, (self.topic,))

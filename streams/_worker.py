@@ -22,9 +22,9 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from nexuscore._clock import Clock
 from nexuscore.core import envelope_from
-from nexuscore.errors import DecodeError, ProviderError
+from nexuscore.kernel.clock import Clock
+from nexuscore.kernel.errors import DecodeError, ProviderError
 from nexuscore.policy import cost_micros
 from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
 from nexuscore.schemas import (
@@ -36,9 +36,7 @@ from nexuscore.schemas import (
     OutcomeRecorded,
 )
 from nexuscore.streams._circuits import CircuitBoard, follow_circuits
-from nexuscore.streams._deadletter import dead_letter
-from nexuscore.streams._kafka import new_consumer, new_producer, start_client
-from nexuscore.streams._topics import Topics
+from nexuscore.transport import Topics, dead_letter, new_consumer, new_producer, start_client
 
 log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.worker"
@@ -436,7 +434,9 @@ class Worker:
                 raise
             except Exception as exc:  # noqa: BLE001  # no input may stop the worker
                 log.exception("dispatch at %s:%s could not be processed", tp, record.offset)
-                futures = [await self._dead_letter(record, producer, f"internal error: {type(exc).__name__}: {exc}")]
+                futures = [
+                    await self._dead_letter(record, producer, f"internal error: {type(exc).__name__}: {exc}")
+                ]
             for future in futures:
                 await future
             offsets.finished(tp, record.offset)  # a no-op if the partition was revoked meanwhile
@@ -452,7 +452,14 @@ class Worker:
         self, record: ConsumerRecord, producer: AIOKafkaProducer, reason: str
     ) -> asyncio.Future[object]:
         dl = dead_letter(
-            record.topic, record.partition, record.offset, record.key, record.value, reason, PRODUCER, self.clock.now()
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            reason,
+            PRODUCER,
+            self.clock.now(),
         )
         future: asyncio.Future[object] = await producer.send(
             self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode()
@@ -485,7 +492,12 @@ class Worker:
             # Already called by this worker: its attempts and outcome are on their topics (or on
             # their way, with the same ids). Calling again would bill the tenant twice.
             self.repeats += 1
-            log.warning("dispatch %s of %s seen again at %s; not called twice", d.event_id, d.request_id, record.offset)
+            log.warning(
+                "dispatch %s of %s seen again at %s; not called twice",
+                d.event_id,
+                d.request_id,
+                record.offset,
+            )
             return []
         attempts: list[ModelCallAttempted] = []
         if self.bulkhead.full(d.tenant_id):

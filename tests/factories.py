@@ -14,7 +14,6 @@ import msgspec
 from aiokafka import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore._clock import FixedClock
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import (
     EMPTY_STATE,
@@ -25,6 +24,7 @@ from nexuscore.core import (
     on_request,
     on_review,
 )
+from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import RoutingPolicy, TrustStore, default_policy
 from nexuscore.projections import Projector
 from nexuscore.schemas import (
@@ -36,7 +36,7 @@ from nexuscore.schemas import (
     RequestDecided,
     ReviewRecorded,
 )
-from nexuscore.streams import Topics
+from nexuscore.transport import Topics
 
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 POLICY = default_policy()

@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore._clock import FixedClock
 from nexuscore.core import decode_reservation, decode_state, derive_id
 from nexuscore.core._latency import MIN_SAMPLES
+from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import Controls, SignedPolicy, TrustStore, sign_review, trusted_key_entry
 from nexuscore.policy._promotion import Registry
 from nexuscore.schemas import (
@@ -34,7 +34,8 @@ from nexuscore.schemas import (
     ShadowDecisionRecorded,
     schema_for,
 )
-from nexuscore.streams import PolicyHolder, Topics, build_decider
+from nexuscore.streams import PolicyHolder, build_decider
+from nexuscore.transport import Topics
 from tests.factories import POLICY, T0, request
 
 pytestmark = pytest.mark.component
@@ -187,7 +188,11 @@ async def test_a_promotion_is_taken_up_without_a_restart_and_a_shadow_is_recorde
 
 
 def _review(
-    req_id: str, action: str, at: datetime = T0, key: Ed25519PrivateKey = REVIEWER, reviewer: str = "carol@acme-bank"
+    req_id: str,
+    action: str,
+    at: datetime = T0,
+    key: Ed25519PrivateKey = REVIEWER,
+    reviewer: str = "carol@acme-bank",
 ) -> ReviewRecorded:
     """A reviewer's signed review of the escalation of ``req_id`` (its decision's id is derived)."""
     return sign_review(ReviewRecorded(
@@ -232,7 +237,11 @@ async def test_an_approved_escalation_resumes_and_a_denied_one_ends_with_the_rev
     await put_review(ctx, _review("crit-2", "denied"))
     await put_review(ctx, _review("crit-2", "approved"))  # too late: already ended
     [(_, _, refused)] = sink.of(ActRefused)  # and recorded as such
-    assert (refused.act, refused.code, refused.act_event_id) == ("review", "not_pending", "review-crit-2-approved")
+    assert (refused.act, refused.code, refused.act_event_id) == (
+        "review",
+        "not_pending",
+        "review-crit-2-approved",
+    )
     resolved = {e.request_id: e for _, _, e in sink.of(EscalationResolved)}
     assert set(resolved) == {"crit-1", "crit-2"}
     assert resolved["crit-1"].resolution == "dispatched" and resolved["crit-1"].reviewer == "carol@acme-bank"
@@ -391,8 +400,12 @@ async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_p
         "unknown_key": _review("crit-6", "approved", key=mallory, reviewer="carol@acme-bank"),
         "actor_mismatch": _review("crit-6", "approved", reviewer="the-ceo"),
         "bad_signature": msgspec.structs.replace(genuine, event_id="f4", reason="approve everything"),
-        "wrong_escalation": sign_review(msgspec.structs.replace(genuine, event_id="f5", causation_id="other"), REVIEWER),
-        "not_due": msgspec.structs.replace(genuine, event_id="f6", action="timed_out", key_id="", signature=""),
+        "wrong_escalation": sign_review(
+            msgspec.structs.replace(genuine, event_id="f5", causation_id="other"), REVIEWER
+        ),
+        "not_due": msgspec.structs.replace(
+            genuine, event_id="f6", action="timed_out", key_id="", signature=""
+        ),
     }
     for forged in forgeries.values():
         await put_review(ctx, forged)
@@ -422,10 +435,15 @@ async def test_an_early_forged_review_is_not_kept_so_the_table_cannot_be_filled(
 async def test_two_tenants_may_use_the_same_request_id_without_any_id_colliding(harness: Any) -> None:
     _, ctx, sink = harness
     await ctx.put(CODEC.encode(request(request_id="same", event_id="e-same")), key=b"acme-bank")
-    other = request(request_id="same", event_id="e-same", tenant_id="globex-insurance", feature="claims-triage")
+    other = request(
+        request_id="same", event_id="e-same", tenant_id="globex-insurance", feature="claims-triage"
+    )
     await ctx.put(CODEC.encode(other), key=b"globex-insurance")
     ids = [e.event_id for _, _, e in sink.sent]
-    assert len(ids) == len(set(ids)) and {e.tenant_id for _, _, e in sink.sent} == {"acme-bank", "globex-insurance"}
+    assert len(ids) == len(set(ids)) and {e.tenant_id for _, _, e in sink.sent} == {
+        "acme-bank",
+        "globex-insurance",
+    }
 
 
 @pytest.mark.asyncio
@@ -451,7 +469,9 @@ def _encode_unchecked(event: Event, **changes: Any) -> bytes:
 
 
 @pytest.mark.asyncio
-async def test_nothing_near_the_broker_limit_stops_the_decider_or_becomes_an_event_over_it(harness: Any) -> None:
+async def test_nothing_near_the_broker_limit_stops_the_decider_or_becomes_an_event_over_it(
+    harness: Any,
+) -> None:
     # Finding 3: non-Avro bytes just under 1 MiB made a dead letter over the producer's limit, and a
     # request within the token limit (four characters a token) could make a dispatch over 1 MiB.
     _, ctx, sink = harness

@@ -37,11 +37,11 @@ from nexuscore._demo import ReviewDesk, decider_args, projector_args
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Service, Services
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
-from nexuscore.errors import NexusError
+from nexuscore.kernel.errors import NexusError
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, default_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.schemas import AvroCodec
-from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
+from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

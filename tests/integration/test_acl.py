@@ -25,8 +25,8 @@ from aiokafka.errors import (
 
 from nexuscore._acls import PRINCIPALS, Grant, Operation, acl_table, apply_acls
 from nexuscore._broker import LocalKafka, ensure_kafka_jars
-from nexuscore.errors import BrokerError
-from nexuscore.streams import Topics
+from nexuscore.kernel.errors import BrokerError
+from nexuscore.transport import Topics
 
 pytestmark = pytest.mark.integration
 

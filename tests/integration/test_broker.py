@@ -27,7 +27,7 @@ from nexuscore._broker import (
     kafka_broker,
     kafka_libs_dir,
 )
-from nexuscore.errors import BrokerError
+from nexuscore.kernel.errors import BrokerError
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore
-from nexuscore.streams import Topics, ensure_topics
+from nexuscore.transport import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 REQUESTS = 400

@@ -18,7 +18,7 @@ from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_policy
 from nexuscore.projections import EvidenceStore
-from nexuscore.streams import Topics, ensure_topics
+from nexuscore.transport import Topics, ensure_topics
 from tests.integration.test_pipeline import nexuscore
 
 pytestmark = pytest.mark.integration

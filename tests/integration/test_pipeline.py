@@ -27,12 +27,12 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from nexuscore._demo import Pipeline, ReviewDesk, _publish_all, wait_for_evidence
 from nexuscore._devkeys import DevKeys, dev_keys
 from nexuscore._services import Services
-from nexuscore._signing import generate_keypair
+from nexuscore.kernel.signing import generate_keypair
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore, FieldCipher, LocalKeyStore
 from nexuscore.replay import replay
 from nexuscore.schemas import AVRO_DIR
-from nexuscore.streams import Topics, ensure_topics
+from nexuscore.transport import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 REQUESTS = 300

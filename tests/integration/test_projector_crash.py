@@ -17,17 +17,11 @@ from pathlib import Path
 import pytest
 
 from nexuscore._services import Service
-from nexuscore._signing import generate_keypair, load_public_key
+from nexuscore.kernel.signing import generate_keypair, load_public_key
 from nexuscore.policy import DEFAULT_POLICY_PATH
 from nexuscore.projections import SCHEMAS, EvidenceStore, verify
 from nexuscore.schemas import AvroCodec, Event
-from nexuscore.streams import (
-    DEFAULT_PARTITIONS,
-    Topics,
-    ensure_topics,
-    new_producer,
-    start_client,
-)
+from nexuscore.transport import DEFAULT_PARTITIONS, Topics, ensure_topics, new_producer, start_client
 from tests.factories import _TOPIC_OF, POLICY, run_history
 
 pytestmark = pytest.mark.integration

@@ -22,12 +22,12 @@ import pytest
 from nexuscore._demo import decider_args, projector_args
 from nexuscore._devkeys import dev_keys
 from nexuscore._services import Services
-from nexuscore._signing import load_public_key
 from nexuscore._synthetic import publish
+from nexuscore.kernel.signing import load_public_key
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec, InferenceRequested
-from nexuscore.streams import Topics, ensure_topics, new_producer, start_client
+from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore.errors import EvidenceError
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import (
     SCHEMAS,
     EvidenceStore,

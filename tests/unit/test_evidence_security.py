@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nexuscore._demo import clear_evidence, demo_dirs
 from nexuscore.cli import main
-from nexuscore.errors import EvidenceError, KeyStoreError, NexusError
+from nexuscore.kernel.errors import EvidenceError, KeyStoreError, NexusError
 from nexuscore.projections import EvidenceStore, Finding, LocalKeyStore, committed_files, erase, verify
 from nexuscore.projections._manifest import ERASURES, canonical, erasure_message
 from nexuscore.schemas import Event, InferenceRequested

@@ -15,7 +15,7 @@ from nexuscore import cli
 from nexuscore._synthetic import TASKS
 from nexuscore._text import safe_text
 from nexuscore.core import EMPTY_STATE, Rejection, decide, on_request, on_review
-from nexuscore.errors import PolicyError, PolicyRefused
+from nexuscore.kernel.errors import PolicyError, PolicyRefused
 from nexuscore.policy import (
     DEFAULT_POLICY_PATH,
     RoutingPolicy,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nexuscore.errors import PolicyError
+from nexuscore.kernel.errors import PolicyError
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_policy, parse_policy
 
 

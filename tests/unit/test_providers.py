@@ -16,7 +16,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from nexuscore.errors import ProviderError
+from nexuscore.kernel.errors import ProviderError
 from nexuscore.providers import (
     AnthropicMessagesAdapter,
     ChatRequest,

@@ -14,7 +14,7 @@ from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
 from nexuscore.core import EMPTY_STATE, on_outcome, on_request, on_review, shadow_event
-from nexuscore.errors import DecodeError
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas import (
     AVRO_DIR,
     EVENT_TYPES,

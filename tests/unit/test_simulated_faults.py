@@ -13,7 +13,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from nexuscore.cli import app
-from nexuscore.errors import ProviderError
+from nexuscore.kernel.errors import ProviderError
 from nexuscore.providers import ChatRequest, OpenAIChatAdapter, SimulatedProvider, SimulatedProviderConfig
 
 BODY = {

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from nexuscore._clock import FixedClock
 from nexuscore.core import EMPTY_STATE, BreakerConfig, on_request
-from nexuscore.errors import ProviderError
+from nexuscore.kernel.clock import FixedClock
+from nexuscore.kernel.errors import ProviderError
 from nexuscore.providers import ChatRequest, ChatResult
 from nexuscore.schemas import AvroCodec, CircuitStateChanged, DeadLettered, DispatchRequested
 from nexuscore.streams import Caller, RetryPolicy
@@ -290,9 +290,10 @@ def test_attempts_of_a_second_worker_incarnation_keep_their_own_ids() -> None:
     a1 = one._attempt(d, targets_of(d)[0], 1, "ok", 0.0, 200, False, "")
     a2 = two._attempt(d, targets_of(d)[0], 1, "ok", 0.0, 200, False, "")
     assert a1.event_id != a2.event_id
-    assert one._outcome(d, targets_of(d)[0], None, 1, 0.0, "", []).event_id == two._outcome(
-        d, targets_of(d)[0], None, 1, 0.0, "", []
-    ).event_id  # one outcome per dispatch, whichever incarnation records it
+    assert (
+        one._outcome(d, targets_of(d)[0], None, 1, 0.0, "", []).event_id
+        == two._outcome(d, targets_of(d)[0], None, 1, 0.0, "", []).event_id
+    )  # one outcome per dispatch, whichever incarnation records it
 
 
 @pytest.mark.asyncio
@@ -304,7 +305,9 @@ def test_attempts_of_a_second_worker_incarnation_keep_their_own_ids() -> None:
         ("valid", b"someone-else", "is not the request id"),
     ],
 )
-async def test_bad_dispatches_are_dead_lettered_with_a_bounded_copy(value: object, key: bytes, reason: str) -> None:
+async def test_bad_dispatches_are_dead_lettered_with_a_bounded_copy(
+    value: object, key: bytes, reason: str
+) -> None:
     provider, producer = ScriptedProvider(OK), RecordingProducer()
     raw = AvroCodec().encode(dispatch()) if value == "valid" else value
     await _worker(provider)._handle(_record(raw, key), producer)  # type: ignore[arg-type]

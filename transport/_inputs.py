@@ -3,7 +3,9 @@ projector always agree on what is bad input."""
 
 from __future__ import annotations
 
-from nexuscore.errors import DecodeError
+from datetime import UTC, datetime
+
+from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas import AvroCodec, Event
 
 
@@ -16,3 +18,10 @@ def decode_tenant_event(
         # Budget state is correct only if all of a tenant's events share one partition.
         raise DecodeError(f"message key {key!r} is not the tenant id {event.tenant_id!r}")
     return event
+
+
+def appended_at(timestamp_ms: int | None, fallback: datetime) -> datetime:
+    """When the broker took a record (governance topics use LogAppendTime, which no producer sets)."""
+    if timestamp_ms is None or timestamp_ms < 0:
+        return fallback
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC)

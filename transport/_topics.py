@@ -13,8 +13,8 @@ import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from nexuscore.errors import BrokerError
-from nexuscore.streams._kafka import start_client
+from nexuscore.kernel.errors import BrokerError
+from nexuscore.transport._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
 # The topics of signed human acts (governance, reviews) take the broker's clock as each record's

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError
 
-from nexuscore.errors import BrokerError
+from nexuscore.kernel.errors import BrokerError
 
 
 def new_producer(bootstrap: str, *, linger_ms: int = 1) -> AIOKafkaProducer:

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from nexuscore.errors import SignatureError
+from nexuscore.kernel.errors import SignatureError
 
 
 def key_id(public: Ed25519PublicKey) -> str:

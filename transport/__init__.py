@@ -1,0 +1,30 @@
+"""The wire between the stages: topic names and their creation, Kafka clients configured the one way
+NexusCore uses them, the one check every reader of a tenant-keyed topic applies, dead letters, and
+broker time. Below the stages (streams, projections, replay), above the core; no stream runtime."""
+
+from nexuscore.transport._deadletter import MAX_RAW_KEY, MAX_RAW_VALUE, dead_letter
+from nexuscore.transport._inputs import appended_at, decode_tenant_event
+from nexuscore.transport._kafka import new_consumer, new_producer, start_client
+from nexuscore.transport._topics import (
+    DECIDER_TABLES,
+    DEFAULT_PARTITIONS,
+    Topics,
+    ensure_topics,
+    partition_counts,
+)
+
+__all__ = [
+    "DECIDER_TABLES",
+    "DEFAULT_PARTITIONS",
+    "MAX_RAW_KEY",
+    "MAX_RAW_VALUE",
+    "Topics",
+    "appended_at",
+    "dead_letter",
+    "decode_tenant_event",
+    "ensure_topics",
+    "new_consumer",
+    "new_producer",
+    "partition_counts",
+    "start_client",
+]
