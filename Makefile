@@ -7,9 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
-PACKAGES := kernel schemas policy core transport streams providers projections replay
+PACKAGES := kernel ledger schemas policy core transport streams providers projections replay services
 
-.PHONY: install jars demo test lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean
+.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -39,20 +39,24 @@ lint: install linktree
 # that has the installed shape.
 linktree:
 	rm -rf build/typecheck && mkdir -p build/typecheck/nexuscore
-	for f in nexuscore/*.py nexuscore/py.typed; do ln -s "$(CURDIR)/$$f" build/typecheck/nexuscore/; done
+	for f in nexuscore/*.py nexuscore/py.typed nexuscore/cli; do ln -s "$(CURDIR)/$$f" build/typecheck/nexuscore/; done
 	for d in $(PACKAGES); do ln -s "$(CURDIR)/$$d" build/typecheck/nexuscore/$$d; done
 
 typecheck: install linktree
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p nexuscore
 
 pytest: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=5
+
+# The unit tier alone (no broker, no faust app): the quick loop while editing.
+unit: install
+	$(BIN)/python -m pytest tests/unit -q
 
 # The fault-injection suite (slow, outside `make test`): FAULT_REQUESTS requests while every process
 # type is killed with SIGKILL, the broker restarted and the provider failing; figures in bench/results/fault.*.
 FAULT_REQUESTS ?= 20000
 fault: jars
-	FAULT_REQUESTS=$(FAULT_REQUESTS) $(BIN)/python -m pytest -m slow tests/fault -s
+	FAULT_REQUESTS=$(FAULT_REQUESTS) $(BIN)/python -m pytest -m slow tests/fault/test_fault_injection.py -s
 
 # The fuzz run (slow, outside `make test`): FUZZ_MESSAGES hostile messages on every input topic,
 # interleaved with FUZZ_REQUESTS valid requests on a live pipeline, each accounted for from the

@@ -16,36 +16,30 @@ Results: ``bench/results/replay.{json,md}``. Target (issue 4): >= 200,000 decisi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
-import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench._harness import git_commit, own_cpu_s, run_main, table
 from nexuscore.core import EMPTY_STATE, decide
 from nexuscore.projections import EvidenceStore
 from nexuscore.replay import replay
 from nexuscore.schemas import InferenceRequested
 from tests.factories import POLICY, project, run_history, with_budgets
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_PER_CORE = 200_000
 
 
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _timed(fn: Any) -> tuple[Any, float, float]:
-    wall, cpu = time.perf_counter(), _cpu()
+    wall, cpu = time.perf_counter(), own_cpu_s()
     out = fn()
-    return out, time.perf_counter() - wall, _cpu() - cpu
+    return out, time.perf_counter() - wall, own_cpu_s() - cpu
 
 
 def run(requests: int) -> dict[str, Any]:
@@ -73,13 +67,10 @@ def run(requests: int) -> dict[str, Any]:
     for f in figures.values():
         f["decisions_per_s_per_core"] = round(requests / f["cpu_s"])
         f["extrapolated_1m_s"] = round(1_000_000 / f["decisions_per_s_per_core"], 1)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     return {
         "benchmark": "replay",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": git_commit(),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
         "requests": requests,
         "events": len(history),
@@ -92,7 +83,13 @@ def run(requests: int) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     rows = [
-        f"| {name} | {f['decisions_per_s_per_core']:,} | {f['cpu_s']:.1f} | {f['wall_s']:.1f} | {f['extrapolated_1m_s']} |"
+        (
+            name,
+            f"{f['decisions_per_s_per_core']:,}",
+            f"{f['cpu_s']:.1f}",
+            f"{f['wall_s']:.1f}",
+            f["extrapolated_1m_s"],
+        )
         for name, f in r["figures"].items()
     ]
     base = r["figures"]["baseline_decide_loop"]["decisions_per_s_per_core"]
@@ -105,9 +102,9 @@ def render(r: dict[str, Any]) -> str:
             f"{r['machine']['cores']} cores, Python {r['machine']['python']}. History: {r['requests']:,} requests, "
             f"{r['events']:,} events (generated in {r['generate_s']} s, projected in {r['project_s']} s).",
             "",
-            "| run | decisions/s per core | CPU s | wall s | 1,000,000 requests would take (s) |",
-            "|---|---|---|---|---|",
-            *rows,
+            *table(
+                ("run", "decisions/s per core", "CPU s", "wall s", "1,000,000 requests would take (s)"), rows
+            ),
             "",
             f"Target: >= {r['target_decisions_per_s_per_core']:,} decisions/s per core, 1M in < 10 s. "
             f"Verify-mode replay runs at {verify / base:.2f} x the bare decide() loop (the baseline).",
@@ -116,16 +113,12 @@ def render(r: dict[str, Any]) -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000, help="Recorded requests to replay.")
-    args = parser.parse_args()
-    results = run(args.requests)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "replay.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (RESULTS_DIR / "replay.md").write_text(render(results), encoding="utf-8")
-    print(render(results))
+    args = parser.parse_args(argv)
+    return run_main("replay", lambda: run(args.requests), render, lambda r: print(render(r)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

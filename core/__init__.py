@@ -1,5 +1,6 @@
 """The functional core: pure decisions and pure state transitions. No I/O, no clock, no randomness."""
 
+from nexuscore.core._admit import MAX_PROMPT_BYTES, Rejection, admit, estimate_input_tokens
 from nexuscore.core._breaker import CLOSED as CLOSED_BREAKER
 from nexuscore.core._breaker import Breaker, BreakerConfig, Transition
 from nexuscore.core._breaker import admit as breaker_admit
@@ -19,19 +20,21 @@ from nexuscore.core._budget import (
     reserve,
     settle,
 )
+from nexuscore.core._budget_stage import Budgeted, budget_stage
 from nexuscore.core._controls import CachedAnswer, decode_answer, encode_answer
-from nexuscore.core._decide import (
-    MAX_PROMPT_BYTES,
-    Decision,
-    LatencyView,
-    Rejection,
-    admit,
-    decide,
-    estimate_complexity,
-    estimate_input_tokens,
-)
+from nexuscore.core._decide import Decision, decide, decide_on_route
+from nexuscore.core._decode_stage import Decoded, LatencyView, decode_stage
 from nexuscore.core._ids import derive_id, envelope_from
 from nexuscore.core._latency import LatencyWindow, decode_window, encode_window, observe
+from nexuscore.core._route import (
+    Escalation,
+    Route,
+    RouteCache,
+    RouteKey,
+    estimate_complexity,
+    route,
+    route_key,
+)
 from nexuscore.core._steps import (
     answer_to_keep,
     decision_event,
@@ -51,6 +54,17 @@ __all__ = [
     "MAX_PROMPT_BYTES",
     "EMPTY_STATE",
     "Breaker",
+    "Budgeted",
+    "Decoded",
+    "Escalation",
+    "Route",
+    "RouteCache",
+    "RouteKey",
+    "budget_stage",
+    "decide_on_route",
+    "decode_stage",
+    "route",
+    "route_key",
     "BreakerConfig",
     "CachedAnswer",
     "LatencyWindow",

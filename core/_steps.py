@@ -75,6 +75,7 @@ def decision_event(
         review_deadline=now + timedelta(seconds=result.review_deadline_s)
         if result.review_deadline_s
         else None,
+        control_mode=result.control_mode,
     )
 
 
@@ -124,10 +125,11 @@ def dispatch_event(
     )
 
 
-def _overridden(decision: Decision, why: str, detail: str) -> Decision:
+def _overridden(decision: Decision, why: str, detail: str, mode: str) -> Decision:
     """A decision an operator control stopped: recorded in full, with the control as its reason."""
     return msgspec.structs.replace(
         decision,
+        control_mode=mode,
         verdict="denied",
         verdict_reason=why,
         budget=msgspec.structs.replace(decision.budget, action="not_applicable"),
@@ -164,16 +166,19 @@ def _apply_controls(
     if switch is None or decision.verdict != "dispatch":
         return decision, None
     if switch.mode == "off":
-        return _overridden(decision, f"kill_switch: {switch.describe()}", switch.describe()), None
+        return _overridden(
+            decision, f"kill_switch: {switch.describe()}", switch.describe(), switch.mode
+        ), None
     if TOOL_CAPABILITIES & set(request.required_capabilities):
         why = f"offline: tools are disabled while {switch.describe()}"
-        return _overridden(decision, why, switch.describe()), None
+        return _overridden(decision, why, switch.describe(), switch.mode), None
     hit = _cached(request, decision, policy, answers) if answers is not None else None
     if hit is None:
         why = f"offline: no cached answer for this prompt under this policy; {switch.describe()}"
-        return _overridden(decision, why, switch.describe()), None
+        return _overridden(decision, why, switch.describe(), switch.mode), None
     answered = msgspec.structs.replace(
         decision,
+        control_mode=switch.mode,
         verdict_reason=f"offline: answered from the cache (request {hit.request_id}, {hit.deployment_id})",
         budget=msgspec.structs.replace(decision.budget, action="not_applicable", estimated_cost_micros=0),
         fallbacks=(),

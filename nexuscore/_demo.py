@@ -16,8 +16,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nexuscore._broker import kafka_broker
 from nexuscore._devkeys import DevKeys, dev_keys
-from nexuscore._operations import publish as publish_operation
-from nexuscore._operations import review_event, signer_name
 from nexuscore._services import Services
 from nexuscore._synthetic import malformed_messages, publish, synthetic_requests
 from nexuscore.kernel.errors import NexusError
@@ -25,6 +23,8 @@ from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.policy import RoutingPolicy, load_policy, load_trust_store
 from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec
+from nexuscore.services import publish as publish_operation
+from nexuscore.services import review_event, signer_name
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
 

@@ -28,6 +28,7 @@ from nexuscore.schemas import KillSwitchChanged, PolicyStageChanged, ReviewRecor
 # signer's clock may run.
 FRESHNESS = timedelta(minutes=15)
 CLOCK_SKEW = timedelta(minutes=2)
+TIMEOUT_TOLERANCE = timedelta(seconds=5)
 
 RefusalCode = Literal[
     "unsigned",
@@ -228,7 +229,9 @@ def judge_review(
             f"the review answers escalation {review.causation_id or '(none)'}, the pending one is {escalation_id}",
         )
     if review.action == "timed_out":
-        if deadline is None or appended_at < deadline:
+        # The decider posts a timeout once its own clock passes the deadline; the broker's clock
+        # may run a little behind it.
+        if deadline is None or appended_at + TIMEOUT_TOLERANCE < deadline:
             return Refusal(
                 "not_due", f"a timeout before the deadline ({deadline.isoformat() if deadline else 'none'})"
             )

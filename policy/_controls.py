@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import msgspec
 
-from nexuscore.schemas import KillSwitchChanged
+from nexuscore.schemas import KillSwitchChanged, SwitchMode, SwitchScope
 
-Mode = Literal["on", "off", "offline"]
-Scope = Literal["global", "tenant", "feature"]
-MODES: tuple[str, ...] = ("on", "off", "offline")
-SCOPES: tuple[str, ...] = ("global", "tenant", "feature")
+# The values as the wire contract defines them (``nexuscore.schemas``), in one place.
+MODES: tuple[str, ...] = get_args(SwitchMode)
+SCOPES: tuple[str, ...] = get_args(SwitchScope)
 # "off" outranks "offline": of the switches that cover a request, the most restrictive applies.
 _SEVERITY = {"offline": 1, "off": 2}
 

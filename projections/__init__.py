@@ -1,10 +1,10 @@
 """The evidence plane: sealed Parquet tables projected from the log, DuckDB views and reports over
-them, verification, inclusion proofs and erasure."""
+them, verification, inclusion and consistency proofs, and erasure."""
 
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
 from nexuscore.projections._manifest import Manifest, committed_files
 from nexuscore.projections._projector import UNASSIGNED, Projector
-from nexuscore.projections._prove import check_proof, prove
+from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
 from nexuscore.projections._report import render_html
 from nexuscore.projections._store import EvidenceStore
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
@@ -27,10 +27,12 @@ __all__ = [
     "Projector",
     "SealedWriter",
     "VerifyReport",
+    "check_consistency",
     "check_proof",
     "committed_files",
     "erase",
     "prove",
+    "prove_consistency",
     "region_dir",
     "verify",
     "write_table",

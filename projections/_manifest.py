@@ -30,9 +30,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections import _merkle
 
 MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
@@ -77,7 +77,7 @@ class Manifest:
         self.root = root
         self.key = signing_key
         self.key_id = signing.key_id(signing_key.public_key())
-        self.frontier = _merkle.Frontier()
+        self.frontier = ledger.Frontier()
         self.last = GENESIS
         self.entries: list[Entry] = []  # committed ones
         self.positions: dict[tuple[str, int], int] = {}
@@ -111,7 +111,7 @@ class Manifest:
 
     def _absorb(self, line: bytes, entry: Entry) -> None:
         self.last = hashlib.sha256(line).hexdigest()
-        self.frontier.append(_merkle.leaf_hash(line))
+        self.frontier.append(ledger.leaf_hash(line))
         self.entries.append(entry)
         if entry["kind"] == "checkpoint":
             for p in entry["partitions"]:

@@ -47,11 +47,21 @@ from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import (
     ActRefused,
     AvroCodec,
+    BudgetSettled,
+    CircuitStateChanged,
     DeadLettered,
+    DispatchRequested,
+    EscalationResolved,
+    Event,
     InferenceRequested,
     KillSwitchChanged,
+    ModelCallAttempted,
+    OutcomeRecorded,
     PolicyStageChanged,
+    RequestDecided,
+    RequestRejected,
     ReviewRecorded,
+    ShadowDecisionRecorded,
 )
 from nexuscore.transport import (
     Topics,
@@ -88,6 +98,28 @@ def _own_dead_letters(topics: Topics) -> frozenset[str]:
 
 
 PRODUCER = "nexuscore.projector"
+
+
+def _topic_contract(topics: Topics) -> dict[str, tuple[tuple[type[Event], ...], str]]:
+    """Per topic: the event types that belong on it, and the field its messages are keyed by."""
+    return {
+        topics.decisions: (
+            (
+                RequestDecided,
+                RequestRejected,
+                BudgetSettled,
+                EscalationResolved,
+                ShadowDecisionRecorded,
+                ActRefused,
+            ),
+            "tenant_id",
+        ),
+        topics.dispatch: ((DispatchRequested,), "request_id"),
+        topics.attempts: ((ModelCallAttempted,), "tenant_id"),
+        topics.outcomes: ((OutcomeRecorded,), "tenant_id"),
+        topics.deadletter: ((DeadLettered,), "source_topic"),
+        topics.circuits: ((CircuitStateChanged,), "deployment_id"),
+    }
 
 
 class _Recent:
@@ -152,6 +184,7 @@ class Projector:
         # Governance offsets below these were projected before a restart: folded, not projected.
         self._governance_until: dict[TopicPartition, int] = {}
         self._own_dead_letters = _own_dead_letters(topics)
+        self._contract = _topic_contract(topics)
         self.evidence_dir = evidence_dir
         self.signing_key = signing_key
         self.clock = clock
@@ -244,8 +277,22 @@ class Projector:
             return self._governance_rows(record)
         if record.topic == self.topics.reviews:
             return self._review_rows(record)
-        # Our own stages wrote these with the same codec: the Avro schema is check enough.
-        cls, data = self.codec.decode_record(record.value)
+        expected, key_field = self._contract[record.topic]
+        if record.topic in (self.topics.outcomes, self.topics.dispatch, self.topics.circuits):
+            # Input of another stage (the circuits: of every worker): checked as fully as that
+            # stage checks it, so what it refuses never enters a table.
+            event = self.codec.decode(record.value, expected)
+            cls, data = type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+        else:
+            # Our own stages wrote these with the same codec: the schema and the topic's event
+            # types and key are check enough.
+            cls, data = self.codec.decode_record(record.value)
+            if cls not in expected:
+                raise DecodeError(f"event {cls.__name__} does not belong on {record.topic}")
+        if record.key != str(data[key_field]).encode():
+            raise DecodeError(
+                f"message key {record.key!r:.80} is not the {key_field} {data[key_field]!r:.80}"
+            )
         return ROW_BUILDERS[cls](data)
 
     def _governance_rows(self, record: ConsumerRecord) -> Rows:

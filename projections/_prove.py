@@ -1,12 +1,17 @@
-"""``nexuscore evidence prove``: an inclusion proof for every stored event of one request.
+"""``nexuscore evidence prove``: an inclusion proof for every stored event of one request, and a
+consistency proof that the ledger only grew since an older signed head.
 
-A proof is JSON an auditor checks with nothing but sha256 and Ed25519 (the README shows how):
+An inclusion proof is JSON an auditor checks with nothing but sha256 and Ed25519 (the README shows how):
 
 - each event's row bytes (``leaf``), hashed as an RFC 6962 leaf, climb their ``file_path`` to the
   file's Merkle root;
 - that root is the ``merkle_root`` of a manifest entry (``entry``, its exact line), whose hash as a
   leaf climbs ``entry_path`` to the manifest root;
 - that root, the entry count and the last entry's hash are what the head's Ed25519 signature covers.
+
+A consistency proof (RFC 9162 section 2.1.4) carries the old head, the current signed head and the
+hashes that show the old head's tree of manifest entries is a prefix of the current one: nothing
+the old head signed was changed, removed or reordered since, only entries appended.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import duckdb
 
+from nexuscore import ledger
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections import _merkle, _seal
-from nexuscore.projections._manifest import committed_files, head_message, read_head, read_lines
+from nexuscore.projections import _seal
+from nexuscore.projections._manifest import MANIFEST, committed_files, head_message, read_head, read_lines
 from nexuscore.projections._store import sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -32,7 +38,7 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     if head is None:
         raise EvidenceError(f"no signed manifest head under {root}")
     lines = read_lines(root)[: head["size"]]
-    entry_leaves = [_merkle.leaf_hash(line) for line in lines]
+    entry_leaves = [ledger.leaf_hash(line) for line in lines]
     index_of = {json.loads(line).get("path"): i for i, line in enumerate(lines)}
     by_table: dict[str, list[str]] = {}
     for e in committed_files(root):
@@ -70,10 +76,10 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
                 "leaf": leaf,
                 "leaf_index": row,
                 "file_size": len(leaves),
-                "file_path": [h.hex() for h in _merkle.audit_path(row, leaves)],
+                "file_path": [h.hex() for h in ledger.audit_path(row, leaves)],
                 "entry": lines[entry_index].decode("ascii"),
                 "entry_index": entry_index,
-                "entry_path": [h.hex() for h in _merkle.audit_path(entry_index, entry_leaves)],
+                "entry_path": [h.hex() for h in ledger.audit_path(entry_index, entry_leaves)],
             }
         )
     con.close()
@@ -86,22 +92,29 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     }
 
 
-def check_proof(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
-    """Problems with a proof (empty when it holds): the auditor's check, as NexusCore runs it."""
+def _signed(head: dict[str, Any], public_key_raw: bytes) -> bool:
+    """Whether ``head`` carries a valid Ed25519 signature by the key ``public_key_raw``."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    problems = []
-    head = proof["head"]
     try:
         Ed25519PublicKey.from_public_bytes(public_key_raw).verify(
             base64.b64decode(head["signature"]), head_message(head)
         )
     except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def check_proof(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
+    """Problems with a proof (empty when it holds): the auditor's check, as NexusCore runs it."""
+    problems = []
+    head = proof["head"]
+    if not _signed(head, public_key_raw):
         problems.append("the head's signature does not verify with the trusted key")
     for ev in proof["events"]:
-        root = _merkle.root_from_path(
-            _merkle.leaf_hash(ev["leaf"].encode()),
+        root = ledger.root_from_path(
+            ledger.leaf_hash(ev["leaf"].encode()),
             ev["leaf_index"],
             ev["file_size"],
             [bytes.fromhex(h) for h in ev["file_path"]],
@@ -109,8 +122,8 @@ def check_proof(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
         entry = json.loads(ev["entry"])
         if root.hex() != entry["merkle_root"]:
             problems.append(f"{ev['table']} row {ev['leaf_index']} does not climb to its file's root")
-        top = _merkle.root_from_path(
-            _merkle.leaf_hash(ev["entry"].encode()),
+        top = ledger.root_from_path(
+            ledger.leaf_hash(ev["entry"].encode()),
             ev["entry_index"],
             head["size"],
             [bytes.fromhex(h) for h in ev["entry_path"]],
@@ -122,3 +135,78 @@ def check_proof(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
                 f"{ev['table']} row {ev['leaf_index']} is not about request {proof['request_id']}"
             )
     return problems
+
+
+def prove_consistency(root: Path, old_head: dict[str, Any]) -> dict[str, Any]:
+    """A consistency proof that the ledger under ``root`` only grew since ``old_head``, an earlier
+    signed head (``manifest.head.json`` as it was then): the old head, the current signed head and
+    the RFC 9162 consistency path between them, as JSON-able data.
+
+    Refused (``EvidenceError``) when no proof can exist: the old head is larger than the current
+    one, or its root is not the root of the current ledger's first entries (the ledger was
+    rewritten since, or the old head is of another ledger)."""
+    head = read_head(root)
+    if head is None:
+        raise EvidenceError(f"no signed manifest head under {root}")
+    old_size, old_root = old_head.get("size"), old_head.get("root")
+    if not _is_size(old_size) or not _is_hash(old_root):
+        raise EvidenceError("the old head has no valid size and root: is it a manifest.head.json?")
+    size = head["size"]
+    if old_size > size:
+        raise EvidenceError(
+            f"the old head signs {old_size} entries, the current one {size}: the ledger cannot have "
+            "grown from it (it shrank, or the old head is of another ledger)"
+        )
+    lines = read_lines(root)[:size]
+    leaves = [ledger.leaf_hash(line) for line in lines]
+    if len(lines) != size or ledger.root(leaves).hex() != head["root"]:
+        raise EvidenceError(
+            f"{root / MANIFEST} does not match its signed head: run `nexuscore evidence verify`"
+        )
+    if ledger.root(leaves[:old_size]).hex() != old_root:
+        raise EvidenceError(
+            f"the old head's root is not the root of the first {old_size} entries of {root / MANIFEST}: "
+            "the ledger was rewritten since, or the old head is of another ledger"
+        )
+    return {
+        "algorithm": "RFC 9162 consistency proof over RFC 6962 Merkle trees (sha256); Ed25519 head signatures",
+        "old_head": old_head,
+        "new_head": head,
+        "consistency_path": [h.hex() for h in ledger.consistency_proof(old_size, leaves)],
+    }
+
+
+def check_consistency(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
+    """Problems with a consistency proof (empty when it holds): both heads signed by the trusted
+    key, and the path proving the old head's tree a prefix of the new head's."""
+    problems = []
+    old, new = proof["old_head"], proof["new_head"]
+    for name, head in (("old", old), ("new", new)):
+        if not _signed(head, public_key_raw):
+            problems.append(f"the {name} head's signature does not verify with the trusted key")
+    try:
+        path = [bytes.fromhex(h) for h in proof["consistency_path"]]
+        old_root, new_root = bytes.fromhex(old["root"]), bytes.fromhex(new["root"])
+    except (TypeError, ValueError, KeyError):
+        return [*problems, "the consistency proof is malformed (roots and path must be hex)"]
+    old_size, new_size = old.get("size"), new.get("size")
+    if not (_is_size(old_size) and _is_size(new_size)):
+        return [*problems, "a head's size is not a count of entries"]
+    if not ledger.verify_consistency(old_size, new_size, old_root, new_root, path):
+        problems.append(
+            f"the path does not prove the old head ({old_size} entries) a prefix of the new one "
+            f"({new_size} entries): the ledger did not only grow"
+        )
+    return problems
+
+
+def _is_size(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_hash(value: object) -> TypeGuard[str]:
+    return (
+        isinstance(value, str)
+        and len(value) == 2 * ledger.HASH_SIZE
+        and all(c in "0123456789abcdef" for c in value)
+    )

@@ -16,7 +16,7 @@ import hashlib
 import duckdb
 import pyarrow as pa
 
-from nexuscore.projections import _merkle
+from nexuscore import ledger
 
 
 def leaf_sql(schema: pa.Schema) -> str:
@@ -56,7 +56,7 @@ def table_root(con: duckdb.DuckDBPyConnection, table: pa.Table) -> bytes:
     """The Merkle root of an in-memory table's rows (as the projector seals what it writes)."""
     con.register("_sealing", table)
     try:
-        return _merkle.root(leaf_hashes(con, table.schema, "_sealing"))
+        return ledger.root(leaf_hashes(con, table.schema, "_sealing"))
     finally:
         con.unregister("_sealing")
 
@@ -83,7 +83,7 @@ def seal_file(path: str, table: str) -> tuple[int, str]:
     from nexuscore.projections._tables import SCHEMAS
 
     hashes = leaf_hashes(_connection(), SCHEMAS[table], file_source(path))
-    return len(hashes), _merkle.root(hashes).hex()
+    return len(hashes), ledger.root(hashes).hex()
 
 
 @functools.cache

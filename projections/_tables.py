@@ -123,6 +123,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("latency_basis", pa.string()),
         ("latency_observations", pa.list_(_OBSERVATION)),
         ("review_deadline", _TS),
+        ("control_mode", pa.string()),
     ),
     "resolutions": _schema(
         ("feature", pa.string()),
@@ -351,6 +352,7 @@ def _decided(r: dict[str, Any]) -> Rows:
             for o in dec.get("observations") or []
         ],
         review_deadline=r.get("review_deadline"),
+        control_mode=r.get("control_mode") or "",
     )
     return [("decisions", row)]
 

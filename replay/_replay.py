@@ -132,6 +132,10 @@ def _comparable(table: str, row: Row) -> dict[str, Any]:
 
 def _override(row: Row) -> Controls | None:
     """The kill switch a recorded decision was made under, as far as it shaped the decision."""
+    mode = row.get("control_mode")
+    if mode is not None:  # recorded as a fact since decisions carry it
+        return Controls(switches=(_switch(mode),)) if mode else None
+    # Decisions written before ``control_mode`` existed: the switch is known from its reason.
     for x in row.get("reasons") or []:
         if x["stage"] == "admission" and x["subject"] in ("kill_switch", "offline"):
             mode = (
@@ -139,9 +143,12 @@ def _override(row: Row) -> Controls | None:
                 if x["subject"] == "offline" or x["detail"].startswith("inference offline")
                 else "off"
             )
-            switch = Switch(scope="global", target="", mode=mode, actor="", reason="", event_id="")
-            return Controls(switches=(switch,))
+            return Controls(switches=(_switch(mode),))
     return None
+
+
+def _switch(mode: str) -> Switch:
+    return Switch(scope="global", target="", mode=mode, actor="", reason="", event_id="")
 
 
 def _observed(row: Row) -> Callable[[str, str], LatencyObservation | None]:
@@ -199,25 +206,22 @@ def _stand_in(row: Row) -> str:
     return "x" * max(1, chars)
 
 
-def replay(
-    store: EvidenceStore,
-    policy: RoutingPolicy | None,
-    *,
-    recorded_policies: Mapping[str, RoutingPolicy] | None = None,
-    tenant: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    keep_changes: int = 1000,
-) -> ReplayReport:
-    """Re-decide every recorded request under ``policy`` and compare with what was recorded.
+class _Recorded(msgspec.Struct, frozen=True, kw_only=True):
+    """What the evidence holds of the requests chosen for a replay."""
 
-    With ``recorded_policies`` (digest -> policy) instead, each request is re-decided under the
-    policy its recorded decision names (verify mode): every decision must come out the same.
+    requests: list[Row]
+    # (tenant, request) -> ("decisions" | "rejections", row)
+    recorded: dict[Key, tuple[str, Row]]
+    decisions: dict[Key, Row]
+    settlements: list[Row]
+    resolutions: list[Row]
+    outcomes: dict[Key, Row]
 
-    ``since``/``until`` bound the requests replayed (by their time); budgets start from nothing at
-    ``since``, so spend recorded before it is not counted against the candidate.
-    """
+
+def _load(
+    store: EvidenceStore, tenant: str | None, since: datetime | None, until: datetime | None
+) -> _Recorded:
+    """The chosen requests (by tenant and time) and every other row that follows them."""
     where = (
         "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
         "AND ($until IS NULL OR occurred_at < $until)"
@@ -242,11 +246,253 @@ def replay(
     for table in ("decisions", "rejections"):
         for row in rows(table):
             recorded[_key(row)] = (table, row)
-    decisions = {rid: row for rid, (t, row) in recorded.items() if t == "decisions"}
-    settlements = rows("settlements")
-    resolutions = rows("resolutions")
-    outcomes = {_key(o): o for o in rows("outcomes")}
+    return _Recorded(
+        requests=requests,
+        recorded=recorded,
+        decisions={rid: row for rid, (t, row) in recorded.items() if t == "decisions"},
+        settlements=rows("settlements"),
+        resolutions=rows("resolutions"),
+        outcomes={_key(o): o for o in rows("outcomes")},
+    )
 
+
+_REQUEST_FIELDS = frozenset(InferenceRequested.__struct_fields__)
+
+
+def _request(row: Row) -> InferenceRequested:
+    """The recorded request as the core takes it, the prompt a stand-in of the same length."""
+    fields = {k: v for k, v in row.items() if k in _REQUEST_FIELDS}
+    return msgspec.convert({**fields, "prompt": _stand_in(row)}, InferenceRequested)
+
+
+class _Replayer:
+    """One replay's state: budgets per tenant, the reservations held, the deployment chosen per
+    request, the escalations awaiting their recorded resolution; and the report it fills."""
+
+    def __init__(
+        self,
+        recorded: _Recorded,
+        policy: RoutingPolicy | None,
+        recorded_policies: Mapping[str, RoutingPolicy] | None,
+        report: ReplayReport,
+        keep_changes: int,
+    ) -> None:
+        self.recorded = recorded
+        self.policy = policy
+        self.recorded_policies = recorded_policies
+        self.report = report
+        self.keep_changes = keep_changes
+        self.policy_of: dict[Key, RoutingPolicy] = {}
+        self.states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+        self.chosen: dict[Key, str] = {}
+        self.reservations: dict[Key, Reservation] = {}
+        self.escalated: dict[Key, tuple[InferenceRequested, RequestDecided]] = {}
+
+    def resolution(self, row: Row) -> None:
+        """A person's (or the deadline's) resolution of an escalation, if the candidate escalated
+        it too: the request resumes or ends as it did."""
+        tenant_id, request_id = row["tenant_id"], row["request_id"]
+        key = (tenant_id, request_id)
+        if key not in self.escalated:
+            return  # the candidate did not escalate it
+        request, escalation = self.escalated.pop(key)
+        action = {"denied": "denied", "timed_out": "timed_out"}.get(row["resolution"], "approved")
+        review = ReviewRecorded(
+            event_id=row["review_event_id"], request_id=request_id, tenant_id=tenant_id,
+            occurred_at=row["occurred_at"], producer=PRODUCER, action=action,  # type: ignore[arg-type]  # one of the three
+            reviewer=row["reviewer"], reason=row["review_reason"], deadline=escalation.review_deadline,
+        )  # fmt: skip
+        self.states[tenant_id], reservation, events = on_review(
+            self.states[tenant_id], request, escalation, review, self.policy_of[key], PRODUCER,
+            row["occurred_at"], latency=_observed(self.recorded.decisions.get(key, {})),
+        )  # fmt: skip
+        self.report.reviews_applied += 1
+        if reservation is not None:
+            self.reservations[key] = reservation
+            resolved = events[0]
+            assert isinstance(resolved, EscalationResolved) and resolved.deployment_id is not None
+            self.chosen[key] = resolved.deployment_id
+            if key not in self.recorded.outcomes:
+                self.states[tenant_id], _ = settle(self.states[tenant_id], reservation, reservation.amount)
+                self.reservations.pop(key)
+
+    def settlement(self, row: Row) -> None:
+        """A recorded settlement: the candidate's reservation settles at what the recorded call would
+        have cost on the deployment the candidate chose."""
+        key = _key(row)
+        deployment = self.chosen.get(key)
+        outcome = self.recorded.outcomes.get(key)
+        if deployment is None or outcome is None:
+            return
+        held = self.reservations.pop(key, None)
+        if held is None:
+            return
+        d = self.policy_of[key].deployments_by_id[deployment]
+        actual = (
+            outcome["cost_micros"]
+            if deployment == outcome["deployment_id"]
+            else cost_micros(
+                outcome["input_tokens"],
+                outcome["output_tokens"],
+                d.input_micros_per_1k,
+                d.output_micros_per_1k,
+            )
+        )
+        self.states[row["tenant_id"]], _ = settle(self.states[row["tenant_id"]], held, actual)
+        self.report.candidate_actual_micros += actual
+
+    def request(self, row: Row) -> bool:
+        """Re-decide a recorded request and compare; False if its policy is unknown (not counted
+        as progress)."""
+        key = _key(row)
+        request = _request(row)
+        rec_table, rec_row = self.recorded.recorded.get(key, ("missing", {}))
+        use = (
+            self.policy
+            if self.recorded_policies is None
+            else self.recorded_policies.get(rec_row.get("policy_digest", ""))
+        )
+        if use is None:
+            _unknown_policy(self.report, key, rec_row, self.keep_changes)
+            return False
+        self.policy_of[key] = use
+        override = _override(rec_row)
+        decided = self._decide(key, request, rec_row, use, override)
+        if override is not None:
+            self.report.requests += 1
+            self.report.operator_overrides += 1
+            return True
+        table, cand_row = _decision_row(decided)
+        if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
+            self._dispatched(key, decided)
+        _count(self.report, key, use, (rec_table, rec_row), (table, cand_row), self.recorded.outcomes)
+        _compare(self.report, key, (rec_table, rec_row), (table, cand_row), self.keep_changes)
+        return True
+
+    def _decide(
+        self,
+        key: Key,
+        request: InferenceRequested,
+        rec_row: Row,
+        use: RoutingPolicy,
+        override: Controls | None,
+    ) -> RequestDecided | RequestRejected:
+        """The core's decision, folded into the tenant's budget state, as the decider would."""
+        tenant_id = key[0]
+        now = rec_row.get("occurred_at") or request.occurred_at
+        self.states[tenant_id], reservation, events = on_request(
+            self.states[tenant_id], request, use, PRODUCER, now,
+            controls=override or Controls(), latency=_observed(rec_row),
+        )  # fmt: skip
+        if reservation is not None:
+            self.reservations[key] = reservation
+        decided = events[0]
+        assert isinstance(decided, RequestDecided | RequestRejected)
+        if isinstance(decided, RequestDecided) and decided.verdict == "escalated":
+            self.escalated[key] = (request, decided)
+        return decided
+
+    def _dispatched(self, key: Key, decided: RequestDecided) -> None:
+        deployment_id = decided.budget.deployment_id
+        assert deployment_id is not None
+        self.chosen[key] = deployment_id
+        self.report.candidate_estimated_micros += decided.budget.estimated_cost_micros
+        if key not in self.recorded.outcomes:
+            # Never served in the recorded history: settle at the estimate so the budget moves.
+            held = self.reservations.pop(key)
+            self.states[key[0]], _ = settle(self.states[key[0]], held, held.amount)
+            self.report.candidate_actual_micros += decided.budget.estimated_cost_micros
+
+
+def _unknown_policy(report: ReplayReport, key: Key, rec_row: Row, keep_changes: int) -> None:
+    """Verify mode, a recorded decision whose policy is not known: it cannot be reproduced."""
+    report.requests += 1
+    report.changed += 1
+    report.unknown_policies += 1
+    if len(report.changes) < keep_changes:
+        digest = {"policy_digest": rec_row.get("policy_digest")}
+        report.changes.append(
+            Change(
+                request_id=key[1], tenant_id=key[0], fields=("policy_digest",), recorded=digest, candidate={}
+            )
+        )
+
+
+def _count(
+    report: ReplayReport,
+    key: Key,
+    use: RoutingPolicy,
+    recorded: tuple[str, Row],
+    candidate: tuple[str, Row],
+    outcomes: dict[Key, Row],
+) -> None:
+    """The report's totals: estimates and actuals, denials, escalations, residency, decode."""
+    (rec_table, rec_row), (table, cand_row) = recorded, candidate
+    if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
+        report.recorded_estimated_micros += rec_row["estimated_cost_micros"]
+    report.recorded_actual_micros += outcomes[key]["cost_micros"] if key in outcomes else 0
+    report.requests += 1
+    if table == "decisions" and cand_row["verdict"] == "dispatch":
+        region = use.deployments_by_id[cand_row["deployment_id"]].region
+        report.residency_breaches += region not in cand_row["allowed_regions"]
+    report.recorded_budget_denials += rec_row.get("budget_action") == "denied"
+    report.candidate_budget_denials += cand_row.get("budget_action") == "denied"
+    report.recorded_escalations += rec_row.get("verdict") == "escalated"
+    report.candidate_escalations += cand_row.get("verdict") == "escalated"
+    if rec_table == table == "decisions":
+        report.decode_changes += rec_row["decode_strategy"] != cand_row["decode_strategy"]
+        report.residency_changes += rec_row["allowed_regions"] != cand_row["allowed_regions"]
+
+
+def _compare(
+    report: ReplayReport, key: Key, recorded: tuple[str, Row], candidate: tuple[str, Row], keep_changes: int
+) -> None:
+    """Recorded against candidate: the same, a different context only, or a different decision."""
+    (rec_table, rec_row), (table, cand_row) = recorded, candidate
+    a, b = _comparable(rec_table, rec_row), _comparable(table, cand_row)
+    if a == b:
+        return
+    fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+    if not (rec_table != table or any(f in _COMPARED for f in fields)):
+        # Same decision, different context (e.g. the budget already committed).
+        report.context_differences += 1
+        return
+    report.changed += 1
+    report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
+    report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")
+    report.tier_changes += a.get("tier") != b.get("tier")
+    if len(report.changes) < keep_changes:
+        report.changes.append(
+            Change(
+                request_id=key[1],
+                tenant_id=key[0],
+                fields=fields,
+                recorded={k: a.get(k) for k in _COMPARED if k in a},
+                candidate={k: b.get(k) for k in _COMPARED if k in b},
+            )
+        )
+
+
+def replay(
+    store: EvidenceStore,
+    policy: RoutingPolicy | None,
+    *,
+    recorded_policies: Mapping[str, RoutingPolicy] | None = None,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    keep_changes: int = 1000,
+) -> ReplayReport:
+    """Re-decide every recorded request under ``policy`` and compare with what was recorded.
+
+    With ``recorded_policies`` (digest -> policy) instead, each request is re-decided under the
+    policy its recorded decision names (verify mode): every decision must come out the same.
+
+    ``since``/``until`` bound the requests replayed (by their time); budgets start from nothing at
+    ``since``, so spend recorded before it is not counted against the candidate.
+    """
+    recorded = _load(store, tenant, since, until)
     if (policy is None) == (recorded_policies is None):
         raise ValueError("replay under one policy, or under the recorded ones: exactly one")
     report = (
@@ -254,145 +500,14 @@ def replay(
         if policy is not None
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
-    policy_of: dict[Key, RoutingPolicy] = {}
-    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
-    chosen: dict[Key, str] = {}
-    reservations: dict[Key, Reservation] = {}
-    request_fields = set(InferenceRequested.__struct_fields__)
-    total = len(requests)
-    escalated: dict[Key, tuple[InferenceRequested, RequestDecided]] = {}
-    for kind, row in _ordered(requests, decisions, settlements, resolutions):
-        tenant_id, request_id = row["tenant_id"], row["request_id"]
-        key = (tenant_id, request_id)
+    replayer = _Replayer(recorded, policy, recorded_policies, report, keep_changes)
+    total = len(recorded.requests)
+    history = _ordered(recorded.requests, recorded.decisions, recorded.settlements, recorded.resolutions)
+    for kind, row in history:
         if kind == "resolution":
-            if key not in escalated:
-                continue  # the candidate did not escalate it
-            request, escalation = escalated.pop(key)
-            action = {"denied": "denied", "timed_out": "timed_out"}.get(row["resolution"], "approved")
-            review = ReviewRecorded(
-                event_id=row["review_event_id"], request_id=request_id, tenant_id=tenant_id,
-                occurred_at=row["occurred_at"], producer=PRODUCER, action=action,  # type: ignore[arg-type]  # one of the three
-                reviewer=row["reviewer"], reason=row["review_reason"], deadline=escalation.review_deadline,
-            )  # fmt: skip
-            states[tenant_id], reservation, events = on_review(
-                states[tenant_id], request, escalation, review, policy_of[key], PRODUCER, row["occurred_at"],
-                latency=_observed(decisions.get(key, {})),
-            )  # fmt: skip
-            report.reviews_applied += 1
-            if reservation is not None:
-                reservations[key] = reservation
-                resolved = events[0]
-                assert isinstance(resolved, EscalationResolved) and resolved.deployment_id is not None
-                chosen[key] = resolved.deployment_id
-                if key not in outcomes:
-                    states[tenant_id], _ = settle(states[tenant_id], reservation, reservation.amount)
-                    reservations.pop(key)
-            continue
-        if kind == "settlement":
-            deployment = chosen.get(key)
-            outcome = outcomes.get(key)
-            if deployment is None or outcome is None:
-                continue
-            held = reservations.pop(key, None)
-            if held is None:
-                continue
-            d = policy_of[key].deployments_by_id[deployment]
-            actual = (
-                outcome["cost_micros"]
-                if deployment == outcome["deployment_id"]
-                else cost_micros(
-                    outcome["input_tokens"],
-                    outcome["output_tokens"],
-                    d.input_micros_per_1k,
-                    d.output_micros_per_1k,
-                )
-            )
-            states[tenant_id], _ = settle(states[tenant_id], held, actual)
-            report.candidate_actual_micros += actual
-            continue
-        request = msgspec.convert(
-            {**{k: v for k, v in row.items() if k in request_fields}, "prompt": _stand_in(row)},
-            InferenceRequested,
-        )
-        rec_table, rec_row = recorded.get(key, ("missing", {}))
-        now = rec_row.get("occurred_at") or request.occurred_at
-        use = policy if recorded_policies is None else recorded_policies.get(rec_row.get("policy_digest", ""))
-        if use is None:
-            report.requests += 1
-            report.changed += 1
-            report.unknown_policies += 1
-            if len(report.changes) < keep_changes:
-                digest = {"policy_digest": rec_row.get("policy_digest")}
-                report.changes.append(
-                    Change(request_id=request_id, tenant_id=tenant_id, fields=("policy_digest",),
-                           recorded=digest, candidate={})
-                )  # fmt: skip
-            continue
-        policy_of[key] = use
-        override = _override(rec_row)
-        states[tenant_id], reservation, events = on_request(
-            states[tenant_id], request, use, PRODUCER, now,
-            controls=override or Controls(), latency=_observed(rec_row),
-        )  # fmt: skip
-        if reservation is not None:
-            reservations[key] = reservation
-        decided = events[0]
-        assert isinstance(decided, RequestDecided | RequestRejected)
-        if isinstance(decided, RequestDecided) and decided.verdict == "escalated":
-            escalated[key] = (request, decided)
-        if override is not None:
-            report.requests += 1
-            report.operator_overrides += 1
-            if progress is not None:
-                progress(report.requests, total)
-            continue
-        table, cand_row = _decision_row(decided)
-        if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
-            deployment_id = decided.budget.deployment_id
-            assert deployment_id is not None
-            chosen[key] = deployment_id
-            report.candidate_estimated_micros += decided.budget.estimated_cost_micros
-            if key not in outcomes:
-                # Never served in the recorded history: settle at the estimate so the budget moves.
-                held = reservations.pop(key)
-                states[tenant_id], _ = settle(states[tenant_id], held, held.amount)
-                report.candidate_actual_micros += decided.budget.estimated_cost_micros
-        if rec_table == "decisions" and rec_row["verdict"] == "dispatch":
-            report.recorded_estimated_micros += rec_row["estimated_cost_micros"]
-        report.recorded_actual_micros += outcomes[key]["cost_micros"] if key in outcomes else 0
-        report.requests += 1
-        if table == "decisions" and cand_row["verdict"] == "dispatch":
-            region = use.deployments_by_id[cand_row["deployment_id"]].region
-            report.residency_breaches += region not in cand_row["allowed_regions"]
-        report.recorded_budget_denials += rec_row.get("budget_action") == "denied"
-        report.candidate_budget_denials += cand_row.get("budget_action") == "denied"
-        report.recorded_escalations += rec_row.get("verdict") == "escalated"
-        report.candidate_escalations += cand_row.get("verdict") == "escalated"
-        if rec_table == table == "decisions":
-            report.decode_changes += rec_row["decode_strategy"] != cand_row["decode_strategy"]
-            report.residency_changes += rec_row["allowed_regions"] != cand_row["allowed_regions"]
-        a, b = _comparable(rec_table, rec_row), _comparable(table, cand_row)
-        if a != b:
-            fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
-            decided_differently = rec_table != table or any(f in _COMPARED for f in fields)
-            if not decided_differently:
-                # Same decision, different context (e.g. the budget already committed).
-                report.context_differences += 1
-            else:
-                report.changed += 1
-                report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
-                report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")
-                report.tier_changes += a.get("tier") != b.get("tier")
-                if len(report.changes) < keep_changes:
-                    report.changes.append(
-                        Change(
-                            request_id=request_id,
-                            tenant_id=tenant_id,
-                            fields=fields,
-                            recorded={k: a.get(k) for k in _COMPARED if k in a},
-                            candidate={k: b.get(k) for k in _COMPARED if k in b},
-                        )
-                    )
-        if progress is not None:
+            replayer.resolution(row)
+        elif kind == "settlement":
+            replayer.settlement(row)
+        elif replayer.request(row) and progress is not None:
             progress(report.requests, total)
     return report

@@ -21,6 +21,11 @@ RiskClass = Literal["low", "medium", "high", "critical"]
 DataClassification = Literal["public", "internal", "confidential", "restricted"]
 Verdict = Literal["dispatch", "denied", "escalated"]
 OutcomeStatus = Literal["answered", "failed"]
+# Where an operator's kill switch applies, and what it does (the one definition: the policy's
+# governance rules and the CLI take their values from these).
+SwitchScope = Literal["global", "tenant", "feature"]
+SwitchMode = Literal["on", "off", "offline"]
+CircuitState = Literal["closed", "open", "half_open"]
 
 TIERS: tuple[Tier, ...] = ("small", "mid", "frontier")
 
@@ -192,6 +197,8 @@ class RequestDecided(Event, frozen=True, kw_only=True, tag="request_decided.v1")
     policy_stage: str = "active"  # active, or canary for a tenant in a canary's share
     # For an escalated request: when it ends with a recorded timeout unless a person decides first.
     review_deadline: datetime | None = None
+    # The operator's kill switch that shaped this decision ("off" or "offline"), "" when none did.
+    control_mode: str = ""
 
 
 class BudgetSettled(Event, frozen=True, kw_only=True, tag="budget_settled.v1"):
@@ -323,8 +330,8 @@ class CircuitStateChanged(Event, frozen=True, kw_only=True, tag="circuit_state_c
 
     deployment_id: str
     region: str
-    from_state: str
-    to_state: str
+    from_state: CircuitState
+    to_state: CircuitState
     reason: str
     consecutive_failures: NonNegative
     open_until: datetime | None = None
@@ -376,9 +383,9 @@ class KillSwitchChanged(Event, frozen=True, kw_only=True, tag="kill_switch_chang
     Signed by an operator key of the deciders' trust store.
     """
 
-    scope: str
+    scope: SwitchScope
     target: str
-    mode: str
+    mode: SwitchMode
     actor: Text
     reason: Text
     key_id: str = ""

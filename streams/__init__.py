@@ -4,7 +4,7 @@ Topics, Kafka clients and dead letters are ``nexuscore.transport``'s, one layer 
 """
 
 from nexuscore.streams._circuits import CircuitBoard
-from nexuscore.streams._decider import Sink, build_decider
+from nexuscore.streams._decider import build_decider
 from nexuscore.streams._governance import (
     POLICY_KEY,
     GovernanceFollower,
@@ -12,12 +12,17 @@ from nexuscore.streams._governance import (
     bootstrap_event,
     publish_governance,
 )
+from nexuscore.streams._handlers import Decider, DeciderTables, Sink
+from nexuscore.streams._loop import DeciderLoop
 from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapters, targets_of, worker_id
 
 __all__ = [
     "POLICY_KEY",
     "Caller",
     "CircuitBoard",
+    "Decider",
+    "DeciderLoop",
+    "DeciderTables",
     "GovernanceFollower",
     "PolicyHolder",
     "RetryPolicy",

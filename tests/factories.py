@@ -29,6 +29,8 @@ from nexuscore.policy import RoutingPolicy, TrustStore, default_policy
 from nexuscore.projections import Projector
 from nexuscore.schemas import (
     AvroCodec,
+    CircuitStateChanged,
+    DeadLettered,
     DispatchRequested,
     Event,
     InferenceRequested,
@@ -101,6 +103,17 @@ _TOPIC_OF = {
 }
 
 
+def _key_of(e: Event) -> bytes:
+    """The message key the stage that writes ``e`` gives it (each topic's contract)."""
+    if isinstance(e, DispatchRequested):
+        return e.request_id.encode()
+    if isinstance(e, DeadLettered):
+        return e.source_topic.encode()
+    if isinstance(e, CircuitStateChanged):
+        return e.deployment_id.encode()
+    return e.tenant_id.encode()
+
+
 def signing_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # fixed: tests are repeatable
 
@@ -135,8 +148,7 @@ def project(
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     batches: dict[Any, Any] = {}
     messages = [
-        (getattr(topics, _TOPIC_OF[type(e).__name__]), e.tenant_id.encode(), codec.encode(e), e.occurred_at)
-        for e in events
+        (getattr(topics, _TOPIC_OF[type(e).__name__]), _key_of(e), codec.encode(e), e.occurred_at) for e in events
     ] + [(getattr(topics, topic), key, value, T0) for topic, key, value in raw]
     for n, (topic, key, value, at) in enumerate(messages, 1):
         partition = 0 if topic == topics.governance else zlib.crc32(key or b"") % partitions

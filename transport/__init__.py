@@ -8,6 +8,7 @@ from nexuscore.transport._kafka import new_consumer, new_producer, start_client
 from nexuscore.transport._topics import (
     DECIDER_TABLES,
     DEFAULT_PARTITIONS,
+    DeciderTable,
     Topics,
     ensure_topics,
     partition_counts,
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_PARTITIONS",
     "MAX_RAW_KEY",
     "MAX_RAW_VALUE",
+    "DeciderTable",
     "Topics",
     "appended_at",
     "dead_letter",

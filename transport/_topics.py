@@ -8,6 +8,7 @@ share one broker without reading each other's history.
 from __future__ import annotations
 
 import contextlib
+from enum import StrEnum
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -21,9 +22,18 @@ DEFAULT_PARTITIONS = 4
 # timestamp: an act's freshness is judged against a time no producer can set. Governance has one
 # partition, so every reader folds its acts in the same order.
 _HUMAN_ACTS = {"message.timestamp.type": "LogAppendTime"}
-# The decider's faust Tables: budget totals, open reservations, escalations awaiting review,
-# latency windows, the offline answer cache, and each request's decision as it went out.
-DECIDER_TABLES = ("budgets", "reservations", "escalations", "latency", "answers", "decided")
+class DeciderTable(StrEnum):
+    """The decider's faust Tables (their changelog topics are created up front, from this list)."""
+
+    BUDGETS = "budgets"  # budget totals per tenant
+    RESERVATIONS = "reservations"  # open reservations per request
+    ESCALATIONS = "escalations"  # escalations awaiting review, and resolved markers
+    LATENCY = "latency"  # latency windows per (partition, deployment, strategy)
+    ANSWERS = "answers"  # the offline answer cache
+    DECIDED = "decided"  # each request's decision as it went out
+
+
+DECIDER_TABLES: tuple[str, ...] = tuple(t.value for t in DeciderTable)
 
 
 class Topics(msgspec.Struct, frozen=True):

@@ -43,7 +43,8 @@ from nexuscore.projections import EvidenceStore
 from nexuscore.schemas import AvroCodec
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# Minutes of load: its own deadline, far above a normal run.
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REQUESTS = int(os.environ.get("FAULT_REQUESTS", "20000"))
 WAVES = 10

@@ -11,7 +11,6 @@ import errno
 import re
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -293,13 +292,12 @@ def test_local_kafka_bad_config_reports_the_log(kafka_libs: Path) -> None:
 # -- kafka_broker -----------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(30)  # "fast": it must not wait out a long connect loop
 def test_unreachable_nexuscore_bootstrap_fails_fast_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     address = f"127.0.0.1:{unused_port()}"
     monkeypatch.setenv("NEXUSCORE_BOOTSTRAP", address)
-    started = time.monotonic()
     with pytest.raises(BrokerError, match=re.escape(address)), kafka_broker():
         pytest.fail("kafka_broker() must not yield an unreachable broker")
-    assert time.monotonic() - started < 15
 
 
 def test_kafka_broker_without_docker_runs_local_kafka(
@@ -320,7 +318,6 @@ def test_kafka_broker_with_docker(monkeypatch: pytest.MonkeyPatch) -> None:
         asyncio.run(broker_mod.wait_for_broker(bootstrap, 30))
 
 
+@pytest.mark.timeout(20)  # "quickly": a hanging Docker socket must not hold the suite
 def test_docker_available_answers_quickly() -> None:
-    started = time.monotonic()
     assert isinstance(docker_available(), bool)
-    assert time.monotonic() - started < 12

@@ -20,6 +20,7 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.transport import Topics, ensure_topics
 from tests.integration.test_pipeline import nexuscore
+from tests.waiting import eventually, logged, service
 
 pytestmark = pytest.mark.integration
 BATCH = 60
@@ -84,7 +85,10 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
         assert code == 0, out
         code, out = promote("shadow")
         assert code == 0, out
-        time.sleep(2)  # the decider follows the governance topic
+        decider = service(services, "decider")
+        eventually(
+            lambda: logged(decider, "is now shadow"), "the decider takes up the shadow", services=services
+        )
         publish("b")
         _until(
             evidence,
@@ -107,9 +111,14 @@ def test_a_policy_is_promoted_stage_by_stage_on_a_live_pipeline(bootstrap: str, 
         sign = nexuscore("policy", "sign", str(candidate), "--key", str(tmp_path / "keys" / "bob.pem"),
                          "--signer", "bob@demo")  # fmt: skip
         assert sign.returncode == 0, sign.stderr
+        active_before = logged(decider, "is now active")
         code, out = promote("active", "--replay-report", str(report))
         assert code == 0, out
-        time.sleep(2)
+        eventually(
+            lambda: logged(decider, "is now active") > active_before,
+            "the decider takes up the new active",
+            services=services,
+        )
         publish("c")
         wait_for_evidence(evidence, 3 * BATCH, services, 120, Console(quiet=True), desk)
         _until(

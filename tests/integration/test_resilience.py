@@ -28,6 +28,7 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore, verify
 from nexuscore.schemas import AvroCodec, InferenceRequested
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
+from tests.waiting import eventually, logged, service
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +143,12 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
         # 2. The kill switch: acme-bank off, signed by an operator; taken up without a restart.
         _cli("control", "off", "--scope", "tenant", "--target", "acme-bank", "--reason", "incident 42",
              "--actor", "alice@demo", "--key", str(keys.operator), *acts)  # fmt: skip
-        time.sleep(2)
+        decider = service(services, "decider")
+        eventually(
+            lambda: logged(decider, "inference off (tenant acme-bank)"),
+            "the switch taken up",
+            services=services,
+        )
         off = [_request(f"off-{n}") for n in range(3)]
         _send(bootstrap, topics, off)
         _until("the switched-off batch", ended([r.request_id for r in off]), services)
@@ -157,7 +163,11 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
              "--key", str(keys.operator), *acts)  # fmt: skip
         _cli("control", "on", "--scope", "tenant", "--target", "acme-bank", "--reason", "incident 42 over",
              "--actor", "alice@demo", "--key", str(keys.operator), *acts)  # fmt: skip
-        time.sleep(2)
+        eventually(
+            lambda: logged(decider, "inference on (tenant acme-bank)"),
+            "offline and on taken up",
+            services=services,
+        )
         again = _request("cached-1", prompt=first[0].prompt)
         unseen = _request("cached-miss", prompt="a question nobody asked")
         _send(bootstrap, topics, [again, unseen])
@@ -183,7 +193,7 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
             str(keys.operator),
             *acts,
         )
-        time.sleep(2)
+        eventually(lambda: logged(decider, "inference on (global)"), "inference back on", services=services)
 
         # 4. The escalation boundary: two critical requests wait for a person.
         critical = [

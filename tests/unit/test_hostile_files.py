@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from nexuscore import cli
 from nexuscore._synthetic import TASKS
 from nexuscore._text import safe_text
+from nexuscore.cli import _common as cli
 from nexuscore.core import EMPTY_STATE, Rejection, decide, on_request, on_review
 from nexuscore.kernel.errors import PolicyError, PolicyRefused
 from nexuscore.policy import (

@@ -165,22 +165,20 @@ async def test_simulator_adds_latency(openai_adapter: OpenAIChatAdapter) -> None
         elapsed = time.perf_counter() - started
     finally:
         await provider.stop()
-    assert elapsed >= 0.075
+    assert elapsed >= 0.075  # a lower bound: a sleep is never shorter, so this cannot flake
 
 
 @pytest.mark.asyncio
 async def test_timeout_is_retryable_without_status(openai_adapter: OpenAIChatAdapter) -> None:
     provider, url = await _started(SimulatedProviderConfig(latency_ms=400.0))
     try:
-        started = time.perf_counter()
+        # The provider answers after 400 ms: only the 50 ms timeout can make this call fail.
         with pytest.raises(ProviderError, match="timed out") as caught:
             await openai_adapter.complete(url, _request(timeout_s=0.05))
-        elapsed = time.perf_counter() - started
     finally:
         await provider.stop()
     assert caught.value.retryable is True
     assert caught.value.status_code is None
-    assert elapsed < 0.3
 
 
 @pytest.mark.asyncio
@@ -192,12 +190,10 @@ async def test_timeout_bounds_the_whole_call_not_just_each_read() -> None:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as client:
         adapter = OpenAIChatAdapter(client=client)
-        started = time.perf_counter()
+        # The transport answers after 5 s: only the overall deadline can make this call fail.
         with pytest.raises(ProviderError, match="timed out") as caught:
             await adapter.complete("https://api.example.test/v1", _request(timeout_s=0.05))
-        elapsed = time.perf_counter() - started
     assert caught.value.retryable is True
-    assert elapsed < 1.0
 
 
 @pytest.mark.asyncio

@@ -106,3 +106,28 @@ def test_verify_mode_lists_decisions_whose_policy_is_unknown(tmp_path: Path) -> 
     decided = report.requests - 0
     assert report.unknown_policies == report.changed == decided > 0
     assert report.changes[0].fields == ("policy_digest",)
+
+
+def test_decisions_made_under_a_kill_switch_replay_from_the_recorded_control_mode(tmp_path: Path) -> None:
+    # Replay reads the switch from the decision's own `control_mode` field, not from its prose.
+    from nexuscore.core import EMPTY_STATE, on_request
+    from nexuscore.policy import Controls
+    from nexuscore.schemas import KillSwitchChanged
+    from tests.factories import request
+
+    off = KillSwitchChanged(
+        event_id="k", request_id="", tenant_id="", occurred_at=T0, producer="t", scope="global", target="",
+        mode="off", actor="dana", reason="incident",
+    )  # fmt: skip
+    state, events = EMPTY_STATE, []
+    for n in range(5):
+        state, _, out = on_request(
+            state, request(request_id=f"r{n}"), POLICY, "tests", T0, controls=Controls().apply(off)
+        )
+        events += [request(request_id=f"r{n}"), *out]
+    write_evidence(events, tmp_path)
+    with EvidenceStore(tmp_path) as store:
+        modes = store.query("SELECT DISTINCT control_mode, verdict FROM decisions").to_pylist()
+        report = replay(store, None, recorded_policies={POLICY.digest: POLICY})
+    assert modes == [{"control_mode": "off", "verdict": "denied"}]
+    assert report.operator_overrides == 5 and report.changed == 0

@@ -1,5 +1,5 @@
-"""What people do to a running pipeline: review escalations, promote policies, and turn inference
-off or offline.
+"""The signed acts of people on a running pipeline: a review of an escalation, a promotion step, a
+kill switch; and the one way each is put on its topic.
 
 Each is a signed event on Kafka (``review_recorded.v1`` on the reviews topic, keyed by tenant so
 that it reaches the decider holding the request; ``policy_stage_changed.v1`` and
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +28,7 @@ from nexuscore.policy import (
     Role,
     TrustStore,
     load_policy,
+    load_trust_store,
     read_signatures,
     replay_report_digest,
     sign_kill_switch,
@@ -34,9 +36,26 @@ from nexuscore.policy import (
     sign_review,
     signatures_path,
 )
-from nexuscore.schemas import AvroCodec, KillSwitchChanged, PolicyStageChanged, ReviewRecorded
+from nexuscore.schemas import (
+    AvroCodec,
+    KillSwitchChanged,
+    PolicyStageChanged,
+    ReviewRecorded,
+    SwitchMode,
+    SwitchScope,
+)
 from nexuscore.streams import POLICY_KEY
 from nexuscore.transport import Topics, new_producer, start_client
+
+
+def load_signer(key_path: Path, trust_path: Path, role: Role, claimed: str = "") -> tuple[Ed25519PrivateKey, str]:
+    """The private key at ``key_path`` and the trust store's name for it in ``role``; ``claimed``,
+    when given, must be that name (an act is recorded in the key's name, never in a typed one)."""
+    key = signing.load_private_key(key_path)
+    name = signer_name(key, load_trust_store(trust_path), role)
+    if claimed and claimed != name:
+        raise NexusError(f"--key is {name}'s key in the trust store, not {claimed!r}'s")
+    return key, name
 
 
 def signer_name(key: Ed25519PrivateKey, trust: TrustStore, role: Role) -> str:
@@ -82,6 +101,7 @@ def review_event(
 def kill_switch_event(
     scope: str, target: str, mode: str, reason: str, key: Ed25519PrivateKey, actor: str, now: datetime
 ) -> KillSwitchChanged:
+    """An operator's signed kill switch: ``mode`` (off, offline, on) for ``scope`` and ``target``."""
     if scope not in SCOPES:
         raise NexusError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if mode not in MODES:
@@ -96,9 +116,9 @@ def kill_switch_event(
         tenant_id=target if scope == "tenant" else "",
         occurred_at=now,
         producer="nexuscore.control",
-        scope=scope,
+        scope=cast(SwitchScope, scope),  # checked above
         target=target,
-        mode=mode,
+        mode=cast(SwitchMode, mode),  # checked above
         actor=actor,
         reason=reason,
     )
@@ -148,6 +168,8 @@ def promotion_event(
 
 
 async def publish(bootstrap: str, topics: Topics, event: ReviewRecorded | KillSwitchChanged) -> None:
+    """Put a review on the reviews topic (keyed by tenant: it reaches the decider holding the
+    request), or a kill switch on the governance topic (one key: all in order)."""
     producer = new_producer(bootstrap)
     await start_client(producer, bootstrap)
     try:

@@ -1,0 +1,60 @@
+"""What the phases of the evidence benchmark share: its parameters, targets, key and timed functions."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+DEFAULT_ROOT = Path("/tmp/nexus-bench-evidence")
+META = "bench-meta.json"  # beside the store's own files; verify and the views ignore it
+
+# The targets of the issue.
+TARGET_PROJECTOR_EPS = 50_000.0
+TARGET_WHO_S = 1.0
+TARGET_LINEAGE_S = 0.1
+TARGET_VERIFY_EPS = 1_000_000.0
+TARGET_RSS_MB = 250.0  # the pipeline's per-process target (README), for the projector
+
+
+@dataclass(frozen=True)
+class Params:
+    decisions: int
+    chunk: int
+    root: Path
+    reuse: bool
+    kafka_events: int
+    flush_rows: int
+    flush_interval_s: float
+    skip_kafka: bool
+    skip_store: bool
+    repeat: int
+    seed: int
+    days: int
+    profile: bool
+
+
+def signing_key() -> Ed25519PrivateKey:
+    """A fixed key: ``--reuse`` must verify a store written by an earlier run."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"nexuscore bench evidence").digest())
+
+
+def partition_of(key: str) -> tuple[str, int]:
+    """(topic, partition) of a ``"topic|partition"`` key: end offsets travel to child processes so."""
+    topic, _, partition = key.partition("|")
+    return topic, int(partition)
+
+
+def sealing_targets() -> dict[str, tuple[Any, str]]:
+    """The production sealing steps, for ``bench._harness.CallTimer``."""
+    from nexuscore.projections import _manifest, _merkle, _seal, _writer
+
+    return {
+        "leaf_hashes (DuckDB json_array + sha256, to Python)": (_seal, "leaf_hashes"),
+        "merkle root (Python)": (_merkle, "root"),
+        "write_table (Parquet zstd + bloom + fsync)": (_writer, "write_table"),
+        "manifest commit + sign": (_manifest.Manifest, "commit"),
+    }

@@ -1,0 +1,248 @@
+"""Phase 3, gateway-added latency: requests paced at R/s for S s through a fresh pipeline.
+
+Each request is stamped with the wall clock right before it is sent; the added latency of a request is
+its dispatch's ``occurred_at`` (and, second figure, Kafka's record timestamp of the dispatch) minus
+that stamp. The dispatches are read back after the run, so the reader does not compete with the
+decider for the CPU. When the decider dispatches more slowly than requests arrive, a queue builds up
+and the figures measure that queue: ``decider_kept_up`` says which case a run is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench._harness import BenchError, CpuMeter, loadavg
+from bench._pipeline.params import FLOOR_RPS, LATE_MS, Params
+from bench._pipeline.stages import peak_rss, running_pipeline, stage_pids, wait_for_terminal, warm_up
+from nexuscore._demo import ReviewDesk
+from nexuscore._synthetic import synthetic_requests
+from nexuscore.core import derive_id
+from nexuscore.policy import RoutingPolicy
+from nexuscore.schemas import AvroCodec, DispatchRequested, InferenceRequested
+from nexuscore.transport import DEFAULT_PARTITIONS, Topics, new_producer, start_client
+
+
+async def publish_paced(
+    bootstrap: str, topic: str, requests: Sequence[InferenceRequested], rate: float
+) -> dict[str, Any]:
+    """Send ``requests`` at ``rate`` per second, each stamped with the wall clock just before sending."""
+    codec = AvroCodec()
+    # No linger: the client batching on purpose would be counted as gateway latency.
+    producer = new_producer(bootstrap, linger_ms=0)
+    await start_client(producer, bootstrap)
+    futures = []
+    late = 0
+    worst_lag = 0.0
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = last = start
+        for i, request in enumerate(requests):
+            # Absolute schedule: a late send is followed by catch-up sends, so the mean rate holds.
+            target = start + i / rate
+            delay = target - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag = loop.time() - target
+            worst_lag = max(worst_lag, lag)
+            late += lag * 1000 > LATE_MS
+            stamped = msgspec.structs.replace(request, occurred_at=datetime.now(UTC))
+            futures.append(await producer.send(topic, codec.encode(stamped), key=stamped.tenant_id.encode()))
+            if i == 0:
+                first = loop.time()
+            last = loop.time()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    span = last - first
+    return {
+        "offered_per_s": rate,
+        "sent": len(requests),
+        "send_span_s": round(span, 3),
+        "achieved_per_s": round((len(requests) - 1) / span, 1) if span > 0 else None,
+        "late_sends": late,
+        "late_threshold_ms": LATE_MS,
+        "worst_lag_ms": round(worst_lag * 1000, 1),
+    }
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """When one request was sent (requested_at) and dispatched (event time, Kafka record time), in s."""
+
+    requested_s: float
+    occurred_s: float
+    record_s: float
+
+    @property
+    def added_ms(self) -> float:
+        return (self.occurred_s - self.requested_s) * 1000
+
+    @property
+    def added_record_ms(self) -> float:
+        return (self.record_s - self.requested_s) * 1000
+
+
+async def read_dispatches(bootstrap: str, topic: str, wanted: set[str], timeout_s: float) -> list[Dispatch]:
+    """Every dispatch of ``wanted`` requests, read from the start of the topic to its current end
+    (no consumer group)."""
+    codec = AvroCodec()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await start_client(consumer, bootstrap)
+    out: list[Dispatch] = []
+    try:
+        # The topic was created by ensure_topics with this count and checked by await_topics.
+        tps = [TopicPartition(topic, p) for p in range(DEFAULT_PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > 0}
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise BenchError(f"reading {topic} back did not reach its end within {timeout_s:.0f} s")
+            batches = await consumer.getmany(*remaining, timeout_ms=200, max_records=10_000)
+            for tp, records in batches.items():
+                for r in records:
+                    d = codec.decode(r.value, (DispatchRequested,))
+                    assert isinstance(d, DispatchRequested)
+                    if d.request_id in wanted:
+                        # Kafka's record timestamp has ms resolution (CreateTime, set by the producer).
+                        out.append(
+                            Dispatch(
+                                d.requested_at.timestamp(), d.occurred_at.timestamp(), r.timestamp / 1000
+                            )
+                        )
+                if records and records[-1].offset + 1 >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default method); q in [0, 100]."""
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def latency_stats(values: Sequence[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    s = sorted(values)
+    return {
+        "count": len(s),
+        "p50_ms": round(percentile(s, 50), 3),
+        "p90_ms": round(percentile(s, 90), 3),
+        "p99_ms": round(percentile(s, 99), 3),
+        "max_ms": round(s[-1], 3),
+        "mean_ms": round(sum(s) / len(s), 3),
+        "min_ms": round(s[0], 3),
+    }
+
+
+def queue_figures(dispatches: Sequence[Dispatch]) -> dict[str, Any]:
+    """Whether the decider kept up with the offered load, and the latency of the first second's requests.
+
+    If it dispatched more slowly than the requests behind those dispatches were sent, a queue built
+    up and the latency figures measure that queue rather than the gateway's own cost. Requests of the
+    first second met at most a second's worth of queue: the closest such a run gets to the unloaded
+    cost.
+    """
+    first_s = min((d.requested_s for d in dispatches), default=0.0)
+    sent_span = max((d.requested_s for d in dispatches), default=0.0) - first_s
+    dispatch_span = max((d.occurred_s for d in dispatches), default=0.0) - min(
+        (d.occurred_s for d in dispatches), default=0.0
+    )
+    offered_rate = len(dispatches) / sent_span if sent_span > 0 else None
+    dispatch_rate = len(dispatches) / dispatch_span if dispatch_span > 0 else None
+    keeps_up = None if offered_rate is None or dispatch_rate is None else dispatch_rate >= 0.95 * offered_rate
+    early = [d for d in dispatches if d.requested_s - first_s < 1.0]
+    return {
+        "offered_dispatches_per_s": None if offered_rate is None else round(offered_rate, 1),
+        "decider_dispatches_per_s": None if dispatch_rate is None else round(dispatch_rate, 1),
+        "decider_kept_up": keeps_up,
+        "added_ms_first_second": latency_stats([d.added_ms for d in early]),
+    }
+
+
+def fresh_requests(policy: RoutingPolicy, total: int, run: str) -> list[InferenceRequested]:
+    """``total`` synthetic requests with ids of this run only, so nothing can be mistaken for an
+    earlier request (or deduplicated)."""
+    base = synthetic_requests(policy, total, seed=13, start=datetime.now(UTC), run=f"{run}-latency")
+    requests = []
+    for i, r in enumerate(base):
+        rid = derive_id(run, "latency-request", i)
+        requests.append(msgspec.structs.replace(r, event_id=rid, request_id=rid))
+    return requests
+
+
+def run_latency(
+    bootstrap: str,
+    policy: RoutingPolicy,
+    policy_path: Path,
+    args: Params,
+    run: str,
+    work: Path,
+    broker_pid: int | None,
+) -> dict[str, Any]:
+    topics = Topics(namespace=f"bench-{run}-latency.")
+    total = max(1, round(args.rate * args.duration))
+    requests = fresh_requests(policy, total, run)
+    with running_pipeline(bootstrap, topics, policy_path, work / "latency") as (services, stages, watch):
+        warmup_s = warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
+        cpu = CpuMeter(stage_pids(stages, "bench (paced publisher)", broker_pid))
+        cpu.start()
+        pacing = asyncio.run(publish_paced(bootstrap, topics.requests, requests, args.rate))
+        cpu.stop()
+        print(
+            f"    sent {pacing['sent']} requests at {pacing['achieved_per_s']}/s (offered {args.rate:g}/s); "
+            "waiting for the evidence",
+            flush=True,
+        )
+        summary, _, _ = wait_for_terminal(
+            watch,
+            services,
+            args.warmup + total,
+            120 + total / FLOOR_RPS,
+            "latency run",
+            ReviewDesk(bootstrap, topics, watch.keys),
+        )
+        rss = peak_rss(stages)
+    wanted = {r.request_id for r in requests}
+    dispatches = asyncio.run(read_dispatches(bootstrap, topics.dispatch, wanted, 60 + total / 1000))
+    queue = queue_figures(dispatches)
+    return {
+        "namespace": topics.namespace,
+        "pipeline": "fresh (own namespace, own four processes, empty budget state)",
+        "warmup_requests": args.warmup,
+        "warmup_s": round(warmup_s, 2),
+        "duration_s": args.duration,
+        "pacing": pacing,
+        "dispatched": len(dispatches),
+        "not_dispatched": total - len(dispatches),
+        "offered_dispatches_per_s": queue["offered_dispatches_per_s"],
+        "decider_dispatches_per_s": queue["decider_dispatches_per_s"],
+        "decider_kept_up": queue["decider_kept_up"],
+        "added_ms_event_time": latency_stats([d.added_ms for d in dispatches]),
+        "added_ms_record_timestamp": latency_stats([d.added_record_ms for d in dispatches]),
+        "added_ms_first_second": queue["added_ms_first_second"],
+        "evidence_summary": summary,
+        "peak_rss_mb": rss,
+        "cpu_during_sends": cpu.result(),
+        "loadavg_after": loadavg(),
+    }

@@ -1,0 +1,219 @@
+"""The pipeline benchmark's results as markdown (``bench/results/pipeline.md``) and on the console."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench._harness import fmt, met, table
+from bench._pipeline.params import LATE_MS, TARGET_P50_MS, TARGET_P99_MS, TARGET_RPS, TARGET_RSS_MB
+from bench._profile import profile_lines
+
+
+def headline(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, target, measured, met) rows shared by the console summary and the markdown."""
+    tp, lat = results.get("throughput"), results.get("latency")
+    rows: list[tuple[str, str, str, str]] = []
+    rps = tp["requests_per_s"] if tp else None
+    rows.append(
+        (
+            "End-to-end throughput (requests/s)",
+            f"≥ {TARGET_RPS:,.0f}",
+            fmt(rps),
+            met(None if rps is None else rps >= TARGET_RPS),
+        )
+    )
+    ev = lat["added_ms_event_time"] if lat else {}
+    rate = f"{results['parameters']['rate']:g}"
+    for name, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
+        value = ev.get(f"{name}_ms")
+        rows.append(
+            (
+                f"Added latency {name} at {rate} req/s offered (ms)",
+                f"≤ {target:g}",
+                fmt(value, ".2f"),
+                met(None if value is None else value <= target),
+            )
+        )
+    peaks = results.get("memory", {}).get("pipeline_peak_rss_mb", {})
+    worst = max(((v, k) for k, v in peaks.items() if v is not None), default=None)
+    rows.append(
+        (
+            "Peak RSS per pipeline process (MB)",
+            f"< {TARGET_RSS_MB:g}",
+            "n/a" if worst is None else f"{worst[0]:.0f} ({worst[1]})",
+            met(None if worst is None else worst[0] < TARGET_RSS_MB),
+        )
+    )
+    return rows
+
+
+def _latency_context(lat: dict[str, Any]) -> list[tuple[str, Any]]:
+    ev, rec, first = (
+        lat["added_ms_event_time"],
+        lat["added_ms_record_timestamp"],
+        lat["added_ms_first_second"],
+    )
+    return [
+        ("Latency run: achieved send rate (requests/s)", lat["pacing"]["achieved_per_s"]),
+        ("Added latency p90 / max (ms)", f"{ev.get('p90_ms')} / {ev.get('max_ms')}"),
+        ("Added latency by record timestamp p50 / p99 (ms)", f"{rec.get('p50_ms')} / {rec.get('p99_ms')}"),
+        ("Dispatches measured", ev.get("count")),
+        (
+            "Decider dispatches/s vs offered dispatches/s",
+            f"{lat['decider_dispatches_per_s']} / {lat['offered_dispatches_per_s']}",
+        ),
+        (
+            "Added latency, requests of the first second only, p50 / p99 (ms)",
+            f"{first.get('p50_ms')} / {first.get('p99_ms')}",
+        ),
+    ]
+
+
+def _context_lines(results: dict[str, Any]) -> list[str]:
+    """The baseline beside the pipeline, the latency run's details, the broker's memory."""
+    b, tp, lat = results["baseline"], results["throughput"], results.get("latency")
+    rows: list[tuple[str, Any]] = [
+        ("Baseline (plain aiokafka, same messages) produced msgs/s", f"{b['produced_msgs_per_s']:,.0f}"),
+        ("Baseline end-to-end msgs/s", f"{b['end_to_end_msgs_per_s']:,.0f}"),
+        ("Pipeline / baseline end to end", f"{results['ratio_to_baseline']:.3f}"),
+        ("Pipeline end to end, as polled (requests/s)", f"{tp['requests_per_s_polled']:,.0f}"),
+    ]
+    if lat:
+        rows += _latency_context(lat)
+    broker_rss = results.get("memory", {}).get("broker_peak_rss_mb")
+    if broker_rss is not None:
+        rows.append(("Broker JVM peak RSS (MB)", f"{broker_rss:.0f}"))
+    lines = [*table(("Context", "Value"), rows), ""]
+    if lat and lat.get("decider_kept_up") is False:
+        lines += [
+            "The decider fell behind the offered load in the latency run, so its latency figures are "
+            "mostly queueing delay, not the gateway's own cost.",
+            "",
+        ]
+    return lines
+
+
+def _topic_lines(topics: dict[str, Any]) -> list[str]:
+    return [
+        "Written during the throughput run (messages, MB in the broker's log segments):",
+        "",
+        *table(
+            ("Topic", "Messages", "MB", "Bytes/message"),
+            (
+                (name, f"{t['messages']:,}", fmt(t["mb"], ".1f"), fmt(t["bytes_per_message"], ",.0f"))
+                for name, t in topics.items()
+            ),
+        ),
+        "",
+    ]
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    p, m = results["parameters"], results["machine"]
+    lines = [
+        "# Pipeline benchmark",
+        "",
+        f"`{results['command']}` at {results['timestamp_utc']}, commit `{results['git_commit']}`; "
+        f"{m['nproc']} cores, Python {m['python']}, Kafka {m['kafka_version']} ({m['broker']}); "
+        f"N={p['requests']}, R={p['rate']:g}/s, S={p['duration']:g} s, warm-up {p['warmup']}. "
+        f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}.",
+        "",
+        *table(("Metric", "Target", "Measured", "Met"), headline(results)),
+        "",
+    ]
+    tp = results.get("throughput")
+    if results.get("baseline") and tp:
+        lines += _context_lines(results)
+    if tp and tp.get("topics"):
+        lines += _topic_lines(tp["topics"])
+    prof = (tp or {}).get("profile_decider", {})
+    if prof.get("top_own"):
+        title = (
+            f"Decider profile during the throughput run (py-spy, {prof['samples']} samples at "
+            f"{prof['rate_hz']} Hz), top functions by own time:"
+        )
+        lines += profile_lines(prof, title)
+    elif prof.get("skipped"):
+        lines += [f"Decider profile skipped: {prof['skipped']}", ""]
+    lines += ["All figures: `bench/results/pipeline.json`.", ""]
+    return "\n".join(lines)
+
+
+def _print_throughput(results: dict[str, Any]) -> None:
+    tp = results["throughput"]
+    print(
+        f"  pipeline: {tp['requests']} requests in {tp['end_to_end_s']:.2f} s = {tp['requests_per_s']:,.0f}/s "
+        f"(polled {tp['requests_per_s_polled']:,.0f}/s); {results['ratio_to_baseline']:.3f} of the baseline; "
+        f"evidence {tp['evidence_summary']}, {tp['evidence_files']} Parquet files "
+        f"(one terminal_summary() over them: {tp['evidence_check_s']} s)"
+    )
+    print("  topics of the throughput namespace (messages, MB on the broker, bytes/message):")
+    for name, t in tp["topics"].items():
+        print(
+            f"    {name:<44} {t['messages']:>8} {fmt(t['mb'], '>9.1f')} MB {fmt(t['bytes_per_message'], '>8,.0f')} B"
+        )
+    print("  CPU during the throughput run (s, % of one core):")
+    for name, v in tp["cpu"]["processes"].items():
+        shown = "gone" if v is None else f"{v['cpu_s']:>7.1f} s {v['cpu_pct']:>6.1f} %"
+        print(f"    {name:<34} {shown}")
+
+
+def _print_latency(lat: dict[str, Any]) -> None:
+    ev, rec, pace = lat["added_ms_event_time"], lat["added_ms_record_timestamp"], lat["pacing"]
+    print(
+        f"  latency: offered {pace['offered_per_s']:g}/s, achieved {pace['achieved_per_s']}/s "
+        f"({pace['late_sends']} sends > {LATE_MS:g} ms late, worst {pace['worst_lag_ms']} ms); "
+        f"{lat['dispatched']} dispatches"
+    )
+    if lat.get("decider_kept_up") is False:
+        print(
+            f"    the decider fell behind: {lat['decider_dispatches_per_s']} dispatches/s against "
+            f"{lat['offered_dispatches_per_s']}/s offered, so these figures are mostly queueing delay"
+        )
+    for label, s in (
+        ("event time", ev),
+        ("record ts", rec),
+        ("first second", lat["added_ms_first_second"]),
+    ):
+        print(
+            f"    added ({label}): p50 {s.get('p50_ms')} p90 {s.get('p90_ms')} p99 {s.get('p99_ms')} "
+            f"max {s.get('max_ms')} ms (n={s.get('count')})"
+        )
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    if prof.get("top_own"):
+        print(f"  decider profile ({prof['samples']} samples), top by own time:")
+        for f in prof["top_own"]:
+            print(
+                f"    {f['own_pct']:>5.1f}% own {f['inclusive_pct']:>5.1f}% incl  {f['function']}  ({f['where']})"
+            )
+        print(
+            "    by package: " + ", ".join(f"{x['package']} {x['own_pct']}%" for x in prof["own_by_package"])
+        )
+    elif prof.get("skipped"):
+        print(f"  decider profile skipped: {prof['skipped']}")
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    print("\n=== NexusCore pipeline benchmark ===")
+    for metric, target, measured, ok in headline(results):
+        print(f"  {metric:<48} {measured:>18}   target {target:<8} met: {ok.strip('*')}")
+    b, tp, lat = results.get("baseline"), results.get("throughput"), results.get("latency")
+    if b:
+        print(
+            f"\n  baseline: {b['messages']} msgs of {b['message_bytes_mean']:.0f} B mean: produced {b['produced_msgs_per_s']:,.0f}/s, "
+            f"end to end {b['end_to_end_msgs_per_s']:,.0f}/s ({b['end_to_end_mb_per_s']} MB/s)"
+        )
+    if tp:
+        _print_throughput(results)
+    if lat:
+        _print_latency(lat)
+    mem = results.get("memory", {})
+    if mem:
+        print(
+            "  peak RSS (MB): "
+            + ", ".join(f"{k} {fmt(v, '.0f')}" for k, v in mem.get("pipeline_peak_rss_mb", {}).items())
+            + f"; broker {fmt(mem.get('broker_peak_rss_mb'), '.0f')}; bench {fmt(mem.get('bench_peak_rss_mb'), '.0f')}"
+        )
+    _print_profile((tp or {}).get("profile_decider", {}))

@@ -1,0 +1,134 @@
+"""What the operators' commands do, callable without the CLI: the services layer.
+
+Each function is one thing a person does to the pipeline or its evidence — run a stage, verify or
+prove the evidence, replay history, sign, promote, review, throw a kill switch — with its rules
+(which policies count as recorded, what a residency breach is, when a review is refused, ...).
+The CLI (``nexuscore.cli``) parses options, calls one of these and prints what it returns; the
+demo uses them too. Below: the stages (streams, replay, projections, providers) and the library.
+
+This ``__init__`` is the whole public surface; the modules inside are private.
+"""
+
+from nexuscore.services._acts import (
+    kill_switch_event,
+    load_signer,
+    promotion_event,
+    publish,
+    review_event,
+    signer_name,
+)
+from nexuscore.services._control import throw_switch
+from nexuscore.services._evidence import (
+    content_keys,
+    erase_content,
+    erasure_scope,
+    known_policy_digests,
+    open_store,
+    prove_growth,
+    prove_request,
+    request_lineage,
+    residency_breaches,
+    routing_summary,
+    verification_note,
+    verify_evidence,
+    write_evidence_report,
+)
+from nexuscore.services._governance import (
+    create_signer_key,
+    differences_table,
+    policy_history,
+    promote,
+    read_limited,
+    revoke_key,
+    sign_policy,
+    trust_key,
+    trusted_keys,
+)
+from nexuscore.services._replay import (
+    change_rows,
+    changes_table,
+    log_snapshot,
+    recorded_policies,
+    replay_failure,
+    replay_history,
+    report_document,
+    summary_lines,
+    write_replay_html,
+    write_replay_report,
+)
+from nexuscore.services._review import (
+    escalation_event_id,
+    find_escalation,
+    pending_escalation,
+    review_queue,
+    submit_review,
+    wait_for_resolution,
+)
+from nexuscore.services._stages import (
+    Decider,
+    WorkerSettings,
+    bootstrap_policy,
+    prepare_decider,
+    run_decider,
+    run_local_broker,
+    run_projector,
+    run_worker,
+    serve_provider,
+)
+
+__all__ = [
+    "Decider",
+    "WorkerSettings",
+    "bootstrap_policy",
+    "change_rows",
+    "changes_table",
+    "content_keys",
+    "create_signer_key",
+    "differences_table",
+    "erase_content",
+    "erasure_scope",
+    "escalation_event_id",
+    "find_escalation",
+    "kill_switch_event",
+    "known_policy_digests",
+    "load_signer",
+    "log_snapshot",
+    "open_store",
+    "pending_escalation",
+    "policy_history",
+    "prepare_decider",
+    "promote",
+    "promotion_event",
+    "prove_growth",
+    "prove_request",
+    "publish",
+    "read_limited",
+    "recorded_policies",
+    "replay_failure",
+    "replay_history",
+    "report_document",
+    "request_lineage",
+    "residency_breaches",
+    "review_event",
+    "review_queue",
+    "revoke_key",
+    "routing_summary",
+    "run_decider",
+    "run_local_broker",
+    "run_projector",
+    "run_worker",
+    "serve_provider",
+    "sign_policy",
+    "signer_name",
+    "submit_review",
+    "summary_lines",
+    "throw_switch",
+    "trust_key",
+    "trusted_keys",
+    "verification_note",
+    "verify_evidence",
+    "wait_for_resolution",
+    "write_evidence_report",
+    "write_replay_html",
+    "write_replay_report",
+]

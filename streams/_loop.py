@@ -1,0 +1,212 @@
+"""The decision agent on aiokafka's batch API: the same handlers as the faust agent, batched.
+
+Per poll batch, in this order (what becomes durable, and when):
+1. every message goes through ``Decider.process`` in log order per partition; outputs collect in an
+   outbox and Table changes in the changelog state, nothing is sent yet;
+2. the outbox is sent (idempotent producer, acks=all) and every send acknowledged;
+3. the Table changes are written to their changelogs and acknowledged;
+4. the input offsets are committed.
+A crash before 3 repeats the batch against the state before it: the same inputs under the same
+state give the same decisions, whose outputs carry the same derived ids and are dropped by every
+reader (the projector by id, the worker by dispatch id). A crash between 3 and 4 repeats inputs the
+state has seen: the requests' decision records make them no-ops. So outputs, state and offsets
+agree after any crash, without a Kafka transaction per batch (see docs/decisions).
+
+Requests, outcomes and reviews are co-partitioned (the range assignor gives partition ``p`` of all
+three to one member), and the state of partition ``p`` is restored from partition ``p`` of each
+changelog when it is assigned. ``instance_id`` gives the member static membership: a restarted
+decider takes its partitions back at once instead of after the session timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+from nexuscore.kernel.clock import Clock
+from nexuscore.policy import TrustStore
+from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
+from nexuscore.streams._handlers import Decider, DeciderTables
+from nexuscore.streams._state import ChangelogState
+from nexuscore.transport import Topics, new_producer, start_client
+
+log = logging.getLogger(__name__)
+DEADLINE_SCAN_S = 1.0
+
+
+class Outbox:
+    """The batch's outputs, in order, until the batch is flushed."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, bytes]] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.messages.append((topic, key, value))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
+    def __init__(self, loop: DeciderLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self.loop.lock:  # the batch in hand is flushed and committed first
+            pass
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        async with self.loop.lock:
+            await self.loop.restore({tp.partition for tp in assigned})
+
+
+class DeciderLoop:
+    """Runs ``Decider`` over the input topics in batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        holder: PolicyHolder,
+        clock: Clock,
+        *,
+        topics: Topics,
+        reviewers: TrustStore,
+        follower: GovernanceFollower | None = None,
+        instance_id: str | None = None,
+        max_batch: int = 2000,
+        transactional: bool = False,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.follower = follower
+        self.instance_id = instance_id
+        self.max_batch = max_batch
+        self.state = ChangelogState(topics)
+        self.outbox = Outbox()
+        tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
+        self.decider = Decider(
+            tables, holder, clock, self.outbox, topics=topics, reviewers=reviewers, keep_outputs=False
+        )
+        self.lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self.held: set[int] = set()
+        self.processed = 0
+        self._restorer: AIOKafkaConsumer | None = None
+        # The alternative measured in docs/decisions: a Kafka transaction per batch (outputs, state
+        # and offsets atomically) instead of ordered, idempotent writes.
+        self.transactional = transactional
+        self._producer: AIOKafkaProducer | None = None
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        """Made inside the running loop (aiokafka needs one)."""
+        if not self.transactional:
+            return new_producer(self.bootstrap, linger_ms=0)
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            transactional_id=f"{self.topics.group('nexuscore-decider')}-{self.instance_id or uuid.uuid4().hex}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=0,
+        )
+
+    async def restore(self, partitions: set[int]) -> None:
+        """Hold ``partitions``: drop the state of those given away, read that of those gained. The
+        state of a partition kept across a rebalance stays (every change to it was flushed)."""
+        self.state.forget(self.held - partitions)
+        new = partitions - self.held
+        self.held = set(partitions)
+        if new and self._restorer is not None:
+            read = await self.state.restore(self._restorer, new)
+            log.info("restored partitions %s of the decider's state: %d changelog records", sorted(new), read)
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.topics.group("nexuscore-decider"),
+            group_instance_id=self.instance_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+
+    async def run(self) -> None:
+        self._restorer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+        )
+        consumer = self._consumer()
+        self._producer = producer = self._new_producer()
+        await start_client(producer, self.bootstrap)
+        await start_client(self._restorer, self.bootstrap)
+        consumer.subscribe(
+            [self.topics.requests, self.topics.outcomes, self.topics.reviews], listener=_Rebalance(self)
+        )
+        follow = asyncio.create_task(self.follower.follow(self.stopping)) if self.follower else None
+        try:
+            await start_client(consumer, self.bootstrap)
+            await self._loop(consumer)
+        finally:
+            self.stopping.set()
+            if follow is not None:
+                with contextlib.suppress(Exception):
+                    await follow
+            await consumer.stop()
+            await self._restorer.stop()
+            await producer.stop()
+
+    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        next_scan = time.monotonic() + DEADLINE_SCAN_S
+        while not self.stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+            async with self.lock:
+                for tp, records in batches.items():
+                    self.state.at_partition(tp.partition)
+                    for r in records:
+                        await self.decider.process(
+                            r.topic, r.partition, r.offset, r.key, r.value, r.timestamp
+                        )
+                    self.processed += len(records)
+                if time.monotonic() >= next_scan:
+                    await self.decider.overdue_reviews()
+                    next_scan = time.monotonic() + DEADLINE_SCAN_S
+                await self._flush(consumer, batches)
+
+    async def _flush(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[object]]) -> None:
+        """Outputs, then state, then offsets: each acknowledged before the next is written."""
+        if self.transactional:
+            await self._flush_transaction(batches)
+            return
+        assert self._producer is not None, "run() first"
+        futures = [
+            await self._producer.send(topic, value, key=key) for topic, key, value in self.outbox.messages
+        ]
+        self.outbox.messages.clear()
+        for future in futures:
+            await future
+        if self.state.changes():
+            await self.state.flush(self._producer)
+        if batches:
+            await consumer.commit(_next_offsets(batches))
+
+    async def _flush_transaction(self, batches: dict[TopicPartition, list[object]]) -> None:
+        if not batches and not self.outbox.messages:
+            return
+        assert self._producer is not None, "run() first"
+        async with self._producer.transaction():
+            for topic, key, value in self.outbox.messages:
+                await self._producer.send(topic, value, key=key)
+            self.outbox.messages.clear()
+            await self.state.flush(self._producer, wait=False)
+            if batches:
+                group = self.topics.group("nexuscore-decider")
+                await self._producer.send_offsets_to_transaction(_next_offsets(batches), group)
+
+
+def _next_offsets(batches: dict[TopicPartition, list[object]]) -> dict[TopicPartition, int]:
+    return {tp: records[-1].offset + 1 for tp, records in batches.items()}  # type: ignore[attr-defined]

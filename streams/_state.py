@@ -1,0 +1,102 @@
+"""The decider's Tables without faust: dicts that remember what changed, backed by compacted
+changelog topics (the ones ``ensure_topics`` creates for the decider, same names, same layout).
+
+A key's changes go to the changelog partition of the input partition being processed, as faust
+does, so restoring an input partition's state means reading the same-numbered partition of each
+changelog to its end. Changes are written per batch, after the batch's outputs are acknowledged
+and before its input offsets are committed: a crash in between repeats the batch against the
+state before it (the outputs it sends again carry the same ids, and every reader drops them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from nexuscore.transport import DeciderTable, Topics
+
+
+class ChangelogTable(MutableMapping[bytes, bytes]):
+    """One Table: its rows, and the keys changed (with their partition) since the last flush."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.rows: dict[bytes, bytes] = {}
+        self.owner: dict[bytes, int] = {}  # key -> the input partition whose state it is
+        self.dirty: dict[bytes, int] = {}
+        self.partition = 0  # the input partition being processed: where changes are logged
+
+    def __getitem__(self, key: bytes) -> bytes:
+        return self.rows[key]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.rows[key] = value
+        self.owner[key] = self.dirty[key] = self.partition
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.rows[key]
+        self.dirty[key] = self.owner.pop(key, self.partition)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class ChangelogState:
+    """All of the decider's Tables, their restore and their per-batch flush."""
+
+    def __init__(self, topics: Topics) -> None:
+        app = topics.group("nexuscore-decider")
+        self.tables = {t: ChangelogTable(f"{app}-{t.value}-changelog") for t in DeciderTable}
+
+    def at_partition(self, partition: int) -> None:
+        for table in self.tables.values():
+            table.partition = partition
+
+    def changes(self) -> int:
+        return sum(len(t.dirty) for t in self.tables.values())
+
+    async def flush(self, producer: AIOKafkaProducer, *, wait: bool = True) -> None:
+        """Write every changed key (a tombstone for a deleted one) and, with ``wait``, wait for the
+        broker (in a transaction, its commit does)."""
+        futures = []
+        for table in self.tables.values():
+            for key, partition in table.dirty.items():
+                value = table.rows.get(key)
+                futures.append(await producer.send(table.topic, value, key=key, partition=partition))
+            table.dirty.clear()
+        for future in futures if wait else ():
+            await future
+
+    async def restore(self, consumer: AIOKafkaConsumer, partitions: set[int]) -> int:
+        """Read the changelog partitions of ``partitions`` to their end; return the rows read."""
+        tps = [TopicPartition(t.topic, p) for t in self.tables.values() for p in partitions]
+        if not tps:
+            return 0
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        by_topic = {t.topic: t for t in self.tables.values()}
+        read = 0
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            for tp, records in (await consumer.getmany(*tps, timeout_ms=200, max_records=10_000)).items():
+                table = by_topic[tp.topic]
+                for r in records:
+                    read += 1
+                    if r.value is None:
+                        table.rows.pop(r.key, None)
+                        table.owner.pop(r.key, None)
+                    else:
+                        table.rows[r.key] = r.value
+                        table.owner[r.key] = tp.partition
+        return read
+
+    def forget(self, partitions: set[int]) -> None:
+        """Drop the rows of partitions this decider no longer holds (another one restores them)."""
+        for table in self.tables.values():
+            for key in [k for k, p in table.owner.items() if p in partitions]:
+                table.rows.pop(key, None)
+                table.owner.pop(key, None)
