@@ -35,7 +35,11 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.schemas import AvroCodec, RequestDecided, RequestRejected
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 
-RUNTIMES = {"faust": ["--runtime", "faust"], "loop": ["--runtime", "loop"], "loop-tx": ["--runtime", "loop", "--transactional"]}
+RUNTIMES = {
+    "faust": ["--runtime", "faust"],
+    "loop": ["--runtime", "loop"],
+    "loop-tx": ["--runtime", "loop", "--transactional"],
+}
 CODEC = AvroCodec()
 
 
@@ -46,13 +50,17 @@ def _requests(n: int, run: str) -> list[tuple[bytes, bytes]]:
 
 async def _count_decisions(bootstrap: str, topic: str, expected: int, timeout_s: float) -> float:
     """Seconds until ``expected`` decisions (or rejections) are on ``topic``."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed"
+    )
     await start_client(consumer, bootstrap)
     seen, started = 0, time.monotonic()
     try:
         while seen < expected and time.monotonic() - started < timeout_s:
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                seen += sum(isinstance(CODEC.decode(r.value), RequestDecided | RequestRejected) for r in records)
+                seen += sum(
+                    isinstance(CODEC.decode(r.value), RequestDecided | RequestRejected) for r in records
+                )
     finally:
         await consumer.stop()
     if seen < expected:
@@ -60,7 +68,9 @@ async def _count_decisions(bootstrap: str, topic: str, expected: int, timeout_s:
     return time.monotonic()
 
 
-async def _publish(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float | None) -> dict[str, int]:
+async def _publish(
+    bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], rate: float | None
+) -> dict[str, int]:
     """Publish, at ``rate`` per second or at once; return each request's produce time (ms)."""
     producer = new_producer(bootstrap)
     await start_client(producer, bootstrap)
@@ -82,9 +92,17 @@ async def _publish(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes
     return sent
 
 
-async def _dispatch_latencies(bootstrap: str, topics: Topics, request_times: dict[str, int], n: int, timeout_s: float) -> list[float]:
+async def _dispatch_latencies(
+    bootstrap: str, topics: Topics, request_times: dict[str, int], n: int, timeout_s: float
+) -> list[float]:
     """Request produced -> dispatch produced, in ms, by matching the dispatch's request."""
-    consumer = AIOKafkaConsumer(topics.dispatch, topics.requests, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        topics.dispatch,
+        topics.requests,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
     await start_client(consumer, bootstrap)
     produced: dict[tuple[str, str], int] = {}
     latencies: list[float] = []
@@ -108,7 +126,16 @@ def _measure(bootstrap: str, runtime: str, args: argparse.Namespace, root: Path)
     topics = Topics(f"bench-decider-{runtime}-{uuid.uuid4().hex[:6]}.")
     asyncio.run(ensure_topics(bootstrap, topics))
     keys = dev_keys(root / "keys", DEFAULT_POLICY_PATH)
-    common = ["--bootstrap", bootstrap, "--namespace", topics.namespace, "--policy", str(keys.policy), "-t", str(keys.trust_store)]
+    common = [
+        "--bootstrap",
+        bootstrap,
+        "--namespace",
+        topics.namespace,
+        "--policy",
+        str(keys.policy),
+        "-t",
+        str(keys.trust_store),
+    ]
     with Services(root / f"logs-{runtime}") as services:
         decider = services.start("decider", "run", "decider", *common, *RUNTIMES[runtime])
         warm = _requests(500, f"{runtime}-warm")

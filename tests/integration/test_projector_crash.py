@@ -22,7 +22,7 @@ from nexuscore.policy import DEFAULT_POLICY_PATH
 from nexuscore.projections import SCHEMAS, EvidenceStore, verify
 from nexuscore.schemas import AvroCodec, Event
 from nexuscore.transport import DEFAULT_PARTITIONS, Topics, ensure_topics, new_producer, start_client
-from tests.factories import _TOPIC_OF, POLICY, run_history
+from tests.factories import _TOPIC_OF, POLICY, _key_of, run_history
 
 pytestmark = pytest.mark.integration
 KILLS = 8
@@ -36,11 +36,9 @@ async def _publish(bootstrap: str, topics: Topics, events: list[Event]) -> dict[
     try:
         futures = []
         for e in events:
-            topic = getattr(topics, _TOPIC_OF[type(e).__name__])
-            partition = zlib.crc32(e.tenant_id.encode()) % DEFAULT_PARTITIONS
-            futures.append(
-                await producer.send(topic, codec.encode(e), key=e.tenant_id.encode(), partition=partition)
-            )
+            topic, key = getattr(topics, _TOPIC_OF[type(e).__name__]), _key_of(e)  # each topic's key
+            partition = zlib.crc32(key) % DEFAULT_PARTITIONS
+            futures.append(await producer.send(topic, codec.encode(e), key=key, partition=partition))
         await producer.flush()
         ends: dict[tuple[str, int], int] = {}
         for f in futures:

@@ -124,7 +124,13 @@ def test_failover_circuits_kill_switches_and_reviews_on_a_live_pipeline(
         # 1. eu-small-1 fails every call: retried, then failed over to eu-small-2 (same region), until
         #    its circuit opens; from then on both workers pass it over.
         first = [_request(f"fo-{n}") for n in range(40)]
-        _send(bootstrap, topics, first)
+        # A few first, until the circuit opens (a burst would put every call in flight before the
+        # breaker has seen three failures), then the rest, which pass the broken deployment over.
+        _send(bootstrap, topics, first[:8])
+        _until("the first failovers", ended([r.request_id for r in first[:8]]), services)
+        _until("the circuit to open", lambda: bool(rows(
+            "SELECT 1 FROM circuit_events WHERE deployment_id = 'eu-small-1' AND to_state = 'open'")), services)  # fmt: skip
+        _send(bootstrap, topics, first[8:])
         _until("the failover batch", ended([r.request_id for r in first]), services)
         outcomes = rows("SELECT * FROM outcomes WHERE request_id LIKE 'fo-%'")
         assert {(o["status"], o["deployment_id"], o["region"]) for o in outcomes} == {

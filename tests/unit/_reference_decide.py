@@ -6,7 +6,6 @@ gives, for every input. Only the result types (``Decision``, ``Rejection``) are 
 two compare by value.
 """
 
-# ruff: noqa: E501
 # fmt: off
 
 from __future__ import annotations

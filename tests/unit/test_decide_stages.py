@@ -337,7 +337,7 @@ def test_the_key_tells_apart_what_compares_equal_but_is_written_differently() ->
 def test_an_oversized_prompt_is_keyed_by_its_size() -> None:
     chars = MAX_PROMPT_BYTES // 3 + 1000  # under the token limit, over the byte limit as 3-byte characters
     big, bigger = request(prompt="€" * chars), request(prompt="€" * (chars + 1))
-    # The same tokens only if len // 4 agrees; the size differs either way and is named.
+    # Two sizes over the limit, each named in its rejection: two keys.
     assert route_key(big)[-1] == 3 * chars and route_key(bigger)[-1] == 3 * (chars + 1)
     for r in (big, bigger):
         routed = route(r, POLICY)
