@@ -1,6 +1,7 @@
 """The decision agent on aiokafka's batch API: the same handlers as the faust agent, batched.
 
-Per poll batch, in this order (what becomes durable, and when):
+Per poll batch, in this order (what becomes durable, and when; a batch's writes overlap the next
+batch's work, one batch's writes in flight at a time):
 1. every message goes through ``Decider.process`` in log order per partition; outputs collect in an
    outbox and Table changes in the changelog state, nothing is sent yet;
 2. the outbox is sent (idempotent producer, acks=all) and every send acknowledged;
@@ -26,7 +27,14 @@ import logging
 import time
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+import msgspec
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from nexuscore.kernel.clock import Clock
@@ -56,7 +64,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.loop.lock:  # the batch in hand is flushed and committed first
-            pass
+            await self.loop.settled()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self.loop.lock:
@@ -99,6 +107,7 @@ class DeciderLoop:
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
         self._producer: AIOKafkaProducer | None = None
+        self._pending: asyncio.Task[None] | None = None
 
     def _new_producer(self) -> AIOKafkaProducer:
         """Made inside the running loop (aiokafka needs one)."""
@@ -162,51 +171,83 @@ class DeciderLoop:
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         next_scan = time.monotonic() + DEADLINE_SCAN_S
-        while not self.stopping.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
-            async with self.lock:
-                for tp, records in batches.items():
-                    self.state.at_partition(tp.partition)
-                    for r in records:
-                        await self.decider.process(
-                            r.topic, r.partition, r.offset, r.key, r.value, r.timestamp
-                        )
-                    self.processed += len(records)
-                if time.monotonic() >= next_scan:
-                    await self.decider.overdue_reviews()
-                    next_scan = time.monotonic() + DEADLINE_SCAN_S
-                await self._flush(consumer, batches)
+        try:
+            while not self.stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+                async with self.lock:
+                    for tp, records in batches.items():
+                        self.state.at_partition(tp.partition)
+                        for r in records:
+                            await self.decider.process(
+                                r.topic, r.partition, r.offset, r.key, r.value, r.timestamp
+                            )
+                        self.processed += len(records)
+                    if time.monotonic() >= next_scan:
+                        await self.decider.overdue_reviews()
+                        next_scan = time.monotonic() + DEADLINE_SCAN_S
+                    await self._flush(consumer, self._job(batches))
+        finally:
+            await self.settled()
 
-    async def _flush(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[object]]) -> None:
-        """Outputs, then state, then offsets: each acknowledged before the next is written."""
-        if self.transactional:
-            await self._flush_transaction(batches)
-            return
-        assert self._producer is not None, "run() first"
-        futures = [
-            await self._producer.send(topic, value, key=key) for topic, key, value in self.outbox.messages
-        ]
+    def _job(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> _FlushJob:
+        job = _FlushJob(list(self.outbox.messages), self.state.snapshot(), _next_offsets(batches))
         self.outbox.messages.clear()
+        return job
+
+    async def settled(self) -> None:
+        """Wait for the flush in flight (a rebalance or a stop must not outrun it)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def _flush(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
+        """One flush in flight at a time, overlapping the next batch's work: outputs, then state,
+        then offsets, each acknowledged before the next is written."""
+        await self.settled()
+        if job.empty:
+            return
+        if self.transactional:
+            await self._flush_transaction(job)
+        else:
+            self._pending = asyncio.create_task(self._write(consumer, job))
+
+    async def _write(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
+        assert self._producer is not None, "run() first"
+        futures = [await self._producer.send(topic, value, key=key) for topic, key, value in job.outputs]
         for future in futures:
             await future
-        if self.state.changes():
-            await self.state.flush(self._producer)
-        if batches:
-            await consumer.commit(_next_offsets(batches))
+        futures = [
+            await self._producer.send(topic, value, key=key, partition=p)
+            for topic, key, value, p in job.state
+        ]
+        for future in futures:
+            await future
+        if job.offsets:
+            await consumer.commit(job.offsets)
 
-    async def _flush_transaction(self, batches: dict[TopicPartition, list[object]]) -> None:
-        if not batches and not self.outbox.messages:
-            return
+    async def _flush_transaction(self, job: _FlushJob) -> None:
         assert self._producer is not None, "run() first"
         async with self._producer.transaction():
-            for topic, key, value in self.outbox.messages:
+            for topic, key, value in job.outputs:
                 await self._producer.send(topic, value, key=key)
-            self.outbox.messages.clear()
-            await self.state.flush(self._producer, wait=False)
-            if batches:
+            for table, row, change, p in job.state:
+                await self._producer.send(table, change, key=row, partition=p)
+            if job.offsets:
                 group = self.topics.group("nexuscore-decider")
-                await self._producer.send_offsets_to_transaction(_next_offsets(batches), group)
+                await self._producer.send_offsets_to_transaction(job.offsets, group)
 
 
-def _next_offsets(batches: dict[TopicPartition, list[object]]) -> dict[TopicPartition, int]:
-    return {tp: records[-1].offset + 1 for tp, records in batches.items()}  # type: ignore[attr-defined]
+class _FlushJob(msgspec.Struct, frozen=True):
+    """What one batch made durable: its outputs, its state changes, its input offsets."""
+
+    outputs: list[tuple[str, bytes, bytes]]
+    state: list[tuple[str, bytes, bytes | None, int]]
+    offsets: dict[TopicPartition, int]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.outputs or self.state or self.offsets)
+
+
+def _next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
+    return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}

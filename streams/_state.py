@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from nexuscore.transport import DeciderTable, Topics
 
@@ -56,20 +56,15 @@ class ChangelogState:
         for table in self.tables.values():
             table.partition = partition
 
-    def changes(self) -> int:
-        return sum(len(t.dirty) for t in self.tables.values())
-
-    async def flush(self, producer: AIOKafkaProducer, *, wait: bool = True) -> None:
-        """Write every changed key (a tombstone for a deleted one) and, with ``wait``, wait for the
-        broker (in a transaction, its commit does)."""
-        futures = []
+    def snapshot(self) -> list[tuple[str, bytes, bytes | None, int]]:
+        """The changes since the last snapshot, as they are now: (topic, key, value or None for a
+        deleted key, partition). Taken when a batch ends, so that writing them later never
+        carries a change of the next batch."""
+        changes: list[tuple[str, bytes, bytes | None, int]] = []
         for table in self.tables.values():
-            for key, partition in table.dirty.items():
-                value = table.rows.get(key)
-                futures.append(await producer.send(table.topic, value, key=key, partition=partition))
+            changes.extend((table.topic, key, table.rows.get(key), p) for key, p in table.dirty.items())
             table.dirty.clear()
-        for future in futures if wait else ():
-            await future
+        return changes
 
     async def restore(self, consumer: AIOKafkaConsumer, partitions: set[int]) -> int:
         """Read the changelog partitions of ``partitions`` to their end; return the rows read."""
