@@ -34,6 +34,8 @@ test: jars lint typecheck pytest
 lint: install linktree
 	$(BIN)/ruff check .
 	cd build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml --no-cache
+	# No function over 80 lines in product code or benchmarks (the house rule; a screen's worth).
+	$(BIN)/python -m bench.function_lengths --max 80 --top 0 $(PACKAGES) nexuscore bench
 
 # The packages live in root folders mapped under `nexuscore`; mypy reads them through a link tree
 # that has the installed shape.

@@ -355,7 +355,7 @@ class Worker:
         # Dispatches this worker has called (or is calling), by event id: a dispatch published
         # again (a decider re-emitting after its crash, a rebalance back to this worker) is
         # recognised and not called a second time. Bounded: the oldest ids are forgotten first.
-        self.called: OrderedDict[str, None] = OrderedDict()
+        self.called: OrderedDict[str, asyncio.Event] = OrderedDict()
         self.called_limit = called_limit
         self.repeats = 0
 
@@ -466,15 +466,17 @@ class Worker:
         )
         return future
 
-    def _first_call(self, dispatch_id: str) -> bool:
-        """True once per dispatch id (within the bound): the caller may call the provider."""
-        if dispatch_id in self.called:
+    def _first_call(self, dispatch_id: str) -> asyncio.Event | None:
+        """None the first time a dispatch id is seen (within the bound): the caller may call the
+        provider. Afterwards, the event that is set once the first call's outcome is acknowledged."""
+        done = self.called.get(dispatch_id)
+        if done is not None:
             self.called.move_to_end(dispatch_id)
-            return False
-        self.called[dispatch_id] = None
+            return done
+        self.called[dispatch_id] = asyncio.Event()
         if len(self.called) > self.called_limit:
             self.called.popitem(last=False)
-        return True
+        return None
 
     async def _handle(
         self, record: ConsumerRecord, producer: AIOKafkaProducer
@@ -488,9 +490,12 @@ class Worker:
             # The decider keys a dispatch by its request: anything else was not written by it.
             why = f"message key {record.key!r:.80} is not the request id {d.request_id!r}"
             return [await self._dead_letter(record, producer, why)]
-        if not self._first_call(d.event_id):
-            # Already called by this worker: its attempts and outcome are on their topics (or on
-            # their way, with the same ids). Calling again would bill the tenant twice.
+        first = self._first_call(d.event_id)
+        if first is not None:
+            # Already called by this worker: calling again would bill the tenant twice. This copy
+            # is done only once the first call's outcome is acknowledged (its offset may be the
+            # same one, delivered again after a rebalance: committing past it before would lose
+            # the call if the worker died now).
             self.repeats += 1
             log.warning(
                 "dispatch %s of %s seen again at %s; not called twice",
@@ -498,7 +503,8 @@ class Worker:
                 d.request_id,
                 record.offset,
             )
-            return []
+            return [asyncio.ensure_future(first.wait())]
+        done = self.called[d.event_id]
         attempts: list[ModelCallAttempted] = []
         if self.bulkhead.full(d.tenant_id):
             self.bulkhead.refused += 1
@@ -513,7 +519,14 @@ class Worker:
         key = d.tenant_id.encode()
         futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
         futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))
-        return futures
+        return [asyncio.ensure_future(_acknowledged(futures, done))]
+
+
+async def _acknowledged(futures: list[asyncio.Future[object]], done: asyncio.Event) -> None:
+    """Wait for the broker to take every record of one dispatch, then say so to its repeats."""
+    for future in futures:
+        await future
+    done.set()
 
 
 def default_adapters(client: httpx.AsyncClient | None = None) -> dict[str, ProviderAdapter]:

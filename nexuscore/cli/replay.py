@@ -98,19 +98,8 @@ def replay(
             for why in skipped:
                 err_console.print(f"[yellow]skipped[/] {why}")
         report = _replay(evidence_dir, candidate, known, tenant, since_time, until_time, diff_out is not None)
-    for line in services.summary_lines(report):
-        console.print(line, highlight=False)
-    if report.changes and show:
-        title = f"First {min(show, len(report.changes))} changed decisions"
-        _print(services.changes_table(report, show), "table", title)
-    if diff_out is not None:
-        _print(services.changes_table(report), "parquet", output=diff_out)
-    if report_out is not None:
-        scope = {"evidence": str(evidence_dir), "tenant": tenant, "since": since, "until": until}
-        console.print(f"report {report_out}: {services.write_replay_report(report_out, report, scope)}")
-    if html is not None:
-        services.write_replay_html(html, report)
-        err_console.print(f"wrote {html}")
+    scope = {"evidence": str(evidence_dir), "tenant": tenant, "since": since, "until": until}
+    _show(report, show, diff_out, report_out, html, scope)
     failure = services.replay_failure(report, verify_mode=recorded)
     if failure is not None:
         err_console.print(f"[red]FAILED[/]: {failure}")
@@ -171,3 +160,28 @@ def _log_snapshot(
                 )
             )
         yield root
+
+
+def _show(
+    report: ReplayReport,
+    show: int,
+    diff_out: Path | None,
+    report_out: Path | None,
+    html: Path | None,
+    scope: dict[str, str | None],
+) -> None:
+    """The summary on the terminal, and the files asked for."""
+    from nexuscore import services
+
+    for line in services.summary_lines(report):
+        console.print(line, highlight=False)
+    if report.changes and show:
+        title = f"First {min(show, len(report.changes))} changed decisions"
+        _print(services.changes_table(report, show), "table", title)
+    if diff_out is not None:
+        _print(services.changes_table(report), "parquet", output=diff_out)
+    if report_out is not None:
+        console.print(f"report {report_out}: {services.write_replay_report(report_out, report, scope)}")
+    if html is not None:
+        services.write_replay_html(html, report)
+        err_console.print(f"wrote {html}")
