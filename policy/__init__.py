@@ -44,6 +44,7 @@ from nexuscore.policy._promotion import (
     replay_report_digest,
 )
 from nexuscore.policy._signatures import (
+    ROLES,
     PolicySignature,
     Role,
     SignedPolicy,
@@ -66,6 +67,7 @@ __all__ = [
     "MODES",
     "NO_CONTROLS",
     "REVIEWERS_FOR_ACTIVE",
+    "ROLES",
     "SCOPES",
     "SIGNER_CODES",
     "STAGES",

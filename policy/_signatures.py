@@ -16,7 +16,7 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 import yaml
@@ -31,6 +31,7 @@ from nexuscore.policy._yaml import decode_document, load_yaml, read_document
 
 PURPOSE = "nexuscore.policy.v1"
 Role = Literal["author", "reviewer", "operator"]
+ROLES: tuple[Role, ...] = get_args(Role)  # the one list: the CLI and the defaults take it from here
 RefusalReason = Literal[
     "invalid_content",
     "unsigned",
@@ -187,7 +188,7 @@ def check_signatures(
     now: datetime,
     *,
     min_signers: int = 1,
-    roles: tuple[str, ...] = ("author", "reviewer", "operator"),
+    roles: tuple[str, ...] = ROLES,
     source: str = "policy",
 ) -> SignedPolicy:
     """The policy with the signatures that hold, or PolicyRefused with the first reason that applies."""

@@ -8,7 +8,7 @@ import asyncio
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import cast, get_args
+from typing import cast
 
 import pyarrow as pa
 
@@ -16,6 +16,7 @@ from nexuscore.kernel.clock import SystemClock
 from nexuscore.kernel.errors import NexusError
 from nexuscore.kernel.signing import generate_keypair, load_private_key, load_public_key
 from nexuscore.policy import (
+    ROLES,
     PolicySignature,
     Registry,
     Role,
@@ -38,7 +39,6 @@ from nexuscore.services._acts import promotion_event
 from nexuscore.streams import GovernanceFollower, PolicyHolder, publish_governance
 from nexuscore.transport import Topics, ensure_topics
 
-ROLES: tuple[Role, ...] = get_args(Role)
 # A replay report is a summary, not the changes themselves: anything bigger is not one.
 MAX_REPORT_BYTES = 16 * 1024 * 1024
 HISTORY_SCHEMA = pa.schema(
