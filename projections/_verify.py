@@ -30,9 +30,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import KeyStoreError
-from nexuscore.projections import _merkle, _seal
+from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
     ERASURES,
@@ -146,7 +147,7 @@ def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyRepo
                 "(an entry was changed, removed or reordered)",
             )
         prev = hashlib.sha256(line).hexdigest()
-        leaves.append(_merkle.leaf_hash(line))
+        leaves.append(ledger.leaf_hash(line))
         entries.append(entry)
     if head is None:
         if lines:
@@ -164,7 +165,7 @@ def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyRepo
     if not isinstance(size, int) or size > len(entries) or size < 0:
         report.add("head_mismatch", HEAD, f"signs {size} entries; the manifest has {len(entries)} readable")
         return []
-    if _merkle.root(leaves[:size]).hex() != head.get("root"):
+    if ledger.root(leaves[:size]).hex() != head.get("root"):
         report.add(
             "head_mismatch", HEAD, f"Merkle root over the first {size} entries differs from the signed root"
         )

@@ -50,11 +50,12 @@ def partition_of(key: str) -> tuple[str, int]:
 
 def sealing_targets() -> dict[str, tuple[Any, str]]:
     """The production sealing steps, for ``bench._harness.CallTimer``."""
-    from nexuscore.projections import _manifest, _merkle, _seal, _writer
+    from nexuscore import ledger
+    from nexuscore.projections import _manifest, _seal, _writer
 
     return {
         "leaf_hashes (DuckDB json_array + sha256, to Python)": (_seal, "leaf_hashes"),
-        "merkle root (Python)": (_merkle, "root"),
+        "merkle root (Python)": (ledger, "root"),
         "write_table (Parquet zstd + bloom + fsync)": (_writer, "write_table"),
         "manifest commit + sign": (_manifest.Manifest, "commit"),
     }
