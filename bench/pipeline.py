@@ -14,7 +14,11 @@
 3. **Latency**: a fresh pipeline in another namespace; requests paced at R/s for S s, each stamped
    with the wall clock right before it is sent; added latency = dispatch.occurred_at - requested_at,
    and Kafka's record timestamp of the dispatch - requested_at.
-4. Peak RSS (VmHWM) of every process and CPU seconds (utime + stime) per process and phase.
+4. **Producer-observed latency** (``bench._pipeline.sustained``): 200 requests/s; a client reads the
+   answers off ``nexus.outcomes`` and ``nexus.decisions`` as a producer would: sent -> terminal state.
+5. **Sustained load**: 800 requests/s for 60 s; the decider's and workers' backlog every 5 s, whether
+   it stayed flat, and CPU per request per stage.
+6. Peak RSS (VmHWM) of every process and CPU seconds (utime + stime) per process and phase.
 
 Results go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` (overwritten), and the
 decider's collapsed py-spy stacks to ``bench/results/pipeline-decider.pyspy.txt``.
@@ -43,8 +47,9 @@ from typing import Any
 from bench._harness import broker, external_broker, git_commit, kafka_version, loadavg, run_main
 from bench._pipeline.baseline import run_baseline
 from bench._pipeline.latency import run_latency
-from bench._pipeline.params import PIPELINE_STAGES, Params
+from bench._pipeline.params import PHASES, PIPELINE_STAGES, Params
 from bench._pipeline.report import print_summary, render_markdown
+from bench._pipeline.sustained import run_observed, run_sustained
 from bench._pipeline.throughput import run_throughput
 from bench._pipeline.topics import encode_requests
 from nexuscore._services import peak_rss_mb
@@ -69,6 +74,23 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     parser.add_argument(
         "--warmup", type=int, default=200, help="Warm-up requests per pipeline (default 200)."
     )
+    parser.add_argument(
+        "--observed-rate",
+        type=float,
+        default=200.0,
+        help="Offered requests/s in the producer-observed run (200).",
+    )
+    parser.add_argument(
+        "--sustained-rate", type=float, default=800.0, help="Offered requests/s in the sustained run (800)."
+    )
+    parser.add_argument(
+        "--sustained-s", type=float, help="Seconds of the sustained run (60; 10 with --quick)."
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"Which phases, comma-separated (default: all of {', '.join(PHASES)}).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes for a smoke check.")
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="Do not run py-spy on the decider."
@@ -79,9 +101,20 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     ns = parser.parse_args(argv)
     requests = ns.requests if ns.requests is not None else (2000 if ns.quick else 20_000)
     duration = ns.duration if ns.duration is not None else (5.0 if ns.quick else 20.0)
-    if requests < 1 or ns.rate <= 0 or duration <= 0 or ns.warmup < 1:
-        parser.error("--requests, --rate, --duration and --warmup must be positive")
-    return Params(requests, ns.rate, duration, ns.warmup, ns.quick, ns.profile, ns.keep_work)
+    sustained_s = ns.sustained_s if ns.sustained_s is not None else (10.0 if ns.quick else 60.0)
+    if min(requests, ns.rate, duration, ns.warmup, ns.observed_rate, ns.sustained_rate, sustained_s) <= 0:
+        parser.error("--requests, --rate, --duration, --warmup and the other rates must be positive")
+    phases = tuple(p.strip() for p in ns.phases.split(",") if p.strip())
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown or not phases:
+        parser.error(
+            f"unknown phase(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}"
+        )
+    return Params(
+        requests, ns.rate, duration, ns.warmup, ns.quick, ns.profile, ns.keep_work,
+        observed_rate=ns.observed_rate, observed_s=min(duration, 20.0), sustained_rate=ns.sustained_rate,
+        sustained_s=sustained_s, phases=phases,
+    )  # fmt: skip
 
 
 def machine_info(bootstrap: str, broker_pid: int | None) -> dict[str, Any]:
@@ -104,7 +137,11 @@ def memory(results: dict[str, Any], broker_pid: int | None) -> dict[str, Any]:
         stage: max(
             (
                 v
-                for v in (results[p]["peak_rss_mb"].get(stage) for p in ("throughput", "latency"))
+                for v in (
+                    results[p]["peak_rss_mb"].get(stage)
+                    for p in ("throughput", "latency", "sustained")
+                    if p in results
+                )
                 if v is not None
             ),
             default=None,
@@ -121,33 +158,45 @@ def memory(results: dict[str, Any], broker_pid: int | None) -> dict[str, Any]:
 
 
 def run_phases(results: dict[str, Any], args: Params, policy: RoutingPolicy, run_id: str, work: Path) -> None:
-    """Baseline, throughput and latency on one broker, each phase's figures added to ``results``."""
+    """The chosen phases on one broker, each phase's figures added to ``results``."""
     with broker(f"bench-{run_id}") as (bootstrap, broker_pid):
         results["machine"] = machine_info(bootstrap, broker_pid)
         print(
             f"bench run {run_id}: broker {bootstrap} ({results['machine']['broker']}); work dir {work}",
             flush=True,
         )
-        # The same requests (seed and size) as the throughput run, so the bytes match exactly.
-        sample = synthetic_requests(
-            policy, args.requests, seed=7, start=datetime.now(UTC), run=f"{run_id}-baseline"
-        )
-        print(f"[1/3] baseline: {args.requests} messages through plain aiokafka", flush=True)
-        messages = encode_requests(AvroCodec(), sample)
-        del sample
-        results["baseline"] = run_baseline(bootstrap, messages, run_id, broker_pid)
-        del messages
-        print(f"[2/3] throughput: {args.requests} requests through the pipeline", flush=True)
+        if "baseline" in args.phases:
+            # The same requests (seed and size) as the throughput run, so the bytes match exactly.
+            sample = synthetic_requests(
+                policy, args.requests, seed=7, start=datetime.now(UTC), run=f"{run_id}-baseline"
+            )
+            print(f"[baseline] {args.requests} messages through plain aiokafka", flush=True)
+            messages = encode_requests(AvroCodec(), sample)
+            del sample
+            results["baseline"] = run_baseline(bootstrap, messages, run_id, broker_pid)
+            del messages
         phase = (bootstrap, policy, DEFAULT_POLICY_PATH, args, run_id, work, broker_pid)
-        results["throughput"] = run_throughput(*phase)
-        results["ratio_to_baseline"] = round(
-            results["throughput"]["requests_per_s"] / results["baseline"]["end_to_end_msgs_per_s"], 4
-        )
-        print(
-            f"[3/3] latency: {args.rate:g} requests/s for {args.duration:g} s through a fresh pipeline",
-            flush=True,
-        )
-        results["latency"] = run_latency(*phase)
+        if "throughput" in args.phases:
+            print(f"[throughput] {args.requests} requests through the pipeline", flush=True)
+            results["throughput"] = run_throughput(*phase)
+            if "baseline" in results:
+                results["ratio_to_baseline"] = round(
+                    results["throughput"]["requests_per_s"] / results["baseline"]["end_to_end_msgs_per_s"], 4
+                )
+        if "latency" in args.phases:
+            print(
+                f"[latency] {args.rate:g} requests/s for {args.duration:g} s through a fresh pipeline",
+                flush=True,
+            )
+            results["latency"] = run_latency(*phase)
+        if "observed" in args.phases:
+            print(
+                f"[observed] {args.observed_rate:g} requests/s, answers read as a producer would", flush=True
+            )
+            results["observed"] = run_observed(*phase)
+        if "sustained" in args.phases:
+            print(f"[sustained] {args.sustained_rate:g} requests/s for {args.sustained_s:g} s", flush=True)
+            results["sustained"] = run_sustained(*phase)
         results["memory"] = memory(results, broker_pid)
 
 
@@ -166,6 +215,10 @@ def run(args: Params) -> dict[str, Any]:
             "warmup": args.warmup,
             "quick": args.quick,
             "profile": args.profile,
+            "phases": list(args.phases),
+            "observed_rate": args.observed_rate,
+            "sustained_rate": args.sustained_rate,
+            "sustained_s": args.sustained_s,
         },
         "policy": {"version": policy.version, "digest": policy.digest},
     }

@@ -103,6 +103,8 @@ class Input(msgspec.Struct, frozen=True):
     offset: int
     value: bytes
     appended: datetime
+    # The time decisions take: the broker's timestamp, so that deciding the same input again after
+    # a crash gives the same decision (every input topic uses LogAppendTime: no producer sets it).
     now: datetime
 
     @property
@@ -165,8 +167,8 @@ class Decider:
         except DecodeError as exc:
             await self.reject(topic, partition, offset, key, value, str(exc))
             return
-        now = self.clock.now()
-        source = Input(topic, partition, offset, value or b"", appended_at(timestamp_ms, now), now)
+        appended = appended_at(timestamp_ms, self.clock.now())
+        source = Input(topic, partition, offset, value or b"", appended, appended)
         try:
             await self.handle(event, source)
         except (KafkaError, asyncio.CancelledError):

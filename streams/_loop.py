@@ -1,14 +1,16 @@
 """The decision agent on aiokafka's batch API: the same handlers as the faust agent, batched.
 
-Per poll batch, in this order (what becomes durable, and when; a batch's writes overlap the next
-batch's work, one batch's writes in flight at a time):
+Per poll batch, in this order (what becomes durable, and when; a batch's state and offsets are
+written while the next batches are decided, up to ``MAX_FLUSHES_IN_FLIGHT`` batches at once):
 1. every message goes through ``Decider.process`` in log order per partition; outputs collect in an
    outbox and Table changes in the changelog state, nothing is sent yet;
-2. the outbox is sent (idempotent producer, acks=all) and every send acknowledged;
-3. the Table changes are written to their changelogs and acknowledged;
-4. the input offsets are committed.
-A crash before 3 repeats the batch against the state before it: the same inputs under the same
-state give the same decisions, whose outputs carry the same derived ids and are dropped by every
+2. the outbox is sent at once (idempotent producer, acks=all), behind earlier batches' outputs;
+3. once those outputs and the previous batch's state are acknowledged, the Table changes are
+   written to their changelogs and acknowledged;
+4. the input offsets are committed, in batch order.
+A crash before 3 repeats the batch (and any later one) against the state before it: the same
+inputs under the same state give the same decisions (a decision's time is its input record's
+broker timestamp, never the decider's clock), whose outputs carry the same derived ids and are dropped by every
 reader (the projector by id, the worker by dispatch id). A crash between 3 and 4 repeats inputs the
 state has seen: the requests' decision records make them no-ops. So outputs, state and offsets
 agree after any crash, without a Kafka transaction per batch (see docs/decisions).
@@ -26,6 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 
 import msgspec
 from aiokafka import (
@@ -46,6 +49,8 @@ from nexuscore.transport import Topics, new_producer, start_client
 
 log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
+# Batches whose state and offsets may be on their way at once (their outputs are already sent).
+MAX_FLUSHES_IN_FLIGHT = 8
 
 
 class Outbox:
@@ -107,7 +112,7 @@ class DeciderLoop:
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
         self._producer: AIOKafkaProducer | None = None
-        self._pending: asyncio.Task[None] | None = None
+        self._pending: deque[asyncio.Task[None]] = deque()
 
     def _new_producer(self) -> AIOKafkaProducer:
         """Made inside the running loop (aiokafka needs one)."""
@@ -195,26 +200,44 @@ class DeciderLoop:
         return job
 
     async def settled(self) -> None:
-        """Wait for the flush in flight (a rebalance or a stop must not outrun it)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        """Wait for every flush in flight (a rebalance or a stop must not outrun them)."""
+        while self._pending:
+            await self._pending.popleft()
 
     async def _flush(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
-        """One flush in flight at a time, overlapping the next batch's work: outputs, then state,
-        then offsets, each acknowledged before the next is written."""
-        await self.settled()
+        """Send the batch's outputs now, then make its state and offsets durable in the background.
+
+        The outputs go out at once, behind the previous batches' on the one idempotent producer: a
+        decision does not wait for the previous batch's state write and commit. Each batch's state
+        is written only after its outputs are acknowledged and after the previous batch's state;
+        offsets are committed after the state, in batch order. A crash anywhere leaves state and
+        offsets at a batch boundary no later than the outputs: the batches after it are decided
+        again from that state, identically (time is the record's), and readers drop the copies by id.
+        """
         if job.empty:
             return
         if self.transactional:
+            await self.settled()
             await self._flush_transaction(job)
-        else:
-            self._pending = asyncio.create_task(self._write(consumer, job))
-
-    async def _write(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
+            return
         assert self._producer is not None, "run() first"
-        futures = [await self._producer.send(topic, value, key=key) for topic, key, value in job.outputs]
-        for future in futures:
+        sent = [await self._producer.send(topic, value, key=key) for topic, key, value in job.outputs]
+        previous = self._pending[-1] if self._pending else None
+        self._pending.append(asyncio.create_task(self._write(consumer, job, sent, previous)))
+        while len(self._pending) > MAX_FLUSHES_IN_FLIGHT:  # back-pressure: the broker sets the pace
+            await self._pending.popleft()
+
+    async def _write(
+        self,
+        consumer: AIOKafkaConsumer,
+        job: _FlushJob,
+        sent: list[asyncio.Future[object]],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        assert self._producer is not None, "run() first"
+        if previous is not None:
+            await previous  # its failure is ours: nothing after a lost write may be committed
+        for future in sent:
             await future
         futures = [
             await self._producer.send(topic, value, key=key, partition=p)

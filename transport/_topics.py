@@ -18,10 +18,13 @@ from nexuscore.kernel.errors import BrokerError
 from nexuscore.transport._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
-# The topics of signed human acts (governance, reviews) take the broker's clock as each record's
-# timestamp: an act's freshness is judged against a time no producer can set. Governance has one
-# partition, so every reader folds its acts in the same order.
-_HUMAN_ACTS = {"message.timestamp.type": "LogAppendTime"}
+# The decider's inputs (requests, outcomes, signed human acts) take the broker's clock as each
+# record's timestamp: an act's freshness is judged, and a decision timed, against a time no producer
+# can set, and the same input decided again gives the same decision. Governance has one partition,
+# so every reader folds its acts in the same order.
+_BROKER_TIME = {"message.timestamp.type": "LogAppendTime"}
+
+
 class DeciderTable(StrEnum):
     """The decider's faust Tables (their changelog topics are created up front, from this list)."""
 
@@ -107,6 +110,10 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.namespace}{name}"
 
 
+def _broker_timed(topics: Topics) -> tuple[str, ...]:
+    return (topics.requests, topics.outcomes, topics.reviews, topics.governance)
+
+
 async def ensure_topics(
     bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0
 ) -> None:
@@ -120,7 +127,7 @@ async def ensure_topics(
                 name=t,
                 num_partitions=1 if t == topics.governance else partitions,
                 replication_factor=1,
-                topic_configs=_HUMAN_ACTS if t in (topics.governance, topics.reviews) else {},
+                topic_configs=_BROKER_TIME if t in _broker_timed(topics) else {},
             )
             for t in topics.all
             if t not in existing

@@ -1,8 +1,9 @@
 """Phase 3, gateway-added latency: requests paced at R/s for S s through a fresh pipeline.
 
 Each request is stamped with the wall clock right before it is sent; the added latency of a request is
-its dispatch's ``occurred_at`` (and, second figure, Kafka's record timestamp of the dispatch) minus
-that stamp. The dispatches are read back after the run, so the reader does not compete with the
+Kafka's record timestamp of its dispatch (set by the decider when it sends it) minus that stamp, and
+the decider's own part is that timestamp minus the broker's append time of the request (the
+dispatch's ``occurred_at``). The dispatches are read back after the run, so the reader does not compete with the
 decider for the CPU. When the decider dispatches more slowly than requests arrive, a queue builds up
 and the figures measure that queue: ``decider_kept_up`` says which case a run is.
 """
@@ -34,13 +35,15 @@ from nexuscore.transport import DEFAULT_PARTITIONS, Topics, new_producer, start_
 
 async def publish_paced(
     bootstrap: str, topic: str, requests: Sequence[InferenceRequested], rate: float
-) -> dict[str, Any]:
-    """Send ``requests`` at ``rate`` per second, each stamped with the wall clock just before sending."""
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Send ``requests`` at ``rate`` per second, each stamped with the wall clock just before sending;
+    return the pacing figures and each request's send time (epoch seconds, by request id)."""
     codec = AvroCodec()
     # No linger: the client batching on purpose would be counted as gateway latency.
     producer = new_producer(bootstrap, linger_ms=0)
     await start_client(producer, bootstrap)
     futures = []
+    sent: dict[str, float] = {}
     late = 0
     worst_lag = 0.0
     try:
@@ -57,6 +60,7 @@ async def publish_paced(
             worst_lag = max(worst_lag, lag)
             late += lag * 1000 > LATE_MS
             stamped = msgspec.structs.replace(request, occurred_at=datetime.now(UTC))
+            sent[stamped.request_id] = stamped.occurred_at.timestamp()
             futures.append(await producer.send(topic, codec.encode(stamped), key=stamped.tenant_id.encode()))
             if i == 0:
                 first = loop.time()
@@ -65,11 +69,15 @@ async def publish_paced(
     finally:
         await producer.stop()
     span = last - first
+    return _pacing(rate, len(requests), span, late, worst_lag), sent
+
+
+def _pacing(rate: float, n: int, span: float, late: int, worst_lag: float) -> dict[str, Any]:
     return {
         "offered_per_s": rate,
-        "sent": len(requests),
+        "sent": n,
         "send_span_s": round(span, 3),
-        "achieved_per_s": round((len(requests) - 1) / span, 1) if span > 0 else None,
+        "achieved_per_s": round((n - 1) / span, 1) if span > 0 else None,
         "late_sends": late,
         "late_threshold_ms": LATE_MS,
         "worst_lag_ms": round(worst_lag * 1000, 1),
@@ -78,19 +86,23 @@ async def publish_paced(
 
 @dataclass(frozen=True)
 class Dispatch:
-    """When one request was sent (requested_at) and dispatched (event time, Kafka record time), in s."""
+    """One request's times, in s: sent by the client (its ``occurred_at``), appended by the broker
+    (the dispatch's ``occurred_at``: the decider times a decision by its input record's
+    LogAppendTime), and its dispatch produced by the decider (the dispatch record's CreateTime)."""
 
     requested_s: float
-    occurred_s: float
+    appended_s: float
     record_s: float
 
     @property
     def added_ms(self) -> float:
-        return (self.occurred_s - self.requested_s) * 1000
+        """Sent by the client -> dispatch produced: what the gateway adds, the client's send included."""
+        return (self.record_s - self.requested_s) * 1000
 
     @property
-    def added_record_ms(self) -> float:
-        return (self.record_s - self.requested_s) * 1000
+    def decider_ms(self) -> float:
+        """Appended by the broker -> dispatch produced: the decider's part alone."""
+        return (self.record_s - self.appended_s) * 1000
 
 
 async def read_dispatches(bootstrap: str, topic: str, wanted: set[str], timeout_s: float) -> list[Dispatch]:
@@ -165,8 +177,8 @@ def queue_figures(dispatches: Sequence[Dispatch]) -> dict[str, Any]:
     """
     first_s = min((d.requested_s for d in dispatches), default=0.0)
     sent_span = max((d.requested_s for d in dispatches), default=0.0) - first_s
-    dispatch_span = max((d.occurred_s for d in dispatches), default=0.0) - min(
-        (d.occurred_s for d in dispatches), default=0.0
+    dispatch_span = max((d.record_s for d in dispatches), default=0.0) - min(
+        (d.record_s for d in dispatches), default=0.0
     )
     offered_rate = len(dispatches) / sent_span if sent_span > 0 else None
     dispatch_rate = len(dispatches) / dispatch_span if dispatch_span > 0 else None
@@ -207,7 +219,7 @@ def run_latency(
         warmup_s = warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
         cpu = CpuMeter(stage_pids(stages, "bench (paced publisher)", broker_pid))
         cpu.start()
-        pacing = asyncio.run(publish_paced(bootstrap, topics.requests, requests, args.rate))
+        pacing, _ = asyncio.run(publish_paced(bootstrap, topics.requests, requests, args.rate))
         cpu.stop()
         print(
             f"    sent {pacing['sent']} requests at {pacing['achieved_per_s']}/s (offered {args.rate:g}/s); "
@@ -238,8 +250,8 @@ def run_latency(
         "offered_dispatches_per_s": queue["offered_dispatches_per_s"],
         "decider_dispatches_per_s": queue["decider_dispatches_per_s"],
         "decider_kept_up": queue["decider_kept_up"],
-        "added_ms_event_time": latency_stats([d.added_ms for d in dispatches]),
-        "added_ms_record_timestamp": latency_stats([d.added_record_ms for d in dispatches]),
+        "added_ms": latency_stats([d.added_ms for d in dispatches]),
+        "decider_ms": latency_stats([d.decider_ms for d in dispatches]),
         "added_ms_first_second": queue["added_ms_first_second"],
         "evidence_summary": summary,
         "peak_rss_mb": rss,

@@ -116,6 +116,8 @@ def run_throughput(
     # notices it up to POLL_S (or a DuckDB check) later.
     evidence_s = watch.latest_mtime - sent.first_wall
     polled_s = timed.seen_mono - sent.first_mono
+    cpu = timed.cpu.result()
+    total = args.requests + args.warmup  # the topics hold the warm-up's messages too
     return {
         "namespace": topics.namespace,
         "requests": args.requests,
@@ -133,7 +135,13 @@ def run_throughput(
         "evidence_check_s": round(timed.check_s, 3),
         "topics": topics_written,
         "peak_rss_mb": rss,
-        "cpu": timed.cpu.result(),
+        "cpu": cpu,
+        "cpu_ms_per_request": {
+            name: None if v is None else round(v["cpu_s"] * 1000 / args.requests, 3)
+            for name, v in cpu["processes"].items()
+        },
+        "messages_per_request": round(sum(t["messages"] for t in topics_written.values()) / total, 2),
+        "kb_per_request": round(sum(t["mb"] or 0 for t in topics_written.values()) * 1024 / total, 2),
         "profile_decider": timed.profile,
         "loadavg_after": loadavg(),
     }

@@ -68,6 +68,18 @@ class RecordingSink:
         return [s for s in self.sent if isinstance(s[2], kind)]
 
 
+class BrokerStamped:
+    """Puts records stamped with the test clock's time, as the broker stamps the decider's inputs
+    (LogAppendTime): the decider takes its time from the record."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    async def put(self, value: bytes, key: bytes, timestamp: float | None = None) -> None:
+        stamp = CLOCK.at.timestamp() if timestamp is None else timestamp
+        await self.ctx.put(value, key=key, timestamp=stamp)
+
+
 @pytest_asyncio.fixture
 async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
     HOLDER.registry = ACTIVE
@@ -78,7 +90,7 @@ async def harness() -> AsyncIterator[tuple[Any, Any, RecordingSink]]:
     app.finalize()
     app.conf.store = "memory://"
     async with agent.test_context() as ctx:
-        yield app, ctx, sink
+        yield app, BrokerStamped(ctx), sink
     # faust builds its Kafka consumer lazily with a private event loop for its thread; the thread never
     # starts without a broker, so nothing else would close that loop.
     consumer = app._consumer

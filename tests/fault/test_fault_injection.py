@@ -42,6 +42,7 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, default_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.schemas import AvroCodec
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
+from tests.fault._stalls import stalls
 
 # Minutes of load: its own deadline, far above a normal run.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
@@ -79,6 +80,9 @@ class Fault:
     utc: str
     fault: str
     detail: str
+    kind: str = ""  # the faulted stage: decider, worker, projector, provider, broker
+    ready_s: float | None = None  # a killed process: from its restart to "ready"
+    stall_s: float | None = None  # from the fault until its stage's topic moved again (see _stalls)
 
 
 # --- traffic -------------------------------------------------------------------------------------
@@ -175,7 +179,8 @@ class Pipeline:
             options = [f"--{k.replace('_', '-')}={v}" for k, v in PROVIDER_FAULTS.items()]
             return ["run", "provider", "--port", str(self.provider_port), "--seed", "11", *options]
         if kind == "decider":
-            return decider_args(self.common, self.keys)
+            # Static membership: a restarted decider takes its partitions back at once.
+            return [*decider_args(self.common, self.keys), "--instance-id", role]
         if kind == "worker":
             return ["run", "worker", *self.common, "--simulated-url", self.provider_url]
         return projector_args(self.common, self.keys, self.evidence)
@@ -197,8 +202,10 @@ class Pipeline:
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 1)
 
-    def record(self, at: float, utc: datetime, fault: str, detail: str) -> None:
-        self.faults.append(Fault(at, utc.isoformat(timespec="milliseconds"), fault, detail))
+    def record(
+        self, at: float, utc: datetime, fault: str, detail: str, kind: str, ready_s: float | None = None
+    ) -> None:
+        self.faults.append(Fault(at, utc.isoformat(timespec="milliseconds"), fault, detail, kind, ready_s))
         print(f"[fault +{at:6.1f} s] {fault}: {detail}", flush=True)
 
     def kill_and_restart(self, role: str) -> None:
@@ -211,11 +218,14 @@ class Pipeline:
         self.pause(DEAD_S)
         started = time.monotonic()
         new = self.start(role)
+        ready = time.monotonic() - started
         self.record(
             at,
             utc,
             f"SIGKILL {victim.name} (pid {victim.proc.pid})",
-            f"dead {DEAD_S:g} s, restarted as {new.name}, ready {time.monotonic() - started:.1f} s later",
+            f"dead {DEAD_S:g} s, restarted as {new.name}, ready {ready:.1f} s later",
+            role.split("-")[0],
+            round(ready, 2),
         )
 
     def restart_broker(self) -> None:
@@ -231,6 +241,8 @@ class Pipeline:
             utc,
             "broker restart (SIGTERM, same ports and data)",
             f"answering again {took:.1f} s later on {self.broker.bootstrap}",
+            "broker",
+            round(took, 2),
         )
 
     def pause(self, seconds: float) -> None:
@@ -693,6 +705,17 @@ def _commit() -> str:
     return f"{head.stdout.strip()}{' + uncommitted changes' if dirty.stdout.strip() else ''}"
 
 
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _beyond(fault: dict[str, Any]) -> float | None:
+    """A restarted process's stall beyond the time it was dead and starting up."""
+    if fault["stall_s"] is None or fault["ready_s"] is None or fault["kind"] in ("broker", "projector"):
+        return None
+    return max(fault["stall_s"] - DEAD_S - fault["ready_s"], 0.0)
+
+
 def _markdown(f: dict[str, Any]) -> str:
     ev, att, bud, res = f["evidence"], f["attempts"], f["budget"], f["residency"]
     states = ", ".join(f"{k} {v:,}" for k, v in f["terminal_states"].items())
@@ -727,9 +750,16 @@ def _markdown(f: dict[str, Any]) -> str:
         "",
         "Faults (seconds after the first request was published):",
         "",
-        "| at | fault | detail |",
-        "|---:|---|---|",
-        *(f"| {x['at_s']:.1f} s | {x['fault']} | {x['detail']} |" for x in f["faults"]),
+        "| at | fault | detail | stood still (s) | of which beyond dead time and start-up (s) |",
+        "|---:|---|---|---:|---:|",
+        *(
+            f"| {x['at_s']:.1f} s | {x['fault']} | {x['detail']} | {_seconds(x['stall_s'])} | {_seconds(_beyond(x))} |"
+            for x in f["faults"]
+        ),
+        "",
+        "*Stood still*: from the fault until every partition of the topic the faulted stage writes moved "
+        "again (the deciders: decisions; workers and provider: outcomes; the broker: both; the projector: "
+        "both, which it must not hold up); see `tests/fault/_stalls.py`.",
         "",
         f"Waves (seconds after the first, requests): {', '.join(f'{a:g} s: {n:,}' for a, n in f['waves'])}.",
         "",
@@ -799,6 +829,10 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
                 )
             if stop_reason is None:
                 _settle(evidence)
+        faults = [(datetime.fromisoformat(f.utc).timestamp(), f.kind) for f in pipeline.faults]
+        measured = stalls(broker.bootstrap, topics.decisions, topics.outcomes, faults)
+        for fault, stall in zip(pipeline.faults, measured, strict=True):
+            fault.stall_s = None if stall is None else round(stall, 2)
         # Every service stopped (the projector's last flush sealed): the evidence no longer moves.
         figures, problems = _analyse(evidence, publisher.ids, policy, keys.evidence_public, log_dir)
     finally:
