@@ -226,7 +226,7 @@ def _print_throughput(results: dict[str, Any]) -> None:
     tp = results["throughput"]
     print(
         f"  pipeline: {tp['requests']} requests in {tp['end_to_end_s']:.2f} s = {tp['requests_per_s']:,.0f}/s "
-        f"(polled {tp['requests_per_s_polled']:,.0f}/s); {results['ratio_to_baseline']:.3f} of the baseline; "
+        f"(polled {tp['requests_per_s_polled']:,.0f}/s); {fmt(results.get('ratio_to_baseline'), '.3f')} of the baseline; "
         f"evidence {tp['evidence_summary']}, {tp['evidence_files']} Parquet files "
         f"(one terminal_summary() over them: {tp['evidence_check_s']} s)"
     )
