@@ -37,6 +37,8 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     policy_version: str = ""
     # escalations: when it ends with a timeout unless a person decides, and how it was resolved
     escalated: bool = False
+    # The decision's event id: a reviewer's signed review names it (``causation_id``).
+    decision_id: str = ""
     review_deadline: datetime | None = None
     resolution: str = ""
     # outcomes
@@ -84,6 +86,7 @@ def _decided(current: Result | None, base: Result, event: RequestDecided) -> Res
         "policy_version": event.policy_version,
         "deployment_id": event.routing.deployment_id or "",
         "reason": event.verdict_reason,
+        "decision_id": event.event_id,
     }
     if event.verdict == "escalated":
         return msgspec.structs.replace(
