@@ -5,7 +5,13 @@ tenant with a W3C ``traceparent``, and await its terminal state over one shared 
 and transport; never imports the stream runtime.
 """
 
-from nexuscore.client._build import InvalidRequest, RequestSpec, build_request, encode_checked, request_event_id
+from nexuscore.client._build import (
+    InvalidRequest,
+    RequestSpec,
+    build_request,
+    encode_checked,
+    request_event_id,
+)
 from nexuscore.client._client import ClientStats, NexusClient, ResultTimeout, Sent
 from nexuscore.client._results import RESULT_EVENTS, TERMINAL, Result, Status, fold
 from nexuscore.client._sync import SyncNexusClient

@@ -75,7 +75,9 @@ def encode_checked(codec: AvroCodec, request: InferenceRequested, policy: Routin
     """The request's wire bytes, once the decider's checks pass; else ``InvalidRequest``."""
     if not request.tenant_id or not request.tenant_id.isprintable() or len(request.tenant_id) > 200:
         # The tenant id is the message key: it must name one tenant.
-        raise InvalidRequest("invalid_request", f"tenant id {request.tenant_id!r} is empty, too long or not printable")
+        raise InvalidRequest(
+            "invalid_request", f"tenant id {request.tenant_id!r} is empty, too long or not printable"
+        )
     try:
         value = codec.encode(request)
         codec.decode(value, (InferenceRequested,))

@@ -40,7 +40,9 @@ class ResultTimeout(NexusError):
 
     def __init__(self, tenant_id: str, request_id: str, timeout_s: float, last: Result | None) -> None:
         where = f"last seen {last.status}" if last else "nothing seen of it yet"
-        super().__init__(f"request {request_id!r} of {tenant_id!r}: no result within {timeout_s:g} s ({where})")
+        super().__init__(
+            f"request {request_id!r} of {tenant_id!r}: no result within {timeout_s:g} s ({where})"
+        )
         self.last = last
 
 
@@ -101,7 +103,9 @@ class NexusClient:
         await start_client(consumer, self.bootstrap)
         self._consumer = consumer
         try:
-            await self._position(consumer, [TopicPartition(t, p) for t, n in counts.items() for p in range(n)])
+            await self._position(
+                consumer, [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
+            )
             self._producer = new_producer(self.bootstrap)
             await start_client(self._producer, self.bootstrap)
         except BaseException:
@@ -145,7 +149,9 @@ class NexusClient:
 
     # --- sending --------------------------------------------------------------------------------
 
-    async def send(self, spec: RequestSpec, *, request_id: str | None = None, traceparent: str | None = None) -> Sent:
+    async def send(
+        self, spec: RequestSpec, *, request_id: str | None = None, traceparent: str | None = None
+    ) -> Sent:
         """Check and publish one request (``InvalidRequest`` before anything is sent). Keyed by the
         tenant id's UTF-8 bytes; the partition is the default partitioner's (murmur2 of the key)."""
         if self._producer is None:
@@ -175,7 +181,9 @@ class NexusClient:
         """Send, then await the result: terminal, or escalated (with its review deadline) unless
         ``through_escalation``. A retry under the same request id returns the first one's result."""
         sent = await self.send(spec, request_id=request_id, traceparent=traceparent)
-        return await self.result(sent.tenant_id, sent.request_id, timeout_s, through_escalation=through_escalation)
+        return await self.result(
+            sent.tenant_id, sent.request_id, timeout_s, through_escalation=through_escalation
+        )
 
     # --- results --------------------------------------------------------------------------------
 
@@ -193,7 +201,9 @@ class NexusClient:
         deadline = loop.time() + timeout_s
         while True:
             current = self._results.get(key)
-            if current is not None and (current.terminal or (current.status == "escalated" and not through_escalation)):
+            if current is not None and (
+                current.terminal or (current.status == "escalated" and not through_escalation)
+            ):
                 return current
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -64,7 +64,9 @@ def fold(current: Result | None, event: Event) -> Result | None:
     if current is not None and current.terminal:
         return current
     base = current or Result(tenant_id=event.tenant_id, request_id=event.request_id, status="dispatched")
-    base = msgspec.structs.replace(base, trace_id=base.trace_id or event.trace_id, occurred_at=event.occurred_at)
+    base = msgspec.structs.replace(
+        base, trace_id=base.trace_id or event.trace_id, occurred_at=event.occurred_at
+    )
     if isinstance(event, RequestRejected):
         return msgspec.structs.replace(
             base, status="rejected", reason_code=event.reason_code, reason=event.reason,
@@ -93,7 +95,13 @@ def _decided(current: Result | None, base: Result, event: RequestDecided) -> Res
             base, status="escalated", escalated=True, review_deadline=event.review_deadline, **common
         )
     if event.verdict == "denied":
-        code = "budget_exhausted" if event.budget.action == "denied" else "kill_switch" if event.control_mode else "denied"
+        code = (
+            "budget_exhausted"
+            if event.budget.action == "denied"
+            else "kill_switch"
+            if event.control_mode
+            else "denied"
+        )
         return msgspec.structs.replace(base, status="denied", reason_code=code, **common)
     return msgspec.structs.replace(base, status="dispatched", **common)
 

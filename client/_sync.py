@@ -33,7 +33,9 @@ class SyncNexusClient:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def send(self, spec: RequestSpec, *, request_id: str | None = None, traceparent: str | None = None) -> Sent:
+    def send(
+        self, spec: RequestSpec, *, request_id: str | None = None, traceparent: str | None = None
+    ) -> Sent:
         return self._run(self.client.send(spec, request_id=request_id, traceparent=traceparent))
 
     def submit(
@@ -55,7 +57,9 @@ class SyncNexusClient:
     def result(
         self, tenant_id: str, request_id: str, timeout_s: float = 60.0, *, through_escalation: bool = True
     ) -> Result:
-        return self._run(self.client.result(tenant_id, request_id, timeout_s, through_escalation=through_escalation))
+        return self._run(
+            self.client.result(tenant_id, request_id, timeout_s, through_escalation=through_escalation)
+        )
 
     def peek(self, tenant_id: str, request_id: str) -> Result | None:
         return self.client.peek(tenant_id, request_id)

@@ -81,11 +81,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error(call)
     client = request.app[_CLIENT]
     try:
-        sent = await client.send(call.spec, request_id=call.request_id, traceparent=request.headers.get("traceparent"))
+        sent = await client.send(
+            call.spec, request_id=call.request_id, traceparent=request.headers.get("traceparent")
+        )
     except InvalidRequest as exc:
         return error(invalid(exc.reason, code=exc.code))
     try:
-        result = await client.result(sent.tenant_id, sent.request_id, request.app[_TIMEOUT], through_escalation=False)
+        result = await client.result(
+            sent.tenant_id, sent.request_id, request.app[_TIMEOUT], through_escalation=False
+        )
     except ResultTimeout as exc:
         return error(ApiError(504, f"{exc}; poll {poll_url(sent.request_id)}", "timeout", "timeout"))
     return await answer(request, call, result)
@@ -125,7 +129,9 @@ async def request_status(request: web.Request) -> web.Response:
         except ResultTimeout as exc:
             result = exc.last
     if result is None:
-        return error(ApiError(404, f"no request {rid!r} known to this gateway", "not_found_error", "unknown_request"))
+        return error(
+            ApiError(404, f"no request {rid!r} known to this gateway", "not_found_error", "unknown_request")
+        )
     return web.json_response(status_body(result, "nexuscore"))
 
 
@@ -181,5 +187,3 @@ def run_gateway(settings: GatewaySettings, ready: Callable[[str], None]) -> None
         await serve(settings, ready, stop)
 
     asyncio.run(main())
-
-

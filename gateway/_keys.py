@@ -20,7 +20,7 @@ import msgspec
 from nexuscore.kernel.errors import NexusError
 from nexuscore.schemas import DataClassification, RiskClass
 
-SECRET_PREFIX = "nxk_"
+SECRET_PREFIX = "nxk_"  # noqa: S105  # the prefix that marks a secret, not a secret
 
 
 class KeyDefaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

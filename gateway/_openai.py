@@ -241,4 +241,7 @@ def _created(result: Result) -> int:
 
 
 def models() -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "nexuscore"}]}
+    return {
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "nexuscore"}],
+    }

@@ -14,7 +14,9 @@ from nexuscore.cli._common import Bootstrap, Namespace, console
 from nexuscore.kernel.errors import NexusError
 
 app = typer.Typer(help="The OpenAI-compatible gateway's API keys.", no_args_is_help=True)
-keys_app = typer.Typer(help="Add, revoke and list API keys (stored hashed; a secret is shown once).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Add, revoke and list API keys (stored hashed; a secret is shown once).", no_args_is_help=True
+)
 app.add_typer(keys_app, name="key")
 
 KeysFile = Annotated[
@@ -31,9 +33,13 @@ def key_add(
     data_classification: Annotated[
         str, typer.Option(help="Default data classification: public, internal, confidential, restricted.")
     ] = "confidential",
-    risk_class: Annotated[str, typer.Option(help="Default risk class: low, medium, high, critical.")] = "medium",
+    risk_class: Annotated[
+        str, typer.Option(help="Default risk class: low, medium, high, critical.")
+    ] = "medium",
     task_type: Annotated[str, typer.Option(help="Default task type (one of the policy's).")] = "chat",
-    latency_slo_ms: Annotated[int | None, typer.Option(help="Default latency SLO in ms (else the feature's).")] = None,
+    latency_slo_ms: Annotated[
+        int | None, typer.Option(help="Default latency SLO in ms (else the feature's).")
+    ] = None,
 ) -> None:
     """Make a key for TENANT; prints its id and its secret, once (only the secret's sha256 is kept)."""
     from nexuscore.gateway import KeyDefaults, add_key
@@ -52,7 +58,10 @@ def key_add(
 
 
 @keys_app.command("revoke")
-def key_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")], keys: KeysFile = Path("gateway-keys.json")) -> None:
+def key_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")],
+    keys: KeysFile = Path("gateway-keys.json"),
+) -> None:
     """Revoke a key: the running gateway refuses it from its next request on."""
     from nexuscore.gateway import revoke_key
 
@@ -81,14 +90,20 @@ def key_list(keys: KeysFile = Path("gateway-keys.json")) -> None:
 def run_gateway(
     bootstrap: Bootstrap,
     keys: KeysFile = Path("gateway-keys.json"),
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0 picks a free one).")] = 8080,
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Port to listen on (0 picks a free one).")
+    ] = 8080,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")
+    ] = "127.0.0.1",
     namespace: Namespace = "",
     policy: Annotated[
         Path | None,
         typer.Option("--policy", "-p", help="Check requests against this policy's admission before sending."),
     ] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to await a result before answering 504.")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to await a result before answering 504.")
+    ] = 60.0,
     lookback: Annotated[
         float, typer.Option(min=0.0, help="Seconds of past answers read at start (retries after a restart).")
     ] = 300.0,

@@ -160,7 +160,9 @@ def test_a_retry_under_the_same_request_id_returns_the_same_result(live: Live) -
             again = await first.submit(chat(), request_id=rid, timeout_s=60)
         # A new client (a restarted producer) retrying, even with other content: the first answer.
         async with live.client() as second:
-            retried = await second.submit(chat(prompt="Something else entirely."), request_id=rid, timeout_s=60)
+            retried = await second.submit(
+                chat(prompt="Something else entirely."), request_id=rid, timeout_s=60
+            )
         assert original.status == "answered"
         assert again == original
         assert retried == original

@@ -35,7 +35,9 @@ class Gateway:
     live: Live
 
     def openai(self, api_key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.secret, max_retries=0, timeout=90)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key or self.secret, max_retries=0, timeout=90
+        )
 
 
 def add_key(keys: Path, *options: str) -> str:
@@ -88,7 +90,10 @@ def test_a_plain_completion_is_answered_in_openais_shape(gateway: Gateway) -> No
 def test_streaming_sends_chunks_ending_in_done(gateway: Gateway) -> None:
     stream = gateway.openai().chat.completions.create(
         model="nexuscore",
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Explain a chargeback."}],
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Explain a chargeback."},
+        ],
         max_tokens=128,
         stream=True,
         stream_options={"include_usage": True},
@@ -124,7 +129,10 @@ def test_a_rejection_is_400_with_the_deciders_reason(gateway: Gateway) -> None:
 def test_an_invalid_request_is_400_before_it_is_sent(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         gateway.openai().chat.completions.create(
-            model="nexuscore", messages=[{"role": "user", "content": "hi"}], max_tokens=0, metadata=PUBLIC_CHAT
+            model="nexuscore",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=0,
+            metadata=PUBLIC_CHAT,
         )
     assert caught.value.code == "invalid_request" and "max_output_tokens" in caught.value.message
 

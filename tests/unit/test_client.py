@@ -20,8 +20,7 @@ from nexuscore.client import (
     parse_traceparent,
     request_event_id,
 )
-from nexuscore.core import MAX_PROMPT_BYTES, on_request
-from nexuscore.core import EMPTY_STATE
+from nexuscore.core import EMPTY_STATE, MAX_PROMPT_BYTES, on_request
 from nexuscore.schemas import AvroCodec, InferenceRequested, OutcomeRecorded, RequestDecided
 from tests.factories import POLICY, T0
 
@@ -99,7 +98,9 @@ def test_an_over_long_or_control_character_request_id_fails_in_the_producer() ->
         ({"prompt": "x" * 4 * 100_001}, "input_too_large"),
     ],
 )
-def test_admission_is_the_deciders_own_with_its_code_and_reason(overrides: dict[str, object], code: str) -> None:
+def test_admission_is_the_deciders_own_with_its_code_and_reason(
+    overrides: dict[str, object], code: str
+) -> None:
     error = refused(**overrides)
     assert error.code == code
     # The very rejection the decider records for the same request.
@@ -117,7 +118,7 @@ def test_without_a_policy_only_the_wire_and_the_size_limit_are_checked() -> None
 
 def test_the_key_is_the_tenant_id_and_the_partition_murmur2_of_it() -> None:
     # What the stages rely on: aiokafka's default partitioner is Kafka's (murmur2, positive, mod n).
-    key = "acme-bank".encode()
+    key = b"acme-bank"
     partitions = list(range(4))
     assert DefaultPartitioner()(key, partitions, partitions) == (murmur2(key) & 0x7FFFFFFF) % 4
 
