@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 import typer
 
-from nexuscore.cli._common import Bootstrap, Namespace, console
+from nexuscore.cli._common import Bootstrap, Namespace, _print_table
 from nexuscore.kernel.errors import NexusError
 
 app = typer.Typer(help="The OpenAI-compatible gateway's API keys.", no_args_is_help=True)
@@ -72,19 +72,24 @@ def key_revoke(
 @keys_app.command("list")
 def key_list(keys: KeysFile = Path("gateway-keys.json")) -> None:
     """Every key with its tenant, defaults and state (never a secret: none is stored)."""
-    from rich.table import Table
-
     from nexuscore.gateway import read_keys
 
-    table = Table("key", "tenant", "feature", "classification", "risk", "task", "slo ms", "created", "state")
-    for k in read_keys(keys).keys:
-        d = k.defaults
-        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live"
-        table.add_row(
-            k.key_id, k.tenant_id, d.feature, d.data_classification, d.risk_class, d.task_type,
-            str(d.latency_slo_ms or ""), f"{k.created_at:%Y-%m-%d %H:%M}", state,
-        )  # fmt: skip
-    console.print(table)
+    rows = [
+        {
+            "key": k.key_id,
+            "tenant": k.tenant_id,
+            "feature": k.defaults.feature,
+            "classification": k.defaults.data_classification,
+            "risk": k.defaults.risk_class,
+            "task": k.defaults.task_type,
+            "slo_ms": k.defaults.latency_slo_ms,
+            "created": f"{k.created_at:%Y-%m-%d %H:%M}",
+            "state": f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "live",
+        }  # fmt: skip
+        for k in read_keys(keys).keys
+    ]
+    columns = ["key", "tenant", "feature", "classification", "risk", "task", "slo_ms", "created", "state"]
+    _print_table(columns, rows, f"gateway keys in {keys}", None)
 
 
 def run_gateway(
