@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 from nexuscore.cli import app
 from nexuscore.client import Result
-from nexuscore.kernel.errors import NexusError
 from nexuscore.gateway import (
     ApiError,
     ApiKey,
@@ -28,6 +27,7 @@ from nexuscore.gateway import (
     revoke_key,
     secret_hash,
 )
+from nexuscore.kernel.errors import NexusError
 from tests.factories import T0
 
 KEY = ApiKey(
