@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 from aiohttp import web
+from aiokafka.errors import KafkaError
 
 from nexuscore.client import InvalidRequest, NexusClient, Result, ResultTimeout
 from nexuscore.gateway._keys import ApiKey, KeyRing
@@ -40,6 +41,7 @@ MAX_POLL_WAIT_S = 60.0
 _CLIENT = web.AppKey("client", NexusClient)
 _KEYS = web.AppKey("keys", KeyRing)
 _TIMEOUT = web.AppKey("timeout", float)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,8 +144,29 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(models())
 
 
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Whatever goes wrong answers in OpenAI's error shape: aiohttp's own HTTP errors (404, 405,
+    413 for a body over the limit) keep their status; the broker away is 503; anything else is
+    logged and 500. The gateway itself never stops for a request."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(ApiError(exc.status, exc.reason, "invalid_request_error", f"http_{exc.status}"))
+    except (NexusError, KafkaError) as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return error(ApiError(503, f"NexusCore is unavailable: {exc}", "server_error", "unavailable"))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error(
+            ApiError(500, "internal error (logged by the gateway)", "server_error", "internal_error")
+        )
+
+
 def make_app(client: NexusClient, keys: KeyRing, timeout_s: float) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[openai_errors])
     app[_CLIENT] = client
     app[_KEYS] = keys
     app[_TIMEOUT] = timeout_s

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
 
 import msgspec
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from typer.testing import CliRunner
 
 from nexuscore.cli import app
-from nexuscore.client import Result
+from nexuscore.client import NexusClient, Result
 from nexuscore.gateway import (
     ApiError,
     ApiKey,
@@ -23,6 +25,7 @@ from nexuscore.gateway import (
     chunks,
     completion,
     error_for,
+    make_app,
     read_keys,
     revoke_key,
     secret_hash,
@@ -186,3 +189,38 @@ def test_bad_key_input_is_a_deliberate_error(tmp_path: Path) -> None:
     path.write_text("{not json")
     done = CliRunner().invoke(app, ["gateway", "key", "list", "--keys", str(path)])
     assert isinstance(done.exception, NexusError) and "not a gateway key file" in str(done.exception)
+
+
+def test_over_http_without_a_broker_every_failure_is_an_openai_error(tmp_path: Path) -> None:
+    """The HTTP shell alone (its client never started): bad keys, hostile bodies, unknown routes
+    and an unreachable pipeline all answer in OpenAI's error shape, and the gateway goes on."""
+    path = tmp_path / "keys.json"
+    _, secret = add_key(path, "acme-bank", KeyDefaults(feature="support-chat"), T0)
+    auth = {"Authorization": f"Bearer {secret}"}
+
+    async def go() -> None:
+        app = make_app(NexusClient("127.0.0.1:1"), KeyRing(path), timeout_s=1.0)
+        async with TestClient(TestServer(app)) as http:
+            cases = [
+                (await http.get("/v1/models"), 401, "invalid_api_key"),
+                (
+                    await http.post("/v1/chat/completions", data=b"\xff{", headers=auth),
+                    400,
+                    "invalid_request",
+                ),
+                (
+                    await http.post("/v1/chat/completions", json={"messages": HELLO}, headers=auth),
+                    503,
+                    "unavailable",
+                ),
+                (await http.get("/v1/nope", headers=auth), 404, "http_404"),
+                (await http.get("/v1/nexus/requests/r-1?wait=x", headers=auth), 400, "invalid_request"),
+                (await http.get("/v1/nexus/requests/r-1", headers=auth), 404, "unknown_request"),
+            ]
+            for response, status, code in cases:
+                body = await response.json()
+                assert (response.status, body["error"]["code"]) == (status, code), body
+                assert set(body["error"]) == {"message", "type", "code", "param"}
+            assert (await http.get("/v1/models", headers=auth)).status == 200
+
+    asyncio.run(go())
