@@ -160,3 +160,14 @@ def test_an_escalation_is_202_with_a_url_to_poll_for_its_resolution(gateway: Gat
     other = add_key(gateway.key_file, "--tenant", "globex-insurance", "--feature", "support-chat")
     peer = httpx.get(gateway.url + body["poll_url"], headers={"Authorization": f"Bearer {other}"}, timeout=30)
     assert peer.status_code == 404 and peer.json()["error"]["code"] == "unknown_request"
+
+
+def test_an_exhausted_budget_is_429_with_the_budgets_reason(gateway: Gateway) -> None:
+    # initech-payments' support-chat has 5 cents a day: no deployment fits 20,000 output tokens.
+    secret = add_key(gateway.key_file, "--tenant", "initech-payments", "--feature", "support-chat")
+    with pytest.raises(openai.RateLimitError) as caught:
+        gateway.openai(secret).chat.completions.create(
+            model="nexuscore", messages=[{"role": "user", "content": "hi"}], max_tokens=20_000, metadata=PUBLIC_CHAT
+        )
+    assert caught.value.status_code == 429 and caught.value.code == "budget_exhausted"
+    assert "budget" in caught.value.message
