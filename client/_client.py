@@ -15,6 +15,7 @@ import contextlib
 import logging
 import secrets
 import uuid
+from collections.abc import Collection
 from types import TracebackType
 
 import msgspec
@@ -77,6 +78,7 @@ class NexusClient:
         producer: str = "nexuscore.client",
         clock: Clock | None = None,
         capacity: int = 200_000,
+        tenants: Collection[str] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = Topics(namespace)
@@ -86,6 +88,8 @@ class NexusClient:
         self.clock = clock or SystemClock()
         self.codec = AvroCodec()
         self.stats = ClientStats()
+        # A producer of one tenant need not decode the others' answers (checked on the key).
+        self._tenants = None if tenants is None else frozenset(t.encode() for t in tenants)
         self._seen: Recent[Key, bool] = Recent(capacity)
         self._results: Recent[Key, Result] = Recent(capacity)
         self._waiters: dict[Key, set[asyncio.Future[None]]] = {}
@@ -238,6 +242,8 @@ class NexusClient:
     def take(self, key: bytes | None, value: bytes | None) -> None:
         """Fold one message of the answer topics in (never raises on what it reads)."""
         self.stats.consumed += 1
+        if self._tenants is not None and key not in self._tenants:
+            return
         try:
             event = self.codec.decode(value)
         except DecodeError:

@@ -183,3 +183,23 @@ def test_a_denial_for_budget_names_the_budget() -> None:
     _, _, out = on_request(EMPTY_STATE, built(), poor, "tests", T0)
     r = fold(None, out[0])
     assert r is not None and r.status == "denied" and r.reason_code == "budget_exhausted"
+
+
+def test_the_consumer_drops_copies_by_event_id_and_messages_keyed_by_another_tenant() -> None:
+    from nexuscore.client import NexusClient
+
+    nexus = NexusClient("127.0.0.1:1", tenants=["acme-bank"])  # never started: take() is the fold
+    decided, _ = _decisions()
+    value = CODEC.encode(decided)  # type: ignore[arg-type]
+    nexus.take(b"globex-insurance", value)  # not this client's tenant: not even decoded
+    nexus.take(b"acme-bank", b"\xc3\x01garbage")
+    assert nexus.peek("acme-bank", "r-1") is None and nexus.stats.undecodable == 1
+    nexus.take(b"acme-bank", value)
+    first = nexus.peek("acme-bank", "r-1")
+    assert first is not None and first.status == "dispatched"
+    nexus.take(b"acme-bank", value)
+    assert nexus.stats.duplicates == 1 and nexus.peek("acme-bank", "r-1") is first
+    everyone = NexusClient("127.0.0.1:1")
+    everyone.take(b"globex-insurance", value)  # keyed by another tenant than the event's: ignored
+    everyone.take(None, value)
+    assert everyone.peek("acme-bank", "r-1") is None
