@@ -41,6 +41,7 @@ MAX_POLL_WAIT_S = 60.0
 _CLIENT = web.AppKey("client", NexusClient)
 _KEYS = web.AppKey("keys", KeyRing)
 _TIMEOUT = web.AppKey("timeout", float)
+REQUEST_ID_HEADER = "X-Nexus-Request-Id"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -88,24 +89,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     except InvalidRequest as exc:
         return error(invalid(exc.reason, code=exc.code))
+    # Every answer names the request id: the one to retry under, or to poll.
+    named = {REQUEST_ID_HEADER: sent.request_id}
     try:
         result = await client.result(
             sent.tenant_id, sent.request_id, request.app[_TIMEOUT], through_escalation=False
         )
     except ResultTimeout as exc:
-        return error(ApiError(504, f"{exc}; poll {poll_url(sent.request_id)}", "timeout", "timeout"))
-    return await answer(request, call, result)
+        return error(ApiError(504, f"{exc}; poll {poll_url(sent.request_id)}", "timeout", "timeout"), named)
+    return await answer(request, call, result, named)
 
 
-async def answer(request: web.Request, call: ChatCall, result: Result) -> web.StreamResponse:
+async def answer(
+    request: web.Request, call: ChatCall, result: Result, named: dict[str, str]
+) -> web.StreamResponse:
     if result.status == "escalated":
         url = poll_url(result.request_id)
-        return web.json_response(escalated(result, url), status=202, headers={"Location": url})
+        return web.json_response(escalated(result, url), status=202, headers={"Location": url, **named})
     if result.status != "answered":
-        return error(error_for(result))
+        return error(error_for(result), named)
     if not call.stream:
-        return web.json_response(completion(result, call.model))
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        return web.json_response(completion(result, call.model), headers=named)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **named}
+    )
     await response.prepare(request)
     for chunk in chunks(result, call.model, call.include_usage):
         await response.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -34,10 +34,16 @@ class Gateway:
     key_file: Path
     live: Live
 
+    clients: list[openai.OpenAI] = field(default_factory=list)
+
     def openai(self, api_key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(
+        """A client kept open until the module ends (one left to the garbage collector leaves its
+        socket to a ResourceWarning, which this suite treats as an error)."""
+        client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=api_key or self.secret, max_retries=0, timeout=90
         )
+        self.clients.append(client)
+        return client
 
 
 def add_key(keys: Path, *options: str) -> str:
@@ -64,7 +70,10 @@ def gateway(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "--port", "0", "--namespace", topics.namespace, "--timeout", "90",
         )  # fmt: skip
         url = gw.wait_for_line("gateway listening on", 60)
-        yield Gateway(url, secret, key_file, Live(bootstrap, topics, keys, services))
+        gateway = Gateway(url, secret, key_file, Live(bootstrap, topics, keys, services))
+        yield gateway
+        for client in gateway.clients:
+            client.close()
 
 
 def test_models_are_listed(gateway: Gateway) -> None:
@@ -146,6 +155,7 @@ def test_an_escalation_is_202_with_a_url_to_poll_for_its_resolution(gateway: Gat
     body = raw.http_response.json()
     assert body["status"] == "escalated" and body["review_deadline"]
     assert raw.headers["Location"] == body["poll_url"] == f"/v1/nexus/requests/{body['request_id']}"
+    assert raw.headers["X-Nexus-Request-Id"] == body["request_id"]
     auth = {"Authorization": f"Bearer {gateway.secret}"}
     polled = httpx.get(gateway.url + body["poll_url"], headers=auth, timeout=30).json()
     assert polled["status"] == "escalated" and not polled["terminal"]
@@ -167,7 +177,23 @@ def test_an_exhausted_budget_is_429_with_the_budgets_reason(gateway: Gateway) ->
     secret = add_key(gateway.key_file, "--tenant", "initech-payments", "--feature", "support-chat")
     with pytest.raises(openai.RateLimitError) as caught:
         gateway.openai(secret).chat.completions.create(
-            model="nexuscore", messages=[{"role": "user", "content": "hi"}], max_tokens=20_000, metadata=PUBLIC_CHAT
+            model="nexuscore",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=20_000,
+            metadata=PUBLIC_CHAT,
         )
     assert caught.value.status_code == 429 and caught.value.code == "budget_exhausted"
     assert "budget" in caught.value.message
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_same_answer(gateway: Gateway) -> None:
+    def ask() -> openai.types.chat.ChatCompletion:
+        return gateway.openai().chat.completions.create(
+            model="nexuscore", messages=[{"role": "user", "content": "How do I reset my PIN?"}], max_tokens=64,
+            metadata=PUBLIC_CHAT, extra_headers={"Idempotency-Key": idem},
+        )  # fmt: skip
+
+    idem = f"idem-{uuid.uuid4().hex}"
+    first, again = ask(), ask()
+    assert first.choices[0].message.content and again.model_dump() == first.model_dump()
+    assert (first.model_extra or {})["nexus"]["request_id"] == idem
