@@ -4,6 +4,8 @@ the real decider, worker and simulated provider behind it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import subprocess
 import sys
 import uuid
@@ -197,3 +199,16 @@ def test_a_retry_with_the_same_idempotency_key_returns_the_same_answer(gateway: 
     first, again = ask(), ask()
     assert first.choices[0].message.content and again.model_dump() == first.model_dump()
     assert (first.model_extra or {})["nexus"]["request_id"] == idem
+
+
+def test_a_key_revoked_while_the_gateway_runs_is_refused_at_its_next_request(gateway: Gateway) -> None:
+    secret = add_key(gateway.key_file, "--tenant", "acme-bank", "--feature", "support-chat")
+    assert [m.id for m in gateway.openai(secret).models.list()] == ["nexuscore"]
+    key_id = next(k["key_id"] for k in json.loads(gateway.key_file.read_text())["keys"] if k["created_at"] and
+                  k["sha256"] == hashlib.sha256(secret.encode()).hexdigest())  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "nexuscore", "gateway", "key", "revoke", key_id, "--keys", str(gateway.key_file)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with pytest.raises(openai.AuthenticationError):
+        gateway.openai(secret).models.list()
