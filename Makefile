@@ -7,9 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
-PACKAGES := kernel ledger schemas policy core transport streams providers projections replay services
+PACKAGES := kernel ledger schemas policy core transport streams providers projections replay services client gateway
 
-.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean
+.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence bench-gateway schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -78,6 +78,12 @@ DECISIONS ?= 10000000
 bench-evidence: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.evidence --decisions $(DECISIONS)
+
+# The front door: the same load through the HTTP gateway and straight to Kafka with the SDK, one run
+# (GATEWAY_REQUESTS per phase, three phases; figures in bench/results/gateway.*).
+GATEWAY_REQUESTS ?= 400
+bench-gateway: jars
+	$(BIN)/python -m bench.gateway --requests $(GATEWAY_REQUESTS)
 
 schemas: install
 	$(BIN)/python -m nexuscore.schemas

@@ -1,6 +1,6 @@
 """The functional core: pure decisions and pure state transitions. No I/O, no clock, no randomness."""
 
-from nexuscore.core._admit import MAX_PROMPT_BYTES, Rejection, admit, estimate_input_tokens
+from nexuscore.core._admit import MAX_PROMPT_BYTES, Rejection, admit, admit_size, estimate_input_tokens
 from nexuscore.core._breaker import CLOSED as CLOSED_BREAKER
 from nexuscore.core._breaker import Breaker, BreakerConfig, Transition
 from nexuscore.core._breaker import admit as breaker_admit
@@ -85,6 +85,7 @@ __all__ = [
     "Settlement",
     "Window",
     "admit",
+    "admit_size",
     "decide",
     "decision_event",
     "decode_reservation",
