@@ -1,13 +1,13 @@
 """The decision agent on aiokafka's batch API: the same handlers as the faust agent, batched.
 
 Per poll batch, in this order (what becomes durable, and when; a batch's state and offsets are
-written while the next batches are decided, up to ``MAX_FLUSHES_IN_FLIGHT`` batches at once):
+written while the next batches are decided, by one writer, a group of batches at a time):
 1. every message goes through ``Decider.process`` in log order per partition; outputs collect in an
    outbox and Table changes in the changelog state, nothing is sent yet;
 2. the outbox is sent at once (idempotent producer, acks=all), behind earlier batches' outputs;
-3. once those outputs and the previous batch's state are acknowledged, the Table changes are
-   written to their changelogs and acknowledged;
-4. the input offsets are committed, in batch order.
+3. once the outputs of every batch of the writer's group are acknowledged, the group's Table
+   changes are written to their changelogs (each row's last value) and acknowledged;
+4. the group's input offsets are committed; then the next group.
 A crash before 3 repeats the batch (and any later one) against the state before it: the same
 inputs under the same state give the same decisions (a decision's time is its input record's
 broker timestamp, never the decider's clock), whose outputs carry the same derived ids and are dropped by every
@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections.abc import Iterable
 
 import msgspec
 from aiokafka import (
@@ -49,8 +49,8 @@ from nexuscore.transport import Topics, new_producer, start_client
 
 log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
-# Batches whose state and offsets may be on their way at once (their outputs are already sent).
-MAX_FLUSHES_IN_FLIGHT = 8
+# Batches decided (their outputs sent) whose state and offsets may wait for the writer at once.
+MAX_BATCHES_WAITING = 64
 
 
 class Outbox:
@@ -112,7 +112,9 @@ class DeciderLoop:
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
         self._producer: AIOKafkaProducer | None = None
-        self._pending: deque[asyncio.Task[None]] = deque()
+        # Batches decided and sent, whose state and offsets are not yet durable; their writer.
+        self._waiting: list[tuple[_FlushJob, list[asyncio.Future[object]]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def _new_producer(self) -> AIOKafkaProducer:
         """Made inside the running loop (aiokafka needs one)."""
@@ -200,19 +202,22 @@ class DeciderLoop:
         return job
 
     async def settled(self) -> None:
-        """Wait for every flush in flight (a rebalance or a stop must not outrun them)."""
-        while self._pending:
-            await self._pending.popleft()
+        """Wait until everything decided so far is durable (a rebalance or a stop must not outrun it)."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await writer  # it returns once nothing is waiting
 
     async def _flush(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
-        """Send the batch's outputs now, then make its state and offsets durable in the background.
+        """Send the batch's outputs now; its state and offsets follow in the background.
 
         The outputs go out at once, behind the previous batches' on the one idempotent producer: a
-        decision does not wait for the previous batch's state write and commit. Each batch's state
-        is written only after its outputs are acknowledged and after the previous batch's state;
-        offsets are committed after the state, in batch order. A crash anywhere leaves state and
-        offsets at a batch boundary no later than the outputs: the batches after it are decided
-        again from that state, identically (time is the record's), and readers drop the copies by id.
+        decision waits for no earlier batch's state write or commit. One writer makes the rest
+        durable, a group at a time: everything decided since its last group, its outputs
+        acknowledged, then its state changes (the last value of each row: a reservation made and
+        settled within the group is written once, as a tombstone), then its offsets. A crash leaves
+        state and offsets at a group boundary no later than the outputs; the batches after it are
+        decided again from that state, identically (a decision's time is its input record's), and
+        every reader drops the copies by id.
         """
         if job.empty:
             return
@@ -222,31 +227,33 @@ class DeciderLoop:
             return
         assert self._producer is not None, "run() first"
         sent = [await self._producer.send(topic, value, key=key) for topic, key, value in job.outputs]
-        previous = self._pending[-1] if self._pending else None
-        self._pending.append(asyncio.create_task(self._write(consumer, job, sent, previous)))
-        while len(self._pending) > MAX_FLUSHES_IN_FLIGHT:  # back-pressure: the broker sets the pace
-            await self._pending.popleft()
+        self._waiting.append((job, sent))
+        if self._writer is not None and self._writer.done():
+            self._writer.result()  # a failed write stops the decider: nothing after it may commit
+            self._writer = None
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(consumer))
+        if len(self._waiting) > MAX_BATCHES_WAITING:  # back-pressure: the broker sets the pace
+            await self.settled()
 
-    async def _write(
-        self,
-        consumer: AIOKafkaConsumer,
-        job: _FlushJob,
-        sent: list[asyncio.Future[object]],
-        previous: asyncio.Task[None] | None,
-    ) -> None:
+    async def _write_all(self, consumer: AIOKafkaConsumer) -> None:
         assert self._producer is not None, "run() first"
-        if previous is not None:
-            await previous  # its failure is ours: nothing after a lost write may be committed
-        for future in sent:
-            await future
-        futures = [
-            await self._producer.send(topic, value, key=key, partition=p)
-            for topic, key, value, p in job.state
-        ]
-        for future in futures:
-            await future
-        if job.offsets:
-            await consumer.commit(job.offsets)
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            for _, sent in group:
+                for future in sent:
+                    await future
+            futures = [
+                await self._producer.send(topic, value, key=key, partition=p)
+                for topic, key, value, p in _last_values(job.state for job, _ in group)
+            ]
+            for future in futures:
+                await future
+            offsets: dict[TopicPartition, int] = {}
+            for job, _ in group:
+                offsets.update(job.offsets)
+            if offsets:
+                await consumer.commit(offsets)
 
     async def _flush_transaction(self, job: _FlushJob) -> None:
         assert self._producer is not None, "run() first"
@@ -270,6 +277,19 @@ class _FlushJob(msgspec.Struct, frozen=True):
     @property
     def empty(self) -> bool:
         return not (self.outputs or self.state or self.offsets)
+
+
+def _last_values(
+    states: Iterable[list[tuple[str, bytes, bytes | None, int]]],
+) -> list[tuple[str, bytes, bytes | None, int]]:
+    """The group's state changes, the last value of each changelog row only (changelogs are
+    compacted: an earlier value of the same row says nothing a reader needs)."""
+    last: dict[tuple[str, int, bytes], tuple[str, bytes, bytes | None, int]] = {}
+    for state in states:
+        for change in state:
+            topic, key, _, partition = change
+            last[(topic, partition, key)] = change
+    return list(last.values())
 
 
 def _next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
