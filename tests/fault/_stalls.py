@@ -1,32 +1,38 @@
 """How long the live path stood still after each fault, read from the topics themselves.
 
-For a fault at time T, on the topic the faulted stage writes (the deciders: ``nexus.decisions``; the
-workers and the provider: ``nexus.outcomes``; the broker: both), each partition's longest gap between
-consecutive records that starts within ``WINDOW_S`` of T is the time that partition stood still; the
-stall is the largest, measured from T to the first record after that gap. The load is a backlog for
-the whole fault phase, so a partition that is not stalled writes records every few milliseconds.
+Work arrives on a tenant partition and is completed on the same partition (every topic here is keyed
+by tenant with the same partition count): for the deciders, a request appended to ``nexus.requests``
+is work until its first decision on ``nexus.decisions``; for the workers and the provider, a
+decision to dispatch is work until its first outcome on ``nexus.outcomes``. A partition *stands
+still* while it has work and completes none. For a fault at time T, the stall is the longest such
+interval of any partition that overlaps [T, T + WINDOW_S], measured from T to the completion that
+ended it. Idle time (no work waiting) is never a stall, so the figure holds for a trickle and for a
+backlog alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 from collections import defaultdict
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from nexuscore.schemas import AvroCodec, Event, OutcomeRecorded, RequestDecided
 from nexuscore.transport import DEFAULT_PARTITIONS, start_client
 
 WINDOW_S = 20.0
 MIN_STALL_S = 0.5
+# (seconds since the epoch, request id, the event), by partition, in log order.
+Timeline = dict[int, list[tuple[float, str, Event]]]
 
 
-async def record_times(bootstrap: str, topic: str) -> dict[int, list[float]]:
-    """Every record's timestamp (seconds since the epoch), by partition, in log order."""
+async def read_topic(bootstrap: str, topic: str) -> Timeline:
+    """Every record of ``topic``, decoded, by partition (records that do not decode are skipped)."""
+    codec = AvroCodec()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await start_client(consumer, bootstrap)
-    times: dict[int, list[float]] = defaultdict(list)
+    out: Timeline = defaultdict(list)
     try:
         tps = [TopicPartition(topic, p) for p in range(DEFAULT_PARTITIONS)]
         consumer.assign(tps)
@@ -35,47 +41,71 @@ async def record_times(bootstrap: str, topic: str) -> dict[int, list[float]]:
         left = {tp for tp in tps if end[tp] > 0}
         while left:
             for tp, records in (await consumer.getmany(*left, timeout_ms=1000)).items():
-                times[tp.partition].extend(r.timestamp / 1000 for r in records)
+                for r in records:
+                    try:
+                        event = codec.decode(r.value)
+                    except Exception:  # noqa: BLE001, S112  # the malformed messages the run sends
+                        continue
+                    out[tp.partition].append((r.timestamp / 1000, event.request_id, event))
                 if records and records[-1].offset + 1 >= end[tp]:
                     left.discard(tp)
     finally:
         await consumer.stop()
-    return {p: sorted(ts) for p, ts in times.items()}
+    return out
 
 
-def stall_after(at: float, partitions: Iterable[list[float]], window_s: float = WINDOW_S) -> float | None:
-    """Seconds from ``at`` until the most stalled partition moved again (None: no records near it)."""
-    worst: float | None = None
-    for times in partitions:
-        first = bisect.bisect_left(times, at - 1.0)
-        # Gaps that start in [at - 1 s, at + window]: the last record before the fault through the
-        # first one after the stall.
-        candidates = [
-            (times[i + 1] - times[i], times[i + 1])
-            for i in range(max(first - 1, 0), len(times) - 1)
-            if times[i] <= at + window_s
-        ]
-        if not candidates:
-            continue
-        gap, resumed = max(candidates)
-        # A partition whose records kept coming (no gap longer than the load's own rhythm) did not
-        # stall; otherwise it moved again with the record that ended its longest gap.
-        moved = max(resumed - at, 0.0) if gap >= MIN_STALL_S else 0.0
-        worst = moved if worst is None else max(worst, moved)
-    return worst
+def _firsts(events: Iterable[tuple[float, str, Event]]) -> list[float]:
+    """The time of each request's first event among ``events``."""
+    first: dict[str, float] = {}
+    for at, rid, _ in events:
+        first.setdefault(rid, at)
+    return sorted(first.values())
+
+
+def still_intervals(arrivals: list[float], completions: list[float]) -> list[tuple[float, float]]:
+    """The intervals in which work was waiting and none was completed: (since, completed at)."""
+    marks = sorted([(t, 1) for t in arrivals] + [(t, -1) for t in completions])
+    out: list[tuple[float, float]] = []
+    pending, since = 0, 0.0
+    for at, step in marks:
+        if step > 0:
+            if pending == 0:
+                since = at
+            pending += 1
+        else:
+            if pending > 0:
+                out.append((since, at))
+            pending = max(pending - 1, 0)
+            since = at
+    return out
+
+
+def stall_after(at: float, intervals: Iterable[tuple[float, float]], window_s: float = WINDOW_S) -> float:
+    """Seconds from ``at`` until the longest still interval overlapping the window ended (0: none)."""
+    longest = [
+        (end - start, end)
+        for start, end in intervals
+        if end - start >= MIN_STALL_S and end >= at and start <= at + window_s
+    ]
+    return max(longest)[1] - at if longest else 0.0
 
 
 def stalls(
-    bootstrap: str, decisions: str, outcomes: str, faults: list[tuple[float, str]]
-) -> list[float | None]:
-    """For each (epoch seconds, kind) fault: the stall of the topic the faulted stage writes."""
-    by_topic = {t: asyncio.run(record_times(bootstrap, t)) for t in (decisions, outcomes)}
-    out: list[float | None] = []
+    bootstrap: str, requests: str, decisions: str, outcomes: str, faults: list[tuple[float, str]]
+) -> list[float]:
+    """For each (epoch seconds, stage kind) fault: how long the stage's work stood still after it."""
+    read = {t: asyncio.run(read_topic(bootstrap, t)) for t in (requests, decisions, outcomes)}
+    deciding, calling = [], []
+    for p in range(DEFAULT_PARTITIONS):
+        decided = read[decisions].get(p, [])
+        deciding.append(still_intervals(_firsts(read[requests].get(p, [])), _firsts(decided)))
+        dispatched = [e for e in decided if isinstance(e[2], RequestDecided) and e[2].verdict == "dispatch"]
+        answered = [e for e in read[outcomes].get(p, []) if isinstance(e[2], OutcomeRecorded)]
+        calling.append(still_intervals(_firsts(dispatched), _firsts(answered)))
+    out = []
     for at, kind in faults:
-        topics = {"decider": [decisions], "worker": [outcomes], "provider": [outcomes]}.get(
-            kind, [decisions, outcomes]
+        stages = {"decider": [deciding], "worker": [calling], "provider": [calling]}.get(
+            kind, [deciding, calling]
         )
-        values = [stall_after(at, by_topic[t].values()) for t in topics]
-        known = [v for v in values if v is not None]
-        out.append(max(known) if known else None)
+        out.append(max(stall_after(at, iv) for stage in stages for iv in stage))
     return out

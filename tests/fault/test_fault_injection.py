@@ -757,9 +757,10 @@ def _markdown(f: dict[str, Any]) -> str:
             for x in f["faults"]
         ),
         "",
-        "*Stood still*: from the fault until every partition of the topic the faulted stage writes moved "
-        "again (the deciders: decisions; workers and provider: outcomes; the broker: both; the projector: "
-        "both, which it must not hold up); see `tests/fault/_stalls.py`.",
+        "*Stood still*: from the fault until the last tenant partition that had work waiting and completed "
+        "none completed some again (deciders: requests waiting for a decision; workers and provider: "
+        "dispatches waiting for an outcome; broker and projector: both, which the projector must not hold "
+        "up); idle time is not counted; see `tests/fault/_stalls.py`.",
         "",
         f"Waves (seconds after the first, requests): {', '.join(f'{a:g} s: {n:,}' for a, n in f['waves'])}.",
         "",
@@ -830,9 +831,9 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
             if stop_reason is None:
                 _settle(evidence)
         faults = [(datetime.fromisoformat(f.utc).timestamp(), f.kind) for f in pipeline.faults]
-        measured = stalls(broker.bootstrap, topics.decisions, topics.outcomes, faults)
+        measured = stalls(broker.bootstrap, topics.requests, topics.decisions, topics.outcomes, faults)
         for fault, stall in zip(pipeline.faults, measured, strict=True):
-            fault.stall_s = None if stall is None else round(stall, 2)
+            fault.stall_s = round(stall, 2)
         # Every service stopped (the projector's last flush sealed): the evidence no longer moves.
         figures, problems = _analyse(evidence, publisher.ids, policy, keys.evidence_public, log_dir)
     finally:
