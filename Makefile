@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
-PACKAGES := kernel ledger schemas policy core transport streams providers projections replay services
+PACKAGES := kernel ledger schemas policy core observe transport streams providers projections replay services
 
 .PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean
 

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore.core import refusal_event
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, EvidenceError
+from nexuscore.observe import record_lag, record_sealed
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
@@ -411,6 +412,7 @@ class Projector:
         )
         for tp, b in batches.items():
             self._position[tp] = b.end
+        record_sealed(_sealed_rows(batches), sum(len(b.rows) for b in batches.values()))
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -499,6 +501,7 @@ class Projector:
         try:
             while not self.stopping.is_set():
                 fetched = await consumer.getmany(timeout_ms=100, max_records=2_000)
+                record_lag("projector", consumer, fetched)
                 for records in fetched.values():
                     for record in records:
                         self.add(batches, record)
@@ -520,6 +523,14 @@ class Projector:
     async def _commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
         if self.group is not None:
             await _commit(consumer, batches)
+
+
+def _sealed_rows(batches: dict[TopicPartition, _Batch]) -> dict[str, int]:
+    rows: dict[str, int] = defaultdict(int)
+    for b in batches.values():
+        for (table, _region), table_rows in b.rows.items():
+            rows[table] += len(table_rows)
+    return rows
 
 
 def _lock(evidence_dir: Path) -> int:

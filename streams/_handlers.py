@@ -45,6 +45,7 @@ from nexuscore.core import (
 )
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError
+from nexuscore.observe import Tally
 from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
@@ -146,6 +147,8 @@ class Decider:
             topics.reviews: (ReviewRecorded,),
         }
         self.timed_out: set[bytes] = set()
+        # What this agent produced since its runtime's last batch, for the metrics (off: nothing kept).
+        self.tally = Tally("decider")
 
     # --- the boundary ---------------------------------------------------------------------------
 
@@ -190,6 +193,7 @@ class Decider:
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
     ) -> None:
         dl = dead_letter(topic, partition, offset, key, value, reason, PRODUCER, self.clock.now())
+        self.tally.add(dl)
         await self.sink.send(self.topics.deadletter, topic.encode(), self.codec.encode(dl))
 
     async def refuse(
@@ -199,6 +203,7 @@ class Decider:
         if refusal.code in SIGNER_CODES:
             return  # the projector records these from the reviews topic: one refusal per act
         refused = refusal_event(act, refusal, source, PRODUCER, now)
+        self.tally.add(refused)
         await self.sink.send(self.topics.decisions, act.tenant_id.encode(), self.codec.encode(refused))
 
     # --- requests -------------------------------------------------------------------------------
@@ -432,6 +437,7 @@ class Decider:
     async def emit(self, out: list[Event], tenant: bytes) -> Sent:
         """Send one input's outputs in order (the decision before the dispatch that acts on it)."""
         sent: Sent = []
+        self.tally.extend(out)
         for e in out:
             if isinstance(e, DispatchRequested):
                 sent.append((self.topics.dispatch, e.request_id.encode(), self.codec.encode(e)))

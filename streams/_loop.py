@@ -38,6 +38,7 @@ from aiokafka import (
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from nexuscore.kernel.clock import Clock
+from nexuscore.observe import batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._handlers import Decider, DeciderTables
@@ -185,6 +186,7 @@ class DeciderLoop:
                     if time.monotonic() >= next_scan:
                         await self.decider.overdue_reviews()
                         next_scan = time.monotonic() + DEADLINE_SCAN_S
+                    batch_done(self.decider.tally, "decider", consumer, batches)  # metrics, per batch
                     await self._flush(consumer, self._job(batches))
         finally:
             await self.settled()

@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 from nexuscore.core import envelope_from
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, ProviderError
+from nexuscore.observe import Tally, batch_done
 from nexuscore.policy import cost_micros
 from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
 from nexuscore.schemas import (
@@ -358,6 +359,7 @@ class Worker:
         self.called: OrderedDict[str, asyncio.Event] = OrderedDict()
         self.called_limit = called_limit
         self.repeats = 0
+        self.tally = Tally("worker")  # for the metrics, counted per fetch
 
     async def run(self) -> None:
         consumer = new_consumer(
@@ -385,6 +387,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=50, max_records=self.max_batch)
+                batch_done(self.tally, "worker", consumer, batches, self.caller.circuits.breakers)
                 for tp, records in batches.items():
                     for record in records:
                         await self.pending.acquire()  # back-pressure: fetch no faster than calls finish
@@ -461,6 +464,7 @@ class Worker:
             PRODUCER,
             self.clock.now(),
         )
+        self.tally.add(dl)
         future: asyncio.Future[object] = await producer.send(
             self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode()
         )
@@ -516,6 +520,8 @@ class Worker:
         else:
             async with self.bulkhead.slot(d.tenant_id), self.slots:
                 attempts, outcome = await self.caller.call(d)
+        self.tally.extend(attempts)
+        self.tally.add(outcome)
         key = d.tenant_id.encode()
         futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
         futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))
