@@ -44,14 +44,18 @@ MODEL_CALL_SECONDS = Histogram(
     ["deployment", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-OUTCOMES = Counter("nexuscore_outcomes", "Outcomes recorded, by status and deployment.", ["status", "deployment"])
+OUTCOMES = Counter(
+    "nexuscore_outcomes", "Outcomes recorded, by status and deployment.", ["status", "deployment"]
+)
 CIRCUIT_STATE = Gauge(
-    "nexuscore_circuit_state", "A worker's circuit per deployment: 0 closed, 1 half-open, 2 open.", ["deployment"]
+    "nexuscore_circuit_state",
+    "A worker's circuit per deployment: 0 closed, 1 half-open, 2 open.",
+    ["deployment"],
 )
 BUDGET_UTILISATION = Gauge(
     "nexuscore_budget_utilisation",
     "Share of the day's budget committed at the last decision, per tenant and feature "
-    "(feature \"*\": the tenant's whole budget).",
+    '(feature "*": the tenant\'s whole budget).',
     ["tenant", "feature"],
 )
 DEAD_LETTERS = Counter(
@@ -135,7 +139,9 @@ def _classify(e: Event, counted: Tallies[tuple[Any, ...]], stage: str) -> None:
     if isinstance(e, RequestDecided):
         counted[(DECISIONS, e.verdict, e.routing.tier or "none", e.tenant_id)] += 1
     elif isinstance(e, RequestRejected):
-        counted[(DECISIONS, "rejected", "none", e.tenant_id)] += 1
+        # A tenant the policy does not know is the sender's word only: one label for all of them.
+        tenant = "unknown" if e.reason_code == "unknown_tenant" else e.tenant_id
+        counted[(DECISIONS, "rejected", "none", tenant)] += 1
         counted[(REFUSALS, stage, "request", e.reason_code)] += 1
     elif isinstance(e, OutcomeRecorded):
         counted[(OUTCOMES, e.status, e.deployment_id)] += 1
@@ -146,11 +152,17 @@ def _classify(e: Event, counted: Tallies[tuple[Any, ...]], stage: str) -> None:
 
 
 def _utilisation(e: RequestDecided) -> None:
+    """What the decision left committed: what was before it, plus its own reservation if it made one."""
     b = e.budget
+    added = b.estimated_cost_micros if b.action in ("reserved", "downgraded") else 0
     if b.tenant_budget_micros:
-        BUDGET_UTILISATION.labels(e.tenant_id, "*").set(b.tenant_committed_micros / b.tenant_budget_micros)
+        BUDGET_UTILISATION.labels(e.tenant_id, "*").set(
+            (b.tenant_committed_micros + added) / b.tenant_budget_micros
+        )
     if b.feature_budget_micros:
-        BUDGET_UTILISATION.labels(e.tenant_id, e.feature).set(b.feature_committed_micros / b.feature_budget_micros)
+        BUDGET_UTILISATION.labels(e.tenant_id, e.feature).set(
+            (b.feature_committed_micros + added) / b.feature_budget_micros
+        )
 
 
 def record_lag(stage: str, consumer: Any, fetched: Mapping[Any, list[Any]]) -> None:
@@ -185,7 +197,11 @@ def record_sealed(rows: Mapping[str, int], files: int) -> None:
 
 
 def batch_done(
-    tally: Tally, stage: str, consumer: Any, fetched: Mapping[Any, list[Any]], circuits: Mapping[str, Any] | None = None
+    tally: Tally,
+    stage: str,
+    consumer: Any,
+    fetched: Mapping[Any, list[Any]],
+    circuits: Mapping[str, Any] | None = None,
 ) -> None:
     """The one call a stage makes per batch: its events counted, its lag and circuits recorded
     (``circuits``: deployment -> breaker, anything with a ``state``)."""

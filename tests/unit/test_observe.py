@@ -1,0 +1,90 @@
+"""The metrics hooks: nothing kept while metrics are off, counters moved once per batch by exactly
+the events of the batch, and free-text reasons turned into bounded labels."""
+
+from __future__ import annotations
+
+import socket
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import REGISTRY
+
+from nexuscore.core import EMPTY_STATE, on_request
+from nexuscore.kernel.errors import NexusError
+from nexuscore.observe import Tally, enabled, reason_class, serve_metrics
+from nexuscore.policy import default_policy
+from nexuscore.schemas import RequestDecided
+from nexuscore.transport import dead_letter
+from tests.factories import request
+
+NOW = datetime(2026, 11, 30, 9, tzinfo=UTC)
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def metrics_on() -> None:
+    if not enabled():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        serve_metrics(port, "127.0.0.1")
+
+
+def test_a_tally_keeps_nothing_while_metrics_are_off() -> None:
+    if enabled():
+        pytest.fail("run this test before metrics are turned on in this process (it is first in the file)")
+    tally = Tally("decider")
+    _, _, out = on_request(EMPTY_STATE, request(), default_policy(), "tests", NOW)
+    tally.extend(out)
+    assert tally.events == []
+
+
+def test_decisions_rejections_and_dead_letters_move_their_counters_once_per_batch(metrics_on: None) -> None:
+    tally = Tally("test-stage")
+    policy = default_policy()
+    decisions = [
+        on_request(EMPTY_STATE, request(request_id=f"m-{i}"), policy, "tests", NOW)[2] for i in range(3)
+    ]
+    rejected = on_request(EMPTY_STATE, request(request_id="m-x", tenant_id="nobody"), policy, "tests", NOW)[2]
+    first = decisions[0][0]
+    assert isinstance(first, RequestDecided)
+    labels = {"verdict": first.verdict, "tier": first.routing.tier or "none", "tenant": "acme-bank"}
+    before = value("nexuscore_decisions_total", **labels)
+    for out in decisions:
+        tally.extend(out)
+    tally.extend(rejected)
+    tally.add(dead_letter("t", 0, 7, b"k", b"v", "not avro: bad magic 0x7b", "tests", NOW))
+    assert value("nexuscore_decisions_total", **labels) == before, "nothing moves before the batch ends"
+    tally.flush()
+    assert value("nexuscore_decisions_total", **labels) == before + 3
+    assert value("nexuscore_decisions_total", verdict="rejected", tier="none", tenant="unknown") >= 1
+    assert value("nexuscore_refusals_total", stage="test-stage", kind="request", reason="unknown_tenant") == 1
+    assert value("nexuscore_dead_letters_total", stage="test-stage", reason="not avro") == 1
+    assert value("nexuscore_budget_utilisation", tenant="acme-bank", feature="*") > 0
+    assert tally.events == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [
+        ("not avro: bad magic 0x7b", "not avro"),
+        (
+            "message key b'\\x00evil' is not the request id 'x'",
+            "message key bx00evil is not the request id x",
+        ),
+        ("internal error: KeyError: 'x'", "internal error"),
+        ("", "unspecified"),
+        ("\x1b[31m" + "A" * 200, "31m" + "a" * 45),
+    ],
+)
+def test_a_reason_becomes_a_bounded_label(reason: str, label: str) -> None:
+    assert reason_class(reason) == label
+    assert len(reason_class(reason)) <= 48
+
+
+def test_a_bad_metrics_port_is_one_clear_error() -> None:
+    with pytest.raises(NexusError, match="--metrics-port"):
+        serve_metrics(70000)
