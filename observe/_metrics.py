@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from nexuscore.kernel.errors import NexusError
+from nexuscore.observe._trace import Span, record_spans, tracing_enabled
 from nexuscore.schemas import (
     ActRefused,
     DeadLettered,
@@ -109,6 +110,11 @@ class Tally:
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.events: list[Event] = []
+        self.spans: list[Span] = []  # open OpenTelemetry spans, ended when their batch is done
+
+    def span(self, span: Span) -> None:
+        if span.otel is not None:
+            self.spans.append(span)
 
     def add(self, event: Event) -> None:
         if _Switch.on:
@@ -119,7 +125,11 @@ class Tally:
             self.events.extend(events)
 
     def flush(self) -> None:
-        """Move the counters by this batch's events, one call per distinct label set."""
+        """Move the counters by this batch's events, one call per distinct label set; end its spans."""
+        if self.spans:
+            spans, self.spans = self.spans, []
+            for s in spans:
+                s.end()
         if not self.events:
             return
         events, self.events = self.events, []
@@ -205,6 +215,11 @@ def batch_done(
 ) -> None:
     """The one call a stage makes per batch: its events counted, its lag and circuits recorded
     (``circuits``: deployment -> breaker, anything with a ``state``)."""
+    if tracing_enabled():
+        tally.flush()
+        record_spans(
+            stage, f"nexuscore.{stage}.receive", (r for records in fetched.values() for r in records)
+        )
     if not _Switch.on:
         return
     tally.flush()

@@ -45,7 +45,7 @@ from nexuscore.core import (
 )
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError
-from nexuscore.observe import Tally
+from nexuscore.observe import Headers, Tally, output_span, with_trace
 from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
@@ -78,9 +78,10 @@ Table = MutableMapping[bytes, bytes]
 
 
 class Sink(Protocol):
-    """Where the agent's output goes: Kafka topics in production, a recorder in component tests."""
+    """Where the agent's output goes: Kafka topics in production, a recorder in component tests.
+    ``headers`` (the trace context) are passed only to a sink the agent was told takes them."""
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> None: ...
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None: ...
 
 
 class DeciderTables(msgspec.Struct, frozen=True):
@@ -129,6 +130,7 @@ class Decider:
         topics: Topics,
         reviewers: TrustStore,
         keep_outputs: bool = True,
+        trace_headers: bool = False,
     ) -> None:
         self.t = tables
         # Whether an input's outputs are kept with its record, to send again if the input comes
@@ -149,6 +151,8 @@ class Decider:
         self.timed_out: set[bytes] = set()
         # What this agent produced since its runtime's last batch, for the metrics (off: nothing kept).
         self.tally = Tally("decider")
+        # Whether outputs carry a W3C traceparent header (the sink must take ``headers``).
+        self.trace_headers = trace_headers
 
     # --- the boundary ---------------------------------------------------------------------------
 
@@ -168,6 +172,8 @@ class Decider:
         except DecodeError as exc:
             await self.reject(topic, partition, offset, key, value, str(exc))
             return
+        if isinstance(event, InferenceRequested):
+            event = with_trace(event)  # a request without a valid trace id gets its derived one
         now = self.clock.now()
         source = Input(topic, partition, offset, value or b"", appended_at(timestamp_ms, now), now)
         try:
@@ -330,7 +336,7 @@ class Decider:
         if record is None or not record.request:
             await self.hold_early_review(event, record, source)
             return
-        request = self.codec.decode(record.request, (InferenceRequested,))
+        request = with_trace(self.codec.decode(record.request, (InferenceRequested,)))
         escalated = self.codec.decode(record.decided, (RequestDecided,))
         assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
         refused = judge_review(
@@ -438,6 +444,8 @@ class Decider:
         """Send one input's outputs in order (the decision before the dispatch that acts on it)."""
         sent: Sent = []
         self.tally.extend(out)
+        if self.trace_headers and out:
+            return await self.send_traced(out, tenant)
         for e in out:
             if isinstance(e, DispatchRequested):
                 sent.append((self.topics.dispatch, e.request_id.encode(), self.codec.encode(e)))
@@ -446,6 +454,16 @@ class Decider:
             else:
                 sent.append((self.topics.decisions, tenant, self.codec.encode(e)))
         await self.resend(sent)
+        return sent
+
+    async def send_traced(self, out: list[Event], tenant: bytes) -> Sent:
+        """``emit`` with the trace context: every output carries the traceparent of the decider's
+        span over their input."""
+        span = output_span("decider", "nexuscore.decide", out[0])
+        self.tally.span(span)
+        sent: Sent = [_destination(self.topics, e, tenant, self.codec.encode(e)) for e in out]
+        for topic, key, value in sent:
+            await self.sink.send(topic, key, value, headers=span.headers)
         return sent
 
     def kept(self, sent: Sent) -> Sent:
@@ -481,6 +499,15 @@ def timeout_review(escalated: RequestDecided, now: datetime) -> ReviewRecorded:
         reason="no review before the deadline",
         deadline=escalated.review_deadline,
     )
+
+
+def _destination(topics: Topics, e: Event, tenant: bytes, value: bytes) -> tuple[str, bytes, bytes]:
+    """Where ``emit`` sends an output: dispatches keyed by request, the rest by tenant."""
+    if isinstance(e, DispatchRequested):
+        return (topics.dispatch, e.request_id.encode(), value)
+    if isinstance(e, OutcomeRecorded):
+        return (topics.outcomes, tenant, value)
+    return (topics.decisions, tenant, value)
 
 
 def _latency_key(partition: int, deployment: str, strategy: str) -> bytes:

@@ -78,7 +78,7 @@ def run_provider(
     POST /_faults with a JSON object of the fields to change (error_rate, rate_limit_rate,
     timeout_rate, hang_s, spike_rate, spike_ms, latency_ms, latency_jitter_ms, output_tokens, seed)
     answers the new configuration, or HTTP 400 naming the problem; GET /_faults shows it."""
-    serve_metrics(metrics_port)
+    observe_stage("provider", metrics_port)
     from nexuscore.providers import SimulatedProviderConfig
     from nexuscore.services import serve_provider
 
@@ -123,7 +123,7 @@ def run_decider(
     the bootstrap, made active only while the log has no active policy, and only if two trusted
     reviewers signed it (POLICY.sig.json). An untrusted policy is refused with one reason
     (unsigned, bad_signature, unknown_key, revoked_key, expired, invalid_content)."""
-    serve_metrics(metrics_port)
+    observe_stage("decider", metrics_port)
     from nexuscore import services
 
     decider = services.prepare_decider(
@@ -135,12 +135,13 @@ def run_decider(
     services.run_decider(decider)
 
 
-def serve_metrics(port: int) -> None:
-    """Prometheus metrics on ``port`` (0: off, and nothing is imported)."""
-    if port:
-        from nexuscore.observe import serve_metrics as serve
+def observe_stage(stage: str, metrics_port: int) -> None:
+    """Prometheus metrics on ``metrics_port`` (0: off); OpenTelemetry spans if the OTEL_* environment
+    variables configure an exporter (else none)."""
+    from nexuscore.observe import configure_tracing, serve_metrics
 
-        serve(port)
+    serve_metrics(metrics_port)
+    configure_tracing(stage)
 
 
 def parse_routes(route: list[str]) -> dict[str, str]:
@@ -191,7 +192,7 @@ def run_worker(
     outside its allowed regions); keeps a circuit breaker per deployment, shared with the other
     workers through the circuits topic; caps each tenant's concurrent calls (bulkhead)."""
     routes = parse_routes(route or [])
-    serve_metrics(metrics_port)
+    observe_stage("worker", metrics_port)
     from nexuscore import services
 
     settings = services.WorkerSettings(
@@ -240,7 +241,7 @@ def run_projector(
     the refusals table, with the reason.
     """
     key, trust = required_signing_key(signing_key), required_trust(trust_store)
-    serve_metrics(metrics_port)
+    observe_stage("projector", metrics_port)
     from nexuscore import services
 
     services.run_projector(
