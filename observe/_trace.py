@@ -101,6 +101,11 @@ def configure_tracing(service: str, provider: Any = None) -> bool:
     return True
 
 
+def stop_tracing() -> None:
+    """No more spans from this process (the provider set stays; OpenTelemetry allows one)."""
+    _Tracing.on = False
+
+
 def _provider_from_environment(service: str) -> Any:
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(

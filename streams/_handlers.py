@@ -49,6 +49,7 @@ from nexuscore.observe import Headers, Tally, output_span, with_trace
 from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
+    BudgetSettled,
     DispatchRequested,
     Event,
     InferenceRequested,
@@ -74,6 +75,8 @@ from nexuscore.transport import Topics, appended_at, dead_letter, decode_tenant_
 log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
 _ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
+# The decider's span over one input, named by its first output (anything else answers a review).
+_SPAN_NAMES: dict[type[Event], str] = {RequestDecided: "decide", RequestRejected: "decide", BudgetSettled: "settle"}
 Table = MutableMapping[bytes, bytes]
 
 
@@ -459,7 +462,9 @@ class Decider:
     async def send_traced(self, out: list[Event], tenant: bytes) -> Sent:
         """``emit`` with the trace context: every output carries the traceparent of the decider's
         span over their input."""
-        span = output_span("decider", "nexuscore.decide", out[0])
+        first = out[0]
+        name = _SPAN_NAMES.get(type(first), "review")
+        span = output_span("decider", f"nexuscore.{name}", first)
         self.tally.span(span)
         sent: Sent = [_destination(self.topics, e, tenant, self.codec.encode(e)) for e in out]
         for topic, key, value in sent:

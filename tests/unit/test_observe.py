@@ -11,7 +11,16 @@ from prometheus_client import REGISTRY
 
 from nexuscore.core import EMPTY_STATE, on_request
 from nexuscore.kernel.errors import NexusError
-from nexuscore.observe import Tally, enabled, reason_class, serve_metrics
+from nexuscore.observe import (
+    Tally,
+    enabled,
+    parse_traceparent,
+    reason_class,
+    serve_metrics,
+    trace_id_of,
+    valid_trace_id,
+    with_trace,
+)
 from nexuscore.policy import default_policy
 from nexuscore.schemas import RequestDecided
 from nexuscore.transport import dead_letter
@@ -88,3 +97,38 @@ def test_a_reason_becomes_a_bounded_label(reason: str, label: str) -> None:
 def test_a_bad_metrics_port_is_one_clear_error() -> None:
     with pytest.raises(NexusError, match="--metrics-port"):
         serve_metrics(70000)
+
+
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        (
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"),
+        ),
+        (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+        (b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),
+        (b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+        (b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),
+        (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", None),
+        (b"\xff\xfe garbage", None),
+        (None, None),
+    ],
+)
+def test_traceparent_headers_are_read_as_w3c_says(
+    header: bytes | str | None, parsed: tuple[str, str] | None
+) -> None:
+    assert parse_traceparent(header) == parsed
+
+
+def test_a_request_without_a_valid_trace_id_gets_a_stable_derived_one() -> None:
+    own = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_id_of(own, "acme-bank", "r1") == own
+    derived = trace_id_of("not-a-trace", "acme-bank", "r1")
+    assert valid_trace_id(derived) and derived == trace_id_of("", "acme-bank", "r1")
+    assert derived != trace_id_of("", "other-bank", "r1"), "request ids are unique per tenant only"
+    assert with_trace(request(trace_id="")).trace_id == trace_id_of("", "acme-bank", "req-1")
