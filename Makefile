@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
 PACKAGES := kernel ledger schemas policy core observe transport streams providers projections replay services
 
-.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean
+.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence schemas clean compose-keys
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -78,6 +78,16 @@ DECISIONS ?= 10000000
 bench-evidence: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.evidence --decisions $(DECISIONS)
+
+# Demo keys, trust store and signed policy for compose.yaml (mounted as /keys; a deployer gives
+# their own folder with NEXUSCORE_KEYS=DIR docker compose up). The gateway's API keys are made by
+# its own command where this build has it.
+COMPOSE_KEYS ?= deploy/keys
+compose-keys: install
+	$(BIN)/python -m nexuscore._devkeys $(COMPOSE_KEYS)
+	@if $(BIN)/nexuscore gateway --help >/dev/null 2>&1; then \
+		$(BIN)/nexuscore gateway key add --tenant acme-bank --keys $(COMPOSE_KEYS)/gateway-keys.json; \
+	else echo "no 'nexuscore gateway' in this build: $(COMPOSE_KEYS)/gateway-keys.json not made"; fi
 
 schemas: install
 	$(BIN)/python -m nexuscore.schemas
