@@ -3,8 +3,10 @@ the events of the batch, and free-text reasons turned into bounded labels."""
 
 from __future__ import annotations
 
+import re
 import socket
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -132,3 +134,11 @@ def test_a_request_without_a_valid_trace_id_gets_a_stable_derived_one() -> None:
     assert valid_trace_id(derived) and derived == trace_id_of("", "acme-bank", "r1")
     assert derived != trace_id_of("", "other-bank", "r1"), "request ids are unique per tenant only"
     assert with_trace(request(trace_id="")).trace_id == trace_id_of("", "acme-bank", "req-1")
+
+
+def test_every_metric_is_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    names = {m.name for m in REGISTRY.collect() if m.name.startswith("nexuscore_")}
+    assert names, "the metrics are registered on import"
+    missing = [n for n in names if not re.search(rf"`{n}(_total)?`", readme)]
+    assert not missing, missing
