@@ -5,6 +5,7 @@ once ``make compose-keys`` has run, or is a volume the stack makes. Where a Dock
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
@@ -130,10 +131,7 @@ def _commands() -> list[list[str]]:
 def test_docker_compose_up_decides_a_request(keys: Path) -> None:
     project = f"nexuscore-test-{uuid.uuid4().hex[:6]}"
     compose = ["docker", "compose", "-p", project, "-f", str(ROOT / "compose.yaml")]
-    env = {"NEXUSCORE_KEYS": str(keys)}
-    import os
-
-    run_env = {**os.environ, **env}
+    run_env = {**os.environ, "NEXUSCORE_KEYS": str(keys)}
     try:
         subprocess.run([*compose, "up", "-d", "--build", "--wait", "decider", "worker", "projector", "provider"],
                        check=True, env=run_env, timeout=900)  # fmt: skip
