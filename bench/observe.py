@@ -32,7 +32,7 @@ def _free_port() -> int:
 CANDIDATES: dict[str, tuple[list[str], dict[str, str]]] = {
     "off": (["--runtime", "loop"], {}),
     "metrics": (["--runtime", "loop", "--metrics-port", "{port}"], {}),
-    "metrics+tracing": (
+    "metrics-tracing": (
         ["--runtime", "loop", "--metrics-port", "{port}"],
         {"OTEL_TRACES_EXPORTER": "console"},
     ),
