@@ -90,8 +90,9 @@ def header_value(headers: Sequence[tuple[str, bytes]] | None, name: str = TRACEP
 
 def configure_tracing(service: str, provider: Any = None) -> bool:
     """Export spans if OpenTelemetry is configured: ``provider`` (a TracerProvider, for tests), or
-    the standard environment variables (OTEL_TRACES_EXPORTER=otlp|console, OTEL_EXPORTER_OTLP_*,
-    OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER). True if spans are on."""
+    the standard environment variables (OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_*,
+    OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_SDK_DISABLED). True if
+    spans are on; NexusError for an exporter this build cannot provide."""
     if provider is None:
         provider = _provider_from_environment(service)
     if provider is None:
@@ -111,7 +112,8 @@ def _provider_from_environment(service: str) -> Any:
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
-    if exporter_name in ("", "none") and not (endpoint and exporter_name != "none"):
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    if disabled or exporter_name == "none" or not (exporter_name or endpoint):
         return None
     # The SDK only when asked for: the API alone costs nothing.
     from opentelemetry.sdk.resources import Resource

@@ -15,11 +15,13 @@ from nexuscore.core import EMPTY_STATE, on_request
 from nexuscore.kernel.errors import NexusError
 from nexuscore.observe import (
     Tally,
+    configure_tracing,
     enabled,
     parse_traceparent,
     reason_class,
     serve_metrics,
     trace_id_of,
+    tracing_enabled,
     valid_trace_id,
     with_trace,
 )
@@ -142,3 +144,30 @@ def test_every_metric_is_in_the_readme() -> None:
     assert names, "the metrics are registered on import"
     missing = [n for n in names if not re.search(rf"`{n}(_total)?`", readme)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+     {"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}],
+)  # fmt: skip
+def test_tracing_stays_off_unless_opentelemetry_is_configured(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert configure_tracing("tests") is False
+    assert not tracing_enabled()
+
+
+def test_an_exporter_this_build_lacks_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(NexusError, match="OTEL_TRACES_EXPORTER='zipkin' is not supported"):
+        configure_tracing("tests")
