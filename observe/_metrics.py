@@ -71,6 +71,8 @@ EVIDENCE_ROWS = Counter("nexuscore_evidence_rows_sealed", "Evidence rows sealed,
 EVIDENCE_FILES = Counter("nexuscore_evidence_files_sealed", "Evidence Parquet files sealed.")
 EVIDENCE_FLUSHES = Counter("nexuscore_evidence_flushes", "Evidence flushes sealed in the manifest.")
 
+# A runtime that never ends a batch (the faust decider) still has its events counted, this many at a time.
+MAX_PENDING = 1000
 CIRCUIT_LEVELS = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 _REASON_CLASS = re.compile(r"[^a-z0-9 _-]+")
 _MAX_REASON = 48
@@ -119,10 +121,14 @@ class Tally:
     def add(self, event: Event) -> None:
         if _Switch.on:
             self.events.append(event)
+            if len(self.events) >= MAX_PENDING:
+                self.flush()
 
     def extend(self, events: Iterable[Event]) -> None:
         if _Switch.on:
             self.events.extend(events)
+            if len(self.events) >= MAX_PENDING:
+                self.flush()
 
     def flush(self) -> None:
         """Move the counters by this batch's events, one call per distinct label set; end its spans."""

@@ -171,3 +171,12 @@ def test_an_exporter_this_build_lacks_is_one_clear_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(NexusError, match="OTEL_TRACES_EXPORTER='zipkin' is not supported"):
         configure_tracing("tests")
+
+
+def test_a_runtime_that_never_ends_a_batch_is_counted_in_bounded_chunks(metrics_on: None) -> None:
+    tally = Tally("no-batches")
+    letters = [dead_letter("t", 0, i, b"k", b"v", "bad: x", "tests", NOW) for i in range(2500)]
+    for dl in letters:
+        tally.add(dl)
+    assert len(tally.events) == 2500 % 1000
+    assert value("nexuscore_dead_letters_total", stage="no-batches", reason="bad") == 2000
