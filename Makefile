@@ -7,9 +7,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REQUESTS ?= 1000
-PACKAGES := kernel ledger schemas policy core transport streams providers projections replay services client gateway
+PACKAGES := kernel ledger schemas policy core observe transport streams providers projections replay services client gateway
 
-.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence bench-gateway schemas clean
+.PHONY: install jars demo test unit lint linktree typecheck pytest fault fuzz bench bench-evidence bench-gateway schemas clean compose-keys
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -84,6 +84,16 @@ bench-evidence: install
 GATEWAY_REQUESTS ?= 400
 bench-gateway: jars
 	$(BIN)/python -m bench.gateway --requests $(GATEWAY_REQUESTS)
+
+# Demo keys, trust store and signed policy for compose.yaml (mounted as /keys; a deployer gives
+# their own folder with NEXUSCORE_KEYS=DIR docker compose up). The gateway's API keys are made by
+# its own command where this build has it.
+COMPOSE_KEYS ?= deploy/keys
+compose-keys: install
+	$(BIN)/python -m nexuscore._devkeys $(COMPOSE_KEYS)
+	@if $(BIN)/nexuscore gateway --help >/dev/null 2>&1; then \
+		$(BIN)/nexuscore gateway key add --tenant acme-bank --keys $(COMPOSE_KEYS)/gateway-keys.json; \
+	else echo "no 'nexuscore gateway' in this build: $(COMPOSE_KEYS)/gateway-keys.json not made"; fi
 
 schemas: install
 	$(BIN)/python -m nexuscore.schemas

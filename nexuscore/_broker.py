@@ -319,6 +319,15 @@ def _new_cluster_id() -> str:
             return cluster_id
 
 
+def _listener_ports(properties: Path) -> tuple[int, int]:
+    """The client and controller ports a persistent broker's ``server.properties`` was made with."""
+    text = properties.read_text(encoding="utf-8")
+    found = re.search(r"^listeners=[A-Z_]+://[^:,]*:(\d+),[A-Z_]+://[^:,]*:(\d+)$", text, re.MULTILINE)
+    if found is None:
+        raise BrokerError(f"{properties} names no client and controller listeners")
+    return int(found[1]), int(found[2])
+
+
 def _free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago.
 
@@ -381,6 +390,9 @@ class LocalKafka:
     (``tempfile.mkdtemp(prefix="nexuscore-kafka-")``) holding ``server.properties``, the log
     segments under ``data/`` and the broker's console output in ``broker.log``. ``stop()`` shuts the
     broker down and deletes that folder. ``restart()`` keeps ports and data (broker-restart tests).
+    Given ``data_dir`` (and optionally ``port``), the broker is persistent instead: the folder is
+    formatted on the first start only, every later start (in this process or another) runs the
+    same log on the same ports, and ``stop()`` keeps it.
 
     Use as a context manager::
 
@@ -398,6 +410,8 @@ class LocalKafka:
         *,
         overrides: Mapping[str, str | int] | None = None,
         sasl_users: Mapping[str, str] | None = None,
+        data_dir: Path | None = None,
+        port: int | None = None,
     ) -> None:
         """Prepare (but do not start) a broker.
 
@@ -410,11 +424,17 @@ class LocalKafka:
                 password if missing) is the only super user, and every other user may do only what
                 an ACL allows (``allow.everyone.if.no.acl.found=false``). Clients need
                 ``client_config(user)``. None (the default): PLAINTEXT, no authorization.
+            data_dir: a folder that keeps the broker's log across stops and restarts (empty or
+                missing the first time); None (the default): a temporary folder, deleted by ``stop()``.
+            port: the client port of a persistent broker's first start (None: a free one); later
+                starts must ask for the same port, or none.
         """
         self._libs = Path(libs) if libs is not None else kafka_libs_dir()
         self._overrides = {key: str(value) for key, value in (overrides or {}).items()}
         self._sasl_users = _checked_sasl_users(sasl_users) if sasl_users is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._kept = Path(data_dir).resolve() if data_dir is not None else None
+        self._wanted_port = port
         self.data_dir: Path | None = None
         self.port: int | None = None
         self.controller_port: int | None = None
@@ -479,6 +499,8 @@ class LocalKafka:
                 f"no Kafka broker jars in {self._libs}; run nexuscore._broker.ensure_kafka_jars() first"
             )
         deadline = time.monotonic() + timeout_s
+        if self._kept is not None:
+            return self._start_kept(java, deadline, timeout_s)
         self.data_dir = Path(tempfile.mkdtemp(prefix="nexuscore-kafka-"))
         try:
             # Another process may grab a chosen port before the broker binds it; then the whole setup
@@ -525,7 +547,7 @@ class LocalKafka:
         ``grace_s=0`` kills at once. Safe to call more than once, and on a broker that never started.
         """
         self._terminate(grace_s)
-        if self.data_dir is not None:
+        if self.data_dir is not None and self._kept is None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
         self.port = self.controller_port = None
@@ -549,7 +571,40 @@ class LocalKafka:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _setup_storage(self, java: str, deadline: float) -> None:
+    def _start_kept(self, java: str, deadline: float, timeout_s: float) -> str:
+        """Start the persistent broker of ``data_dir``: format it the first time, else run its log
+        again on the ports it was made with. Its folder is never deleted, whatever happens."""
+        root = self._kept
+        assert root is not None
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            formatted = (root / "data" / "meta.properties").is_file() and (root / "server.properties").is_file()
+            if not formatted and any(root.iterdir()):
+                raise BrokerError(f"{root} is neither empty nor a broker's data folder: give an empty or new one")
+        except OSError as exc:
+            raise BrokerError(f"cannot use {root} as the broker's data folder: {exc.strerror}") from exc
+        self.data_dir = root
+        try:
+            if formatted:
+                self.port, self.controller_port = _listener_ports(self._properties_path)
+                if self._wanted_port not in (None, self.port):
+                    raise BrokerError(f"{root} holds a broker made for port {self.port}, not {self._wanted_port}")
+            else:
+                self._setup_storage(java, deadline, self._wanted_port)
+            self._launch(java)
+            try:
+                self._await_ready(deadline, timeout_s)
+            except _PortTaken:
+                self._fail(f"could not get its port {self.port} (another process holds it)")
+        except BaseException:
+            self._kill()
+            self.data_dir = None
+            self.port = self.controller_port = None
+            _LIVE.discard(self)
+            raise
+        return self.bootstrap
+
+    def _setup_storage(self, java: str, deadline: float, port: int | None = None) -> None:
         """Pick ports, write server.properties and format a fresh KRaft storage folder."""
         assert self.data_dir is not None
         for child in self.data_dir.iterdir():  # an earlier attempt's leftovers
@@ -558,6 +613,8 @@ class LocalKafka:
             else:
                 child.unlink()
         self.port, self.controller_port = _free_ports(2)
+        if port is not None:
+            self.port, self.controller_port = port, next(p for p in _free_ports(2) if p != port)
         settings = dict(_BROKER_SETTINGS)
         settings.update(
             {

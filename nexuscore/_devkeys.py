@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -62,6 +63,18 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
             _configured_operator(),
             Path(reviewer) if reviewer else None,
         )
+    return demo_keys(directory, policy_path, private, public)
+
+
+def demo_keys(directory: Path, policy_path: Path, private: Path | None = None, public: Path | None = None) -> DevKeys:
+    """Demo keys in ``directory`` whatever the environment says: the evidence signing pair (unless
+    given), two reviewers in ``trust.yaml`` and ``policy_path`` copied in and signed by both (valid
+    30 days). ``make compose-keys`` makes these for compose.yaml."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if private is None or public is None:
+        private, public = directory / "evidence-signing.pem", directory / "evidence-signing.pub"
+        if not private.exists():
+            generate_keypair(private, public)
     trust_store = directory / "trust.yaml"
     policy = directory / policy_path.name
     shutil.copyfile(policy_path, policy)
@@ -97,3 +110,20 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
 def _configured_operator() -> Path | None:
     configured = os.environ.get("NEXUSCORE_OPERATOR_KEY")
     return Path(configured) if configured else None
+
+
+def main(argv: list[str]) -> int:
+    """``python -m nexuscore._devkeys DIR``: demo keys for compose.yaml in DIR (``make compose-keys``)."""
+    from nexuscore.policy import DEFAULT_POLICY_PATH
+
+    if len(argv) != 1:
+        print("usage: python -m nexuscore._devkeys DIR", file=sys.stderr)
+        return 2
+    keys = demo_keys(Path(argv[0]), DEFAULT_POLICY_PATH)
+    for path in (keys.evidence_private, keys.trust_store, keys.policy, signatures_path(keys.policy)):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

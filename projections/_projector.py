@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore.core import refusal_event
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, EvidenceError
+from nexuscore.observe import record_lag, record_sealed, record_spans, with_trace
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
@@ -269,7 +270,7 @@ class Projector:
         if record.topic == self.topics.requests:
             # External input: checked exactly as the decider checks it, so that what it
             # dead-letters never enters the requests table.
-            event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
+            event = with_trace(decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,)))
             return ROW_BUILDERS[InferenceRequested](
                 msgspec.to_builtins(event, builtin_types=(datetime, bytes))
             )
@@ -411,6 +412,7 @@ class Projector:
         )
         for tp, b in batches.items():
             self._position[tp] = b.end
+        record_sealed(_sealed_rows(batches), sum(len(b.rows) for b in batches.values()))
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -499,6 +501,8 @@ class Projector:
         try:
             while not self.stopping.is_set():
                 fetched = await consumer.getmany(timeout_ms=100, max_records=2_000)
+                record_lag("projector", consumer, fetched)
+                record_spans("projector", "nexuscore.project", (r for rs in fetched.values() for r in rs))
                 for records in fetched.values():
                     for record in records:
                         self.add(batches, record)
@@ -520,6 +524,14 @@ class Projector:
     async def _commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
         if self.group is not None:
             await _commit(consumer, batches)
+
+
+def _sealed_rows(batches: dict[TopicPartition, _Batch]) -> dict[str, int]:
+    rows: dict[str, int] = defaultdict(int)
+    for b in batches.values():
+        for (table, _region), table_rows in b.rows.items():
+            rows[table] += len(table_rows)
+    return rows
 
 
 def _lock(evidence_dir: Path) -> int:

@@ -26,6 +26,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str
     decode_strategy: str = "standard"
     timeout_s: float = 30.0
+    # The W3C trace context of the worker's span over this call, sent as the ``traceparent`` header.
+    traceparent: str = ""
 
 
 class ChatResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -73,6 +73,8 @@ class AnthropicMessagesAdapter:
         }
         if self._api_key:
             headers["x-api-key"] = self._api_key
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
         body = _encoder.encode(
             _Body(
                 model=request.model,

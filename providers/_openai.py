@@ -72,6 +72,8 @@ class OpenAIChatAdapter:
         headers = {"Content-Type": "application/json", "Idempotency-Key": request.idempotency_key}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
         body = _encoder.encode(
             _Body(
                 model=request.model,

@@ -44,6 +44,7 @@ from nexuscore.services._governance import (
     trust_key,
     trusted_keys,
 )
+from nexuscore.services._operate import init_topics
 from nexuscore.services._replay import (
     change_rows,
     changes_table,
@@ -87,6 +88,7 @@ __all__ = [
     "differences_table",
     "erase_content",
     "erasure_scope",
+    "init_topics",
     "escalation_event_id",
     "find_escalation",
     "kill_switch_event",

@@ -244,11 +244,14 @@ def serve_provider(config: SimulatedProviderConfig, host: str = "127.0.0.1", por
         raise NexusError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-def run_local_broker(ready: Callable[[str], None]) -> None:
+def run_local_broker(
+    ready: Callable[[str], None], *, data_dir: Path | None = None, port: int | None = None
+) -> None:
     """A local single-node KRaft broker until SIGTERM or Ctrl-C (``ready``: called with its
-    bootstrap address); the jars are fetched once by Maven."""
+    bootstrap address); the jars are fetched once by Maven. With ``data_dir`` its log outlives it
+    (on ``port``, or the port the folder was made with); without, it goes with it."""
     ensure_kafka_jars()
-    with LocalKafka() as broker:
+    with LocalKafka(data_dir=data_dir, port=port) as broker:
         ready(broker.start())
         stopped = False
 

@@ -17,6 +17,7 @@ from typing import Any
 import faust
 
 from nexuscore.kernel.clock import Clock
+from nexuscore.observe import Headers
 from nexuscore.policy import TrustStore
 from nexuscore.streams._faust import IdempotentApp
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
@@ -77,8 +78,8 @@ class _TopicSink:
         names = (topics.decisions, topics.dispatch, topics.deadletter, topics.outcomes, topics.reviews)
         self.topics = {name: app.topic(name, **_RAW) for name in names}
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> None:
-        await self.topics[topic].send(key=key, value=value)
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
+        await self.topics[topic].send(key=key, value=value, headers=headers)
 
 
 def build_decider(

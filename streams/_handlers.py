@@ -45,9 +45,11 @@ from nexuscore.core import (
 )
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError
+from nexuscore.observe import Headers, Tally, output_span, with_trace
 from nexuscore.policy import SIGNER_CODES, Refusal, TrustStore, check_review, judge_review
 from nexuscore.schemas import (
     AvroCodec,
+    BudgetSettled,
     DispatchRequested,
     Event,
     InferenceRequested,
@@ -73,13 +75,16 @@ from nexuscore.transport import Topics, appended_at, dead_letter, decode_tenant_
 log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
 _ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
+# The decider's span over one input, named by its first output (anything else answers a review).
+_SPAN_NAMES: dict[type[Event], str] = {RequestDecided: "decide", RequestRejected: "decide", BudgetSettled: "settle"}
 Table = MutableMapping[bytes, bytes]
 
 
 class Sink(Protocol):
-    """Where the agent's output goes: Kafka topics in production, a recorder in component tests."""
+    """Where the agent's output goes: Kafka topics in production, a recorder in component tests.
+    ``headers`` (the trace context) are passed only to a sink the agent was told takes them."""
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> None: ...
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None: ...
 
 
 class DeciderTables(msgspec.Struct, frozen=True):
@@ -130,6 +135,7 @@ class Decider:
         topics: Topics,
         reviewers: TrustStore,
         keep_outputs: bool = True,
+        trace_headers: bool = False,
     ) -> None:
         self.t = tables
         # Whether an input's outputs are kept with its record, to send again if the input comes
@@ -148,6 +154,10 @@ class Decider:
             topics.reviews: (ReviewRecorded,),
         }
         self.timed_out: set[bytes] = set()
+        # What this agent produced since its runtime's last batch, for the metrics (off: nothing kept).
+        self.tally = Tally("decider")
+        # Whether outputs carry a W3C traceparent header (the sink must take ``headers``).
+        self.trace_headers = trace_headers
 
     # --- the boundary ---------------------------------------------------------------------------
 
@@ -167,6 +177,8 @@ class Decider:
         except DecodeError as exc:
             await self.reject(topic, partition, offset, key, value, str(exc))
             return
+        if isinstance(event, InferenceRequested):
+            event = with_trace(event)  # a request without a valid trace id gets its derived one
         appended = appended_at(timestamp_ms, self.clock.now())
         source = Input(topic, partition, offset, value or b"", appended, appended)
         try:
@@ -192,6 +204,7 @@ class Decider:
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
     ) -> None:
         dl = dead_letter(topic, partition, offset, key, value, reason, PRODUCER, self.clock.now())
+        self.tally.add(dl)
         await self.sink.send(self.topics.deadletter, topic.encode(), self.codec.encode(dl))
 
     async def refuse(
@@ -201,6 +214,7 @@ class Decider:
         if refusal.code in SIGNER_CODES:
             return  # the projector records these from the reviews topic: one refusal per act
         refused = refusal_event(act, refusal, source, PRODUCER, now)
+        self.tally.add(refused)
         await self.sink.send(self.topics.decisions, act.tenant_id.encode(), self.codec.encode(refused))
 
     # --- requests -------------------------------------------------------------------------------
@@ -327,7 +341,7 @@ class Decider:
         if record is None or not record.request:
             await self.hold_early_review(event, record, source)
             return
-        request = self.codec.decode(record.request, (InferenceRequested,))
+        request = with_trace(self.codec.decode(record.request, (InferenceRequested,)))
         escalated = self.codec.decode(record.decided, (RequestDecided,))
         assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
         refused = judge_review(
@@ -434,6 +448,9 @@ class Decider:
     async def emit(self, out: list[Event], tenant: bytes) -> Sent:
         """Send one input's outputs in order (the decision before the dispatch that acts on it)."""
         sent: Sent = []
+        self.tally.extend(out)
+        if self.trace_headers and out:
+            return await self.send_traced(out, tenant)
         for e in out:
             if isinstance(e, DispatchRequested):
                 sent.append((self.topics.dispatch, e.request_id.encode(), self.codec.encode(e)))
@@ -442,6 +459,18 @@ class Decider:
             else:
                 sent.append((self.topics.decisions, tenant, self.codec.encode(e)))
         await self.resend(sent)
+        return sent
+
+    async def send_traced(self, out: list[Event], tenant: bytes) -> Sent:
+        """``emit`` with the trace context: every output carries the traceparent of the decider's
+        span over their input."""
+        first = out[0]
+        name = _SPAN_NAMES.get(type(first), "review")
+        span = output_span("decider", f"nexuscore.{name}", first)
+        self.tally.span(span)
+        sent: Sent = [_destination(self.topics, e, tenant, self.codec.encode(e)) for e in out]
+        for topic, key, value in sent:
+            await self.sink.send(topic, key, value, headers=span.headers)
         return sent
 
     def kept(self, sent: Sent) -> Sent:
@@ -477,6 +506,15 @@ def timeout_review(escalated: RequestDecided, now: datetime) -> ReviewRecorded:
         reason="no review before the deadline",
         deadline=escalated.review_deadline,
     )
+
+
+def _destination(topics: Topics, e: Event, tenant: bytes, value: bytes) -> tuple[str, bytes, bytes]:
+    """Where ``emit`` sends an output: dispatches keyed by request, the rest by tenant."""
+    if isinstance(e, DispatchRequested):
+        return (topics.dispatch, e.request_id.encode(), value)
+    if isinstance(e, OutcomeRecorded):
+        return (topics.outcomes, tenant, value)
+    return (topics.decisions, tenant, value)
 
 
 def _latency_key(partition: int, deployment: str, strategy: str) -> bytes:

@@ -41,6 +41,7 @@ from aiokafka import (
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from nexuscore.kernel.clock import Clock
+from nexuscore.observe import Headers, batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._handlers import Decider, DeciderTables
@@ -54,12 +55,15 @@ MAX_BATCHES_WAITING = 64
 
 
 class Outbox:
-    """The batch's outputs, in order, until the batch is flushed."""
+    """The batch's outputs, in order, until the batch is flushed (``headers``: by output index)."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes, bytes]] = []
+        self.headers: dict[int, Headers] = {}
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+    async def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None:
+        if headers:
+            self.headers[len(self.messages)] = headers
         self.messages.append((topic, key, value))
 
 
@@ -101,8 +105,9 @@ class DeciderLoop:
         self.outbox = Outbox()
         tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
         self.decider = Decider(
-            tables, holder, clock, self.outbox, topics=topics, reviewers=reviewers, keep_outputs=False
-        )
+            tables, holder, clock, self.outbox, topics=topics, reviewers=reviewers, keep_outputs=False,
+            trace_headers=True,
+        )  # fmt: skip
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
@@ -192,13 +197,17 @@ class DeciderLoop:
                     if time.monotonic() >= next_scan:
                         await self.decider.overdue_reviews()
                         next_scan = time.monotonic() + DEADLINE_SCAN_S
+                    batch_done(self.decider.tally, "decider", consumer, batches)  # metrics, per batch
                     await self._flush(consumer, self._job(batches))
         finally:
             await self.settled()
 
     def _job(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> _FlushJob:
-        job = _FlushJob(list(self.outbox.messages), self.state.snapshot(), _next_offsets(batches))
+        job = _FlushJob(
+            list(self.outbox.messages), self.state.snapshot(), _next_offsets(batches), self.outbox.headers
+        )
         self.outbox.messages.clear()
+        self.outbox.headers = {}
         return job
 
     async def settled(self) -> None:
@@ -226,7 +235,10 @@ class DeciderLoop:
             await self._flush_transaction(job)
             return
         assert self._producer is not None, "run() first"
-        sent = [await self._producer.send(topic, value, key=key) for topic, key, value in job.outputs]
+        sent = [
+            await self._producer.send(topic, value, key=key, headers=job.headers.get(i))
+            for i, (topic, key, value) in enumerate(job.outputs)
+        ]
         self._waiting.append((job, sent))
         if self._writer is not None and self._writer.done():
             self._writer.result()  # a failed write stops the decider: nothing after it may commit
@@ -258,8 +270,8 @@ class DeciderLoop:
     async def _flush_transaction(self, job: _FlushJob) -> None:
         assert self._producer is not None, "run() first"
         async with self._producer.transaction():
-            for topic, key, value in job.outputs:
-                await self._producer.send(topic, value, key=key)
+            for i, (topic, key, value) in enumerate(job.outputs):
+                await self._producer.send(topic, value, key=key, headers=job.headers.get(i))
             for table, row, change, p in job.state:
                 await self._producer.send(table, change, key=row, partition=p)
             if job.offsets:
@@ -273,6 +285,7 @@ class _FlushJob(msgspec.Struct, frozen=True):
     outputs: list[tuple[str, bytes, bytes]]
     state: list[tuple[str, bytes, bytes | None, int]]
     offsets: dict[TopicPartition, int]
+    headers: dict[int, Headers] = {}  # the outputs' record headers, by index (trace context)
 
     @property
     def empty(self) -> bool:

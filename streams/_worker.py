@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 from nexuscore.core import envelope_from
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, ProviderError
+from nexuscore.observe import Tally, batch_done, event_span
 from nexuscore.policy import cost_micros
 from nexuscore.providers import ChatRequest, ChatResult, ProviderAdapter, adapter_for
 from nexuscore.schemas import (
@@ -118,7 +119,9 @@ class Caller:
     def _endpoint(self, t: FallbackTarget) -> str:
         return self.routes.get(t.deployment_id) or self.endpoint_override or t.endpoint
 
-    async def call(self, d: DispatchRequested) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
+    async def call(
+        self, d: DispatchRequested, traceparent: str = ""
+    ) -> tuple[list[ModelCallAttempted], OutcomeRecorded]:
         attempts: list[ModelCallAttempted] = []
         skipped: list[str] = []
         started = time.perf_counter()
@@ -135,7 +138,7 @@ class Caller:
                 skipped.append(f"{target.deployment_id}: circuit open")
                 continue
             last = target
-            result, error = await self._call_target(d, target, attempts)
+            result, error = await self._call_target(d, target, attempts, traceparent)
             if result is not None:
                 break
         latency_ms = (time.perf_counter() - started) * 1000
@@ -145,7 +148,7 @@ class Caller:
         return attempts, self._outcome(d, last, result, max(1, len(attempts)), latency_ms, error, skipped)
 
     async def _call_target(
-        self, d: DispatchRequested, t: FallbackTarget, attempts: list[ModelCallAttempted]
+        self, d: DispatchRequested, t: FallbackTarget, attempts: list[ModelCallAttempted], traceparent: str = ""
     ) -> tuple[ChatResult | None, str]:
         request = ChatRequest(
             model=t.model,
@@ -154,6 +157,7 @@ class Caller:
             idempotency_key=d.idempotency_key,
             decode_strategy=t.decode_strategy,
             timeout_s=self.call_timeout_s,
+            traceparent=traceparent,
         )
         error = ""
         for n in range(1, self.retry.max_attempts + 1):
@@ -358,6 +362,7 @@ class Worker:
         self.called: OrderedDict[str, asyncio.Event] = OrderedDict()
         self.called_limit = called_limit
         self.repeats = 0
+        self.tally = Tally("worker")  # for the metrics, counted per fetch
 
     async def run(self) -> None:
         consumer = new_consumer(
@@ -385,6 +390,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=50, max_records=self.max_batch)
+                batch_done(self.tally, "worker", consumer, batches, self.caller.circuits.breakers)
                 for tp, records in batches.items():
                     for record in records:
                         await self.pending.acquire()  # back-pressure: fetch no faster than calls finish
@@ -461,6 +467,7 @@ class Worker:
             PRODUCER,
             self.clock.now(),
         )
+        self.tally.add(dl)
         future: asyncio.Future[object] = await producer.send(
             self.topics.deadletter, self.codec.encode(dl), key=record.topic.encode()
         )
@@ -505,6 +512,7 @@ class Worker:
             )
             return [asyncio.ensure_future(first.wait())]
         done = self.called[d.event_id]
+        span = event_span("worker", "nexuscore.call", d, record.headers)  # the trace context, onward
         attempts: list[ModelCallAttempted] = []
         if self.bulkhead.full(d.tenant_id):
             self.bulkhead.refused += 1
@@ -515,10 +523,18 @@ class Worker:
             outcome = self.caller.refused(d, why)
         else:
             async with self.bulkhead.slot(d.tenant_id), self.slots:
-                attempts, outcome = await self.caller.call(d)
+                attempts, outcome = await self.caller.call(d, span.traceparent)
+        self.tally.extend(attempts)
+        self.tally.add(outcome)
         key = d.tenant_id.encode()
-        futures = [await producer.send(self.topics.attempts, self.codec.encode(a), key=key) for a in attempts]
-        futures.append(await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key))
+        futures = [
+            await producer.send(self.topics.attempts, self.codec.encode(a), key=key, headers=span.headers)
+            for a in attempts
+        ]
+        futures.append(
+            await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key, headers=span.headers)
+        )
+        span.end()
         return [asyncio.ensure_future(_acknowledged(futures, done))]
 
 

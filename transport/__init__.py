@@ -10,6 +10,7 @@ from nexuscore.transport._topics import (
     DEFAULT_PARTITIONS,
     DeciderTable,
     Topics,
+    check_namespace,
     ensure_topics,
     partition_counts,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "DeciderTable",
     "Topics",
     "appended_at",
+    "check_namespace",
     "dead_letter",
     "decode_tenant_event",
     "ensure_topics",

@@ -1,20 +1,22 @@
 """Topic names and their creation.
 
 Topics are created up front with explicit partition counts: a faust Table's changelog must have as
-many partitions as its source topics. A namespace prefix lets several pipelines (tests, demos)
-share one broker without reading each other's history.
+many partitions as its source topics. A namespace lets several pipelines (tests, demos) share one
+broker without reading each other's history: namespace ``acme`` names the topics ``acme.nexus.requests``
+and the groups ``acme.nexuscore-decider`` (the empty namespace: ``nexus.requests``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from enum import StrEnum
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from nexuscore.kernel.errors import BrokerError
+from nexuscore.kernel.errors import BrokerError, NexusError
 from nexuscore.transport._kafka import start_client
 
 DEFAULT_PARTITIONS = 4
@@ -39,46 +41,69 @@ class DeciderTable(StrEnum):
 DECIDER_TABLES: tuple[str, ...] = tuple(t.value for t in DeciderTable)
 
 
+# A namespace is one word of Kafka's topic characters, without dots (the dot joins it to the name);
+# one trailing dot is accepted (``acme.`` is ``acme``), as the earlier spelling of a namespace.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.?")
+
+
+def check_namespace(namespace: str) -> str:
+    """``namespace`` if it is valid (see ``Topics``), else NexusError naming the rule."""
+    if namespace and not _NAMESPACE.fullmatch(namespace):
+        raise NexusError(
+            f"invalid namespace {namespace[:80]!r}: use 1 to 64 letters, digits, '_' or '-', "
+            "starting with a letter or digit (it prefixes every topic and group, joined with '.')"
+        )
+    return namespace
+
+
 class Topics(msgspec.Struct, frozen=True):
-    """The pipeline's topics, under an optional namespace prefix."""
+    """The pipeline's topics, under an optional namespace (NexusError if it is not valid)."""
 
     namespace: str = ""
 
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+
+    @property
+    def prefix(self) -> str:
+        """What every topic and group name starts with: ``"<namespace>."``, or nothing."""
+        return f"{self.namespace.removesuffix('.')}." if self.namespace else ""
+
     @property
     def requests(self) -> str:  # keyed by tenant
-        return f"{self.namespace}nexus.requests"
+        return f"{self.prefix}nexus.requests"
 
     @property
     def decisions(self) -> str:  # keyed by tenant: decisions, rejections, settlements
-        return f"{self.namespace}nexus.decisions"
+        return f"{self.prefix}nexus.decisions"
 
     @property
     def dispatch(self) -> str:  # keyed by request
-        return f"{self.namespace}nexus.dispatch"
+        return f"{self.prefix}nexus.dispatch"
 
     @property
     def attempts(self) -> str:  # keyed by tenant
-        return f"{self.namespace}nexus.attempts"
+        return f"{self.prefix}nexus.attempts"
 
     @property
     def outcomes(self) -> str:  # keyed by tenant
-        return f"{self.namespace}nexus.outcomes"
+        return f"{self.prefix}nexus.outcomes"
 
     @property
     def deadletter(self) -> str:  # keyed by source topic
-        return f"{self.namespace}nexus.deadletter"
+        return f"{self.prefix}nexus.deadletter"
 
     @property
     def governance(self) -> str:  # policy stage changes and kill switches, in one ordered partition
-        return f"{self.namespace}nexus.governance"
+        return f"{self.prefix}nexus.governance"
 
     @property
     def reviews(self) -> str:  # keyed by tenant: people's reviews of escalations, and timeouts
-        return f"{self.namespace}nexus.reviews"
+        return f"{self.prefix}nexus.reviews"
 
     @property
     def circuits(self) -> str:  # keyed by deployment: circuit breaker state changes
-        return f"{self.namespace}nexus.circuits"
+        return f"{self.prefix}nexus.circuits"
 
     @property
     def all(self) -> tuple[str, ...]:
@@ -107,7 +132,7 @@ class Topics(msgspec.Struct, frozen=True):
 
     def group(self, name: str) -> str:
         """A consumer group (or faust app id) private to this namespace."""
-        return f"{self.namespace}{name}"
+        return f"{self.prefix}{name}"
 
 
 def _broker_timed(topics: Topics) -> tuple[str, ...]:

@@ -49,9 +49,35 @@ Bootstrap = Annotated[
         "--bootstrap", "-b", help="Kafka bootstrap servers, host:port.", envvar="NEXUSCORE_BOOTSTRAP"
     ),
 ]
+
+
+def _checked_namespace(value: str) -> str:
+    """A bad --namespace is one line and exit 2, before anything starts."""
+    if not value:
+        return value
+    from nexuscore.transport import check_namespace  # lazy: aiokafka; --help stays fast
+
+    return check_namespace(value)
+
+
 Namespace = Annotated[
     str,
-    typer.Option("--namespace", help="Prefix of topic and group names (isolates pipelines on one broker)."),
+    typer.Option(
+        "--namespace",
+        help="Isolates a pipeline on a shared broker: NS names the topics NS.nexus.* and the groups "
+        "NS.nexuscore-* (letters, digits, '_' and '-').",
+        callback=_checked_namespace,
+    ),
+]
+MetricsPort = Annotated[
+    int,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics on this port at /metrics (0: off).",
+        envvar="NEXUSCORE_METRICS_PORT",
+    ),
 ]
 PolicyFile = Annotated[Path, typer.Option("--policy", "-p", help="RoutingPolicy YAML file.")]
 KeystoreDir = Annotated[

@@ -11,6 +11,7 @@ from nexuscore.cli._common import (
     Bootstrap,
     EvidenceDir,
     KeystoreDir,
+    MetricsPort,
     Namespace,
     PolicyFile,
     SignersTrust,
@@ -68,6 +69,7 @@ def run_provider(
     seed: Annotated[
         int, typer.Option(help="Seed of the latency and fault draws (each fault has its own sequence).")
     ] = 0,
+    metrics_port: MetricsPort = 0,
 ) -> None:
     """The simulated model provider: an OpenAI-compatible chat-completions server on localhost.
 
@@ -76,6 +78,7 @@ def run_provider(
     POST /_faults with a JSON object of the fields to change (error_rate, rate_limit_rate,
     timeout_rate, hang_s, spike_rate, spike_ms, latency_ms, latency_jitter_ms, output_tokens, seed)
     answers the new configuration, or HTTP 400 naming the problem; GET /_faults shows it."""
+    observe_stage("provider", metrics_port)
     from nexuscore.providers import SimulatedProviderConfig
     from nexuscore.services import serve_provider
 
@@ -112,6 +115,7 @@ def run_decider(
             envvar="NEXUSCORE_DECIDER_ID",
         ),
     ] = None,
+    metrics_port: MetricsPort = 0,
 ) -> None:
     """The decision agent: residency, routing, budget and decode for every request.
 
@@ -119,6 +123,7 @@ def run_decider(
     the bootstrap, made active only while the log has no active policy, and only if two trusted
     reviewers signed it (POLICY.sig.json). An untrusted policy is refused with one reason
     (unsigned, bad_signature, unknown_key, revoked_key, expired, invalid_content)."""
+    observe_stage("decider", metrics_port)
     from nexuscore import services
 
     decider = services.prepare_decider(
@@ -128,6 +133,15 @@ def run_decider(
     source = "" if decider.from_file else f" (from the governance log; {policy} not used)"
     print(f"decider ready: policy {decider.version} {decider.digest} active{source}", flush=True)
     services.run_decider(decider)
+
+
+def observe_stage(stage: str, metrics_port: int) -> None:
+    """Prometheus metrics on ``metrics_port`` (0: off); OpenTelemetry spans if the OTEL_* environment
+    variables configure an exporter (else none)."""
+    from nexuscore.observe import configure_tracing, serve_metrics
+
+    serve_metrics(metrics_port)
+    configure_tracing(stage)
 
 
 def parse_routes(route: list[str]) -> dict[str, str]:
@@ -170,6 +184,7 @@ def run_worker(
             "overrides --simulated-url for it)."
         ),
     ] = None,
+    metrics_port: MetricsPort = 0,
 ) -> None:
     """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome.
 
@@ -177,6 +192,7 @@ def run_worker(
     outside its allowed regions); keeps a circuit breaker per deployment, shared with the other
     workers through the circuits topic; caps each tenant's concurrent calls (bulkhead)."""
     routes = parse_routes(route or [])
+    observe_stage("worker", metrics_port)
     from nexuscore import services
 
     settings = services.WorkerSettings(
@@ -213,6 +229,7 @@ def run_projector(
     namespace: Namespace = "",
     flush_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between flushes.")] = 1.0,
     flush_rows: Annotated[int, typer.Option(min=1, help="Flush early after this many events.")] = 10_000,
+    metrics_port: MetricsPort = 0,
 ) -> None:
     """The evidence projector: every event on every topic into sealed Parquet tables.
 
@@ -224,6 +241,7 @@ def run_projector(
     the refusals table, with the reason.
     """
     key, trust = required_signing_key(signing_key), required_trust(trust_store)
+    observe_stage("projector", metrics_port)
     from nexuscore import services
 
     services.run_projector(
@@ -240,12 +258,39 @@ def run_projector(
     )
 
 
+@app.command("init-topics")
+def run_init_topics(
+    bootstrap: Bootstrap,
+    namespace: Namespace = "",
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of each topic (governance: always 1).")] = 4,
+    wait: Annotated[float, typer.Option(min=0.0, help="Seconds to wait for the broker to answer.")] = 60.0,
+) -> None:
+    """Create the pipeline's topics (and the decider's changelogs) that do not exist yet, then exit.
+
+    A deployment's one-shot init: the stages also create missing topics when they start, but a
+    topic made up front gets the partition count chosen here, before any producer writes to it."""
+    from nexuscore import services
+
+    created = services.init_topics(bootstrap, namespace, partitions, wait)
+    print(f"topics ready on {bootstrap}: {created} topics", flush=True)
+
+
 @app.command("broker")
-def run_broker() -> None:
+def run_broker(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the broker's log in this folder across restarts (default: a temporary folder, deleted on exit)."
+        ),
+    ] = None,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Client port (0: a free one; with --data-dir, the one it was made with).")
+    ] = 0,
+) -> None:
     """A local single-node KRaft Kafka broker on 127.0.0.1 until Ctrl-C (jars fetched once by Maven)."""
     from nexuscore import services
 
     def ready(bootstrap: str) -> None:
         print(f"kafka broker listening on {bootstrap} (export NEXUSCORE_BOOTSTRAP={bootstrap})", flush=True)
 
-    services.run_local_broker(ready)
+    services.run_local_broker(ready, data_dir=data_dir, port=port or None)

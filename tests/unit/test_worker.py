@@ -253,9 +253,13 @@ class RecordingProducer:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes | None]] = []
+        self.headers: list[list[tuple[str, bytes]] | None] = []
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[object]:
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
+    ) -> asyncio.Future[object]:
         self.sent.append((topic, value, key))
+        self.headers.append(headers)
         done: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -288,6 +292,9 @@ async def test_a_dispatch_delivered_twice_calls_the_provider_once() -> None:
     await again[0]
     assert len(provider.calls) == 1 and worker.repeats == 1
     assert [topic for topic, _, _ in producer.sent] == ["nexus.attempts", "nexus.outcomes"]
+    # Both records carry the worker's trace context, and the provider call got the same one.
+    (traceparent,) = {dict(h or [])["traceparent"] for h in producer.headers}
+    assert provider.calls[0][1].traceparent == traceparent.decode()
 
 
 def test_attempts_of_a_second_worker_incarnation_keep_their_own_ids() -> None:
