@@ -30,7 +30,6 @@ from typing import Any
 
 import duckdb
 import msgspec
-import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -42,7 +41,8 @@ from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review,
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._manifest import Manifest
-from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows
+from nexuscore.projections._leaves import column_leaves
+from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows, columnar
 from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import (
     ActRefused,
@@ -255,7 +255,6 @@ class Projector:
 
     def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
         region = self.regions.get(row["tenant_id"], UNASSIGNED)
-        self._protect(table, row)
         row.update(
             data_region=region,
             src_topic=record.topic,
@@ -359,22 +358,33 @@ class Projector:
         )
         return ROW_BUILDERS[DeadLettered](msgspec.to_builtins(dl, builtin_types=(datetime, bytes)))
 
-    def _protect(self, table: str, row: Row) -> None:
-        column = _CONTENT.get(table)
-        if column is None:
-            return
-        value = row[column]
-        if table == "deadletters":
-            tenant = (row.get("raw_key") or b"").decode("utf-8", "replace") or UNASSIGNED
-            text = value.hex()
-        else:
-            tenant, text = row["tenant_id"], value
-            if table == "requests":
-                row["prompt_chars"] = len(value)
-        subject = row.get("data_subject") or None
-        key_id, blob = self.cipher.encrypt(tenant, subject, row["event_id"], column, text, self.clock.now())
-        row[column] = blob
-        row[f"{column}_key"] = key_id
+    def _protect(self, batches: dict[TopicPartition, _Batch]) -> None:
+        """Encrypt every content field of this flush, one bulk call per table."""
+        now = self.clock.now()
+        for table, column in _CONTENT.items():
+            rows = [
+                row for b in batches.values() for (t, _), rs in b.rows.items() if t == table for row in rs
+            ]
+            if not rows:
+                continue
+            if table == "deadletters":
+                items = [
+                    (
+                        (r.get("raw_key") or b"").decode("utf-8", "replace") or UNASSIGNED,
+                        r.get("data_subject") or None,
+                        r["event_id"],
+                        r[column].hex(),
+                    )
+                    for r in rows
+                ]
+            else:
+                items = [(r["tenant_id"], r.get("data_subject") or None, r["event_id"], r[column]) for r in rows]
+                if table == "requests":
+                    for r in rows:
+                        r["prompt_chars"] = len(r[column])
+            for row, (key_id, blob) in zip(rows, self.cipher.encrypt_many(column, items, now), strict=True):
+                row[column] = blob
+                row[f"{column}_key"] = key_id
 
     # --- per flush -------------------------------------------------------------------------------
 
@@ -383,16 +393,19 @@ class Projector:
         writer = self.writer
         assert writer is not None, "recover() first"
         self.keystore.refresh()
+        self._protect(batches)
         for tp, batch in batches.items():
             for (table, region), rows in batch.rows.items():
+                data, columns = columnar(table, rows)
                 writer.write(
-                    pa.Table.from_pylist(rows, schema=SCHEMAS[table]),
+                    data,
                     table=table,
                     region=region,
                     topic=tp.topic,
                     partition=tp.partition,
                     first_offset=batch.start,
                     last_offset=batch.end - 1,
+                    leaves=column_leaves(SCHEMAS[table], columns),
                 )
         writer.commit(
             [

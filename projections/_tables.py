@@ -286,6 +286,15 @@ Row = dict[str, Any]
 Rows = list[tuple[str, Row]]
 
 
+def columnar(table: str, rows: list[Row]) -> tuple[pa.Table, list[list[Any]]]:
+    """The rows of one file as an Arrow table, and the same values column by column (schema order)
+    for ``_leaves.column_leaves``: one pass per column instead of ``Table.from_pylist``."""
+    schema = SCHEMAS[table]
+    columns = [[r.get(name) for r in rows] for name in schema.names]
+    arrays = [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema), columns
+
+
 def _flat(record: dict[str, Any], names: tuple[str, ...]) -> Row:
     return {n: record.get(n) for n in names}
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore import ledger
 from nexuscore.projections import _seal
 from nexuscore.projections._manifest import Manifest, sync_directory
 
@@ -43,7 +44,10 @@ class SealedWriter:
         partition: int,
         first_offset: int,
         last_offset: int,
+        leaves: list[bytes] | None = None,
     ) -> None:
+        """Write and seal one file. ``leaves``: its rows' leaf hashes when the caller rendered them
+        already (``_leaves.column_leaves``, equal to ``_seal.leaf_hashes``); else DuckDB renders them."""
         name = f"{topic}-p{partition}-{first_offset:012d}-{last_offset:012d}.parquet"
         relative = f"{region_dir(region)}/{table}/{name}"
         digest = write_table(self.root / relative, data)
@@ -59,7 +63,9 @@ class SealedWriter:
                 "first_offset": first_offset,
                 "last_offset": last_offset,
                 "rows": data.num_rows,
-                "merkle_root": _seal.table_root(self._con, data).hex(),
+                "merkle_root": (
+                    _seal.table_root(self._con, data) if leaves is None else ledger.root(leaves)
+                ).hex(),
                 "sha256": digest,
             }
         )
