@@ -40,8 +40,8 @@ from nexuscore.kernel.errors import DecodeError, EvidenceError
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
-from nexuscore.projections._manifest import Manifest
 from nexuscore.projections._leaves import column_leaves
+from nexuscore.projections._manifest import Manifest
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows, columnar
 from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import (
