@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,9 @@ class Projector:
         self._governance_until: dict[TopicPartition, int] = {}
         self._own_dead_letters = _own_dead_letters(topics)
         self._contract = _topic_contract(topics)
+        # Topic names are properties computed on each read: resolved once for the per-event path.
+        self._requests, self._governance, self._reviews = topics.requests, topics.governance, topics.reviews
+        self._validated = frozenset({topics.outcomes, topics.dispatch, topics.circuits})
         self.evidence_dir = evidence_dir
         self.signing_key = signing_key
         self.clock = clock
@@ -214,18 +217,40 @@ class Projector:
     # --- per event -------------------------------------------------------------------------------
 
     def add(self, batches: dict[TopicPartition, _Batch], record: ConsumerRecord) -> None:
-        tp = TopicPartition(record.topic, record.partition)
-        if record.offset < self._governance_until.get(tp, 0):
-            with contextlib.suppress(DecodeError):
-                self._rows(record)  # projected before a restart: only its effect on the state
+        self.add_many(batches, TopicPartition(record.topic, record.partition), (record,))
+
+    def add_many(
+        self, batches: dict[TopicPartition, _Batch], tp: TopicPartition, records: Sequence[ConsumerRecord]
+    ) -> None:
+        """Add the records of one partition, in offset order (what one poll returned for it)."""
+        until = self._governance_until.get(tp, 0)
+        if until:
+            refolded = [r for r in records if r.offset < until]
+            for record in refolded:
+                with contextlib.suppress(DecodeError):
+                    self._rows(record)  # projected before a restart: only its effect on the state
+            records = records[len(refolded) :]
+        if not records:
             return
         batch = batches.get(tp)
         if batch is None:
-            batch = batches[tp] = _Batch(self._position.get(tp, record.offset))
+            batch = batches[tp] = _Batch(self._position.get(tp, records[0].offset))
         if batch.first < 0:
-            batch.first = record.offset
-        batch.last = record.offset
-        batch.end = record.offset + 1
+            batch.first = records[0].offset
+        batch.last = records[-1].offset
+        batch.end = records[-1].offset + 1
+        recent = self._recent.get(tp)
+        if recent is None:
+            recent = self._recent[tp] = _Recent(self.dedup_window)
+        counted = 0
+        for record in records:
+            counted += self._add(batch, recent, record)
+        batch.events += counted
+        self.events += counted
+
+    def _add(self, batch: _Batch, recent: _Recent, record: ConsumerRecord) -> bool:
+        """Project one record; False when it is not counted as an event (bad input of a topic
+        whose owner dead-letters it)."""
         try:
             rows = self._rows(record)
         except DecodeError as exc:
@@ -234,15 +259,12 @@ class Projector:
             if record.topic not in self._own_dead_letters:
                 # Bad input on an input topic is dead-lettered by the stage that owns it; the dead
                 # letter, not the raw message, is what enters the evidence.
-                return
+                return False
             rows = self._dead_letter(record, str(exc))
         except Exception as exc:  # noqa: BLE001  # no input may stop the projector
             log.exception("%s[%d]@%d could not be projected", record.topic, record.partition, record.offset)
             rows = self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
         for table, row in rows:
-            recent = self._recent.get(tp)
-            if recent is None:
-                recent = self._recent[tp] = _Recent(self.dedup_window)
             if recent.seen(record.offset, _dedup_key(table, row)):
                 if not (table == "reviews" and row.get("key_id")):
                     batch.duplicates += 1
@@ -253,8 +275,7 @@ class Projector:
                     record, ReviewRecorded, row, Refusal("replayed", "this review was received already")
                 )
             self._place(batch, record, table, row)
-        batch.events += 1
-        self.events += 1
+        return True
 
     def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
         region = self.regions.get(row["tenant_id"], UNASSIGNED)
@@ -268,19 +289,20 @@ class Projector:
 
     def _rows(self, record: ConsumerRecord) -> Rows:
         """The rows one message becomes (DecodeError: none, it is bad input)."""
-        if record.topic == self.topics.requests:
+        topic = record.topic
+        if topic == self._requests:
             # External input: checked exactly as the decider checks it, so that what it
             # dead-letters never enters the requests table.
             event = decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
             return ROW_BUILDERS[InferenceRequested](
                 msgspec.to_builtins(event, builtin_types=(datetime, bytes))
             )
-        if record.topic == self.topics.governance:
+        if topic == self._governance:
             return self._governance_rows(record)
-        if record.topic == self.topics.reviews:
+        if topic == self._reviews:
             return self._review_rows(record)
-        expected, key_field = self._contract[record.topic]
-        if record.topic in (self.topics.outcomes, self.topics.dispatch, self.topics.circuits):
+        expected, key_field = self._contract[topic]
+        if topic in self._validated:
             # Input of another stage (the circuits: of every worker): checked as fully as that
             # stage checks it, so what it refuses never enters a table.
             event = self.codec.decode(record.value, expected)
@@ -530,10 +552,9 @@ class Projector:
         try:
             while not self.stopping.is_set():
                 fetched = await consumer.getmany(timeout_ms=100, max_records=2_000)
-                for records in fetched.values():
-                    for record in records:
-                        self.add(batches, record)
-                        size += record.serialized_value_size + record.serialized_key_size
+                for tp, records in fetched.items():
+                    self.add_many(batches, tp, records)
+                    size += sum(r.serialized_value_size + r.serialized_key_size for r in records)
                     pending += len(records)
                 del fetched  # the raw records go as soon as they are rows
                 due = time.monotonic() - last_flush >= self.flush_interval_s
