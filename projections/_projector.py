@@ -212,7 +212,6 @@ class Projector:
         # the consumer never returns (transaction markers) are accounted for, not gaps.
         self._position: dict[TopicPartition, int] = {}
         self._recent: dict[TopicPartition, _Recent] = {}
-        self._con = duckdb.connect()
 
     # --- per event -------------------------------------------------------------------------------
 
@@ -468,27 +467,35 @@ class Projector:
                 path.unlink()
         for tmp in self.evidence_dir.glob("region=*/*/.*.tmp"):
             tmp.unlink()
+        self._rebuild_windows(manifest)
+        self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
+        return manifest
+
+    def _rebuild_windows(self, manifest: Manifest) -> None:
+        """The dedup window of each partition, from the files of its last ``dedup_window`` offsets.
+
+        A connection of its own, closed after: DuckDB holds tens of MB the loop has no use for.
+        """
         by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         for e in manifest.files():
             by_tp[(e["topic"], e["partition"])].append(e)
-        for (topic, partition), end in manifest.positions.items():
-            recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
-            since = end - self.dedup_window - 1
-            rows: list[tuple[int, str]] = []
-            for e in by_tp[(topic, partition)]:
-                if e["last_offset"] >= since:
-                    key = _DEDUP_SQL.get(e["table"], "event_id")
-                    source = _seal.file_source(str(self.evidence_dir / e["path"]))
-                    rows.extend(
-                        self._con.execute(
-                            f"SELECT src_offset, {key} FROM {source} WHERE src_offset >= ?",  # noqa: S608
-                            [since],
-                        ).fetchall()
-                    )
-            for offset, key in sorted(rows):
-                recent.seen(offset, key)
-        self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
-        return manifest
+        with duckdb.connect() as con:
+            for (topic, partition), end in manifest.positions.items():
+                recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
+                since = end - self.dedup_window - 1
+                rows: list[tuple[int, str]] = []
+                for e in by_tp[(topic, partition)]:
+                    if e["last_offset"] >= since:
+                        key = _DEDUP_SQL.get(e["table"], "event_id")
+                        source = _seal.file_source(str(self.evidence_dir / e["path"]))
+                        rows.extend(
+                            con.execute(
+                                f"SELECT src_offset, {key} FROM {source} WHERE src_offset >= ?",  # noqa: S608
+                                [since],
+                            ).fetchall()
+                        )
+                for offset, key in sorted(rows):
+                    recent.seen(offset, key)
 
     async def run(self) -> None:
         try:

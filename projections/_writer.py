@@ -30,7 +30,7 @@ class SealedWriter:
     def __init__(self, root: Path, signing_key: Ed25519PrivateKey) -> None:
         self.root = root
         self.manifest = Manifest(root, signing_key)
-        self._con = duckdb.connect()
+        self._con: duckdb.DuckDBPyConnection | None = None  # opened only if DuckDB must seal
         self._directories: set[Path] = set()
         self.files = 0
 
@@ -63,13 +63,16 @@ class SealedWriter:
                 "first_offset": first_offset,
                 "last_offset": last_offset,
                 "rows": data.num_rows,
-                "merkle_root": (
-                    _seal.table_root(self._con, data) if leaves is None else ledger.root(leaves)
-                ).hex(),
+                "merkle_root": (ledger.root(leaves) if leaves is not None else self._duckdb_root(data)).hex(),
                 "sha256": digest,
             }
         )
         self.files += 1
+
+    def _duckdb_root(self, data: pa.Table) -> bytes:
+        if self._con is None:
+            self._con = duckdb.connect()
+        return _seal.table_root(self._con, data)
 
     def commit(self, partitions: list[dict[str, Any]], now: datetime) -> None:
         for directory in self._directories:  # once per flush, not once per file
