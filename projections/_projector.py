@@ -43,7 +43,16 @@ from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
 from nexuscore.projections._manifest import Manifest
-from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows, columnar
+from nexuscore.projections._tables import (
+    POSITIONS,
+    ROW_BUILDERS,
+    SCHEMAS,
+    Row,
+    Rows,
+    row_values,
+    to_columns,
+    to_table,
+)
 from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import (
     ActRefused,
@@ -149,7 +158,8 @@ class _Batch:
         self.first = -1
         self.last = -1
         self.end = start  # one past the last offset consumed
-        self.rows: dict[tuple[str, str], list[Row]] = defaultdict(list)
+        # Per (table, region): each row's column values in schema order (``row_values``).
+        self.rows: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
         self.events = 0
         self.duplicates = 0
         self.undecodable = 0
@@ -284,7 +294,7 @@ class Projector:
             src_partition=record.partition,
             src_offset=record.offset,
         )
-        batch.rows[(table, region)].append(row)
+        batch.rows[(table, region)].append(row_values(table, row))
 
     def _rows(self, record: ConsumerRecord) -> Rows:
         """The rows one message becomes (DecodeError: none, it is bad input)."""
@@ -382,33 +392,24 @@ class Projector:
         )
         return ROW_BUILDERS[DeadLettered](msgspec.to_builtins(dl, builtin_types=(datetime, bytes)))
 
-    def _protect(self, batches: dict[TopicPartition, _Batch]) -> None:
-        """Encrypt every content field of this flush, one bulk call per table."""
-        now = self.clock.now()
-        for table, column in _CONTENT.items():
-            rows = [
-                row for b in batches.values() for (t, _), rs in b.rows.items() if t == table for row in rs
-            ]
-            if not rows:
-                continue
-            if table == "deadletters":
-                items = [
-                    (
-                        (r.get("raw_key") or b"").decode("utf-8", "replace") or UNASSIGNED,
-                        r.get("data_subject") or None,
-                        r["event_id"],
-                        r[column].hex(),
-                    )
-                    for r in rows
-                ]
-            else:
-                items = [(r["tenant_id"], r.get("data_subject") or None, r["event_id"], r[column]) for r in rows]
-                if table == "requests":
-                    for r in rows:
-                        r["prompt_chars"] = len(r[column])
-            for row, (key_id, blob) in zip(rows, self.cipher.encrypt_many(column, items, now), strict=True):
-                row[column] = blob
-                row[f"{column}_key"] = key_id
+    def _protect(self, table: str, columns: list[list[Any]], now: datetime) -> None:
+        """Encrypt the content column of one file's columns in place, in one bulk call."""
+        column = _CONTENT.get(table)
+        if column is None or not columns[0]:
+            return
+        at = POSITIONS[table]
+        content = columns[at[column]]
+        subjects = [s or None for s in columns[at["data_subject"]]] if "data_subject" in at else [None] * len(content)
+        if table == "deadletters":
+            tenants = [(k or b"").decode("utf-8", "replace") or UNASSIGNED for k in columns[at["raw_key"]]]
+            texts = [v.hex() for v in content]
+        else:
+            tenants, texts = columns[at["tenant_id"]], content
+            if table == "requests":
+                columns[at["prompt_chars"]] = [len(t) for t in texts]
+        sealed = self.cipher.encrypt_many(column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now)
+        columns[at[f"{column}_key"]] = [key_id for key_id, _ in sealed]
+        columns[at[column]] = [blob for _, blob in sealed]
 
     # --- per flush -------------------------------------------------------------------------------
 
@@ -417,12 +418,13 @@ class Projector:
         writer = self.writer
         assert writer is not None, "recover() first"
         self.keystore.refresh()
-        self._protect(batches)
+        now = self.clock.now()
         for tp, batch in batches.items():
             for (table, region), rows in batch.rows.items():
-                data, columns = columnar(table, rows)
+                columns = to_columns(table, rows)
+                self._protect(table, columns, now)
                 writer.write(
-                    data,
+                    to_table(table, columns),
                     table=table,
                     region=region,
                     topic=tp.topic,

@@ -286,22 +286,39 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 TABLES = tuple(SCHEMAS)
 _GETTERS = {table: operator.itemgetter(*schema.names) for table, schema in SCHEMAS.items()}
+# Column positions by name, per table.
+POSITIONS: dict[str, dict[str, int]] = {t: {n: i for i, n in enumerate(s.names)} for t, s in SCHEMAS.items()}
 Row = dict[str, Any]
 Rows = list[tuple[str, Row]]
 
 
-def columnar(table: str, rows: list[Row]) -> tuple[pa.Table, list[Sequence[Any]]]:
-    """The rows of one file as an Arrow table, and the same values column by column (schema order)
-    for ``_leaves.column_leaves``: rows transposed in one pass, no ``Table.from_pylist``."""
-    schema = SCHEMAS[table]
+def row_values(table: str, row: Row) -> tuple[Any, ...]:
+    """A row as the tuple of its column values in schema order: what a flush holds per row (a
+    tuple is a fifth of a dict's size, and transposes to columns without a lookup)."""
     try:
-        columns: list[Sequence[Any]] = list(zip(*map(_GETTERS[table], rows), strict=True))
+        return _GETTERS[table](row)  # type: ignore[no-any-return]
     except KeyError:  # a row without some column (none of the builders makes one): null there
-        columns = [[r.get(name) for r in rows] for name in schema.names]
-    if not rows:
-        columns = [[] for _ in schema.names]
+        return tuple(row.get(name) for name in SCHEMAS[table].names)
+
+
+def to_columns(table: str, values: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows of ``row_values`` as one list per column (schema order)."""
+    if not values:
+        return [[] for _ in SCHEMAS[table].names]
+    return [list(c) for c in zip(*values, strict=True)]
+
+
+def to_table(table: str, columns: Sequence[Sequence[Any]]) -> pa.Table:
+    """The Arrow table of one file from its columns: no ``Table.from_pylist``."""
+    schema = SCHEMAS[table]
     arrays = [_array(c, f.type) for c, f in zip(columns, schema, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=schema), columns
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def columnar(table: str, rows: list[Row]) -> tuple[pa.Table, list[list[Any]]]:
+    """Row dicts as (Arrow table, columns): ``to_table(to_columns(row_values ...))`` in one call."""
+    columns = to_columns(table, [row_values(table, r) for r in rows])
+    return to_table(table, columns), columns
 
 
 def _array(values: Sequence[Any], kind: pa.DataType) -> pa.Array:
