@@ -29,8 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import msgspec
+import pyarrow.parquet as pq
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,7 +39,6 @@ from nexuscore.core import refusal_event
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, EvidenceError
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
-from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
 from nexuscore.projections._manifest import Manifest
@@ -89,14 +88,23 @@ UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenan
 # The content columns, encrypted under the row's tenant (and data subject) key.
 _CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
 # A client may retry a request under a new event id: requests are deduplicated by request id,
-# which is unique per tenant only. The SQL gives the same key from a sealed file (on recovery).
-_DEDUP_SQL = {"requests": "tenant_id || chr(31) || request_id"}
-
-
+# which is unique per tenant only. ``_dedup_keys`` gives the same key from a sealed file.
 def _dedup_key(table: str, row: Row) -> str:
     if table == "requests":
         return f"{row['tenant_id']}\x1f{row['request_id']}"
     return str(row["event_id"])
+
+
+def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[int, str]]:
+    """(offset, dedup key) of a sealed file's rows from offset ``since`` on (on recovery)."""
+    columns = ["src_offset", "tenant_id", "request_id"] if table == "requests" else ["src_offset", "event_id"]
+    data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
+    offsets = data.column("src_offset").to_pylist()
+    if table == "requests":
+        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)]
+    else:
+        keys = [str(k) for k in data.column(1).to_pylist()]
+    return list(zip(offsets, keys, strict=True))
 
 
 # Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
@@ -476,28 +484,21 @@ class Projector:
     def _rebuild_windows(self, manifest: Manifest) -> None:
         """The dedup window of each partition, from the files of its last ``dedup_window`` offsets.
 
-        A connection of its own, closed after: DuckDB holds tens of MB the loop has no use for.
+        Read with pyarrow (loaded anyway), not DuckDB: a DuckDB connection keeps tens of MB
+        resident for the life of the process.
         """
         by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         for e in manifest.files():
             by_tp[(e["topic"], e["partition"])].append(e)
-        with duckdb.connect() as con:
-            for (topic, partition), end in manifest.positions.items():
-                recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
-                since = end - self.dedup_window - 1
-                rows: list[tuple[int, str]] = []
-                for e in by_tp[(topic, partition)]:
-                    if e["last_offset"] >= since:
-                        key = _DEDUP_SQL.get(e["table"], "event_id")
-                        source = _seal.file_source(str(self.evidence_dir / e["path"]))
-                        rows.extend(
-                            con.execute(
-                                f"SELECT src_offset, {key} FROM {source} WHERE src_offset >= ?",  # noqa: S608
-                                [since],
-                            ).fetchall()
-                        )
-                for offset, key in sorted(rows):
-                    recent.seen(offset, key)
+        for (topic, partition), end in manifest.positions.items():
+            recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
+            since = end - self.dedup_window - 1
+            rows: list[tuple[int, str]] = []
+            for e in by_tp[(topic, partition)]:
+                if e["last_offset"] >= since:
+                    rows.extend(_dedup_keys(self.evidence_dir / e["path"], e["table"], since))
+            for offset, key in sorted(rows):
+                recent.seen(offset, key)
 
     async def run(self) -> None:
         try:
@@ -522,7 +523,7 @@ class Projector:
             self.group,  # type: ignore[arg-type]  # None: a consumer without a group
             # Bounded memory: aiokafka prefetches per partition; at about 60 partitions, 4 MiB each
             # held hundreds of MB before a record was processed.
-            max_partition_fetch_bytes=1024 * 1024,
+            max_partition_fetch_bytes=512 * 1024,
             fetch_max_bytes=16 * 1024 * 1024,
         )
         await start_client(consumer, self.bootstrap)

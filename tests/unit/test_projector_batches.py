@@ -130,3 +130,16 @@ def test_columns_build_the_table_from_pylist_builds(stored: Path) -> None:
         # A row lacking columns (none of the builders makes one) gets nulls there, as before.
         partial = [{k: v for k, v in row.items() if k != "src_topic"} for row in rows]
         assert columnar(entry["table"], partial)[0].equals(pa.Table.from_pylist(partial, schema=schema))
+
+
+def test_a_restarted_projector_still_drops_what_it_projected_before_the_restart(tmp_path: Path) -> None:
+    """The dedup windows are rebuilt from the sealed files (requests by tenant and request id)."""
+    history = run_history(POLICY, 30, seed=4)
+    root = tmp_path / "evidence"
+    project(root, history)
+    again = history[-12:]  # a stage re-emitting after its own crash: same ids, new offsets
+    assert any(type(e).__name__ == "InferenceRequested" for e in again)
+    restarted = project(root, history + again)
+    assert (restarted.events, restarted.duplicates) == (len(again), len(again))
+    report = verify(root, signing_key().public_key(), {POLICY.digest})
+    assert report.ok and report.rows == len(history), report.findings
