@@ -25,6 +25,7 @@ import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,7 @@ class Projector:
         # the consumer never returns (transaction markers) are accounted for, not gaps.
         self._position: dict[TopicPartition, int] = {}
         self._recent: dict[TopicPartition, _Recent] = {}
+        self._flusher: ThreadPoolExecutor | None = None  # the one thread flushes run on (run())
 
     # --- per event -------------------------------------------------------------------------------
 
@@ -512,6 +514,7 @@ class Projector:
         except BaseException:
             os.close(lock)
             raise
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-flush")
         # A flush's rows are tens of thousands of small containers that live until it is written:
         # at the default threshold (700) the cyclic collector walked them all again and again
         # (about 6% of the projector's CPU, bench/_evidence/projector_offline.py). Rows hold no cycles.
@@ -546,6 +549,8 @@ class Projector:
             await self._loop(consumer)
         finally:
             await consumer.stop()
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
             os.close(lock)
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
@@ -590,7 +595,9 @@ class Projector:
     async def _flush_and_commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
         # Parquet encoding is CPU work: keep the event loop (and the consumer's heartbeats)
         # responsive while it runs; its native parts (Arrow, zstd, sha256, fsync) run beside it.
-        await asyncio.to_thread(self.flush, batches)
+        # Always the same thread: each thread that allocates gets its own malloc arena, and every
+        # arena keeps its high-water mark resident (to_thread rotated over six of them).
+        await asyncio.get_running_loop().run_in_executor(self._flusher, self.flush, batches)
         await self._commit(consumer, batches)
         # Per batch: the flush is durable, signed and committed here (the place for metrics).
 
