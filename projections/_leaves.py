@@ -114,13 +114,16 @@ def column_leaves(schema: pa.Schema, columns: Sequence[Sequence[Any]]) -> list[b
         return None
     try:
         rendered = [col if fn is None else [fn(v) for v in col] for fn, col in zip(fns, columns, strict=True)]
-        encoded = [_ENCODE(row) for row in zip(*rendered, strict=True)]
-    except (_Decline, msgspec.EncodeError, AttributeError, TypeError, ValueError, OverflowError):
+    except (_Decline, AttributeError, TypeError, ValueError, OverflowError):
         return None
-    sha = hashlib.sha256
+    sha, encode = hashlib.sha256, _ENCODE
     hashes = []
-    for data in encoded:
-        if b"\\u00" in data:
-            return None  # a control character (or a literal backslash-u00): DuckDB's casing rules
-        hashes.append(sha(b"\x00" + data).digest())
+    try:
+        for row in zip(*rendered, strict=True):  # one row's bytes at a time: a flush's worth never held
+            data = encode(row)
+            if b"\\u00" in data:
+                return None  # a control character (or a literal backslash-u00): DuckDB's casing rules
+            hashes.append(sha(b"\x00" + data).digest())
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        return None
     return hashes

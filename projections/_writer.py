@@ -124,7 +124,7 @@ def write_table(path: Path, table: pa.Table, *, sync: bool = True) -> str:
         # comparison of kilobytes per row.
         write_statistics=[f.name for f in table.schema if not pa.types.is_binary(f.type)],
     )
-    data = sink.getvalue()
+    data = sink.getbuffer()  # no copy of the file's bytes
     tmp = path.parent / f".{path.name}.tmp"
     with tmp.open("wb") as f:
         f.write(data)
