@@ -19,7 +19,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -288,6 +288,27 @@ class FieldCipher:
         aad = f"{event_id}\x1f{field}".encode()
         nonce = hmac.new(key, aad, hashlib.sha256).digest()[:NONCE_BYTES]
         return key_id, nonce + cached[0].encrypt(nonce, text.encode(), aad)
+
+    def encrypt_many(
+        self, field: str, items: Sequence[tuple[str, str | None, str, str]], now: datetime
+    ) -> list[tuple[str, bytes]]:
+        """``encrypt`` over (tenant, subject, event id, text) items: the same bytes, each scope's key
+        looked up once per call, and the nonce's HMAC one-shot."""
+        scopes: dict[tuple[str, str | None], tuple[str, bytes, AESGCM]] = {}
+        suffix = f"\x1f{field}".encode()
+        digest, out = hmac.digest, []
+        for tenant, subject, event_id, text in items:
+            scope = scopes.get((tenant, subject))
+            if scope is None:
+                key_id, key = self.keys.data_key(tenant, subject, now)
+                cached = self._aead.get(key_id)
+                if cached is None or cached[1] is not key:
+                    cached = self._aead[key_id] = (AESGCM(key), key)
+                scope = scopes[(tenant, subject)] = (key_id, key, cached[0])
+            aad = event_id.encode() + suffix
+            nonce = digest(scope[1], aad, "sha256")[:NONCE_BYTES]
+            out.append((scope[0], nonce + scope[2].encrypt(nonce, text.encode(), aad)))
+        return out
 
     def decrypt(self, key_id: str, event_id: str, field: str, blob: bytes) -> str | None:
         """The plaintext, or None when the key has been erased."""

@@ -19,18 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import msgspec
-import pyarrow as pa
+import pyarrow.parquet as pq
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -40,10 +41,19 @@ from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, EvidenceError
 from nexuscore.observe import record_lag, record_sealed, record_spans, with_trace
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
-from nexuscore.projections import _seal
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
+from nexuscore.projections._leaves import column_leaves
 from nexuscore.projections._manifest import Manifest
-from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, Row, Rows
+from nexuscore.projections._tables import (
+    POSITIONS,
+    ROW_BUILDERS,
+    SCHEMAS,
+    Row,
+    Rows,
+    row_values,
+    to_columns,
+    to_table,
+)
 from nexuscore.projections._writer import SealedWriter
 from nexuscore.schemas import (
     ActRefused,
@@ -80,14 +90,23 @@ UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenan
 # The content columns, encrypted under the row's tenant (and data subject) key.
 _CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
 # A client may retry a request under a new event id: requests are deduplicated by request id,
-# which is unique per tenant only. The SQL gives the same key from a sealed file (on recovery).
-_DEDUP_SQL = {"requests": "tenant_id || chr(31) || request_id"}
-
-
+# which is unique per tenant only. ``_dedup_keys`` gives the same key from a sealed file.
 def _dedup_key(table: str, row: Row) -> str:
     if table == "requests":
         return f"{row['tenant_id']}\x1f{row['request_id']}"
     return str(row["event_id"])
+
+
+def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[int, str]]:
+    """(offset, dedup key) of a sealed file's rows from offset ``since`` on (on recovery)."""
+    columns = ["src_offset", "tenant_id", "request_id"] if table == "requests" else ["src_offset", "event_id"]
+    data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
+    offsets = data.column("src_offset").to_pylist()
+    if table == "requests":
+        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)]
+    else:
+        keys = [str(k) for k in data.column(1).to_pylist()]
+    return list(zip(offsets, keys, strict=True))
 
 
 # Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
@@ -149,7 +168,8 @@ class _Batch:
         self.first = -1
         self.last = -1
         self.end = start  # one past the last offset consumed
-        self.rows: dict[tuple[str, str], list[Row]] = defaultdict(list)
+        # Per (table, region): each row's column values in schema order (``row_values``).
+        self.rows: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
         self.events = 0
         self.duplicates = 0
         self.undecodable = 0
@@ -170,6 +190,7 @@ class Projector:
         topics: Topics = Topics(),
         flush_interval_s: float = 1.0,
         flush_rows: int = 10_000,
+        flush_bytes: int = 16 * 1024 * 1024,
         dedup_window: int = 10_000,
         trust: TrustStore | None = None,
         group: str | None = "nexuscore-projector",
@@ -186,6 +207,9 @@ class Projector:
         self._governance_until: dict[TopicPartition, int] = {}
         self._own_dead_letters = _own_dead_letters(topics)
         self._contract = _topic_contract(topics)
+        # Topic names are properties computed on each read: resolved once for the per-event path.
+        self._requests, self._governance, self._reviews = topics.requests, topics.governance, topics.reviews
+        self._validated = frozenset({topics.outcomes, topics.dispatch, topics.circuits})
         self.evidence_dir = evidence_dir
         self.signing_key = signing_key
         self.clock = clock
@@ -195,6 +219,7 @@ class Projector:
         self.topics = topics
         self.flush_interval_s = flush_interval_s
         self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes  # of consumed messages (keys and values) per flush
         self.dedup_window = dedup_window
         self.codec = AvroCodec()
         self.stopping = asyncio.Event()
@@ -207,23 +232,45 @@ class Projector:
         # the consumer never returns (transaction markers) are accounted for, not gaps.
         self._position: dict[TopicPartition, int] = {}
         self._recent: dict[TopicPartition, _Recent] = {}
-        self._con = duckdb.connect()
+        self._flusher: ThreadPoolExecutor | None = None  # the one thread flushes run on (run())
 
     # --- per event -------------------------------------------------------------------------------
 
     def add(self, batches: dict[TopicPartition, _Batch], record: ConsumerRecord) -> None:
-        tp = TopicPartition(record.topic, record.partition)
-        if record.offset < self._governance_until.get(tp, 0):
-            with contextlib.suppress(DecodeError):
-                self._rows(record)  # projected before a restart: only its effect on the state
+        self.add_many(batches, TopicPartition(record.topic, record.partition), (record,))
+
+    def add_many(
+        self, batches: dict[TopicPartition, _Batch], tp: TopicPartition, records: Sequence[ConsumerRecord]
+    ) -> None:
+        """Add the records of one partition, in offset order (what one poll returned for it)."""
+        until = self._governance_until.get(tp, 0)
+        if until:
+            refolded = [r for r in records if r.offset < until]
+            for record in refolded:
+                with contextlib.suppress(DecodeError):
+                    self._rows(record)  # projected before a restart: only its effect on the state
+            records = records[len(refolded) :]
+        if not records:
             return
         batch = batches.get(tp)
         if batch is None:
-            batch = batches[tp] = _Batch(self._position.get(tp, record.offset))
+            batch = batches[tp] = _Batch(self._position.get(tp, records[0].offset))
         if batch.first < 0:
-            batch.first = record.offset
-        batch.last = record.offset
-        batch.end = record.offset + 1
+            batch.first = records[0].offset
+        batch.last = records[-1].offset
+        batch.end = records[-1].offset + 1
+        recent = self._recent.get(tp)
+        if recent is None:
+            recent = self._recent[tp] = _Recent(self.dedup_window)
+        counted = 0
+        for record in records:
+            counted += self._add(batch, recent, record)
+        batch.events += counted
+        self.events += counted
+
+    def _add(self, batch: _Batch, recent: _Recent, record: ConsumerRecord) -> bool:
+        """Project one record; False when it is not counted as an event (bad input of a topic
+        whose owner dead-letters it)."""
         try:
             rows = self._rows(record)
         except DecodeError as exc:
@@ -232,15 +279,12 @@ class Projector:
             if record.topic not in self._own_dead_letters:
                 # Bad input on an input topic is dead-lettered by the stage that owns it; the dead
                 # letter, not the raw message, is what enters the evidence.
-                return
+                return False
             rows = self._dead_letter(record, str(exc))
         except Exception as exc:  # noqa: BLE001  # no input may stop the projector
             log.exception("%s[%d]@%d could not be projected", record.topic, record.partition, record.offset)
             rows = self._dead_letter(record, f"internal error: {type(exc).__name__}: {exc}")
         for table, row in rows:
-            recent = self._recent.get(tp)
-            if recent is None:
-                recent = self._recent[tp] = _Recent(self.dedup_window)
             if recent.seen(record.offset, _dedup_key(table, row)):
                 if not (table == "reviews" and row.get("key_id")):
                     batch.duplicates += 1
@@ -251,35 +295,34 @@ class Projector:
                     record, ReviewRecorded, row, Refusal("replayed", "this review was received already")
                 )
             self._place(batch, record, table, row)
-        batch.events += 1
-        self.events += 1
+        return True
 
     def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
         region = self.regions.get(row["tenant_id"], UNASSIGNED)
-        self._protect(table, row)
         row.update(
             data_region=region,
             src_topic=record.topic,
             src_partition=record.partition,
             src_offset=record.offset,
         )
-        batch.rows[(table, region)].append(row)
+        batch.rows[(table, region)].append(row_values(table, row))
 
     def _rows(self, record: ConsumerRecord) -> Rows:
         """The rows one message becomes (DecodeError: none, it is bad input)."""
-        if record.topic == self.topics.requests:
+        topic = record.topic
+        if topic == self._requests:
             # External input: checked exactly as the decider checks it, so that what it
             # dead-letters never enters the requests table.
             event = with_trace(decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,)))
             return ROW_BUILDERS[InferenceRequested](
                 msgspec.to_builtins(event, builtin_types=(datetime, bytes))
             )
-        if record.topic == self.topics.governance:
+        if topic == self._governance:
             return self._governance_rows(record)
-        if record.topic == self.topics.reviews:
+        if topic == self._reviews:
             return self._review_rows(record)
-        expected, key_field = self._contract[record.topic]
-        if record.topic in (self.topics.outcomes, self.topics.dispatch, self.topics.circuits):
+        expected, key_field = self._contract[topic]
+        if topic in self._validated:
             # Input of another stage (the circuits: of every worker): checked as fully as that
             # stage checks it, so what it refuses never enters a table.
             event = self.codec.decode(record.value, expected)
@@ -360,22 +403,24 @@ class Projector:
         )
         return ROW_BUILDERS[DeadLettered](msgspec.to_builtins(dl, builtin_types=(datetime, bytes)))
 
-    def _protect(self, table: str, row: Row) -> None:
+    def _protect(self, table: str, columns: list[list[Any]], now: datetime) -> None:
+        """Encrypt the content column of one file's columns in place, in one bulk call."""
         column = _CONTENT.get(table)
-        if column is None:
+        if column is None or not columns[0]:
             return
-        value = row[column]
+        at = POSITIONS[table]
+        content = columns[at[column]]
+        subjects = [s or None for s in columns[at["data_subject"]]] if "data_subject" in at else [None] * len(content)
         if table == "deadletters":
-            tenant = (row.get("raw_key") or b"").decode("utf-8", "replace") or UNASSIGNED
-            text = value.hex()
+            tenants = [(k or b"").decode("utf-8", "replace") or UNASSIGNED for k in columns[at["raw_key"]]]
+            texts = [v.hex() for v in content]
         else:
-            tenant, text = row["tenant_id"], value
+            tenants, texts = columns[at["tenant_id"]], content
             if table == "requests":
-                row["prompt_chars"] = len(value)
-        subject = row.get("data_subject") or None
-        key_id, blob = self.cipher.encrypt(tenant, subject, row["event_id"], column, text, self.clock.now())
-        row[column] = blob
-        row[f"{column}_key"] = key_id
+                columns[at["prompt_chars"]] = [len(t) for t in texts]
+        sealed = self.cipher.encrypt_many(column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now)
+        columns[at[f"{column}_key"]] = [key_id for key_id, _ in sealed]
+        columns[at[column]] = [blob for _, blob in sealed]
 
     # --- per flush -------------------------------------------------------------------------------
 
@@ -384,16 +429,20 @@ class Projector:
         writer = self.writer
         assert writer is not None, "recover() first"
         self.keystore.refresh()
+        now = self.clock.now()
         for tp, batch in batches.items():
             for (table, region), rows in batch.rows.items():
+                columns = to_columns(table, rows)
+                self._protect(table, columns, now)
                 writer.write(
-                    pa.Table.from_pylist(rows, schema=SCHEMAS[table]),
+                    to_table(table, columns),
                     table=table,
                     region=region,
                     topic=tp.topic,
                     partition=tp.partition,
                     first_offset=batch.start,
                     last_offset=batch.end - 1,
+                    leaves=column_leaves(SCHEMAS[table], columns),
                 )
         writer.commit(
             [
@@ -432,6 +481,16 @@ class Projector:
                 path.unlink()
         for tmp in self.evidence_dir.glob("region=*/*/.*.tmp"):
             tmp.unlink()
+        self._rebuild_windows(manifest)
+        self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
+        return manifest
+
+    def _rebuild_windows(self, manifest: Manifest) -> None:
+        """The dedup window of each partition, from the files of its last ``dedup_window`` offsets.
+
+        Read with pyarrow (loaded anyway), not DuckDB: a DuckDB connection keeps tens of MB
+        resident for the life of the process.
+        """
         by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         for e in manifest.files():
             by_tp[(e["topic"], e["partition"])].append(e)
@@ -441,18 +500,9 @@ class Projector:
             rows: list[tuple[int, str]] = []
             for e in by_tp[(topic, partition)]:
                 if e["last_offset"] >= since:
-                    key = _DEDUP_SQL.get(e["table"], "event_id")
-                    source = _seal.file_source(str(self.evidence_dir / e["path"]))
-                    rows.extend(
-                        self._con.execute(
-                            f"SELECT src_offset, {key} FROM {source} WHERE src_offset >= ?",  # noqa: S608
-                            [since],
-                        ).fetchall()
-                    )
+                    rows.extend(_dedup_keys(self.evidence_dir / e["path"], e["table"], since))
             for offset, key in sorted(rows):
                 recent.seen(offset, key)
-        self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
-        return manifest
 
     async def run(self) -> None:
         try:
@@ -466,11 +516,20 @@ class Projector:
         except BaseException:
             os.close(lock)
             raise
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projector-flush")
+        # A flush's rows are tens of thousands of small containers that live until it is written:
+        # at the default threshold (700) the cyclic collector walked them all again and again
+        # (about 6% of the projector's CPU, bench/_evidence/projector_offline.py). Rows hold no cycles.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         consumer = new_consumer(
             self.bootstrap,
             (),
             self.group,  # type: ignore[arg-type]  # None: a consumer without a group
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # Bounded memory: aiokafka prefetches per partition; at about 60 partitions, 4 MiB each
+            # held hundreds of MB before a record was processed.
+            max_partition_fetch_bytes=512 * 1024,
+            fetch_max_bytes=16 * 1024 * 1024,
         )
         await start_client(consumer, self.bootstrap)
         try:
@@ -492,34 +551,59 @@ class Projector:
             await self._loop(consumer)
         finally:
             await consumer.stop()
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
             os.close(lock)
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        """Poll, add, and hand each full batch to a flush that runs while the next one is read.
+
+        One flush at a time, in order, so checkpoints stay sequential; at most two batches are
+        held (the one being written and the one being read), each bounded by ``flush_rows`` and
+        ``flush_bytes``.
+        """
         batches: dict[TopicPartition, _Batch] = {}
-        pending = 0
+        pending = size = 0
         last_flush = time.monotonic()
+        flushing: asyncio.Task[None] | None = None
         try:
             while not self.stopping.is_set():
                 fetched = await consumer.getmany(timeout_ms=100, max_records=2_000)
                 record_lag("projector", consumer, fetched)
                 record_spans("projector", "nexuscore.project", (r for rs in fetched.values() for r in rs))
-                for records in fetched.values():
-                    for record in records:
-                        self.add(batches, record)
-                        pending += 1
+                for tp, records in fetched.items():
+                    self.add_many(batches, tp, records)
+                    size += sum(r.serialized_value_size + r.serialized_key_size for r in records)
+                    pending += len(records)
+                del fetched  # the raw records go as soon as they are rows
                 due = time.monotonic() - last_flush >= self.flush_interval_s
-                if batches and (due or pending >= self.flush_rows):
-                    # Parquet encoding is CPU work: keep the event loop (and the consumer's
-                    # heartbeats) responsive while it runs.
-                    await asyncio.to_thread(self.flush, batches)
-                    await self._commit(consumer, batches)
-                    batches, pending, last_flush = {}, 0, time.monotonic()
+                if batches and (due or pending >= self.flush_rows or size >= self.flush_bytes):
+                    if flushing is not None:
+                        await flushing
+                    flushing = asyncio.create_task(self._flush_and_commit(consumer, self._hand_over(batches)))
+                    batches, pending, size, last_flush = {}, 0, 0, time.monotonic()
                 elif not batches:
                     last_flush = time.monotonic()
         finally:
+            if flushing is not None:
+                await flushing
             if batches:
-                await asyncio.to_thread(self.flush, batches)
-                await self._commit(consumer, batches)
+                await self._flush_and_commit(consumer, self._hand_over(batches))
+
+    def _hand_over(self, batches: dict[TopicPartition, _Batch]) -> dict[TopicPartition, _Batch]:
+        """The next batch of each partition starts where this one ends, written yet or not."""
+        for tp, b in batches.items():
+            self._position[tp] = b.end
+        return batches
+
+    async def _flush_and_commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
+        # Parquet encoding is CPU work: keep the event loop (and the consumer's heartbeats)
+        # responsive while it runs; its native parts (Arrow, zstd, sha256, fsync) run beside it.
+        # Always the same thread: each thread that allocates gets its own malloc arena, and every
+        # arena keeps its high-water mark resident (to_thread rotated over six of them).
+        await asyncio.get_running_loop().run_in_executor(self._flusher, self.flush, batches)
+        await self._commit(consumer, batches)
+        # Per batch: the flush is durable, signed and committed here (the place for metrics).
 
     async def _commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
         if self.group is not None:
