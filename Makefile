@@ -86,14 +86,11 @@ bench-gateway: jars
 	$(BIN)/python -m bench.gateway --requests $(GATEWAY_REQUESTS)
 
 # Demo keys, trust store and signed policy for compose.yaml (mounted as /keys; a deployer gives
-# their own folder with NEXUSCORE_KEYS=DIR docker compose up). The gateway's API keys are made by
-# its own command where this build has it.
+# their own folder with NEXUSCORE_KEYS=DIR docker compose up), with one gateway API key for
+# acme-bank (its secret printed once; more with `nexuscore gateway key add --keys DIR/gateway-keys.json`).
 COMPOSE_KEYS ?= deploy/keys
 compose-keys: install
 	$(BIN)/python -m nexuscore._devkeys $(COMPOSE_KEYS)
-	@if $(BIN)/nexuscore gateway --help >/dev/null 2>&1; then \
-		$(BIN)/nexuscore gateway key add --tenant acme-bank --keys $(COMPOSE_KEYS)/gateway-keys.json; \
-	else echo "no 'nexuscore gateway' in this build: $(COMPOSE_KEYS)/gateway-keys.json not made"; fi
 
 schemas: install
 	$(BIN)/python -m nexuscore.schemas

@@ -107,21 +107,37 @@ def demo_keys(directory: Path, policy_path: Path, private: Path | None = None, p
     return DevKeys(private, public, trust_store, policy, directory / "alice.pem", directory / "bob.pem")
 
 
+def compose_keys(directory: Path, policy_path: Path) -> tuple[DevKeys, Path, str | None]:
+    """Everything compose.yaml mounts: the demo keys, and a gateway key file holding one API key for
+    acme-bank (made once; its secret is returned only when it is made, for the deployer to note)."""
+    from nexuscore.gateway import KeyDefaults, add_key
+
+    keys = demo_keys(directory, policy_path)
+    gateway_keys = directory / "gateway-keys.json"
+    if gateway_keys.exists():
+        return keys, gateway_keys, None
+    _, secret = add_key(gateway_keys, "acme-bank", KeyDefaults(), datetime.now(UTC))
+    return keys, gateway_keys, secret
+
+
 def _configured_operator() -> Path | None:
     configured = os.environ.get("NEXUSCORE_OPERATOR_KEY")
     return Path(configured) if configured else None
 
 
 def main(argv: list[str]) -> int:
-    """``python -m nexuscore._devkeys DIR``: demo keys for compose.yaml in DIR (``make compose-keys``)."""
+    """``python -m nexuscore._devkeys DIR``: demo keys and a gateway API key for compose.yaml in DIR
+    (``make compose-keys``)."""
     from nexuscore.policy import DEFAULT_POLICY_PATH
 
     if len(argv) != 1:
         print("usage: python -m nexuscore._devkeys DIR", file=sys.stderr)
         return 2
-    keys = demo_keys(Path(argv[0]), DEFAULT_POLICY_PATH)
-    for path in (keys.evidence_private, keys.trust_store, keys.policy, signatures_path(keys.policy)):
+    keys, gateway_keys, secret = compose_keys(Path(argv[0]), DEFAULT_POLICY_PATH)
+    for path in (keys.evidence_private, keys.trust_store, keys.policy, signatures_path(keys.policy), gateway_keys):
         print(f"wrote {path}")
+    if secret is not None:
+        print(f"the gateway's demo API key for tenant acme-bank (shown once, stored hashed): {secret}")
     return 0
 
 

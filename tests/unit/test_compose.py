@@ -18,7 +18,7 @@ import yaml
 from typer.core import TyperGroup
 
 from nexuscore._broker import docker_available
-from nexuscore._devkeys import demo_keys
+from nexuscore._devkeys import compose_keys
 from nexuscore.cli import app
 from nexuscore.policy import DEFAULT_POLICY_PATH
 
@@ -26,9 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
 NEXUSCORE = sorted(n for n, s in COMPOSE["services"].items() if (s.get("command") or [""])[0] == "nexuscore")
 # Commands another branch adds (the gateway): checked once the CLI has them.
-PENDING = {
-    ("run", "gateway"): "the OpenAI-compatible gateway (nexuscore run gateway) is built on another branch"
-}
 _DEFAULT = re.compile(r"\$\{[A-Z_]+:-([^}]+)\}")
 
 
@@ -66,7 +63,7 @@ def referenced_files(ctx: Any) -> list[Path]:
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("compose-keys")
-    demo_keys(folder, DEFAULT_POLICY_PATH)  # what `make compose-keys` runs
+    compose_keys(folder, DEFAULT_POLICY_PATH)  # what `make compose-keys` runs
     return folder
 
 
@@ -85,8 +82,6 @@ def test_compose_runs_every_stage_the_init_and_prometheus() -> None:
 def test_every_command_is_accepted_by_the_cli_and_its_files_exist(name: str, keys: Path) -> None:
     service = COMPOSE["services"][name]
     args = service["command"][1:]
-    if tuple(args[:2]) in PENDING and tuple(args[:2]) not in {tuple(c) for c in _commands()}:
-        pytest.skip(PENDING[tuple(args[:2])])
     ctx = parse(args)
     volumes = mounts(service, keys)
     for path in referenced_files(ctx):
@@ -115,16 +110,6 @@ def test_prometheus_scrapes_every_stage_metrics_port() -> None:
         args = COMPOSE["services"][name]["command"]
         if "--metrics-port" in args:
             assert f"{name}:{args[args.index('--metrics-port') + 1]}" in targets
-
-
-def _commands() -> list[list[str]]:
-    command = typer.main.get_command(app)
-    assert isinstance(command, TyperGroup)
-    out = []
-    for group_name, group in command.commands.items():
-        if isinstance(group, TyperGroup):
-            out.extend([group_name, sub] for sub in group.commands)
-    return out
 
 
 @pytest.mark.skipif(not docker_available(), reason="no Docker engine answers here")
