@@ -10,7 +10,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 DEFAULT_ROOT = Path("/tmp/nexus-bench-evidence")
-META = "bench-meta.json"  # beside the store's own files; verify and the views ignore it
+
+
+def meta_path(root: Path) -> Path:
+    """The benchmark's notes on a store, beside it and never inside: a file in the evidence folder
+    that no manifest entry names is a ``verify`` finding (``foreign_file``)."""
+    return root.parent / f"{root.name}.bench-meta.json"
+
 
 # The targets of the issue.
 TARGET_PROJECTOR_EPS = 50_000.0
