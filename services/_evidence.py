@@ -84,8 +84,10 @@ def verify_evidence(
     until: datetime | None = None,
     keystore: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    deep: bool = False,
 ) -> VerifyReport:
-    """Is the evidence complete and unaltered, its manifest signed by ``public_key``'s holder?"""
+    """Is the evidence complete and unaltered, its manifest signed by ``public_key``'s holder?
+    ``deep`` also recomputes every row's Merkle leaf and every file's root."""
     key = load_public_key(public_key)
     if not (evidence_dir / "manifest.jsonl").exists():
         raise NexusError(
@@ -100,6 +102,7 @@ def verify_evidence(
         until=until,
         progress=progress,
         keystore=content_keys(evidence_dir, keystore),
+        deep=deep,
     )
 
 
@@ -116,7 +119,9 @@ def verification_note(report: VerifyReport | None) -> str:
     return f"VERIFICATION FAILED: {problems} problem(s); run nexuscore evidence verify."
 
 
-def write_evidence_report(evidence_dir: Path, output: Path, verified: VerifyReport | None, now: datetime) -> int:
+def write_evidence_report(
+    evidence_dir: Path, output: Path, verified: VerifyReport | None, now: datetime
+) -> int:
     """Write the self-contained HTML report of the evidence to ``output``; return its size in bytes."""
     with EvidenceStore(evidence_dir) as store:
         page = render_html(store, now, verification_note(verified)).encode("utf-8")

@@ -54,12 +54,12 @@ def io_floor(files: list[Path], rows: int) -> dict[str, Any]:
 
 def _phases() -> dict[str, tuple[Any, str]]:
     """verify's steps, for ``CallTimer``."""
-    from nexuscore.projections import _verify
+    from nexuscore.projections import _verify, _verify_files
 
     return {
         "1 manifest chain + head": (_verify, "_check_manifest"),
-        "2 files: sha256 + Merkle roots (process pool)": (_verify, "_check_files"),
-        "2a of which sha256 of files (main process, sequential)": (_verify, "_sha256_file"),
+        "2 files: sha256 (threads) + footer row counts": (_verify, "check_files"),
+        "2d of which deep: leaves + Merkle roots (process pool)": (_verify_files, "_check_roots"),
         "3 placement (DuckDB min/max per file)": (_verify, "_check_placement"),
         "4 offset coverage": (_verify, "_check_coverage"),
         "5 events (DuckDB anti-joins, duplicates)": (_verify, "_check_events"),

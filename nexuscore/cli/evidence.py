@@ -206,11 +206,20 @@ def evidence_verify(
         typer.Option(help="Require a terminal state only of requests before this time (a live pipeline)."),
     ] = None,
     keystore: KeystoreDir = None,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also recompute every row's Merkle leaf and every file's Merkle root (proves the "
+            "sealed roots, and so every inclusion proof, are those of the rows; slower).",
+        ),
+    ] = False,
 ) -> None:
     """Check the evidence is complete and unaltered; name every gap; exit 1 on any.
 
     Re-hashes the manifest chain and checks its signed head with the trusted key; recomputes each
-    file's sha256 and the Merkle root of its rows; checks every offset of every partition is
+    file's sha256 against its sealed entry (with --deep, also every row's leaf and the Merkle root
+    of each file's rows); checks every offset of every partition is
     accounted for; that the folder holds nothing the manifest does not name; that every content
     key the evidence uses is in the keystore, or was destroyed by `evidence erase` (a signed
     record); and that every request has exactly one terminal state, every decision a request
@@ -218,7 +227,7 @@ def evidence_verify(
     """
     until_time = parse_time(until, "--until")
     key = trusted_public_key(public_key)
-    report = _verify(evidence_dir, key, policy or [], until_time, keystore=keystore)
+    report = _verify(evidence_dir, key, policy or [], until_time, keystore=keystore, deep=deep)
     for f in report.findings:
         style = "red" if f.fatal else "yellow"
         console.print(f"[{style}]{f.kind}[/] {f.where}: {f.detail}", highlight=False, soft_wrap=True)
@@ -231,7 +240,8 @@ def evidence_verify(
     if not report.ok:
         console.print(f"[red]FAILED[/]: {sum(f.fatal for f in report.findings)} problem(s)")
         raise typer.Exit(1)
-    console.print("[green]OK[/]: complete and unaltered")
+    how = "every row's leaf and every file's Merkle root recomputed" if deep else "every file's sha256"
+    console.print(f"[green]OK[/]: complete and unaltered ({how})")
 
 
 def _verify(
@@ -242,6 +252,7 @@ def _verify(
     *,
     keystore: Path | None = None,
     quiet: bool = False,
+    deep: bool = False,
 ) -> VerifyReport:
     """``services.verify_evidence`` under a progress bar on stderr (none when ``quiet``)."""
     from nexuscore import services
@@ -256,6 +267,7 @@ def _verify(
             until=until,
             keystore=keystore,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            deep=deep,
         )
 
 
@@ -281,7 +293,9 @@ def evidence_prove(
     from nexuscore import services
 
     if (request_id is None) == (consistency is None):
-        raise NexusError("prove a REQUEST_ID, or the ledger's growth with --consistency OLD_HEAD: one of the two")
+        raise NexusError(
+            "prove a REQUEST_ID, or the ledger's growth with --consistency OLD_HEAD: one of the two"
+        )
     key = optional_public_key(public_key)
     if consistency is not None:
         proof = services.prove_growth(evidence_dir, consistency, key)
