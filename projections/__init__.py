@@ -1,6 +1,7 @@
 """The evidence plane: sealed Parquet tables projected from the log, DuckDB views and reports over
 them, verification, inclusion and consistency proofs, and erasure."""
 
+from nexuscore.projections._compact import CompactReport, compact
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
 from nexuscore.projections._manifest import Manifest, committed_files
 from nexuscore.projections._projector import UNASSIGNED, Projector
@@ -18,6 +19,7 @@ __all__ = [
     "SCHEMAS",
     "TABLES",
     "UNASSIGNED",
+    "CompactReport",
     "EvidenceStore",
     "FieldCipher",
     "Finding",
@@ -30,6 +32,7 @@ __all__ = [
     "check_consistency",
     "check_proof",
     "committed_files",
+    "compact",
     "erase",
     "prove",
     "prove_consistency",

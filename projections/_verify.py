@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import KeyStoreError
+from nexuscore.projections._compact import COMPACTED
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
     ERASURES,
@@ -115,6 +116,7 @@ def verify(
     _check_folder(root, entries, files, report)
     _check_placement(root, readable, report)
     _check_coverage(entries, report)
+    _check_compactions(entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     with EvidenceStore(root, keys, files=readable) as store:
         _check_events(store, known_digests, until, report)
@@ -193,6 +195,8 @@ def _check_folder(
     is a warning (nothing reads it, but it should not be there).
     """
     listed = {e["path"] for e in files}
+    named = {e.get("path") for e in entries if e.get("kind") == "file"}
+    replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
     for e in entries:
         for p in e["partitions"] if e.get("kind") == "checkpoint" else ():
@@ -200,7 +204,15 @@ def _check_folder(
     for relative in _folder_files(root):
         if relative in listed or relative in _OWN_FILES:
             continue
-        if relative in _HEAD_TMP or _unflushed(relative, committed_end):
+        if relative in replaced or (COMPACTED.fullmatch(relative) and relative not in named):
+            report.add(
+                "compacted_file",
+                relative,
+                "was replaced by a committed compaction, or written by one cut short: ignored (the next "
+                "`evidence compact` or projector start deletes it)",
+                fatal=False,
+            )
+        elif relative in _HEAD_TMP or _unflushed(relative, committed_end):
             report.add(
                 "unflushed_file",
                 relative,
@@ -219,6 +231,58 @@ def _check_folder(
                 "is in the evidence folder but is no part of the evidence: nothing reads it",
                 fatal=False,
             )
+
+
+def _paths(value: object) -> list[str]:
+    return [str(p) for p in value] if isinstance(value, list) else []
+
+
+def _check_compactions(entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """Each compaction kept every row: per table, region, topic and partition, its new files hold
+    as many rows as the files it replaced (which must have been in force when it ran)."""
+    live: dict[str, dict[str, Any]] = {}
+    staged: list[dict[str, Any]] = []
+    for e in entries:
+        kind = e.get("kind")
+        if kind == "file":
+            staged.append(e)
+        elif kind in ("checkpoint", "compaction"):
+            if kind == "compaction":
+                _check_compaction(e, live, staged, report)
+            live.update((str(f.get("path")), f) for f in staged)
+            staged = []
+
+
+def _check_compaction(
+    e: dict[str, Any], live: dict[str, dict[str, Any]], new: list[dict[str, Any]], report: VerifyReport
+) -> None:
+    where = f"manifest entry {e.get('seq')}"
+    before: Counter[tuple[Any, ...]] = Counter()
+    for path in _paths(e.get("replaces")):
+        old = live.pop(path, None)
+        if old is None:
+            report.add("compaction_invalid", where, f"replaces {path}, which was not in force")
+            return
+        before[_group(old)] += _rows(old)
+    after: Counter[tuple[Any, ...]] = Counter()
+    for f in new:
+        after[_group(f)] += _rows(f)
+    if before != after or sorted(_paths(e.get("files"))) != sorted(str(f.get("path")) for f in new):
+        report.add(
+            "compaction_rows",
+            where,
+            f"its new files do not hold the rows of the files it replaced ({sum(before.values())} rows "
+            f"replaced, {sum(after.values())} written)",
+        )
+
+
+def _group(e: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(str(e.get(k)) for k in ("table", "region", "topic", "partition"))
+
+
+def _rows(e: dict[str, Any]) -> int:
+    rows = e.get("rows")
+    return rows if isinstance(rows, int) else -1
 
 
 def _unflushed(relative: str, committed_end: dict[tuple[str, int], int]) -> bool:

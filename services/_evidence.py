@@ -17,11 +17,13 @@ from nexuscore.kernel.errors import NexusError
 from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 from nexuscore.projections import (
+    CompactReport,
     EvidenceStore,
     LocalKeyStore,
     VerifyReport,
     check_consistency,
     check_proof,
+    compact,
     erase,
     prove,
     prove_consistency,
@@ -164,6 +166,14 @@ def prove_growth(evidence_dir: Path, old_head_file: Path, public_key: Path | Non
         if problems:
             raise NexusError("the consistency proof does not hold: " + "; ".join(problems))
     return proof
+
+
+def compact_evidence(evidence_dir: Path, signing_key: Path, now: datetime, file_rows: int) -> CompactReport:
+    """Merge the evidence's small files into large ones, re-sealed with the evidence key; an error
+    while a projector is writing the folder (compaction takes its lock)."""
+    if file_rows < 1_000:
+        raise NexusError(f"--file-rows must be at least 1,000 (got {file_rows})")
+    return compact(evidence_dir, load_private_key(signing_key), now, file_rows=file_rows)
 
 
 def erasure_scope(tenant: str, subject: str | None) -> str:

@@ -317,6 +317,33 @@ def evidence_prove(
         err_console.print(f"wrote {output}")
 
 
+@app.command("compact")
+def evidence_compact(
+    evidence_dir: EvidenceDir = Path("evidence"),
+    signing_key: SigningKey = None,
+    file_rows: Annotated[
+        int, typer.Option(help="Rows per compacted file at most (files this large are left as they are).")
+    ] = 1_000_000,
+) -> None:
+    """Merge the small sealed files (one per table, region and partition per flush) into large ones,
+    sorted by tenant and request, and re-seal them: a `compaction` entry in the signed ledger names
+    the files replaced and the new ones; the old ones are deleted only after it is committed.
+
+    Refused while a projector is writing the folder (they share its lock). Every row stays, once;
+    `verify` (both modes) and `prove` hold before and after."""
+    from nexuscore import services
+
+    key = required_signing_key(signing_key)
+    report = services.compact_evidence(evidence_dir, key, datetime.now(UTC), file_rows)
+    if not report.groups:
+        console.print(f"nothing to compact: {report.files_before:,} files, none small enough to merge")
+        return
+    console.print(
+        f"compacted {report.replaced:,} files into {report.written:,} ({report.rows:,} rows); "
+        f"{report.files_before:,} files before, {report.files_after:,} now"
+    )
+
+
 @app.command("erase")
 def evidence_erase(
     tenant: Annotated[str, typer.Option(help="The tenant whose content keys to destroy.")],

@@ -1,0 +1,254 @@
+"""``nexuscore evidence compact``: rewrite many small sealed files as few large ones, re-sealed.
+
+The projector writes one file per table, region and partition per flush: thousands of small files
+that every view lists and every lookup opens. Compaction merges, per (table, region, topic,
+partition), the files under ``file_rows`` rows into files of up to ``file_rows`` rows, and seals
+them as the projector seals its own (Merkle root over the rows, sha256, a ``file`` entry each).
+Rows are sorted by tenant, then request id, then time: a tenant's rows are contiguous (its
+queries skip other tenants' row groups) and each 16,384-row group covers a narrow range of
+request ids, so a lookup by request id reads the footer statistics and about one row group per
+tenant (the bloom filters rule out the others). A time-sorted file would give every row group the
+whole range of request ids, and the reports' windows (30 of 35 days) would prune little anyway.
+
+Each new file keeps its group's topic, partition, region and offset range, so every check and
+the projector's restart treat it as any file. Order of work, safe against a crash anywhere:
+
+1. take the projector's lock (a running projector holds it: compaction refuses, and says so);
+2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
+3. append their entries and one ``compaction`` entry naming the replaced and the new files, in
+   one fsynced write, then sign a new head: the commit point;
+4. only then delete the replaced files.
+
+A crash before 3 leaves new files no entry names (debris that ``verify`` warns about and the next
+compaction or projector start deletes); after 3, old files the ledger no longer holds (likewise).
+Rows are neither lost nor doubled: the same rows, in another order, in other files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from nexuscore.kernel.errors import EvidenceError
+from nexuscore.projections import _seal
+from nexuscore.projections._manifest import Manifest, sync_directory
+from nexuscore.projections._store import is_table_path, sql_list
+from nexuscore.projections._tables import SCHEMAS
+from nexuscore.projections._writer import write_table
+
+LOCK = ".projector.lock"  # the projector's own lock file: one writer of the ledger at a time
+FILE_ROWS = 1_000_000
+SORT = "tenant_id, request_id, occurred_at, event_id"
+# A compaction's output file (or its temporary file), by its name: ``compact-<ledger size>-<n>-…``.
+COMPACTED = re.compile(r"region=[^/]+/[^/]+/\.?compact-(?P<seq>\d{12})-\d+-\d+-[^/]+\.parquet(\.tmp)?")
+Entry = dict[str, Any]
+Group = tuple[str, str, str, int]  # table, region, topic, partition
+
+
+@dataclass
+class CompactReport:
+    files_before: int = 0
+    files_after: int = 0
+    replaced: int = 0
+    written: int = 0
+    rows: int = 0
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan(files: list[Entry], file_rows: int = FILE_ROWS) -> dict[Group, list[Entry]]:
+    """The groups worth merging: per (table, region, topic, partition), the files under
+    ``file_rows`` rows, where there are at least two of them."""
+    groups: dict[Group, list[Entry]] = defaultdict(list)
+    for e in files:
+        if is_table_path(e) and int(e["rows"]) < file_rows:
+            groups[(e["table"], e["region"], e["topic"], int(e["partition"]))].append(e)
+    return {g: sorted(es, key=lambda e: e["first_offset"]) for g, es in sorted(groups.items()) if len(es) > 1}
+
+
+def compact(
+    root: Path, signing_key: Ed25519PrivateKey, now: datetime, *, file_rows: int = FILE_ROWS
+) -> CompactReport:
+    """Merge the small files under ``root`` (see the module's docstring); returns what it did."""
+    if file_rows < 1:
+        raise EvidenceError("file_rows must be at least 1")
+    with exclusive(root):
+        manifest = Manifest(root, signing_key)
+        live = list(manifest.files())
+        report = CompactReport(files_before=len(live))
+        remove_debris(root, {e["path"] for e in live})
+        groups = plan(live, file_rows)
+        if not groups:
+            report.files_after = len(live)
+            return report
+        seq = len(manifest.entries)
+        with _connection() as con:
+            for n, (group, entries) in enumerate(groups.items()):
+                written = _rewrite(con, root, group, entries, seq, n, file_rows)
+                for entry in written:
+                    manifest.add(entry)
+                report.groups.append(_group_report(group, entries, written))
+        for directory in {(root / e["path"]).parent for es in groups.values() for e in es}:
+            sync_directory(directory)
+        replaced = [e["path"] for es in groups.values() for e in es]
+        manifest.commit_compaction(replaced, now)
+        _delete(root, replaced)
+        report.replaced = len(replaced)
+        report.written = sum(len(g["written"]) for g in report.groups)
+        report.rows = sum(g["rows"] for g in report.groups)
+        report.files_after = len(list(manifest.files()))
+        return report
+
+
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold the projector's lock on ``root`` (a running projector holds it: refuse then)."""
+    if not (root / "manifest.jsonl").exists():
+        raise EvidenceError(f"no evidence manifest under {root}: nothing to compact")
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EvidenceError(
+            f"a projector is writing {root} (it holds {LOCK}): stop it, then compact"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_debris(root: Path, live: set[str]) -> list[str]:
+    """Delete the output of a compaction cut short: ``compact-…`` files no committed entry names."""
+    removed = []
+    for path in sorted(root.glob("region=*/*/*compact-*")):
+        relative = path.relative_to(root).as_posix()
+        if COMPACTED.fullmatch(relative) and relative not in live:
+            path.unlink()
+            removed.append(relative)
+    return removed
+
+
+@contextlib.contextmanager
+def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    """DuckDB for the merge sort: bounded memory, spilling to a private temporary folder (never
+    into the evidence folder)."""
+    with tempfile.TemporaryDirectory(prefix="nexuscore-compact-") as spill:
+        con = duckdb.connect(config={"memory_limit": "2GB", "temp_directory": spill, "threads": 2})
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET preserve_insertion_order = false")
+            yield con
+        finally:
+            con.close()
+
+
+def _rewrite(
+    con: duckdb.DuckDBPyConnection,
+    root: Path,
+    group: Group,
+    entries: list[Entry],
+    seq: int,
+    n: int,
+    file_rows: int,
+) -> list[Entry]:
+    """Write one group's rows, sorted, as files of up to ``file_rows`` rows; their entries."""
+    table, region, topic, partition = group
+    schema = SCHEMAS[table]
+    sources = sql_list([str(root / e["path"]) for e in entries])
+    reader = con.sql(
+        f"SELECT * FROM read_parquet({sources}, hive_partitioning = false, union_by_name = true) "  # noqa: S608
+        f"ORDER BY {SORT}"
+    ).to_arrow_reader(file_rows)
+    first, last = min(e["first_offset"] for e in entries), max(e["last_offset"] for e in entries)
+    sealer = duckdb.connect()
+    written: list[Entry] = []
+    try:
+        for k, batch in enumerate(_batches(reader, file_rows)):
+            data = _conform(batch, schema)
+            name = f"compact-{seq:012d}-{n:05d}-{k:03d}-{topic}-p{partition}.parquet"
+            relative = f"region={region}/{table}/{name}"
+            digest = write_table(root / relative, data)
+            written.append(
+                {
+                    "kind": "file",
+                    "path": relative,
+                    "table": table,
+                    "region": region,
+                    "topic": topic,
+                    "partition": partition,
+                    "first_offset": first,
+                    "last_offset": last,
+                    "rows": data.num_rows,
+                    "merkle_root": _seal.table_root(sealer, data).hex(),
+                    "sha256": digest,
+                }
+            )
+    finally:
+        sealer.close()
+    return written
+
+
+def _batches(reader: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
+    """The reader's rows as tables of exactly ``rows`` rows (the last one shorter)."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in reader:
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= rows:
+            whole = pa.Table.from_batches(pending)
+            yield whole.slice(0, rows)
+            rest = whole.slice(rows)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
+def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The rows in today's schema: files of older versions may lack columns added since (nulls)."""
+    columns = [
+        data.column(f.name).cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _delete(root: Path, paths: list[str]) -> None:
+    directories = set()
+    for relative in paths:
+        path = root / relative
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        directories.add(path.parent)
+    for directory in directories:
+        sync_directory(directory)
+
+
+def _group_report(group: Group, entries: list[Entry], written: list[Entry]) -> dict[str, Any]:
+    table, region, topic, partition = group
+    rows = sum(e["rows"] for e in written)
+    if rows != sum(e["rows"] for e in entries):  # cannot happen: the same rows, re-ordered
+        raise EvidenceError(f"compaction of {table} {region} {topic}[{partition}] changed its row count")
+    return {
+        "table": table,
+        "region": region,
+        "topic": topic,
+        "partition": partition,
+        "replaced": [e["path"] for e in entries],
+        "written": [e["path"] for e in written],
+        "rows": rows,
+    }
