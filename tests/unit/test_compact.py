@@ -16,6 +16,7 @@ from nexuscore.projections import (
     SCHEMAS,
     EvidenceStore,
     Manifest,
+    _compact,
     check_consistency,
     check_proof,
     committed_files,
@@ -24,7 +25,6 @@ from nexuscore.projections import (
     prove_consistency,
     verify,
 )
-from nexuscore.projections import _compact
 from nexuscore.schemas import Event, InferenceRequested
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
