@@ -109,25 +109,42 @@ LEFT JOIN limits l ON l.tenant_id = s.tenant_id AND l.budget_window = CAST(s.day
 ORDER BY s.day, s.tenant_id, s.feature, s.model
 """
 
-# Every place a request's content was processed, against where its decision allowed it to go.
-RESIDENCY_SQL = """
+# Every place a request's content was processed, against where its decision allowed it to go. One
+# hash join of the calls (dispatches, attempts, outcomes) with the decisions on (tenant, request),
+# keeping only calls outside the home region or without a decision.
+_RESIDENCY_CALLS = """
 WITH calls AS (
     SELECT request_id, tenant_id, 'attempt' AS event, event_id, occurred_at, region, deployment_id FROM attempts
     UNION ALL
     SELECT request_id, tenant_id, 'outcome', event_id, occurred_at, region, deployment_id FROM outcomes
     UNION ALL
     SELECT request_id, tenant_id, 'dispatch', event_id, occurred_at, region, deployment_id FROM dispatches
+),
+findings AS (
+    SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployment_id, c.region,
+           d.home_region, d.allowed_regions, d.residency_rule, d.transfer_basis,
+           CASE WHEN d.request_id IS NULL THEN 'no_decision'
+                WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
+                ELSE 'cross_border' END AS finding
+    FROM calls c LEFT JOIN decisions d USING (tenant_id, request_id)
+    WHERE (d.request_id IS NULL OR c.region <> d.home_region)
+      AND ($tenant IS NULL OR c.tenant_id = $tenant)
 )
-SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployment_id, c.region,
-       d.home_region, d.allowed_regions, d.residency_rule, d.transfer_basis,
-       CASE WHEN d.request_id IS NULL THEN 'no_decision'
-            WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
-            ELSE 'cross_border' END AS finding
-FROM calls c LEFT JOIN decisions d USING (tenant_id, request_id)
-WHERE (d.request_id IS NULL OR c.region <> d.home_region)
-  AND ($tenant IS NULL OR c.tenant_id = $tenant)
-ORDER BY finding DESC, c.occurred_at
 """
+RESIDENCY_SQL = _RESIDENCY_CALLS + "SELECT * FROM findings ORDER BY finding DESC, occurred_at"  # noqa: S608
+
+# The same findings counted: one row per kind of finding, tenant, event, route and transfer basis.
+RESIDENCY_SUMMARY_SQL = (
+    _RESIDENCY_CALLS
+    + """
+SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
+       count(*) AS calls, count(DISTINCT request_id) AS requests,
+       min(occurred_at) AS first_at, max(occurred_at) AS last_at
+FROM findings
+GROUP BY ALL
+ORDER BY finding DESC, tenant_id, event, region, transfer_basis
+"""
+)
 
 
 class EvidenceStore:
@@ -220,7 +237,12 @@ class EvidenceStore:
         return self.query(SPEND_SQL, {"tenant": tenant, "since": since, "until": until})
 
     def residency(self, tenant: str | None = None) -> pa.Table:
+        """Every call outside its tenant's home region or without a decision, one row each."""
         return self.query(RESIDENCY_SQL, {"tenant": tenant})
+
+    def residency_summary(self, tenant: str | None = None) -> pa.Table:
+        """``residency`` counted: calls and requests per finding, tenant, event, route and basis."""
+        return self.query(RESIDENCY_SUMMARY_SQL, {"tenant": tenant})
 
     def escalations(self, tenant: str | None = None, state: str | None = None) -> pa.Table:
         return self.query(

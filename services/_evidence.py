@@ -66,9 +66,12 @@ def request_lineage(store: EvidenceStore, request_id: str, tenant: str | None = 
 
 
 def residency_breaches(residency: pa.Table) -> int:
-    """Rows of the residency audit that are breaches: calls outside the regions their decision
-    allowed, or without a decision (every finding but an allowed cross-border call)."""
-    return sum(1 for f in residency.column("finding").to_pylist() if f != ALLOWED_FINDING)
+    """Calls of the residency audit that are breaches: outside the regions their decision allowed,
+    or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
+    (one per call) or its summary (a ``calls`` count per row)."""
+    findings = residency.column("finding").to_pylist()
+    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_FINDING)
 
 
 def known_policy_digests(policies: Sequence[Path] = ()) -> set[str]:

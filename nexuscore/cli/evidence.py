@@ -134,17 +134,21 @@ def evidence_spend(
 def evidence_residency(
     evidence_dir: EvidenceDir = Path("evidence"),
     tenant: Tenant = None,
+    calls: Annotated[
+        bool, typer.Option("--calls", help="List every call, not the counts per finding, route and basis.")
+    ] = False,
     fmt: Format = OutputFormat.table,
     output: Output = None,
 ) -> None:
-    """Residency audit: every call outside its tenant's home region, with its transfer basis.
+    """Residency audit: the calls outside their tenant's home region, with their transfer basis,
+    counted per finding, tenant, event, route and basis (--calls: one row per call).
 
     Exits 1 if any call went outside the regions its decision allowed (that list must be empty).
     """
     from nexuscore import services
 
     with services.open_store(evidence_dir) as store:
-        table = store.residency(tenant)
+        table = store.residency(tenant) if calls else store.residency_summary(tenant)
     _print(table, fmt, "Cross-border and out-of-region calls", output)
     breaches = services.residency_breaches(table)
     if breaches:
