@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import multiprocessing
 import os
 import re
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -79,9 +81,15 @@ def plan(files: list[Entry], file_rows: int = FILE_ROWS) -> dict[Group, list[Ent
 
 
 def compact(
-    root: Path, signing_key: Ed25519PrivateKey, now: datetime, *, file_rows: int = FILE_ROWS
+    root: Path,
+    signing_key: Ed25519PrivateKey,
+    now: datetime,
+    *,
+    file_rows: int = FILE_ROWS,
+    workers: int | None = None,
 ) -> CompactReport:
-    """Merge the small files under ``root`` (see the module's docstring); returns what it did."""
+    """Merge the small files under ``root`` (see the module's docstring); returns what it did.
+    Groups are merged and sealed in ``workers`` processes (default: one per core)."""
     if file_rows < 1:
         raise EvidenceError("file_rows must be at least 1")
     with exclusive(root):
@@ -93,10 +101,13 @@ def compact(
         if not groups:
             report.files_after = len(live)
             return report
-        seq = len(manifest.entries)
-        with _connection() as con:
-            for n, (group, entries) in enumerate(groups.items()):
-                written = _rewrite(con, root, group, entries, seq, n, file_rows)
+        seq, jobs = len(manifest.entries), list(groups.items())
+        with _pool(workers or os.cpu_count() or 1, len(jobs)) as run:
+            results = run(
+                _rewrite,
+                *zip(*((str(root), g, es, seq, n, file_rows) for n, (g, es) in enumerate(jobs)), strict=True),
+            )
+            for (group, entries), written in zip(jobs, results, strict=True):
                 for entry in written:
                     manifest.add(entry)
                 report.groups.append(_group_report(group, entries, written))
@@ -147,7 +158,7 @@ def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
     """DuckDB for the merge sort: bounded memory, spilling to a private temporary folder (never
     into the evidence folder)."""
     with tempfile.TemporaryDirectory(prefix="nexuscore-compact-") as spill:
-        con = duckdb.connect(config={"memory_limit": "2GB", "temp_directory": spill, "threads": 2})
+        con = duckdb.connect(config={"memory_limit": "1GB", "temp_directory": spill, "threads": 1})
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET preserve_insertion_order = false")
@@ -156,7 +167,28 @@ def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
             con.close()
 
 
+@contextlib.contextmanager
+def _pool(workers: int, jobs: int) -> Iterator[Callable[..., Iterable[list[Entry]]]]:
+    """``map`` over the groups: in this process, or in ``workers`` processes (sorting, Parquet
+    encoding and the Merkle leaves are CPU work). Not forked from this process: a fork copies the
+    locks DuckDB's threads hold, and the workers (which use DuckDB too) could wait on them for ever."""
+    if workers <= 1 or jobs <= 1:
+        yield map
+        return
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=min(workers, jobs), mp_context=context) as pool:
+        yield pool.map
+
+
 def _rewrite(
+    root_dir: str, group: Group, entries: list[Entry], seq: int, n: int, file_rows: int
+) -> list[Entry]:
+    """Write one group's rows, sorted, as files of up to ``file_rows`` rows; their entries."""
+    with _connection() as con:
+        return _rewrite_with(con, Path(root_dir), group, entries, seq, n, file_rows)
+
+
+def _rewrite_with(
     con: duckdb.DuckDBPyConnection,
     root: Path,
     group: Group,
@@ -165,7 +197,6 @@ def _rewrite(
     n: int,
     file_rows: int,
 ) -> list[Entry]:
-    """Write one group's rows, sorted, as files of up to ``file_rows`` rows; their entries."""
     table, region, topic, partition = group
     schema = SCHEMAS[table]
     sources = sql_list([str(root / e["path"]) for e in entries])

@@ -23,6 +23,9 @@ TARGET_PROJECTOR_EPS = 50_000.0
 TARGET_WHO_S = 1.0
 TARGET_LINEAGE_S = 0.1
 TARGET_VERIFY_EPS = 1_000_000.0
+TARGET_DEEP_EPS = 300_000.0  # verify --deep
+TARGET_RESIDENCY_S = 5.0  # evidence residency on the big store
+TARGET_RESIDENCY_SMALL_S = 1.0  # evidence residency on a 46,000-event store
 TARGET_RSS_MB = 250.0  # the pipeline's per-process target (README), for the projector
 
 
@@ -41,6 +44,7 @@ class Params:
     seed: int
     days: int
     profile: bool
+    small_requests: int = 10_500
 
 
 def signing_key() -> Ed25519PrivateKey:
