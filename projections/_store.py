@@ -168,8 +168,8 @@ class EvidenceStore:
         self.con.execute(_DERIVED_VIEWS)
 
     def _create_table_view(self, table: str, schema: pa.Schema, paths: list[str] | None) -> None:
-        self.con.register(f"_empty_{table}", schema.empty_table())
         if not paths:
+            self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
             return
         # Files of older versions may lack columns added since: matched by name, and any
@@ -178,6 +178,8 @@ class EvidenceStore:
         self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
         present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
         if set(schema.names) - present:
+            # (Registered only when needed: each registration costs about as much as a view.)
+            self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                 f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
@@ -299,6 +301,8 @@ def _sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
     )
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # Footers read once (when the views are made) serve every later query of this connection.
+        con.execute("SET parquet_metadata_cache = true")
         con.execute("SET allowed_paths = $paths", {"paths": paths})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
