@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nexuscore.kernel.errors import EvidenceError
+from nexuscore.kernel.errors import EvidenceError, NexusError
 from nexuscore.projections import (
     SCHEMAS,
     EvidenceStore,
@@ -205,3 +205,31 @@ def _rechain(root: Path, entries: list[dict[str, object]]) -> None:
         prev = hashlib.sha256(line).hexdigest()
     (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in out))
     Manifest(root, signing_key())
+
+
+def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_files: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from typer.testing import CliRunner
+
+    from nexuscore.cli import app
+
+    root = copy(small_files, tmp_path)
+    pem, pub = tmp_path / "signer.pem", tmp_path / "signer.pub"
+    pem.write_bytes(
+        signing_key().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    pub.write_bytes(PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    runner = CliRunner()
+    args = ["evidence", "compact", "-e", str(root), "--signing-key", str(pem), "--file-rows", "1000"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "compacted" in first.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to compact" in again.stdout
+    deep = runner.invoke(app, ["evidence", "verify", "-e", str(root), "--public-key", str(pub), "--deep"])
+    assert deep.exit_code == 0, deep.output
+    assert "Merkle root" in " ".join(deep.stdout.split())
+    tiny = runner.invoke(app, [*args[:-1], "10"])
+    assert isinstance(tiny.exception, NexusError) and "--file-rows" in str(tiny.exception)
