@@ -279,6 +279,20 @@ class EvidenceStore:
         return {"requests": row[0], "terminal": row[1], "multiple_terminal": row[2], "deadletters": row[3]}
 
 
+# The one finding of the residency audit that is allowed: a call outside the tenant's home region
+# but inside the regions its decision allowed, under a transfer basis.
+ALLOWED_RESIDENCY_FINDING = "cross_border"
+
+
+def residency_breaches(residency: pa.Table) -> int:
+    """Calls of the residency audit that are breaches: outside the regions their decision allowed,
+    or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
+    (one per call) or its summary (a ``calls`` count per row)."""
+    findings = residency.column("finding").to_pylist()
+    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_RESIDENCY_FINDING)
+
+
 def sql_list(items: list[str]) -> str:
     """A DuckDB list literal of file paths, quoted."""
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
 
+from nexuscore import projections
 from nexuscore.kernel.errors import NexusError
 from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
@@ -31,9 +32,8 @@ from nexuscore.projections import (
     verify,
 )
 
-# The one finding of `EvidenceStore.residency` that is allowed: a call outside the tenant's home
-# region but inside the regions its decision allowed, under a transfer basis.
-ALLOWED_FINDING = "cross_border"
+# The one finding of `EvidenceStore.residency` that is allowed (kept for callers of this name).
+ALLOWED_FINDING = projections.ALLOWED_RESIDENCY_FINDING
 
 
 def content_keys(evidence_dir: Path, keystore: Path | None = None) -> LocalKeyStore:
@@ -66,12 +66,8 @@ def request_lineage(store: EvidenceStore, request_id: str, tenant: str | None = 
 
 
 def residency_breaches(residency: pa.Table) -> int:
-    """Calls of the residency audit that are breaches: outside the regions their decision allowed,
-    or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
-    (one per call) or its summary (a ``calls`` count per row)."""
-    findings = residency.column("finding").to_pylist()
-    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
-    return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_FINDING)
+    """Calls of the residency audit that are breaches (``nexuscore.projections.residency_breaches``)."""
+    return projections.residency_breaches(residency)
 
 
 def known_policy_digests(policies: Sequence[Path] = ()) -> set[str]:
