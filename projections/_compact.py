@@ -46,9 +46,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import Manifest, sync_directory
+from nexuscore.projections._manifest import Manifest, read_head, sync_directory
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -99,6 +100,7 @@ def compact(
     if file_rows < 1:
         raise EvidenceError("file_rows must be at least 1")
     with exclusive(root):
+        _same_signer(root, signing_key)
         manifest = Manifest(root, signing_key)
         live = list(manifest.files())
         report = CompactReport(files_before=len(live))
@@ -146,6 +148,17 @@ def exclusive(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _same_signer(root: Path, key: Ed25519PrivateKey) -> None:
+    """Refuse another key than the one that signed the head: re-signing with it would make the
+    whole ledger fail ``verify`` for whoever trusts the evidence key."""
+    head = read_head(root)
+    mine = signing.key_id(key.public_key())
+    if head is not None and head.get("key_id") != mine:
+        raise EvidenceError(
+            f"the evidence under {root} is signed by key {head.get('key_id')}, not by the key given ({mine})"
+        )
 
 
 def remove_debris(root: Path, live: set[str]) -> list[str]:

@@ -178,6 +178,16 @@ def test_compaction_refuses_while_a_projector_holds_the_lock(small_files: Path, 
         os.close(fd)
 
 
+def test_compaction_refuses_a_key_that_did_not_sign_the_evidence(small_files: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    root = copy(small_files, tmp_path)
+    head = (root / "manifest.head.json").read_bytes()
+    with pytest.raises(EvidenceError, match="signed by key"):
+        compact(root, Ed25519PrivateKey.generate(), T0, file_rows=1_000)
+    assert (root / "manifest.head.json").read_bytes() == head
+
+
 def test_a_compaction_entry_that_loses_rows_is_a_finding(small_files: Path, tmp_path: Path) -> None:
     root = copy(small_files, tmp_path)
     compact(root, signing_key(), T0, file_rows=1_000)
