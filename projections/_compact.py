@@ -177,12 +177,11 @@ def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
     """DuckDB for the merge sort: bounded memory, spilling to a private temporary folder (never
     into the evidence folder)."""
     with tempfile.TemporaryDirectory(prefix="nexuscore-compact-") as spill:
-        con = duckdb.connect(
-            config={"memory_limit": "1GB", "temp_directory": spill, "threads": 1, "enable_progress_bar": False}
-        )
+        con = duckdb.connect(config={"memory_limit": "1GB", "temp_directory": spill, "threads": 1})
         try:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET preserve_insertion_order = false")
+            con.execute("SET enable_progress_bar = false")
             yield con
         finally:
             con.close()
