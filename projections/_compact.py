@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
@@ -60,6 +61,11 @@ FILE_ROWS = 1_000_000
 # 4,096 rows measured about half the CPU of the projector's 16,384 for a cold lineage, while a
 # scan of a tenant's month reads the same bytes either way.
 ROW_GROUP = 4_096
+# Leaves per recorded subtree: a compacted file's entry lists the Merkle roots of its aligned
+# 65,536-row subtrees (nodes of the file's RFC 6962 tree), so that ``prove`` hashes only the rows
+# of one subtree, not a million, to build an audit path. A wrong list cannot forge a proof: the
+# path must still climb to the sealed ``merkle_root``.
+CHUNK_ROWS = 65_536
 SORT = "tenant_id, request_id, occurred_at, event_id"
 # A compaction's output file (or its temporary file), by its name: ``compact-<ledger size>-<n>-…``.
 COMPACTED = re.compile(r"region=[^/]+/[^/]+/\.?compact-(?P<seq>\d{12})-\d+-\d+-[^/]+\.parquet(\.tmp)?")
@@ -244,13 +250,29 @@ def _rewrite_with(
                     "first_offset": first,
                     "last_offset": last,
                     "rows": data.num_rows,
-                    "merkle_root": _seal.table_root(sealer, data).hex(),
                     "sha256": digest,
+                    **_seal_rows(sealer, data),
                 }
             )
     finally:
         sealer.close()
     return written
+
+
+def _seal_rows(con: duckdb.DuckDBPyConnection, data: pa.Table) -> dict[str, Any]:
+    """The file's Merkle root, and the roots of its ``CHUNK_ROWS``-row subtrees when it has several."""
+    con.register("_sealing", data)
+    try:
+        leaves = _seal.leaf_hashes(con, data.schema, "_sealing")
+    finally:
+        con.unregister("_sealing")
+    sealed: dict[str, Any] = {"merkle_root": ledger.root(leaves).hex()}
+    if len(leaves) > CHUNK_ROWS:
+        sealed["chunk_rows"] = CHUNK_ROWS
+        sealed["chunk_roots"] = [
+            ledger.root(leaves[i : i + CHUNK_ROWS]).hex() for i in range(0, len(leaves), CHUNK_ROWS)
+        ]
+    return sealed
 
 
 def _write(path: Path, data: pa.Table) -> str:

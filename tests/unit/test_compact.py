@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from nexuscore.kernel.errors import EvidenceError, NexusError
@@ -243,3 +244,29 @@ def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_fi
     assert "Merkle root" in " ".join(deep.stdout.split())
     tiny = runner.invoke(app, [*args[:-1], "10"])
     assert isinstance(tiny.exception, NexusError) and "--file-rows" in str(tiny.exception)
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 8])
+def test_proofs_from_recorded_subtree_roots_equal_proofs_from_every_row(
+    small_files: Path, tmp_path: Path, history: list[Event], monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    root = copy(small_files, tmp_path)
+    monkeypatch.setattr(_compact, "CHUNK_ROWS", chunk)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # in this process: patched
+    chunked = [e for e in committed_files(root) if "chunk_roots" in e]
+    assert chunked and any(e["rows"] % chunk for e in chunked)  # a partial last subtree too
+    assert verify(root, PUBLIC, KNOWN, workers=1, deep=True).findings == []
+    requests = [e.request_id for e in history if isinstance(e, InferenceRequested)]
+    for request in requests[:: max(len(requests) // 6, 1)]:
+        proof = prove(root, request)
+        assert check_proof(proof, RAW_PUBLIC) == []
+        # The same proof as one built from every row of the file.
+        for event in proof["events"]:
+            entry = json.loads(event["entry"])
+            plain = {k: v for k, v in entry.items() if k not in ("chunk_rows", "chunk_roots")}
+            from nexuscore.projections import _prove
+
+            size, path = _prove._file_path(
+                duckdb.connect(), event["table"], str(root / entry["path"]), event["leaf_index"], plain
+            )
+            assert (size, [h.hex() for h in path]) == (event["file_size"], event["file_path"])
