@@ -14,10 +14,15 @@
    the production ``FieldCipher`` for prompts and responses; columns generated vectorised (numpy,
    pyarrow) over the default policy's four tenants, 35 days, large files. ``--reuse`` keeps a store
    of the same size from an earlier run.
-3. **Queries**, cold (a fresh ``EvidenceStore`` per measurement, as the CLI does; median of 5): who
-   routed what for one tenant over 30 days, the lineage of one request, spend by day; baselines: the
-   same answers with pyarrow.dataset / pyarrow.compute over the same committed files.
-4. **verify** over the whole store; baseline: the I/O floor (sha256 of every file's bytes).
+3. **verify** of the store as generated (it must be clean: every benchmark below says so), then
+   **queries**, cold (a fresh ``EvidenceStore`` per measurement, as the CLI does; median of 5): who
+   routed what for one tenant over 30 days, the lineage of one request, spend by day, the residency
+   summary; baselines: the same answers with pyarrow.dataset / pyarrow.compute over the same
+   committed files (residency: the per-call audit counted in Python).
+4. **compaction** (``evidence compact``), the same queries again on the compacted store, and
+   **verify** in both modes; baseline: the I/O floor (sha256 of every file's bytes).
+5. **residency on a small store** of about 46,000 events in thousands of small files (the CLI end to
+   end, before and after compaction; ``--small-requests 0`` skips it).
 
 Results go to ``bench/results/evidence.json`` and ``bench/results/evidence.md`` (sections skipped
 with ``--skip-*`` are carried over from the previous results file, marked with their date).
@@ -39,15 +44,20 @@ from typing import Any
 
 from bench._evidence.common import (
     DEFAULT_ROOT,
+    TARGET_DEEP_EPS,
     TARGET_LINEAGE_S,
     TARGET_PROJECTOR_EPS,
+    TARGET_RESIDENCY_S,
+    TARGET_RESIDENCY_SMALL_S,
     TARGET_VERIFY_EPS,
     TARGET_WHO_S,
     Params,
 )
+from bench._evidence.compaction import run_compaction
 from bench._evidence.projector import run_kafka
 from bench._evidence.queries import run_queries
 from bench._evidence.report import machine, print_summary, render_markdown
+from bench._evidence.small_store import run_small_store
 from bench._evidence.store import build_store
 from bench._evidence.verify import run_verify
 from bench._harness import git_commit, loadavg, own_rss_mb, previous_results, run_main
@@ -92,6 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> Params:
         "--repeat", type=int, default=5, help="Runs per query (default 5; the median is reported)."
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--small-requests",
+        type=int,
+        default=10_500,
+        help="Requests of the small store of phase 5 (default 10,500: about 46,000 events; 0 skips it).",
+    )
     parser.add_argument("--days", type=int, default=35, help="Days the store spans (default 35).")
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="Do not run py-spy on the projector."
@@ -99,6 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     ns = parser.parse_args(argv)
     if ns.decisions < 1000 or ns.chunk < 1000 or ns.kafka_events < 1000 or ns.repeat < 1 or ns.days < 31:
         parser.error("--decisions, --chunk, --kafka-events >= 1000; --repeat >= 1; --days >= 31")
+    if ns.small_requests < 0:
+        parser.error("--small-requests >= 0")
     return Params(
         ns.decisions,
         min(ns.chunk, ns.decisions),
@@ -113,6 +131,7 @@ def parse_args(argv: Sequence[str] | None) -> Params:
         ns.seed,
         ns.days,
         ns.profile,
+        ns.small_requests,
     )
 
 
@@ -127,15 +146,33 @@ def carry_over(results: dict[str, Any], previous: dict[str, Any], sections: Sequ
             }
 
 
-def run_store(args: Params, results: dict[str, Any]) -> None:
-    """Phases 2 to 4: the store, its queries, verify."""
+STORE_SECTIONS = (
+    "store",
+    "verify_before_compaction",
+    "queries_before_compaction",
+    "compaction",
+    "queries",
+    "verify",
+    "verify_deep",
+    "small_store",
+)
+
+
+def run_store(args: Params, results: dict[str, Any], work: Path) -> None:
+    """Phases 2 to 5: the store, verify, queries, compaction, queries and verify again."""
     store = results["store"] = build_store(args)
     print(
         f"    {store['rows_total']:,} rows, {store['files']} files, {store['store_gb']} GB, {store['seconds']:,} s",
         flush=True,
     )
+    results["verify_before_compaction"] = run_verify(args, store)
+    results["queries_before_compaction"] = run_queries(args, store)
+    results["compaction"] = run_compaction(args)
     results["queries"] = run_queries(args, store)
     results["verify"] = run_verify(args, store)
+    results["verify_deep"] = run_verify(args, store, deep=True)
+    if args.small_requests:
+        results["small_store"] = run_small_store(work, args.small_requests, args.repeat)
 
 
 def run(args: Params, argv: Sequence[str]) -> dict[str, Any]:
@@ -153,6 +190,9 @@ def run(args: Params, argv: Sequence[str]) -> dict[str, Any]:
             "who_routed_what_s": TARGET_WHO_S,
             "lineage_s": TARGET_LINEAGE_S,
             "verify_events_per_s": TARGET_VERIFY_EPS,
+            "verify_deep_events_per_s": TARGET_DEEP_EPS,
+            "residency_s": TARGET_RESIDENCY_S,
+            "residency_small_store_s": TARGET_RESIDENCY_SMALL_S,
         },
     }
     work = Path(tempfile.mkdtemp(prefix=f"nexuscore-bench-evidence-{run_id}-"))
@@ -162,9 +202,9 @@ def run(args: Params, argv: Sequence[str]) -> dict[str, Any]:
         else:
             results["kafka"] = run_kafka(args, run_id, work)
         if args.skip_store:
-            carry_over(results, previous, ("store", "queries", "verify"))
+            carry_over(results, previous, STORE_SECTIONS)
         else:
-            run_store(args, results)
+            run_store(args, results, work)
         results["bench_peak_rss_mb"] = round(own_rss_mb(), 1)
         results["machine"]["loadavg_end"] = loadavg()
     finally:

@@ -9,6 +9,10 @@ spaces, ASCII). An entry's hash is sha256 of its line; every entry names the pre
 - ``checkpoint``: the end of one projector flush, with the range of offsets of every partition it
   consumed. Checkpoints are the commit points: the projector resumes from them, and entries after
   the last checkpoint (a flush cut short) are discarded on restart.
+- ``compaction``: the end of one ``evidence compact``: the files it ``replaces`` and the ``files``
+  (sealed by the ``file`` entries just before it) that hold the same rows from now on. It is a
+  commit point too; from it on, the replaced files are no longer part of the evidence, while their
+  entries stay in the ledger (so older inclusion proofs and heads still check).
 
 ``manifest.head.json`` signs, with Ed25519, the number of entries, the hash of the last one and the
 RFC 6962 Merkle root over all entry hashes, so one entry's inclusion is provable in log(n) hashes.
@@ -38,6 +42,7 @@ MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
 ERASURES = "erasures.jsonl"
 GENESIS = "0" * 64
+COMMITS = ("checkpoint", "compaction")  # the entry kinds that commit the file entries before them
 Entry = dict[str, Any]
 
 
@@ -101,7 +106,7 @@ class Manifest:
                 )
             prev = hashlib.sha256(line).hexdigest()
             parsed.append(entry)
-            if entry["kind"] == "checkpoint":
+            if entry["kind"] in COMMITS:
                 keep = i + 1
         if keep < len(lines):
             self._rewrite(lines[:keep])
@@ -127,7 +132,8 @@ class Manifest:
         sync_directory(self.root)
 
     def files(self) -> Iterator[Entry]:
-        return (e for e in self.entries if e["kind"] == "file")
+        """The committed file entries that hold evidence now (those a compaction replaced left out)."""
+        return iter(committed(self.entries))
 
     def add(self, entry: Entry) -> None:
         """Stage an entry; it becomes part of the ledger at the next ``commit``."""
@@ -138,6 +144,16 @@ class Manifest:
     def commit(self, partitions: list[dict[str, Any]], now: datetime) -> None:
         """Close a flush: its checkpoint, durably, then a newly signed head."""
         self.add({"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()})
+        self._append(now)
+
+    def commit_compaction(self, replaced: list[str], now: datetime) -> None:
+        """Close a compaction: the file entries staged since the last commit replace ``replaced``,
+        in one durable append (a crash before it leaves the old files in force), then a new head."""
+        files = [json.loads(line)["path"] for line in self._pending]
+        self.add({"kind": "compaction", "replaces": replaced, "files": files, "sealed_at": now.isoformat()})
+        self._append(now)
+
+    def _append(self, now: datetime) -> None:
         with (self.root / MANIFEST).open("ab") as f:
             f.write(b"".join(line + b"\n" for line in self._pending))
             f.flush()
@@ -169,7 +185,7 @@ class Manifest:
 def _now_from(entries: list[Entry]) -> datetime | None:
     """The time of the last checkpoint: re-signing a recovered ledger does not invent a new time."""
     for e in reversed(entries):
-        if e["kind"] == "checkpoint":
+        if e["kind"] in COMMITS:
             return datetime.fromisoformat(e["sealed_at"])
     return None
 
@@ -183,13 +199,19 @@ def committed_files(root: Path) -> list[Entry]:
 
 
 def committed(entries: list[Entry]) -> list[Entry]:
-    """The file entries that a later checkpoint commits (those of a flush cut short are not)."""
+    """The file entries that a later commit point holds in force: those a checkpoint or compaction
+    commits (a flush cut short commits none), less those a later compaction replaced."""
     files: list[Entry] = []
     staged: list[Entry] = []
     for e in entries:
-        if e.get("kind") == "file":
+        kind = e.get("kind")
+        if kind == "file":
             staged.append(e)
-        elif e.get("kind") == "checkpoint":
+        elif kind in COMMITS:
+            if kind == "compaction":
+                replaces = e.get("replaces")
+                gone = set(map(str, replaces)) if isinstance(replaces, list) else set()
+                files = [f for f in files if f.get("path") not in gone]
             files.extend(staged)
             staged = []
     return files

@@ -65,18 +65,17 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
         )
     events = []
     for table, name, row in hits:
-        source = _seal.file_source(name)
-        leaves = _seal.leaf_hashes(con, SCHEMAS[table], source)
         leaf = _seal.canonical_row(con, SCHEMAS[table], name, row)
         relative = Path(name).relative_to(root).as_posix()
         entry_index = index_of[relative]
+        size, path = _file_path(con, table, name, row, json.loads(lines[entry_index]))
         events.append(
             {
                 "table": table,
                 "leaf": leaf,
                 "leaf_index": row,
-                "file_size": len(leaves),
-                "file_path": [h.hex() for h in ledger.audit_path(row, leaves)],
+                "file_size": size,
+                "file_path": [h.hex() for h in path],
                 "entry": lines[entry_index].decode("ascii"),
                 "entry_index": entry_index,
                 "entry_path": [h.hex() for h in ledger.audit_path(entry_index, entry_leaves)],
@@ -90,6 +89,38 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
         "signed_message": head_message(head).decode("ascii"),
         "events": events,
     }
+
+
+def _file_path(
+    con: duckdb.DuckDBPyConnection, table: str, name: str, row: int, entry: dict[str, Any]
+) -> tuple[int, list[bytes]]:
+    """(rows in the file, audit path of ``row`` to the file's root). A compacted file's entry lists
+    the roots of its aligned subtrees (``chunk_roots``, ``chunk_rows`` leaves each): then only the
+    rows of ``row``'s subtree are hashed, and the path climbs on through the listed roots."""
+    chunk, roots = entry.get("chunk_rows"), entry.get("chunk_roots")
+    usable = (
+        isinstance(chunk, int)
+        and chunk > 0
+        and chunk & (chunk - 1) == 0  # a power of two: aligned subtrees are nodes of the tree
+        and isinstance(roots, list)
+        and all(_is_hash(r) for r in roots)
+        and isinstance(entry.get("rows"), int)
+        and len(roots) == -(-entry["rows"] // chunk)
+    )
+    if not usable:
+        leaves = _seal.leaf_hashes(con, SCHEMAS[table], _seal.file_source(name))
+        return len(leaves), ledger.audit_path(row, leaves)
+    assert isinstance(chunk, int) and isinstance(roots, list)
+    first = row - row % chunk
+    source = (
+        "(SELECT * FROM read_parquet('" + name.replace("'", "''") + "', hive_partitioning = false, "  # noqa: S608
+        f"file_row_number = true) WHERE file_row_number BETWEEN {first} AND {first + chunk - 1} "
+        "ORDER BY file_row_number)"
+    )
+    leaves = _seal.leaf_hashes(con, SCHEMAS[table], source)
+    inner = ledger.audit_path(row - first, leaves)
+    outer = ledger.audit_path(row // chunk, [bytes.fromhex(r) for r in roots])
+    return int(entry["rows"]), inner + outer
 
 
 def _signed(head: dict[str, Any], public_key_raw: bytes) -> bool:

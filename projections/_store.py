@@ -109,25 +109,42 @@ LEFT JOIN limits l ON l.tenant_id = s.tenant_id AND l.budget_window = CAST(s.day
 ORDER BY s.day, s.tenant_id, s.feature, s.model
 """
 
-# Every place a request's content was processed, against where its decision allowed it to go.
-RESIDENCY_SQL = """
+# Every place a request's content was processed, against where its decision allowed it to go. One
+# hash join of the calls (dispatches, attempts, outcomes) with the decisions on (tenant, request),
+# keeping only calls outside the home region or without a decision.
+_RESIDENCY_CALLS = """
 WITH calls AS (
     SELECT request_id, tenant_id, 'attempt' AS event, event_id, occurred_at, region, deployment_id FROM attempts
     UNION ALL
     SELECT request_id, tenant_id, 'outcome', event_id, occurred_at, region, deployment_id FROM outcomes
     UNION ALL
     SELECT request_id, tenant_id, 'dispatch', event_id, occurred_at, region, deployment_id FROM dispatches
+),
+findings AS (
+    SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployment_id, c.region,
+           d.home_region, d.allowed_regions, d.residency_rule, d.transfer_basis,
+           CASE WHEN d.request_id IS NULL THEN 'no_decision'
+                WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
+                ELSE 'cross_border' END AS finding
+    FROM calls c LEFT JOIN decisions d USING (tenant_id, request_id)
+    WHERE (d.request_id IS NULL OR c.region <> d.home_region)
+      AND ($tenant IS NULL OR c.tenant_id = $tenant)
 )
-SELECT c.request_id, c.tenant_id, c.event, c.event_id, c.occurred_at, c.deployment_id, c.region,
-       d.home_region, d.allowed_regions, d.residency_rule, d.transfer_basis,
-       CASE WHEN d.request_id IS NULL THEN 'no_decision'
-            WHEN NOT list_contains(d.allowed_regions, c.region) THEN 'outside_allowed_regions'
-            ELSE 'cross_border' END AS finding
-FROM calls c LEFT JOIN decisions d USING (tenant_id, request_id)
-WHERE (d.request_id IS NULL OR c.region <> d.home_region)
-  AND ($tenant IS NULL OR c.tenant_id = $tenant)
-ORDER BY finding DESC, c.occurred_at
 """
+RESIDENCY_SQL = _RESIDENCY_CALLS + "SELECT * FROM findings ORDER BY finding DESC, occurred_at"  # noqa: S608
+
+# The same findings counted: one row per kind of finding, tenant, event, route and transfer basis
+# (no count of distinct requests: it doubled the cost; the dispatch rows count the requests).
+RESIDENCY_SUMMARY_SQL = (
+    _RESIDENCY_CALLS
+    + """
+SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
+       count(*) AS calls, min(occurred_at) AS first_at, max(occurred_at) AS last_at
+FROM findings
+GROUP BY ALL
+ORDER BY finding DESC, tenant_id, event, region, transfer_basis
+"""
+)
 
 
 class EvidenceStore:
@@ -151,8 +168,8 @@ class EvidenceStore:
         self.con.execute(_DERIVED_VIEWS)
 
     def _create_table_view(self, table: str, schema: pa.Schema, paths: list[str] | None) -> None:
-        self.con.register(f"_empty_{table}", schema.empty_table())
         if not paths:
+            self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
             return
         # Files of older versions may lack columns added since: matched by name, and any
@@ -161,6 +178,8 @@ class EvidenceStore:
         self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
         present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
         if set(schema.names) - present:
+            # (Registered only when needed: each registration costs about as much as a view.)
+            self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                 f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
@@ -220,7 +239,12 @@ class EvidenceStore:
         return self.query(SPEND_SQL, {"tenant": tenant, "since": since, "until": until})
 
     def residency(self, tenant: str | None = None) -> pa.Table:
+        """Every call outside its tenant's home region or without a decision, one row each."""
         return self.query(RESIDENCY_SQL, {"tenant": tenant})
+
+    def residency_summary(self, tenant: str | None = None) -> pa.Table:
+        """``residency`` counted: calls per finding, tenant, event, route and basis."""
+        return self.query(RESIDENCY_SUMMARY_SQL, {"tenant": tenant})
 
     def escalations(self, tenant: str | None = None, state: str | None = None) -> pa.Table:
         return self.query(
@@ -255,6 +279,20 @@ class EvidenceStore:
         return {"requests": row[0], "terminal": row[1], "multiple_terminal": row[2], "deadletters": row[3]}
 
 
+# The one finding of the residency audit that is allowed: a call outside the tenant's home region
+# but inside the regions its decision allowed, under a transfer basis.
+ALLOWED_RESIDENCY_FINDING = "cross_border"
+
+
+def residency_breaches(residency: pa.Table) -> int:
+    """Calls of the residency audit that are breaches: outside the regions their decision allowed,
+    or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
+    (one per call) or its summary (a ``calls`` count per row)."""
+    findings = residency.column("finding").to_pylist()
+    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_RESIDENCY_FINDING)
+
+
 def sql_list(items: list[str]) -> str:
     """A DuckDB list literal of file paths, quoted."""
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"
@@ -277,6 +315,8 @@ def _sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
     )
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # Footers read once (when the views are made) serve every later query of this connection.
+        con.execute("SET parquet_metadata_cache = true")
         con.execute("SET allowed_paths = $paths", {"paths": paths})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")

@@ -19,6 +19,7 @@ from nexuscore.services._acts import (
 )
 from nexuscore.services._control import throw_switch
 from nexuscore.services._evidence import (
+    compact_evidence,
     content_keys,
     erase_content,
     erasure_scope,
@@ -129,6 +130,7 @@ __all__ = [
     "trusted_keys",
     "verification_note",
     "verify_evidence",
+    "compact_evidence",
     "wait_for_resolution",
     "write_evidence_report",
     "write_replay_html",

@@ -13,15 +13,18 @@ from typing import Any
 import pyarrow as pa
 from cryptography.hazmat.primitives import serialization
 
+from nexuscore import projections
 from nexuscore.kernel.errors import NexusError
 from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 from nexuscore.projections import (
+    CompactReport,
     EvidenceStore,
     LocalKeyStore,
     VerifyReport,
     check_consistency,
     check_proof,
+    compact,
     erase,
     prove,
     prove_consistency,
@@ -29,9 +32,8 @@ from nexuscore.projections import (
     verify,
 )
 
-# The one finding of `EvidenceStore.residency` that is allowed: a call outside the tenant's home
-# region but inside the regions its decision allowed, under a transfer basis.
-ALLOWED_FINDING = "cross_border"
+# The one finding of `EvidenceStore.residency` that is allowed (kept for callers of this name).
+ALLOWED_FINDING = projections.ALLOWED_RESIDENCY_FINDING
 
 
 def content_keys(evidence_dir: Path, keystore: Path | None = None) -> LocalKeyStore:
@@ -64,9 +66,8 @@ def request_lineage(store: EvidenceStore, request_id: str, tenant: str | None = 
 
 
 def residency_breaches(residency: pa.Table) -> int:
-    """Rows of the residency audit that are breaches: calls outside the regions their decision
-    allowed, or without a decision (every finding but an allowed cross-border call)."""
-    return sum(1 for f in residency.column("finding").to_pylist() if f != ALLOWED_FINDING)
+    """Calls of the residency audit that are breaches (``nexuscore.projections.residency_breaches``)."""
+    return projections.residency_breaches(residency)
 
 
 def known_policy_digests(policies: Sequence[Path] = ()) -> set[str]:
@@ -84,8 +85,10 @@ def verify_evidence(
     until: datetime | None = None,
     keystore: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    deep: bool = False,
 ) -> VerifyReport:
-    """Is the evidence complete and unaltered, its manifest signed by ``public_key``'s holder?"""
+    """Is the evidence complete and unaltered, its manifest signed by ``public_key``'s holder?
+    ``deep`` also recomputes every row's Merkle leaf and every file's root."""
     key = load_public_key(public_key)
     if not (evidence_dir / "manifest.jsonl").exists():
         raise NexusError(
@@ -100,6 +103,7 @@ def verify_evidence(
         until=until,
         progress=progress,
         keystore=content_keys(evidence_dir, keystore),
+        deep=deep,
     )
 
 
@@ -116,7 +120,9 @@ def verification_note(report: VerifyReport | None) -> str:
     return f"VERIFICATION FAILED: {problems} problem(s); run nexuscore evidence verify."
 
 
-def write_evidence_report(evidence_dir: Path, output: Path, verified: VerifyReport | None, now: datetime) -> int:
+def write_evidence_report(
+    evidence_dir: Path, output: Path, verified: VerifyReport | None, now: datetime
+) -> int:
     """Write the self-contained HTML report of the evidence to ``output``; return its size in bytes."""
     with EvidenceStore(evidence_dir) as store:
         page = render_html(store, now, verification_note(verified)).encode("utf-8")
@@ -159,6 +165,14 @@ def prove_growth(evidence_dir: Path, old_head_file: Path, public_key: Path | Non
         if problems:
             raise NexusError("the consistency proof does not hold: " + "; ".join(problems))
     return proof
+
+
+def compact_evidence(evidence_dir: Path, signing_key: Path, now: datetime, file_rows: int) -> CompactReport:
+    """Merge the evidence's small files into large ones, re-sealed with the evidence key; an error
+    while a projector is writing the folder (compaction takes its lock)."""
+    if file_rows < 1_000:
+        raise NexusError(f"--file-rows must be at least 1,000 (got {file_rows})")
+    return compact(evidence_dir, load_private_key(signing_key), now, file_rows=file_rows)
 
 
 def erasure_scope(tenant: str, subject: str | None) -> str:

@@ -10,13 +10,22 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 DEFAULT_ROOT = Path("/tmp/nexus-bench-evidence")
-META = "bench-meta.json"  # beside the store's own files; verify and the views ignore it
+
+
+def meta_path(root: Path) -> Path:
+    """The benchmark's notes on a store, beside it and never inside: a file in the evidence folder
+    that no manifest entry names is a ``verify`` finding (``foreign_file``)."""
+    return root.parent / f"{root.name}.bench-meta.json"
+
 
 # The targets of the issue.
 TARGET_PROJECTOR_EPS = 50_000.0
 TARGET_WHO_S = 1.0
 TARGET_LINEAGE_S = 0.1
 TARGET_VERIFY_EPS = 1_000_000.0
+TARGET_DEEP_EPS = 300_000.0  # verify --deep
+TARGET_RESIDENCY_S = 5.0  # evidence residency on the big store
+TARGET_RESIDENCY_SMALL_S = 1.0  # evidence residency on a 46,000-event store
 TARGET_RSS_MB = 250.0  # the pipeline's per-process target (README), for the projector
 
 
@@ -35,6 +44,7 @@ class Params:
     seed: int
     days: int
     profile: bool
+    small_requests: int = 10_500
 
 
 def signing_key() -> Ed25519PrivateKey:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bench._evidence.escalations import escalation_tables
 from bench._evidence.policy_tables import PolicyTables
 from bench._evidence.synthetic import (
     CLASS_W,
@@ -147,6 +148,7 @@ class _ChunkBuilder:
         self.attempts()
         self.outcomes()
         self.settlements()
+        escalation_tables(self)
         return self.place()
 
     # --- requests --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bench._evidence.common import META, Params, sealing_targets, signing_key
+from bench._evidence.common import Params, meta_path, sealing_targets, signing_key
 from bench._evidence.generator import Chunk, EncryptJob, StoreGenerator
 from bench._evidence.synthetic import TENANT_W, TOPIC_OF_TABLE, WRITTEN_TABLES, const, corpus
 from bench._harness import BenchError, CallTimer, own_cpu_s, own_rss_mb, run_child
@@ -246,15 +246,15 @@ def _looks_like_ours(root: Path) -> bool:
     if not root.exists():
         return True
     names = {p.name for p in root.iterdir()}
-    return not names or bool(names & {META, "manifest.jsonl", "manifest.head.json"})
+    return not names or bool(names & {"manifest.jsonl", "manifest.head.json"})
 
 
 def _reusable(args: Params) -> dict[str, Any] | None:
     """The figures of a complete store of the same size already under ``--root``, with ``--reuse``."""
-    meta_path = args.root / META
-    if not (args.reuse and meta_path.exists()):
+    path = meta_path(args.root)
+    if not (args.reuse and path.exists()):
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(path.read_text())
     if meta.get("complete") and meta["generation"]["decisions"] == args.decisions:
         print(
             f"[store] reusing {args.root} ({args.decisions:,} decisions, generated {meta['generated_at']})",
@@ -289,5 +289,5 @@ def build_store(args: Params) -> dict[str, Any]:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "generation": gen,
     }
-    (root / META).write_text(json.dumps(meta, indent=1) + "\n")
+    meta_path(root).write_text(json.dumps(meta, indent=1) + "\n")
     return {**gen, "reused": False, "generated_at": meta["generated_at"]}

@@ -40,6 +40,8 @@ TOPIC_OF_TABLE = {
     "dispatches": "dispatch",
     "attempts": "attempts",
     "outcomes": "outcomes",
+    "reviews": "reviews",  # escalations: a reviewer's denial or the decider's timeout
+    "resolutions": "decisions",  # and how each ended
 }
 WRITTEN_TABLES = tuple(TOPIC_OF_TABLE)
 MS = 1000  # microseconds

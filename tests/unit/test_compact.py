@@ -1,0 +1,272 @@
+"""``evidence compact``: many small sealed files become few large ones, re-sealed in the ledger, with
+every row kept once, verify (both modes) green, proofs still good, and a crash anywhere harmless."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from nexuscore.kernel.errors import EvidenceError, NexusError
+from nexuscore.projections import (
+    SCHEMAS,
+    EvidenceStore,
+    Manifest,
+    _compact,
+    check_consistency,
+    check_proof,
+    committed_files,
+    compact,
+    prove,
+    prove_consistency,
+    verify,
+)
+from nexuscore.schemas import Event, InferenceRequested
+from tests.factories import POLICY, T0, project, run_history, signing_key
+
+PUBLIC = signing_key().public_key()
+RAW_PUBLIC = PUBLIC.public_bytes_raw()
+KNOWN = {POLICY.digest}
+
+
+@pytest.fixture(scope="module")
+def history() -> list[Event]:
+    return run_history(POLICY, 60, seed=13)
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory, history: list[Event]) -> Path:
+    root = tmp_path_factory.mktemp("small") / "evidence"
+    project(root, history, flush_every=40)  # many flushes: many small files
+    return root
+
+
+def copy(src: Path, tmp_path: Path, name: str = "evidence") -> Path:
+    root = tmp_path / name
+    shutil.copytree(src, root)
+    return root
+
+
+# Content and its data key's id: a tenant first seen after the copy gets a fresh random data key
+# in each copy, so the two stores' ciphertexts of its rows differ (and nothing else).
+CONTENT = frozenset({"prompt", "prompt_key", "response", "response_key", "raw_value", "raw_value_key"})
+
+
+def rows_of(root: Path, *, without: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Every row of every table, as canonical JSON, sorted: equal stores hold the same rows, each
+    as often."""
+    with EvidenceStore(root) as store:
+        return {
+            t: sorted(
+                json.dumps({k: v for k, v in r.items() if k not in without}, sort_keys=True, default=str)
+                for r in store.query(f"SELECT * FROM {t}").to_pylist()  # noqa: S608
+            )
+            for t in SCHEMAS
+        }
+
+
+def test_compaction_keeps_every_row_once_in_fewer_files(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    before, files_before = rows_of(root), len(committed_files(root))
+    report = compact(root, signing_key(), T0, file_rows=1_000)
+    assert report.replaced > report.written > 0 and report.files_after < files_before
+    assert rows_of(root) == before
+    assert sum(len(v) for v in before.values()) > 0
+    # The replaced files are gone from the folder, and the ledger records the compaction.
+    for path in (p for g in report.groups for p in g["replaced"]):
+        assert not (root / path).exists()
+    last = json.loads((root / "manifest.jsonl").read_bytes().splitlines()[-1])
+    assert last["kind"] == "compaction" and sorted(last["replaces"]) == sorted(
+        p for g in report.groups for p in g["replaced"]
+    )
+
+
+def test_both_verify_modes_stay_green_after_compaction(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    compact(root, signing_key(), T0, file_rows=1_000)
+    for deep in (False, True):
+        report = verify(root, PUBLIC, KNOWN, workers=1, deep=deep)
+        assert report.findings == [], report.findings
+        assert report.rows == sum(e["rows"] for e in committed_files(root))
+
+
+def test_compacted_files_are_sorted_by_tenant_and_request(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    report = compact(root, signing_key(), T0, file_rows=1_000)
+    import pyarrow.parquet as pq
+
+    for path in (p for g in report.groups for p in g["written"]):
+        keys = pq.read_table(root / path, columns=["tenant_id", "request_id"]).to_pylist()
+        pairs = [(k["tenant_id"], k["request_id"]) for k in keys]
+        assert pairs == sorted(pairs)
+
+
+def test_proofs_hold_after_compaction_old_and_reissued(small_files: Path, tmp_path: Path, history: list[Event]) -> None:
+    root = copy(small_files, tmp_path)
+    request = next(e for e in history if isinstance(e, InferenceRequested)).request_id
+    old_proof = prove(root, request)
+    old_head = json.loads((root / "manifest.head.json").read_bytes())
+    compact(root, signing_key(), T0, file_rows=1_000)
+    # The old proof still holds against the head it names, and that head is a prefix of the new one.
+    assert check_proof(old_proof, RAW_PUBLIC) == []
+    assert check_consistency(prove_consistency(root, old_head), RAW_PUBLIC) == []
+    # Re-issued: the same events, now proven in the compacted files against the new head.
+    new_proof = prove(root, request)
+    assert check_proof(new_proof, RAW_PUBLIC) == []
+    assert sorted(e["leaf"] for e in new_proof["events"]) == sorted(e["leaf"] for e in old_proof["events"])
+    assert any("compact-" in json.loads(e["entry"])["path"] for e in new_proof["events"])
+
+
+def test_a_crash_before_the_ledger_append_leaves_the_old_files_in_force(
+    small_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(small_files, tmp_path)
+    before = rows_of(root)
+
+    def crash(self: Manifest, replaced: list[str], now: object) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(Manifest, "commit_compaction", crash)
+    with pytest.raises(OSError):
+        compact(root, signing_key(), T0, file_rows=1_000)
+    monkeypatch.undo()
+    assert rows_of(root) == before
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert report.ok and {f.kind for f in report.findings} == {"compacted_file"}
+    compact(root, signing_key(), T0, file_rows=1_000)  # runs again, deleting the debris first
+    assert rows_of(root) == before
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_a_crash_before_the_old_files_are_deleted_duplicates_nothing(
+    small_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(small_files, tmp_path)
+    before = rows_of(root)
+    monkeypatch.setattr(_compact, "_delete", lambda root, paths: None)
+    report = compact(root, signing_key(), T0, file_rows=1_000)
+    assert all((root / p).exists() for g in report.groups for p in g["replaced"])
+    assert rows_of(root) == before
+    found = verify(root, PUBLIC, KNOWN, workers=1)
+    assert found.ok and {f.kind for f in found.findings} == {"compacted_file"}
+
+
+def test_the_projector_resumes_on_a_compacted_store(history: list[Event], tmp_path: Path) -> None:
+    half = len(history) // 2
+    plain = tmp_path / "plain"
+    project(plain, history[:half], flush_every=40)
+    compacted = copy(plain, tmp_path, "compacted")
+    compact(compacted, signing_key(), T0, file_rows=1_000)
+    for root in (plain, compacted):
+        project(root, history, flush_every=40)  # resumes after what it projected
+    assert rows_of(compacted, without=CONTENT) == rows_of(plain, without=CONTENT)
+    assert verify(compacted, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_compaction_refuses_while_a_projector_holds_the_lock(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    fd = os.open(root / ".projector.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(EvidenceError, match="a projector is writing"):
+            compact(root, signing_key(), T0, file_rows=1_000)
+    finally:
+        os.close(fd)
+
+
+def test_compaction_refuses_a_key_that_did_not_sign_the_evidence(small_files: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    root = copy(small_files, tmp_path)
+    head = (root / "manifest.head.json").read_bytes()
+    with pytest.raises(EvidenceError, match="signed by key"):
+        compact(root, Ed25519PrivateKey.generate(), T0, file_rows=1_000)
+    assert (root / "manifest.head.json").read_bytes() == head
+
+
+def test_a_compaction_entry_that_loses_rows_is_a_finding(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    compact(root, signing_key(), T0, file_rows=1_000)
+    lines = (root / "manifest.jsonl").read_bytes().splitlines()
+    entries = [json.loads(line) for line in lines]
+    # A forger with the signing key drops one replaced file from the compaction's new files.
+    at = len(entries) - 1
+    victim = next(i for i in range(at - 1, -1, -1) if entries[i]["kind"] == "file")
+    entries[at]["files"] = [p for p in entries[at]["files"] if p != entries[victim]["path"]]
+    del entries[victim]
+    _rechain(root, entries)
+    kinds = {f.kind for f in verify(root, PUBLIC, KNOWN, workers=1).findings if f.fatal}
+    assert "compaction_rows" in kinds
+
+
+def _rechain(root: Path, entries: list[dict[str, object]]) -> None:
+    import hashlib
+
+    from nexuscore.projections._manifest import canonical
+
+    prev, out = "0" * 64, []
+    for seq, e in enumerate(entries):
+        line = canonical({**e, "seq": seq, "prev": prev})
+        out.append(line)
+        prev = hashlib.sha256(line).hexdigest()
+    (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in out))
+    Manifest(root, signing_key())
+
+
+def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_files: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from typer.testing import CliRunner
+
+    from nexuscore.cli import app
+
+    root = copy(small_files, tmp_path)
+    pem, pub = tmp_path / "signer.pem", tmp_path / "signer.pub"
+    pem.write_bytes(
+        signing_key().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    pub.write_bytes(PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    runner = CliRunner()
+    args = ["evidence", "compact", "-e", str(root), "--signing-key", str(pem), "--file-rows", "1000"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "compacted" in first.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to compact" in again.stdout
+    deep = runner.invoke(app, ["evidence", "verify", "-e", str(root), "--public-key", str(pub), "--deep"])
+    assert deep.exit_code == 0, deep.output
+    assert "Merkle root" in " ".join(deep.stdout.split())
+    tiny = runner.invoke(app, [*args[:-1], "10"])
+    assert isinstance(tiny.exception, NexusError) and "--file-rows" in str(tiny.exception)
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 8])
+def test_proofs_from_recorded_subtree_roots_equal_proofs_from_every_row(
+    small_files: Path, tmp_path: Path, history: list[Event], monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    root = copy(small_files, tmp_path)
+    monkeypatch.setattr(_compact, "CHUNK_ROWS", chunk)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # in this process: patched
+    chunked = [e for e in committed_files(root) if "chunk_roots" in e]
+    assert chunked and any(e["rows"] % chunk for e in chunked)  # a partial last subtree too
+    assert verify(root, PUBLIC, KNOWN, workers=1, deep=True).findings == []
+    requests = [e.request_id for e in history if isinstance(e, InferenceRequested)]
+    for request in requests[:: max(len(requests) // 6, 1)]:
+        proof = prove(root, request)
+        assert check_proof(proof, RAW_PUBLIC) == []
+        # The same proof as one built from every row of the file.
+        for event in proof["events"]:
+            entry = json.loads(event["entry"])
+            plain = {k: v for k, v in entry.items() if k not in ("chunk_rows", "chunk_roots")}
+            from nexuscore.projections import _prove
+
+            size, path = _prove._file_path(
+                duckdb.connect(), event["table"], str(root / entry["path"]), event["leaf_index"], plain
+            )
+            assert (size, [h.hex() for h in path]) == (event["file_size"], event["file_path"])
