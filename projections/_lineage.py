@@ -143,7 +143,11 @@ def lineage(
                 "detail": _detail(store, cipher, r["_table"], r),
             }
         )
-    rows.sort(key=lambda x: (x["occurred_at"], _ORDER.index(x["event"]), x["event_id"]))
+    # The request first: it causes everything else, and its time is the producer's claim, which may
+    # run ahead of the broker's time that every decision takes.
+    rows.sort(
+        key=lambda x: (x["event"] != "requests", x["occurred_at"], _ORDER.index(x["event"]), x["event_id"])
+    )
     for i, r in enumerate(rows):
         r["seq"] = i + 1
     return pa.Table.from_pylist(rows, schema=_SCHEMA)
