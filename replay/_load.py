@@ -1,0 +1,148 @@
+"""What a columnar replay reads of the evidence: three queries, their columns, and one order.
+
+Requests come with their recorded decision (or rejection) and outcome joined on (tenant, request):
+request ids are unique per tenant only. Where the evidence holds two rows for one key (a redelivery
+the projector kept, or a hostile producer), the latest by log position is the one replayed against,
+so the choice never depends on file-listing or hash order. Every query orders by log position, and
+the history's order (``_history_order``) is a total order over (tenant, state version, kind, log
+position): the same store gives the same sequence on every run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nexuscore.projections import EvidenceStore
+
+_WHERE = (
+    "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
+    "AND ($until IS NULL OR occurred_at < $until)"
+)
+# The latest row per (tenant, request) of a table, among the chosen requests' rows.
+_LATEST = (
+    "SELECT * FROM {table} SEMI JOIN (SELECT tenant_id, request_id FROM chosen) c USING (tenant_id, request_id) "
+    "QUALIFY row_number() OVER (PARTITION BY tenant_id, request_id ORDER BY src_partition DESC, src_offset DESC) = 1"
+)
+# The unit separator: cannot occur in an identifier, so lists travel as one string each.
+SEP = "\x1f"
+_REQUESTS = f"""
+WITH chosen AS (SELECT * FROM requests {_WHERE}),
+dec AS ({_LATEST.format(table="decisions")}),
+rej AS ({_LATEST.format(table="rejections")}),
+outc AS ({_LATEST.format(table="outcomes")})
+SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_classification,
+  array_to_string(r.required_capabilities, '{SEP}') AS capabilities, r.complexity, r.prompt_chars,
+  r.max_output_tokens, r.latency_slo_ms,
+  CASE WHEN j.request_id IS NOT NULL THEN 'rejections' WHEN d.request_id IS NOT NULL THEN 'decisions'
+       ELSE 'missing' END AS rec_table,
+  epoch_us(coalesce(j.occurred_at, d.occurred_at, r.occurred_at)) AS now_us,
+  coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
+  d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
+  array_to_string(d.allowed_regions, '{SEP}') AS allowed_regions, d.tenant_committed_micros,
+  d.feature_committed_micros, d.budget_window, d.state_version, d.complexity AS rec_complexity,
+  d.floor_tier, d.preferred_tier, array_to_string(d.eligible, '{SEP}') AS eligible,
+  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms,
+  -- Decisions written before control_mode existed name their kill switch in a reason.
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE coalesce(d.control_mode, CASE WHEN len(list_filter(
+    d.reasons, lambda x: x.stage = 'admission' AND x.subject IN ('kill_switch', 'offline'))) > 0
+    THEN 'legacy' ELSE '' END) END AS control_mode,
+  CASE WHEN len(d.latency_observations) > 0 THEN d.latency_observations END AS observations,
+  o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
+  o.output_tokens AS out_output, o.cost_micros AS out_cost,
+  -- Requests with no recorded decision touch no state: they go just before the next decided one.
+  first_value(CASE WHEN j.request_id IS NULL THEN d.state_version END IGNORE NULLS) OVER (
+    PARTITION BY r.tenant_id ORDER BY r.src_partition, r.src_offset
+    ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING) AS order_version,
+  r.src_partition, r.src_offset
+FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
+  LEFT JOIN outc o USING (tenant_id, request_id)
+ORDER BY r.tenant_id, r.src_partition, r.src_offset
+"""
+_FOLLOWING = f"""
+WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
+SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
+FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
+ORDER BY tenant_id, state_version, src_partition, src_offset
+"""
+_LAST = 2**62  # after every state version: requests no decided request follows
+
+KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
+
+
+class Columns(msgspec.Struct, frozen=True, kw_only=True):
+    """One table's columns as Python lists, in log order."""
+
+    data: dict[str, list[Any]]
+    rows: int
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self.data[name]
+
+
+class History(msgspec.Struct, frozen=True, kw_only=True):
+    requests: Columns
+    settlements: Columns
+    resolutions: Columns
+    # The history in order: (kind, row index in its table's columns).
+    order: list[tuple[int, int]]
+
+
+def _columns(table: pa.Table) -> Columns:
+    return Columns(data={n: table.column(n).to_pylist() for n in table.column_names}, rows=table.num_rows)
+
+
+def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | int) -> pa.Table:
+    n = table.num_rows
+    return pa.table(
+        {
+            "tenant": table.column("tenant_id"),
+            "version": version,
+            "sub": sub if isinstance(sub, pa.Array) else pa.array([sub] * n, pa.int8()),
+            "kind": pa.array([kind] * n, pa.int8()),
+            "partition": table.column("src_partition"),
+            "offset": table.column("src_offset"),
+            "index": pa.array(range(n), pa.int64()),
+        }
+    )
+
+
+def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> list[tuple[int, int]]:
+    """Per tenant, the order the decision agent saw: decisions, settlements and resolutions by
+    state version, and requests with no decision just before the next decided request."""
+    decided = pc.equal(requests.column("rec_table"), "decisions")
+    version = pc.fill_null(pc.cast(requests.column("order_version"), pa.int64()), _LAST)
+    sub = pc.cast(pc.if_else(decided, 0, -1), pa.int8())
+    keys = pa.concat_tables(
+        [
+            _keys(requests, KIND_REQUEST, version, sub.combine_chunks()),
+            _keys(settlements, KIND_SETTLEMENT, pc.cast(settlements.column("state_version"), pa.int64()), 0),
+            _keys(resolutions, KIND_RESOLUTION, pc.cast(resolutions.column("state_version"), pa.int64()), 0),
+        ]
+    )
+    names = ("tenant", "version", "sub", "kind", "partition", "offset")
+    ordered = keys.take(pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names]))
+    return list(zip(ordered.column("kind").to_pylist(), ordered.column("index").to_pylist(), strict=True))
+
+
+def load_history(
+    store: EvidenceStore, tenant: str | None, since: datetime | None, until: datetime | None
+) -> History:
+    """The chosen requests (by tenant and time) with what was recorded of them, and the
+    settlements and resolutions that follow them, whatever their own times."""
+    params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
+    requests = store.query(_REQUESTS, params)
+    settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
+    resolutions = store.query(
+        _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params
+    )
+    return History(
+        requests=_columns(requests),
+        settlements=_columns(settlements),
+        resolutions=_columns(resolutions),
+        order=_history_order(requests, settlements, resolutions),
+    )
