@@ -31,6 +31,8 @@ from nexuscore.policy import Deployment, RoutingPolicy, cost_micros
 from nexuscore.schemas import TIERS, InferenceRequested, LatencyObservation
 
 _RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+# Admission's codes whose reason names the request's sizes (tokens, bytes): not one per key.
+SIZED = frozenset({"input_too_large", "context_too_large", "request_too_large"})
 # One latency observation as a hashable key: (deployment, strategy, p50, p95, samples).
 Observed = tuple[tuple[str, str, int, int, int], ...]
 PlanKey = tuple[Hashable, ...]
@@ -40,6 +42,8 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
     """What ``route`` decides of every request of one key (``Planner.key``)."""
 
     rejection: str = ""  # admission's code; the rest is empty when set
+    # Admission's reason, when it names nothing of the request's sizes (else worked out per row).
+    rejection_reason: str = ""
     allowed_regions: tuple[str, ...] = ()
     floor: str = "small"
     preferred: str = "small"
@@ -160,7 +164,7 @@ class Planner:
         self.misses += 1
         routed = route(request, self.policy)
         if isinstance(routed, Rejection):
-            shape = Shape(rejection=routed.code)
+            shape = Shape(rejection=routed.code, rejection_reason="" if routed.code in SIZED else routed.reason)
         else:
             tier = routed.routing.tier
             shape = Shape(
@@ -178,6 +182,13 @@ class Planner:
             )
         self._shapes[key] = shape
         return shape
+
+    def rejection_reason(self, shape: Shape, request: InferenceRequested) -> str:
+        """Admission's reason for a request of a rejected ``shape``."""
+        if shape.rejection_reason:
+            return shape.rejection_reason
+        routed = route(request, self.policy)
+        return routed.reason if isinstance(routed, Rejection) else ""
 
     def decide(
         self,

@@ -11,7 +11,7 @@ per-row computation. Budgets are plain integers per tenant and day, folded exact
 It compares what the evidence records of each decision's outcome (verdict, tier, deployment, budget
 action, estimate, decode strategy) and its context (allowed regions, committed amounts, window,
 state version, complexity, floor and preferred tiers, eligible deployments, failover chain,
-predicted latency). Not compared here: the reasons' prose, which ``replay_reference`` compares in
+predicted latency, budgets). Not compared here: the reasons' prose, which ``replay_reference`` compares in
 full (a property test checks that both give the same report on generated histories).
 """
 
@@ -34,7 +34,7 @@ _OUTCOME = ("verdict", "tier", "deployment_id", "budget_action", "estimated_cost
 _CONTEXT = (
     "allowed_regions", "tenant_committed_micros", "feature_committed_micros", "budget_window",
     "state_version", "complexity", "floor_tier", "preferred_tier", "eligible", "fallbacks",
-    "predicted_latency_ms",
+    "predicted_latency_ms", "tenant_budget_micros", "feature_budget_micros",
 )  # fmt: skip
 _REC_CONTEXT = tuple("rec_complexity" if f == "complexity" else f for f in _CONTEXT)
 
@@ -203,7 +203,7 @@ class _Engine:
         elif verdict != "rejected":
             budget.bump()
         self._count(i, outcome, shape, policy)
-        self._compare(i, key, outcome, shape, (day, version, committed))
+        self._compare(i, key, (outcome, shape, policy), (day, version, committed))
         return True
 
     def _dispatched(
@@ -215,12 +215,11 @@ class _Engine:
         self.report.candidate_estimated_micros += amount
         if self.r["served"][i]:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
-            return
-        # Never served in the recorded history: settle at the estimate so the budget moves.
-        budget.settle(day, feature, amount, amount)
-        if self.r["verdict"][i] != "dispatch" or self.r["rec_table"][i] != "decisions":
-            # No recorded call to reprice: the estimate stands for what it would have cost. (A
-            # recorded dispatch with no outcome yet costs nothing on either side.)
+        elif self.r["verdict"][i] != "dispatch" or self.r["rec_table"][i] != "decisions":
+            # Never served in the recorded history, and no recorded call to reprice: the estimate
+            # stands for what it would have cost. The reservation stays held, as the decider keeps
+            # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
+            # on either side).
             self.report.candidate_actual_micros += amount
 
     def settlement(self, j: int) -> None:
@@ -267,8 +266,6 @@ class _Engine:
         budget.reserve(day, feature, amount)
         if self.r["served"][i]:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
-        else:
-            budget.settle(day, feature, amount, amount)
 
     # --- the report ---------------------------------------------------------------------------------
 
@@ -293,21 +290,28 @@ class _Engine:
             report.decode_changes += r["decode_strategy"][i] != outcome.decode_strategy
             report.residency_changes += r["allowed_regions"][i] != SEP.join(shape.allowed_regions)
 
-    def _compare(self, i: int, key: Key, outcome: Outcome, shape: Shape, at: tuple[str, int, tuple[int, int]]) -> None:
+    def _compare(
+        self, i: int, key: Key, decided: tuple[Outcome, Shape, RoutingPolicy], at: tuple[str, int, tuple[int, int]]
+    ) -> None:
         """Recorded against candidate: the same, a different context only, or a different decision."""
         r, report = self.r, self.report
+        outcome, shape, policy = decided
         rec_table = r["rec_table"][i]
         table = "rejections" if outcome.verdict == "rejected" else "decisions"
         a = _recorded_outcome(r, i, rec_table)
         b = _candidate_outcome(outcome, table)
         if a == b:
             if table != "decisions":
+                planner = self._planner(policy)
+                reason = planner.rejection_reason(shape, self._request(i, self._caps(r["capabilities"][i])))
+                report.context_differences += r["rec_reason"][i] != reason
                 return
             day, version, (tenant_committed, feature_committed) = at
             context = (
                 SEP.join(shape.allowed_regions), tenant_committed, feature_committed, day, version,
                 outcome.complexity, shape.floor, shape.preferred, SEP.join(shape.eligible),
-                SEP.join(outcome.chain[1:]), outcome.predicted_latency_ms,
+                SEP.join(outcome.chain[1:]), outcome.predicted_latency_ms, shape.tenant_budget,
+                shape.feature_budget,
             )  # fmt: skip
             report.context_differences += tuple(r[c][i] for c in _REC_CONTEXT) != context
             return

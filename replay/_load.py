@@ -23,18 +23,41 @@ _WHERE = (
     "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
     "AND ($until IS NULL OR occurred_at < $until)"
 )
-# The latest row per (tenant, request) of a table, among the chosen requests' rows.
+# The latest row per (tenant, request) of a table, among the chosen requests' rows: its log position
+# found on two narrow columns first (a window over the wide rows would sort them all).
 _LATEST = (
-    "SELECT * FROM {table} SEMI JOIN (SELECT tenant_id, request_id FROM chosen) c USING (tenant_id, request_id) "
-    "QUALIFY row_number() OVER (PARTITION BY tenant_id, request_id ORDER BY src_partition DESC, src_offset DESC) = 1"
+    "SELECT {columns} FROM {table} t SEMI JOIN (SELECT tenant_id, request_id, "
+    "max(struct_pack(p := src_partition, o := src_offset)) AS pos FROM {table} "
+    "SEMI JOIN (SELECT tenant_id, request_id FROM chosen) c USING (tenant_id, request_id) GROUP BY ALL) l "
+    "ON t.tenant_id = l.tenant_id AND t.request_id = l.request_id AND t.src_partition = l.pos.p "
+    "AND t.src_offset = l.pos.o"
+)
+# Only what replay reads: the prompt, the reasons' prose and the responses stay on disk.
+_KEY = "tenant_id, request_id, src_partition, src_offset, "
+_REQUEST_COLUMNS = (
+    _KEY + "occurred_at, feature, task_type, risk_class, data_classification, required_capabilities, "
+    "complexity, prompt_chars, max_output_tokens, latency_slo_ms"
+)
+_DECISION_COLUMNS = (
+    _KEY + "occurred_at, policy_digest, verdict, tier, deployment_id, budget_action, estimated_cost_micros, "
+    "decode_strategy, allowed_regions, tenant_committed_micros, feature_committed_micros, budget_window, "
+    "state_version, complexity, floor_tier, preferred_tier, eligible, fallbacks, predicted_latency_ms, "
+    "tenant_budget_micros, feature_budget_micros, "
+    "{control_mode} AS control_mode, latency_observations"
+)
+# Decisions written before control_mode existed name their kill switch in a reason: read (the
+# reasons are the bulk of a decision's row) only when the store holds such decisions.
+_LEGACY_CONTROL_MODE = (
+    "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
+    "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
 )
 # The unit separator: cannot occur in an identifier, so lists travel as one string each.
 SEP = "\x1f"
 _REQUESTS = f"""
-WITH chosen AS (SELECT * FROM requests {_WHERE}),
-dec AS ({_LATEST.format(table="decisions")}),
-rej AS ({_LATEST.format(table="rejections")}),
-outc AS ({_LATEST.format(table="outcomes")})
+WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
+dec AS ({_LATEST.format(table="decisions", columns=_DECISION_COLUMNS)}),
+rej AS ({_LATEST.format(table="rejections", columns=_KEY + "occurred_at, policy_digest, reason_code, reason")}),
+outc AS ({_LATEST.format(table="outcomes", columns=_KEY + "deployment_id, input_tokens, output_tokens, cost_micros")})
 SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_classification,
   array_to_string(r.required_capabilities, '{SEP}') AS capabilities, r.complexity, r.prompt_chars,
   r.max_output_tokens, r.latency_slo_ms,
@@ -42,26 +65,33 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
        ELSE 'missing' END AS rec_table,
   epoch_us(coalesce(j.occurred_at, d.occurred_at, r.occurred_at)) AS now_us,
   coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
+  j.reason AS rec_reason,
   d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
   array_to_string(d.allowed_regions, '{SEP}') AS allowed_regions, d.tenant_committed_micros,
   d.feature_committed_micros, d.budget_window, d.state_version, d.complexity AS rec_complexity,
   d.floor_tier, d.preferred_tier, array_to_string(d.eligible, '{SEP}') AS eligible,
-  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms,
-  -- Decisions written before control_mode existed name their kill switch in a reason.
-  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE coalesce(d.control_mode, CASE WHEN len(list_filter(
-    d.reasons, lambda x: x.stage = 'admission' AND x.subject IN ('kill_switch', 'offline'))) > 0
-    THEN 'legacy' ELSE '' END) END AS control_mode,
+  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms, d.tenant_budget_micros,
+  d.feature_budget_micros,
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
   CASE WHEN len(d.latency_observations) > 0 THEN d.latency_observations END AS observations,
   o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
   o.output_tokens AS out_output, o.cost_micros AS out_cost,
-  -- Requests with no recorded decision touch no state: they go just before the next decided one.
-  first_value(CASE WHEN j.request_id IS NULL THEN d.state_version END IGNORE NULLS) OVER (
-    PARTITION BY r.tenant_id ORDER BY r.src_partition, r.src_offset
-    ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING) AS order_version,
   r.src_partition, r.src_offset
 FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
   LEFT JOIN outc o USING (tenant_id, request_id)
-ORDER BY r.tenant_id, r.src_partition, r.src_offset
+"""
+# Requests with no recorded decision touch no state: they go just before the next decided request of
+# their tenant. A run of them and the decided request that ends it share ``run`` (how many decided
+# requests came before), so the run's version is the one decided version in it: two running sums,
+# linear where a "first value in the rest of the partition" frame would not be.
+_ORDERED_REQUESTS = f"""
+WITH joined AS ({_REQUESTS}),
+runs AS (SELECT *, coalesce(sum((rec_table = 'decisions')::INTEGER) OVER (PARTITION BY tenant_id
+    ORDER BY src_partition, src_offset ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS run
+  FROM joined)
+SELECT *, max(CASE WHEN rec_table = 'decisions' THEN state_version END)
+  OVER (PARTITION BY tenant_id, run) AS order_version
+FROM runs ORDER BY tenant_id, src_partition, src_offset
 """
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
@@ -135,7 +165,9 @@ def load_history(
     """The chosen requests (by tenant and time) with what was recorded of them, and the
     settlements and resolutions that follow them, whatever their own times."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
-    requests = store.query(_REQUESTS, params)
+    legacy = store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
+    mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
+    requests = store.query(_ORDERED_REQUESTS.replace("{control_mode}", mode), params)
     settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
     resolutions = store.query(
         _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params

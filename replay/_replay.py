@@ -321,9 +321,7 @@ class _Replayer:
             dispatch = events[1]
             assert isinstance(dispatch, DispatchRequested)
             self.chains[key] = (dispatch.deployment_id, *(f.deployment_id for f in dispatch.fallbacks))
-            if key not in self.recorded.outcomes:
-                self.states[tenant_id], _ = settle(self.states[tenant_id], reservation, reservation.amount)
-                self.reservations.pop(key)
+
 
     def settlement(self, row: Row) -> None:
         """A recorded settlement: the candidate's reservation settles at what the recorded call would
@@ -404,14 +402,12 @@ class _Replayer:
         self.chosen[key] = deployment_id
         self.chains[key] = (deployment_id, *decided.routing.fallbacks)
         self.report.candidate_estimated_micros += decided.budget.estimated_cost_micros
-        if key not in self.recorded.outcomes:
-            # Never served in the recorded history: settle at the estimate so the budget moves.
-            held = self.reservations.pop(key)
-            self.states[key[0]], _ = settle(self.states[key[0]], held, held.amount)
-            if not recorded_dispatch:
-                # No recorded call to reprice: the estimate stands for what it would have cost. (A
-                # recorded dispatch with no outcome yet costs nothing on either side.)
-                self.report.candidate_actual_micros += decided.budget.estimated_cost_micros
+        if key not in self.recorded.outcomes and not recorded_dispatch:
+            # Never served in the recorded history, and no recorded call to reprice: the estimate
+            # stands for what it would have cost. The reservation stays held, as the decider keeps
+            # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
+            # on either side).
+            self.report.candidate_actual_micros += decided.budget.estimated_cost_micros
 
 
 def unknown_policy(report: ReplayReport, key: Key, rec_row: Row, keep_changes: int) -> None:
