@@ -208,17 +208,25 @@ class Planner:
             return Outcome(verdict="rejected", reason_code=shape.rejection)
         if shape.tier is None:
             return Outcome(verdict="denied", complexity=complexity)
-        priced = sorted(
-            (cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k), d.id, d)
-            for d in shape.candidates
-        )
-        cost, chosen_id, _ = priced[0]
+        if len(shape.candidates) == 1:  # the usual case, and a sort spared
+            d = shape.candidates[0]
+            priced = [(cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k), d.id, d)]
+        else:
+            priced = sorted(
+                (cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k), d.id, d)
+                for d in shape.candidates
+            )
+        cost, chosen_id, chosen = priced[0]
         if shape.escalation_deadline_s is not None and not approved:
             return Outcome(
                 verdict="escalated", tier=shape.tier, deployment_id=chosen_id,
                 estimated_cost_micros=cost, complexity=complexity,
             )  # fmt: skip
-        chain = self._budget_chain(shape, priced, tokens, max_output_tokens, committed)
+        alone = len(priced) == 1 and committed[0] + cost <= shape.tenant_budget
+        if alone and committed[1] + cost <= shape.feature_budget:
+            chain: tuple[str, int, tuple[Deployment, ...]] | None = ("reserved", cost, (chosen,))
+        else:
+            chain = self._budget_chain(shape, priced, tokens, max_output_tokens, committed)
         if chain is None:
             return Outcome(
                 verdict="denied", tier=shape.tier, deployment_id=chosen_id, budget_action="denied",

@@ -37,6 +37,16 @@ _CONTEXT = (
     "predicted_latency_ms", "tenant_budget_micros", "feature_budget_micros",
 )  # fmt: skip
 _REC_CONTEXT = tuple("rec_complexity" if f == "complexity" else f for f in _CONTEXT)
+# One request's row, as a tuple: what deciding reads, then the recorded outcome and context.
+_ROW = (
+    "tenant_id", "request_id", "feature", "task_type", "risk_class", "data_classification", "capabilities",
+    "complexity", "prompt_chars", "max_output_tokens", "latency_slo_ms", "rec_table", "now_us", "rec_digest",
+    "control_mode", "observations", "served", "out_cost", *_OUTCOME, *_REC_CONTEXT,
+)  # fmt: skip
+_DECIDING = _ROW.index("served") + 1
+_REC_TABLE, _SERVED, _OUT_COST = _ROW.index("rec_table"), _ROW.index("served"), _ROW.index("out_cost")
+_OUTCOME_AT = slice(_OUT_COST + 1, _OUT_COST + 1 + len(_OUTCOME))
+_CONTEXT_AT = slice(_OUTCOME_AT.stop, _OUTCOME_AT.stop + len(_REC_CONTEXT))
 
 
 class _Budget:
@@ -106,6 +116,7 @@ class _Engine:
         self.r = history.requests.data
         self.s = history.settlements.data
         self.v = history.resolutions.data
+        self.rows = list(zip(*(self.r[name] for name in _ROW), strict=True))
         self.policy, self.recorded_policies = policy, recorded_policies
         self.report, self.keep_changes = report, keep_changes
         self.planners: dict[str, Planner] = {}
@@ -164,33 +175,28 @@ class _Engine:
 
     def request(self, i: int) -> bool:
         """Re-decide a recorded request and compare; False if its policy is unknown."""
-        r = self.r
-        key = (r["tenant_id"][i], r["request_id"][i])
-        policy = (
-            self.policy
-            if self.recorded_policies is None
-            else self.recorded_policies.get(r["rec_digest"][i] or "")
-        )
+        row = self.rows[i]
+        (tenant, request_id, feature, task, risk, classification, joined_caps, complexity, chars,
+         max_out, slo, rec_table, now_us, rec_digest, control_mode, observations, served) = row[:_DECIDING]  # fmt: skip
+        key = (tenant, request_id)
+        policy = self.policy if self.recorded_policies is None else self.recorded_policies.get(rec_digest or "")
         if policy is None:
-            unknown_policy(self.report, key, {"policy_digest": r["rec_digest"][i]}, self.keep_changes)
+            unknown_policy(self.report, key, {"policy_digest": rec_digest}, self.keep_changes)
             return False
         planner = self._planner(policy)
-        caps = self._caps(r["capabilities"][i])
-        attributes = (key[0], r["feature"][i], r["task_type"][i], r["risk_class"][i], r["data_classification"][i], caps)
-        max_out = r["max_output_tokens"][i]
-        plan_key, tokens, cx = planner.key(attributes, r["complexity"][i], r["prompt_chars"][i], max_out)
+        caps = self._caps(joined_caps)
+        plan_key, tokens, cx = planner.key((tenant, feature, task, risk, classification, caps), complexity, chars, max_out)
         shape = planner.shape(plan_key) or planner.learn(plan_key, self._request(i, caps))
-        now_us = r["now_us"][i]
-        day, feature, budget = self._day(now_us), attributes[1], self._budget(key[0])
-        observed = self._observed(r["observations"][i])
+        day, budget = self._day(now_us), self._budget(tenant)
+        observed = self._observed(observations) if observations else None
         version, committed = budget.version, budget.committed(day, feature)
-        outcome = planner.decide(shape, tokens, cx, max_out, r["latency_slo_ms"][i], committed, observed)
+        outcome = planner.decide(shape, tokens, cx, max_out, slo, committed, observed)
         verdict = outcome.verdict
         if verdict == "escalated":
             s = shape.escalation_deadline_s
             deadline = now_us + s * 1_000_000 if s else None
             self.escalated[key] = (i, planner, shape, tokens, cx, deadline, observed, policy)
-        if r["control_mode"][i]:
+        if control_mode:
             # An operator's kill switch made it: its effect on the budget (none of the decision's
             # own), never compared.
             if verdict != "rejected":
@@ -202,7 +208,7 @@ class _Engine:
             self._dispatched(i, key, (day, feature, outcome, policy), budget)
         elif verdict != "rejected":
             budget.bump()
-        self._count(i, outcome, shape, policy)
+        self._count(row, outcome, shape, policy)
         self._compare(i, key, (outcome, shape, policy), (day, version, committed))
         return True
 
@@ -269,52 +275,59 @@ class _Engine:
 
     # --- the report ---------------------------------------------------------------------------------
 
-    def _count(self, i: int, outcome: Outcome, shape: Shape, policy: RoutingPolicy) -> None:
+    def _count(self, row: tuple[Any, ...], outcome: Outcome, shape: Shape, policy: RoutingPolicy) -> None:
         """The report's totals: estimates and actuals, denials, escalations, residency, decode."""
-        r, report = self.r, self.report
-        recorded = r["rec_table"][i] == "decisions"
-        if recorded and r["verdict"][i] == "dispatch":
-            report.recorded_estimated_micros += r["estimated_cost_micros"][i]
-        if r["served"][i]:
-            report.recorded_actual_micros += r["out_cost"][i]
+        report = self.report
+        recorded = row[_REC_TABLE] == "decisions"
+        rec_verdict, _, _, rec_action, rec_estimate, rec_strategy = row[_OUTCOME_AT]
+        if recorded and rec_verdict == "dispatch":
+            report.recorded_estimated_micros += rec_estimate
+        if row[_SERVED]:
+            report.recorded_actual_micros += row[_OUT_COST]
         report.requests += 1
         verdict = outcome.verdict
         if verdict == "dispatch":
             region = policy.deployments_by_id[outcome.deployment_id or ""].region
             report.residency_breaches += region not in shape.allowed_regions
-        report.recorded_budget_denials += recorded and r["budget_action"][i] == "denied"
+        report.recorded_budget_denials += recorded and rec_action == "denied"
         report.candidate_budget_denials += outcome.budget_action == "denied"
-        report.recorded_escalations += recorded and r["verdict"][i] == "escalated"
+        report.recorded_escalations += recorded and rec_verdict == "escalated"
         report.candidate_escalations += verdict == "escalated"
         if recorded and verdict != "rejected":
-            report.decode_changes += r["decode_strategy"][i] != outcome.decode_strategy
-            report.residency_changes += r["allowed_regions"][i] != SEP.join(shape.allowed_regions)
+            report.decode_changes += rec_strategy != outcome.decode_strategy
+            report.residency_changes += row[_CONTEXT_AT][0] != SEP.join(shape.allowed_regions)
 
     def _compare(
         self, i: int, key: Key, decided: tuple[Outcome, Shape, RoutingPolicy], at: tuple[str, int, tuple[int, int]]
     ) -> None:
         """Recorded against candidate: the same, a different context only, or a different decision."""
-        r, report = self.r, self.report
+        row, report = self.rows[i], self.report
         outcome, shape, policy = decided
-        rec_table = r["rec_table"][i]
-        table = "rejections" if outcome.verdict == "rejected" else "decisions"
-        a = _recorded_outcome(r, i, rec_table)
-        b = _candidate_outcome(outcome, table)
-        if a == b:
-            if table != "decisions":
-                planner = self._planner(policy)
-                reason = planner.rejection_reason(shape, self._request(i, self._caps(r["capabilities"][i])))
-                report.context_differences += r["rec_reason"][i] != reason
+        rec_table = row[_REC_TABLE]
+        if outcome.verdict == "rejected":
+            if rec_table == "rejections" and self.r["rec_code"][i] == outcome.reason_code:
+                reason = self._planner(policy).rejection_reason(shape, self._request(i, self._caps(row[6])))
+                report.context_differences += self.r["rec_reason"][i] != reason
                 return
-            day, version, (tenant_committed, feature_committed) = at
-            context = (
-                SEP.join(shape.allowed_regions), tenant_committed, feature_committed, day, version,
-                outcome.complexity, shape.floor, shape.preferred, SEP.join(shape.eligible),
-                SEP.join(outcome.chain[1:]), outcome.predicted_latency_ms, shape.tenant_budget,
-                shape.feature_budget,
-            )  # fmt: skip
-            report.context_differences += tuple(r[c][i] for c in _REC_CONTEXT) != context
-            return
+        elif rec_table == "decisions":
+            o = outcome
+            if row[_OUTCOME_AT] == (o.verdict, o.tier, o.deployment_id, o.budget_action, o.estimated_cost_micros, o.decode_strategy):
+                day, version, (tenant_committed, feature_committed) = at
+                context = (
+                    SEP.join(shape.allowed_regions), tenant_committed, feature_committed, day, version,
+                    o.complexity, shape.floor, shape.preferred, SEP.join(shape.eligible), SEP.join(o.chain[1:]),
+                    o.predicted_latency_ms, shape.tenant_budget, shape.feature_budget,
+                )  # fmt: skip
+                report.context_differences += row[_CONTEXT_AT] != context
+                return
+        self._changed(i, key, outcome)
+
+    def _changed(self, i: int, key: Key, outcome: Outcome) -> None:
+        """A different decision: counted, and kept (up to ``keep_changes``) with what differs."""
+        report, rec_table = self.report, self.rows[i][_REC_TABLE]
+        table = "rejections" if outcome.verdict == "rejected" else "decisions"
+        a = _recorded_outcome(self.r, i, rec_table)
+        b = _candidate_outcome(outcome, table)
         report.changed += 1
         report.verdict_changes += a.get("verdict") != b.get("verdict") or rec_table != table
         report.deployment_changes += a.get("deployment_id") != b.get("deployment_id")

@@ -79,19 +79,7 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
   r.src_partition, r.src_offset
 FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
   LEFT JOIN outc o USING (tenant_id, request_id)
-"""
-# Requests with no recorded decision touch no state: they go just before the next decided request of
-# their tenant. A run of them and the decided request that ends it share ``run`` (how many decided
-# requests came before), so the run's version is the one decided version in it: two running sums,
-# linear where a "first value in the rest of the partition" frame would not be.
-_ORDERED_REQUESTS = f"""
-WITH joined AS ({_REQUESTS}),
-runs AS (SELECT *, coalesce(sum((rec_table = 'decisions')::INTEGER) OVER (PARTITION BY tenant_id
-    ORDER BY src_partition, src_offset ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS run
-  FROM joined)
-SELECT *, max(CASE WHEN rec_table = 'decisions' THEN state_version END)
-  OVER (PARTITION BY tenant_id, run) AS order_version
-FROM runs ORDER BY tenant_id, src_partition, src_offset
+ORDER BY r.tenant_id, r.src_partition, r.src_offset
 """
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
@@ -141,11 +129,29 @@ def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | 
     )
 
 
-def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> list[tuple[int, int]]:
+def _request_versions(requests: Columns) -> list[int]:
+    """Each request's place among its tenant's state versions: its decision's, or, for a request
+    with no recorded decision (it touched no state), the next decided request's (rows in log order
+    per tenant, so one backward pass)."""
+    tenants, tables, versions = requests["tenant_id"], requests["rec_table"], requests["state_version"]
+    out = [_LAST] * requests.rows
+    tenant, following = None, _LAST
+    for i in range(requests.rows - 1, -1, -1):
+        if tenants[i] != tenant:
+            tenant, following = tenants[i], _LAST
+        if tables[i] == "decisions":
+            following = versions[i]
+        out[i] = following
+    return out
+
+
+def _history_order(
+    requests: pa.Table, versions: list[int], settlements: pa.Table, resolutions: pa.Table
+) -> list[tuple[int, int]]:
     """Per tenant, the order the decision agent saw: decisions, settlements and resolutions by
     state version, and requests with no decision just before the next decided request."""
     decided = pc.equal(requests.column("rec_table"), "decisions")
-    version = pc.fill_null(pc.cast(requests.column("order_version"), pa.int64()), _LAST)
+    version = pa.chunked_array([pa.array(versions, pa.int64())])
     sub = pc.cast(pc.if_else(decided, 0, -1), pa.int8())
     keys = pa.concat_tables(
         [
@@ -167,14 +173,15 @@ def load_history(
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
     legacy = store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
-    requests = store.query(_ORDERED_REQUESTS.replace("{control_mode}", mode), params)
+    requests = store.query(_REQUESTS.replace("{control_mode}", mode), params)
     settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
     resolutions = store.query(
         _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params
     )
+    columns = _columns(requests)
     return History(
-        requests=_columns(requests),
+        requests=columns,
         settlements=_columns(settlements),
         resolutions=_columns(resolutions),
-        order=_history_order(requests, settlements, resolutions),
+        order=_history_order(requests, _request_versions(columns), settlements, resolutions),
     )
