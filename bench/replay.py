@@ -149,7 +149,9 @@ def record_store(root: Path, policy: RoutingPolicy, requests: int, seed: int) ->
     recorder, events = _Recorder(policy, seed), 0
     for n, first in enumerate(range(0, requests, CHUNK)):
         start = T0 + timedelta(milliseconds=first)
-        chunk = synthetic_requests(policy, min(CHUNK, requests - first), seed=seed + n, start=start, run=f"bench-{n}")
+        chunk = synthetic_requests(
+            policy, min(CHUNK, requests - first), seed=seed + n, start=start, run=f"bench-{n}"
+        )
         batches: dict[Any, Any] = {}
         for e in recorder.chunk(chunk):
             topic = getattr(topics, _TOPIC_OF[type(e).__name__])
@@ -208,9 +210,19 @@ def _profile(store: EvidenceStore, candidate: RoutingPolicy) -> str:
 def _replays(store: EvidenceStore, policy: RoutingPolicy, candidate: RoutingPolicy) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     report, wall, cpu = _timed(lambda: replay(store, candidate))
-    figures["counterfactual"] = {"wall_s": wall, "cpu_s": cpu, "requests": report.requests, "changed": report.changed}
+    figures["counterfactual"] = {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "requests": report.requests,
+        "changed": report.changed,
+    }
     report, wall, cpu = _timed(lambda: replay(store, None, recorded_policies={policy.digest: policy}))
-    exact = (report.changed, report.context_differences, report.estimated_delta_micros, report.actual_delta_micros)
+    exact = (
+        report.changed,
+        report.context_differences,
+        report.estimated_delta_micros,
+        report.actual_delta_micros,
+    )
     if exact != (0, 0, 0, 0):
         raise AssertionError(f"the identity replay is not exact: {report.summary()}")
     figures["verify"] = {"wall_s": wall, "cpu_s": cpu, "requests": report.requests, "changed": report.changed}
@@ -230,11 +242,18 @@ def run(requests: int, keep: Path | None) -> dict[str, Any]:
         with EvidenceStore(root) as store:
             figures = _replays(store, policy, candidate)
             wall, cpu = baseline(store, policy, figures["verify"]["requests"])
-            figures["baseline_decide_loop"] = {"wall_s": wall, "cpu_s": cpu, "requests": figures["verify"]["requests"]}
+            figures["baseline_decide_loop"] = {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "requests": figures["verify"]["requests"],
+            }
             for f in figures.values():
                 f["decisions_per_s_per_core"] = round(f["requests"] / f["cpu_s"])
                 f["cpu_us_per_decision"] = round(1e6 * f["cpu_s"] / f["requests"], 2)
-            slowest = min(figures["counterfactual"]["decisions_per_s_per_core"], figures["verify"]["decisions_per_s_per_core"])
+            slowest = min(
+                figures["counterfactual"]["decisions_per_s_per_core"],
+                figures["verify"]["decisions_per_s_per_core"],
+            )
             profile = _profile(store, candidate) if slowest < TARGET_PER_CORE else ""
     finally:
         if keep is None:
@@ -264,7 +283,11 @@ def render(r: dict[str, Any]) -> str:
         )
         for name, f in r["figures"].items()
     ]  # fmt: skip
-    built = f"generated and projected in {r['build_s']} s" if r["build_s"] is not None else "kept from an earlier run"
+    built = (
+        f"generated and projected in {r['build_s']} s"
+        if r["build_s"] is not None
+        else "kept from an earlier run"
+    )
     lines = [
         "# Replay benchmark",
         "",
@@ -274,7 +297,15 @@ def render(r: dict[str, Any]) -> str:
         f"`verify` on the store: {'ok' if r['store_verifies'] else 'FAILED'}, {r['store_findings']} findings.",
         "",
         *table(
-            ("run", "requests", "decisions/s per core (CPU)", "CPU µs per decision", "CPU s", "wall s", "vs the bare decide() loop (CPU)"),
+            (
+                "run",
+                "requests",
+                "decisions/s per core (CPU)",
+                "CPU µs per decision",
+                "CPU s",
+                "wall s",
+                "vs the bare decide() loop (CPU)",
+            ),
             rows,
         ),
         "",
@@ -283,7 +314,14 @@ def render(r: dict[str, Any]) -> str:
         "the evidence, the baseline does not. Verify mode reproduced every decision with every delta exactly 0.",
     ]
     if r["profile"]:
-        lines += ["", "Target missed: cProfile of the counterfactual replay (tottime, profiler overhead included):", "", "```", r["profile"].strip(), "```"]
+        lines += [
+            "",
+            "Target missed: cProfile of the counterfactual replay (tottime, profiler overhead included):",
+            "",
+            "```",
+            r["profile"].strip(),
+            "```",
+        ]
     return "\n".join([*lines, ""])
 
 

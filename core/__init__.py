@@ -26,7 +26,7 @@ from nexuscore.core._decide import Decision, decide, decide_on_route
 from nexuscore.core._decode_stage import Decoded, LatencyView, decode_stage
 from nexuscore.core._ids import derive_id, envelope_from
 from nexuscore.core._latency import LatencyWindow, decode_window, encode_window, observe
-from nexuscore.core._plan import Observed, Outcome, Planner, PlanKey, Shape
+from nexuscore.core._plan import Observed, Outcome, PlanKey, Planner, Shape
 from nexuscore.core._route import (
     Escalation,
     Route,

@@ -164,7 +164,9 @@ class Planner:
         self.misses += 1
         routed = route(request, self.policy)
         if isinstance(routed, Rejection):
-            shape = Shape(rejection=routed.code, rejection_reason="" if routed.code in SIZED else routed.reason)
+            shape = Shape(
+                rejection=routed.code, rejection_reason="" if routed.code in SIZED else routed.reason
+            )
         else:
             tier = routed.routing.tier
             shape = Shape(
@@ -210,10 +212,20 @@ class Planner:
             return Outcome(verdict="denied", complexity=complexity)
         if len(shape.candidates) == 1:  # the usual case, and a sort spared
             d = shape.candidates[0]
-            priced = [(cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k), d.id, d)]
+            priced = [
+                (
+                    cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k),
+                    d.id,
+                    d,
+                )
+            ]
         else:
             priced = sorted(
-                (cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k), d.id, d)
+                (
+                    cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k),
+                    d.id,
+                    d,
+                )
                 for d in shape.candidates
             )
         cost, chosen_id, chosen = priced[0]
@@ -266,12 +278,14 @@ class Planner:
             for d in shape.lower
         )  # fmt: skip
         # The options in ``route``'s order: the chosen tier cheapest first, then the lower tiers.
-        options = [(_RANK[d.tier], cost, d) for cost, _, d in priced[1:]] + [(-r, c, d) for r, c, _, d in lower]
+        options = [(_RANK[d.tier], cost, d) for cost, _, d in priced[1:]] + [
+            (-r, c, d) for r, c, _, d in lower
+        ]
         fitting = next((o for o in options if fits(o[1])), None)
         if fitting is None:
             return None
-        same = [fitting, *(o for o in options if o[0] == fitting[0] and o is not fitting and fits(o[1]))]
-        return "downgraded", max(o[1] for o in same), tuple(o[2] for o in same)
+        tier = [fitting, *(o for o in options if o[0] == fitting[0] and o is not fitting and fits(o[1]))]
+        return "downgraded", max(o[1] for o in tier), tuple(o[2] for o in tier)
 
     def _decode(
         self, chain: tuple[Deployment, ...], slo_ms: int, max_output_tokens: int, observed: Observed | None
@@ -279,5 +293,7 @@ class Planner:
         key = (tuple(d.id for d in chain), slo_ms, max_output_tokens, observed)
         found = self._decoded.get(key)
         if found is None:
-            found = self._decoded[key] = decode_stage(chain, slo_ms, max_output_tokens, _observed_view(observed))
+            found = self._decoded[key] = decode_stage(
+                chain, slo_ms, max_output_tokens, _observed_view(observed)
+            )
         return found

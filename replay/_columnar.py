@@ -169,7 +169,9 @@ class _Engine:
     def _observed(rows: list[dict[str, Any]] | None) -> Observed | None:
         if not rows:
             return None
-        return tuple((o["deployment_id"], o["strategy"], o["p50_ms"], o["p95_ms"], o["samples"]) for o in rows)
+        return tuple(
+            (o["deployment_id"], o["strategy"], o["p50_ms"], o["p95_ms"], o["samples"]) for o in rows
+        )
 
     # --- the three kinds of history -----------------------------------------------------------------
 
@@ -179,13 +181,17 @@ class _Engine:
         (tenant, request_id, feature, task, risk, classification, joined_caps, complexity, chars,
          max_out, slo, rec_table, now_us, rec_digest, control_mode, observations, served) = row[:_DECIDING]  # fmt: skip
         key = (tenant, request_id)
-        policy = self.policy if self.recorded_policies is None else self.recorded_policies.get(rec_digest or "")
+        policy = (
+            self.policy if self.recorded_policies is None else self.recorded_policies.get(rec_digest or "")
+        )
         if policy is None:
             unknown_policy(self.report, key, {"policy_digest": rec_digest}, self.keep_changes)
             return False
         planner = self._planner(policy)
         caps = self._caps(joined_caps)
-        plan_key, tokens, cx = planner.key((tenant, feature, task, risk, classification, caps), complexity, chars, max_out)
+        plan_key, tokens, cx = planner.key(
+            (tenant, feature, task, risk, classification, caps), complexity, chars, max_out
+        )
         shape = planner.shape(plan_key) or planner.learn(plan_key, self._request(i, caps))
         day, budget = self._day(now_us), self._budget(tenant)
         observed = self._observed(observations) if observations else None
@@ -245,7 +251,9 @@ class _Engine:
         r = self.r
         served_on = r["out_deployment"][i]
         d = policy.deployments_by_id[served_on if served_on in chain else chain[0]]
-        return cost_micros(r["out_input"][i], r["out_output"][i], d.input_micros_per_1k, d.output_micros_per_1k)
+        return cost_micros(
+            r["out_input"][i], r["out_output"][i], d.input_micros_per_1k, d.output_micros_per_1k
+        )
 
     def resolution(self, j: int) -> None:
         """A person's (or the deadline's) resolution of an escalation the candidate made too: the
@@ -298,7 +306,11 @@ class _Engine:
             report.residency_changes += row[_CONTEXT_AT][0] != SEP.join(shape.allowed_regions)
 
     def _compare(
-        self, i: int, key: Key, decided: tuple[Outcome, Shape, RoutingPolicy], at: tuple[str, int, tuple[int, int]]
+        self,
+        i: int,
+        key: Key,
+        decided: tuple[Outcome, Shape, RoutingPolicy],
+        at: tuple[str, int, tuple[int, int]],
     ) -> None:
         """Recorded against candidate: the same, a different context only, or a different decision."""
         row, report = self.rows[i], self.report
@@ -311,7 +323,14 @@ class _Engine:
                 return
         elif rec_table == "decisions":
             o = outcome
-            if row[_OUTCOME_AT] == (o.verdict, o.tier, o.deployment_id, o.budget_action, o.estimated_cost_micros, o.decode_strategy):
+            if row[_OUTCOME_AT] == (
+                o.verdict,
+                o.tier,
+                o.deployment_id,
+                o.budget_action,
+                o.estimated_cost_micros,
+                o.decode_strategy,
+            ):
                 day, version, (tenant_committed, feature_committed) = at
                 context = (
                     SEP.join(shape.allowed_regions), tenant_committed, feature_committed, day, version,

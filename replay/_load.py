@@ -53,6 +53,7 @@ _LEGACY_CONTROL_MODE = (
 )
 # The unit separator: cannot occur in an identifier, so lists travel as one string each.
 SEP = "\x1f"
+# Names and columns are ours; filters travel as bound parameters.
 _REQUESTS = f"""
 WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
 dec AS ({_LATEST.format(table="decisions", columns=_DECISION_COLUMNS)}),
@@ -80,13 +81,13 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
 FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
   LEFT JOIN outc o USING (tenant_id, request_id)
 ORDER BY r.tenant_id, r.src_partition, r.src_offset
-"""
+"""  # noqa: S608
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
 SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
 FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
 ORDER BY tenant_id, state_version, src_partition, src_offset
-"""
+"""  # noqa: S608
 _LAST = 2**62  # after every state version: requests no decided request follows
 
 KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
@@ -171,7 +172,9 @@ def load_history(
     """The chosen requests (by tenant and time) with what was recorded of them, and the
     settlements and resolutions that follow them, whatever their own times."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
-    legacy = store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
+    legacy = (
+        store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
+    )
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
     requests = store.query(_REQUESTS.replace("{control_mode}", mode), params)
     settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)

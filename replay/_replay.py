@@ -198,7 +198,9 @@ def _ordered(
     # A total order: ties (a hostile or duplicated store) fall to the kind, then the log position,
     # never to the order the files were listed in.
     kinds = {"request": 0, "settlement": 1, "resolution": 2}
-    items.sort(key=lambda it: (it[0], it[1], it[2], it[3], kinds[it[4]], it[5]["src_partition"], it[5]["src_offset"]))
+    items.sort(
+        key=lambda it: (it[0], it[1], it[2], it[3], kinds[it[4]], it[5]["src_partition"], it[5]["src_offset"])
+    )
     for it in items:
         yield it[4], it[5]
 
@@ -322,7 +324,6 @@ class _Replayer:
             assert isinstance(dispatch, DispatchRequested)
             self.chains[key] = (dispatch.deployment_id, *(f.deployment_id for f in dispatch.fallbacks))
 
-
     def settlement(self, row: Row) -> None:
         """A recorded settlement: the candidate's reservation settles at what the recorded call would
         have cost on the deployment the candidate chose."""
@@ -337,7 +338,9 @@ class _Replayer:
         # The recorded usage, priced (the worker's own function) on the deployment the candidate's
         # chain would have ended on: the recorded one when the chain holds it (a failover happens
         # under both), else the candidate's first.
-        served_on = outcome["deployment_id"] if outcome["deployment_id"] in self.chains.get(key, ()) else deployment
+        served_on = (
+            outcome["deployment_id"] if outcome["deployment_id"] in self.chains.get(key, ()) else deployment
+        )
         d = self.policy_of[key].deployments_by_id[served_on]
         actual = cost_micros(
             outcome["input_tokens"], outcome["output_tokens"], d.input_micros_per_1k, d.output_micros_per_1k

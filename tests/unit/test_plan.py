@@ -24,8 +24,16 @@ DEPLOYMENTS = [(d.id, s.name) for d in POLICY.deployments for s in d.decode]
 
 requests = st.builds(
     lambda i, tf, task, risk, cls, caps, chars, out, cx, slo: numbered(
-        i, tenant_id=tf[0], feature=tf[1], task_type=task, risk_class=risk, data_classification=cls,
-        required_capabilities=caps, prompt="x" * chars, max_output_tokens=out, complexity=cx,
+        i,
+        tenant_id=tf[0],
+        feature=tf[1],
+        task_type=task,
+        risk_class=risk,
+        data_classification=cls,
+        required_capabilities=caps,
+        prompt="x" * chars,
+        max_output_tokens=out,
+        complexity=cx,
         latency_slo_ms=slo,
     ),  # fmt: skip
     st.integers(0, 10**9),
@@ -86,7 +94,9 @@ def planned(
     )  # fmt: skip
     key, tokens, c = planner.key(attributes, req.complexity, len(req.prompt), req.max_output_tokens)
     shape = planner.shape(key) or planner.learn(key, req)
-    observed = tuple((o.deployment_id, o.strategy, o.p50_ms, o.p95_ms, o.samples) for o in seen) if seen else None
+    observed = (
+        tuple((o.deployment_id, o.strategy, o.p50_ms, o.p95_ms, o.samples) for o in seen) if seen else None
+    )
     outcome = planner.decide(
         shape, tokens, c, req.max_output_tokens, req.latency_slo_ms, committed, observed, approved=approved
     )
@@ -112,11 +122,18 @@ def test_the_planner_gives_decides_outcome_for_every_request_and_state(
 ) -> None:
     now = T0 + timedelta(hours=1)
     day = now.date().isoformat()
-    window = Window(day=day, tenant_reserved=tenant_reserved, feature_reserved={req.feature: feature_reserved})
+    window = Window(
+        day=day, tenant_reserved=tenant_reserved, feature_reserved={req.feature: feature_reserved}
+    )
     state = BudgetState(version=3, windows={day: window})
     lookup = {(o.deployment_id, o.strategy): o for o in seen or []}
     result = decide(
-        req, policy, state, now, latency=lambda d, s: lookup.get((d, s)), approved_by="carol" if approved else ""
+        req,
+        policy,
+        state,
+        now,
+        latency=lambda d, s: lookup.get((d, s)),
+        approved_by="carol" if approved else "",
     )
     outcome, shape = planned(policy, req, (tenant_reserved, feature_reserved), seen, approved)
     assert outcome == expected(result)
