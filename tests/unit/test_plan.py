@@ -87,7 +87,7 @@ def planned(
     seen: list[LatencyObservation] | None,
     approved: bool,
 ) -> tuple[Outcome, object]:
-    planner = PLANNERS[policy.digest]
+    planner = PLANNERS.get(policy.digest) or PLANNERS.setdefault(policy.digest, Planner(policy))
     attributes = (
         req.tenant_id, req.feature, req.task_type, req.risk_class, req.data_classification,
         tuple(req.required_capabilities),
