@@ -25,7 +25,7 @@ from collections.abc import Hashable
 import msgspec
 
 from nexuscore.core._admit import MAX_PROMPT_BYTES, Rejection
-from nexuscore.core._decode_stage import Decoded, LatencyView, decode_stage
+from nexuscore.core._decode_stage import LatencyView, decode_stage
 from nexuscore.core._route import confidence_of, estimated_complexity, route
 from nexuscore.policy import Deployment, RoutingPolicy, cost_micros
 from nexuscore.schemas import TIERS, InferenceRequested, LatencyObservation
@@ -52,6 +52,8 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
     # The eligible deployments of the chosen tier, and those below it (budget fallbacks).
     candidates: tuple[Deployment, ...] = ()
     lower: tuple[Deployment, ...] = ()
+    # The candidates' prices per 1k tokens (input, output), id and deployment, read once.
+    prices: tuple[tuple[int, int, str, Deployment], ...] = ()
     # Seconds a reviewer has, when the route escalates; None when it does not.
     escalation_deadline_s: int | None = None
     tenant_budget: int = 0
@@ -101,7 +103,7 @@ class Planner:
         self._risks = {k for w in wheres for k in w.risk_classes}
         self._families: dict[tuple[Hashable, ...], tuple[Hashable, ...]] = {}
         self._shapes: dict[PlanKey, Shape] = {}
-        self._decoded: dict[Hashable, Decoded] = {}
+        self._decoded: dict[Hashable, tuple[Deployment, str, int, tuple[str, ...]]] = {}
         self.misses = 0
 
     @staticmethod
@@ -176,6 +178,11 @@ class Planner:
                 tier=tier,
                 eligible=tuple(d.id for d in routed.eligible),
                 candidates=tuple(d for d in routed.eligible if d.tier == tier),
+                prices=tuple(
+                    (d.input_micros_per_1k, d.output_micros_per_1k, d.id, d)
+                    for d in routed.eligible
+                    if d.tier == tier
+                ),
                 lower=tuple(d for d in routed.eligible if tier and _RANK[d.tier] < _RANK[tier]),
                 escalation_deadline_s=routed.escalation.deadline_s if routed.escalation else None,
                 tenant_budget=routed.tenant_budget_micros,
@@ -210,33 +217,28 @@ class Planner:
             return Outcome(verdict="rejected", reason_code=shape.rejection)
         if shape.tier is None:
             return Outcome(verdict="denied", complexity=complexity)
-        if len(shape.candidates) == 1:  # the usual case, and a sort spared
-            d = shape.candidates[0]
-            priced = [
-                (
-                    cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k),
-                    d.id,
-                    d,
-                )
-            ]
-        else:
-            priced = sorted(
-                (
-                    cost_micros(tokens, max_output_tokens, d.input_micros_per_1k, d.output_micros_per_1k),
-                    d.id,
-                    d,
-                )
-                for d in shape.candidates
-            )
+        priced = [(cost_micros(tokens, max_output_tokens, i, o), d_id, d) for i, o, d_id, d in shape.prices]
+        if len(priced) > 1:
+            priced.sort()
         cost, chosen_id, chosen = priced[0]
         if shape.escalation_deadline_s is not None and not approved:
             return Outcome(
                 verdict="escalated", tier=shape.tier, deployment_id=chosen_id,
                 estimated_cost_micros=cost, complexity=complexity,
             )  # fmt: skip
-        alone = len(priced) == 1 and committed[0] + cost <= shape.tenant_budget
-        if alone and committed[1] + cost <= shape.feature_budget:
-            chain: tuple[str, int, tuple[Deployment, ...]] | None = ("reserved", cost, (chosen,))
+        tenant_committed, feature_committed = committed
+        tenant_budget, feature_budget = shape.tenant_budget, shape.feature_budget
+        if tenant_committed + cost <= tenant_budget and feature_committed + cost <= feature_budget:
+            # The usual case: the chosen deployment fits, with the same tier's others that fit.
+            deployments, reserved = [chosen], cost
+            for other_cost, _, other in priced[1:]:
+                if (
+                    tenant_committed + other_cost <= tenant_budget
+                    and feature_committed + other_cost <= feature_budget
+                ):
+                    deployments.append(other)
+                    reserved = max(reserved, other_cost)
+            chain: tuple[str, int, tuple[Deployment, ...]] | None = ("reserved", reserved, tuple(deployments))
         else:
             chain = self._budget_chain(shape, priced, tokens, max_output_tokens, committed)
         if chain is None:
@@ -244,14 +246,14 @@ class Planner:
                 verdict="denied", tier=shape.tier, deployment_id=chosen_id, budget_action="denied",
                 estimated_cost_micros=cost, complexity=complexity,
             )  # fmt: skip
-        action, reserved, deployments = chain
-        decoded = self._decode(deployments, slo_ms or shape.feature_slo_ms, max_output_tokens, observed)
-        picked = decoded.picked
+        action, reserved, deployments_chain = chain
+        picked, strategy, predicted, ids = self._decode(
+            deployments_chain, slo_ms or shape.feature_slo_ms, max_output_tokens, observed
+        )
         return Outcome(
             verdict="dispatch", tier=picked.tier, deployment_id=picked.id, budget_action=action,
-            estimated_cost_micros=reserved, decode_strategy=decoded.decode.strategy,
-            predicted_latency_ms=decoded.decode.predicted_latency_ms,
-            chain=(picked.id, *(d.id for d, _ in decoded.fallbacks)), complexity=complexity,
+            estimated_cost_micros=reserved, decode_strategy=strategy, predicted_latency_ms=predicted,
+            chain=ids, complexity=complexity,
         )  # fmt: skip
 
     def _budget_chain(
@@ -289,11 +291,15 @@ class Planner:
 
     def _decode(
         self, chain: tuple[Deployment, ...], slo_ms: int, max_output_tokens: int, observed: Observed | None
-    ) -> Decoded:
+    ) -> tuple[Deployment, str, int, tuple[str, ...]]:
+        """``decode_stage`` on ``chain``: the deployment picked, its strategy, the predicted latency
+        and the chain the worker may call, in order; memoised (one per distinct input)."""
         key = (tuple(d.id for d in chain), slo_ms, max_output_tokens, observed)
         found = self._decoded.get(key)
         if found is None:
-            found = self._decoded[key] = decode_stage(
-                chain, slo_ms, max_output_tokens, _observed_view(observed)
-            )
+            decoded = decode_stage(chain, slo_ms, max_output_tokens, _observed_view(observed))
+            ids = (decoded.picked.id, *(d.id for d, _ in decoded.fallbacks))
+            found = self._decoded[key] = (
+                decoded.picked, decoded.decode.strategy, decoded.decode.predicted_latency_ms, ids,
+            )  # fmt: skip
         return found
