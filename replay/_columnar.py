@@ -390,7 +390,7 @@ def replay_history(
     total = history.requests.rows
     for kind, index in history.order:
         if kind == KIND_REQUEST:
-            if request(index) and progress is not None and report.requests % 4096 == 0:
+            if request(index) and progress is not None and report.requests % 5000 == 0:
                 progress(report.requests, total)
         elif kind == KIND_SETTLEMENT:
             settlement(index)
