@@ -125,6 +125,10 @@ class _Engine:
         self.escalated: dict[Key, _Escalated] = {}
         self.days: dict[int, str] = {}
         self.capabilities: dict[str | None, tuple[str, ...]] = {}
+        # Per shape (by identity: the planner keeps them) its allowed regions and eligible
+        # deployments as the evidence stores them; per chain its fallbacks.
+        self.joined: dict[int, tuple[str, str]] = {}
+        self.fallbacks: dict[tuple[str, ...], str] = {}
 
     # --- lookups, each memoised -------------------------------------------------------------------
 
@@ -140,6 +144,18 @@ class _Engine:
         if caps is None:
             caps = self.capabilities[joined] = tuple(joined.split(SEP)) if joined else ()
         return caps
+
+    def _joined(self, shape: Shape) -> tuple[str, str]:
+        found = self.joined.get(id(shape))
+        if found is None:
+            found = self.joined[id(shape)] = (SEP.join(shape.allowed_regions), SEP.join(shape.eligible))
+        return found
+
+    def _fallbacks(self, chain: tuple[str, ...]) -> str:
+        found = self.fallbacks.get(chain)
+        if found is None:
+            found = self.fallbacks[chain] = SEP.join(chain[1:])
+        return found
 
     def _budget(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -187,13 +203,16 @@ class _Engine:
         if policy is None:
             unknown_policy(self.report, key, {"policy_digest": rec_digest}, self.keep_changes)
             return False
-        planner = self._planner(policy)
-        caps = self._caps(joined_caps)
+        planner = self.planners.get(policy.digest) or self._planner(policy)
+        caps = self.capabilities.get(joined_caps)
+        if caps is None:
+            caps = self._caps(joined_caps)
         plan_key, tokens, cx = planner.key(
             (tenant, feature, task, risk, classification, caps), complexity, chars, max_out
         )
         shape = planner.shape(plan_key) or planner.learn(plan_key, self._request(i, caps))
-        day, budget = self._day(now_us), self._budget(tenant)
+        day = self.days.get(now_us // _DAY_US) or self._day(now_us)
+        budget = self.budgets.get(tenant) or self._budget(tenant)
         observed = self._observed(observations) if observations else None
         version, committed = budget.version, budget.committed(day, feature)
         outcome = planner.decide(shape, tokens, cx, max_out, slo, committed, observed)
@@ -303,7 +322,7 @@ class _Engine:
         report.candidate_escalations += verdict == "escalated"
         if recorded and verdict != "rejected":
             report.decode_changes += rec_strategy != outcome.decode_strategy
-            report.residency_changes += row[_CONTEXT_AT][0] != SEP.join(shape.allowed_regions)
+            report.residency_changes += row[_CONTEXT_AT][0] != self._joined(shape)[0]
 
     def _compare(
         self,
@@ -332,10 +351,11 @@ class _Engine:
                 o.decode_strategy,
             ):
                 day, version, (tenant_committed, feature_committed) = at
+                allowed, eligible = self._joined(shape)
                 context = (
-                    SEP.join(shape.allowed_regions), tenant_committed, feature_committed, day, version,
-                    o.complexity, shape.floor, shape.preferred, SEP.join(shape.eligible), SEP.join(o.chain[1:]),
-                    o.predicted_latency_ms, shape.tenant_budget, shape.feature_budget,
+                    allowed, tenant_committed, feature_committed, day, version, o.complexity, shape.floor,
+                    shape.preferred, eligible, self._fallbacks(o.chain), o.predicted_latency_ms,
+                    shape.tenant_budget, shape.feature_budget,
                 )  # fmt: skip
                 report.context_differences += row[_CONTEXT_AT] != context
                 return
