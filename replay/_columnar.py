@@ -396,7 +396,7 @@ def _candidate_outcome(o: Outcome, table: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def replay_history(
+def fold_history(
     history: History,
     policy: RoutingPolicy | None,
     recorded_policies: Mapping[str, RoutingPolicy] | None,
@@ -448,4 +448,4 @@ def replay(
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
     history = load_history(store, tenant, since, until)
-    return replay_history(history, policy, recorded_policies, report, keep_changes, progress)
+    return fold_history(history, policy, recorded_policies, report, keep_changes, progress)
