@@ -27,12 +27,18 @@ _RANK: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
 def estimate_complexity(request: InferenceRequested, input_tokens: int) -> float:
     if request.complexity is not None:
         return request.complexity
-    raw = (
-        _RISK_WEIGHT[request.risk_class]
-        + min(0.4, input_tokens / 5000)
-        + 0.1 * len(request.required_capabilities)
-    )
+    return estimated_complexity(request.risk_class, input_tokens, len(request.required_capabilities))
+
+
+def estimated_complexity(risk_class: str, input_tokens: int, capabilities_listed: int) -> float:
+    """The router's estimate when the caller gave none (replay's planner calls it per row too)."""
+    raw = _RISK_WEIGHT[risk_class] + min(0.4, input_tokens / 5000) + 0.1 * capabilities_listed
     return round(min(1.0, raw), 4)
+
+
+def confidence_of(complexity: float, policy: RoutingPolicy) -> float:
+    """The confidence of an estimated complexity on the small floor (see ``routing_confidence``)."""
+    return round(min(1.0, 0.5 + abs(complexity - policy.routing.mid_complexity)), 4)
 
 
 def matches(when: Match, request: InferenceRequested, complexity: float) -> bool:
@@ -52,7 +58,7 @@ def routing_confidence(
     estimated complexity lies to the small/mid boundary, the less sure the tier is (0.5 on it)."""
     if request.complexity is not None or floor != "small":
         return 1.0
-    return round(min(1.0, 0.5 + abs(complexity - policy.routing.mid_complexity)), 4)
+    return confidence_of(complexity, policy)
 
 
 class Escalation(msgspec.Struct, frozen=True, kw_only=True):

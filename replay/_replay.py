@@ -27,6 +27,7 @@ from nexuscore.core import (
 from nexuscore.policy import Controls, RoutingPolicy, Switch, cost_micros
 from nexuscore.projections import ROW_BUILDERS, EvidenceStore, Row
 from nexuscore.schemas import (
+    DispatchRequested,
     EscalationResolved,
     InferenceRequested,
     LatencyObservation,
@@ -194,7 +195,12 @@ def _ordered(
         items.extend((tenant, math.inf, -1, i, "request", p) for i, p in enumerate(pending))
     items.extend((s["tenant_id"], s["state_version"], 0, 0, "settlement", s) for s in settlements)
     items.extend((r["tenant_id"], r["state_version"], 0, 0, "resolution", r) for r in resolutions)
-    items.sort(key=lambda it: (it[0], it[1], it[2], it[3]))
+    # A total order: ties (a hostile or duplicated store) fall to the kind, then the log position,
+    # never to the order the files were listed in.
+    kinds = {"request": 0, "settlement": 1, "resolution": 2}
+    items.sort(
+        key=lambda it: (it[0], it[1], it[2], it[3], kinds[it[4]], it[5]["src_partition"], it[5]["src_offset"])
+    )
     for it in items:
         yield it[4], it[5]
 
@@ -238,7 +244,8 @@ def _load(
             # Request ids are unique per tenant only: rows follow their (tenant, request) pair.
             else f"SELECT t.* FROM {table} t SEMI JOIN ({chosen}) c USING (tenant_id, request_id)"  # noqa: S608
         )
-        result: list[Row] = store.query(sql, params).to_pylist()
+        # In log order, so that where two rows share a key the later one wins, on every run.
+        result: list[Row] = store.query(f"{sql} ORDER BY src_partition, src_offset", params).to_pylist()
         return result
 
     requests = rows("requests")
@@ -285,6 +292,7 @@ class _Replayer:
         self.policy_of: dict[Key, RoutingPolicy] = {}
         self.states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
         self.chosen: dict[Key, str] = {}
+        self.chains: dict[Key, tuple[str, ...]] = {}
         self.reservations: dict[Key, Reservation] = {}
         self.escalated: dict[Key, tuple[InferenceRequested, RequestDecided]] = {}
 
@@ -312,9 +320,9 @@ class _Replayer:
             resolved = events[0]
             assert isinstance(resolved, EscalationResolved) and resolved.deployment_id is not None
             self.chosen[key] = resolved.deployment_id
-            if key not in self.recorded.outcomes:
-                self.states[tenant_id], _ = settle(self.states[tenant_id], reservation, reservation.amount)
-                self.reservations.pop(key)
+            dispatch = events[1]
+            assert isinstance(dispatch, DispatchRequested)
+            self.chains[key] = (dispatch.deployment_id, *(f.deployment_id for f in dispatch.fallbacks))
 
     def settlement(self, row: Row) -> None:
         """A recorded settlement: the candidate's reservation settles at what the recorded call would
@@ -327,16 +335,15 @@ class _Replayer:
         held = self.reservations.pop(key, None)
         if held is None:
             return
-        d = self.policy_of[key].deployments_by_id[deployment]
-        actual = (
-            outcome["cost_micros"]
-            if deployment == outcome["deployment_id"]
-            else cost_micros(
-                outcome["input_tokens"],
-                outcome["output_tokens"],
-                d.input_micros_per_1k,
-                d.output_micros_per_1k,
-            )
+        # The recorded usage, priced (the worker's own function) on the deployment the candidate's
+        # chain would have ended on: the recorded one when the chain holds it (a failover happens
+        # under both), else the candidate's first.
+        served_on = (
+            outcome["deployment_id"] if outcome["deployment_id"] in self.chains.get(key, ()) else deployment
+        )
+        d = self.policy_of[key].deployments_by_id[served_on]
+        actual = cost_micros(
+            outcome["input_tokens"], outcome["output_tokens"], d.input_micros_per_1k, d.output_micros_per_1k
         )
         self.states[row["tenant_id"]], _ = settle(self.states[row["tenant_id"]], held, actual)
         self.report.candidate_actual_micros += actual
@@ -353,7 +360,7 @@ class _Replayer:
             else self.recorded_policies.get(rec_row.get("policy_digest", ""))
         )
         if use is None:
-            _unknown_policy(self.report, key, rec_row, self.keep_changes)
+            unknown_policy(self.report, key, rec_row, self.keep_changes)
             return False
         self.policy_of[key] = use
         override = _override(rec_row)
@@ -364,7 +371,7 @@ class _Replayer:
             return True
         table, cand_row = _decision_row(decided)
         if isinstance(decided, RequestDecided) and decided.verdict == "dispatch":
-            self._dispatched(key, decided)
+            self._dispatched(key, decided, rec_table == "decisions" and rec_row["verdict"] == "dispatch")
         _count(self.report, key, use, (rec_table, rec_row), (table, cand_row), self.recorded.outcomes)
         _compare(self.report, key, (rec_table, rec_row), (table, cand_row), self.keep_changes)
         return True
@@ -392,19 +399,21 @@ class _Replayer:
             self.escalated[key] = (request, decided)
         return decided
 
-    def _dispatched(self, key: Key, decided: RequestDecided) -> None:
+    def _dispatched(self, key: Key, decided: RequestDecided, recorded_dispatch: bool) -> None:
         deployment_id = decided.budget.deployment_id
         assert deployment_id is not None
         self.chosen[key] = deployment_id
+        self.chains[key] = (deployment_id, *decided.routing.fallbacks)
         self.report.candidate_estimated_micros += decided.budget.estimated_cost_micros
-        if key not in self.recorded.outcomes:
-            # Never served in the recorded history: settle at the estimate so the budget moves.
-            held = self.reservations.pop(key)
-            self.states[key[0]], _ = settle(self.states[key[0]], held, held.amount)
+        if key not in self.recorded.outcomes and not recorded_dispatch:
+            # Never served in the recorded history, and no recorded call to reprice: the estimate
+            # stands for what it would have cost. The reservation stays held, as the decider keeps
+            # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
+            # on either side).
             self.report.candidate_actual_micros += decided.budget.estimated_cost_micros
 
 
-def _unknown_policy(report: ReplayReport, key: Key, rec_row: Row, keep_changes: int) -> None:
+def unknown_policy(report: ReplayReport, key: Key, rec_row: Row, keep_changes: int) -> None:
     """Verify mode, a recorded decision whose policy is not known: it cannot be reproduced."""
     report.requests += 1
     report.changed += 1
@@ -473,7 +482,7 @@ def _compare(
         )
 
 
-def replay(
+def replay_reference(
     store: EvidenceStore,
     policy: RoutingPolicy | None,
     *,
@@ -484,7 +493,9 @@ def replay(
     progress: Callable[[int, int], None] | None = None,
     keep_changes: int = 1000,
 ) -> ReplayReport:
-    """Re-decide every recorded request under ``policy`` and compare with what was recorded.
+    """Re-decide every recorded request under ``policy`` with the full ``decide`` (every reason
+    rebuilt, whole rows compared) and compare with what was recorded: the reference that the
+    columnar ``replay`` is checked against, and the simplest correct way to replay.
 
     With ``recorded_policies`` (digest -> policy) instead, each request is re-decided under the
     policy its recorded decision names (verify mode): every decision must come out the same.

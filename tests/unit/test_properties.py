@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import timedelta
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexuscore.core import EMPTY_STATE, BudgetState, Decision, Reservation, decide, on_outcome, on_request
 from nexuscore.schemas import DispatchRequested, InferenceRequested, OutcomeRecorded, RequestDecided
 from tests.factories import POLICY, T0, numbered, with_budgets
+from tests.unit._reference_decide import reference_decide
+from tests.unit.test_plan import expected, planned
 
 TENANT_FEATURES = [(t.id, f.id) for t in POLICY.tenants for f in t.features]
 
@@ -139,3 +142,22 @@ def test_settled_spend_never_exceeds_a_budget_by_more_than_one_estimate(
             assert window.tenant_settled <= budget
             for spent in window.feature_settled.values():
                 assert spent <= feature_budget
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(requests, min_size=1, max_size=60))
+def test_replays_planner_gives_the_reference_decisions_along_a_generated_history(
+    reqs: list[InferenceRequested],
+) -> None:
+    """The fast path replay runs (``Planner``: a shape per coarse key, the rest per row) against the
+    frozen reference ``decide``, request after request, the budget folded as the decider folds it:
+    the same outcome at every step, however the budget has moved."""
+    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    for req in reqs:
+        req = msgspec.structs.replace(req, prompt="x" * len(req.prompt))  # what the evidence keeps
+        state = states[req.tenant_id]
+        window = state.window(T0.date().isoformat())
+        committed = (window.tenant_committed, window.feature_committed(req.feature))
+        outcome, _ = planned(TIGHT, req, committed, None, approved=False)
+        assert outcome == expected(reference_decide(req, TIGHT, state, T0))
+        states[req.tenant_id], _, _ = on_request(state, req, TIGHT, "t", T0)

@@ -1,0 +1,190 @@
+"""What a columnar replay reads of the evidence: three queries, their columns, and one order.
+
+Requests come with their recorded decision (or rejection) and outcome joined on (tenant, request):
+request ids are unique per tenant only. Where the evidence holds two rows for one key (a redelivery
+the projector kept, or a hostile producer), the latest by log position is the one replayed against,
+so the choice never depends on file-listing or hash order. Every query orders by log position, and
+the history's order (``_history_order``) is a total order over (tenant, state version, kind, log
+position): the same store gives the same sequence on every run.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nexuscore.projections import EvidenceStore
+
+_WHERE = (
+    "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
+    "AND ($until IS NULL OR occurred_at < $until)"
+)
+# The latest row per (tenant, request) of a table, among the chosen requests' rows: its log position
+# found on two narrow columns first (a window over the wide rows would sort them all).
+_LATEST = (
+    "SELECT {columns} FROM {table} t SEMI JOIN (SELECT tenant_id, request_id, "
+    "max(struct_pack(p := src_partition, o := src_offset)) AS pos FROM {table} "
+    "SEMI JOIN (SELECT tenant_id, request_id FROM chosen) c USING (tenant_id, request_id) GROUP BY ALL) l "
+    "ON t.tenant_id = l.tenant_id AND t.request_id = l.request_id AND t.src_partition = l.pos.p "
+    "AND t.src_offset = l.pos.o"
+)
+# Only what replay reads: the prompt, the reasons' prose and the responses stay on disk.
+_KEY = "tenant_id, request_id, src_partition, src_offset, "
+_REQUEST_COLUMNS = (
+    _KEY + "occurred_at, feature, task_type, risk_class, data_classification, required_capabilities, "
+    "complexity, prompt_chars, max_output_tokens, latency_slo_ms"
+)
+_DECISION_COLUMNS = (
+    _KEY + "occurred_at, policy_digest, verdict, tier, deployment_id, budget_action, estimated_cost_micros, "
+    "decode_strategy, allowed_regions, tenant_committed_micros, feature_committed_micros, budget_window, "
+    "state_version, complexity, floor_tier, preferred_tier, eligible, fallbacks, predicted_latency_ms, "
+    "tenant_budget_micros, feature_budget_micros, "
+    "{control_mode} AS control_mode, latency_observations"
+)
+# Decisions written before control_mode existed name their kill switch in a reason: read (the
+# reasons are the bulk of a decision's row) only when the store holds such decisions.
+_LEGACY_CONTROL_MODE = (
+    "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
+    "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
+)
+# The unit separator: cannot occur in an identifier, so lists travel as one string each.
+SEP = "\x1f"
+# Names and columns are ours; filters travel as bound parameters.
+_REQUESTS = f"""
+WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
+dec AS ({_LATEST.format(table="decisions", columns=_DECISION_COLUMNS)}),
+rej AS ({_LATEST.format(table="rejections", columns=_KEY + "occurred_at, policy_digest, reason_code, reason")}),
+outc AS ({_LATEST.format(table="outcomes", columns=_KEY + "deployment_id, input_tokens, output_tokens, cost_micros")})
+SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_classification,
+  array_to_string(r.required_capabilities, '{SEP}') AS capabilities, r.complexity, r.prompt_chars,
+  r.max_output_tokens, r.latency_slo_ms,
+  CASE WHEN j.request_id IS NOT NULL THEN 'rejections' WHEN d.request_id IS NOT NULL THEN 'decisions'
+       ELSE 'missing' END AS rec_table,
+  epoch_us(coalesce(j.occurred_at, d.occurred_at, r.occurred_at)) AS now_us,
+  coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
+  j.reason AS rec_reason,
+  d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
+  array_to_string(d.allowed_regions, '{SEP}') AS allowed_regions, d.tenant_committed_micros,
+  d.feature_committed_micros, d.budget_window, d.state_version, d.complexity AS rec_complexity,
+  d.floor_tier, d.preferred_tier, array_to_string(d.eligible, '{SEP}') AS eligible,
+  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms, d.tenant_budget_micros,
+  d.feature_budget_micros,
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
+  CASE WHEN len(d.latency_observations) > 0 THEN d.latency_observations END AS observations,
+  o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
+  o.output_tokens AS out_output, o.cost_micros AS out_cost,
+  r.src_partition, r.src_offset
+FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
+  LEFT JOIN outc o USING (tenant_id, request_id)
+ORDER BY r.tenant_id, r.src_partition, r.src_offset
+"""  # noqa: S608
+_FOLLOWING = f"""
+WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
+SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
+FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
+ORDER BY tenant_id, state_version, src_partition, src_offset
+"""  # noqa: S608
+_LAST = 2**62  # after every state version: requests no decided request follows
+
+KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
+
+
+class Columns(msgspec.Struct, frozen=True, kw_only=True):
+    """One table's columns as Python lists, in log order."""
+
+    data: dict[str, list[Any]]
+    rows: int
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self.data[name]
+
+
+class History(msgspec.Struct, frozen=True, kw_only=True):
+    requests: Columns
+    settlements: Columns
+    resolutions: Columns
+    # The history in order: (kind, row index in its table's columns).
+    order: list[tuple[int, int]]
+
+
+def _columns(table: pa.Table) -> Columns:
+    return Columns(data={n: table.column(n).to_pylist() for n in table.column_names}, rows=table.num_rows)
+
+
+def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | int) -> pa.Table:
+    n = table.num_rows
+    return pa.table(
+        {
+            "tenant": table.column("tenant_id"),
+            "version": version,
+            "sub": sub if isinstance(sub, pa.Array) else pa.array([sub] * n, pa.int8()),
+            "kind": pa.array([kind] * n, pa.int8()),
+            "partition": table.column("src_partition"),
+            "offset": table.column("src_offset"),
+            "index": pa.array(range(n), pa.int64()),
+        }
+    )
+
+
+def _request_versions(requests: Columns) -> list[int]:
+    """Each request's place among its tenant's state versions: its decision's, or, for a request
+    with no recorded decision (it touched no state), the next decided request's (rows in log order
+    per tenant, so one backward pass)."""
+    tenants, tables, versions = requests["tenant_id"], requests["rec_table"], requests["state_version"]
+    out = [_LAST] * requests.rows
+    tenant, following = None, _LAST
+    for i in range(requests.rows - 1, -1, -1):
+        if tenants[i] != tenant:
+            tenant, following = tenants[i], _LAST
+        if tables[i] == "decisions":
+            following = versions[i]
+        out[i] = following
+    return out
+
+
+def _history_order(
+    requests: pa.Table, versions: list[int], settlements: pa.Table, resolutions: pa.Table
+) -> list[tuple[int, int]]:
+    """Per tenant, the order the decision agent saw: decisions, settlements and resolutions by
+    state version, and requests with no decision just before the next decided request."""
+    decided = pc.equal(requests.column("rec_table"), "decisions")
+    version = pa.chunked_array([pa.array(versions, pa.int64())])
+    sub = pc.cast(pc.if_else(decided, 0, -1), pa.int8())
+    keys = pa.concat_tables(
+        [
+            _keys(requests, KIND_REQUEST, version, sub.combine_chunks()),
+            _keys(settlements, KIND_SETTLEMENT, pc.cast(settlements.column("state_version"), pa.int64()), 0),
+            _keys(resolutions, KIND_RESOLUTION, pc.cast(resolutions.column("state_version"), pa.int64()), 0),
+        ]
+    )
+    names = ("tenant", "version", "sub", "kind", "partition", "offset")
+    ordered = keys.take(pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names]))
+    return list(zip(ordered.column("kind").to_pylist(), ordered.column("index").to_pylist(), strict=True))
+
+
+def load_history(
+    store: EvidenceStore, tenant: str | None, since: datetime | None, until: datetime | None
+) -> History:
+    """The chosen requests (by tenant and time) with what was recorded of them, and the
+    settlements and resolutions that follow them, whatever their own times."""
+    params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
+    legacy = (
+        store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
+    )
+    mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
+    requests = store.query(_REQUESTS.replace("{control_mode}", mode), params)
+    settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
+    resolutions = store.query(
+        _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params
+    )
+    columns = _columns(requests)
+    return History(
+        requests=columns,
+        settlements=_columns(settlements),
+        resolutions=_columns(resolutions),
+        order=_history_order(requests, _request_versions(columns), settlements, resolutions),
+    )

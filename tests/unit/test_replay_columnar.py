@@ -1,0 +1,174 @@
+"""The columnar replay: the same report as the reference replay, the same on every run, and exactly
+zero deltas under the recorded policy, failovers and calls never answered included."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexuscore._synthetic import synthetic_requests
+from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
+from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, cost_micros, parse_policy
+from nexuscore.projections import EvidenceStore
+from nexuscore.replay import ReplayReport, replay, replay_reference
+from nexuscore.schemas import DispatchRequested, Event, InferenceRequested, OutcomeRecorded
+from tests.factories import POLICY, T0, project, run_history, with_budgets
+
+
+def _candidate_with_credit_on_mid() -> RoutingPolicy:
+    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    data["version"] = "candidate"
+    data["routing"]["rules"].append(
+        {"id": "all-credit-mid", "when": {"task_types": ["credit_decision"]}, "min_tier": "mid"}
+    )
+    return parse_policy(yaml.safe_dump(data))
+
+
+CANDIDATES = {
+    "tighter": with_budgets(POLICY, "0.5", "0.2"),
+    "credit-on-mid": _candidate_with_credit_on_mid(),
+}
+
+
+def _outcome(d: DispatchRequested, rng: random.Random, fail_over: bool) -> OutcomeRecorded:
+    """What a worker records: on the dispatch's deployment, or (a failover) on its first fallback,
+    billed with the worker's own pricing function."""
+    target = d.fallbacks[0] if fail_over and d.fallbacks else None
+    in_price = target.input_price_micros_per_1k if target else d.input_price_micros_per_1k
+    out_price = target.output_price_micros_per_1k if target else d.output_price_micros_per_1k
+    tokens_in, tokens_out = rng.randint(1, 3000), rng.randint(1, d.max_output_tokens)
+    return OutcomeRecorded(
+        event_id=derive_id(d.event_id, "outcome"), request_id=d.request_id, tenant_id=d.tenant_id,
+        occurred_at=d.occurred_at, producer="w", status="answered", feature=d.feature,
+        deployment_id=target.deployment_id if target else d.deployment_id, model=d.model, model_version="v",
+        region=target.region if target else d.region, attempts=2 if target else 1, input_tokens=tokens_in,
+        output_tokens=tokens_out, cost_micros=cost_micros(tokens_in, tokens_out, in_price, out_price),
+        latency_ms=3.0, response="r", finish_reason="stop",
+    )  # fmt: skip
+
+
+def served_history(
+    policy: RoutingPolicy, requests: list[InferenceRequested], seed: int, unanswered: float = 0.1
+) -> list[Event]:
+    """The decider's and the workers' record: a share of the calls fail over to their first
+    fallback, and a share is never answered (no outcome, the reservation still held)."""
+    rng = random.Random(seed)
+    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    held: dict[tuple[str, str], Reservation] = {}
+    events: list[Event] = []
+    for req in requests:
+        states[req.tenant_id], reservation, out = on_request(
+            states[req.tenant_id], req, policy, "decider", req.occurred_at
+        )
+        events += [req, *out]
+        key = (req.tenant_id, req.request_id)
+        if reservation is not None:
+            held[key] = reservation
+        for d in (e for e in out if isinstance(e, DispatchRequested)):
+            if rng.random() < unanswered:
+                continue
+            outcome = _outcome(d, rng, fail_over=rng.random() < 0.3)
+            states[d.tenant_id], settled = on_outcome(
+                states[d.tenant_id], held.pop(key), outcome, "decider", d.occurred_at
+            )
+            events += [outcome, *settled]
+    return events
+
+
+def colliding_requests(n: int, seed: int) -> list[InferenceRequested]:
+    """Synthetic requests renumbered per tenant: every tenant has r0, r1, ..., so request ids
+    collide across tenants (never within one)."""
+    counts: dict[str, int] = defaultdict(int)
+    out = []
+    for r in synthetic_requests(POLICY, n, seed=seed, start=T0, run="collide"):
+        out.append(msgspec.structs.replace(r, request_id=f"r{counts[r.tenant_id]}"))
+        counts[r.tenant_id] += 1
+    return out
+
+
+def test_identity_replay_reports_every_delta_exactly_zero_with_failovers_and_unanswered_calls(
+    tmp_path: Path,
+) -> None:
+    policy = with_budgets(POLICY, "1", "0.4")
+    events = served_history(policy, synthetic_requests(policy, 800, seed=4, start=T0, run="id"), seed=4)
+    failovers = [e for e in events if isinstance(e, OutcomeRecorded) and e.attempts == 2]
+    dispatches = sum(isinstance(e, DispatchRequested) for e in events)
+    outcomes = sum(isinstance(e, OutcomeRecorded) for e in events)
+    assert failovers and outcomes < dispatches  # both cases are in the history
+    project(tmp_path, events)
+    with EvidenceStore(tmp_path) as store:
+        for run in (replay, replay_reference):
+            report = run(store, None, recorded_policies={policy.digest: policy})
+            assert (report.changed, report.context_differences) == (0, 0), report.changes[:2]
+            assert report.recorded_actual_micros == sum(
+                e.cost_micros for e in events if isinstance(e, OutcomeRecorded)
+            )
+            assert report.estimated_delta_micros == 0 and report.actual_delta_micros == 0
+            assert report.recorded_actual_micros > 0
+
+
+def test_replay_gives_the_same_report_on_every_run_of_a_store_with_colliding_request_ids(
+    tmp_path: Path,
+) -> None:
+    requests = colliding_requests(500, seed=11)
+    assert len({r.request_id for r in requests}) < len(requests)  # ids shared across tenants
+    events = served_history(POLICY, requests, seed=11)
+    project(tmp_path, events, flush_every=150, partitions=3)  # many files, in many folders
+    candidate = CANDIDATES["tighter"]
+    with EvidenceStore(tmp_path) as store:
+        identity = [replay(store, None, recorded_policies={POLICY.digest: POLICY}) for _ in range(3)]
+        counterfactual = [replay(store, candidate, keep_changes=10**6) for _ in range(3)]
+    for reports in (identity, counterfactual):
+        assert (
+            msgspec.to_builtins(reports[0])
+            == msgspec.to_builtins(reports[1])
+            == msgspec.to_builtins(reports[2])
+        )
+    assert identity[0].requests == len(requests)
+    assert (identity[0].changed, identity[0].context_differences, identity[0].actual_delta_micros) == (
+        0,
+        0,
+        0,
+    )
+    assert counterfactual[0].changed > 0
+
+
+def _same_summary(fast: ReplayReport, reference: ReplayReport) -> None:
+    assert fast.summary() == reference.summary()
+    key = [(c.tenant_id, c.request_id) for c in fast.changes]
+    assert key == [(c.tenant_id, c.request_id) for c in reference.changes]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 250),
+    st.sampled_from(["0.05", "2", "40"]),
+    st.sampled_from([None, *CANDIDATES]),
+)
+def test_the_columnar_replay_reports_what_the_reference_replay_reports(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, n: int, budget: str, candidate: str | None
+) -> None:
+    """On generated histories (escalations and their reviews, outcomes out of order, budget
+    denials), under the recorded policy or a candidate: the same totals, the same changes."""
+    policy = with_budgets(POLICY, budget, budget)
+    root = tmp_path_factory.mktemp("history") / "evidence"
+    project(root, run_history(policy, n, seed=seed))
+    with EvidenceStore(root) as store:
+        if candidate is None:
+            recorded = {policy.digest: policy}
+            _same_summary(
+                replay(store, None, recorded_policies=recorded),
+                replay_reference(store, None, recorded_policies=recorded),
+            )
+        else:
+            _same_summary(
+                replay(store, CANDIDATES[candidate]), replay_reference(store, CANDIDATES[candidate])
+            )
