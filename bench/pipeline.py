@@ -18,7 +18,9 @@
    answers off ``nexus.outcomes`` and ``nexus.decisions`` as a producer would: sent -> terminal state.
 5. **Sustained load**: 800 requests/s for 60 s; the decider's and workers' backlog every 5 s, whether
    it stayed flat, and CPU per request per stage.
-6. Peak RSS (VmHWM) of every process and CPU seconds (utime + stime) per process and phase.
+6. **Gateway** (``bench.gateway``, on a broker of its own): the same closed-loop load through the
+   OpenAI-compatible HTTP gateway and straight to Kafka with the SDK (SDK, gateway, SDK again).
+7. Peak RSS (VmHWM) of every process and CPU seconds (utime + stime) per process and phase.
 
 Results go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` (overwritten), and the
 decider's collapsed py-spy stacks to ``bench/results/pipeline-decider.pyspy.txt``.
@@ -52,6 +54,7 @@ from bench._pipeline.report import print_summary, render_markdown
 from bench._pipeline.sustained import run_observed, run_sustained
 from bench._pipeline.throughput import run_throughput
 from bench._pipeline.topics import encode_requests
+from bench.gateway import measure as measure_gateway
 from nexuscore._services import peak_rss_mb
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, load_policy
@@ -226,6 +229,9 @@ def run(args: Params) -> dict[str, Any]:
     ok = False
     try:
         run_phases(results, args, policy, run_id, work)
+        if "gateway" in args.phases:
+            print("[gateway] the same load through HTTP and straight to Kafka (SDK)", flush=True)
+            results["gateway"] = measure_gateway(min(args.requests, 2000), 32)
         results["machine"]["loadavg_end"] = loadavg()
         ok = True
     finally:

@@ -184,10 +184,17 @@ def memory_records(events_wanted: int, seed: int, partitions: int = 4) -> tuple[
         offsets[(topic, partition)] += 1
         records.append(
             ConsumerRecord(
-                topic=topic, partition=partition, offset=offset,
-                timestamp=int(e.occurred_at.timestamp() * 1000), timestamp_type=1, key=key,
-                value=codec.encode(e), checksum=None, serialized_key_size=len(key),
-                serialized_value_size=0, headers=(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp=int(e.occurred_at.timestamp() * 1000),
+                timestamp_type=1,
+                key=key,
+                value=codec.encode(e),
+                checksum=None,
+                serialized_key_size=len(key),
+                serialized_value_size=0,
+                headers=(),
             )  # fmt: skip
         )
     return records, {t.id: t.home_region for t in POLICY.tenants}
@@ -212,7 +219,10 @@ _STEPS = {
     "flush (all of it)": ("nexuscore.projections._projector", "Projector.flush"),
     "rows to columns (_tables.to_columns)": ("nexuscore.projections._projector", "to_columns"),
     "columns to Arrow (_tables.to_table)": ("nexuscore.projections._projector", "to_table"),
-    "row building (Projector._rows, decode included)": ("nexuscore.projections._projector", "Projector._rows"),
+    "row building (Projector._rows, decode included)": (
+        "nexuscore.projections._projector",
+        "Projector._rows",
+    ),
     "leaves in Python (_leaves.column_leaves)": ("nexuscore.projections._projector", "column_leaves"),
     "leaves in DuckDB (_seal.leaf_hashes)": ("nexuscore.projections._seal", "leaf_hashes"),
     "Parquet (pyarrow write_table)": ("pyarrow.parquet", "write_table"),
@@ -375,7 +385,9 @@ def main() -> None:
 
 def _markdown(r: dict[str, Any]) -> str:
     first = {k: v[0] for k, v in r["runs"].items()}
-    labels = list(dict.fromkeys([*first["baseline"]["steps_us_per_event"], *first["current"]["steps_us_per_event"]]))
+    labels = list(
+        dict.fromkeys([*first["baseline"]["steps_us_per_event"], *first["current"]["steps_us_per_event"]])
+    )
     lines = [
         "# Projector, offline (no broker): CPU µs per event",
         "",

@@ -13,7 +13,7 @@ TARGET_RSS_MB = 250.0
 GOAL_RPS = 2500.0
 GOAL_P50_MS = 3.0
 GOAL_P99_MS = 15.0
-PHASES = ("baseline", "throughput", "latency", "observed", "sustained")
+PHASES = ("baseline", "throughput", "latency", "observed", "sustained", "gateway")
 
 PIPELINE_STAGES = ("provider", "decider", "worker", "projector")
 # Evidence is polled this often while a run drains; each poll reads only the footers of new files,

@@ -179,6 +179,32 @@ def _sustained_lines(sus: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _gateway_lines(gw: dict[str, Any] | None) -> list[str]:
+    if not gw:
+        return []
+    rows = [
+        (
+            name,
+            fmt(p["throughput_rps"], ",.1f"),
+            fmt(p["latency_ms"]["p50"], ".1f"),
+            fmt(p["latency_ms"]["p99"], ".1f"),
+        )
+        for name, p in gw["phases"].items()
+    ]
+    ratios = gw["ratios"]
+    return [
+        f"Gateway phase (`bench.gateway`, {gw['params']['requests']} requests per phase, "
+        f"{gw['params']['concurrency']} in flight, its own broker): the OpenAI-compatible HTTP gateway beside "
+        "the SDK straight to Kafka:",
+        "",
+        *table(("phase", "requests/s", "p50 ms", "p99 ms"), rows),
+        "",
+        f"Gateway / SDK throughput {ratios['throughput_gateway_over_sdk']}; added p50 {ratios['added_latency_p50_ms']} ms, "
+        f"p99 {ratios['added_latency_p99_ms']} ms; gateway CPU {ratios['gateway_cpu_ms_per_request']} ms per request.",
+        "",
+    ]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     p, m = results["parameters"], results["machine"]
     lines = [
@@ -218,6 +244,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     elif prof.get("skipped"):
         lines += [f"Decider profile skipped: {prof['skipped']}", ""]
     lines += _sustained_lines(results.get("sustained"))
+    lines += _gateway_lines(results.get("gateway"))
     lines += ["All figures: `bench/results/pipeline.json`.", ""]
     return "\n".join(lines)
 
