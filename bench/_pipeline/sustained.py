@@ -43,8 +43,9 @@ def _terminal(event: object) -> str | None:
 
 
 async def _answers(
-    consumer: AIOKafkaConsumer, wanted: set[str], seen: dict[str, float], done: asyncio.Event
+    consumer: AIOKafkaConsumer, wanted: set[str], seen: dict[str, tuple[float, float]], done: asyncio.Event
 ) -> None:
+    """Note, for each wanted request, when its terminal state was read and when the broker took it."""
     codec = AvroCodec()
     while not done.is_set():
         for records in (await consumer.getmany(timeout_ms=100)).values():
@@ -52,12 +53,12 @@ async def _answers(
             for r in records:
                 rid = _terminal(codec.decode(r.value))
                 if rid in wanted and rid not in seen:
-                    seen[rid] = now
+                    seen[rid] = (now, r.timestamp / 1000)
 
 
 async def observe(
     bootstrap: str, topics: Topics, requests: Sequence[InferenceRequested], rate: float, wait_s: float
-) -> tuple[dict[str, Any], list[float]]:
+) -> tuple[dict[str, Any], list[float], list[float]]:
     """Publish ``requests`` paced at ``rate`` and time each one's terminal state as a client reads it."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await start_client(consumer, bootstrap)
@@ -67,7 +68,7 @@ async def observe(
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
     wanted = {r.request_id for r in requests}
-    seen: dict[str, float] = {}
+    seen: dict[str, tuple[float, float]] = {}
     done = asyncio.Event()
     reader = asyncio.create_task(_answers(consumer, wanted, seen, done))
     try:
@@ -79,7 +80,11 @@ async def observe(
         done.set()
         await reader
         await consumer.stop()
-    return pacing, [(seen[rid] - sent[rid]) * 1000 for rid in seen if rid in sent]
+    # Sent -> read by this client; and sent -> taken by the broker (the answer's record timestamp:
+    # LogAppendTime on outcomes, the decider's clock on decisions), which leaves out the reading.
+    read = [(seen[rid][0] - sent[rid]) * 1000 for rid in seen if rid in sent]
+    appended = [(seen[rid][1] - sent[rid]) * 1000 for rid in seen if rid in sent]
+    return pacing, read, appended
 
 
 def run_observed(
@@ -91,7 +96,9 @@ def run_observed(
     requests = fresh_requests(policy, total, f"{run}-observed")
     with running_pipeline(bootstrap, topics, policy_path, work / "observed") as (services, stages, watch):
         warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
-        pacing, latencies = asyncio.run(observe(bootstrap, topics, requests, args.observed_rate, 60.0))
+        pacing, latencies, appended = asyncio.run(
+            observe(bootstrap, topics, requests, args.observed_rate, 60.0)
+        )
         services.check()
     return {
         "namespace": topics.namespace,
@@ -101,6 +108,7 @@ def run_observed(
         "not_seen": total - len(latencies),
         "note": "escalated requests wait for a person and are not timed",
         "published_to_terminal_state_ms": latency_stats(latencies),
+        "published_to_answer_on_broker_ms": latency_stats(appended),
         "loadavg_after": loadavg(),
     }
 
