@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import uuid
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
 # Batches decided (their outputs sent) whose state and offsets may wait for the writer at once.
 MAX_BATCHES_WAITING = 64
+# How long the writer lets decided batches gather before it makes them durable as one group.
+WRITE_GATHER_S = 0.05
 
 
 class Outbox:
@@ -117,6 +120,10 @@ class DeciderLoop:
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
         self._producer: AIOKafkaProducer | None = None
+        # The changelogs' own producer: aiokafka keeps one produce request in flight per broker and
+        # producer, so a batch's state write on the outputs' producer would hold the next batch's
+        # decisions back behind it. (A transaction needs the one producer.)
+        self._state_producer: AIOKafkaProducer | None = None
         # Batches decided and sent, whose state and offsets are not yet durable; their writer.
         self._waiting: list[tuple[_FlushJob, list[asyncio.Future[object]]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -164,11 +171,18 @@ class DeciderLoop:
         consumer = self._consumer()
         self._producer = producer = self._new_producer()
         await start_client(producer, self.bootstrap)
+        self._state_producer = producer if self.transactional else new_producer(self.bootstrap, linger_ms=0)
+        if self._state_producer is not producer:
+            await start_client(self._state_producer, self.bootstrap)
         await start_client(self._restorer, self.bootstrap)
         consumer.subscribe(
             [self.topics.requests, self.topics.outcomes, self.topics.reviews], listener=_Rebalance(self)
         )
         follow = asyncio.create_task(self.follower.follow(self.stopping)) if self.follower else None
+        # What was loaded so far (modules, the policy) is never garbage: keep the collector off it,
+        # and let it run less often, so that a collection does not stall a batch (the tail latency).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         try:
             await start_client(consumer, self.bootstrap)
             await self._loop(consumer)
@@ -180,6 +194,8 @@ class DeciderLoop:
             await consumer.stop()
             await self._restorer.stop()
             await producer.stop()
+            if self._state_producer is not producer:
+                await self._state_producer.stop()
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         next_scan = time.monotonic() + DEADLINE_SCAN_S
@@ -249,14 +265,17 @@ class DeciderLoop:
             await self.settled()
 
     async def _write_all(self, consumer: AIOKafkaConsumer) -> None:
-        assert self._producer is not None, "run() first"
+        assert self._state_producer is not None, "run() first"
         while self._waiting:
+            # Let a group gather for a moment: one state write and one commit for many small
+            # batches, instead of a round of them between every two batches of a trickle.
+            await asyncio.sleep(WRITE_GATHER_S)
             group, self._waiting = self._waiting, []
             for _, sent in group:
                 for future in sent:
                     await future
             futures = [
-                await self._producer.send(topic, value, key=key, partition=p)
+                await self._state_producer.send(topic, value, key=key, partition=p)
                 for topic, key, value, p in _last_values(job.state for job, _ in group)
             ]
             for future in futures:
