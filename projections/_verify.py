@@ -333,8 +333,8 @@ def _check_placement(
                 f"FROM read_parquet({sql_list(list(paths))}, hive_partitioning = false, filename = true) "
                 "GROUP BY filename"
             ).fetchall()
-            for name, *placement in rows:
-                _judge_placement(paths[name], tuple(placement), report)
+            for row in rows:
+                _judge_placement(paths[row[0]], tuple(row[1:]), report)
     finally:
         con.close()
 
