@@ -207,7 +207,9 @@ def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str
     con = sandbox([p for paths in by_table.values() for p in paths])
     try:
         sql = " UNION ALL BY NAME ".join(selects)
-        rows: list[Row] = con.sql(sql, params={"id": request_id, "tenant": tenant}).to_arrow_table().to_pylist()
+        rows: list[Row] = (
+            con.sql(sql, params={"id": request_id, "tenant": tenant}).to_arrow_table().to_pylist()
+        )
     except duckdb.Error as exc:
         raise EvidenceError(f"cannot read the evidence under {root}: {str(exc).splitlines()[0]}") from exc
     finally:
