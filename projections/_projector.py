@@ -89,8 +89,6 @@ log = logging.getLogger(__name__)
 UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenants, dead letters)
 # The content columns, encrypted under the row's tenant (and data subject) key.
 _CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
-
-
 # A client may retry a request under a new event id: requests are deduplicated by request id,
 # which is unique per tenant only. ``_dedup_keys`` gives the same key from a sealed file.
 def _dedup_key(table: str, row: Row) -> str:
@@ -105,9 +103,7 @@ def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[int, str]]:
     data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
     offsets = data.column("src_offset").to_pylist()
     if table == "requests":
-        keys = [
-            f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)
-        ]
+        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)]
     else:
         keys = [str(k) for k in data.column(1).to_pylist()]
     return list(zip(offsets, keys, strict=True))
@@ -317,9 +313,7 @@ class Projector:
         if topic == self._requests:
             # External input: checked exactly as the decider checks it, so that what it
             # dead-letters never enters the requests table.
-            event = with_trace(
-                decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,))
-            )
+            event = with_trace(decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,)))
             return ROW_BUILDERS[InferenceRequested](
                 msgspec.to_builtins(event, builtin_types=(datetime, bytes))
             )
@@ -416,11 +410,7 @@ class Projector:
             return
         at = POSITIONS[table]
         content = columns[at[column]]
-        subjects = (
-            [s or None for s in columns[at["data_subject"]]]
-            if "data_subject" in at
-            else [None] * len(content)
-        )
+        subjects = [s or None for s in columns[at["data_subject"]]] if "data_subject" in at else [None] * len(content)
         if table == "deadletters":
             tenants = [(k or b"").decode("utf-8", "replace") or UNASSIGNED for k in columns[at["raw_key"]]]
             texts = [v.hex() for v in content]
@@ -428,9 +418,7 @@ class Projector:
             tenants, texts = columns[at["tenant_id"]], content
             if table == "requests":
                 columns[at["prompt_chars"]] = [len(t) for t in texts]
-        sealed = self.cipher.encrypt_many(
-            column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now
-        )
+        sealed = self.cipher.encrypt_many(column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now)
         columns[at[f"{column}_key"]] = [key_id for key_id, _ in sealed]
         columns[at[column]] = [blob for _, blob in sealed]
 
@@ -608,9 +596,7 @@ class Projector:
             self._position[tp] = b.end
         return batches
 
-    async def _flush_and_commit(
-        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]
-    ) -> None:
+    async def _flush_and_commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
         # Parquet encoding is CPU work: keep the event loop (and the consumer's heartbeats)
         # responsive while it runs; its native parts (Arrow, zstd, sha256, fsync) run beside it.
         # Always the same thread: each thread that allocates gets its own malloc arena, and every

@@ -290,9 +290,7 @@ def residency_breaches(residency: pa.Table) -> int:
     or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
     (one per call) or its summary (a ``calls`` count per row)."""
     findings = residency.column("finding").to_pylist()
-    calls = (
-        residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
-    )
+    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
     return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_RESIDENCY_FINDING)
 
 
