@@ -6,11 +6,14 @@ which model version served it, where the data went and on which transfer basis, 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
@@ -195,10 +198,13 @@ def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str
                     "(run `nexuscore evidence verify`)"
                 )
             by_table[entry["table"]].append(str(root.absolute() / entry["path"]))
+    # Two steps: DuckDB finds where the request's rows are (footer statistics, bloom filters, then
+    # the two key columns of the groups that may hold it), and pyarrow reads those rows' groups
+    # whole. Asking DuckDB for every column instead measured about half as much CPU again.
     where = "request_id = $id AND ($tenant IS NULL OR tenant_id = $tenant)"
     selects = [
-        f"SELECT '{t}' AS _table, * FROM read_parquet({sql_list(paths)}, hive_partitioning = false, "  # noqa: S608
-        f"union_by_name = true) WHERE {where}"
+        f"SELECT '{t}' AS _table, filename, file_row_number FROM read_parquet({sql_list(paths)}, "  # noqa: S608
+        f"hive_partitioning = false, union_by_name = true, filename = true, file_row_number = true) WHERE {where}"
         for t, paths in by_table.items()
         if paths
     ]
@@ -207,14 +213,39 @@ def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str
     con = sandbox([p for paths in by_table.values() for p in paths])
     try:
         sql = " UNION ALL BY NAME ".join(selects)
-        rows: list[Row] = (
-            con.sql(sql, params={"id": request_id, "tenant": tenant}).to_arrow_table().to_pylist()
-        )
+        found = con.sql(sql, params={"id": request_id, "tenant": tenant}).fetchall()
     except duckdb.Error as exc:
         raise EvidenceError(f"cannot read the evidence under {root}: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
+    rows = _read_rows(root, found)
     for r in rows:
         for name in SCHEMAS[r["_table"]].names:
             r.setdefault(name, None)
+    return rows
+
+
+def _read_rows(root: Path, found: list[tuple[str, str, int]]) -> list[Row]:
+    """The rows at (table, file, row number), each read from its row group, with ``_table`` set."""
+    wanted: dict[str, list[tuple[str, int]]] = {}
+    for table, path, row in found:
+        wanted.setdefault(path, []).append((table, row))
+    rows: list[Row] = []
+    try:
+        for path, places in wanted.items():
+            parquet = pq.ParquetFile(path)
+            starts = list(
+                itertools.accumulate(
+                    (parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)),
+                    initial=0,
+                )
+            )
+            groups: dict[int, pa.Table] = {}
+            for table, row in places:
+                g = bisect.bisect_right(starts, row) - 1
+                if g not in groups:
+                    groups[g] = parquet.read_row_group(g)
+                rows.append({"_table": table, **groups[g].slice(row - starts[g], 1).to_pylist()[0]})
+    except (OSError, ValueError, IndexError) as exc:
+        raise EvidenceError(f"cannot read the evidence under {root}: {exc}") from exc
     return rows
