@@ -247,24 +247,12 @@ def _lineage_breakdown(root: Path, request_id: str) -> dict[str, Any]:
     against reading every column (the whole row group: prompts and responses included)."""
     from nexuscore.projections import _lineage
 
-    store = EvidenceStore(root)
-    per: list[float] = []
-    original = store.query
-
-    def timed(sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        t0 = time.perf_counter()
-        try:
-            return original(sql, params)
-        finally:
-            per.append(time.perf_counter() - t0)
-
-    store.query = timed  # type: ignore[method-assign]
-    try:
-        t0 = time.perf_counter()
-        store.lineage(request_id)
-        total = time.perf_counter() - t0
-    finally:
-        store.close()
+    # The direct path issues one DuckDB statement (it locates the rows) and then reads their row
+    # groups with pyarrow: timed whole.
+    t0 = time.perf_counter()
+    lineage_at(root, request_id)
+    total = time.perf_counter() - t0
+    per = [total]
     tables: dict[str, dict[str, float]] = {}
     for table in _lineage._ORDER:
         row = {}
