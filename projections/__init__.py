@@ -3,6 +3,7 @@ them, verification, inclusion and consistency proofs, and erasure."""
 
 from nexuscore.projections._compact import CompactReport, compact
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
+from nexuscore.projections._lineage import lineage_at
 from nexuscore.projections._manifest import Manifest, committed_files
 from nexuscore.projections._projector import UNASSIGNED, Projector
 from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
@@ -35,6 +36,7 @@ __all__ = [
     "committed_files",
     "compact",
     "erase",
+    "lineage_at",
     "prove",
     "prove_consistency",
     "region_dir",

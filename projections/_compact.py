@@ -285,6 +285,10 @@ def _write(path: Path, data: pa.Table) -> str:
         compression="zstd",
         row_group_size=ROW_GROUP,
         bloom_filter_options={"request_id": {"ndv": max(min(data.num_rows, ROW_GROUP), 1), "fpp": 0.01}},
+        # No min/max statistics over ciphertext and raw bytes (as the projector writes): they prune
+        # nothing, and with row groups this small they were most of a footer that every cold lookup
+        # parses (a prompt's bounds, kilobytes, in every group of the requests table).
+        write_statistics=[f.name for f in data.schema if not pa.types.is_binary(f.type)],
     )
     payload = sink.getvalue().to_pybytes()
     tmp = path.parent / f".{path.name}.tmp"

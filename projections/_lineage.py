@@ -6,15 +6,25 @@ which model version served it, where the data went and on which transfer basis, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import bisect
+import itertools
+from pathlib import Path
+from typing import Any, Protocol
 
+import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections._keys import FieldCipher
+from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
+from nexuscore.projections._manifest import committed_files
+from nexuscore.projections._store import is_table_path, sandbox, sql_list
+from nexuscore.projections._tables import SCHEMAS
 
-if TYPE_CHECKING:
-    from nexuscore.projections._store import EvidenceStore
+
+class _HasKeys(Protocol):
+    keystore: KeyStore
+
 
 Row = dict[str, Any]
 
@@ -47,7 +57,7 @@ def _usd(micros: int | None) -> str:
     return "-" if micros is None else f"${micros / 1e6:.6f}"
 
 
-def _content(store: EvidenceStore, cipher: FieldCipher, row: Row, column: str) -> str:
+def _content(store: _HasKeys, cipher: FieldCipher, row: Row, column: str) -> str:
     key_id = row[f"{column}_key"]
     text = cipher.decrypt(key_id, row["event_id"], column, row[column])
     if text is None:
@@ -59,7 +69,7 @@ def _content(store: EvidenceStore, cipher: FieldCipher, row: Row, column: str) -
     return text
 
 
-def _detail(store: EvidenceStore, cipher: FieldCipher, table: str, r: Row) -> str:
+def _detail(store: _HasKeys, cipher: FieldCipher, table: str, r: Row) -> str:
     if table == "requests":
         subject = f", data subject {r['data_subject']}" if r["data_subject"] else ""
         return (
@@ -115,14 +125,17 @@ def _detail(store: EvidenceStore, cipher: FieldCipher, table: str, r: Row) -> st
 
 
 def lineage(
-    store: EvidenceStore, cipher: FieldCipher, request_id: str, tenant: str | None = None
+    root: Path, files: list[dict[str, Any]], keystore: KeyStore, request_id: str, tenant: str | None = None
 ) -> pa.Table:
-    # One statement for every table: DuckDB scans them in parallel, each file's request-id bloom
-    # filters skipping the row groups that cannot hold the request.
-    where = "request_id = $id AND ($tenant IS NULL OR tenant_id = $tenant)"
-    selects = [f"SELECT '{t}' AS _table, * FROM {t} WHERE {where}" for t in _ORDER]  # noqa: S608
-    sql = " UNION ALL BY NAME ".join(selects)
-    found = store.query(sql, {"id": request_id, "tenant": tenant}).to_pylist()
+    """The lineage from the committed ``files`` alone: no store, no view over every table.
+
+    One statement reads the nine tables a request's events are in, over only their files, on a
+    connection that may read those files and nothing else. DuckDB reads each footer, keeps the row
+    groups whose request-id statistics hold the id (compacted files are sorted by tenant, then
+    request id: about one group per tenant) and asks their bloom filters; it decompresses only the
+    groups that may hold the request.
+    """
+    found = _fetch(root, files, request_id, tenant)
     tenants = sorted({r["tenant_id"] for r in found})
     if len(tenants) > 1:
         # Request ids are unique per tenant only: mixing two tenants' events would be one story
@@ -130,6 +143,8 @@ def lineage(
         raise EvidenceError(
             f"request id {request_id!r} is used by {len(tenants)} tenants ({', '.join(tenants)}): pass --tenant"
         )
+    holder = _Holder(keystore)
+    cipher = FieldCipher(keystore)
     rows: list[Row] = []
     for r in found:
         rows.append(
@@ -140,7 +155,7 @@ def lineage(
                 "producer": r["producer"],
                 "data_region": r["data_region"],
                 "policy_digest": r["policy_digest"] or None,
-                "detail": _detail(store, cipher, r["_table"], r),
+                "detail": _detail(holder, cipher, r["_table"], r),
             }
         )
     # The request first: it causes everything else, and its time is the producer's claim, which may
@@ -151,3 +166,86 @@ def lineage(
     for i, r in enumerate(rows):
         r["seq"] = i + 1
     return pa.Table.from_pylist(rows, schema=_SCHEMA)
+
+
+def lineage_at(
+    root: Path, request_id: str, tenant: str | None = None, *, keystore: KeyStore | None = None
+) -> pa.Table:
+    """``EvidenceStore(root, keystore).lineage(request_id, tenant)`` without opening a store: the
+    committed files from the signed manifest, then the direct path (what ``evidence lineage`` runs)."""
+    if not root.is_dir():
+        raise EvidenceError(f"no evidence at {root} (run the pipeline or pass --evidence-dir)")
+    keys = keystore if keystore is not None else LocalKeyStore(root / "_keys")
+    return lineage(root, committed_files(root), keys, request_id, tenant)
+
+
+class _Holder:
+    """What ``_detail`` needs of a store: its keystore (to say when a key was erased)."""
+
+    def __init__(self, keystore: KeyStore) -> None:
+        self.keystore = keystore
+
+
+def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str | None) -> list[Row]:
+    """The rows of the request in every lineage table, each with its table's name in ``_table``, and
+    every column of today's schema (files of older versions may lack some: None then)."""
+    by_table: dict[str, list[str]] = {t: [] for t in _ORDER}
+    for entry in files:
+        if entry.get("table") in by_table:
+            if not is_table_path(entry):
+                raise EvidenceError(
+                    f"a manifest entry under {root} names {entry.get('path')!r}, not a file of its table "
+                    "(run `nexuscore evidence verify`)"
+                )
+            by_table[entry["table"]].append(str(root.absolute() / entry["path"]))
+    # Two steps: DuckDB finds where the request's rows are (footer statistics, bloom filters, then
+    # the two key columns of the groups that may hold it), and pyarrow reads those rows' groups
+    # whole. Asking DuckDB for every column instead measured about half as much CPU again.
+    where = "request_id = $id AND ($tenant IS NULL OR tenant_id = $tenant)"
+    selects = [
+        f"SELECT '{t}' AS _table, filename, file_row_number FROM read_parquet({sql_list(paths)}, "  # noqa: S608
+        f"hive_partitioning = false, union_by_name = true, filename = true, file_row_number = true) WHERE {where}"
+        for t, paths in by_table.items()
+        if paths
+    ]
+    if not selects:
+        return []
+    con = sandbox([p for paths in by_table.values() for p in paths])
+    try:
+        sql = " UNION ALL BY NAME ".join(selects)
+        found = con.sql(sql, params={"id": request_id, "tenant": tenant}).fetchall()
+    except duckdb.Error as exc:
+        raise EvidenceError(f"cannot read the evidence under {root}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        con.close()
+    rows = _read_rows(root, found)
+    for r in rows:
+        for name in SCHEMAS[r["_table"]].names:
+            r.setdefault(name, None)
+    return rows
+
+
+def _read_rows(root: Path, found: list[tuple[str, str, int]]) -> list[Row]:
+    """The rows at (table, file, row number), each read from its row group, with ``_table`` set."""
+    wanted: dict[str, list[tuple[str, int]]] = {}
+    for table, path, row in found:
+        wanted.setdefault(path, []).append((table, row))
+    rows: list[Row] = []
+    try:
+        for path, places in wanted.items():
+            parquet = pq.ParquetFile(path)
+            starts = list(
+                itertools.accumulate(
+                    (parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)),
+                    initial=0,
+                )
+            )
+            groups: dict[int, pa.Table] = {}
+            for table, row in places:
+                g = bisect.bisect_right(starts, row) - 1
+                if g not in groups:
+                    groups[g] = parquet.read_row_group(g)
+                rows.append({"_table": table, **groups[g].slice(row - starts[g], 1).to_pylist()[0]})
+    except (OSError, ValueError, IndexError) as exc:
+        raise EvidenceError(f"cannot read the evidence under {root}: {exc}") from exc
+    return rows

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
+from nexuscore.projections._keys import KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import committed_files
 from nexuscore.projections._tables import SCHEMAS
 
@@ -162,7 +162,7 @@ class EvidenceStore:
         self.files = committed_files(root) if files is None else files
         for entry in self.files:
             by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
-        self.con = _sandbox([p for paths in by_table.values() for p in paths])
+        self.con = sandbox([p for paths in by_table.values() for p in paths])
         for table, schema in SCHEMAS.items():
             self._create_table_view(table, schema, by_table.get(table))
         self.con.execute(_DERIVED_VIEWS)
@@ -261,7 +261,8 @@ class EvidenceStore:
         """
         from nexuscore.projections._lineage import lineage
 
-        return lineage(self, FieldCipher(self.keystore), request_id, tenant)
+        # The direct path, not the views: the same rows from the same committed files.
+        return lineage(self.root, self.files, self.keystore, request_id, tenant)
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""
@@ -298,7 +299,7 @@ def sql_list(items: list[str]) -> str:
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"
 
 
-def _sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
+def sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
     """A connection that may read ``paths`` and nothing else, and cannot be talked out of it.
 
     External access off with ``allowed_paths`` leaves exactly these files readable (no other file,

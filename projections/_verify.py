@@ -48,7 +48,7 @@ from nexuscore.projections._manifest import (
 )
 from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
-from nexuscore.projections._verify_files import check_files
+from nexuscore.projections._verify_files import Placement, check_files
 
 SHOW = 20  # ids named per finding before "and N more"
 # What the folder may hold besides committed files: the ledger, its head, the erasure ledger, the
@@ -112,9 +112,11 @@ def verify(
     entries = _check_manifest(root, public_key, report)
     files = committed(entries)
     report.files = len(files)
-    readable = check_files(root, files, report, progress, workers or os.cpu_count() or 1, deep=deep)
+    readable, placements = check_files(
+        root, files, report, progress, workers or os.cpu_count() or 1, deep=deep
+    )
     _check_folder(root, entries, files, report)
-    _check_placement(root, readable, report)
+    _check_placement(root, readable, placements, report)
     _check_coverage(entries, report)
     _check_compactions(entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
@@ -307,34 +309,47 @@ def _folder_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _check_placement(root: Path, files: list[dict[str, Any]], report: VerifyReport) -> None:
-    """Every row in the file its entry describes: topic, partition, offsets and region."""
-    import duckdb
-
-    con = duckdb.connect()
+def _check_placement(
+    root: Path, files: list[dict[str, Any]], placements: dict[str, Placement], report: VerifyReport
+) -> None:
+    """Every row in the file its entry describes: topic, partition, offsets and region. From the
+    footer's statistics where ``check_files`` found them, else (and in deep mode) from the rows."""
     by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in files:
-        by_table[e["table"]].append(e)
-    for entries in by_table.values():
-        paths = {str(root / e["path"]): e for e in entries}
-        sources = sql_list(list(paths))
-        rows = con.execute(
-            "SELECT filename, min(src_topic), max(src_topic), min(src_partition), max(src_partition), "  # noqa: S608
-            "min(src_offset), max(src_offset), min(data_region), max(data_region) "
-            f"FROM read_parquet({sources}, hive_partitioning = false, filename = true) GROUP BY filename"
-        ).fetchall()
-        for name, t1, t2, p1, p2, lo, hi, r1, r2 in rows:
-            e = paths[name]
-            if not (
-                t1 == t2 == e["topic"] and p1 == p2 == e["partition"] and r1 == r2 == e["region"]
-            ) or not (e["first_offset"] <= lo <= hi <= e["last_offset"]):
-                report.add(
-                    "row_misplaced",
-                    e["path"],
-                    f"holds rows of {t1}[{p1}]..{t2}[{p2}] offsets {lo}..{hi}, region {r1}..{r2}; sealed for "
-                    f"{e['topic']}[{e['partition']}] offsets {e['first_offset']}..{e['last_offset']}, region {e['region']}",
-                )
-    con.close()
+        placement = placements.get(e["path"])
+        if placement is None:
+            by_table[e["table"]].append(e)
+        else:
+            _judge_placement(e, placement, report)
+    if not by_table:
+        return
+    con = duckdb.connect()
+    try:
+        for entries in by_table.values():
+            paths = {str(root / e["path"]): e for e in entries}
+            rows = con.execute(
+                "SELECT filename, min(src_topic), max(src_topic), min(src_partition), max(src_partition), "  # noqa: S608
+                "min(src_offset), max(src_offset), min(data_region), max(data_region) "
+                f"FROM read_parquet({sql_list(list(paths))}, hive_partitioning = false, filename = true) "
+                "GROUP BY filename"
+            ).fetchall()
+            for row in rows:
+                _judge_placement(paths[row[0]], tuple(row[1:]), report)
+    finally:
+        con.close()
+
+
+def _judge_placement(e: dict[str, Any], placement: tuple[Any, ...], report: VerifyReport) -> None:
+    t1, t2, p1, p2, lo, hi, r1, r2 = placement
+    if not (t1 == t2 == e["topic"] and p1 == p2 == e["partition"] and r1 == r2 == e["region"]) or not (
+        e["first_offset"] <= lo <= hi <= e["last_offset"]
+    ):
+        report.add(
+            "row_misplaced",
+            e["path"],
+            f"holds rows of {t1}[{p1}]..{t2}[{p2}] offsets {lo}..{hi}, region {r1}..{r2}; sealed for "
+            f"{e['topic']}[{e['partition']}] offsets {e['first_offset']}..{e['last_offset']}, region {e['region']}",
+        )
 
 
 def _check_coverage(entries: list[dict[str, Any]], report: VerifyReport) -> None:

@@ -1,13 +1,15 @@
 """``verify``'s check of the sealed files themselves, in two depths.
 
 - **Default**: every file's sha256 against the one its (chained, signed) manifest entry seals, and
-  its row count (from the Parquet footer) against the entry's. Equal sha256 means the bytes are the
+  its row count (from the Parquet footer) against the entry's; where the rows sit (topic,
+  partition, offsets, region) is read from the same footer's statistics (the sealed bytes, as the
+  sealer wrote them), so the data pages of the default mode are read only by the event checks. Equal sha256 means the bytes are the
   very bytes that were sealed, so nothing in them changed since; hashing runs on every core
   (``hashlib`` releases the GIL), at the speed of the disk.
 - **Deep** (``deep=True``): also re-reads every row, recomputes its Merkle leaf and every file's
   Merkle root, and compares the root with the sealed one. This proves what the default cannot: that
   the sealer's roots are those of the rows (so every inclusion proof built from the rows holds),
-  whoever computed them.
+  whoever computed them; and where the rows sit is read from the rows, not from the statistics.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ if TYPE_CHECKING:
 
 Entry = dict[str, Any]
 Progress = Callable[[int, int], None] | None
+# Where a file's rows sit, from its footer: min and max of each of these columns over every row
+# group (None when a group has no statistics for one of them: the rows are read then).
+PLACEMENT = ("src_topic", "src_partition", "src_offset", "data_region")
+Placement = tuple[Any, ...] | None
 
 
 def check_files(
     root: Path, files: list[Entry], report: VerifyReport, progress: Progress, workers: int, *, deep: bool
-) -> list[Entry]:
-    """The entries whose files are intact (every problem named in ``report``)."""
+) -> tuple[list[Entry], dict[str, Placement]]:
+    """The entries whose files are intact (every problem named in ``report``), and where each file's
+    rows sit by its footer's statistics (``PLACEMENT``'s mins and maxes, by path; not in deep mode)."""
     total = sum(e["rows"] for e in files)
     placed = []
     for e in files:
@@ -44,9 +51,10 @@ def check_files(
         else:
             report.add("file_misplaced", e["path"], f"entry says table {e['table']}, region {e['region']}")
     intact: list[Entry] = []
+    placements: dict[str, Placement] = {}
     done = 0
     with ThreadPoolExecutor(max(workers, 1)) as pool:
-        for e, (digest, rows) in zip(
+        for e, (digest, rows, placement) in zip(
             placed, pool.map(lambda e: _read(root / e["path"]), placed), strict=True
         ):
             done += e["rows"]
@@ -61,25 +69,52 @@ def check_files(
             else:
                 intact.append(e)
                 report.rows += rows
+                placements[e["path"]] = placement
             if progress is not None and not deep:
                 progress(done, total)
-    return _check_roots(root, intact, report, progress, workers) if deep else intact
+    if deep:
+        return _check_roots(root, intact, report, progress, workers), {}
+    return intact, placements
 
 
-def _read(path: Path) -> tuple[str | None, int]:
-    """(sha256 hex, rows in the Parquet footer) of one file; (None, 0) when it is gone."""
+def _read(path: Path) -> tuple[str | None, int, Placement]:
+    """(sha256 hex, rows in the Parquet footer, placement by the footer's statistics) of one file;
+    (None, 0, None) when it is gone."""
     h = hashlib.sha256()
     try:
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     except FileNotFoundError:
-        return None, 0
+        return None, 0, None
     try:
-        rows = pq.read_metadata(path).num_rows
+        metadata = pq.read_metadata(path)
     except (OSError, ValueError):
-        rows = -1  # not Parquet: its sha256 matched, so it was sealed so (a row count will differ)
-    return h.hexdigest(), rows
+        # Not Parquet: its sha256 matched, so it was sealed so (a row count will differ).
+        return h.hexdigest(), -1, None
+    return h.hexdigest(), metadata.num_rows, _placement(metadata)
+
+
+def _placement(metadata: pq.FileMetaData) -> Placement:
+    """(min, max) of each ``PLACEMENT`` column over the file's row groups, flattened; None when a
+    group lacks statistics for one of them (hostile, or another writer): the rows decide then."""
+    if metadata.num_row_groups == 0:
+        return None
+    lows: dict[str, Any] = {}
+    highs: dict[str, Any] = {}
+    try:
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            columns = {group.column(c).path_in_schema: group.column(c) for c in range(group.num_columns)}
+            for name in PLACEMENT:
+                stats = columns[name].statistics
+                if stats is None or not stats.has_min_max or stats.null_count:
+                    return None
+                lows[name] = stats.min if name not in lows else min(lows[name], stats.min)
+                highs[name] = stats.max if name not in highs else max(highs[name], stats.max)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    return tuple(v for name in PLACEMENT for v in (lows[name], highs[name]))
 
 
 def _check_roots(

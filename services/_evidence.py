@@ -65,6 +65,19 @@ def request_lineage(store: EvidenceStore, request_id: str, tenant: str | None = 
     return table
 
 
+def lineage_of(
+    evidence_dir: Path, request_id: str, tenant: str | None = None, keystore: Path | None = None
+) -> pa.Table:
+    """``request_lineage`` without opening the store's views: what ``evidence lineage`` runs (a cold
+    lookup reads the manifest and the few row groups that may hold the request, nothing else)."""
+    table = projections.lineage_at(
+        evidence_dir, request_id, tenant, keystore=content_keys(evidence_dir, keystore)
+    )
+    if table.num_rows == 0:
+        raise NexusError(f"no events of request {request_id!r} in the evidence under {evidence_dir}")
+    return table
+
+
 def residency_breaches(residency: pa.Table) -> int:
     """Calls of the residency audit that are breaches (``nexuscore.projections.residency_breaches``)."""
     return projections.residency_breaches(residency)

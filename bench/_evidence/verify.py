@@ -60,7 +60,7 @@ def _phases() -> dict[str, tuple[Any, str]]:
         "1 manifest chain + head": (_verify, "_check_manifest"),
         "2 files: sha256 (threads) + footer row counts": (_verify, "check_files"),
         "2d of which deep: leaves + Merkle roots (process pool)": (_verify_files, "_check_roots"),
-        "3 placement (DuckDB min/max per file)": (_verify, "_check_placement"),
+        "3 placement (footer statistics; DuckDB min/max where absent, deep)": (_verify, "_check_placement"),
         "4 offset coverage": (_verify, "_check_coverage"),
         "5 events (one aggregation per request, anti-join, duplicates)": (_verify, "_check_events"),
         "6 content keys (one sample per key)": (_verify, "_check_keys"),

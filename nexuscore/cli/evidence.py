@@ -109,8 +109,7 @@ def evidence_lineage(
     served it, where the data went and under which transfer basis, what it cost."""
     from nexuscore import services
 
-    with services.open_store(evidence_dir, keystore) as store:
-        _print(services.request_lineage(store, request_id, tenant), fmt, f"Lineage of {request_id}", output)
+    _print(services.lineage_of(evidence_dir, request_id, tenant, keystore), fmt, f"Lineage of {request_id}", output)
 
 
 @app.command("spend")

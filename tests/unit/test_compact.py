@@ -270,3 +270,58 @@ def test_proofs_from_recorded_subtree_roots_equal_proofs_from_every_row(
                 duckdb.connect(), event["table"], str(root / entry["path"]), event["leaf_index"], plain
             )
             assert (size, [h.hex() for h in path]) == (event["file_size"], event["file_path"])
+
+
+def test_compacted_files_keep_no_statistics_of_content_but_keep_them_where_lookups_prune(
+    small_files: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    root = copy(small_files, tmp_path)
+    report = compact(root, signing_key(), T0, file_rows=1_000)
+    written = [p for g in report.groups for p in g["written"] if "/requests/" in p]
+    assert written
+    for path in written:
+        group = pq.read_metadata(root / path).row_group(0)
+        stats = {group.column(i).path_in_schema: group.column(i).statistics for i in range(group.num_columns)}
+        assert stats["prompt"] is None or not stats["prompt"].has_min_max
+        assert all(
+            stats[c] is not None and stats[c].has_min_max for c in ("request_id", "tenant_id", "src_offset")
+        )
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["from-footer", "from-rows"])
+def test_a_row_outside_its_entrys_offsets_is_a_finding_with_or_without_statistics(
+    tmp_path: Path, statistics: bool
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nexuscore.projections import VerifyReport, _verify, _verify_files
+
+    relative = "region=eu/decisions/t-p0-000000000000-000000000007.parquet"
+    (tmp_path / relative).parent.mkdir(parents=True)
+    rows = pa.table(
+        {
+            "src_topic": ["t"] * 3,
+            "src_partition": pa.array([0] * 3, pa.int32()),
+            "src_offset": pa.array([5, 6, 9], pa.int64()),  # 9: past the entry's last offset
+            "data_region": ["eu"] * 3,
+        }
+    )
+    pq.write_table(rows, tmp_path / relative, write_statistics=statistics)
+    entry = {
+        "path": relative,
+        "table": "decisions",
+        "region": "eu",
+        "topic": "t",
+        "partition": 0,
+        "first_offset": 0,
+        "last_offset": 7,
+    }
+    _, count, placement = _verify_files._read(tmp_path / relative)
+    assert count == 3 and (placement is None) is not statistics
+    report = VerifyReport()
+    _verify._check_placement(tmp_path, [entry], {relative: placement}, report)
+    assert [f.kind for f in report.findings] == ["row_misplaced"]
+    assert "offsets 5..9" in report.findings[0].detail

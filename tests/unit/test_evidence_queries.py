@@ -66,3 +66,18 @@ def test_the_residency_summary_counts_the_residency_audit(stores: tuple[Path, Pa
     assert {(s["finding"], s["tenant_id"], s["event"], s["region"], s["transfer_basis"]): s["calls"] for s in summary} == dict(counted)
     per_call = services.residency_breaches(pa.Table.from_pylist(calls))
     assert services.residency_breaches(pa.Table.from_pylist(summary)) == per_call
+
+
+def test_the_direct_lineage_is_the_stores_lineage_on_both_stores(stores: tuple[Path, Path, list[str]]) -> None:
+    from nexuscore.kernel.errors import NexusError
+    from nexuscore.projections import lineage_at
+
+    for root in stores[:2]:
+        with EvidenceStore(root) as store:
+            for request_id in stores[2]:
+                direct = lineage_at(root, request_id).to_pylist()
+                assert direct and direct == store.lineage(request_id).to_pylist()
+                assert direct[0]["event"] == "requests"
+                assert services.lineage_of(root, request_id).to_pylist() == direct
+        with pytest.raises(NexusError, match="no events of request"):
+            services.lineage_of(root, "no-such-request")
