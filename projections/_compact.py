@@ -50,7 +50,7 @@ from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import Manifest, read_head, sync_directory
+from nexuscore.projections._manifest import Manifest, fsync_path, read_head
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -126,7 +126,7 @@ def compact(
                     manifest.add(entry)
                 report.groups.append(_group_report(group, entries, written))
         for directory in {(root / e["path"]).parent for es in groups.values() for e in es}:
-            sync_directory(directory)
+            fsync_path(directory)
         replaced = [e["path"] for es in groups.values() for e in es]
         manifest.commit_compaction(replaced, now)
         _delete(root, replaced)
@@ -333,7 +333,7 @@ def _delete(root: Path, paths: list[str]) -> None:
             path.unlink()
         directories.add(path.parent)
     for directory in directories:
-        sync_directory(directory)
+        fsync_path(directory)
 
 
 def _group_report(group: Group, entries: list[Entry], written: list[Entry]) -> dict[str, Any]:

@@ -129,7 +129,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
-        sync_directory(self.root)
+        fsync_path(self.root)
 
     def files(self) -> Iterator[Entry]:
         """The committed file entries that hold evidence now (those a compaction replaced left out)."""
@@ -179,7 +179,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / HEAD)
-        sync_directory(self.root)
+        fsync_path(self.root)
 
 
 def _now_from(entries: list[Entry]) -> datetime | None:
@@ -217,9 +217,9 @@ def committed(entries: list[Entry]) -> list[Entry]:
     return files
 
 
-def sync_directory(directory: Path) -> None:
-    """fsync a folder, so that the names of the files just written in it are durable too."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder so that the names of the files just written in it are durable too."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -244,7 +244,7 @@ def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -
             f.flush()
             os.fsync(f.fileno())
         if created:
-            sync_directory(root)
+            fsync_path(root)
     except OSError as exc:
         raise EvidenceError(f"cannot record the erasure in {path}: {exc.strerror}") from exc
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore import ledger
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import Manifest, sync_directory
+from nexuscore.projections._manifest import Manifest, fsync_path
 
 
 def region_dir(region: str) -> str:
@@ -87,20 +87,13 @@ class SealedWriter:
         """
         if self._unsynced:
             with ThreadPoolExecutor(max_workers=min(8, len(self._unsynced))) as pool:
-                list(pool.map(_fsync, self._unsynced))
+                list(pool.map(fsync_path, self._unsynced))
         self._unsynced = []
         for directory in self._directories:  # once per flush, not once per file
-            sync_directory(directory)
+            fsync_path(directory)
         self._directories = set()
         self.manifest.commit(partitions, now)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_table(path: Path, table: pa.Table, *, sync: bool = True) -> str:
