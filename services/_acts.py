@@ -48,7 +48,9 @@ from nexuscore.streams import POLICY_KEY
 from nexuscore.transport import Topics, new_producer, start_client
 
 
-def load_signer(key_path: Path, trust_path: Path, role: Role, claimed: str = "") -> tuple[Ed25519PrivateKey, str]:
+def load_signer(
+    key_path: Path, trust_path: Path, role: Role, claimed: str = ""
+) -> tuple[Ed25519PrivateKey, str]:
     """The private key at ``key_path`` and the trust store's name for it in ``role``; ``claimed``,
     when given, must be that name (an act is recorded in the key's name, never in a typed one)."""
     key = signing.load_private_key(key_path)

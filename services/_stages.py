@@ -5,8 +5,10 @@ the foreground until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,7 +95,9 @@ def bootstrap_policy(
     reviewers' signatures), with the state it leads to; refused with its reason."""
     signatures = [msgspec.to_builtins(x) for x in read_signatures(signatures_path(policy_path))]
     document = policy_path.read_bytes()
-    event = bootstrap_event(signed, document, json.dumps({"signatures": signatures}), "nexuscore.decider", now)
+    event = bootstrap_event(
+        signed, document, json.dumps({"signatures": signatures}), "nexuscore.decider", now
+    )
     after, refused = judge(state, event, trust, now)
     if refused is not None:
         raise NexusError(f"{policy_path} cannot be the bootstrap policy: {refused}")
@@ -251,20 +255,18 @@ def run_local_broker(
     bootstrap address); the jars are fetched once by Maven. With ``data_dir`` its log outlives it
     (on ``port``, or the port the folder was made with); without, it goes with it."""
     ensure_kafka_jars()
-    with LocalKafka(data_dir=data_dir, port=port) as broker:
-        ready(broker.start())
-        stopped = False
-
-        def stop(*_: object) -> None:
-            nonlocal stopped
-            stopped = True
-
-        signal.signal(signal.SIGTERM, stop)
-        try:
-            while not stopped:
-                signal.pause() if hasattr(signal, "pause") else None
-        except KeyboardInterrupt:
-            pass
+    # The handler is in place before the broker says it is ready: a SIGTERM right after that line
+    # stops it cleanly (exit 0) instead of killing the process with its broker still running.
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        with LocalKafka(data_dir=data_dir, port=port) as broker:
+            ready(broker.start())
+            with contextlib.suppress(KeyboardInterrupt):
+                while not stopped.wait(0.5):
+                    pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_on_signals(event: asyncio.Event) -> None:

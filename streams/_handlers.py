@@ -76,7 +76,11 @@ log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
 _ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
 # The decider's span over one input, named by its first output (anything else answers a review).
-_SPAN_NAMES: dict[type[Event], str] = {RequestDecided: "decide", RequestRejected: "decide", BudgetSettled: "settle"}
+_SPAN_NAMES: dict[type[Event], str] = {
+    RequestDecided: "decide",
+    RequestRejected: "decide",
+    BudgetSettled: "settle",
+}
 Table = MutableMapping[bytes, bytes]
 
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
 # Batches decided (their outputs sent) whose state and offsets may wait for the writer at once.
 MAX_BATCHES_WAITING = 64
+MAX_INPUTS_WAITING = 2_000
 # How long the writer lets decided batches gather before it makes them durable as one group.
 WRITE_GATHER_S = 0.05
 
@@ -220,7 +221,11 @@ class DeciderLoop:
 
     def _job(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> _FlushJob:
         job = _FlushJob(
-            list(self.outbox.messages), self.state.snapshot(), _next_offsets(batches), self.outbox.headers
+            list(self.outbox.messages),
+            self.state.snapshot(),
+            _next_offsets(batches),
+            self.outbox.headers,
+            sum(len(records) for records in batches.values()),
         )
         self.outbox.messages.clear()
         self.outbox.headers = {}
@@ -261,15 +266,19 @@ class DeciderLoop:
             self._writer = None
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all(consumer))
-        if len(self._waiting) > MAX_BATCHES_WAITING:  # back-pressure: the broker sets the pace
+        # Back-pressure: the broker sets the pace, and what a crash makes the decider decide again
+        # (everything after the last durable group) stays about a second's work.
+        waiting = sum(job.inputs for job, _ in self._waiting)
+        if len(self._waiting) > MAX_BATCHES_WAITING or waiting > MAX_INPUTS_WAITING:
             await self.settled()
 
     async def _write_all(self, consumer: AIOKafkaConsumer) -> None:
         assert self._state_producer is not None, "run() first"
         while self._waiting:
-            # Let a group gather for a moment: one state write and one commit for many small
-            # batches, instead of a round of them between every two batches of a trickle.
-            await asyncio.sleep(WRITE_GATHER_S)
+            # On a trickle, let a group gather for a moment: one state write and one commit for
+            # many small batches, instead of a round of them between every two batches.
+            if sum(job.inputs for job, _ in self._waiting) < MAX_INPUTS_WAITING // 4:
+                await asyncio.sleep(WRITE_GATHER_S)
             group, self._waiting = self._waiting, []
             for _, sent in group:
                 for future in sent:
@@ -305,6 +314,7 @@ class _FlushJob(msgspec.Struct, frozen=True):
     state: list[tuple[str, bytes, bytes | None, int]]
     offsets: dict[TopicPartition, int]
     headers: dict[int, Headers] = {}  # the outputs' record headers, by index (trace context)
+    inputs: int = 0  # how many input records the batch decided
 
     @property
     def empty(self) -> bool:

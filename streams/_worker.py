@@ -148,7 +148,11 @@ class Caller:
         return attempts, self._outcome(d, last, result, max(1, len(attempts)), latency_ms, error, skipped)
 
     async def _call_target(
-        self, d: DispatchRequested, t: FallbackTarget, attempts: list[ModelCallAttempted], traceparent: str = ""
+        self,
+        d: DispatchRequested,
+        t: FallbackTarget,
+        attempts: list[ModelCallAttempted],
+        traceparent: str = "",
     ) -> tuple[ChatResult | None, str]:
         request = ChatRequest(
             model=t.model,
@@ -532,7 +536,9 @@ class Worker:
             for a in attempts
         ]
         futures.append(
-            await producer.send(self.topics.outcomes, self.codec.encode(outcome), key=key, headers=span.headers)
+            await producer.send(
+                self.topics.outcomes, self.codec.encode(outcome), key=key, headers=span.headers
+            )
         )
         span.end()
         return [asyncio.ensure_future(_acknowledged(futures, done))]
