@@ -3,6 +3,7 @@ flakes. ``eventually`` polls a condition until a deadline and fails with what it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -27,6 +28,20 @@ def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"not within {timeout_s:g} s: {what}")
         time.sleep(0.05)
+
+
+async def eventually_async(condition: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
+    """``eventually`` inside a running event loop: the loop keeps running (the consumers and stages
+    of the test go on) while the condition is polled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.05)
 
 
 def logged(service: Service, text: str) -> int:

@@ -21,6 +21,7 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_trust_sto
 from nexuscore.schemas import AvroCodec, InferenceRequested
 from nexuscore.services import publish, review_event, signer_name
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -68,16 +69,6 @@ def chat(**overrides: object) -> RequestSpec:
     }
     fields.update(overrides)
     return msgspec.convert(fields, RequestSpec)
-
-
-async def until(condition: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
-    """Await a condition while the client's consumer runs (a blocking wait would stop it)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() >= deadline:
-            raise AssertionError(f"not within {timeout_s:g} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
@@ -177,7 +168,9 @@ def test_re_emitted_messages_are_dropped_by_event_id(live: Live) -> None:
             assert result.status == "answered"
             copies = await republish_answer(live, result)
             assert copies >= 2  # the decision and the outcome
-            await until(lambda: nexus.stats.duplicates >= copies, "the copies consumed and dropped")
+            await eventually_async(
+                lambda: nexus.stats.duplicates >= copies, "the copies consumed and dropped", 30
+            )
             assert nexus.peek(result.tenant_id, result.request_id) == result
 
     run(go)

@@ -26,6 +26,7 @@ from nexuscore.schemas import AvroCodec
 from nexuscore.streams import Caller, DeciderLoop, PolicyHolder, Worker, default_adapters
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 from tests.factories import request
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
 TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -91,9 +92,9 @@ async def pipeline(
     await producer.stop()
     sql = "SELECT request_id, trace_id FROM outcomes"
     try:
-        async with asyncio.timeout(120):
-            while len(rows(evidence, sql)) < 2:
-                await asyncio.sleep(0.2)
+        await eventually_async(
+            lambda: len(rows(evidence, sql)) >= 2, "both requests' outcomes in the evidence", 120
+        )
     finally:
         for s in (decider, worker, projector):
             s.stopping.set()
