@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP gateway: ``POST /v1/chat/completions``, ``GET /v1/models`` and
 ``GET /v1/nexus/requests/{id}`` over the producer SDK; tenants from hashed API keys."""
 
-from nexuscore.gateway._app import GatewaySettings, make_app, run_gateway, serve
+from nexuscore.gateway._app import MAX_BODY, GatewaySettings, make_app, run_gateway, serve
 from nexuscore.gateway._keys import (
     ApiKey,
     KeyDefaults,
@@ -23,6 +23,7 @@ from nexuscore.gateway._openai import (
 )
 
 __all__ = [
+    "MAX_BODY",
     "ApiError",
     "ApiKey",
     "ChatCall",

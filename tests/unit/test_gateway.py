@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import stat
 from pathlib import Path
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from nexuscore.cli import app
 from nexuscore.client import NexusClient, Result
 from nexuscore.gateway import (
+    MAX_BODY,
     ApiError,
     ApiKey,
     ChatCall,
@@ -212,6 +214,11 @@ def test_over_http_without_a_broker_every_failure_is_an_openai_error(tmp_path: P
                     await http.post("/v1/chat/completions", json={"messages": HELLO}, headers=auth),
                     503,
                     "unavailable",
+                ),
+                (
+                    await http.post("/v1/chat/completions", data=io.BytesIO(b" " * (MAX_BODY + 1)), headers=auth),
+                    413,
+                    "http_413",
                 ),
                 (await http.get("/v1/nope", headers=auth), 404, "http_404"),
                 (await http.get("/v1/nexus/requests/r-1?wait=x", headers=auth), 400, "invalid_request"),
