@@ -1,19 +1,15 @@
-"""W3C trace context (``traceparent``): the one header a producer sets so that the stages can put
-one request's events in one trace, and whose trace id is the request's ``trace_id`` field.
+"""The trace context a producer publishes with (``traceparent``): the stages put one request's
+events in one trace, whose trace id is the request's ``trace_id`` field. Parsing and the header's
+form are ``nexuscore.observe``'s (the stages read it with the same functions).
 
 Pure: the random ids come in as arguments (the client draws them).
 """
 
 from __future__ import annotations
 
-import re
-
 import msgspec
 
-# version 00, 32 hex trace id, 16 hex parent (span) id, 2 hex flags; lowercase only (the spec's).
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
+from nexuscore import observe
 
 
 class TraceContext(msgspec.Struct, frozen=True):
@@ -25,16 +21,16 @@ class TraceContext(msgspec.Struct, frozen=True):
     @property
     def traceparent(self) -> str:
         # Sampled: a governed request is always worth its trace.
-        return f"00-{self.trace_id}-{self.span_id}-01"
+        return observe.traceparent(self.trace_id, self.span_id)
 
 
 def parse_traceparent(value: str) -> TraceContext | None:
     """The caller's trace context, or None when the header is malformed (the spec says: ignore it
     and start a new trace, never fail the request for it)."""
-    m = _TRACEPARENT.match(value.strip())
-    if m is None or m.group(1) == _ZERO_TRACE or m.group(2) == _ZERO_SPAN:
-        return None
-    return TraceContext(m.group(1), m.group(2))
+    # Only version 00 is continued: the client writes version 00, and a later version's other
+    # fields cannot be carried into it.
+    parsed = observe.parse_traceparent(value) if value.strip().startswith("00-") else None
+    return None if parsed is None else TraceContext(*parsed)
 
 
 def child_context(caller: str | None, new_trace_id: str, new_span_id: str) -> TraceContext:
