@@ -111,7 +111,8 @@ def test_a_projector_killed_at_random_moments_projects_every_event_exactly_once(
 ) -> None:
     topics = Topics(f"pcrash-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(bootstrap, topics))
-    events = run_history(POLICY, 1500, seed=11)
+    # Enough history that the (batched, faster) projector is still at work through several kills.
+    events = run_history(POLICY, 3000, seed=11)
     ends = asyncio.run(_publish(bootstrap, topics, events))
     generate_keypair(tmp_path / "signer.pem", tmp_path / "signer.pub")
     logs = tmp_path / "logs"
@@ -131,7 +132,7 @@ def test_a_projector_killed_at_random_moments_projects_every_event_exactly_once(
     while kills < KILLS:
         victim = _projector(f"killed-{kills}", killed, bootstrap, topics, tmp_path / "signer.pem", logs)
         victim.wait_for_line("projector ready", 30)
-        time.sleep(rng.uniform(0.2, 1.5))
+        time.sleep(rng.uniform(0.1, 0.9))  # a random moment of its work, not a wait for a condition
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait()
         victim.stop()
