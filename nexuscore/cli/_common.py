@@ -243,7 +243,9 @@ def _print(table: pa.Table, fmt: str, title: str | None = None, output: Path | N
         err_console.print(f"wrote {table.num_rows} rows to {safe_text(output)}")
 
 
-def _print_table(columns: list[str], rows: list[dict[str, Any]], title: str | None, stream: TextIO | None) -> None:
+def _print_table(
+    columns: list[str], rows: list[dict[str, Any]], title: str | None, stream: TextIO | None
+) -> None:
     # Every cell, header and title may hold text from outside (prompts, reasons, names, an SQL
     # alias): as rich Text it is shown literally, never read as markup or escapes.
     out = Table(title=None if title is None else safe_rich_text(title))
@@ -264,9 +266,19 @@ def _json_default(value: object) -> str:
     return str(value)
 
 
+def log_level(name: str) -> int:
+    """The level NEXUSCORE_LOG_LEVEL names (INFO shows what a stage does on the way: restores,
+    rebalances). WARNING when unset or unknown: a misspelt level is not worth refusing to start."""
+    level = logging.getLevelName(name.strip().upper() or "WARNING")
+    return level if isinstance(level, int) else logging.WARNING
+
+
 def main() -> None:
     """The ``nexuscore`` command: every deliberate error is one line on stderr and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level(os.environ.get("NEXUSCORE_LOG_LEVEL", "")),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         app()
     except NexusError as exc:

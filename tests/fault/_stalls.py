@@ -81,13 +81,15 @@ def still_intervals(arrivals: list[float], completions: list[float]) -> list[tup
 
 
 def stall_after(at: float, intervals: Iterable[tuple[float, float]], window_s: float = WINDOW_S) -> float:
-    """Seconds from ``at`` until the longest still interval overlapping the window ended (0: none)."""
-    longest = [
-        (end - start, end)
+    """The longest time work stood still after ``at``, among the still intervals overlapping the
+    window: from ``at`` (or from when the work arrived, if later: time with nothing waiting is
+    not a stall) to the completion that ended it (0: none)."""
+    waited = [
+        end - max(start, at)
         for start, end in intervals
         if end - start >= MIN_STALL_S and end >= at and start <= at + window_s
     ]
-    return max(longest)[1] - at if longest else 0.0
+    return max(waited, default=0.0)
 
 
 def stalls(
@@ -103,9 +105,11 @@ def stalls(
         answered = [e for e in read[outcomes].get(p, []) if isinstance(e[2], OutcomeRecorded)]
         calling.append(still_intervals(_firsts(dispatched), _firsts(answered)))
     out = []
-    for at, kind in faults:
+    for n, (at, kind) in enumerate(faults):
         stages = {"decider": [deciding], "worker": [calling], "provider": [calling]}.get(
             kind, [deciding, calling]
         )
-        out.append(max(stall_after(at, iv) for stage in stages for iv in stage))
+        # A stall that begins after the next fault is that fault's, not this one's.
+        window = min([WINDOW_S, *(later - at for later, _ in faults[n + 1 :] if later > at)])
+        out.append(max(stall_after(at, iv, window) for stage in stages for iv in stage))
     return out

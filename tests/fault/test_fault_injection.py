@@ -52,8 +52,11 @@ WAVES = 10
 # Waves 0..WAVES-2 go out this far apart from the start; the last one right after the last fault, so
 # requests are still arriving while every fault happens.
 WAVE_GAP_S = 8.0
-# Seconds between two faults, and how long a killed process stays dead before its restart.
+# After the last fault, how long its recovery runs before the last wave; how long a killed process
+# stays dead before its restart.
 FAULT_GAP_S = 10.0
+# How long after a wave is out a fault strikes: its requests are then waiting at every stage.
+FAULT_DELAY_S = 0.5
 DEAD_S = 3.0
 # 5% 503, 3% 429, 1% hangs (60 s, past the worker's 30 s call timeout), 5% spikes of 2 s.
 PROVIDER_FAULTS = {
@@ -107,6 +110,7 @@ class Publisher(threading.Thread):
         self.waves: list[tuple[float, int]] = []  # (seconds after start, requests)
         self.error: BaseException | None = None
         self.release_last = threading.Event()
+        self.wave_out = threading.Condition()  # notified as each wave is out
         self.stop = threading.Event()
         self.started_at = 0.0
 
@@ -127,9 +131,21 @@ class Publisher(threading.Thread):
                 with self.lock:
                     at = time.monotonic() - self.started_at
                     asyncio.run(self._wave(k, size))
-                self.waves.append((round(at, 1), size))
+                with self.wave_out:
+                    self.waves.append((round(at, 1), size))
+                    self.wave_out.notify_all()
         except BaseException as exc:  # re-raised by the test thread
             self.error = exc
+        finally:
+            with self.wave_out:
+                self.wave_out.notify_all()
+
+    def next_wave(self, seen: int, timeout_s: float) -> int:
+        """Wait until more than ``seen`` waves are out (or the publisher ended, or the timeout
+        passed); return how many are out."""
+        with self.wave_out:
+            self.wave_out.wait_for(lambda: len(self.waves) > seen or not self.is_alive(), timeout_s)
+            return len(self.waves)
 
     async def _wave(self, k: int, size: int) -> None:
         codec = AvroCodec()
@@ -805,6 +821,7 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
                 while _summary(evidence)["terminal"] < min(100, REQUESTS // 20):
                     pipeline.pause(2)
                     assert pipeline.now() < 300, "no request reached a terminal state within 300 s"
+                seen = len(publisher.waves)
                 for fault in (
                     lambda: pipeline.kill_and_restart("decider-a"),
                     lambda: pipeline.kill_and_restart("worker-a"),
@@ -813,8 +830,12 @@ def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provi
                     pipeline.restart_broker,
                     lambda: pipeline.kill_and_restart("decider-b"),
                 ):
+                    # Every fault strikes a backlog: just after a wave is out, while its requests
+                    # are being decided and called (a stage killed while idle shows no stall).
+                    seen = publisher.next_wave(seen, timeout_s=2 * WAVE_GAP_S)
+                    pipeline.pause(FAULT_DELAY_S)
                     fault()
-                    pipeline.pause(FAULT_GAP_S)
+                pipeline.pause(FAULT_GAP_S)  # the last fault's recovery, before the last wave
             except NexusError as exc:  # a process died without being killed: still look at the evidence
                 stop_reason = f"during the faults: {exc}"
             finally:
