@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from nexuscore.providers import SimulatedProviderConfig, serve_forever
 from nexuscore.schemas import PolicyStageChanged
 from nexuscore.services._evidence import content_keys
 from nexuscore.streams import (
+    ANSWER_WINDOW,
+    DEDUPE_WINDOW,
     Caller,
     CircuitBoard,
     DeciderLoop,
@@ -113,6 +115,8 @@ def prepare_decider(
     runtime: str = "loop",
     transactional: bool = False,
     instance_id: str | None = None,
+    dedupe_window: timedelta = DEDUPE_WINDOW,
+    answer_window: timedelta = ANSWER_WINDOW,
 ) -> Decider:
     """A decider caught up with the governance log: the policy the log made active, or the
     ``policy_path`` file (signed by trusted keys) bootstrapped onto the log while it has none.
@@ -137,7 +141,8 @@ def prepare_decider(
     if runtime == "loop":
         app: Any = DeciderLoop(
             bootstrap, holder, clock, topics=topics, reviewers=trust, follower=follower,
-            instance_id=instance_id, transactional=transactional,
+            instance_id=instance_id, transactional=transactional, dedupe_window=dedupe_window,
+            answer_window=answer_window,
         )  # fmt: skip
     else:
         app, _ = build_decider(bootstrap, holder, clock, follower=follower, topics=topics)

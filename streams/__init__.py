@@ -14,9 +14,12 @@ from nexuscore.streams._governance import (
 )
 from nexuscore.streams._handlers import Decider, DeciderTables, Sink
 from nexuscore.streams._loop import DeciderLoop
+from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, Retention
 from nexuscore.streams._worker import Caller, RetryPolicy, Worker, default_adapters, targets_of, worker_id
 
 __all__ = [
+    "ANSWER_WINDOW",
+    "DEDUPE_WINDOW",
     "POLICY_KEY",
     "Caller",
     "CircuitBoard",
@@ -25,6 +28,7 @@ __all__ = [
     "DeciderTables",
     "GovernanceFollower",
     "PolicyHolder",
+    "Retention",
     "RetryPolicy",
     "Sink",
     "Worker",

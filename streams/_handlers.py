@@ -70,7 +70,8 @@ from nexuscore.streams._records import (
     encode_escalation,
     escalation_record,
 )
-from nexuscore.transport import Topics, appended_at, dead_letter, decode_tenant_event
+from nexuscore.streams._retention import Retention
+from nexuscore.transport import DeciderTable, Topics, appended_at, dead_letter, decode_tenant_event
 
 log = logging.getLogger(__name__)
 PRODUCER = "nexuscore.decider"
@@ -140,8 +141,11 @@ class Decider:
         reviewers: TrustStore,
         keep_outputs: bool = True,
         trace_headers: bool = False,
+        retention: Retention | None = None,
     ) -> None:
-        self.t = tables
+        # How long requests are remembered (None: for ever; the runtime then restores everything).
+        self.retention = retention
+        self.t = tables if retention is None else retention.wrap(tables)
         # Whether an input's outputs are kept with its record, to send again if the input comes
         # again: needed when outputs may still be unsent once the state is written (faust
         # publishes on commit); not when the runtime acknowledges outputs before writing state.
@@ -184,6 +188,8 @@ class Decider:
         if isinstance(event, InferenceRequested):
             event = with_trace(event)  # a request without a valid trace id gets its derived one
         appended = appended_at(timestamp_ms, self.clock.now())
+        if self.retention is not None:
+            self.retention.saw(int(appended.timestamp() * 1_000_000))
         source = Input(topic, partition, offset, value or b"", appended, appended)
         try:
             await self.handle(event, source)
@@ -446,6 +452,22 @@ class Decider:
             review = timeout_review(escalated, now)
             await self.sink.send(self.topics.reviews, escalated.tenant_id.encode(), self.codec.encode(review))
             self.timed_out.add(key)
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def forget_old(self) -> int:
+        """Forget the requests older than their window (see ``nexuscore.streams._retention``);
+        how many rows were forgotten."""
+        return 0 if self.retention is None else self.retention.sweep(self.still_needed)
+
+    def still_needed(self, table: str, key: bytes, value: bytes) -> bool:
+        """Whether an old row must stay: its reservation is open, or its escalation awaits review."""
+        if table == DeciderTable.ANSWERS:
+            return False  # a cache
+        if table == DeciderTable.DECIDED and key in self.t.reservations:
+            return True  # the outcome that settles it is still to come
+        pending = escalation_record(self.t.escalations.get(key))
+        return pending is not None and bool(pending.request) and not pending.resolved
 
     # --- shared ---------------------------------------------------------------------------------
 

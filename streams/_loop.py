@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 
 import msgspec
 from aiokafka import (
@@ -46,8 +47,9 @@ from nexuscore.observe import Headers, batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._handlers import Decider, DeciderTables
+from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, Retention
 from nexuscore.streams._state import ChangelogState
-from nexuscore.transport import Topics, new_producer, start_client
+from nexuscore.transport import DeciderTable, Topics, new_producer, start_client
 
 log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
@@ -99,6 +101,8 @@ class DeciderLoop:
         instance_id: str | None = None,
         max_batch: int = 2000,
         transactional: bool = False,
+        dedupe_window: timedelta = DEDUPE_WINDOW,
+        answer_window: timedelta = ANSWER_WINDOW,
     ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
@@ -108,9 +112,13 @@ class DeciderLoop:
         self.state = ChangelogState(topics)
         self.outbox = Outbox()
         tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
+        self.retention = Retention(
+            {DeciderTable.DECIDED: dedupe_window, DeciderTable.ESCALATIONS: dedupe_window,
+             DeciderTable.ANSWERS: answer_window}
+        )  # fmt: skip
         self.decider = Decider(
             tables, holder, clock, self.outbox, topics=topics, reviewers=reviewers, keep_outputs=False,
-            trace_headers=True,
+            trace_headers=True, retention=self.retention,
         )  # fmt: skip
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
@@ -149,6 +157,9 @@ class DeciderLoop:
         self.held = set(partitions)
         if new and self._restorer is not None:
             read = await self.state.restore(self._restorer, new)
+            for name, table in self.state.tables.items():
+                self.retention.restored(name, table.restored)
+                table.restored = []
             log.info("restored partitions %s of the decider's state: %d changelog records", sorted(new), read)
 
     def _consumer(self) -> AIOKafkaConsumer:
@@ -214,6 +225,7 @@ class DeciderLoop:
                     if time.monotonic() >= next_scan:
                         await self.decider.overdue_reviews()
                         next_scan = time.monotonic() + DEADLINE_SCAN_S
+                    self.decider.forget_old()  # its tombstones go with this batch's state
                     batch_done(self.decider.tally, "decider", consumer, batches)  # metrics, per batch
                     await self._flush(consumer, self._job(batches))
         finally:

@@ -25,10 +25,19 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
         self.rows: dict[bytes, bytes] = {}
         self.owner: dict[bytes, int] = {}  # key -> the input partition whose state it is
         self.dirty: dict[bytes, int] = {}
+        # Rows read back by the last restore, with their changelog record's time (microseconds):
+        # how old they are, for the decider's retention.
+        self.restored: list[tuple[int, bytes]] = []
         self.partition = 0  # the input partition being processed: where changes are logged
 
     def __getitem__(self, key: bytes) -> bytes:
         return self.rows[key]
+
+    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:  # type: ignore[override]
+        return self.rows.get(key, default)  # the hot path: no KeyError raised and caught per miss
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self.rows[key] = value
@@ -87,6 +96,7 @@ class ChangelogState:
                     else:
                         table.rows[r.key] = r.value
                         table.owner[r.key] = tp.partition
+                        table.restored.append((r.timestamp * 1000, r.key))
         return read
 
     def forget(self, partitions: set[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -103,10 +104,13 @@ def run_decider(
     namespace: Namespace = "",
     runtime: Annotated[
         str,
-        typer.Option(help="loop: aiokafka's batch API, outputs then state then offsets (the default); faust: the faust agent."),
+        typer.Option(
+            help="loop: aiokafka's batch API, outputs then state then offsets (the default); faust: the faust agent."
+        ),
     ] = "loop",
     transactional: Annotated[
-        bool, typer.Option(help="loop only: a Kafka transaction per batch instead of ordered idempotent writes.")
+        bool,
+        typer.Option(help="loop only: a Kafka transaction per batch instead of ordered idempotent writes."),
     ] = False,
     instance_id: Annotated[
         str | None,
@@ -115,6 +119,20 @@ def run_decider(
             envvar="NEXUSCORE_DECIDER_ID",
         ),
     ] = None,
+    dedupe_window_s: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            max=7 * 86400.0,
+            help="loop only: how long after its decision a request id is still recognised (a resubmission within it gets the first decision; later, a second one). Memory grows with it: about 1 KB per request.",
+        ),
+    ] = 900.0,  # nexuscore.streams.DEDUPE_WINDOW (not imported: the CLI starts without aiokafka)
+    answer_window_s: Annotated[
+        float,
+        typer.Option(
+            min=1.0, max=7 * 86400.0, help="loop only: how long the offline mode's cache keeps an answer."
+        ),
+    ] = 300.0,  # nexuscore.streams.ANSWER_WINDOW
     metrics_port: MetricsPort = 0,
 ) -> None:
     """The decision agent: residency, routing, budget and decode for every request.
@@ -129,6 +147,7 @@ def run_decider(
     decider = services.prepare_decider(
         bootstrap, policy, required_trust(trust_store), namespace,
         runtime=runtime, transactional=transactional, instance_id=instance_id,
+        dedupe_window=timedelta(seconds=dedupe_window_s), answer_window=timedelta(seconds=answer_window_s),
     )  # fmt: skip
     source = "" if decider.from_file else f" (from the governance log; {policy} not used)"
     print(f"decider ready: policy {decider.version} {decider.digest} active{source}", flush=True)
@@ -262,7 +281,9 @@ def run_projector(
 def run_init_topics(
     bootstrap: Bootstrap,
     namespace: Namespace = "",
-    partitions: Annotated[int, typer.Option(min=1, help="Partitions of each topic (governance: always 1).")] = 4,
+    partitions: Annotated[
+        int, typer.Option(min=1, help="Partitions of each topic (governance: always 1).")
+    ] = 4,
     wait: Annotated[float, typer.Option(min=0.0, help="Seconds to wait for the broker to answer.")] = 60.0,
 ) -> None:
     """Create the pipeline's topics (and the decider's changelogs) that do not exist yet, then exit.
@@ -284,7 +305,10 @@ def run_broker(
         ),
     ] = None,
     port: Annotated[
-        int, typer.Option(min=0, max=65535, help="Client port (0: a free one; with --data-dir, the one it was made with).")
+        int,
+        typer.Option(
+            min=0, max=65535, help="Client port (0: a free one; with --data-dir, the one it was made with)."
+        ),
     ] = 0,
 ) -> None:
     """A local single-node KRaft Kafka broker on 127.0.0.1 until Ctrl-C (jars fetched once by Maven)."""

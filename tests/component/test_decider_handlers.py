@@ -5,7 +5,7 @@ the faust agent only hands it messages."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -18,7 +18,7 @@ from nexuscore.schemas import (
     RequestDecided,
     ReviewRecorded,
 )
-from nexuscore.streams import Decider, DeciderTables, PolicyHolder
+from nexuscore.streams import Decider, DeciderTables, PolicyHolder, Retention
 from nexuscore.transport import DeciderTable
 from tests.component.test_decider_agent import CODEC, TOPICS, TRUST, RecordingSink, _outcome, _review
 from tests.factories import POLICY, T0, request
@@ -76,3 +76,83 @@ async def test_a_signed_review_of_a_request_decided_without_escalation_is_refuse
     await _put(decider, TOPICS.reviews, _review("plain", "approved"), 0, int(T0.timestamp() * 1000))
     [(_, _, refused)] = sink.of(ActRefused)
     assert refused.code == "not_pending" and decider.t.escalations == {}
+
+
+# --- retention: how long a request is remembered ---------------------------------------------------
+
+WINDOW = timedelta(minutes=15)
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _remembering(window: timedelta = WINDOW) -> tuple[Decider, RecordingSink]:
+    decider, sink, _ = _decider()
+    retention = Retention({"decided": window, "escalations": window, "answers": window})
+    tables = DeciderTables(**{t.value: {} for t in DeciderTable})
+    # As on the default runtime: a request recognised gets nothing sent again.
+    remembering = Decider(
+        tables, decider.holder, decider.clock, sink, topics=TOPICS, reviewers=TRUST,
+        retention=retention, keep_outputs=False,
+    )  # fmt: skip
+    return remembering, sink
+
+
+@pytest.mark.asyncio
+async def test_a_settled_request_is_forgotten_once_older_than_the_window() -> None:
+    decider, sink = _remembering()
+    await _put(decider, TOPICS.requests, request(request_id="old"), 0, _ms(T0))
+    [(_, _, dispatch)] = sink.of(DispatchRequested)
+    await _put(decider, TOPICS.outcomes, _outcome(dispatch), 0, _ms(T0 + timedelta(seconds=1)))
+    await _put(
+        decider, TOPICS.requests, request(request_id="new"), 1, _ms(T0 + WINDOW - timedelta(seconds=1))
+    )
+    assert decider.forget_old() == 0  # not old enough yet
+    await _put(
+        decider, TOPICS.requests, request(request_id="newer"), 2, _ms(T0 + WINDOW + timedelta(seconds=1))
+    )
+    assert decider.forget_old() >= 1
+    remembered = {k.split(b"\x1f")[1] for k in decider.t.decided}
+    assert remembered == {b"new", b"newer"}
+
+
+@pytest.mark.asyncio
+async def test_a_resubmission_within_the_window_gets_the_first_decision_and_later_a_second_one() -> None:
+    decider, sink = _remembering()
+    await _put(decider, TOPICS.requests, request(request_id="r"), 0, _ms(T0))
+    [(_, _, dispatch)] = sink.of(DispatchRequested)
+    await _put(decider, TOPICS.outcomes, _outcome(dispatch), 0, _ms(T0 + timedelta(seconds=1)))
+    await _put(decider, TOPICS.requests, request(request_id="r"), 1, _ms(T0 + timedelta(minutes=10)))
+    decider.forget_old()
+    assert len(sink.of(RequestDecided)) == 1  # recognised: not decided again
+    await _put(
+        decider, TOPICS.requests, request(request_id="other"), 2, _ms(T0 + WINDOW + timedelta(seconds=5))
+    )
+    decider.forget_old()
+    await _put(decider, TOPICS.requests, request(request_id="r"), 3, _ms(T0 + WINDOW + timedelta(seconds=6)))
+    assert [d.request_id for _, _, d in sink.of(RequestDecided)].count("r") == 2  # past the window
+
+
+@pytest.mark.asyncio
+async def test_an_open_reservation_and_a_pending_escalation_outlive_the_window() -> None:
+    decider, sink = _remembering()
+    await _put(decider, TOPICS.requests, request(request_id="unsettled"), 0, _ms(T0))
+    await _put(decider, TOPICS.requests, request(request_id="crit", risk_class="critical"), 1, _ms(T0))
+    late = T0 + 3 * WINDOW
+    await _put(decider, TOPICS.requests, request(request_id="late"), 2, _ms(late))
+    decider.forget_old()
+    keys = {k.split(b"\x1f")[1] for k in decider.t.decided}
+    assert {b"unsettled", b"crit"} <= keys and len(decider.t.escalations) == 1
+    # Settled and resolved, they go one window after they were last found needed.
+    [(_, _, first)] = [d for d in sink.of(DispatchRequested) if d[2].request_id == "unsettled"]
+    await _put(decider, TOPICS.outcomes, _outcome(first), 1, _ms(late))
+    await _put(decider, TOPICS.reviews, _review("crit", "denied", at=late), 0, _ms(late))
+    assert sink.of(EscalationResolved)
+    await _put(
+        decider, TOPICS.requests, request(request_id="later"), 3, _ms(late + WINDOW + timedelta(seconds=1))
+    )
+    decider.forget_old()
+    # ("late" and "later" hold open reservations: they stay.)
+    assert {k.split(b"\x1f")[1] for k in decider.t.decided} == {b"late", b"later"}
+    assert decider.t.escalations == {}

@@ -4,8 +4,9 @@ decided once, outputs before state before offsets, state restored from its chang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -16,7 +17,8 @@ from nexuscore.policy import Registry, SignedPolicy, TrustStore, default_policy
 from nexuscore.schemas import AvroCodec, DispatchRequested, Event, RequestDecided, RequestRejected
 from nexuscore.streams import PolicyHolder
 from nexuscore.streams._loop import DeciderLoop
-from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
+from nexuscore.transport import DeciderTable, Topics, ensure_topics, new_producer, start_client
+from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
 CODEC = AvroCodec()
@@ -123,3 +125,58 @@ def test_outputs_go_out_in_order_the_decision_before_its_dispatch(bootstrap: str
         if isinstance(e, RequestDecided) and e.verdict == "dispatch"
     }
     assert {(d.tenant_id, d.request_id) for d in dispatches if isinstance(d, DispatchRequested)} <= dispatched
+
+
+def test_requests_older_than_the_window_are_forgotten_and_stay_forgotten_after_a_restart(
+    bootstrap: str,
+) -> None:
+    """The decider's memory is bounded: a request decided more than the window ago (and settled,
+    or denied) leaves its Tables, with a tombstone on the changelog that a restart honours."""
+    topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    holder = PolicyHolder(Registry().apply(SignedPolicy(POLICY, ()), "active"))
+
+    def decider() -> DeciderLoop:
+        return DeciderLoop(
+            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1",
+            dedupe_window=timedelta(seconds=1), answer_window=timedelta(seconds=1),
+        )  # fmt: skip
+
+    async def first() -> tuple[set[bytes], set[bytes]]:
+        loop = decider()
+        task = asyncio.create_task(loop.run())
+        try:
+            await _publish(bootstrap, topics, 200, "a")
+            decided = loop.state.tables[DeciderTable.DECIDED].rows
+            await eventually_async(lambda: len(decided) >= 200, "the first 200 requests decided")
+            before = set(decided)
+            n = 0
+
+            def forgot() -> bool:
+                return len(before - set(decided)) > 0
+
+            # Later requests move the broker's time on; the first ones' memos then age out.
+            while not forgot():
+                n += 1
+                await _publish(bootstrap, topics, 1, f"b{n}")
+                with contextlib.suppress(AssertionError):
+                    await eventually_async(forgot, "an old memo forgotten", timeout_s=0.5)
+            return before, before - set(decided)
+        finally:
+            loop.stopping.set()
+            await task
+
+    async def restart() -> set[bytes]:
+        loop = decider()
+        task = asyncio.create_task(loop.run())
+        try:
+            await eventually_async(lambda: loop.held, "partitions assigned and restored")
+            return set(loop.state.tables[DeciderTable.DECIDED].rows)
+        finally:
+            loop.stopping.set()
+            await task
+
+    before, forgotten = asyncio.run(first())
+    restored = asyncio.run(restart())
+    assert forgotten and not forgotten & restored  # the tombstones were written
+    assert before - forgotten <= restored  # what was still remembered came back
