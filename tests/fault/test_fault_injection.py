@@ -791,8 +791,11 @@ def _markdown(f: dict[str, Any]) -> str:
 
 
 def test_no_request_lost_or_doubled_under_process_kills_broker_restart_and_provider_faults(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The services' logs then say when each joined its group and what it restored: the post-mortem
+    # of a stall.
+    monkeypatch.setenv("NEXUSCORE_LOG_LEVEL", "INFO")
     policy = default_policy()
     run = uuid.uuid4().hex[:8]
     topics = Topics(f"fault-{run}.")
