@@ -33,7 +33,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nexuscore.projections._manifest import fsync_path
@@ -155,7 +154,13 @@ def _rows_of(parquet: pq.ParquetFile, request_id: str) -> list[tuple[str, int, i
     if not wanted:
         return []
     table = parquet.read_row_groups(wanted, use_threads=False)
-    table = table.filter(pc.equal(table.column("request_id"), request_id))
+    # The rows are sorted: two bisections touch about 30 of them (pyarrow.compute would add a
+    # tenth of a second to every command's start-up, for a filter of a few microseconds here).
+    ids = table.column("request_id")
+    rows = range(table.num_rows)
+    start = bisect.bisect_left(rows, request_id, key=lambda i: ids[i].as_py())
+    end = bisect.bisect_right(rows, request_id, lo=start, key=lambda i: ids[i].as_py())
+    table = table.slice(start, end - start)
     return list(
         zip(
             table.column("tenant_id").to_pylist(),
