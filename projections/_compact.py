@@ -15,9 +15,11 @@ the projector's restart treat it as any file. Order of work, safe against a cras
 
 1. take the projector's lock (a running projector holds it: compaction refuses, and says so);
 2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
-3. append their entries and one ``compaction`` entry naming the replaced and the new files, in
-   one fsynced write, then sign a new head: the commit point;
-4. only then delete the replaced files.
+3. write the request index of every file in force after it (``_index``: where each request's rows
+   are, for lineage), then append the new files' entries and one ``compaction`` entry naming the
+   replaced and the new files and sealing the index's sha256, in one fsynced write, then sign a
+   new head: the commit point;
+4. only then delete the replaced files (and the index it superseded).
 
 A crash before 3 leaves new files no entry names (debris that ``verify`` warns about and the next
 compaction or projector start deletes); after 3, old files the ledger no longer holds (likewise).

@@ -205,3 +205,22 @@ def test_the_index_is_sorted_and_its_footer_names_the_files_it_covers(indexed: P
     files = json.loads(pq.read_metadata(path).metadata[_index.FILES_KEY])
     assert all(indexed.joinpath(p).is_file() for p in files)
     assert table.num_rows == sum(e["rows"] for e in committed_files(indexed) if e["path"] in set(files))
+
+
+def test_a_signed_compaction_entry_naming_a_foreign_index_is_a_finding_and_is_not_followed(
+    indexed: Path, tmp_path: Path
+) -> None:
+    root = copy(indexed, tmp_path)
+    shutil.copy(root / str(index_entry(root)["path"]), tmp_path / "outside.parquet")
+    # Signed with the evidence key: the chain holds, only the entry's ``index`` is hostile.
+    manifest = _manifest.Manifest(root, signing_key())
+    manifest.commit_compaction([], T0, {"path": "../outside.parquet", "sha256": "0" * 64, "rows": 1})
+    assert _index.current_index(_manifest.signed_entries(root)) is None
+    for tenant, request_id in requests_of(root)[::11]:
+        assert lineage_at(root, request_id, tenant).to_pylist() == scanned(root, request_id, tenant)
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert "index_invalid" in {f.kind for f in report.findings if f.fatal}
+    # The next compaction indexes the store again, from the rows.
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    assert _index.current_index(_manifest.signed_entries(root)) is not None
+    assert "index_invalid" in {f.kind for f in verify(root, PUBLIC, KNOWN, workers=1).findings}
