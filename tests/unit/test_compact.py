@@ -237,9 +237,10 @@ def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_fi
     args = ["evidence", "compact", "-e", str(root), "--signing-key", str(pem), "--file-rows", "1000"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "compacted" in first.stdout
+    assert "compacted" in first.stdout and "request index of" in " ".join(first.stdout.split())
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "nothing to compact" in again.stdout
+    assert "request index" not in again.stdout  # the index covers every file already
     deep = runner.invoke(app, ["evidence", "verify", "-e", str(root), "--public-key", str(pub), "--deep"])
     assert deep.exit_code == 0, deep.output
     assert "Merkle root" in " ".join(deep.stdout.split())
