@@ -211,7 +211,9 @@ def write_index(
     else:
         reader = con.sql(
             'SELECT request_id, tenant_id, CAST(file AS INTEGER) AS file, "row" '  # noqa: S608  # names are ours
-            f'FROM ({" UNION ALL ".join(sources)}) ORDER BY request_id, tenant_id, file, "row"'
+            # (A row without a request id is no request's: no lineage asks for it.)
+            f'FROM ({" UNION ALL ".join(sources)}) WHERE request_id IS NOT NULL '
+            'ORDER BY request_id, tenant_id, file, "row"'
         ).to_arrow_reader(ROW_GROUP)
     rows, digest = _write(root / relative, reader, paths)
     return {"path": relative, "sha256": digest, "rows": rows, "files": len(paths)}
