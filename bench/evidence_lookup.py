@@ -4,16 +4,25 @@
 ``python -m bench.evidence`` or ``bench._evidence.store`` generated and compacted; it must verify
 clean, and the results say so):
 
-- **lineage** of ``--repeat`` different requests, cold: the direct path ``evidence lineage`` runs
-  (``projections.lineage_at``: the manifest, then one DuckDB statement over the nine lineage tables'
-  files); the path before it (a fresh ``EvidenceStore``, i.e. views over every table, then the same
-  lookup through the views); the pyarrow.dataset baseline of ``bench._evidence.query_baselines``.
-  Every answer is compared with ``EvidenceStore.lineage``'s and with the baseline's.
+- **lineage** of ``--repeat`` different requests, cold (a fresh connection and fresh file handles
+  per lookup, in this process): the path ``evidence lineage`` runs (``projections.lineage_at``: the
+  manifest, then the request index ``evidence compact`` sealed, then only the row groups it names;
+  files no index covers are searched as before); the direct path before the index (one DuckDB
+  statement over the nine lineage tables' files); the pyarrow.dataset baseline of
+  ``bench._evidence.query_baselines``. Every answer is compared with the direct path's and with the
+  baseline's. Then the command itself, ``nexuscore evidence lineage``, end to end in a fresh process
+  (start-up included), ``--cli-repeat`` times.
+- **residency** (``--residency-root``, repeatable: e.g. a 46,000-event store of small files and its
+  compacted copy): ``nexuscore evidence residency`` end to end in a fresh process, and in this
+  process (the store's views opened, then the summary query), ``--cli-repeat`` times each; with
+  ``--before-python`` (the interpreter of a checkout of the code before), its CLI in the same run.
 - **verify** (default mode), ``--repeat`` times: as it runs now (placement from the footers'
   statistics) and with placement read from the rows (as before), beside the I/O floor (sha256 of
   every committed file on every core).
 
-Results go to ``bench/results/evidence-lookup[-LABEL].json`` and ``.md``.
+Results go to ``bench/results/evidence-lookup[-LABEL].json`` and ``.md``. CPU times are this
+process's (in-process paths) or the child's (``getrusage``), stable on a shared machine where wall
+times are not.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,21 +47,15 @@ from bench._evidence.query_baselines import baseline_lineage
 from bench._evidence.verify import io_floor
 from bench._harness import RESULTS_DIR, git_commit, loadavg
 from nexuscore.policy import default_policy
-from nexuscore.projections import EvidenceStore, committed_files, lineage_at, verify
-
-_VIEWS_LOOKUP = " UNION ALL BY NAME ".join(
-    f"SELECT '{t}' AS _table, * FROM {t} WHERE request_id = $id"  # noqa: S608  # names are ours
-    for t in (
-        "requests",
-        "rejections",
-        "decisions",
-        "dispatches",
-        "attempts",
-        "outcomes",
-        "settlements",
-        "reviews",
-        "resolutions",
-    )
+from nexuscore.projections import (
+    EvidenceStore,
+    LocalKeyStore,
+    _index,
+    _lineage,
+    _manifest,
+    committed_files,
+    lineage_at,
+    verify,
 )
 
 
@@ -65,9 +70,10 @@ def _timed(call: Callable[[], Any]) -> tuple[float, float, Any]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def _views_path(root: Path, request_id: str) -> int:
-    with EvidenceStore(root) as store:
-        return store.query(_VIEWS_LOOKUP, {"id": request_id}).num_rows
+def _direct_path(root: Path, request_id: str) -> Any:  # noqa: ANN401
+    """The direct path before the index: one DuckDB statement over every lineage table's files."""
+    keys = LocalKeyStore(root / "_keys")
+    return _lineage.lineage(root, committed_files(root), keys, request_id, index=None)
 
 
 def _key(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -75,35 +81,105 @@ def _key(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def run_lineage(root: Path, picks: list[str]) -> dict[str, Any]:
-    walls: dict[str, list[float]] = {"direct": [], "views (before)": [], "pyarrow baseline": []}
+    walls: dict[str, list[float]] = {"index (now)": [], "direct (before)": [], "pyarrow baseline": []}
     cpus: dict[str, list[float]] = {k: [] for k in walls}
     same = True
     for rid in picks:
+        answers = {}
         for label, call in (
-            ("direct", functools.partial(lineage_at, root, rid)),
-            ("views (before)", functools.partial(_views_path, root, rid)),
+            ("index (now)", functools.partial(lineage_at, root, rid)),
+            ("direct (before)", functools.partial(_direct_path, root, rid)),
             ("pyarrow baseline", functools.partial(baseline_lineage, root, rid)),
         ):
-            wall, cpu, out = _timed(call)
+            wall, cpu, answers[label] = _timed(call)
             walls[label].append(wall)
             cpus[label].append(cpu)
-            if label == "direct":
-                direct = out.to_pylist()
-            elif label == "pyarrow baseline":
-                same &= _key(direct) == _key(out)
-        with EvidenceStore(root) as store:
-            same &= store.lineage(rid).to_pylist() == direct
+        now = answers["index (now)"].to_pylist()
+        same &= bool(now) and now == answers["direct (before)"].to_pylist()
+        same &= _key(now) == _key(answers["pyarrow baseline"])
     out = {k: {"wall": _ms(walls[k]), "cpu": _ms(cpus[k])} for k in walls}
-    base = statistics.median(walls["pyarrow baseline"])
     return {
         "requests": len(picks),
         "answers_match": same,
+        "index": _index_facts(root),
         "paths": out,
-        "ratio_direct_to_baseline": round(statistics.median(walls["direct"]) / base, 3),
-        "ratio_direct_to_views": round(
-            statistics.median(walls["direct"]) / statistics.median(walls["views (before)"]), 3
+        "ratio_index_to_baseline": round(
+            statistics.median(walls["index (now)"]) / statistics.median(walls["pyarrow baseline"]), 3
+        ),
+        "ratio_index_to_direct_cpu": round(
+            statistics.median(cpus["index (now)"]) / statistics.median(cpus["direct (before)"]), 3
         ),
     }
+
+
+def _index_facts(root: Path) -> dict[str, Any] | None:
+    index = _index.current_index(_manifest.signed_entries(root))
+    if index is None:
+        return None
+    covered = _index.index_files(root, index) or []
+    return {
+        "rows": index.get("rows"),
+        "mb": round((root / index["path"]).stat().st_size / 1e6, 1),
+        "files_covered": len(covered),
+        "files_committed": len(committed_files(root)),
+    }
+
+
+def _child(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one command in a fresh process (start-up included)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, check=False)  # noqa: S603  # our own CLI
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(argv[:5])} failed: {done.stderr.decode()[-500:]}")
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
+def _runs(argv: list[str], repeat: int) -> dict[str, Any]:
+    runs = [_child(argv) for _ in range(repeat)]
+    walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+    return {"wall": _ms(walls), "cpu": _ms(cpus)}
+
+
+def _cli(python: str, *args: str) -> list[str]:
+    return [python, "-m", "nexuscore", "evidence", *args]
+
+
+def run_cli_lineage(root: Path, picks: list[str], repeat: int, before: str | None) -> dict[str, Any]:
+    rids = (picks * repeat)[:repeat]
+    out = {"now": _runs_over(rids, lambda rid: _cli(sys.executable, "lineage", rid, "-e", str(root)))}
+    if before:
+        out["before"] = _runs_over(rids, lambda rid: _cli(before, "lineage", rid, "-e", str(root)))
+    return out
+
+
+def _runs_over(rids: list[str], argv: Callable[[str], list[str]]) -> dict[str, Any]:
+    runs = [_child(argv(rid)) for rid in rids]
+    return {"wall": _ms([w for w, _ in runs]), "cpu": _ms([c for _, c in runs])}
+
+
+def _in_process_residency(root: Path) -> Any:  # noqa: ANN401
+    with EvidenceStore(root) as store:
+        return store.residency_summary()
+
+
+def run_residency(roots: list[Path], repeat: int, before: str | None) -> list[dict[str, Any]]:
+    results = []
+    for root in roots:
+        timed = [_timed(functools.partial(_in_process_residency, root)) for _ in range(repeat)]
+        row: dict[str, Any] = {
+            "root": str(root),
+            "events": sum(int(e["rows"]) for e in committed_files(root)),
+            "files": len(committed_files(root)),
+            "cli_now": _runs(_cli(sys.executable, "residency", "-e", str(root)), repeat),
+            "in_process": {"wall": _ms([w for w, _, _ in timed]), "cpu": _ms([c for _, c, _ in timed])},
+        }
+        if before:
+            row["cli_before"] = _runs(_cli(before, "residency", "-e", str(root)), repeat)
+        results.append(row)
+    return results
 
 
 def _verify_once(root: Path, *, rows_placement: bool) -> tuple[float, float, Any]:
@@ -147,27 +223,78 @@ def _sample(root: Path, n: int) -> list[str]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lin, ver = results["lineage"], results["verify"]
+    lin = results["lineage"]
+    index = lin["index"]
+    held = (
+        f"request index: {index['rows']:,} rows, {index['mb']} MB, covering {index['files_covered']} of "
+        f"{index['files_committed']} committed files"
+        if index
+        else "no request index (every file searched)"
+    )
     lines = [
-        f"# Evidence lookups: cold lineage and default verify ({results['timestamp_utc']})",
+        f"# Evidence lookups: cold lineage, residency and default verify ({results['timestamp_utc']})",
         "",
-        f"`{results['command']}` at {results['git_commit']}; store {results['root']}: "
-        f"{ver['rows']:,} events in {ver['files']} committed files; load average "
-        f"{results['loadavg_start']} at start, {results['loadavg_end']} at end (2 cores, shared).",
+        f"`{results['command']}` at {results['git_commit']}; store {results['root']}; {held}; load "
+        f"average {results['loadavg_start']} at start, {results['loadavg_end']} at end (2 cores, shared).",
         "",
         f"## lineage, cold, {lin['requests']} different requests (answers match: {lin['answers_match']})",
         "",
-        "| path | wall median | wall min | CPU median |",
-        "|---|---|---|---|",
+        "In this process, a fresh connection and fresh file handles per lookup:",
+        "",
+        "| path | wall median | wall min | CPU median | CPU min |",
+        "|---|---|---|---|---|",
     ]
     for k, v in lin["paths"].items():
-        lines.append(f"| {k} | {v['wall']['median_ms']} ms | {v['wall']['min_ms']} ms | {v['cpu']['median_ms']} ms |")
+        lines.append(
+            f"| {k} | {v['wall']['median_ms']} ms | {v['wall']['min_ms']} ms | {v['cpu']['median_ms']} ms "
+            f"| {v['cpu']['min_ms']} ms |"
+        )
     lines += [
         "",
-        f"direct / pyarrow baseline = {lin['ratio_direct_to_baseline']}; "
-        f"direct / views = {lin['ratio_direct_to_views']}.",
+        f"index / pyarrow baseline (wall) = {lin['ratio_index_to_baseline']}; "
+        f"index / direct (CPU) = {lin['ratio_index_to_direct_cpu']}.",
         "",
-        f"## verify (default mode), {results['repeat']} runs each",
+    ]
+    lines += _render_cli(results)
+    lines += _render_verify(results)
+    return "\n".join(lines)
+
+
+_RESIDENCY_LABELS = {"cli_now": "now", "cli_before": "before", "in_process": "in-process: views + query"}
+
+
+def _render_cli(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "## the commands end to end (a fresh process each: interpreter start-up and imports included)",
+        "",
+        "| command | store | wall median | wall min | CPU median |",
+        "|---|---|---|---|---|",
+    ]
+    for label, v in results["lineage_cli"].items():
+        lines.append(
+            f"| `evidence lineage` ({label}) | {Path(results['root']).name} | {v['wall']['median_ms']} ms "
+            f"| {v['wall']['min_ms']} ms | {v['cpu']['median_ms']} ms |"
+        )
+    for r in results["residency"]:
+        where = f"{Path(r['root']).name}: {r['events']:,} events, {r['files']} files"
+        for label in ("cli_now", "cli_before", "in_process"):
+            if label in r:
+                v = r[label]
+                name = _RESIDENCY_LABELS[label]
+                lines.append(
+                    f"| `evidence residency` ({name}) | {where} | {v['wall']['median_ms']} ms "
+                    f"| {v['wall']['min_ms']} ms | {v['cpu']['median_ms']} ms |"
+                )
+    return [*lines, ""]
+
+
+def _render_verify(results: dict[str, Any]) -> list[str]:
+    ver = results.get("verify")
+    if not ver:
+        return []
+    lines = [
+        f"## verify (default mode), {results['verify_repeat']} runs each: {ver['rows']:,} events in "
+        f"{ver['files']} committed files",
         "",
         "| verify | ok | events/s (median) | events/s (best) | CPU µs/event |",
         "|---|---|---|---|---|",
@@ -183,16 +310,23 @@ def render(results: dict[str, Any]) -> str:
         f"{floor['events_per_s_all_cores']:,} | - | - |",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.evidence_lookup", description=__doc__)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--cli-repeat", type=int, default=5)
+    parser.add_argument("--verify-repeat", type=int, default=None, help="default --repeat; 0 skips verify")
+    parser.add_argument("--residency-root", type=Path, action="append", default=[])
+    parser.add_argument("--before-python", help="the interpreter of a checkout of the code before")
     parser.add_argument("--label", default="")
     ns = parser.parse_args(argv)
+    if ns.repeat < 1 or ns.cli_repeat < 1 or (ns.verify_repeat is not None and ns.verify_repeat < 0):
+        parser.error("--repeat and --cli-repeat >= 1, --verify-repeat >= 0")
     root = ns.root.resolve()
+    verify_repeat = ns.repeat if ns.verify_repeat is None else ns.verify_repeat
     results: dict[str, Any] = {
         "benchmark": "evidence_lookup",
         "timestamp_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -201,10 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "root": str(root),
         "cpus": os.cpu_count(),
         "repeat": ns.repeat,
+        "verify_repeat": verify_repeat,
         "loadavg_start": loadavg(),
     }
-    results["lineage"] = run_lineage(root, _sample(root, ns.repeat))
-    results["verify"] = run_verify(root, ns.repeat)
+    picks = _sample(root, ns.repeat)
+    results["lineage"] = run_lineage(root, picks)
+    results["lineage_cli"] = run_cli_lineage(root, picks, ns.cli_repeat, ns.before_python)
+    results["residency"] = run_residency([r.resolve() for r in ns.residency_root], ns.cli_repeat, ns.before_python)
+    if verify_repeat:
+        results["verify"] = run_verify(root, verify_repeat)
     results["loadavg_end"] = loadavg()
     name = "evidence-lookup" + (f"-{ns.label}" if ns.label else "")
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

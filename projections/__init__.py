@@ -1,17 +1,52 @@
 """The evidence plane: sealed Parquet tables projected from the log, DuckDB views and reports over
 them, verification, inclusion and consistency proofs, and erasure."""
 
-from nexuscore.projections._compact import CompactReport, compact
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
 from nexuscore.projections._lineage import lineage_at
 from nexuscore.projections._manifest import Manifest, committed_files
-from nexuscore.projections._projector import UNASSIGNED, Projector
-from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
-from nexuscore.projections._report import render_html
 from nexuscore.projections._store import ALLOWED_RESIDENCY_FINDING, EvidenceStore, residency_breaches
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
-from nexuscore.projections._verify import Finding, VerifyReport, verify
 from nexuscore.projections._writer import SealedWriter, region_dir, write_table
+
+if TYPE_CHECKING:
+    from nexuscore.projections._compact import CompactReport, compact
+    from nexuscore.projections._projector import UNASSIGNED, Projector
+    from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
+    from nexuscore.projections._report import render_html
+    from nexuscore.projections._verify import Finding, VerifyReport, verify
+
+# Loaded on first use: the projector brings the decider's core, the policy model and aiokafka, and
+# compaction and verify their process pools, about half a second of CPU that a query or a lineage
+# (``evidence residency``, ``evidence lineage``: a fresh process each) does not need.
+_LAZY = {
+    "CompactReport": "_compact",
+    "compact": "_compact",
+    "UNASSIGNED": "_projector",
+    "Projector": "_projector",
+    "check_consistency": "_prove",
+    "check_proof": "_prove",
+    "prove": "_prove",
+    "prove_consistency": "_prove",
+    "render_html": "_report",
+    "Finding": "_verify",
+    "VerifyReport": "_verify",
+    "verify": "_verify",
+}
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401  # whatever the named module holds
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ALLOWED_RESIDENCY_FINDING",

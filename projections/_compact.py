@@ -15,9 +15,11 @@ the projector's restart treat it as any file. Order of work, safe against a cras
 
 1. take the projector's lock (a running projector holds it: compaction refuses, and says so);
 2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
-3. append their entries and one ``compaction`` entry naming the replaced and the new files, in
-   one fsynced write, then sign a new head: the commit point;
-4. only then delete the replaced files.
+3. write the request index of every file in force after it (``_index``: where each request's rows
+   are, for lineage), then append the new files' entries and one ``compaction`` entry naming the
+   replaced and the new files and sealing the index's sha256, in one fsynced write, then sign a
+   new head: the commit point;
+4. only then delete the replaced files (and the index it superseded).
 
 A crash before 3 leaves new files no entry names (debris that ``verify`` warns about and the next
 compaction or projector start deletes); after 3, old files the ledger no longer holds (likewise).
@@ -50,6 +52,13 @@ from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
+from nexuscore.projections._index import (
+    current_index,
+    indexed_paths,
+    remove_stale,
+    trusted_paths,
+    write_index,
+)
 from nexuscore.projections._manifest import Manifest, fsync_path, read_head
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
@@ -80,6 +89,7 @@ class CompactReport:
     replaced: int = 0
     written: int = 0
     rows: int = 0
+    indexed: int = 0  # rows of the request index written (0: none written)
     groups: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -112,28 +122,35 @@ def compact(
         report = CompactReport(files_before=len(live))
         remove_debris(root, {e["path"] for e in live})
         groups = plan(live, file_rows)
-        if not groups:
+        index = current_index(manifest.entries)
+        if not groups and index is not None and trusted_paths(root, index) == indexed_paths(live):
             report.files_after = len(live)
             return report
+        # Nothing to merge but no (usable) index of the files in force: a compaction that only
+        # writes the index (a store compacted before there was one).
         seq, jobs = len(manifest.entries), list(groups.items())
+        replaced = [e["path"] for es in groups.values() for e in es]
+        after = [e for e in live if e["path"] not in set(replaced)]
+        calls = [(str(root), g, es, seq, n, file_rows) for n, (g, es) in enumerate(jobs)]
         with _pool(workers or os.cpu_count() or 1, len(jobs)) as run:
-            results = run(
-                _rewrite,
-                *zip(*((str(root), g, es, seq, n, file_rows) for n, (g, es) in enumerate(jobs)), strict=True),
-            )
+            results = run(_rewrite, *zip(*calls, strict=True)) if calls else iter([])
             for (group, entries), written in zip(jobs, results, strict=True):
                 for entry in written:
                     manifest.add(entry)
+                after.extend(written)
                 report.groups.append(_group_report(group, entries, written))
         for directory in {(root / e["path"]).parent for es in groups.values() for e in es}:
             fsync_path(directory)
-        replaced = [e["path"] for es in groups.values() for e in es]
-        manifest.commit_compaction(replaced, now)
+        with _connection() as con:
+            new_index = write_index(con, root, after, index, seq)
+        manifest.commit_compaction(replaced, now, new_index)
         _delete(root, replaced)
+        remove_stale(root, new_index["path"])
         report.replaced = len(replaced)
         report.written = sum(len(g["written"]) for g in report.groups)
         report.rows = sum(g["rows"] for g in report.groups)
         report.files_after = len(list(manifest.files()))
+        report.indexed = new_index["rows"]
         return report
 
 

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nexuscore.kernel.errors import EvidenceError
+from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed_files
+from nexuscore.projections._manifest import committed, signed_entries
 from nexuscore.projections._store import is_table_path, sandbox, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -28,17 +29,7 @@ class _HasKeys(Protocol):
 
 Row = dict[str, Any]
 
-_ORDER = (
-    "requests",
-    "rejections",
-    "decisions",
-    "dispatches",
-    "attempts",
-    "outcomes",
-    "settlements",
-    "reviews",
-    "resolutions",
-)
+_ORDER = LINEAGE_TABLES
 _SCHEMA = pa.schema(
     [
         ("seq", pa.int32()),
@@ -125,17 +116,24 @@ def _detail(store: _HasKeys, cipher: FieldCipher, table: str, r: Row) -> str:
 
 
 def lineage(
-    root: Path, files: list[dict[str, Any]], keystore: KeyStore, request_id: str, tenant: str | None = None
+    root: Path,
+    files: list[dict[str, Any]],
+    keystore: KeyStore,
+    request_id: str,
+    tenant: str | None = None,
+    *,
+    index: dict[str, Any] | None = None,
 ) -> pa.Table:
     """The lineage from the committed ``files`` alone: no store, no view over every table.
 
-    One statement reads the nine tables a request's events are in, over only their files, on a
-    connection that may read those files and nothing else. DuckDB reads each footer, keeps the row
-    groups whose request-id statistics hold the id (compacted files are sorted by tenant, then
-    request id: about one group per tenant) and asks their bloom filters; it decompresses only the
-    groups that may hold the request.
+    With the request ``index`` the last compaction wrote (``_index``), its rows say which rows of
+    which files are the request's: only those row groups are read. Every file it does not cover
+    (flushes since), or all of them without an index, are searched by one statement over the nine
+    tables a request's events are in, on a connection that may read those files and nothing else.
+    DuckDB reads each footer, keeps the row groups whose request-id statistics hold the id and asks
+    their bloom filters; it decompresses only the groups that may hold the request.
     """
-    found = _fetch(root, files, request_id, tenant)
+    found = _fetch(root, files, request_id, tenant, index)
     tenants = sorted({r["tenant_id"] for r in found})
     if len(tenants) > 1:
         # Request ids are unique per tenant only: mixing two tenants' events would be one story
@@ -176,7 +174,8 @@ def lineage_at(
     if not root.is_dir():
         raise EvidenceError(f"no evidence at {root} (run the pipeline or pass --evidence-dir)")
     keys = keystore if keystore is not None else LocalKeyStore(root / "_keys")
-    return lineage(root, committed_files(root), keys, request_id, tenant)
+    entries = signed_entries(root)
+    return lineage(root, committed(entries), keys, request_id, tenant, index=current_index(entries))
 
 
 class _Holder:
@@ -186,18 +185,43 @@ class _Holder:
         self.keystore = keystore
 
 
-def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str | None) -> list[Row]:
+def _fetch(
+    root: Path, files: list[dict[str, Any]], request_id: str, tenant: str | None, index: dict[str, Any] | None
+) -> list[Row]:
     """The rows of the request in every lineage table, each with its table's name in ``_table``, and
     every column of today's schema (files of older versions may lack some: None then)."""
-    by_table: dict[str, list[str]] = {t: [] for t in _ORDER}
+    live: dict[str, dict[str, Any]] = {}
     for entry in files:
-        if entry.get("table") in by_table:
+        if entry.get("table") in _ORDER:
             if not is_table_path(entry):
                 raise EvidenceError(
                     f"a manifest entry under {root} names {entry.get('path')!r}, not a file of its table "
                     "(run `nexuscore evidence verify`)"
                 )
-            by_table[entry["table"]].append(str(root.absolute() / entry["path"]))
+            live[entry["path"]] = entry
+    located = locate(root, index, live, request_id, tenant) if index is not None else None
+    covered, found = located if located is not None else (set(), [])
+    rest = [e for path, e in live.items() if path not in covered]
+    found += _search(root, rest, request_id, tenant)
+    rows = [
+        r
+        for r in _read_rows(root, found)
+        # The index is a hint: only rows that are the request's count, wherever it points.
+        if r["request_id"] == request_id and (tenant is None or r["tenant_id"] == tenant)
+    ]
+    for r in rows:
+        for name in SCHEMAS[r["_table"]].names:
+            r.setdefault(name, None)
+    return rows
+
+
+def _search(
+    root: Path, files: list[dict[str, Any]], request_id: str, tenant: str | None
+) -> list[tuple[str, str, int]]:
+    """(table, path, row number) of the request's rows in ``files``, found by DuckDB."""
+    by_table: dict[str, list[str]] = {t: [] for t in _ORDER}
+    for entry in files:
+        by_table[entry["table"]].append(str(root.absolute() / entry["path"]))
     # Two steps: DuckDB finds where the request's rows are (footer statistics, bloom filters, then
     # the two key columns of the groups that may hold it), and pyarrow reads those rows' groups
     # whole. Asking DuckDB for every column instead measured about half as much CPU again.
@@ -213,16 +237,14 @@ def _fetch(root: Path, files: list[dict[str, Any]], request_id: str, tenant: str
     con = sandbox([p for paths in by_table.values() for p in paths])
     try:
         sql = " UNION ALL BY NAME ".join(selects)
-        found = con.sql(sql, params={"id": request_id, "tenant": tenant}).fetchall()
+        found: list[tuple[str, str, int]] = con.sql(
+            sql, params={"id": request_id, "tenant": tenant}
+        ).fetchall()
     except duckdb.Error as exc:
         raise EvidenceError(f"cannot read the evidence under {root}: {str(exc).splitlines()[0]}") from exc
     finally:
         con.close()
-    rows = _read_rows(root, found)
-    for r in rows:
-        for name in SCHEMAS[r["_table"]].names:
-            r.setdefault(name, None)
-    return rows
+    return found
 
 
 def _read_rows(root: Path, found: list[tuple[str, str, int]]) -> list[Row]:

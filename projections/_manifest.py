@@ -146,11 +146,20 @@ class Manifest:
         self.add({"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()})
         self._append(now)
 
-    def commit_compaction(self, replaced: list[str], now: datetime) -> None:
+    def commit_compaction(self, replaced: list[str], now: datetime, index: Entry | None = None) -> None:
         """Close a compaction: the file entries staged since the last commit replace ``replaced``,
-        in one durable append (a crash before it leaves the old files in force), then a new head."""
+        in one durable append (a crash before it leaves the old files in force), then a new head.
+        ``index``: the request index of the files in force from then on (``_index``), sealed here."""
         files = [json.loads(line)["path"] for line in self._pending]
-        self.add({"kind": "compaction", "replaces": replaced, "files": files, "sealed_at": now.isoformat()})
+        entry: Entry = {
+            "kind": "compaction",
+            "replaces": replaced,
+            "files": files,
+            "sealed_at": now.isoformat(),
+        }
+        if index is not None:
+            entry["index"] = index
+        self.add(entry)
         self._append(now)
 
     def _append(self, now: datetime) -> None:
@@ -192,10 +201,15 @@ def _now_from(entries: list[Entry]) -> datetime | None:
 
 def committed_files(root: Path) -> list[Entry]:
     """The file entries a reader may trust: within the signed head and up to its last checkpoint."""
+    return committed(signed_entries(root))
+
+
+def signed_entries(root: Path) -> list[Entry]:
+    """Every entry within the signed head (commit points included)."""
     head = read_head(root)
     if head is None:
         return []
-    return committed([json.loads(line) for line in read_lines(root)[: head["size"]]])
+    return [json.loads(line) for line in read_lines(root)[: head["size"]]]
 
 
 def committed(entries: list[Entry]) -> list[Entry]:

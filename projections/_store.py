@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed_files
+from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 _DERIVED_VIEWS = """
@@ -259,10 +259,13 @@ class EvidenceStore:
         Request ids are unique per tenant only: without ``tenant``, an id that several tenants used
         is an error naming them.
         """
+        from nexuscore.projections._index import current_index
         from nexuscore.projections._lineage import lineage
 
-        # The direct path, not the views: the same rows from the same committed files.
-        return lineage(self.root, self.files, self.keystore, request_id, tenant)
+        # The direct path, not the views: the same rows from the same committed files (through the
+        # request index, for the files it covers).
+        index = current_index(signed_entries(self.root))
+        return lineage(self.root, self.files, self.keystore, request_id, tenant, index=index)
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""

@@ -32,6 +32,7 @@ from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import KeyStoreError
 from nexuscore.projections._compact import COMPACTED
+from nexuscore.projections._index import INDEX_DIR, current_index, index_files, sha256_of, well_formed
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
     ERASURES,
@@ -119,6 +120,7 @@ def verify(
     _check_placement(root, readable, placements, report)
     _check_coverage(entries, report)
     _check_compactions(entries, report)
+    _check_index(root, entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     with EvidenceStore(root, keys, files=readable) as store:
         _check_events(store, known_digests, until, report)
@@ -197,6 +199,8 @@ def _check_folder(
     is a warning (nothing reads it, but it should not be there).
     """
     listed = {e["path"] for e in files}
+    current = current_index(entries)
+    index = current["path"] if current is not None else None
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -204,7 +208,16 @@ def _check_folder(
         for p in e["partitions"] if e.get("kind") == "checkpoint" else ():
             committed_end[(p["topic"], p["partition"])] = p["end"]
     for relative in _folder_files(root):
-        if relative in listed or relative in _OWN_FILES:
+        if relative in listed or relative in _OWN_FILES or relative == index:
+            continue
+        if relative.startswith(f"{INDEX_DIR}/"):
+            report.add(
+                "stale_index",
+                relative,
+                "is a request index no committed compaction names as the current one: ignored (the "
+                "next `evidence compact` deletes it)",
+                fatal=False,
+            )
             continue
         if relative in replaced or (COMPACTED.fullmatch(relative) and relative not in named):
             report.add(
@@ -233,6 +246,40 @@ def _check_folder(
                 "is in the evidence folder but is no part of the evidence: nothing reads it",
                 fatal=False,
             )
+
+
+def _check_index(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """The request index the last compaction sealed still holds those bytes. Lineage trusts it to
+    name every row of a request in the files it covers: an index edited to leave rows out would
+    hide them, and only this check (the sha256 the signed chain covers) can tell."""
+    for e in entries:
+        if e.get("kind") == "compaction" and "index" in e and not well_formed(e["index"]):
+            report.add(
+                "index_invalid",
+                f"manifest entry {e.get('seq')}",
+                "names no request index of the store's own (`_index/requests-<n>.parquet` and its sha256)",
+            )
+    index = current_index(entries)
+    if index is None:
+        return
+    try:
+        digest = sha256_of(root / index["path"])
+    except OSError as exc:
+        # Lineage then searches every file: slower, but every row is still found.
+        report.add(
+            "index_missing",
+            index["path"],
+            f"cannot be read ({exc.strerror}): lineage searches every file instead (`evidence compact` "
+            "writes the index again)",
+            fatal=False,
+        )
+        return
+    if digest != index["sha256"] or index_files(root, index) is None:
+        report.add(
+            "index_altered",
+            index["path"],
+            "does not hold the bytes its compaction sealed (sha256 differs): it could hide rows from lineage",
+        )
 
 
 def _paths(value: object) -> list[str]:

@@ -9,15 +9,11 @@ demo uses them too. Below: the stages (streams, replay, projections, providers) 
 This ``__init__`` is the whole public surface; the modules inside are private.
 """
 
-from nexuscore.services._acts import (
-    kill_switch_event,
-    load_signer,
-    promotion_event,
-    publish,
-    review_event,
-    signer_name,
-)
-from nexuscore.services._control import throw_switch
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from nexuscore.services._evidence import (
     compact_evidence,
     content_keys,
@@ -35,49 +31,116 @@ from nexuscore.services._evidence import (
     verify_evidence,
     write_evidence_report,
 )
-from nexuscore.services._governance import (
-    create_signer_key,
-    differences_table,
-    policy_history,
-    promote,
-    read_limited,
-    revoke_key,
-    sign_policy,
-    trust_key,
-    trusted_keys,
-)
-from nexuscore.services._operate import init_topics
-from nexuscore.services._replay import (
-    change_rows,
-    changes_table,
-    log_snapshot,
-    recorded_policies,
-    replay_failure,
-    replay_history,
-    report_document,
-    summary_lines,
-    write_replay_html,
-    write_replay_report,
-)
-from nexuscore.services._review import (
-    escalation_event_id,
-    find_escalation,
-    pending_escalation,
-    review_queue,
-    submit_review,
-    wait_for_resolution,
-)
-from nexuscore.services._stages import (
-    Decider,
-    WorkerSettings,
-    bootstrap_policy,
-    prepare_decider,
-    run_decider,
-    run_local_broker,
-    run_projector,
-    run_worker,
-    serve_provider,
-)
+
+if TYPE_CHECKING:
+    from nexuscore.services._acts import (
+        kill_switch_event,
+        load_signer,
+        promotion_event,
+        publish,
+        review_event,
+        signer_name,
+    )
+    from nexuscore.services._control import throw_switch
+    from nexuscore.services._governance import (
+        create_signer_key,
+        differences_table,
+        policy_history,
+        promote,
+        read_limited,
+        revoke_key,
+        sign_policy,
+        trust_key,
+        trusted_keys,
+    )
+    from nexuscore.services._operate import init_topics
+    from nexuscore.services._replay import (
+        change_rows,
+        changes_table,
+        log_snapshot,
+        recorded_policies,
+        replay_failure,
+        replay_history,
+        report_document,
+        summary_lines,
+        write_replay_html,
+        write_replay_report,
+    )
+    from nexuscore.services._review import (
+        escalation_event_id,
+        find_escalation,
+        pending_escalation,
+        review_queue,
+        submit_review,
+        wait_for_resolution,
+    )
+    from nexuscore.services._stages import (
+        Decider,
+        WorkerSettings,
+        bootstrap_policy,
+        prepare_decider,
+        run_decider,
+        run_local_broker,
+        run_projector,
+        run_worker,
+        serve_provider,
+    )
+
+# Loaded on first use: the stages, acts and replay bring faust, aiokafka and the policy model, about
+# a second of CPU that an evidence command (a fresh process each) does not need.
+_LAZY = {
+    "kill_switch_event": "_acts",
+    "load_signer": "_acts",
+    "promotion_event": "_acts",
+    "publish": "_acts",
+    "review_event": "_acts",
+    "signer_name": "_acts",
+    "throw_switch": "_control",
+    "create_signer_key": "_governance",
+    "differences_table": "_governance",
+    "policy_history": "_governance",
+    "promote": "_governance",
+    "read_limited": "_governance",
+    "revoke_key": "_governance",
+    "sign_policy": "_governance",
+    "trust_key": "_governance",
+    "trusted_keys": "_governance",
+    "init_topics": "_operate",
+    "change_rows": "_replay",
+    "changes_table": "_replay",
+    "log_snapshot": "_replay",
+    "recorded_policies": "_replay",
+    "replay_failure": "_replay",
+    "replay_history": "_replay",
+    "report_document": "_replay",
+    "summary_lines": "_replay",
+    "write_replay_html": "_replay",
+    "write_replay_report": "_replay",
+    "escalation_event_id": "_review",
+    "find_escalation": "_review",
+    "pending_escalation": "_review",
+    "review_queue": "_review",
+    "submit_review": "_review",
+    "wait_for_resolution": "_review",
+    "Decider": "_stages",
+    "WorkerSettings": "_stages",
+    "bootstrap_policy": "_stages",
+    "prepare_decider": "_stages",
+    "run_decider": "_stages",
+    "run_local_broker": "_stages",
+    "run_projector": "_stages",
+    "run_worker": "_stages",
+    "serve_provider": "_stages",
+}
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401  # whatever the named module holds
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Decider",

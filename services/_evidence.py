@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import serialization
 from nexuscore import projections
 from nexuscore.kernel.errors import NexusError
 from nexuscore.kernel.signing import load_private_key, load_public_key
-from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
 from nexuscore.projections import (
     CompactReport,
     EvidenceStore,
@@ -86,6 +85,10 @@ def residency_breaches(residency: pa.Table) -> int:
 def known_policy_digests(policies: Sequence[Path] = ()) -> set[str]:
     """The policy digests decisions may carry, besides those of the store's policy_events: the bundled
     policies and ``policies``."""
+    # Imported here: the policy model (pydantic) is a quarter of a second of every evidence
+    # command's start-up, and only verify needs it.
+    from nexuscore.policy import DEFAULT_POLICY_PATH, load_policy
+
     bundled = sorted(DEFAULT_POLICY_PATH.parent.glob("*.yaml"))
     return {load_policy(p).digest for p in [*bundled, *policies]}
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nexuscore.cli._common import EvidenceDir, PolicyFile, _print, console
-from nexuscore.policy import DEFAULT_POLICY_PATH
+from nexuscore.cli._common import DEFAULT_POLICY_FILE, EvidenceDir, PolicyFile, _print, console
 
 # Lazy imports: the demo and nexuscore.services load faust, aiokafka and duckdb, about a second;
 # the command imports them when it runs, so that `nexuscore --help` stays fast.
@@ -19,7 +18,7 @@ def demo(
         int, typer.Option("--requests", "-n", min=1, help="How many synthetic requests to send.")
     ] = 1000,
     evidence_dir: EvidenceDir = Path("evidence"),
-    policy: PolicyFile = DEFAULT_POLICY_PATH,
+    policy: PolicyFile = DEFAULT_POLICY_FILE,
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for every request to reach a terminal state.")
     ] = 600.0,

@@ -340,12 +340,13 @@ def evidence_compact(
 
     key = required_signing_key(signing_key)
     report = services.compact_evidence(evidence_dir, key, datetime.now(UTC), file_rows)
+    indexed = f"; request index of {report.indexed:,} rows written" if report.indexed else ""
     if not report.groups:
-        console.print(f"nothing to compact: {report.files_before:,} files, none small enough to merge")
+        console.print(f"nothing to compact: {report.files_before:,} files, none small enough to merge{indexed}")
         return
     console.print(
         f"compacted {report.replaced:,} files into {report.written:,} ({report.rows:,} rows); "
-        f"{report.files_before:,} files before, {report.files_after:,} now"
+        f"{report.files_before:,} files before, {report.files_after:,} now{indexed}"
     )
 
 

@@ -22,14 +22,6 @@ from nexuscore.cli._common import (
     err_console,
 )
 from nexuscore.kernel.errors import NexusError
-from nexuscore.policy import (
-    check_signatures,
-    load_policy,
-    load_signed_policy,
-    load_trust_store,
-    read_signatures,
-    signatures_path,
-)
 
 # Lazy imports: nexuscore.services loads faust, aiokafka and duckdb, about a second; each command
 # imports it when it runs, so that `nexuscore --help` stays fast.
@@ -56,6 +48,14 @@ def policy_show(
     ] = None,
 ) -> None:
     """Validate a policy file and print its version, digest, contents in brief and signatures."""
+    from nexuscore.policy import (
+        check_signatures,
+        load_policy,
+        load_trust_store,
+        read_signatures,
+        signatures_path,
+    )
+
     p = load_policy(path)
     console.print(f"{p.name} {p.version}\ndigest {p.digest}")
     console.print(
@@ -138,6 +138,7 @@ def policy_sign(
 ) -> None:
     """Sign a policy: adds your signature over its digest to FILE.sig.json."""
     from nexuscore import services
+    from nexuscore.policy import signatures_path
 
     sig, total = services.sign_policy(path, key, signer, role, datetime.now(UTC), valid_days)
     console.print(
@@ -155,6 +156,8 @@ def policy_verify(
 
     Exit 0 if it may be used; otherwise exit 2 with one reason: invalid_content, unsigned,
     unknown_key, revoked_key, expired, bad_signature or too_few_signatures."""
+    from nexuscore.policy import load_signed_policy, load_trust_store
+
     trust = load_trust_store(trust_store)
     signed = load_signed_policy(path, trust, datetime.now(UTC), min_signers=min_signers)
     console.print(f"[green]OK[/]: {signed.policy.digest} signed by {'; '.join(signed.signers)}")
@@ -170,6 +173,7 @@ def policy_diff(
     """Every field that differs between two policies (deployments, tenants, features and rules matched
     by id). Exit 0 either way; the digests say whether they are the same policy."""
     from nexuscore import services
+    from nexuscore.policy import load_policy
 
     a, b = load_policy(old), load_policy(new)
     table = services.differences_table(a, b)

@@ -24,9 +24,9 @@ from nexuscore.cli._common import (
     required_trust,
 )
 from nexuscore.kernel.errors import NexusError
-from nexuscore.policy import RoutingPolicy, TrustStore, load_signed_policy, load_trust_store
 
 if TYPE_CHECKING:
+    from nexuscore.policy import RoutingPolicy, TrustStore
     from nexuscore.replay import ReplayReport
 
 # Lazy import: nexuscore.services loads duckdb, faust and aiokafka, about a second; the command
@@ -81,6 +81,7 @@ def replay(
     signed by a trusted key, as for the agents.
     """
     from nexuscore import services
+    from nexuscore.policy import load_signed_policy, load_trust_store
 
     trust = load_trust_store(required_trust(trust_store))
     if (policy is None) == (not recorded):

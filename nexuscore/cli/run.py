@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from nexuscore.cli._common import (
+    DEFAULT_POLICY_FILE,
     Bootstrap,
     EvidenceDir,
     KeystoreDir,
@@ -21,7 +22,6 @@ from nexuscore.cli._common import (
     required_trust,
 )
 from nexuscore.kernel.errors import NexusError
-from nexuscore.policy import DEFAULT_POLICY_PATH
 
 # Lazy imports: nexuscore.services (and nexuscore.providers) load faust, aiokafka, duckdb and the
 # HTTP clients, about a second; each command imports them when it runs, so `--help` stays fast.
@@ -234,7 +234,7 @@ def run_projector(
     evidence_dir: EvidenceDir = Path("evidence"),
     policy: Annotated[
         Path, typer.Option("--policy", "-p", help="Policy whose tenants' home regions place the evidence.")
-    ] = DEFAULT_POLICY_PATH,
+    ] = DEFAULT_POLICY_FILE,
     keystore: KeystoreDir = None,
     trust_store: Annotated[
         Path | None,

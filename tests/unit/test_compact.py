@@ -128,7 +128,7 @@ def test_a_crash_before_the_ledger_append_leaves_the_old_files_in_force(
     root = copy(small_files, tmp_path)
     before = rows_of(root)
 
-    def crash(self: Manifest, replaced: list[str], now: object) -> None:
+    def crash(self: Manifest, replaced: list[str], now: object, index: object = None) -> None:
         raise OSError("killed")
 
     monkeypatch.setattr(Manifest, "commit_compaction", crash)
@@ -137,7 +137,8 @@ def test_a_crash_before_the_ledger_append_leaves_the_old_files_in_force(
     monkeypatch.undo()
     assert rows_of(root) == before
     report = verify(root, PUBLIC, KNOWN, workers=1)
-    assert report.ok and {f.kind for f in report.findings} == {"compacted_file"}
+    # The new files and the request index written for them are debris no entry commits.
+    assert report.ok and {f.kind for f in report.findings} == {"compacted_file", "stale_index"}
     compact(root, signing_key(), T0, file_rows=1_000)  # runs again, deleting the debris first
     assert rows_of(root) == before
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
@@ -236,9 +237,10 @@ def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_fi
     args = ["evidence", "compact", "-e", str(root), "--signing-key", str(pem), "--file-rows", "1000"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert "compacted" in first.stdout
+    assert "compacted" in first.stdout and "request index of" in " ".join(first.stdout.split())
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "nothing to compact" in again.stdout
+    assert "request index" not in again.stdout  # the index covers every file already
     deep = runner.invoke(app, ["evidence", "verify", "-e", str(root), "--public-key", str(pub), "--deep"])
     assert deep.exit_code == 0, deep.output
     assert "Merkle root" in " ".join(deep.stdout.split())
