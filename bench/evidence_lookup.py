@@ -1,4 +1,4 @@
-"""Cold ``lineage`` and default ``verify`` on an existing store, each beside its baselines in one run.
+"""Cold ``lineage``, default ``verify`` and ``verify --deep`` on an existing store, each beside its baselines in one run.
 
 ``python -m bench.evidence_lookup --root STORE [--repeat 9] [--label NAME]`` (a store that
 ``python -m bench.evidence`` or ``bench._evidence.store`` generated and compacted; it must verify
@@ -19,6 +19,10 @@ clean, and the results say so):
 - **verify** (default mode), ``--repeat`` times: as it runs now (placement from the footers'
   statistics) and with placement read from the rows (as before), beside the I/O floor (sha256 of
   every committed file on every core).
+- **verify --deep**, ``--deep-repeat`` times each (default 0: skipped), interleaved: as it runs now
+  (threads, each with a DuckDB connection, rows rendered in batches) and as before
+  (``bench._evidence.deep_before``: a forkserver process per core, whole files rendered at once).
+  CPU counts the worker processes too.
 
 Results go to ``bench/results/evidence-lookup[-LABEL].json`` and ``.md``. CPU times are this
 process's (in-process paths) or the child's (``getrusage``), stable on a shared machine where wall
@@ -214,6 +218,46 @@ def run_verify(root: Path, repeat: int) -> dict[str, Any]:
     return {"rows": rows, "files": len(files), "modes": results, "io_floor": io_floor(files, rows)}
 
 
+def _deep_once(root: Path, *, before: bool) -> tuple[float, float, Any]:
+    """(wall, CPU of this process and of the before path's worker processes, report)."""
+    call = functools.partial(verify, root, signing_key().public_key(), {default_policy().digest}, deep=True)
+    if not before:
+        return _timed(call)
+    from bench._evidence import deep_before
+    from nexuscore.projections import _verify_files
+
+    deep_before.WORKER_CPU.clear()
+    with mock.patch.object(_verify_files, "_check_roots", deep_before.check_roots):
+        wall, cpu, report = _timed(call)
+    return wall, cpu + sum(deep_before.WORKER_CPU.values()), report
+
+
+def run_deep(root: Path, repeat: int) -> dict[str, Any]:
+    labels = {"now (threads, batched rendering)": False, "before (a process per core)": True}
+    walls: dict[str, list[float]] = {k: [] for k in labels}
+    cpus: dict[str, list[float]] = {k: [] for k in labels}
+    ok = dict.fromkeys(labels, True)
+    rows = 0
+    for _ in range(repeat):  # interleaved: both paths see the same load
+        for label, before in labels.items():
+            wall, cpu, report = _deep_once(root, before=before)
+            walls[label].append(wall)
+            cpus[label].append(cpu)
+            ok[label] &= report.ok
+            rows = report.rows
+    modes = {
+        k: {
+            "ok": ok[k],
+            "events_per_s_median": round(rows / statistics.median(walls[k])),
+            "events_per_s_best": round(rows / min(walls[k])),
+            "cpu_us_per_event_median": round(statistics.median(cpus[k]) / rows * 1e6, 3),
+            "wall": _ms(walls[k]),
+        }
+        for k in labels
+    }
+    return {"rows": rows, "modes": modes}
+
+
 def _sample(root: Path, n: int) -> list[str]:
     with EvidenceStore(root) as store:
         found = store.query(
@@ -232,7 +276,7 @@ def render(results: dict[str, Any]) -> str:
         else "no request index (every file searched)"
     )
     lines = [
-        f"# Evidence lookups: cold lineage, residency and default verify ({results['timestamp_utc']})",
+        f"# Evidence lookups: cold lineage, residency, default verify and verify --deep ({results['timestamp_utc']})",
         "",
         f"`{results['command']}` at {results['git_commit']}; store {results['root']}; {held}; load "
         f"average {results['loadavg_start']} at start, {results['loadavg_end']} at end (2 cores, shared).",
@@ -257,6 +301,7 @@ def render(results: dict[str, Any]) -> str:
     ]
     lines += _render_cli(results)
     lines += _render_verify(results)
+    lines += _render_deep(results)
     return "\n".join(lines)
 
 
@@ -313,18 +358,42 @@ def _render_verify(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _render_deep(results: dict[str, Any]) -> list[str]:
+    deep = results.get("verify_deep")
+    if not deep:
+        return []
+    lines = [
+        f"## verify --deep, {results['deep_repeat']} runs each, interleaved (CPU includes worker processes)",
+        "",
+        "| verify --deep | ok | events/s (median) | events/s (best) | CPU µs/event |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in deep["modes"].items():
+        lines.append(
+            f"| {k} | {v['ok']} | {v['events_per_s_median']:,} | {v['events_per_s_best']:,} | "
+            f"{v['cpu_us_per_event_median']} |"
+        )
+    return [*lines, ""]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.evidence_lookup", description=__doc__)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--cli-repeat", type=int, default=5)
     parser.add_argument("--verify-repeat", type=int, default=None, help="default --repeat; 0 skips verify")
+    parser.add_argument("--deep-repeat", type=int, default=0, help="runs of verify --deep per path; 0 skips it")
     parser.add_argument("--residency-root", type=Path, action="append", default=[])
     parser.add_argument("--before-python", help="the interpreter of a checkout of the code before")
     parser.add_argument("--label", default="")
     ns = parser.parse_args(argv)
-    if ns.repeat < 1 or ns.cli_repeat < 1 or (ns.verify_repeat is not None and ns.verify_repeat < 0):
-        parser.error("--repeat and --cli-repeat >= 1, --verify-repeat >= 0")
+    if (
+        ns.repeat < 1
+        or ns.cli_repeat < 1
+        or (ns.verify_repeat is not None and ns.verify_repeat < 0)
+        or ns.deep_repeat < 0
+    ):
+        parser.error("--repeat and --cli-repeat >= 1, --verify-repeat and --deep-repeat >= 0")
     root = ns.root.resolve()
     verify_repeat = ns.repeat if ns.verify_repeat is None else ns.verify_repeat
     results: dict[str, Any] = {
@@ -336,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "repeat": ns.repeat,
         "verify_repeat": verify_repeat,
+        "deep_repeat": ns.deep_repeat,
         "loadavg_start": loadavg(),
     }
     picks = _sample(root, ns.repeat)
@@ -344,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["residency"] = run_residency([r.resolve() for r in ns.residency_root], ns.cli_repeat, ns.before_python)
     if verify_repeat:
         results["verify"] = run_verify(root, verify_repeat)
+    if ns.deep_repeat:
+        results["verify_deep"] = run_deep(root, ns.deep_repeat)
     results["loadavg_end"] = loadavg()
     name = "evidence-lookup" + (f"-{ns.label}" if ns.label else "")
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

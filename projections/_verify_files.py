@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+import queue
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pyarrow.parquet as pq
 
 from nexuscore.projections import _seal
@@ -123,10 +124,12 @@ def _check_roots(
     """Deep: every row's leaf and every file's Merkle root, recomputed on every core."""
     intact: list[Entry] = []
     total, done = sum(e["rows"] for e in files), 0
-    paths, tables = [str(root / e["path"]) for e in files], [e["table"] for e in files]
-    with _seal_map(workers, len(files)) as seal:
-        for e, (rows, merkle_root) in zip(files, seal(paths, tables), strict=True):
-            if rows != e["rows"]:
+    paths = [str(root / e["path"]) for e in files]
+    with _root_map(workers) as seal:
+        for e, (rows, merkle_root) in zip(files, seal(paths, files), strict=True):
+            if rows < 0:
+                report.add("merkle_mismatch", e["path"], f"its rows cannot be read to hash them: {merkle_root}")
+            elif rows != e["rows"]:
                 report.add("rows_mismatch", e["path"], f"has {rows} rows, sealed with {e['rows']}")
             elif merkle_root != e["merkle_root"]:
                 report.add("merkle_mismatch", e["path"], "rows do not hash to the sealed Merkle root")
@@ -139,16 +142,36 @@ def _check_roots(
 
 
 @contextlib.contextmanager
-def _seal_map(
-    workers: int, jobs: int
-) -> Iterator[Callable[[list[str], list[str]], Iterable[tuple[int, str]]]]:
-    if workers <= 1 or jobs <= 1:
-        yield lambda paths, tables: map(_seal.seal_file, paths, tables)
-        return
-    # The Merkle hashing is pure-Python work: one process per core. Not forked from this process: a
-    # fork copies the locks DuckDB's threads hold here, and the workers (which use DuckDB too) can
-    # wait on them for ever.
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
-    ) as pool:
-        yield lambda paths, tables: pool.map(_seal.seal_file, paths, tables)
+def _root_map(workers: int) -> Iterator[Callable[[list[str], list[Entry]], Iterator[tuple[int, str]]]]:
+    """Seals files on ``workers`` threads, each with a DuckDB connection of its own, in the order
+    given. Threads, not processes: DuckDB renders the rows without the GIL, so one thread's
+    rendering overlaps another's hashing, and no worker process pays for importing DuckDB and
+    pyarrow (measured: less CPU and less wall than a process per core, ``bench.evidence_lookup``)."""
+    connections: queue.SimpleQueue[duckdb.DuckDBPyConnection] = queue.SimpleQueue()
+    opened = [duckdb.connect(config={"threads": 1}) for _ in range(max(workers, 1))]
+    for con in opened:
+        connections.put(con)
+
+    def seal(path: str, table: str) -> tuple[int, str]:
+        """(rows, root hex), or (-1, why) when DuckDB cannot render the rows (a sealed file that is
+        not one of the table's: columns missing or of other types)."""
+        con = connections.get()
+        try:
+            return _seal.seal_file(path, table, con)
+        except duckdb.Error as exc:
+            return -1, str(exc).splitlines()[0]
+        finally:
+            connections.put(con)
+
+    def run(paths: list[str], files: list[Entry]) -> Iterator[tuple[int, str]]:
+        # The biggest files first, so that no thread is left sealing a big one at the end alone.
+        order = sorted(range(len(files)), key=lambda i: -files[i]["rows"])
+        futures = {i: pool.submit(seal, paths[i], files[i]["table"]) for i in order}
+        return (futures[i].result() for i in range(len(files)))
+
+    try:
+        with ThreadPoolExecutor(max(workers, 1)) as pool:
+            yield run
+    finally:
+        for con in opened:
+            con.close()

@@ -6,12 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from nexuscore.projections import Manifest, verify
+from nexuscore.projections import SCHEMAS, Manifest, verify
 from nexuscore.projections._manifest import canonical
+from nexuscore.projections._writer import write_table
 from tests.factories import POLICY, project, run_history, signing_key
 
 PUBLIC = signing_key().public_key()
@@ -25,13 +30,13 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _seal_a_wrong_root(root: Path) -> str:
-    """The key holder's sealer (a bug, or a lie) records a Merkle root that is not the rows': the
-    entry is chained and the head signed as any other, and the file's sha256 is right."""
+def _reseal(root: Path, change: Callable[[dict[str, Any]], None]) -> str:
+    """The key holder's sealer (a bug, or a lie) changes the entry of a file of several rows: the
+    entry is chained and the head signed as any other. Returns the file's path."""
     lines = (root / "manifest.jsonl").read_bytes().splitlines()
     entries = [json.loads(line) for line in lines]
-    target = next(i for i, e in enumerate(entries) if e["kind"] == "file" and e["rows"] > 1)
-    entries[target]["merkle_root"] = hashlib.sha256(b"not the rows").hexdigest()
+    target = next(i for i, e in enumerate(entries) if e["kind"] == "file" and e["rows"] > 2)
+    change(entries[target])
     prev = "0" * 64
     out = []
     for e in entries:
@@ -41,6 +46,32 @@ def _seal_a_wrong_root(root: Path) -> str:
     (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in out))
     Manifest(root, signing_key())  # recovers (the chain holds) and signs the head
     return str(entries[target]["path"])
+
+
+def _seal_a_wrong_root(root: Path) -> str:
+    """A sealed Merkle root that is not the rows'; the file's sha256 is right."""
+
+    def wrong_root(entry: dict[str, Any]) -> None:
+        entry["merkle_root"] = hashlib.sha256(b"not the rows").hexdigest()
+
+    return _reseal(root, wrong_root)
+
+
+def _change_one_cell(root: Path) -> str:
+    """One cell of a middle row rewritten, the file's new sha256 sealed, its Merkle root left as
+    the rows' before: only the rows can tell."""
+
+    def rewrite(entry: dict[str, Any]) -> None:
+        path = root / entry["path"]
+        table = pq.read_table(path, schema=SCHEMAS[entry["table"]])
+        row = table.num_rows // 2
+        events = table.column("event_id").to_pylist()
+        events[row] = events[row] + "-forged"
+        at = table.schema.get_field_index("event_id")
+        changed = table.set_column(at, "event_id", pa.array(events, pa.string()))
+        entry["sha256"] = write_table(path, changed)
+
+    return _reseal(root, rewrite)
 
 
 def test_both_modes_pass_a_pristine_store_and_count_the_same_rows(pristine: Path) -> None:
@@ -61,6 +92,19 @@ def test_only_deep_finds_a_sealed_root_that_is_not_the_rows(pristine: Path, tmp_
     assert not deep.ok
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_deep_finds_one_changed_cell_resealed_under_the_old_root(
+    pristine: Path, tmp_path: Path, workers: int
+) -> None:
+    root = tmp_path / "evidence"
+    shutil.copytree(pristine, root)
+    path = _change_one_cell(root)
+    assert "merkle_mismatch" not in {f.kind for f in verify(root, PUBLIC, KNOWN, workers=workers).findings}
+    deep = verify(root, PUBLIC, KNOWN, workers=workers, deep=True)
+    assert [f.where for f in deep.findings if f.kind == "merkle_mismatch"] == [path]
+    assert not deep.ok
+
+
 def test_a_changed_byte_fails_both_modes(pristine: Path, tmp_path: Path) -> None:
     root = tmp_path / "evidence"
     shutil.copytree(pristine, root)
@@ -71,3 +115,19 @@ def test_a_changed_byte_fails_both_modes(pristine: Path, tmp_path: Path) -> None
     for deep in (False, True):
         kinds = {f.kind for f in verify(root, PUBLIC, KNOWN, workers=1, deep=deep).findings}
         assert "file_altered" in kinds
+
+
+def test_deep_names_a_sealed_file_whose_rows_cannot_be_rendered(pristine: Path, tmp_path: Path) -> None:
+    root = tmp_path / "evidence"
+    shutil.copytree(pristine, root)
+
+    def drop_a_column(entry: dict[str, Any]) -> None:
+        path = root / entry["path"]
+        table = pq.read_table(path, schema=SCHEMAS[entry["table"]])
+        entry["sha256"] = write_table(path, table.drop_columns(["producer"]))
+
+    path = _reseal(root, drop_a_column)
+    deep = verify(root, PUBLIC, KNOWN, workers=2, deep=True)
+    found = [f for f in deep.findings if f.kind == "merkle_mismatch"]
+    assert [f.where for f in found] == [path]
+    assert "cannot be read" in found[0].detail and "producer" in found[0].detail
