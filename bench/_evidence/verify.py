@@ -59,7 +59,7 @@ def _phases() -> dict[str, tuple[Any, str]]:
     return {
         "1 manifest chain + head": (_verify, "_check_manifest"),
         "2 files: sha256 (threads) + footer row counts": (_verify, "check_files"),
-        "2d of which deep: leaves + Merkle roots (process pool)": (_verify_files, "_check_roots"),
+        "2d of which deep: leaves + Merkle roots (threads)": (_verify_files, "_check_roots"),
         "3 placement (footer statistics; DuckDB min/max where absent, deep)": (_verify, "_check_placement"),
         "4 offset coverage": (_verify, "_check_coverage"),
         "5 events (one aggregation per request, anti-join, duplicates)": (_verify, "_check_events"),
