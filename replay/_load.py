@@ -41,12 +41,17 @@ _REQUEST_COLUMNS = (
     _KEY + "occurred_at, feature, task_type, risk_class, data_classification, required_capabilities, "
     "complexity, prompt_chars, max_output_tokens, latency_slo_ms"
 )
+# The unit separator: cannot occur in an identifier, so lists travel as one string each.
+SEP = "\x1f"
+# Lists become strings, and observations NULL where there are none, as they are read (the join
+# then carries less).
 _DECISION_COLUMNS = (
     _KEY + "occurred_at, policy_digest, verdict, tier, deployment_id, budget_action, estimated_cost_micros, "
-    "decode_strategy, allowed_regions, tenant_committed_micros, feature_committed_micros, budget_window, "
-    "state_version, complexity, floor_tier, preferred_tier, eligible, fallbacks, predicted_latency_ms, "
-    "tenant_budget_micros, feature_budget_micros, "
-    "{control_mode} AS control_mode, latency_observations"
+    f"decode_strategy, array_to_string(allowed_regions, '{SEP}') AS allowed_regions, tenant_committed_micros, "
+    "feature_committed_micros, budget_window, state_version, complexity, floor_tier, preferred_tier, "
+    f"array_to_string(eligible, '{SEP}') AS eligible, array_to_string(fallbacks, '{SEP}') AS fallbacks, "
+    "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode, "
+    "CASE WHEN len(latency_observations) > 0 THEN latency_observations END AS observations"
 )
 # Decisions written before control_mode existed name their kill switch in a reason: read (the
 # reasons are the bulk of a decision's row) only when the store holds such decisions.
@@ -54,8 +59,6 @@ _LEGACY_CONTROL_MODE = (
     "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
     "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
 )
-# The unit separator: cannot occur in an identifier, so lists travel as one string each.
-SEP = "\x1f"
 # Names and columns are ours; filters travel as bound parameters.
 _REQUESTS = f"""
 WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
@@ -71,13 +74,10 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
   coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
   j.reason AS rec_reason,
   d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
-  array_to_string(d.allowed_regions, '{SEP}') AS allowed_regions, d.tenant_committed_micros,
-  d.feature_committed_micros, d.budget_window, d.state_version, d.complexity AS rec_complexity,
-  d.floor_tier, d.preferred_tier, array_to_string(d.eligible, '{SEP}') AS eligible,
-  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms, d.tenant_budget_micros,
-  d.feature_budget_micros,
-  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
-  CASE WHEN len(d.latency_observations) > 0 THEN d.latency_observations END AS observations,
+  d.allowed_regions, d.tenant_committed_micros, d.feature_committed_micros, d.budget_window,
+  d.state_version, d.complexity AS rec_complexity, d.floor_tier, d.preferred_tier, d.eligible, d.fallbacks,
+  d.predicted_latency_ms, d.tenant_budget_micros, d.feature_budget_micros,
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode, d.observations,
   o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
   o.output_tokens AS out_output, o.cost_micros AS out_cost,
   r.src_partition, r.src_offset
