@@ -138,6 +138,18 @@ class _Engine:
         rows = r.arrow("observations").take(at).to_pylist() if at else []
         self.observed: dict[int, Observed | None] = {i: self._observed(o) for i, o in zip(at, rows, strict=True)}
         self.folded = Folded(n, self.day_number, order)
+        # What the slow path reads by request row.
+        self.request_ids: list[str] = r["request_id"]
+        self.max_output_tokens: list[int] = r["max_output_tokens"]
+        self.latency_slo_ms: list[int | None] = r["latency_slo_ms"]
+        self.served: list[bool] = r["served"]
+        # Never served, and no recorded dispatch to reprice (see ``_dispatched``).
+        recorded_dispatch = pc.and_(
+            pc.equal(r.arrow("verdict"), "dispatch"), pc.equal(r.arrow("rec_table"), "decisions")
+        )
+        self.unbilled: list[bool] = pc.and_(
+            pc.invert(r.arrow("served")), pc.invert(pc.fill_null(recorded_dispatch, False))
+        ).to_pylist()
 
     def budget_of(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -166,23 +178,21 @@ class _Engine:
             change = Change(request_id=key[1], tenant_id=key[0], fields=("policy_digest",), recorded=digest, candidate={})
             self.folded.unknown.append((seq, change))
 
-    def request(self, i: int, p: int, budget: _Budget, at: tuple[int, int, int, int]) -> None:
-        """Re-decide request row ``i`` (the scan's ``p``-th) with ``Planner.decide``; ``at``: its day
-        and feature, and what the budget window held when the decision agent saw it (tenant,
-        feature). What the fold's scan does not do itself."""
-        day, feature, *held = at
-        committed = (held[0], held[1])
+    def request(self, i: int, p: int, budget: _Budget, at: tuple[str, int, int, int, int]) -> None:
+        """Re-decide request row ``i`` (the scan's ``p``-th) with ``Planner.decide``; ``at``: its
+        tenant, day and feature, and what the budget window held when the decision agent saw it
+        (tenant, feature). What the fold's scan does not do itself."""
+        tenant, day, feature, tenant_committed, feature_committed = at
         planner, shape, policy = self.planned.shapes[self.planned.shape_of[i]]
-        r = self.r
         observed = self.observed.get(i)
         outcome = planner.decide(
-            shape, self.planned.tokens_of[i], self.planned.complexity_of[i], r["max_output_tokens"][i],
-            r["latency_slo_ms"][i], committed, observed,
+            shape, self.planned.tokens_of[i], self.planned.complexity_of[i], self.max_output_tokens[i],
+            self.latency_slo_ms[i], (tenant_committed, feature_committed), observed,
         )  # fmt: skip
         verdict = outcome.verdict
-        key = (r["tenant_id"][i], r["request_id"][i])
+        key = (tenant, self.request_ids[i])
         if verdict == "escalated":
-            s, now_us = shape.escalation_deadline_s, r["now_us"][i]
+            s, now_us = shape.escalation_deadline_s, self.r["now_us"][i]
             deadline = now_us + s * 1_000_000 if s else None
             self.escalated[key] = (
                 i, feature, planner, shape, self.planned.tokens_of[i], self.planned.complexity_of[i], deadline,
@@ -211,9 +221,9 @@ class _Engine:
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
         self.report.candidate_estimated_micros += amount
-        if self.r["served"][i]:
+        if self.served[i]:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
-        elif self.r["verdict"][i] != "dispatch" or self.r["rec_table"][i] != "decisions":
+        elif self.unbilled[i]:
             # Never served in the recorded history, and no recorded call to reprice: the estimate
             # stands for what it would have cost. The reservation stays held, as the decider keeps
             # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
@@ -257,14 +267,14 @@ class _Engine:
             budget.bump()
             return
         committed = budget.committed(day, feature)
-        slo, max_out = self.r["latency_slo_ms"][i], self.r["max_output_tokens"][i]
+        slo, max_out = self.latency_slo_ms[i], self.max_output_tokens[i]
         outcome = planner.decide(shape, tokens, cx, max_out, slo, committed, observed, approved=True)
         if outcome.verdict != "dispatch":
             budget.bump()
             return
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
-        if self.r["served"][i]:
+        if self.served[i]:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
 
 
@@ -281,7 +291,8 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     folded = engine.folded
     tenant_at, feature_at, version_at, mode = folded.tenant_at, folded.feature_at, folded.version_at, folded.mode
     control, request, settlement, resolution = engine.control, engine.request, engine.settlement, engine.resolution
-    by_code = [engine.budget_of(t) for t in engine.tenant_names]
+    tenant_names = engine.tenant_names
+    by_code = [engine.budget_of(t) for t in tenant_names]
     total, p, current = engine.r.rows, -1, -1
     budget = windows = None
     for kind, i in zip(history.kinds, history.indices, strict=True):
@@ -309,7 +320,7 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         k = kinds[s]
         if i in control:
-            request(i, p, budget, (day, feature, t, f))
+            request(i, p, budget, (tenant_names[current], day, feature, t, f))
         elif k == BUDGETED and cheapest[p] > min(tenant_budget[s] - t, feature_budget[s] - f):
             mode[p] = BUDGET_DENIED
             budget.version += 1
@@ -317,7 +328,7 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
             mode[p] = SHAPED
             budget.version += k == DENIED
         else:
-            request(i, p, budget, (day, feature, t, f))
+            request(i, p, budget, (tenant_names[current], day, feature, t, f))
     if progress is not None:
         progress(p + 1, total)
     return p + 1
@@ -364,5 +375,5 @@ def replay(
         if policy is not None
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
-    history = load_history(store, tenant, since, until)
+    history = load_history(store, tenant, since, until, digests=policy is None)
     return fold_history(history, policy, recorded_policies, report, keep_changes, progress)

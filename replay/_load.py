@@ -71,7 +71,7 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
   CASE WHEN j.request_id IS NOT NULL THEN 'rejections' WHEN d.request_id IS NOT NULL THEN 'decisions'
        ELSE 'missing' END AS rec_table,
   epoch_us(coalesce(j.occurred_at, d.occurred_at, r.occurred_at)) AS now_us,
-  coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
+  {{rec_digest}} AS rec_digest, j.reason_code AS rec_code,
   j.reason AS rec_reason,
   d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
   d.allowed_regions, d.tenant_committed_micros, d.feature_committed_micros, d.budget_window,
@@ -94,8 +94,10 @@ _JOINED = {
 _COUNT = f"SELECT count(*) AS n FROM requests {_WHERE}"  # noqa: S608
 
 
-def _requests_sql(latest: bool, control_mode: str) -> str:
-    sql = _REQUESTS
+def _requests_sql(latest: bool, control_mode: str, digests: bool = True) -> str:
+    # The recorded policy's digest (64 characters a row) only where the replay reads it.
+    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests else "NULL::VARCHAR"
+    sql = _REQUESTS.replace("{rec_digest}", digest)
     for name, (table, columns) in _JOINED.items():
         sql = sql.replace("{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns))
     return sql.replace("{control_mode}", control_mode)
@@ -155,8 +157,8 @@ def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | 
         {
             "tenant": table.column("tenant_id"),
             "version": version,
-            "sub": sub if isinstance(sub, pa.Array) else pa.array([sub] * n, pa.int8()),
-            "kind": pa.array([kind] * n, pa.int8()),
+            "sub": sub if isinstance(sub, pa.Array) else pa.repeat(pa.scalar(sub, pa.int8()), n),
+            "kind": pa.repeat(pa.scalar(kind, pa.int8()), n),
             "partition": table.column("src_partition"),
             "offset": table.column("src_offset"),
             "index": pa.array(range(n), pa.int64()),
@@ -205,19 +207,25 @@ def _history_order(
 
 
 def load_history(
-    store: EvidenceStore, tenant: str | None, since: datetime | None, until: datetime | None
+    store: EvidenceStore,
+    tenant: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    digests: bool = True,
 ) -> History:
     """The chosen requests (by tenant and time) with what was recorded of them, and the
-    settlements and resolutions that follow them, whatever their own times."""
+    settlements and resolutions that follow them, whatever their own times. Without ``digests``
+    the recorded policies' digests are not read (a replay under one policy does not need them)."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
     legacy = (
         store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
     )
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
-    requests = store.query(_requests_sql(False, mode), params)
+    requests = store.query(_requests_sql(False, mode, digests), params)
     if requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py():
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
-        requests = store.query(_requests_sql(True, mode), params)
+        requests = store.query(_requests_sql(True, mode, digests), params)
     settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
     resolutions = store.query(
         _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params

@@ -58,9 +58,9 @@ class Planned:
         self.shape_of: list[int] = []
         self.tokens_of: list[int] = []
         self.complexity_of: list[float] = []
-        self.chosen = pa.array([-1] * rows, _I64)
-        self.cost = pa.array([0] * rows, _I64)
-        self.cheapest = pa.array([0] * rows, _I64)
+        self.chosen = pa.repeat(pa.scalar(-1, _I64), rows)
+        self.cost = pa.repeat(pa.scalar(0, _I64), rows)
+        self.cheapest = pa.repeat(pa.scalar(0, _I64), rows)
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -73,11 +73,14 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
 
 def _combined(parts: list[tuple[pa.Array, int]]) -> pa.Array:
     """Several small integer codes (each with its number of values) as one code per row, numbered
-    by first appearance: re-encoded after each step, so it never overflows."""
-    code, _ = parts[0]
+    0, 1, 2... by first appearance: mixed-radix, re-encoded whenever the next part could overflow."""
+    code, bound = parts[0]
     for part, size in parts[1:]:
-        code, _ = _codes(pc.add(pc.multiply(code, size), part))
-    return code
+        if bound * max(1, size) >= 2**62:
+            code, values = _codes(code)
+            bound = len(values)
+        code, bound = pc.add(pc.multiply(code, size), part), bound * max(1, size)
+    return _codes(code)[0]
 
 
 def _policy_codes(
@@ -86,7 +89,7 @@ def _policy_codes(
     """Each row's policy: the one replayed, or the one its recorded decision names (None if none
     is known by that digest)."""
     if policy is not None:
-        return pa.array([0] * requests.rows, _I64), [policy]
+        return pa.repeat(pa.scalar(0, _I64), requests.rows), [policy]
     codes, digests = _codes(requests.arrow("rec_digest"))
     assert recorded is not None
     return codes, [recorded.get(d or "") for d in digests.to_pylist()]
@@ -129,7 +132,7 @@ def _first_rows(code: pa.Array) -> pa.Array:
 
 def _count_below(values: pa.Array, cuts: tuple[float, ...] | tuple[int, ...], inclusive: bool) -> pa.Array:
     """bisect_right (``inclusive``: cut <= value) or bisect_left (cut < value) of each value."""
-    out = pa.array([0] * len(values), _I64)
+    out = pa.repeat(pa.scalar(0, _I64), len(values))
     compare = pc.less_equal if inclusive else pc.less
     for cut in cuts:
         out = pc.add(out, pc.cast(compare(pa.scalar(cut), values), _I64))

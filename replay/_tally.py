@@ -107,12 +107,22 @@ def _chosen_ids(planned: Planned, shape: pa.Array) -> pa.Array:
     return pc.take(pa.array(ids, _STR), pc.if_else(valid, at, pa.scalar(None, _I64)))
 
 
-def _decided(folded: Folded, name: str, kind: pa.DataType) -> pa.Array:
-    """One field of the outcomes ``Planner.decide`` gave, in row order."""
-    outcomes = [folded.decided[i] for i in sorted(folded.decided)]
-    if name == "fallbacks":
-        return pa.array([SEP.join(o.chain[1:]) for o in outcomes], kind)
-    return pa.array([getattr(o, name) for o in outcomes], kind)
+_DECIDED = (
+    ("verdict", _STR), ("tier", _STR), ("deployment_id", _STR), ("budget_action", _STR),
+    ("estimated_cost_micros", _I64), ("decode_strategy", _STR), ("predicted_latency_ms", _I64),
+    ("fallbacks", _STR), ("reason_code", _STR),
+)  # fmt: skip
+
+
+def _decided(folded: Folded) -> list[pa.Array]:
+    """The fields (``_DECIDED``) of the outcomes ``Planner.decide`` gave, in row order."""
+    rows = [
+        (o.verdict, o.tier, o.deployment_id, o.budget_action, o.estimated_cost_micros, o.decode_strategy,
+         o.predicted_latency_ms, SEP.join(o.chain[1:]), o.reason_code)
+        for o in (folded.decided[i] for i in sorted(folded.decided))
+    ]  # fmt: skip
+    columns = list(zip(*rows, strict=True))
+    return [pa.array(values, kind) for values, (_, kind) in zip(columns, _DECIDED, strict=True)]
 
 
 def _candidate(planned: Planned, folded: Folded, mode: pa.Array, place: pa.Array) -> dict[str, pa.Array]:
@@ -129,16 +139,11 @@ def _candidate(planned: Planned, folded: Folded, mode: pa.Array, place: pa.Array
     out["estimated_cost_micros"] = pc.if_else(denied, planned.cost, 0)
     out["decode_strategy"] = pa.nulls(n, _STR)
     out["predicted_latency_ms"] = pa.nulls(n, _I64)
-    out["fallbacks"] = pa.array([""] * n, _STR) if n else pa.array([], _STR)
+    out["fallbacks"] = pa.repeat(pa.scalar("", _STR), n)
     out["complexity"] = planned.complexity
     if folded.decided:
         mask = pc.equal(mode, DECIDED)
-        for name, kind in (
-            ("verdict", _STR), ("tier", _STR), ("deployment_id", _STR), ("budget_action", _STR),
-            ("estimated_cost_micros", _I64), ("decode_strategy", _STR), ("predicted_latency_ms", _I64),
-            ("fallbacks", _STR), ("reason_code", _STR),
-        ):  # fmt: skip
-            values = _decided(folded, name, kind)
+        for (name, _), values in zip(_DECIDED, _decided(folded), strict=True):
             out[name] = pc.replace_with_mask(out[name], mask, values)
     out["tenant_committed"] = pa.array(folded.tenant_at, _I64).take(place)
     out["feature_committed"] = pa.array(folded.feature_at, _I64).take(place)
