@@ -34,11 +34,13 @@ from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
 from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, History, load_history
 from nexuscore.replay._replay import Change, Key, ReplayReport
-from nexuscore.replay._rows import BUDGETED, DENIED, REJECTED, plan_rows
+from nexuscore.replay._rows import BUDGETED, DENIED, plan_rows
 from nexuscore.replay._tally import BUDGET_DENIED, DECIDED, SHAPED, Folded, tally
 
 _DAY_US = 86_400_000_000
 _I64 = pa.int64()
+# The scan's own kinds of request, beside a shape's (``_rows``): an operator's, a policy unknown.
+_CONTROL, _UNKNOWN = 100, 101
 
 
 class _Budget:
@@ -138,6 +140,8 @@ class _Engine:
         rows = r.arrow("observations").take(at).to_pylist() if at else []
         self.observed: dict[int, Observed | None] = {i: self._observed(o) for i, o in zip(at, rows, strict=True)}
         self.folded = Folded(n, self.day_number, order)
+        self.settled_tenant: list[str] = self.s["tenant_id"]
+        self.settled_request: list[str] = self.s["request_id"]
         # What the slow path reads by request row.
         self.request_ids: list[str] = r["request_id"]
         self.max_output_tokens: list[int] = r["max_output_tokens"]
@@ -234,7 +238,7 @@ class _Engine:
         """A recorded settlement: the candidate's reservation settles at the recorded usage, priced
         on the deployment the candidate's chain would have ended on (the recorded one when the
         chain holds it: a failover happens under both)."""
-        key = (self.s["tenant_id"][j], self.s["request_id"][j])
+        key = (self.settled_tenant[j], self.settled_request[j])
         held = self.held.pop(key, None)
         if held is None:
             return
@@ -278,6 +282,19 @@ class _Engine:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
 
 
+def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
+    """Per request in the scan's order, what the scan does with it: its shape's kind (``_rows``),
+    or an operator's row, or a row whose policy is not known."""
+    planned = engine.planned
+    if not len(order):
+        return []
+    shape = planned.shape.take(order)
+    kinds = pa.array([*planned.kinds, _UNKNOWN], pa.int8())
+    kind = kinds.take(pc.if_else(pc.less(shape, 0), len(planned.kinds), shape))
+    control = pc.is_in(order, pa.array(sorted(engine.control), _I64))
+    return pc.if_else(pc.and_(control, pc.not_equal(kind, _UNKNOWN)), _CONTROL, kind).to_pylist()
+
+
 def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None] | None) -> int:
     """The fold, in the history's order; the number of requests. Per request, what the budget
     window holds for its tenant, day and feature; a budget denial where the cheapest option does
@@ -285,16 +302,16 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     per-request columns it reads and writes are in its own order (``p``), read one after another."""
     planned, order = engine.planned, history.request_order
     shape_of, cheapest = planned.shape.take(order).to_pylist(), planned.cheapest.take(order).to_pylist()
-    kinds, shapes = planned.kinds, [s for _, s, _ in planned.shapes]
+    kind_of, shapes = _scan_kinds(engine, order), [s for _, s, _ in planned.shapes]
     tenant_budget, feature_budget = [s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]
     tenant_code, feature_code, day_of = engine.tenant_code, engine.feature_code, engine.day
     folded = engine.folded
     tenant_at, feature_at, version_at, mode = folded.tenant_at, folded.feature_at, folded.version_at, folded.mode
-    control, request, settlement, resolution = engine.control, engine.request, engine.settlement, engine.resolution
+    request, settlement, resolution = engine.request, engine.settlement, engine.resolution
     tenant_names = engine.tenant_names
     by_code = [engine.budget_of(t) for t in tenant_names]
-    total, p, current = engine.r.rows, -1, -1
-    budget = windows = None
+    total, p, current, every = engine.r.rows, -1, -1, 5000 if progress is not None else 0
+    budget, windows = _Budget(), {}
     for kind, i in zip(history.kinds, history.indices, strict=True):
         if kind != KIND_REQUEST:
             if kind == KIND_SETTLEMENT:
@@ -303,32 +320,31 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
                 resolution(i)
             continue
         p += 1
-        if progress is not None and p % 5000 == 0 and p:
+        if every and p % every == 0 and p and progress is not None:
             progress(p, total)
-        s = shape_of[p]
-        if s < 0:
+        k = kind_of[p]
+        if k == _UNKNOWN:
             engine.unknown_policy(i, p)
             continue
         if tenant_code[p] != current:
             current = tenant_code[p]
             budget = by_code[current]
             windows = budget.windows
-        assert budget is not None and windows is not None
         day, feature = day_of[p], feature_code[p]
         w = windows.get(day)
         t, f = (0, 0) if w is None else (w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0))
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
-        k = kinds[s]
-        if i in control:
-            request(i, p, budget, (tenant_names[current], day, feature, t, f))
-        elif k == BUDGETED and cheapest[p] > min(tenant_budget[s] - t, feature_budget[s] - f):
-            mode[p] = BUDGET_DENIED
-            budget.version += 1
-        elif k in (REJECTED, DENIED):
+        if k == BUDGETED:
+            s = shape_of[p]
+            if cheapest[p] > min(tenant_budget[s] - t, feature_budget[s] - f):
+                mode[p] = BUDGET_DENIED
+                budget.version += 1
+                continue
+        elif k <= DENIED:  # REJECTED or DENIED (0 and 1)
             mode[p] = SHAPED
             budget.version += k == DENIED
-        else:
-            request(i, p, budget, (tenant_names[current], day, feature, t, f))
+            continue
+        request(i, p, budget, (tenant_names[current], day, feature, t, f))
     if progress is not None:
         progress(p + 1, total)
     return p + 1

@@ -105,8 +105,10 @@ _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
 SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
 FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
-ORDER BY tenant_id, state_version, src_partition, src_offset
 """  # noqa: S608
+# Every request chosen (no filter): every row. A row whose request is not in the store follows no
+# decision the fold makes (it finds nothing held or escalated), so it changes nothing.
+_EVERY_FOLLOWING = "SELECT tenant_id, request_id, state_version, {columns} src_partition, src_offset FROM {table}"
 _LAST = 2**62  # after every state version: requests no decided request follows
 
 KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
@@ -226,9 +228,11 @@ def load_history(
     if requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py():
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
         requests = store.query(_requests_sql(True, mode, digests), params)
-    settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
+    every = tenant is None and since is None and until is None
+    following, bound = (_EVERY_FOLLOWING, None) if every else (_FOLLOWING, params)
+    settlements = store.query(following.format(table="settlements", columns=""), bound)
     resolutions = store.query(
-        _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params
+        following.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), bound
     )
     return History(
         requests=Columns(requests),

@@ -30,7 +30,7 @@ from nexuscore.replay._load import SEP, Columns
 from nexuscore.replay._replay import PRODUCER
 from nexuscore.schemas import InferenceRequested
 
-# What the fold does with the rows of a shape.
+# What the fold does with the rows of a shape (the scan reads REJECTED and DENIED as "at most 1").
 REJECTED, DENIED, ESCALATED, BUDGETED, SLOW = range(5)
 _ATTRIBUTES = ("tenant_id", "feature", "task_type", "risk_class", "data_classification", "capabilities")
 _I64 = pa.int64()
