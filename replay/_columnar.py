@@ -138,7 +138,9 @@ class _Engine:
         observed = pc.is_valid(r.arrow("observations"))
         at = pc.indices_nonzero(observed).to_pylist() if n else []
         rows = r.arrow("observations").take(at).to_pylist() if at else []
-        self.observed: dict[int, Observed | None] = {i: self._observed(o) for i, o in zip(at, rows, strict=True)}
+        self.observed: dict[int, Observed | None] = {
+            i: self._observed(o) for i, o in zip(at, rows, strict=True)
+        }
         self.folded = Folded(n, self.day_number, order)
         self.settled_tenant: list[str] = self.s["tenant_id"]
         self.settled_request: list[str] = self.s["request_id"]
@@ -179,7 +181,9 @@ class _Engine:
         if len(self.folded.unknown) < self.keep_changes:
             key = (self.r["tenant_id"][i], self.r["request_id"][i])
             digest = {"policy_digest": self.r["rec_digest"][i]}
-            change = Change(request_id=key[1], tenant_id=key[0], fields=("policy_digest",), recorded=digest, candidate={})
+            change = Change(
+                request_id=key[1], tenant_id=key[0], fields=("policy_digest",), recorded=digest, candidate={}
+            )
             self.folded.unknown.append((seq, change))
 
     def request(self, i: int, p: int, budget: _Budget, at: tuple[str, int, int, int, int]) -> None:
@@ -306,7 +310,12 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     tenant_budget, feature_budget = [s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]
     tenant_code, feature_code, day_of = engine.tenant_code, engine.feature_code, engine.day
     folded = engine.folded
-    tenant_at, feature_at, version_at, mode = folded.tenant_at, folded.feature_at, folded.version_at, folded.mode
+    tenant_at, feature_at, version_at, mode = (
+        folded.tenant_at,
+        folded.feature_at,
+        folded.version_at,
+        folded.mode,
+    )
     request, settlement, resolution = engine.request, engine.settlement, engine.resolution
     tenant_names = engine.tenant_names
     by_code = [engine.budget_of(t) for t in tenant_names]

@@ -99,8 +99,12 @@ def _requests_sql(latest: bool, control_mode: str, digests: bool = True) -> str:
     digest = "coalesce(j.policy_digest, d.policy_digest)" if digests else "NULL::VARCHAR"
     sql = _REQUESTS.replace("{rec_digest}", digest)
     for name, (table, columns) in _JOINED.items():
-        sql = sql.replace("{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns))
+        sql = sql.replace(
+            "{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns)
+        )
     return sql.replace("{control_mode}", control_mode)
+
+
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
 SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
@@ -108,7 +112,9 @@ FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
 """  # noqa: S608
 # Every request chosen (no filter): every row. A row whose request is not in the store follows no
 # decision the fold makes (it finds nothing held or escalated), so it changes nothing.
-_EVERY_FOLLOWING = "SELECT tenant_id, request_id, state_version, {columns} src_partition, src_offset FROM {table}"
+_EVERY_FOLLOWING = (
+    "SELECT tenant_id, request_id, state_version, {columns} src_partition, src_offset FROM {table}"
+)
 _LAST = 2**62  # after every state version: requests no decided request follows
 
 KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
@@ -139,7 +145,9 @@ class History:
 
     __slots__ = ("indices", "kinds", "request_order", "requests", "resolutions", "settlements")
 
-    def __init__(self, requests: Columns, settlements: Columns, resolutions: Columns, order: pa.Table) -> None:
+    def __init__(
+        self, requests: Columns, settlements: Columns, resolutions: Columns, order: pa.Table
+    ) -> None:
         self.requests, self.settlements, self.resolutions = requests, settlements, resolutions
         # The history in order: each row's kind (KIND_*) and its index in its table's columns.
         self.kinds: list[int] = order.column("kind").to_pylist()
@@ -153,11 +161,24 @@ class History:
         return list(zip(self.kinds, self.indices, strict=True))
 
 
-def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | int) -> pa.Table:
+def _tenant_ranks(tables: list[pa.Table]) -> list[pa.Array]:
+    """Each row's tenant as its rank among every tenant of ``tables`` (string order): integers sort
+    the same as the names, for less."""
+    names = sorted({t for table in tables for t in pc.unique(table.column("tenant_id")).to_pylist()})
+    value_set = pa.array(names, pa.string())
+    return [
+        pc.index_in(table.column("tenant_id").combine_chunks().cast(pa.string()), value_set=value_set)
+        for table in tables
+    ]
+
+
+def _keys(
+    table: pa.Table, tenant: pa.Array, kind: int, version: pa.ChunkedArray, sub: pa.Array | int
+) -> pa.Table:
     n = table.num_rows
     return pa.table(
         {
-            "tenant": table.column("tenant_id"),
+            "tenant": tenant,
             "version": version,
             "sub": sub if isinstance(sub, pa.Array) else pa.repeat(pa.scalar(sub, pa.int8()), n),
             "kind": pa.repeat(pa.scalar(kind, pa.int8()), n),
@@ -168,7 +189,7 @@ def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | 
     )
 
 
-def _request_versions(requests: pa.Table) -> pa.ChunkedArray:
+def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     """Each request's place among its tenant's state versions: its decision's, or, for a request
     with no recorded decision (it touched no state), the next decided request's in log order: a
     backward fill over the rows in (tenant, log position) order that never crosses into the next
@@ -176,9 +197,15 @@ def _request_versions(requests: pa.Table) -> pa.ChunkedArray:
     n = requests.num_rows
     if n == 0:
         return pa.chunked_array([pa.array([], pa.int64())])
-    keys = [("tenant_id", "ascending"), ("src_partition", "ascending"), ("src_offset", "ascending")]
-    order = pc.sort_indices(requests.select([k for k, _ in keys]), sort_keys=keys)
-    tenants = requests.column("tenant_id").take(order).combine_chunks()
+    keys = pa.table(
+        {
+            "tenant": tenant,
+            "partition": requests.column("src_partition"),
+            "offset": requests.column("src_offset"),
+        }
+    )
+    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
+    tenants = tenant.take(order)
     # A tenant's last row, where no later decided request of the tenant can follow.
     last = pa.concat_arrays([pc.not_equal(tenants.slice(0, n - 1), tenants.slice(1)), pa.array([True])])
     decided = pc.equal(requests.column("rec_table").take(order).combine_chunks(), "decisions")
@@ -189,18 +216,30 @@ def _request_versions(requests: pa.Table) -> pa.ChunkedArray:
     return pa.chunked_array([filled.take(pc.sort_indices(order))])
 
 
-def _history_order(
-    requests: pa.Table, version: pa.ChunkedArray, settlements: pa.Table, resolutions: pa.Table
-) -> pa.Table:
+def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> pa.Table:
     """Per tenant, the order the decision agent saw: decisions, settlements and resolutions by
     state version, and requests with no decision just before the next decided request."""
+    tenants = _tenant_ranks([requests, settlements, resolutions])
+    version = _request_versions(requests, tenants[0])
     decided = pc.equal(requests.column("rec_table"), "decisions")
     sub = pc.cast(pc.if_else(decided, 0, -1), pa.int8())
     keys = pa.concat_tables(
         [
-            _keys(requests, KIND_REQUEST, version, sub.combine_chunks()),
-            _keys(settlements, KIND_SETTLEMENT, pc.cast(settlements.column("state_version"), pa.int64()), 0),
-            _keys(resolutions, KIND_RESOLUTION, pc.cast(resolutions.column("state_version"), pa.int64()), 0),
+            _keys(requests, tenants[0], KIND_REQUEST, version, sub.combine_chunks()),
+            _keys(
+                settlements,
+                tenants[1],
+                KIND_SETTLEMENT,
+                pc.cast(settlements.column("state_version"), pa.int64()),
+                0,
+            ),
+            _keys(
+                resolutions,
+                tenants[2],
+                KIND_RESOLUTION,
+                pc.cast(resolutions.column("state_version"), pa.int64()),
+                0,
+            ),
         ]
     )
     names = ("tenant", "version", "sub", "kind", "partition", "offset")
@@ -238,5 +277,5 @@ def load_history(
         requests=Columns(requests),
         settlements=Columns(settlements),
         resolutions=Columns(resolutions),
-        order=_history_order(requests, _request_versions(requests), settlements, resolutions),
+        order=_history_order(requests, settlements, resolutions),
     )

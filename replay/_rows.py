@@ -107,7 +107,12 @@ def _estimates(
     counts = pc.take(pa.array(listed, _I64), caps_code)
     capped = pc.min_element_wise(tokens, ESTIMATE_TOKENS_CAP)
     code = _combined(
-        [(policy_code, len(planners)), (risk_code, len(risks)), (capped, ESTIMATE_TOKENS_CAP + 1), (counts, max(listed, default=0) + 1)]
+        [
+            (policy_code, len(planners)),
+            (risk_code, len(risks)),
+            (capped, ESTIMATE_TOKENS_CAP + 1),
+            (counts, max(listed, default=0) + 1),
+        ]
     )
     first = _first_rows(code)
     risk_names = risks.to_pylist()
@@ -180,7 +185,11 @@ def _flags(
 ) -> list[pa.Array]:
     """Admission's size comparisons, against each row's policy's limits."""
     flags = []
-    for attribute, values in (("max_input_tokens", tokens), ("max_context_tokens", needed), ("max_prompt_bytes", chars)):
+    for attribute, values in (
+        ("max_input_tokens", tokens),
+        ("max_context_tokens", needed),
+        ("max_prompt_bytes", chars),
+    ):
         limits = [getattr(p.cut_points(), attribute) if p is not None else 0 for p in planners]
         flags.append(pc.greater(values, pc.take(pa.array(limits, _I64), policy_code)))
     return flags
@@ -283,7 +292,9 @@ def _price(planned: Planned, tokens: pa.Array, max_out: pa.Array) -> None:
     rows at once: each shape's candidates padded to the widest shape's number."""
     priced = [k in (BUDGETED, ESCALATED) for k in planned.kinds]
     shape = pc.if_else(pc.less(planned.shape, 0), pa.scalar(None, pa.int32()), planned.shape)
-    candidates = [[(i, o) for i, o, _ in by_id] if ok else [] for by_id, ok in zip(planned.by_id, priced, strict=True)]
+    candidates = [
+        [(i, o) for i, o, _ in by_id] if ok else [] for by_id, ok in zip(planned.by_id, priced, strict=True)
+    ]
     lower = [
         [(d.input_micros_per_1k, d.output_micros_per_1k) for d in s.lower] if ok else []
         for (_, s, _), ok in zip(planned.shapes, priced, strict=True)

@@ -74,7 +74,11 @@ def _count(mask: pa.Array) -> int:
 
 def _recorded(r: Columns, name: str) -> pa.Array:
     column = r.arrow(name).combine_chunks()
-    return column.cast(_STR) if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) else column
+    return (
+        column.cast(_STR)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        else column
+    )
 
 
 def _per_shape(planned: Planned) -> dict[str, pa.Array]:
@@ -175,7 +179,9 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
     rejected = _is(c["verdict"], "rejected")
     recorded = _is(rec["rec_table"], "decisions")
     same_outcome = _all([_same(rec[f], c[f]) for f in _OUTCOME])
-    rejection_match = _all([compared, rejected, _is(rec["rec_table"], "rejections"), _same(rec["rec_code"], c["reason_code"])])
+    rejection_match = _all(
+        [compared, rejected, _is(rec["rec_table"], "rejections"), _same(rec["rec_code"], c["reason_code"])]
+    )
     decision_match = _all([compared, pc.invert(rejected), recorded, same_outcome])
     same_context = _all([_same(rec[a], c[b]) for a, b in zip(_REC_CONTEXT, _CONTEXT, strict=True)])
     report.context_differences += _count(pc.and_(decision_match, pc.invert(same_context)))
@@ -204,7 +210,11 @@ def _count_changes(
     the recorded and the candidate outcome name it (a rejection names none of them)."""
     none = pa.scalar(None, _STR)
     table_changed = pc.not_equal(recorded, pc.invert(rejected))
-    for name, attribute in (("verdict", "verdict_changes"), ("deployment_id", "deployment_changes"), ("tier", "tier_changes")):
+    for name, attribute in (
+        ("verdict", "verdict_changes"),
+        ("deployment_id", "deployment_changes"),
+        ("tier", "tier_changes"),
+    ):
         a = pc.if_else(recorded, rec[name].cast(_STR), none)
         b = pc.if_else(rejected, none, c[name])
         differs = pc.invert(_same(a, b))
@@ -257,7 +267,9 @@ def _reasons(r: Columns, planned: Planned, at: pa.Array) -> int:
             reason = shape.rejection_reason
         else:
             joined = row["capabilities"]
-            reason = planner.rejection_reason(shape, stand_in_request(row, tuple(joined.split(SEP)) if joined else ()))
+            reason = planner.rejection_reason(
+                shape, stand_in_request(row, tuple(joined.split(SEP)) if joined else ())
+            )
         differ += row["rec_reason"] != reason
     return differ
 
@@ -281,7 +293,9 @@ def _changes(r: Columns, c: dict[str, pa.Array], at: pa.Array, seq: pa.Array) ->
         else:
             b = {"_table": "decisions", **{f: candidate[f][n] for f in _OUTCOME}}
         fields = tuple(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
-        change = Change(request_id=row["request_id"], tenant_id=row["tenant_id"], fields=fields, recorded=a, candidate=b)
+        change = Change(
+            request_id=row["request_id"], tenant_id=row["tenant_id"], fields=fields, recorded=a, candidate=b
+        )
         out.append((place, change))
     return out
 

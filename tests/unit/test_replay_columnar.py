@@ -300,10 +300,14 @@ def test_the_varied_history_has_what_the_property_test_is_about(tmp_path: Path) 
             "count(DISTINCT budget_window) AS days, count(DISTINCT tenant_id) AS tenants, "
             "count(*) FILTER (WHERE len(latency_observations) > 0) AS observed FROM decisions"
         ).to_pylist()[0]
-        binding = store.query(
-            "SELECT count(*) AS n FROM (SELECT tenant_id, budget_window FROM decisions GROUP BY ALL "
-            "HAVING bool_or(budget_action = 'reserved') AND bool_or(budget_action = 'denied'))"
-        ).column("n")[0].as_py()
+        binding = (
+            store.query(
+                "SELECT count(*) AS n FROM (SELECT tenant_id, budget_window FROM decisions GROUP BY ALL "
+                "HAVING bool_or(budget_action = 'reserved') AND bool_or(budget_action = 'denied'))"
+            )
+            .column("n")[0]
+            .as_py()
+        )
         report = replay(store, None, recorded_policies={policy.digest: policy})
     assert row["denied"] and row["reserved"] and row["escalated"] and row["observed"], row
     assert binding > 0  # a tenant's budget served some requests of a day, then denied others

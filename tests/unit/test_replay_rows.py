@@ -59,7 +59,11 @@ def test_every_row_gets_the_planners_shape_tokens_complexity_and_prices(
     known = {p.digest: p for p in (POLICY, TIGHT)}
     planned = plan_rows(_columns(reqs, digests), None, known)
     reference = {d: Planner(p) for d, p in known.items()}
-    shapes, tokens, complexity = planned.shape.to_pylist(), planned.tokens.to_pylist(), planned.complexity.to_pylist()
+    shapes, tokens, complexity = (
+        planned.shape.to_pylist(),
+        planned.tokens.to_pylist(),
+        planned.complexity.to_pylist(),
+    )
     for n, (req, policy) in enumerate(rows):
         if policy is None:
             assert shapes[n] == -1
