@@ -296,7 +296,10 @@ def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
     kinds = pa.array([*planned.kinds, _UNKNOWN], pa.int8())
     kind = kinds.take(pc.if_else(pc.less(shape, 0), len(planned.kinds), shape))
     control = pc.is_in(order, pa.array(sorted(engine.control), _I64))
-    return pc.if_else(pc.and_(control, pc.not_equal(kind, _UNKNOWN)), _CONTROL, kind).to_pylist()
+    kinds_of: list[int] = pc.if_else(
+        pc.and_(control, pc.not_equal(kind, _UNKNOWN)), _CONTROL, kind
+    ).to_pylist()
+    return kinds_of
 
 
 def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None] | None) -> int:
