@@ -144,6 +144,11 @@ class _Engine:
         self.folded = Folded(n, self.day_number, order)
         self.settled_tenant: list[str] = self.s["tenant_id"]
         self.settled_request: list[str] = self.s["request_id"]
+        # What a settlement reprices by (the recorded call), where there are settlements at all.
+        billed = self.s.rows > 0
+        self.out_deployment: list[str | None] = r["out_deployment"] if billed else []
+        self.out_input: list[int | None] = r["out_input"] if billed else []
+        self.out_output: list[int | None] = r["out_output"] if billed else []
         # What the slow path reads by request row.
         self.request_ids: list[str] = r["request_id"]
         self.max_output_tokens: list[int] = r["max_output_tokens"]
@@ -252,25 +257,28 @@ class _Engine:
         self.report.candidate_actual_micros += actual
 
     def _bill(self, i: int, chain: tuple[str, ...], policy: RoutingPolicy) -> int:
-        r = self.r
-        served_on = r["out_deployment"][i]
+        served_on = self.out_deployment[i]
         d = policy.deployments_by_id[served_on if served_on in chain else chain[0]]
         return cost_micros(
-            r["out_input"][i], r["out_output"][i], d.input_micros_per_1k, d.output_micros_per_1k
+            self.out_input[i],  # type: ignore[arg-type]  # served: the outcome's numbers are there
+            self.out_output[i],  # type: ignore[arg-type]
+            d.input_micros_per_1k,
+            d.output_micros_per_1k,
         )
 
     def resolution(self, j: int) -> None:
         """A person's (or the deadline's) resolution of an escalation the candidate made too: the
         request resumes (``decide`` without the escalation stage) or ends as it did."""
-        key = (self.v["tenant_id"][j], self.v["request_id"][j])
+        v = self.v
+        key = (v["tenant_id"][j], v["request_id"][j])
         escalated = self.escalated.pop(key, None)
         if escalated is None:
             return
         i, feature, planner, shape, tokens, cx, deadline, observed, policy = escalated
-        at = self.v["at_us"][j]
+        at = v["at_us"][j]
         day, budget = at // _DAY_US, self.budget_of(key[0])
         self.report.reviews_applied += 1
-        approved = self.v["resolution"][j] not in ("denied", "timed_out")
+        approved = v["resolution"][j] not in ("denied", "timed_out")
         if not approved or (deadline is not None and at > deadline):
             budget.bump()
             return
@@ -324,9 +332,13 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     by_code = [engine.budget_of(t) for t in tenant_names]
     total, p, current, every = engine.r.rows, -1, -1, 5000 if progress is not None else 0
     budget, windows = _Budget(), {}
+    # Locals: the loop runs once a row.
+    request_kind, settlement_kind, unknown, budgeted, denied, shaped, budget_denied = (
+        KIND_REQUEST, KIND_SETTLEMENT, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
+    )  # fmt: skip
     for kind, i in zip(history.kinds, history.indices, strict=True):
-        if kind != KIND_REQUEST:
-            if kind == KIND_SETTLEMENT:
+        if kind != request_kind:
+            if kind == settlement_kind:
                 settlement(i)
             else:
                 resolution(i)
@@ -335,7 +347,7 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         if every and p % every == 0 and p and progress is not None:
             progress(p, total)
         k = kind_of[p]
-        if k == _UNKNOWN:
+        if k == unknown:
             engine.unknown_policy(i, p)
             continue
         if tenant_code[p] != current:
@@ -346,15 +358,16 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         w = windows.get(day)
         t, f = (0, 0) if w is None else (w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0))
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
-        if k == BUDGETED:
+        if k == budgeted:
             s = shape_of[p]
-            if cheapest[p] > min(tenant_budget[s] - t, feature_budget[s] - f):
-                mode[p] = BUDGET_DENIED
+            room, feature_room = tenant_budget[s] - t, feature_budget[s] - f
+            if cheapest[p] > (room if room < feature_room else feature_room):
+                mode[p] = budget_denied
                 budget.version += 1
                 continue
-        elif k <= DENIED:  # REJECTED or DENIED (0 and 1)
-            mode[p] = SHAPED
-            budget.version += k == DENIED
+        elif k <= denied:  # REJECTED or DENIED (0 and 1)
+            mode[p] = shaped
+            budget.version += k == denied
             continue
         request(i, p, budget, (tenant_names[current], day, feature, t, f))
     if progress is not None:
