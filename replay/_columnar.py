@@ -144,6 +144,8 @@ class _Engine:
         self.folded = Folded(n, self.day_number, order)
         self.settled_tenant: list[str] = self.s["tenant_id"]
         self.settled_request: list[str] = self.s["request_id"]
+        v = self.v
+        self.resolved = (v["tenant_id"], v["request_id"], v["at_us"], v["resolution"])
         # What a settlement reprices by (the recorded call), where there are settlements at all.
         billed = self.s.rows > 0
         self.out_deployment: list[str | None] = r["out_deployment"] if billed else []
@@ -269,16 +271,16 @@ class _Engine:
     def resolution(self, j: int) -> None:
         """A person's (or the deadline's) resolution of an escalation the candidate made too: the
         request resumes (``decide`` without the escalation stage) or ends as it did."""
-        v = self.v
-        key = (v["tenant_id"][j], v["request_id"][j])
+        tenants, requests, times, resolutions = self.resolved
+        key = (tenants[j], requests[j])
         escalated = self.escalated.pop(key, None)
         if escalated is None:
             return
         i, feature, planner, shape, tokens, cx, deadline, observed, policy = escalated
-        at = v["at_us"][j]
+        at = times[j]
         day, budget = at // _DAY_US, self.budget_of(key[0])
         self.report.reviews_applied += 1
-        approved = v["resolution"][j] not in ("denied", "timed_out")
+        approved = resolutions[j] not in ("denied", "timed_out")
         if not approved or (deadline is not None and at > deadline):
             budget.bump()
             return

@@ -259,18 +259,18 @@ def _reasons(r: Columns, planned: Planned, at: pa.Array) -> int:
     reason names the request's sizes for some codes: worked out on the row)."""
     if len(at) == 0:
         return 0
-    rows = r.table.select([*REQUEST_FIELDS, "rec_reason"]).take(at).to_pylist()
-    differ = 0
-    for i, row in zip(at.to_pylist(), rows, strict=True):
-        planner, shape, _ = planned.shapes[planned.shape_of[i]]
-        if shape.rejection_reason:
-            reason = shape.rejection_reason
-        else:
-            joined = row["capabilities"]
-            reason = planner.rejection_reason(
-                shape, stand_in_request(row, tuple(joined.split(SEP)) if joined else ())
-            )
-        differ += row["rec_reason"] != reason
+    shape = planned.shape.take(at)
+    # The shape's own reason where it has one (over columns), else the row's (one by one).
+    reasons = pa.array([s.rejection_reason or None for _, s, _ in planned.shapes], _STR).take(shape)
+    recorded = r.arrow("rec_reason").take(at)
+    differ = _count(pc.and_(pc.is_valid(reasons), pc.invert(_same(recorded, reasons))))
+    sized = pc.indices_nonzero(pc.is_null(reasons))
+    rows = r.table.select([*REQUEST_FIELDS, "rec_reason"]).take(at.take(sized)).to_pylist()
+    for s, row in zip(shape.take(sized).to_pylist(), rows, strict=True):
+        planner, rejected, _ = planned.shapes[s]
+        joined = row["capabilities"]
+        request = stand_in_request(row, tuple(joined.split(SEP)) if joined else ())
+        differ += row["rec_reason"] != planner.rejection_reason(rejected, request)
     return differ
 
 
