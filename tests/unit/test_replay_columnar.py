@@ -313,3 +313,19 @@ def test_the_varied_history_has_what_the_property_test_is_about(tmp_path: Path) 
     assert binding > 0  # a tenant's budget served some requests of a day, then denied others
     assert row["days"] == 2 and row["tenants"] >= 3, row
     assert (report.changed, report.context_differences) == (0, 0)
+
+
+def test_replay_leaves_the_cycle_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    project(tmp_path, run_history(POLICY, 30, seed=2))
+    with EvidenceStore(tmp_path) as store:
+        assert gc.isenabled()
+        replay(store, CANDIDATES["tighter"])
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            replay(store, CANDIDATES["tighter"])
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
