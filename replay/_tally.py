@@ -72,13 +72,10 @@ def _count(mask: pa.Array) -> int:
     return int(pc.sum(pc.cast(mask, _I64)).as_py() or 0)
 
 
-def _recorded(r: Columns, name: str) -> pa.Array:
-    column = r.arrow(name).combine_chunks()
-    return (
-        column.cast(_STR)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-        else column
-    )
+def _recorded(r: Columns, name: str) -> pa.ChunkedArray:
+    """A recorded column as read (in DuckDB's chunks: Arrow compares them with whole arrays)."""
+    column = r.arrow(name)
+    return column.cast(_STR) if pa.types.is_large_string(column.type) else column
 
 
 def _per_shape(planned: Planned) -> dict[str, pa.Array]:
