@@ -130,9 +130,9 @@ def _estimates(
 
 def _first_rows(code: pa.Array) -> pa.Array:
     """The first row of each code, in code order (codes number first appearances: 0, 1, 2...)."""
-    table = pa.table({"k": code, "i": pa.array(range(len(code)), _I64)})
-    firsts = table.group_by("k", use_threads=False).aggregate([("i", "min")])
-    return pc.take(firsts.column("i_min"), pc.sort_indices(firsts.column("k")))
+    # A code's first row is where the running maximum first reaches it.
+    before = pa.concat_arrays([pa.array([-1], _I64), pc.cumulative_max(code).slice(0, len(code) - 1)])
+    return pc.indices_nonzero(pc.greater(code, before))
 
 
 def _count_below(values: pa.Array, cuts: tuple[float, ...] | tuple[int, ...], inclusive: bool) -> pa.Array:
