@@ -26,7 +26,7 @@ from nexuscore.core._decide import Decision, decide, decide_on_route
 from nexuscore.core._decode_stage import Decoded, LatencyView, decode_stage
 from nexuscore.core._ids import derive_id, envelope_from
 from nexuscore.core._latency import LatencyWindow, decode_window, encode_window, observe
-from nexuscore.core._plan import Observed, Outcome, PlanKey, Planner, Shape
+from nexuscore.core._plan import ESTIMATE_TOKENS_CAP, CutPoints, Observed, Outcome, PlanKey, Planner, Shape
 from nexuscore.core._route import (
     Escalation,
     Route,
@@ -49,6 +49,8 @@ from nexuscore.core._steps import (
 
 __all__ = [
     "CLOSED_BREAKER",
+    "CutPoints",
+    "ESTIMATE_TOKENS_CAP",
     "Observed",
     "Outcome",
     "Planner",

@@ -36,6 +36,21 @@ SIZED = frozenset({"input_too_large", "context_too_large", "request_too_large"})
 # One latency observation as a hashable key: (deployment, strategy, p50, p95, samples).
 Observed = tuple[tuple[str, str, int, int, int], ...]
 PlanKey = tuple[Hashable, ...]
+# Input tokens beyond this leave ``estimated_complexity`` where it is: min(0.4, tokens / 5000).
+ESTIMATE_TOKENS_CAP = 2_000
+
+
+class CutPoints(msgspec.Struct, frozen=True, kw_only=True):
+    """The thresholds ``Planner.key`` compares a request's numbers with, for a columnar caller
+    that makes the same comparisons over whole columns (replay): rows whose comparisons all agree
+    (and whose attributes agree) have one key."""
+
+    max_input_tokens: int  # tokens > this
+    max_context_tokens: int  # tokens + max_output_tokens > this
+    max_prompt_bytes: int  # max(1, chars) > this
+    below: tuple[float, ...]  # bisect_right(below, complexity)
+    mid: float  # complexity >= this
+    contexts: tuple[int, ...]  # bisect_left(contexts, tokens + max_output_tokens)
 
 
 class Shape(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,6 +158,19 @@ class Planner:
             bisect_left(self._contexts, needed),  # how many context sizes are too small
         )
         return key, tokens, c
+
+    def cut_points(self) -> CutPoints:
+        policy = self.policy
+        return CutPoints(
+            max_input_tokens=policy.max_input_tokens, max_context_tokens=policy.max_context_tokens,
+            max_prompt_bytes=MAX_PROMPT_BYTES, below=self._below, mid=self._mid, contexts=self._contexts,
+        )  # fmt: skip
+
+    def estimate(self, risk_class: str, tokens: int, capabilities_listed: int) -> tuple[float, bool]:
+        """The complexity ``key`` estimates for a request that gave none, and whether its confidence
+        falls below the policy's floor (``key``'s last comparison but one)."""
+        c = estimated_complexity(risk_class, tokens, capabilities_listed)
+        return c, confidence_of(c, self.policy) < self._min_confidence
 
     def _family(self, attributes: tuple[Hashable, ...]) -> tuple[Hashable, ...]:
         """The attributes as ``route`` tells them apart: capabilities as a set, task types and risk

@@ -3,9 +3,10 @@
 Requests come with their recorded decision (or rejection) and outcome joined on (tenant, request):
 request ids are unique per tenant only. Where the evidence holds two rows for one key (a redelivery
 the projector kept, or a hostile producer), the latest by log position is the one replayed against,
-so the choice never depends on file-listing or hash order. Every query orders by log position, and
-the history's order (``_history_order``) is a total order over (tenant, state version, kind, log
-position): the same store gives the same sequence on every run.
+so the choice never depends on file-listing or hash order. The requests' rows come in no particular
+order (what is read of a row never depends on its place), and the history's order
+(``_history_order``) is a total order over (tenant, state version, kind, log position): the same
+store gives the same sequence on every run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,6 +23,9 @@ _WHERE = (
     "WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since) "
     "AND ($until IS NULL OR occurred_at < $until)"
 )
+# Every row of a table: where no (tenant, request) has two rows among the chosen requests' (the
+# usual case, seen when the join gives one row per request), the same as ``_LATEST``, for less.
+_EVERY = "SELECT {columns} FROM {table}"
 # The latest row per (tenant, request) of a table, among the chosen requests' rows: its log position
 # found on two narrow columns first (a window over the wide rows would sort them all).
 _LATEST = (
@@ -38,12 +41,17 @@ _REQUEST_COLUMNS = (
     _KEY + "occurred_at, feature, task_type, risk_class, data_classification, required_capabilities, "
     "complexity, prompt_chars, max_output_tokens, latency_slo_ms"
 )
+# The unit separator: cannot occur in an identifier, so lists travel as one string each.
+SEP = "\x1f"
+# Lists become strings, and observations NULL where there are none, as they are read (the join
+# then carries less).
 _DECISION_COLUMNS = (
     _KEY + "occurred_at, policy_digest, verdict, tier, deployment_id, budget_action, estimated_cost_micros, "
-    "decode_strategy, allowed_regions, tenant_committed_micros, feature_committed_micros, budget_window, "
-    "state_version, complexity, floor_tier, preferred_tier, eligible, fallbacks, predicted_latency_ms, "
-    "tenant_budget_micros, feature_budget_micros, "
-    "{control_mode} AS control_mode, latency_observations"
+    f"decode_strategy, array_to_string(allowed_regions, '{SEP}') AS allowed_regions, tenant_committed_micros, "
+    "feature_committed_micros, budget_window, state_version, complexity, floor_tier, preferred_tier, "
+    f"array_to_string(eligible, '{SEP}') AS eligible, array_to_string(fallbacks, '{SEP}') AS fallbacks, "
+    "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode, "
+    "CASE WHEN len(latency_observations) > 0 THEN latency_observations END AS observations"
 )
 # Decisions written before control_mode existed name their kill switch in a reason: read (the
 # reasons are the bulk of a decision's row) only when the store holds such decisions.
@@ -51,78 +59,129 @@ _LEGACY_CONTROL_MODE = (
     "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
     "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
 )
-# The unit separator: cannot occur in an identifier, so lists travel as one string each.
-SEP = "\x1f"
 # Names and columns are ours; filters travel as bound parameters.
 _REQUESTS = f"""
 WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
-dec AS ({_LATEST.format(table="decisions", columns=_DECISION_COLUMNS)}),
-rej AS ({_LATEST.format(table="rejections", columns=_KEY + "occurred_at, policy_digest, reason_code, reason")}),
-outc AS ({_LATEST.format(table="outcomes", columns=_KEY + "deployment_id, input_tokens, output_tokens, cost_micros")})
+dec AS ({{dec}}),
+rej AS ({{rej}}),
+outc AS ({{outc}})
 SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_classification,
   array_to_string(r.required_capabilities, '{SEP}') AS capabilities, r.complexity, r.prompt_chars,
   r.max_output_tokens, r.latency_slo_ms,
   CASE WHEN j.request_id IS NOT NULL THEN 'rejections' WHEN d.request_id IS NOT NULL THEN 'decisions'
        ELSE 'missing' END AS rec_table,
   epoch_us(coalesce(j.occurred_at, d.occurred_at, r.occurred_at)) AS now_us,
-  coalesce(j.policy_digest, d.policy_digest) AS rec_digest, j.reason_code AS rec_code,
+  {{rec_digest}} AS rec_digest, j.reason_code AS rec_code,
   j.reason AS rec_reason,
   d.verdict, d.tier, d.deployment_id, d.budget_action, d.estimated_cost_micros, d.decode_strategy,
-  array_to_string(d.allowed_regions, '{SEP}') AS allowed_regions, d.tenant_committed_micros,
-  d.feature_committed_micros, d.budget_window, d.state_version, d.complexity AS rec_complexity,
-  d.floor_tier, d.preferred_tier, array_to_string(d.eligible, '{SEP}') AS eligible,
-  array_to_string(d.fallbacks, '{SEP}') AS fallbacks, d.predicted_latency_ms, d.tenant_budget_micros,
-  d.feature_budget_micros,
-  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
-  CASE WHEN len(d.latency_observations) > 0 THEN d.latency_observations END AS observations,
+  d.allowed_regions, d.tenant_committed_micros, d.feature_committed_micros, d.budget_window,
+  d.state_version, d.complexity AS rec_complexity, d.floor_tier, d.preferred_tier, d.eligible, d.fallbacks,
+  d.predicted_latency_ms, d.tenant_budget_micros, d.feature_budget_micros,
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode, d.observations,
   o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
   o.output_tokens AS out_output, o.cost_micros AS out_cost,
   r.src_partition, r.src_offset
 FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
   LEFT JOIN outc o USING (tenant_id, request_id)
-ORDER BY r.tenant_id, r.src_partition, r.src_offset
 """  # noqa: S608
+# The rows in no particular order (sorting the wide rows costs more than the rest of the query):
+# the history's order is worked out on the keys (``_history_order``).
+_JOINED = {
+    "dec": ("decisions", _DECISION_COLUMNS),
+    "rej": ("rejections", _KEY + "occurred_at, policy_digest, reason_code, reason"),
+    "outc": ("outcomes", _KEY + "deployment_id, input_tokens, output_tokens, cost_micros"),
+}
+_COUNT = f"SELECT count(*) AS n FROM requests {_WHERE}"  # noqa: S608
+
+
+def _requests_sql(latest: bool, control_mode: str, digests: bool = True) -> str:
+    # The recorded policy's digest (64 characters a row) only where the replay reads it.
+    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests else "NULL::VARCHAR"
+    sql = _REQUESTS.replace("{rec_digest}", digest)
+    for name, (table, columns) in _JOINED.items():
+        sql = sql.replace(
+            "{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns)
+        )
+    return sql.replace("{control_mode}", control_mode)
+
+
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
 SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
 FROM {{table}} SEMI JOIN chosen USING (tenant_id, request_id)
-ORDER BY tenant_id, state_version, src_partition, src_offset
 """  # noqa: S608
+# Every request chosen (no filter): every row. A row whose request is not in the store follows no
+# decision the fold makes (it finds nothing held or escalated), so it changes nothing.
+_EVERY_FOLLOWING = (
+    "SELECT tenant_id, request_id, state_version, {columns} src_partition, src_offset FROM {table}"
+)
 _LAST = 2**62  # after every state version: requests no decided request follows
 
 KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
 
 
-class Columns(msgspec.Struct, frozen=True, kw_only=True):
-    """One table's columns as Python lists, in log order."""
+class Columns:
+    """One table's columns in log order: as Arrow, and each as a Python list once it is asked for
+    (the fold reads most columns vectorised, a few row by row)."""
 
-    data: dict[str, list[Any]]
-    rows: int
+    __slots__ = ("_lists", "rows", "table")
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table, self.rows = table, table.num_rows
+        self._lists: dict[str, list[Any]] = {}
 
     def __getitem__(self, name: str) -> list[Any]:
-        return self.data[name]
+        found = self._lists.get(name)
+        if found is None:
+            found = self._lists[name] = self.table.column(name).to_pylist()
+        return found
+
+    def arrow(self, name: str) -> pa.ChunkedArray:
+        return self.table.column(name)
 
 
-class History(msgspec.Struct, frozen=True, kw_only=True):
-    requests: Columns
-    settlements: Columns
-    resolutions: Columns
-    # The history in order: (kind, row index in its table's columns).
-    order: list[tuple[int, int]]
+class History:
+    """What a replay reads: the three tables' columns, and the order of their rows."""
+
+    __slots__ = ("indices", "kinds", "request_order", "requests", "resolutions", "settlements")
+
+    def __init__(
+        self, requests: Columns, settlements: Columns, resolutions: Columns, order: pa.Table
+    ) -> None:
+        self.requests, self.settlements, self.resolutions = requests, settlements, resolutions
+        # The history in order: each row's kind (KIND_*) and its index in its table's columns.
+        self.kinds: list[int] = order.column("kind").to_pylist()
+        self.indices: list[int] = order.column("index").to_pylist()
+        # The requests' row indices in that order.
+        is_request = pc.equal(order.column("kind"), KIND_REQUEST)
+        self.request_order: pa.Array = order.column("index").filter(is_request).combine_chunks()
+
+    @property
+    def order(self) -> list[tuple[int, int]]:
+        return list(zip(self.kinds, self.indices, strict=True))
 
 
-def _columns(table: pa.Table) -> Columns:
-    return Columns(data={n: table.column(n).to_pylist() for n in table.column_names}, rows=table.num_rows)
+def _tenant_ranks(tables: list[pa.Table]) -> list[pa.Array]:
+    """Each row's tenant as its rank among every tenant of ``tables`` (string order): integers sort
+    the same as the names, for less."""
+    names = sorted({t for table in tables for t in pc.unique(table.column("tenant_id")).to_pylist()})
+    value_set = pa.array(names, pa.string())
+    return [
+        pc.index_in(table.column("tenant_id").combine_chunks().cast(pa.string()), value_set=value_set)
+        for table in tables
+    ]
 
 
-def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | int) -> pa.Table:
+def _keys(
+    table: pa.Table, tenant: pa.Array, kind: int, version: pa.ChunkedArray, sub: pa.Array | int
+) -> pa.Table:
     n = table.num_rows
     return pa.table(
         {
-            "tenant": table.column("tenant_id"),
+            "tenant": tenant,
             "version": version,
-            "sub": sub if isinstance(sub, pa.Array) else pa.array([sub] * n, pa.int8()),
-            "kind": pa.array([kind] * n, pa.int8()),
+            "sub": sub if isinstance(sub, pa.Array) else pa.repeat(pa.scalar(sub, pa.int8()), n),
+            "kind": pa.repeat(pa.scalar(kind, pa.int8()), n),
             "partition": table.column("src_partition"),
             "offset": table.column("src_offset"),
             "index": pa.array(range(n), pa.int64()),
@@ -130,61 +189,93 @@ def _keys(table: pa.Table, kind: int, version: pa.ChunkedArray, sub: pa.Array | 
     )
 
 
-def _request_versions(requests: Columns) -> list[int]:
+def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     """Each request's place among its tenant's state versions: its decision's, or, for a request
-    with no recorded decision (it touched no state), the next decided request's (rows in log order
-    per tenant, so one backward pass)."""
-    tenants, tables, versions = requests["tenant_id"], requests["rec_table"], requests["state_version"]
-    out = [_LAST] * requests.rows
-    tenant, following = None, _LAST
-    for i in range(requests.rows - 1, -1, -1):
-        if tenants[i] != tenant:
-            tenant, following = tenants[i], _LAST
-        if tables[i] == "decisions":
-            following = versions[i]
-        out[i] = following
-    return out
+    with no recorded decision (it touched no state), the next decided request's in log order: a
+    backward fill over the rows in (tenant, log position) order that never crosses into the next
+    tenant, put back in the table's order."""
+    n = requests.num_rows
+    if n == 0:
+        return pa.chunked_array([pa.array([], pa.int64())])
+    keys = pa.table(
+        {
+            "tenant": tenant,
+            "partition": requests.column("src_partition"),
+            "offset": requests.column("src_offset"),
+        }
+    )
+    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
+    tenants = tenant.take(order)
+    # A tenant's last row, where no later decided request of the tenant can follow.
+    last = pa.concat_arrays([pc.not_equal(tenants.slice(0, n - 1), tenants.slice(1)), pa.array([True])])
+    decided = pc.equal(requests.column("rec_table").take(order).combine_chunks(), "decisions")
+    versions = pc.cast(requests.column("state_version").take(order).combine_chunks(), pa.int64())
+    int64 = pa.int64()
+    ends = pc.if_else(last, pa.scalar(_LAST, int64), pa.scalar(None, int64))
+    filled = pc.fill_null_backward(pc.if_else(decided, versions, ends))
+    return pa.chunked_array([filled.take(pc.sort_indices(order))])
 
 
-def _history_order(
-    requests: pa.Table, versions: list[int], settlements: pa.Table, resolutions: pa.Table
-) -> list[tuple[int, int]]:
+def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> pa.Table:
     """Per tenant, the order the decision agent saw: decisions, settlements and resolutions by
     state version, and requests with no decision just before the next decided request."""
+    tenants = _tenant_ranks([requests, settlements, resolutions])
+    version = _request_versions(requests, tenants[0])
     decided = pc.equal(requests.column("rec_table"), "decisions")
-    version = pa.chunked_array([pa.array(versions, pa.int64())])
     sub = pc.cast(pc.if_else(decided, 0, -1), pa.int8())
     keys = pa.concat_tables(
         [
-            _keys(requests, KIND_REQUEST, version, sub.combine_chunks()),
-            _keys(settlements, KIND_SETTLEMENT, pc.cast(settlements.column("state_version"), pa.int64()), 0),
-            _keys(resolutions, KIND_RESOLUTION, pc.cast(resolutions.column("state_version"), pa.int64()), 0),
+            _keys(requests, tenants[0], KIND_REQUEST, version, sub.combine_chunks()),
+            _keys(
+                settlements,
+                tenants[1],
+                KIND_SETTLEMENT,
+                pc.cast(settlements.column("state_version"), pa.int64()),
+                0,
+            ),
+            _keys(
+                resolutions,
+                tenants[2],
+                KIND_RESOLUTION,
+                pc.cast(resolutions.column("state_version"), pa.int64()),
+                0,
+            ),
         ]
     )
     names = ("tenant", "version", "sub", "kind", "partition", "offset")
-    ordered = keys.take(pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names]))
-    return list(zip(ordered.column("kind").to_pylist(), ordered.column("index").to_pylist(), strict=True))
+    order = pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names])
+    return keys.select(["kind", "index"]).take(order)
 
 
 def load_history(
-    store: EvidenceStore, tenant: str | None, since: datetime | None, until: datetime | None
+    store: EvidenceStore,
+    tenant: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    digests: bool = True,
 ) -> History:
     """The chosen requests (by tenant and time) with what was recorded of them, and the
-    settlements and resolutions that follow them, whatever their own times."""
+    settlements and resolutions that follow them, whatever their own times. Without ``digests``
+    the recorded policies' digests are not read (a replay under one policy does not need them)."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
     legacy = (
         store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
     )
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
-    requests = store.query(_REQUESTS.replace("{control_mode}", mode), params)
-    settlements = store.query(_FOLLOWING.format(table="settlements", columns=""), params)
+    requests = store.query(_requests_sql(False, mode, digests), params)
+    if requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py():
+        # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
+        requests = store.query(_requests_sql(True, mode, digests), params)
+    every = tenant is None and since is None and until is None
+    following, bound = (_EVERY_FOLLOWING, None) if every else (_FOLLOWING, params)
+    settlements = store.query(following.format(table="settlements", columns=""), bound)
     resolutions = store.query(
-        _FOLLOWING.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), params
+        following.format(table="resolutions", columns="resolution, epoch_us(occurred_at) AS at_us,"), bound
     )
-    columns = _columns(requests)
     return History(
-        requests=columns,
-        settlements=_columns(settlements),
-        resolutions=_columns(resolutions),
-        order=_history_order(requests, _request_versions(columns), settlements, resolutions),
+        requests=Columns(requests),
+        settlements=Columns(settlements),
+        resolutions=Columns(resolutions),
+        order=_history_order(requests, settlements, resolutions),
     )

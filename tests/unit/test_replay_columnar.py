@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -14,11 +15,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nexuscore._synthetic import synthetic_requests
-from nexuscore.core import EMPTY_STATE, BudgetState, Reservation, derive_id, on_outcome, on_request
+from nexuscore.core import (
+    EMPTY_STATE,
+    BudgetState,
+    Reservation,
+    derive_id,
+    on_outcome,
+    on_request,
+    on_review,
+)
 from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, cost_micros, parse_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.replay import ReplayReport, replay, replay_reference
-from nexuscore.schemas import DispatchRequested, Event, InferenceRequested, OutcomeRecorded
+from nexuscore.schemas import (
+    DispatchRequested,
+    Event,
+    InferenceRequested,
+    LatencyObservation,
+    OutcomeRecorded,
+    RequestDecided,
+    ReviewRecorded,
+)
 from tests.factories import POLICY, T0, project, run_history, with_budgets
 
 
@@ -172,3 +189,143 @@ def test_the_columnar_replay_reports_what_the_reference_replay_reports(
             _same_summary(
                 replay(store, CANDIDATES[candidate]), replay_reference(store, CANDIDATES[candidate])
             )
+
+
+def _latency(rng: random.Random, policy: RoutingPolicy) -> dict[tuple[str, str], LatencyObservation]:
+    """A latency window as the decider may hold it: some deployments' strategies observed, slow or
+    fast, with few or many samples (the decode stage trusts a window only past a count)."""
+    seen = {}
+    for d in policy.deployments:
+        for strategy in d.decode:
+            if rng.random() < 0.5:
+                p95 = rng.choice([50, 400, 2_000, 9_000, 30_000])
+                seen[(d.id, strategy.name)] = LatencyObservation(
+                    deployment_id=d.id, strategy=strategy.name, p50_ms=p95 // 2, p95_ms=p95,
+                    samples=rng.choice([1, 5, 50, 500]),
+                )  # fmt: skip
+    return seen
+
+
+def varied_history(policy: RoutingPolicy, n: int, seed: int, days: int) -> list[Event]:
+    """A history over several days (budgets bind within a day, then a new day starts from
+    nothing), every tenant, escalations reviewed (approved, denied, or past their deadline), calls
+    answered out of order or never, and a latency window that changes as the history goes."""
+    rng = random.Random(seed)
+    states: dict[str, BudgetState] = defaultdict(lambda: EMPTY_STATE)
+    held: dict[tuple[str, str], Reservation] = {}
+    events: list[Event] = []
+    in_flight: list[DispatchRequested] = []
+    window = _latency(rng, policy)
+    requests = synthetic_requests(policy, n, seed=seed, start=T0, run="varied")
+    for k, req in enumerate(requests):
+        at = T0 + timedelta(days=k * days // n, seconds=k)
+        req = msgspec.structs.replace(req, occurred_at=at)
+        if rng.random() < 0.05:
+            window = _latency(rng, policy)
+        latency = window.get
+        states[req.tenant_id], reservation, out = on_request(
+            states[req.tenant_id], req, policy, "decider", at, latency=lambda d, s, f=latency: f((d, s))
+        )
+        events += [req, *out]
+        key = (req.tenant_id, req.request_id)
+        if reservation is not None:
+            held[key] = reservation
+        decided = out[0]
+        if isinstance(decided, RequestDecided) and decided.verdict == "escalated":
+            assert decided.review_deadline is not None
+            action = rng.choice(["approved", "denied", "timed_out"])
+            when = decided.review_deadline + timedelta(seconds=1) if action == "timed_out" else at
+            review = ReviewRecorded(
+                event_id=derive_id(req.request_id, "review"), request_id=req.request_id, tenant_id=req.tenant_id,
+                occurred_at=when, producer="reviewer", action=action,  # type: ignore[arg-type]  # one of the three
+                reviewer="carol@bank", reason=action, deadline=decided.review_deadline,
+            )  # fmt: skip
+            states[req.tenant_id], reservation, out = on_review(
+                states[req.tenant_id], req, decided, review, policy, "decider", when,
+                latency=lambda d, s, f=latency: f((d, s)),
+            )  # fmt: skip
+            events += [review, *out]
+            if reservation is not None:
+                held[key] = reservation
+        in_flight += [e for e in out if isinstance(e, DispatchRequested)]
+        while in_flight and rng.random() < 0.5:
+            d = in_flight.pop(rng.randrange(len(in_flight)))
+            if rng.random() < 0.1:
+                continue  # never answered: the reservation stays held
+            outcome = _outcome(d, rng, fail_over=rng.random() < 0.2)
+            states[d.tenant_id], settled = on_outcome(
+                states[d.tenant_id], held.pop((d.tenant_id, d.request_id)), outcome, "decider", d.occurred_at
+            )
+            events += [outcome, *settled]
+    return events
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.integers(0, 10_000),
+    st.integers(1, 300),
+    st.integers(1, 3),
+    st.sampled_from(["0.02", "0.08", "3"]),
+    st.sampled_from([None, *CANDIDATES]),
+)
+def test_the_columnar_replay_equals_the_reference_over_days_latency_windows_and_binding_budgets(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, n: int, days: int, budget: str, candidate: str | None
+) -> None:
+    """Budgets that bind part way through a day (and a next day that starts from nothing), every
+    tenant, escalations and their reviews, denials, decode choices under changing latency windows:
+    the columnar replay reports what the reference does; under the recorded policy, nothing changes."""
+    policy = with_budgets(POLICY, budget, budget)
+    root = tmp_path_factory.mktemp("varied") / "evidence"
+    project(root, varied_history(policy, n, seed, days), partitions=2)
+    with EvidenceStore(root) as store:
+        chosen = CANDIDATES[candidate] if candidate else None
+        recorded = None if chosen else {policy.digest: policy}
+        fast = replay(store, chosen, recorded_policies=recorded, keep_changes=10**6)
+        _same_summary(fast, replay_reference(store, chosen, recorded_policies=recorded, keep_changes=10**6))
+    if candidate is None:
+        assert (fast.changed, fast.context_differences) == (0, 0), fast.changes[:2]
+        assert fast.estimated_delta_micros == 0 and fast.actual_delta_micros == 0
+
+
+def test_the_varied_history_has_what_the_property_test_is_about(tmp_path: Path) -> None:
+    """The generator's history does bind budgets mid-day, escalate, deny, cross days and decide
+    under latency observations (else the property test above would prove less than it says)."""
+    policy = with_budgets(POLICY, "0.08", "0.08")
+    project(tmp_path, varied_history(policy, 400, seed=1, days=2))
+    with EvidenceStore(tmp_path) as store:
+        row = store.query(
+            "SELECT count(*) FILTER (WHERE budget_action = 'denied') AS denied, "
+            "count(*) FILTER (WHERE budget_action = 'reserved') AS reserved, "
+            "count(*) FILTER (WHERE verdict = 'escalated') AS escalated, "
+            "count(DISTINCT budget_window) AS days, count(DISTINCT tenant_id) AS tenants, "
+            "count(*) FILTER (WHERE len(latency_observations) > 0) AS observed FROM decisions"
+        ).to_pylist()[0]
+        binding = (
+            store.query(
+                "SELECT count(*) AS n FROM (SELECT tenant_id, budget_window FROM decisions GROUP BY ALL "
+                "HAVING bool_or(budget_action = 'reserved') AND bool_or(budget_action = 'denied'))"
+            )
+            .column("n")[0]
+            .as_py()
+        )
+        report = replay(store, None, recorded_policies={policy.digest: policy})
+    assert row["denied"] and row["reserved"] and row["escalated"] and row["observed"], row
+    assert binding > 0  # a tenant's budget served some requests of a day, then denied others
+    assert row["days"] == 2 and row["tenants"] >= 3, row
+    assert (report.changed, report.context_differences) == (0, 0)
+
+
+def test_replay_leaves_the_cycle_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    project(tmp_path, run_history(POLICY, 30, seed=2))
+    with EvidenceStore(tmp_path) as store:
+        assert gc.isenabled()
+        replay(store, CANDIDATES["tighter"])
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            replay(store, CANDIDATES["tighter"])
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
