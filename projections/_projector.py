@@ -50,7 +50,7 @@ from nexuscore.projections._tables import (
     SCHEMAS,
     Row,
     Rows,
-    row_values,
+    sourced_values,
     to_columns,
     to_table,
 )
@@ -78,7 +78,7 @@ from nexuscore.transport import (
     Topics,
     appended_at,
     dead_letter,
-    decode_tenant_event,
+    decode_tenant_record,
     new_consumer,
     partition_counts,
     start_client,
@@ -299,24 +299,21 @@ class Projector:
 
     def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
         region = self.regions.get(row["tenant_id"], UNASSIGNED)
-        row.update(
-            data_region=region,
-            src_topic=record.topic,
-            src_partition=record.partition,
-            src_offset=record.offset,
-        )
-        batch.rows[(table, region)].append(row_values(table, row))
+        source = (region, record.topic, record.partition, record.offset)
+        batch.rows[(table, region)].append(sourced_values(table, row, source))
 
     def _rows(self, record: ConsumerRecord) -> Rows:
         """The rows one message becomes (DecodeError: none, it is bad input)."""
         topic = record.topic
         if topic == self._requests:
             # External input: checked exactly as the decider checks it, so that what it
-            # dead-letters never enters the requests table.
-            event = with_trace(decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,)))
-            return ROW_BUILDERS[InferenceRequested](
-                msgspec.to_builtins(event, builtin_types=(datetime, bytes))
-            )
+            # dead-letters never enters the requests table. The row is built from the record the
+            # event was validated from (its fields as builtins: no conversion back).
+            event, data = decode_tenant_record(self.codec, record.key, record.value, (InferenceRequested,))
+            traced = with_trace(event)
+            if traced is not event:
+                data["trace_id"] = traced.trace_id
+            return ROW_BUILDERS[InferenceRequested](data)
         if topic == self._governance:
             return self._governance_rows(record)
         if topic == self._reviews:
@@ -325,8 +322,8 @@ class Projector:
         if topic in self._validated:
             # Input of another stage (the circuits: of every worker): checked as fully as that
             # stage checks it, so what it refuses never enters a table.
-            event = self.codec.decode(record.value, expected)
-            cls, data = type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+            event, data = self.codec.decode_validated(record.value, expected)
+            cls = type(event)
         else:
             # Our own stages wrote these with the same codec: the schema and the topic's event
             # types and key are check enough.
@@ -365,9 +362,8 @@ class Projector:
     def _review_rows(self, record: ConsumerRecord) -> Rows:
         """A person's review enters ``reviews`` only with a valid reviewer signature (the decider
         judges the rest: what it answers, and timeouts); a forgery enters ``refusals``."""
-        event = decode_tenant_event(self.codec, record.key, record.value, (ReviewRecorded,))
+        event, data = decode_tenant_record(self.codec, record.key, record.value, (ReviewRecorded,))
         assert isinstance(event, ReviewRecorded)
-        data = msgspec.to_builtins(event, builtin_types=(datetime, bytes))
         if event.action != "timed_out":
             appended = appended_at(record.timestamp, self.clock.now())
             signer = check_review(event, self.trust, appended)
