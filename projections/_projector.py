@@ -5,8 +5,9 @@ Exactly once, from the log alone:
 - its position lives with the data: each flush ends with a manifest checkpoint naming the offsets
   it consumed, and a restart resumes from the last checkpoint (Kafka's committed offsets are
   written too, for lag monitoring only);
-- files are named by (topic, partition, first and last offset of the flush) and written atomically;
-  files of a flush cut short are unlisted, so a restart deletes them and writes them again;
+- a flush writes one file per table and region (the rows of every partition it read), named by
+  the ledger's size when it began, atomically; files of a flush cut short are unlisted, so a
+  restart deletes them and writes them again;
 - an event whose id was already projected within the last ``dedup_window`` offsets of its partition
   (a stage re-emitting after a crash) is dropped; ``verify`` checks the rest of the store.
 
@@ -43,7 +44,7 @@ from nexuscore.observe import record_lag, record_sealed, record_spans, with_trac
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
-from nexuscore.projections._manifest import Manifest
+from nexuscore.projections._manifest import Manifest, file_sources
 from nexuscore.projections._tables import (
     POSITIONS,
     ROW_BUILDERS,
@@ -97,16 +98,18 @@ def _dedup_key(table: str, row: Row) -> str:
     return str(row["event_id"])
 
 
-def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[int, str]]:
-    """(offset, dedup key) of a sealed file's rows from offset ``since`` on (on recovery)."""
-    columns = ["src_offset", "tenant_id", "request_id"] if table == "requests" else ["src_offset", "event_id"]
+def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[str, int, int, str]]:
+    """(topic, partition, offset, dedup key) of a sealed file's rows from offset ``since`` on (on
+    recovery; a file holds the rows of several partitions)."""
+    source = ["src_topic", "src_partition", "src_offset"]
+    columns = [*source, "tenant_id", "request_id"] if table == "requests" else [*source, "event_id"]
     data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
-    offsets = data.column("src_offset").to_pylist()
+    topics, partitions, offsets = (data.column(c).to_pylist() for c in source)
     if table == "requests":
-        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)]
+        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(3).to_pylist(), data.column(4).to_pylist(), strict=True)]
     else:
-        keys = [str(k) for k in data.column(1).to_pylist()]
-    return list(zip(offsets, keys, strict=True))
+        keys = [str(k) for k in data.column(3).to_pylist()]
+    return list(zip(topics, partitions, offsets, keys, strict=True))
 
 
 # Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
@@ -421,25 +424,38 @@ class Projector:
     # --- per flush -------------------------------------------------------------------------------
 
     def flush(self, batches: dict[TopicPartition, _Batch]) -> None:
-        """Write and seal every file of this flush, then commit them with one checkpoint."""
+        """Write and seal every file of this flush, then commit them with one checkpoint.
+
+        One file per table and region: the rows of every partition of the flush, partition after
+        partition (its entry's ``sources`` say which rows came from which offsets)."""
         writer = self.writer
         assert writer is not None, "recover() first"
         self.keystore.refresh()
         now = self.clock.now()
-        for tp, batch in batches.items():
-            for (table, region), rows in batch.rows.items():
-                columns = to_columns(table, rows)
-                self._protect(table, columns, now)
-                writer.write(
-                    to_table(table, columns),
-                    table=table,
-                    region=region,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    first_offset=batch.start,
-                    last_offset=batch.end - 1,
-                    leaves=column_leaves(SCHEMAS[table], columns),
-                )
+        files: dict[tuple[str, str], list[tuple[TopicPartition, _Batch]]] = defaultdict(list)
+        for tp, batch in sorted(batches.items()):
+            for key in batch.rows:
+                files[key].append((tp, batch))
+        for (table, region), parts in sorted(files.items()):
+            sources = [
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "first_offset": b.start,
+                    "last_offset": b.end - 1,
+                    "rows": len(b.rows[(table, region)]),
+                }
+                for tp, b in parts
+            ]
+            columns = to_columns(table, [row for _, b in parts for row in b.rows[(table, region)]])
+            self._protect(table, columns, now)
+            writer.write_flush(
+                to_table(table, columns),
+                table=table,
+                region=region,
+                sources=sources,
+                leaves=column_leaves(SCHEMAS[table], columns),
+            )
         writer.commit(
             [
                 {
@@ -487,18 +503,24 @@ class Projector:
         Read with pyarrow (loaded anyway), not DuckDB: a DuckDB connection keeps tens of MB
         resident for the life of the process.
         """
-        by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        since = {tp: end - self.dedup_window - 1 for tp, end in manifest.positions.items()}
+        rows: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
         for e in manifest.files():
-            by_tp[(e["topic"], e["partition"])].append(e)
-        for (topic, partition), end in manifest.positions.items():
-            recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
-            since = end - self.dedup_window - 1
-            rows: list[tuple[int, str]] = []
-            for e in by_tp[(topic, partition)]:
-                if e["last_offset"] >= since:
-                    rows.extend(_dedup_keys(self.evidence_dir / e["path"], e["table"], since))
-            for offset, key in sorted(rows):
-                recent.seen(offset, key)
+            recent = {
+                tp: since[tp]
+                for s in file_sources(e)
+                if (tp := (s["topic"], s["partition"])) in since and s["last_offset"] >= since[tp]
+            }
+            if recent:
+                for topic, partition, offset, key in _dedup_keys(
+                    self.evidence_dir / e["path"], e["table"], min(recent.values())
+                ):
+                    if offset >= recent.get((topic, partition), offset + 1):
+                        rows[(topic, partition)].append((offset, key))
+        for topic, partition in manifest.positions:
+            window = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
+            for offset, key in sorted(rows[(topic, partition)]):
+                window.seen(offset, key)
 
     async def run(self) -> None:
         try:
