@@ -432,6 +432,7 @@ class Projector:
         assert writer is not None, "recover() first"
         self.keystore.refresh()
         now = self.clock.now()
+        sealed = _sealed_rows(batches), len({key for b in batches.values() for key in b.rows})  # rows, files
         files: dict[tuple[str, str], list[tuple[TopicPartition, _Batch]]] = defaultdict(list)
         for tp, batch in sorted(batches.items()):
             for key in batch.rows:
@@ -447,15 +448,16 @@ class Projector:
                 }
                 for tp, b in parts
             ]
-            columns = to_columns(table, [row for _, b in parts for row in b.rows[(table, region)]])
+            # Memory: each file's rows are let go as soon as they are columns (the plaintext with
+            # them once encrypted), and its columns once they are Arrow: a flush holds its rows
+            # plus one file in the making, not every file's columns, ciphertext and Arrow at once.
+            columns = to_columns(table, [row for _, b in parts for row in b.rows.pop((table, region))])
             self._protect(table, columns, now)
-            writer.write_flush(
-                to_table(table, columns),
-                table=table,
-                region=region,
-                sources=sources,
-                leaves=column_leaves(SCHEMAS[table], columns),
-            )
+            leaves = column_leaves(SCHEMAS[table], columns)
+            data = to_table(table, columns)
+            del columns
+            writer.write_flush(data, table=table, region=region, sources=sources, leaves=leaves)
+            del data
         writer.commit(
             [
                 {
@@ -473,7 +475,7 @@ class Projector:
         )
         for tp, b in batches.items():
             self._position[tp] = b.end
-        record_sealed(_sealed_rows(batches), sum(len(b.rows) for b in batches.values()))
+        record_sealed(*sealed)
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -545,9 +547,16 @@ class Projector:
             (),
             self.group,  # type: ignore[arg-type]  # None: a consumer without a group
             # Bounded memory: aiokafka prefetches per partition; at about 60 partitions, 4 MiB each
-            # held hundreds of MB before a record was processed.
-            max_partition_fetch_bytes=512 * 1024,
-            fetch_max_bytes=16 * 1024 * 1024,
+            # held hundreds of MB before a record was processed. A fetch answers with at most
+            # 4 MiB (a quarter of a flush), 256 KiB a partition.
+            max_partition_fetch_bytes=256 * 1024,
+            fetch_max_bytes=4 * 1024 * 1024,
+            # Evidence is not latency-critical: the broker answers a fetch once 64 KiB are ready
+            # or 200 ms passed, not with whatever trickled in. A caught-up projector then costs the
+            # broker a few fetches a second instead of one per poll; catching up, fetches are full
+            # anyway, so throughput is the same.
+            fetch_min_bytes=64 * 1024,
+            fetch_max_wait_ms=200,
         )
         await start_client(consumer, self.bootstrap)
         try:
