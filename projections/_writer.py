@@ -132,6 +132,7 @@ class SealedWriter:
 
 
 ROW_GROUP = 16_384
+_UNIQUE = {"event_id", "request_id", "causation_id", "trace_id"}  # a value a row: no dictionary
 
 
 def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[int] | None = None) -> str:
@@ -145,6 +146,7 @@ def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = io.BytesIO()
     plain = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    repeated = [name for name in plain if name not in _UNIQUE]
     largest = max(groups) if groups else table.num_rows
     with pq.ParquetWriter(
         sink,
@@ -154,9 +156,10 @@ def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[
         # No min/max statistics over ciphertext and raw bytes: they prune nothing and cost a
         # comparison of kilobytes per row.
         write_statistics=plain,
-        # Nor dictionaries: ciphertext never repeats, and the writer hashed every blob (kilobytes a
-        # row) into a dictionary it then dropped for plain encoding (about 1 µs an event).
-        use_dictionary=plain,
+        # Dictionaries only where values repeat: ciphertext and ids never do, and the writer hashed
+        # every value into a dictionary it then dropped for plain encoding (about 1 µs an event for
+        # the blobs, 1.5 µs for the ids; the files come out no bigger).
+        use_dictionary=repeated,
     ) as parquet:
         start = 0
         for rows in groups if groups is not None else [table.num_rows]:
