@@ -404,7 +404,7 @@ def _footer_groups(path: Path) -> list[tuple[Any, ...]] | None:
 def _judge_sources(e: dict[str, Any], groups: list[tuple[Any, ...]], report: VerifyReport) -> None:
     """A file of several partitions: its rows of each partition lie within that partition's offsets
     in its entry's ``sources`` and number what the entry says; every row in the entry's region."""
-    claimed = {(s.get("topic"), s.get("partition")): s for s in file_sources(e)}
+    claimed = {_tp(s): s for s in file_sources(e)}
     held: dict[tuple[Any, Any], list[Any]] = {}
     for topic, partition, lo, hi, r1, r2, rows in groups:
         at = held.setdefault((topic, partition), [lo, hi, 0])
@@ -426,6 +426,12 @@ def _judge_sources(e: dict[str, Any], groups: list[tuple[Any, ...]], report: Ver
     for (topic, partition), s in claimed.items():
         if (topic, partition) not in held and s.get("rows") != 0:
             report.add("rows_mismatch", e["path"], f"has no rows of {topic}[{partition}], sealed with {s.get('rows')}")
+
+
+def _tp(source: dict[str, Any]) -> tuple[Any, Any]:
+    """(topic, partition) of a source, hashable whatever a hostile entry holds there."""
+    topic, partition = source.get("topic"), source.get("partition")
+    return (topic if isinstance(topic, str) else repr(topic), partition if isinstance(partition, int) else repr(partition))
 
 
 def _int(value: object) -> int:
@@ -488,7 +494,7 @@ def _check_rows_per_partition(
     held: Counter[tuple[Any, Any]] = Counter()
     for e in committed(entries):
         for s in file_sources(e):
-            held[(s.get("topic"), s.get("partition"))] += _rows(s)
+            held[_tp(s)] += _rows(s)
     for tp in sorted(set(projected) | set(held), key=str):
         want = projected.get(tp, 0)
         if want is None or held[tp] == want:

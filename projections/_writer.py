@@ -143,6 +143,8 @@ def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[
     Returns the sha256 of the bytes written. Bloom filters on the request id let a lookup skip
     every row group that cannot hold it.
     """
+    if groups is not None and (sum(groups) != table.num_rows or min(groups, default=0) < 0):
+        raise ValueError(f"row groups of {groups} rows do not split a table of {table.num_rows} rows")
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = io.BytesIO()
     plain = [f.name for f in table.schema if not pa.types.is_binary(f.type)]

@@ -164,3 +164,17 @@ def test_a_flush_in_progress_is_tolerated_and_an_old_flush_name_unlisted_is_not(
     report = check(root)
     assert [(f.kind, f.where) for f in report.findings if f.fatal] == [("unlisted_file", stale)]
     assert ("unflushed_file", writing) in {(f.kind, f.where) for f in report.findings}
+
+
+def test_a_hostile_sources_list_is_a_finding_not_a_crash(flushed: Path, tmp_path: Path) -> None:
+    root = tmp_path / "evidence"
+    shutil.copytree(flushed / "evidence", root)
+    shutil.copytree(flushed / "keys", tmp_path / "keys")
+    index, sealed = _several(root)
+    lines = (root / "manifest.jsonl").read_bytes().splitlines()
+    entry = json.loads(lines[index])
+    entry["sources"] = [{"topic": ["not", "a", "name"], "partition": {"x": 1}, "rows": "many"}, "junk"]
+    lines[index] = canonical(entry)
+    (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    report = check(root)
+    assert not report.ok and "chain_broken" in {f.kind for f in report.findings}
