@@ -112,6 +112,11 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="Do not run py-spy on the projector."
     )
+    parser.add_argument(
+        "--projector-baseline",
+        metavar="REV",
+        help="Also run the projector of commit REV on the same log, before this one (before/after).",
+    )
     ns = parser.parse_args(argv)
     if ns.decisions < 1000 or ns.chunk < 1000 or ns.kafka_events < 1000 or ns.repeat < 1 or ns.days < 31:
         parser.error("--decisions, --chunk, --kafka-events >= 1000; --repeat >= 1; --days >= 31")
@@ -132,6 +137,7 @@ def parse_args(argv: Sequence[str] | None) -> Params:
         ns.days,
         ns.profile,
         ns.small_requests,
+        ns.projector_baseline,
     )
 
 

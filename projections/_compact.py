@@ -1,8 +1,9 @@
 """``nexuscore evidence compact``: rewrite many small sealed files as few large ones, re-sealed.
 
-The projector writes one file per table, region and partition per flush: thousands of small files
-that every view lists and every lookup opens. Compaction merges, per (table, region, topic,
-partition), the files under ``file_rows`` rows into files of up to ``file_rows`` rows, and seals
+The projector writes one file per table and region per flush (before, one per partition too):
+thousands of small files that every view lists and every lookup opens. Compaction merges, per
+(table, region) (per topic and partition too for files of one partition), the files under
+``file_rows`` rows into files of up to ``file_rows`` rows, and seals
 them as the projector seals its own (Merkle root over the rows, sha256, a ``file`` entry each).
 Rows are sorted by tenant, then request id, then time: a tenant's rows are contiguous (its
 queries skip other tenants' row groups) and each 16,384-row group covers a narrow range of
@@ -10,7 +11,8 @@ request ids, so a lookup by request id reads the footer statistics and about one
 tenant (the bloom filters rule out the others). A time-sorted file would give every row group the
 whole range of request ids, and the reports' windows (30 of 35 days) would prune little anyway.
 
-Each new file keeps its group's topic, partition, region and offset range, so every check and
+Each new file keeps its group's region and, per partition, offset range (with its own row count
+per partition in ``sources`` when it holds several), so every check and
 the projector's restart treat it as any file. Order of work, safe against a crash anywhere:
 
 1. take the projector's lock (a running projector holds it: compaction refuses, and says so);
@@ -59,7 +61,7 @@ from nexuscore.projections._index import (
     trusted_paths,
     write_index,
 )
-from nexuscore.projections._manifest import Manifest, fsync_path, read_head
+from nexuscore.projections._manifest import Manifest, file_sources, fsync_path, read_head
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -80,6 +82,7 @@ SORT = "tenant_id, request_id, occurred_at, event_id"
 COMPACTED = re.compile(r"region=[^/]+/[^/]+/\.?compact-(?P<seq>\d{12})-\d+-\d+-[^/]+\.parquet(\.tmp)?")
 Entry = dict[str, Any]
 Group = tuple[str, str, str, int]  # table, region, topic, partition
+SEVERAL = ("", -1)  # the topic and partition of a group of files that hold several partitions
 
 
 @dataclass
@@ -99,8 +102,10 @@ def plan(files: list[Entry], file_rows: int = FILE_ROWS) -> dict[Group, list[Ent
     groups: dict[Group, list[Entry]] = defaultdict(list)
     for e in files:
         if is_table_path(e) and int(e["rows"]) < file_rows:
-            groups[(e["table"], e["region"], e["topic"], int(e["partition"]))].append(e)
-    return {g: sorted(es, key=lambda e: e["first_offset"]) for g, es in sorted(groups.items()) if len(es) > 1}
+            # A flush's files hold several partitions (``sources``): merged per table and region.
+            several = "sources" in e
+            groups[(e["table"], e["region"], *(SEVERAL if several else (e["topic"], int(e["partition"]))))].append(e)
+    return {g: sorted(es, key=lambda e: e.get("first_offset", -1)) for g, es in sorted(groups.items()) if len(es) > 1}
 
 
 def compact(
@@ -247,13 +252,15 @@ def _rewrite_with(
         f"SELECT * FROM read_parquet({sources}, hive_partitioning = false, union_by_name = true) "  # noqa: S608
         f"ORDER BY {SORT}"
     ).to_arrow_reader(file_rows)
-    first, last = min(e["first_offset"] for e in entries), max(e["last_offset"] for e in entries)
+    several = (topic, partition) == SEVERAL
+    if not several:
+        first, last = min(e["first_offset"] for e in entries), max(e["last_offset"] for e in entries)
     sealer = duckdb.connect()
     written: list[Entry] = []
     try:
         for k, batch in enumerate(_batches(reader, file_rows)):
             data = _conform(batch, schema)
-            name = f"compact-{seq:012d}-{n:05d}-{k:03d}-{topic}-p{partition}.parquet"
+            name = f"compact-{seq:012d}-{n:05d}-{k:03d}-{'flush' if several else f'{topic}-p{partition}'}.parquet"
             relative = f"region={region}/{table}/{name}"
             digest = _write(root / relative, data)
             written.append(
@@ -262,10 +269,11 @@ def _rewrite_with(
                     "path": relative,
                     "table": table,
                     "region": region,
-                    "topic": topic,
-                    "partition": partition,
-                    "first_offset": first,
-                    "last_offset": last,
+                    **(
+                        {"sources": _sources(data, entries)}
+                        if several
+                        else {"topic": topic, "partition": partition, "first_offset": first, "last_offset": last}
+                    ),
                     "rows": data.num_rows,
                     "sha256": digest,
                     **_seal_rows(sealer, data),
@@ -274,6 +282,23 @@ def _rewrite_with(
     finally:
         sealer.close()
     return written
+
+
+def _sources(data: pa.Table, entries: list[Entry]) -> list[dict[str, Any]]:
+    """A compacted file's ``sources``: per partition of its rows, the offsets the files it merged
+    covered, and how many of its rows come from it."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    for e in entries:
+        for s in file_sources(e):
+            tp = (s["topic"], s["partition"])
+            first, last = ranges.get(tp, (s["first_offset"], s["last_offset"]))
+            ranges[tp] = (min(first, s["first_offset"]), max(last, s["last_offset"]))
+    counts = data.group_by(["src_topic", "src_partition"]).aggregate([([], "count_all")]).to_pylist()
+    held = {(c["src_topic"], c["src_partition"]): c["count_all"] for c in counts}
+    return [
+        {"topic": t, "partition": p, "first_offset": ranges[(t, p)][0], "last_offset": ranges[(t, p)][1], "rows": n}
+        for (t, p), n in sorted(held.items())
+    ]
 
 
 def _seal_rows(con: duckdb.DuckDBPyConnection, data: pa.Table) -> dict[str, Any]:

@@ -4,8 +4,11 @@
 spaces, ASCII). An entry's hash is sha256 of its line; every entry names the previous one's hash
 (``prev``), so no entry can be changed, removed or reordered without breaking the chain. Two kinds:
 
-- ``file``: one sealed Parquet file (path, table, region, topic, partition, offsets, rows, Merkle
-  root of its rows, sha256 of its bytes);
+- ``file``: one sealed Parquet file (path, table, region, the partitions its rows come from, rows,
+  Merkle root of its rows, sha256 of its bytes). A flush writes one file per table and region, with
+  the rows of every partition it read: its ``sources`` list, per partition, the range of offsets the
+  flush covered and how many of the file's rows come from it (``file_sources``); entries written
+  before name one partition (``topic``, ``partition``, ``first_offset``, ``last_offset``);
 - ``checkpoint``: the end of one projector flush, with the range of offsets of every partition it
   consumed. Checkpoints are the commit points: the projector resumes from them, and entries after
   the last checkpoint (a flush cut short) are discarded on restart.
@@ -229,6 +232,17 @@ def committed(entries: list[Entry]) -> list[Entry]:
             files.extend(staged)
             staged = []
     return files
+
+
+def file_sources(entry: Entry) -> list[dict[str, Any]]:
+    """The partitions a file entry's rows come from, each ``{topic, partition, first_offset,
+    last_offset, rows}``: its ``sources``, or the one partition of an entry written before files held
+    several (all of its rows from it). Malformed sources (hostile entries) are left out."""
+    sources = entry.get("sources")
+    if sources is None:
+        keys = ("topic", "partition", "first_offset", "last_offset")
+        return [{**{k: entry.get(k) for k in keys}, "rows": entry.get("rows")}]
+    return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
 
 
 def fsync_path(path: Path) -> None:

@@ -5,8 +5,9 @@ Exactly once, from the log alone:
 - its position lives with the data: each flush ends with a manifest checkpoint naming the offsets
   it consumed, and a restart resumes from the last checkpoint (Kafka's committed offsets are
   written too, for lag monitoring only);
-- files are named by (topic, partition, first and last offset of the flush) and written atomically;
-  files of a flush cut short are unlisted, so a restart deletes them and writes them again;
+- a flush writes one file per table and region (the rows of every partition it read), named by
+  the ledger's size when it began, atomically; files of a flush cut short are unlisted, so a
+  restart deletes them and writes them again;
 - an event whose id was already projected within the last ``dedup_window`` offsets of its partition
   (a stage re-emitting after a crash) is dropped; ``verify`` checks the rest of the store.
 
@@ -43,14 +44,14 @@ from nexuscore.observe import record_lag, record_sealed, record_spans, with_trac
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
-from nexuscore.projections._manifest import Manifest
+from nexuscore.projections._manifest import Manifest, file_sources
 from nexuscore.projections._tables import (
     POSITIONS,
     ROW_BUILDERS,
     SCHEMAS,
     Row,
     Rows,
-    row_values,
+    sourced_values,
     to_columns,
     to_table,
 )
@@ -78,7 +79,7 @@ from nexuscore.transport import (
     Topics,
     appended_at,
     dead_letter,
-    decode_tenant_event,
+    decode_tenant_record,
     new_consumer,
     partition_counts,
     start_client,
@@ -97,16 +98,18 @@ def _dedup_key(table: str, row: Row) -> str:
     return str(row["event_id"])
 
 
-def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[int, str]]:
-    """(offset, dedup key) of a sealed file's rows from offset ``since`` on (on recovery)."""
-    columns = ["src_offset", "tenant_id", "request_id"] if table == "requests" else ["src_offset", "event_id"]
+def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[str, int, int, str]]:
+    """(topic, partition, offset, dedup key) of a sealed file's rows from offset ``since`` on (on
+    recovery; a file holds the rows of several partitions)."""
+    source = ["src_topic", "src_partition", "src_offset"]
+    columns = [*source, "tenant_id", "request_id"] if table == "requests" else [*source, "event_id"]
     data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
-    offsets = data.column("src_offset").to_pylist()
+    topics, partitions, offsets = (data.column(c).to_pylist() for c in source)
     if table == "requests":
-        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(1).to_pylist(), data.column(2).to_pylist(), strict=True)]
+        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(3).to_pylist(), data.column(4).to_pylist(), strict=True)]
     else:
-        keys = [str(k) for k in data.column(1).to_pylist()]
-    return list(zip(offsets, keys, strict=True))
+        keys = [str(k) for k in data.column(3).to_pylist()]
+    return list(zip(topics, partitions, offsets, keys, strict=True))
 
 
 # Topics whose undecodable messages no stage dead-letters (the decider takes requests, outcomes
@@ -299,24 +302,21 @@ class Projector:
 
     def _place(self, batch: _Batch, record: ConsumerRecord, table: str, row: Row) -> None:
         region = self.regions.get(row["tenant_id"], UNASSIGNED)
-        row.update(
-            data_region=region,
-            src_topic=record.topic,
-            src_partition=record.partition,
-            src_offset=record.offset,
-        )
-        batch.rows[(table, region)].append(row_values(table, row))
+        source = (region, record.topic, record.partition, record.offset)
+        batch.rows[(table, region)].append(sourced_values(table, row, source))
 
     def _rows(self, record: ConsumerRecord) -> Rows:
         """The rows one message becomes (DecodeError: none, it is bad input)."""
         topic = record.topic
         if topic == self._requests:
             # External input: checked exactly as the decider checks it, so that what it
-            # dead-letters never enters the requests table.
-            event = with_trace(decode_tenant_event(self.codec, record.key, record.value, (InferenceRequested,)))
-            return ROW_BUILDERS[InferenceRequested](
-                msgspec.to_builtins(event, builtin_types=(datetime, bytes))
-            )
+            # dead-letters never enters the requests table. The row is built from the record the
+            # event was validated from (its fields as builtins: no conversion back).
+            event, data = decode_tenant_record(self.codec, record.key, record.value, (InferenceRequested,))
+            traced = with_trace(event)
+            if traced is not event:
+                data["trace_id"] = traced.trace_id
+            return ROW_BUILDERS[InferenceRequested](data)
         if topic == self._governance:
             return self._governance_rows(record)
         if topic == self._reviews:
@@ -325,8 +325,8 @@ class Projector:
         if topic in self._validated:
             # Input of another stage (the circuits: of every worker): checked as fully as that
             # stage checks it, so what it refuses never enters a table.
-            event = self.codec.decode(record.value, expected)
-            cls, data = type(event), msgspec.to_builtins(event, builtin_types=(datetime, bytes))
+            event, data = self.codec.decode_validated(record.value, expected)
+            cls = type(event)
         else:
             # Our own stages wrote these with the same codec: the schema and the topic's event
             # types and key are check enough.
@@ -365,9 +365,8 @@ class Projector:
     def _review_rows(self, record: ConsumerRecord) -> Rows:
         """A person's review enters ``reviews`` only with a valid reviewer signature (the decider
         judges the rest: what it answers, and timeouts); a forgery enters ``refusals``."""
-        event = decode_tenant_event(self.codec, record.key, record.value, (ReviewRecorded,))
+        event, data = decode_tenant_record(self.codec, record.key, record.value, (ReviewRecorded,))
         assert isinstance(event, ReviewRecorded)
-        data = msgspec.to_builtins(event, builtin_types=(datetime, bytes))
         if event.action != "timed_out":
             appended = appended_at(record.timestamp, self.clock.now())
             signer = check_review(event, self.trust, appended)
@@ -425,25 +424,40 @@ class Projector:
     # --- per flush -------------------------------------------------------------------------------
 
     def flush(self, batches: dict[TopicPartition, _Batch]) -> None:
-        """Write and seal every file of this flush, then commit them with one checkpoint."""
+        """Write and seal every file of this flush, then commit them with one checkpoint.
+
+        One file per table and region: the rows of every partition of the flush, partition after
+        partition (its entry's ``sources`` say which rows came from which offsets)."""
         writer = self.writer
         assert writer is not None, "recover() first"
         self.keystore.refresh()
         now = self.clock.now()
-        for tp, batch in batches.items():
-            for (table, region), rows in batch.rows.items():
-                columns = to_columns(table, rows)
-                self._protect(table, columns, now)
-                writer.write(
-                    to_table(table, columns),
-                    table=table,
-                    region=region,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    first_offset=batch.start,
-                    last_offset=batch.end - 1,
-                    leaves=column_leaves(SCHEMAS[table], columns),
-                )
+        sealed = _sealed_rows(batches), len({key for b in batches.values() for key in b.rows})  # rows, files
+        files: dict[tuple[str, str], list[tuple[TopicPartition, _Batch]]] = defaultdict(list)
+        for tp, batch in sorted(batches.items()):
+            for key in batch.rows:
+                files[key].append((tp, batch))
+        for (table, region), parts in sorted(files.items()):
+            sources = [
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "first_offset": b.start,
+                    "last_offset": b.end - 1,
+                    "rows": len(b.rows[(table, region)]),
+                }
+                for tp, b in parts
+            ]
+            # Memory: each file's rows are let go as soon as they are columns (the plaintext with
+            # them once encrypted), and its columns once they are Arrow: a flush holds its rows
+            # plus one file in the making, not every file's columns, ciphertext and Arrow at once.
+            columns = to_columns(table, [row for _, b in parts for row in b.rows.pop((table, region))])
+            self._protect(table, columns, now)
+            leaves = column_leaves(SCHEMAS[table], columns)
+            data = to_table(table, columns)
+            del columns
+            writer.write_flush(data, table=table, region=region, sources=sources, leaves=leaves)
+            del data
         writer.commit(
             [
                 {
@@ -461,7 +475,7 @@ class Projector:
         )
         for tp, b in batches.items():
             self._position[tp] = b.end
-        record_sealed(_sealed_rows(batches), sum(len(b.rows) for b in batches.values()))
+        record_sealed(*sealed)
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -491,18 +505,24 @@ class Projector:
         Read with pyarrow (loaded anyway), not DuckDB: a DuckDB connection keeps tens of MB
         resident for the life of the process.
         """
-        by_tp: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        since = {tp: end - self.dedup_window - 1 for tp, end in manifest.positions.items()}
+        rows: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
         for e in manifest.files():
-            by_tp[(e["topic"], e["partition"])].append(e)
-        for (topic, partition), end in manifest.positions.items():
-            recent = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
-            since = end - self.dedup_window - 1
-            rows: list[tuple[int, str]] = []
-            for e in by_tp[(topic, partition)]:
-                if e["last_offset"] >= since:
-                    rows.extend(_dedup_keys(self.evidence_dir / e["path"], e["table"], since))
-            for offset, key in sorted(rows):
-                recent.seen(offset, key)
+            recent = {
+                tp: since[tp]
+                for s in file_sources(e)
+                if (tp := (s["topic"], s["partition"])) in since and s["last_offset"] >= since[tp]
+            }
+            if recent:
+                for topic, partition, offset, key in _dedup_keys(
+                    self.evidence_dir / e["path"], e["table"], min(recent.values())
+                ):
+                    if offset >= recent.get((topic, partition), offset + 1):
+                        rows[(topic, partition)].append((offset, key))
+        for topic, partition in manifest.positions:
+            window = self._recent[TopicPartition(topic, partition)] = _Recent(self.dedup_window)
+            for offset, key in sorted(rows[(topic, partition)]):
+                window.seen(offset, key)
 
     async def run(self) -> None:
         try:
@@ -527,9 +547,17 @@ class Projector:
             (),
             self.group,  # type: ignore[arg-type]  # None: a consumer without a group
             # Bounded memory: aiokafka prefetches per partition; at about 60 partitions, 4 MiB each
-            # held hundreds of MB before a record was processed.
+            # held hundreds of MB before a record was processed. A fetch answers with at most
+            # 16 MiB (a flush's worth), 512 KiB a partition. (256 KiB and 4 MiB measured slower:
+            # aiokafka keeps one fetch in flight per broker, and small fetches left it waiting.)
             max_partition_fetch_bytes=512 * 1024,
             fetch_max_bytes=16 * 1024 * 1024,
+            # Evidence is not latency-critical: the broker answers a fetch once 64 KiB are ready
+            # or 100 ms passed, not with whatever trickled in. A caught-up projector then costs the
+            # broker about ten fetches a second instead of one per poll. Not longer: the one fetch
+            # in flight may name only partitions with little left, and others wait behind it.
+            fetch_min_bytes=64 * 1024,
+            fetch_max_wait_ms=100,
         )
         await start_client(consumer, self.bootstrap)
         try:

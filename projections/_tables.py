@@ -285,6 +285,10 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 TABLES = tuple(SCHEMAS)
+_SOURCE_COLUMNS = ("data_region", "src_topic", "src_partition", "src_offset")
+assert all(s.names[-4:] == list(_SOURCE_COLUMNS) for s in SCHEMAS.values())
+_OWN_NAMES = {table: tuple(schema.names[:-4]) for table, schema in SCHEMAS.items()}
+_OWN_GETTERS = {table: operator.itemgetter(*names) for table, names in _OWN_NAMES.items()}
 _GETTERS = {table: operator.itemgetter(*schema.names) for table, schema in SCHEMAS.items()}
 # Column positions by name, per table.
 POSITIONS: dict[str, dict[str, int]] = {t: {n: i for i, n in enumerate(s.names)} for t, s in SCHEMAS.items()}
@@ -299,6 +303,15 @@ def row_values(table: str, row: Row) -> tuple[Any, ...]:
         return _GETTERS[table](row)  # type: ignore[no-any-return]
     except KeyError:  # a row without some column (none of the builders makes one): null there
         return tuple(row.get(name) for name in SCHEMAS[table].names)
+
+
+def sourced_values(table: str, row: Row, source: tuple[str, str, int, int]) -> tuple[Any, ...]:
+    """``row_values`` of a row without its source columns, given them apart: (data_region,
+    src_topic, src_partition, src_offset), the last columns of every table (no dict update a row)."""
+    try:
+        return _OWN_GETTERS[table](row) + source  # type: ignore[no-any-return]
+    except KeyError:
+        return tuple(row.get(name) for name in _OWN_NAMES[table]) + source
 
 
 def to_columns(table: str, values: Sequence[tuple[Any, ...]]) -> list[list[Any]]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from nexuscore import ledger
@@ -42,6 +43,7 @@ from nexuscore.projections._manifest import (
     canonical,
     committed,
     erasure_message,
+    file_sources,
     head_message,
     read_erasures,
     read_head,
@@ -49,7 +51,7 @@ from nexuscore.projections._manifest import (
 )
 from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
-from nexuscore.projections._verify_files import Placement, check_files
+from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
 
 SHOW = 20  # ids named per finding before "and N more"
 # What the folder may hold besides committed files: the ledger, its head, the erasure ledger, the
@@ -61,6 +63,8 @@ _FLUSH_FILE = re.compile(
     r"region=[^/]+/[^/]+/(?P<tmp>\.)?(?P<topic>[^/.][^/]*)-p(?P<partition>\d+)-(?P<first>\d{12})-\d{12}\.parquet"
     r"(?(tmp)\.tmp)"
 )
+# The file of one table and region of a flush of several partitions (``SealedWriter.write_flush``).
+_FLUSH_ALL_FILE = re.compile(r"region=[^/]+/[^/]+/\.?flush-(?P<seq>\d{12})\.parquet(\.tmp)?")
 _HEAD_TMP = {f".{MANIFEST}.tmp", f".{HEAD}.tmp"}  # the manifest or its head being replaced
 _CONTENT = (("requests", "prompt"), ("outcomes", "response"), ("deadletters", "raw_value"))
 
@@ -204,9 +208,12 @@ def _check_folder(
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
-    for e in entries:
-        for p in e["partitions"] if e.get("kind") == "checkpoint" else ():
-            committed_end[(p["topic"], p["partition"])] = p["end"]
+    last_checkpoint = -1
+    for i, e in enumerate(entries):
+        if e.get("kind") == "checkpoint":
+            last_checkpoint = i
+            for p in e["partitions"]:
+                committed_end[(p["topic"], p["partition"])] = p["end"]
     for relative in _folder_files(root):
         if relative in listed or relative in _OWN_FILES or relative == index:
             continue
@@ -227,7 +234,7 @@ def _check_folder(
                 "`evidence compact` or projector start deletes it)",
                 fatal=False,
             )
-        elif relative in _HEAD_TMP or _unflushed(relative, committed_end):
+        elif relative in _HEAD_TMP or _unflushed(relative, committed_end, last_checkpoint):
             report.add(
                 "unflushed_file",
                 relative,
@@ -312,10 +319,12 @@ def _check_compaction(
         if old is None:
             report.add("compaction_invalid", where, f"replaces {path}, which was not in force")
             return
-        before[_group(old)] += _rows(old)
+        for group, rows in _groups(old):
+            before[group] += rows
     after: Counter[tuple[Any, ...]] = Counter()
     for f in new:
-        after[_group(f)] += _rows(f)
+        for group, rows in _groups(f):
+            after[group] += rows
     if before != after or sorted(_paths(e.get("files"))) != sorted(str(f.get("path")) for f in new):
         report.add(
             "compaction_rows",
@@ -325,8 +334,12 @@ def _check_compaction(
         )
 
 
-def _group(e: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(str(e.get(k)) for k in ("table", "region", "topic", "partition"))
+def _groups(e: dict[str, Any]) -> list[tuple[tuple[str, ...], int]]:
+    """Per (table, region, topic, partition) of a file's rows: how many (``file_sources``)."""
+    return [
+        ((str(e.get("table")), str(e.get("region")), str(s.get("topic")), str(s.get("partition"))), _rows(s))
+        for s in file_sources(e)
+    ]
 
 
 def _rows(e: dict[str, Any]) -> int:
@@ -334,9 +347,13 @@ def _rows(e: dict[str, Any]) -> int:
     return rows if isinstance(rows, int) else -1
 
 
-def _unflushed(relative: str, committed_end: dict[tuple[str, int], int]) -> bool:
-    """Is this the file of a flush after the last checkpoint of its partition, of a topic the ledger
-    knows? (Only what the projector itself could be writing now, or left when cut short.)"""
+def _unflushed(relative: str, committed_end: dict[tuple[str, int], int], last_checkpoint: int) -> bool:
+    """Is this the file of a flush after the last checkpoint (of its partition, for a file of one
+    partition, of a topic the ledger knows)? Only what the projector itself could be writing now,
+    or left when cut short: a flush's file is named by the ledger's size when the flush began."""
+    flush_of_all = _FLUSH_ALL_FILE.fullmatch(relative)
+    if flush_of_all is not None:
+        return int(flush_of_all["seq"]) > last_checkpoint
     flush = _FLUSH_FILE.fullmatch(relative)
     if flush is None or flush["topic"] not in {topic for topic, _ in committed_end}:
         return False
@@ -359,12 +376,20 @@ def _folder_files(root: Path) -> list[str]:
 def _check_placement(
     root: Path, files: list[dict[str, Any]], placements: dict[str, Placement], report: VerifyReport
 ) -> None:
-    """Every row in the file its entry describes: topic, partition, offsets and region. From the
-    footer's statistics where ``check_files`` found them, else (and in deep mode) from the rows."""
+    """Every row in the file its entry describes: topic, partition, offsets and region, and for a file
+    of several partitions, as many rows of each as its entry says. From the footer's statistics where
+    they place every row group (``check_files`` found them for a file of one partition; a flush gives
+    each partition its own row groups), else (and in deep mode) from the rows."""
     by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in files:
         placement = placements.get(e["path"])
-        if placement is None:
+        if "sources" in e:
+            groups = _footer_groups(root / e["path"]) if e["path"] in placements else None
+            if groups is None:
+                by_table[e["table"]].append(e)
+            else:
+                _judge_sources(e, groups, report)
+        elif placement is None:
             by_table[e["table"]].append(e)
         else:
             _judge_placement(e, placement, report)
@@ -375,15 +400,89 @@ def _check_placement(
         for entries in by_table.values():
             paths = {str(root / e["path"]): e for e in entries}
             rows = con.execute(
-                "SELECT filename, min(src_topic), max(src_topic), min(src_partition), max(src_partition), "  # noqa: S608
-                "min(src_offset), max(src_offset), min(data_region), max(data_region) "
+                "SELECT filename, src_topic, src_partition, min(src_offset), max(src_offset), "  # noqa: S608
+                "min(data_region), max(data_region), count(*) "
                 f"FROM read_parquet({sql_list(list(paths))}, hive_partitioning = false, filename = true) "
-                "GROUP BY filename"
+                "GROUP BY ALL"
             ).fetchall()
+            found: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
             for row in rows:
-                _judge_placement(paths[row[0]], tuple(row[1:]), report)
+                found[row[0]].append(tuple(row[1:]))
+            for path, e in paths.items():
+                if "sources" in e:
+                    _judge_sources(e, found[path], report)
+                elif found[path]:
+                    _judge_placement(e, _overall(found[path]), report)
     finally:
         con.close()
+
+
+def _overall(groups: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """(min, max) of topic, partition, offset and region over (topic, partition, lo, hi, region
+    min, region max, rows) groups: a file of one partition's placement."""
+    t, p, lo, hi, r1, r2, _ = zip(*groups, strict=True)
+    return min(t), max(t), min(p), max(p), min(lo), max(hi), min(r1), max(r2)
+
+
+def _footer_groups(path: Path) -> list[tuple[Any, ...]] | None:
+    """(topic, partition, lowest offset, highest offset, region min, region max, rows) of each row
+    group, from the footer's statistics; None when a group lacks them or holds several partitions."""
+    try:
+        metadata = pq.read_metadata(path)
+        groups = []
+        for g in range(metadata.num_row_groups):
+            group = metadata.row_group(g)
+            stats = {}
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema in PLACEMENT:
+                    stats[column.path_in_schema] = column.statistics
+            if any(st is None or not st.has_min_max or st.null_count for st in stats.values()):
+                return None
+            topic, partition, offset, region = (stats[name] for name in PLACEMENT)
+            if topic.min != topic.max or partition.min != partition.max:
+                return None
+            groups.append((topic.min, partition.min, offset.min, offset.max, region.min, region.max, group.num_rows))
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    return groups
+
+
+def _judge_sources(e: dict[str, Any], groups: list[tuple[Any, ...]], report: VerifyReport) -> None:
+    """A file of several partitions: its rows of each partition lie within that partition's offsets
+    in its entry's ``sources`` and number what the entry says; every row in the entry's region."""
+    claimed = {_tp(s): s for s in file_sources(e)}
+    held: dict[tuple[Any, Any], list[Any]] = {}
+    for topic, partition, lo, hi, r1, r2, rows in groups:
+        at = held.setdefault((topic, partition), [lo, hi, 0])
+        at[0], at[1], at[2] = min(at[0], lo), max(at[1], hi), at[2] + rows
+        if not r1 == r2 == e["region"]:
+            report.add("row_misplaced", e["path"], f"holds rows of region {r1}..{r2}; sealed for {e['region']}")
+            return
+    for (topic, partition), (lo, hi, rows) in sorted(held.items()):
+        s = claimed.get((topic, partition))
+        if s is None or not (_int(s.get("first_offset")) <= lo <= hi <= _int(s.get("last_offset"))):
+            sealed = "no rows of it" if s is None else f"offsets {s.get('first_offset')}..{s.get('last_offset')}"
+            report.add(
+                "row_misplaced",
+                e["path"],
+                f"holds rows of {topic}[{partition}] offsets {lo}..{hi}; sealed with {sealed}",
+            )
+        elif rows != s.get("rows"):
+            report.add("rows_mismatch", e["path"], f"has {rows} rows of {topic}[{partition}], sealed with {s.get('rows')}")
+    for (topic, partition), s in claimed.items():
+        if (topic, partition) not in held and s.get("rows") != 0:
+            report.add("rows_mismatch", e["path"], f"has no rows of {topic}[{partition}], sealed with {s.get('rows')}")
+
+
+def _tp(source: dict[str, Any]) -> tuple[Any, Any]:
+    """(topic, partition) of a source, hashable whatever a hostile entry holds there."""
+    topic, partition = source.get("topic"), source.get("partition")
+    return (topic if isinstance(topic, str) else repr(topic), partition if isinstance(partition, int) else repr(partition))
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else -1
 
 
 def _judge_placement(e: dict[str, Any], placement: tuple[Any, ...], report: VerifyReport) -> None:
@@ -400,8 +499,12 @@ def _judge_placement(e: dict[str, Any], placement: tuple[Any, ...], report: Veri
 
 
 def _check_coverage(entries: list[dict[str, Any]], report: VerifyReport) -> None:
-    """The checkpoints account for every offset of every partition, from 0, once."""
+    """The checkpoints account for every offset of every partition, from 0, once; and the committed
+    files hold, of each partition, as many rows as its checkpoints say were projected (events less
+    duplicates dropped: one row an event), where they say so (projectors since files held several
+    partitions always do)."""
     expected: dict[tuple[str, int], int] = {}
+    projected: dict[tuple[str, int], int | None] = {}
     for e in entries:
         if e.get("kind") != "checkpoint":
             continue
@@ -421,7 +524,34 @@ def _check_coverage(entries: list[dict[str, Any]], report: VerifyReport) -> None
                     f"offsets {p['start']}..{at - 1} are covered twice (checkpoint at entry {e['seq']})",
                 )
             expected[tp] = p["end"]
+            events, duplicates = p.get("events"), p.get("duplicates")
+            counted = projected.get(tp, 0)
+            if counted is None or not (isinstance(events, int) and isinstance(duplicates, int)):
+                projected[tp] = None  # a checkpoint without the counts: rows not checked
+            else:
+                projected[tp] = counted + events - duplicates
     report.partitions = len(expected)
+    _check_rows_per_partition(entries, projected, report)
+
+
+def _check_rows_per_partition(
+    entries: list[dict[str, Any]], projected: dict[tuple[str, int], int | None], report: VerifyReport
+) -> None:
+    """Rows of a partition missing from, or doubled in, the files (their entries' row counts)."""
+    held: Counter[tuple[Any, Any]] = Counter()
+    for e in committed(entries):
+        for s in file_sources(e):
+            held[_tp(s)] += _rows(s)
+    for tp in sorted(set(projected) | set(held), key=str):
+        want = projected.get(tp, 0)
+        if want is None or held[tp] == want:
+            continue
+        kind = "rows_missing" if held[tp] < want else "rows_duplicated"
+        report.add(
+            kind,
+            f"{tp[0]}[{tp[1]}]",
+            f"the committed files hold {held[tp]} rows of it; its checkpoints projected {want} events",
+        )
 
 
 def _ids(rows: list[tuple[Any, ...]]) -> str:

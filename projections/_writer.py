@@ -72,6 +72,41 @@ class SealedWriter:
         )
         self.files += 1
 
+    def write_flush(
+        self,
+        data: pa.Table,
+        *,
+        table: str,
+        region: str,
+        sources: list[dict[str, Any]],
+        leaves: list[bytes] | None,
+    ) -> None:
+        """Write and seal one file of a flush: the rows of one table and region from every partition
+        the flush read, partition after partition, as ``sources`` lists them (``topic``,
+        ``partition``, ``first_offset``, ``last_offset``, ``rows``). Each partition's rows get row
+        groups of their own, so that the footer's statistics tell where every partition's rows are
+        (``verify`` reads no rows to place them). Named by the ledger's size when the flush began:
+        one name per table, region and flush (a flush cut short is written again under its name).
+        ``leaves`` as for ``write``."""
+        name = f"flush-{len(self.manifest.entries):012d}.parquet"
+        relative = f"{region_dir(region)}/{table}/{name}"
+        digest = write_table(self.root / relative, data, sync=False, groups=[int(s["rows"]) for s in sources])
+        self._unsynced.append(self.root / relative)
+        self._directories.add((self.root / relative).parent)
+        self.manifest.add(
+            {
+                "kind": "file",
+                "path": relative,
+                "table": table,
+                "region": region,
+                "sources": sources,
+                "rows": data.num_rows,
+                "merkle_root": (ledger.root(leaves) if leaves is not None else self._duckdb_root(data)).hex(),
+                "sha256": digest,
+            }
+        )
+        self.files += 1
+
     def _duckdb_root(self, data: pa.Table) -> bytes:
         if self._con is None:
             self._con = duckdb.connect()
@@ -96,27 +131,44 @@ class SealedWriter:
 
 
 
-def write_table(path: Path, table: pa.Table, *, sync: bool = True) -> str:
+ROW_GROUP = 16_384
+_UNIQUE = {"event_id", "request_id", "causation_id", "trace_id"}  # a value a row: no dictionary
+
+
+def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[int] | None = None) -> str:
     """Write a Parquet file atomically and durably (the directory is synced at commit; with
     ``sync=False`` the file too, by the caller: ``SealedWriter.commit``).
 
+    ``groups``: row counts (in order, summing to the table's) that no row group may straddle.
     Returns the sha256 of the bytes written. Bloom filters on the request id let a lookup skip
     every row group that cannot hold it.
     """
+    if groups is not None and (sum(groups) != table.num_rows or min(groups, default=0) < 0):
+        raise ValueError(f"row groups of {groups} rows do not split a table of {table.num_rows} rows")
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = io.BytesIO()
-    pq.write_table(
-        table,
+    plain = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    repeated = [name for name in plain if name not in _UNIQUE]
+    largest = max(groups) if groups else table.num_rows
+    with pq.ParquetWriter(
         sink,
+        table.schema,
         compression="zstd",
-        # Small row groups: a lookup by request id decompresses only the group its bloom filter
-        # admits (16k rows measured 3x faster than one group per file, for 1% more disk).
-        row_group_size=16_384,
-        bloom_filter_options={"request_id": {"ndv": max(min(table.num_rows, 16_384), 1), "fpp": 0.01}},
+        bloom_filter_options={"request_id": {"ndv": max(min(largest, ROW_GROUP), 1), "fpp": 0.01}},
         # No min/max statistics over ciphertext and raw bytes: they prune nothing and cost a
         # comparison of kilobytes per row.
-        write_statistics=[f.name for f in table.schema if not pa.types.is_binary(f.type)],
-    )
+        write_statistics=plain,
+        # Dictionaries only where values repeat: ciphertext and ids never do, and the writer hashed
+        # every value into a dictionary it then dropped for plain encoding (about 1 µs an event for
+        # the blobs, 1.5 µs for the ids; the files come out no bigger).
+        use_dictionary=repeated,
+    ) as parquet:
+        start = 0
+        for rows in groups if groups is not None else [table.num_rows]:
+            # Small row groups: a lookup by request id decompresses only the group its bloom filter
+            # admits (16k rows measured 3x faster than one group per file, for 1% more disk).
+            parquet.write_table(table.slice(start, rows), row_group_size=ROW_GROUP)
+            start += rows
     data = sink.getbuffer()  # no copy of the file's bytes
     tmp = path.parent / f".{path.name}.tmp"
     with tmp.open("wb") as f:

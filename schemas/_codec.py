@@ -92,9 +92,17 @@ class AvroCodec:
 
     def decode(self, data: bytes | None, expected: tuple[type[Event], ...] | None = None) -> Event:
         """Decode and validate one message, or raise DecodeError with a reason a person can act on."""
+        return self.decode_validated(data, expected)[0]
+
+    def decode_validated(
+        self, data: bytes | None, expected: tuple[type[Event], ...] | None = None
+    ) -> tuple[Event, dict[str, Any]]:
+        """``decode``, with the Avro record the event was validated from: the event's fields as
+        builtins (what ``msgspec.to_builtins`` would give back, less the tag), for a reader that
+        needs both without converting the event back."""
         cls, record = self.decode_record(data, expected)
         try:
-            return msgspec.convert(record, cls)
+            return msgspec.convert(record, cls), record
         except msgspec.ValidationError as exc:
             raise DecodeError(f"invalid {avro_name(cls)}: {exc}") from exc
 

@@ -3,7 +3,7 @@ NexusCore uses them, the one check every reader of a tenant-keyed topic applies,
 broker time. Below the stages (streams, projections, replay), above the core; no stream runtime."""
 
 from nexuscore.transport._deadletter import MAX_RAW_KEY, MAX_RAW_VALUE, dead_letter
-from nexuscore.transport._inputs import appended_at, decode_tenant_event
+from nexuscore.transport._inputs import appended_at, decode_tenant_event, decode_tenant_record
 from nexuscore.transport._kafka import new_consumer, new_producer, start_client
 from nexuscore.transport._topics import (
     DECIDER_TABLES,
@@ -26,6 +26,7 @@ __all__ = [
     "check_namespace",
     "dead_letter",
     "decode_tenant_event",
+    "decode_tenant_record",
     "ensure_topics",
     "new_consumer",
     "new_producer",

@@ -45,6 +45,7 @@ class Params:
     days: int
     profile: bool
     small_requests: int = 10_500
+    projector_baseline: str | None = None  # a commit whose projector runs on the same log first
 
 
 def signing_key() -> Ed25519PrivateKey:

@@ -257,6 +257,36 @@ def _measure_projector(
     return p, profile
 
 
+def _measure_baseline_projector(
+    args: Params, bootstrap: str, topics: Topics, ends: dict[str, int], regions: dict[str, str], work: Path
+) -> dict[str, Any]:
+    """The projector of commit ``args.projector_baseline`` on the same log (a child process that
+    imports that commit's code, laid out by ``projector_offline.baseline_tree``; no profiler)."""
+    import json
+    import subprocess
+    import sys
+
+    from bench._evidence.projector_offline import baseline_tree
+
+    assert args.projector_baseline is not None
+    tree = baseline_tree(args.projector_baseline, work / "baseline-code")
+    repo = Path(__file__).resolve().parents[2]
+    call = (bootstrap, topics.namespace, str(work / "baseline-evidence"), regions, ends)
+    code = (
+        f"import sys; sys.path[:0] = {[str(tree), str(repo)]!r}; import json; "
+        "from bench._evidence.projector import projector_child; "
+        f"print(json.dumps(projector_child(*{call!r}, {args.flush_rows}, {args.flush_interval_s})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tree, timeout=CHILD_TIMEOUT_S
+    )
+    shutil.rmtree(work / "baseline-evidence", ignore_errors=True)
+    shutil.rmtree(work / "baseline-code", ignore_errors=True)
+    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result["commit"] = args.projector_baseline
+    return result
+
+
 def _verify_projection(evidence: Path, policy: RoutingPolicy) -> dict[str, Any]:
     """The projection itself must be sound: verify what the projector wrote."""
     report = verify(evidence, signing_key().public_key(), {policy.digest})
@@ -292,6 +322,17 @@ def _measure(
         f"flush_interval_s {args.flush_interval_s:g})",
         flush=True,
     )
+    if args.projector_baseline:
+        print(f"[kafka] projector of {args.projector_baseline} first, on the same log", flush=True)
+        cpu0 = cpu_seconds(broker_pid) if broker_pid else None
+        old = results["projector_baseline"] = _measure_baseline_projector(args, bootstrap, topics, ends, regions, work)
+        cpu1 = cpu_seconds(broker_pid) if broker_pid else None
+        old["broker_cpu_s"] = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2)
+        print(
+            f"    {old['events_per_s']:,}/s, {old['cpu_us_per_event']} µs CPU/event, {old['files']} files, "
+            f"peak RSS {old['peak_rss_mb']} MB",
+            flush=True,
+        )
     broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else None
     p, profile = _measure_projector(args, bootstrap, topics, ends, regions, work)
     broker_cpu1 = cpu_seconds(broker_pid) if broker_pid else None

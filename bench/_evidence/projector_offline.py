@@ -52,15 +52,15 @@ def _targets() -> dict[str, tuple[Any, str]]:
 
     return {
         "add: AvroCodec.decode_record (fastavro; all topics)": (AvroCodec, "decode_record"),
-        "add: decode_tenant_event (requests: decode + msgspec validation)": (
+        "add: decode_tenant_record (requests, reviews: decode + msgspec validation)": (
             _projector,
-            "decode_tenant_event",
+            "decode_tenant_record",
         ),
-        "add: msgspec.to_builtins (requests)": (_projector.msgspec, "to_builtins"),  # type: ignore[attr-defined]
+        "add: AvroCodec.decode_validated (decode + msgspec validation)": (AvroCodec, "decode_validated"),
         "add: _Recent.seen (dedup window)": (_projector._Recent, "seen"),
         "add: _protect (FieldCipher.encrypt)": (_projector.Projector, "_protect"),
         "flush": (_projector.Projector, "flush"),
-        "flush: SealedWriter.write": (SealedWriter, "write"),
+        "flush: SealedWriter.write_flush": (SealedWriter, "write_flush"),
         **{f"flush: {k}": v for k, v in sealing_targets().items()},
     }
 
@@ -113,11 +113,11 @@ def _derived_calls(timer: CallTimer, built_s: float, seconds: float, events: int
     calls = timer.result()
     calls["add: ROW_BUILDERS (Avro record -> row dict)"] = {"s": round(built_s, 3), "calls": events}
     flush_s = timer.seconds["flush"]
-    write_s = timer.seconds["flush: SealedWriter.write"]
+    write_s = timer.seconds["flush: SealedWriter.write_flush"]
     commit_s = timer.seconds["flush: manifest commit + sign"]
     calls["flush: Table.from_pylist (= flush - write - commit)"] = {
         "s": round(flush_s - write_s - commit_s, 3),
-        "calls": timer.calls["flush: SealedWriter.write"],
+        "calls": timer.calls["flush: SealedWriter.write_flush"],
     }
     calls["add: everything (= total - flush)"] = {"s": round(seconds - flush_s, 3), "calls": events}
     return {k: calls[k] for k in sorted(calls, key=lambda k: (k.split(":")[0], -calls[k]["s"]))}
@@ -214,6 +214,7 @@ def decode_only(records: list[Any]) -> float:
 _STEPS = {
     "Avro decode (AvroCodec.decode_record)": ("nexuscore.schemas", "AvroCodec.decode_record"),
     "requests check (decode_tenant_event)": ("nexuscore.projections._projector", "decode_tenant_event"),
+    "requests check (decode_tenant_record)": ("nexuscore.projections._projector", "decode_tenant_record"),
     "encryption (Projector._protect)": ("nexuscore.projections._projector", "Projector._protect"),
     "dedup (_Recent.seen)": ("nexuscore.projections._projector", "_Recent.seen"),
     "flush (all of it)": ("nexuscore.projections._projector", "Projector.flush"),
@@ -226,6 +227,7 @@ _STEPS = {
     "leaves in Python (_leaves.column_leaves)": ("nexuscore.projections._projector", "column_leaves"),
     "leaves in DuckDB (_seal.leaf_hashes)": ("nexuscore.projections._seal", "leaf_hashes"),
     "Parquet (pyarrow write_table)": ("pyarrow.parquet", "write_table"),
+    "Parquet (pyarrow ParquetWriter.write_table)": ("pyarrow.parquet", "ParquetWriter.write_table"),
     "file write + fsync (_writer.write_table)": ("nexuscore.projections._writer", "write_table"),
     "Merkle root (ledger.root)": ("nexuscore.ledger", "root"),
     "manifest commit + sign": ("nexuscore.projections._manifest", "Manifest.commit"),
@@ -351,7 +353,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--flush-rows", type=int, default=10_000)
-    ap.add_argument("--baseline", default="821fb4b")
+    ap.add_argument("--baseline", default="534cfd0")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nexus-offline-") as tmp:

@@ -215,6 +215,27 @@ def _offline_lines(o: dict[str, Any]) -> list[str]:
     ]
 
 
+def _baseline_projector_rows(o: dict[str, Any] | None) -> list[tuple[Any, ...]]:
+    if not o:
+        return []
+    return [
+        (
+            f"Projector of `{o['commit']}` (before; same log, run first)",
+            *(f"{o['events_in_log']:,}", o["seconds"], f"{o['events_per_s']:,}"),
+            *(f"{o['events_per_s_from_first_event']:,}/s", o["cpu_s"], f"{o['peak_rss_mb']:.0f}"),
+        )
+    ]
+
+
+def _baseline_projector_line(o: dict[str, Any] | None) -> list[str]:
+    if not o:
+        return []
+    return [
+        f"Projector of `{o['commit']}` (before): {o['cpu_us_per_event']} µs CPU per event; files written: "
+        f"{o['files']}; broker CPU during it: {o.get('broker_cpu_s')} s."
+    ]
+
+
 def _kafka_lines(k: dict[str, Any]) -> list[str]:
     p, b, pf, verified = k["projector"], k["baseline"], k["prefill"], k["projector_verify"]
     broker = k["broker"]
@@ -240,6 +261,7 @@ def _kafka_lines(k: dict[str, Any]) -> list[str]:
                     ),
                     *(f"{b['messages_per_s_from_first_message']:,}/s", b["cpu_s"], f"{b['peak_rss_mb']:.0f}"),
                 ),
+                *_baseline_projector_rows(k.get("projector_baseline")),
                 (
                     f"Projector (flush_rows {p['flush_rows']:,}, interval {p['flush_interval_s']:g} s)",
                     *(f"{p['events_in_log']:,}", p["seconds"], f"{p['events_per_s']:,}"),
@@ -251,6 +273,7 @@ def _kafka_lines(k: dict[str, Any]) -> list[str]:
         f"Projector CPU per event: {p['cpu_us_per_event']} µs; files written: {p['files']}; broker CPU during "
         f"the projection: {p.get('broker_cpu_s')} s. The projection verifies: ok={verified['ok']}, "
         f"{verified['rows']:,} rows.",
+        *_baseline_projector_line(k.get("projector_baseline")),
         "",
         "Time inside the projector's flushes (wall, summed over calls):",
         "",
