@@ -154,13 +154,13 @@ class DeciderLoop:
         state of a partition kept across a rebalance stays (every change to it was flushed)."""
         self.state.forget(self.held - partitions)
         new = partitions - self.held
-        self.held = set(partitions)
         if new and self._restorer is not None:
             read = await self.state.restore(self._restorer, new)
             for name, table in self.state.tables.items():
                 self.retention.restored(name, table.restored)
                 table.restored = []
             log.info("restored partitions %s of the decider's state: %d changelog records", sorted(new), read)
+        self.held = set(partitions)  # once their state is in: what ``held`` says is ready
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(

@@ -24,6 +24,9 @@ DEFAULT_PARTITIONS = 4
 # record's timestamp: an act's freshness is judged, and a decision timed, against a time no producer
 # can set, and the same input decided again gives the same decision. Governance has one partition,
 # so every reader folds its acts in the same order.
+# Every topic of the namespace: a record's time is when the broker took it, never a producer's
+# clock. Inputs need it (a decision's time is its input's); on outputs it makes every figure read
+# off the topics (latency, the fault run's stalls) include a broker that was slow or away.
 _BROKER_TIME = {"message.timestamp.type": "LogAppendTime"}
 
 
@@ -145,10 +148,6 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.prefix}{name}"
 
 
-def _broker_timed(topics: Topics) -> tuple[str, ...]:
-    return (topics.requests, topics.outcomes, topics.reviews, topics.governance)
-
-
 async def ensure_topics(
     bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0
 ) -> None:
@@ -162,7 +161,7 @@ async def ensure_topics(
                 name=t,
                 num_partitions=1 if t == topics.governance else partitions,
                 replication_factor=1,
-                topic_configs=_BROKER_TIME if t in _broker_timed(topics) else {},
+                topic_configs=_BROKER_TIME,
             )
             for t in topics.all
             if t not in existing

@@ -88,7 +88,8 @@ def _pacing(rate: float, n: int, span: float, late: int, worst_lag: float) -> di
 class Dispatch:
     """One request's times, in s: sent by the client (its ``occurred_at``), appended by the broker
     (the dispatch's ``occurred_at``: the decider times a decision by its input record's
-    LogAppendTime), and its dispatch produced by the decider (the dispatch record's CreateTime)."""
+    LogAppendTime), and its dispatch produced by the decider (the dispatch record's timestamp: the
+    broker's LogAppendTime, as on every topic)."""
 
     requested_s: float
     appended_s: float

@@ -81,7 +81,7 @@ async def observe(
         await reader
         await consumer.stop()
     # Sent -> read by this client; and sent -> taken by the broker (the answer's record timestamp:
-    # LogAppendTime on outcomes, the decider's clock on decisions), which leaves out the reading.
+    # LogAppendTime, as on every topic), which leaves out the reading.
     read = [(seen[rid][0] - sent[rid]) * 1000 for rid in seen if rid in sent]
     appended = [(seen[rid][1] - sent[rid]) * 1000 for rid in seen if rid in sent]
     return pacing, read, appended

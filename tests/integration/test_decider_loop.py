@@ -161,10 +161,10 @@ def test_requests_older_than_the_window_are_forgotten_and_stay_forgotten_after_a
                 await _publish(bootstrap, topics, 1, f"b{n}")
                 with contextlib.suppress(AssertionError):
                     await eventually_async(forgot, "an old memo forgotten", timeout_s=0.5)
-            return before, before - set(decided)
         finally:
             loop.stopping.set()
             await task
+        return before, before - set(decided)  # once stopped: its last batch's state is written
 
     async def restart() -> set[bytes]:
         loop = decider()
