@@ -57,6 +57,7 @@ from nexuscore.projections import _seal
 from nexuscore.projections._index import (
     current_index,
     indexed_paths,
+    rechunk,
     remove_stale,
     trusted_paths,
     write_index,
@@ -258,7 +259,7 @@ def _rewrite_with(
     sealer = duckdb.connect()
     written: list[Entry] = []
     try:
-        for k, batch in enumerate(_batches(reader, file_rows)):
+        for k, batch in enumerate(rechunk(reader, file_rows)):
             data = _conform(batch, schema)
             name = f"compact-{seq:012d}-{n:05d}-{k:03d}-{'flush' if several else f'{topic}-p{partition}'}.parquet"
             relative = f"region={region}/{table}/{name}"
@@ -340,22 +341,6 @@ def _write(path: Path, data: pa.Table) -> str:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return hashlib.sha256(payload).hexdigest()
-
-
-def _batches(reader: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
-    """The reader's rows as tables of exactly ``rows`` rows (the last one shorter)."""
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in reader:
-        pending.append(batch)
-        count += batch.num_rows
-        while count >= rows:
-            whole = pa.Table.from_batches(pending)
-            yield whole.slice(0, rows)
-            rest = whole.slice(rows)
-            pending, count = rest.to_batches(), rest.num_rows
-    if count:
-        yield pa.Table.from_batches(pending)
 
 
 def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:
