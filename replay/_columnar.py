@@ -36,7 +36,7 @@ from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
 from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, History, load_history
 from nexuscore.replay._replay import Change, Key, ReplayReport
-from nexuscore.replay._rows import BUDGETED, DENIED, plan_rows
+from nexuscore.replay._rows import BUDGETED, DENIED, Planned, plan_rows
 from nexuscore.replay._tally import BUDGET_DENIED, DECIDED, SHAPED, Folded, tally
 
 _DAY_US = 86_400_000_000
@@ -155,6 +155,7 @@ class _Engine:
         self.out_output: list[int | None] = r["out_output"] if billed else []
         # What the slow path reads by request row.
         self.request_ids: list[str] = r["request_id"]
+        self.now_us: list[int] = r["now_us"]
         self.max_output_tokens: list[int] = r["max_output_tokens"]
         self.latency_slo_ms: list[int | None] = r["latency_slo_ms"]
         self.served: list[bool] = r["served"]
@@ -209,7 +210,7 @@ class _Engine:
         verdict = outcome.verdict
         key = (tenant, self.request_ids[i])
         if verdict == "escalated":
-            s, now_us = shape.escalation_deadline_s, self.r["now_us"][i]
+            s, now_us = shape.escalation_deadline_s, self.now_us[i]
             deadline = now_us + s * 1_000_000 if s else None
             self.escalated[key] = (
                 i, feature, planner, shape, self.planned.tokens_of[i], self.planned.complexity_of[i], deadline,
@@ -314,15 +315,28 @@ def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
     return kinds_of
 
 
+def _slack(planned: Planned, order: pa.Array) -> tuple[list[int], list[int]]:
+    """Per request in the scan's order, of a budgeted shape: its tenant's and its feature's budget
+    less its cheapest option. The cheapest option does not fit the room left (budget less
+    committed) exactly where the committed amount is above this (0 for other rows: never read)."""
+    if not len(order):
+        return [], []
+    shape = pc.if_else(pc.less(planned.shape, 0), pa.scalar(None, pa.int32()), planned.shape).take(order)
+    cheapest = planned.cheapest.take(order)
+    shapes, out = [s for _, s, _ in planned.shapes], []
+    for budgets in ([s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]):
+        slack = pc.subtract(pa.array(budgets, _I64).take(shape), cheapest)
+        out.append(pc.fill_null(slack, 0).to_pylist())
+    return out[0], out[1]
+
+
 def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None] | None) -> int:
     """The fold, in the history's order; the number of requests. Per request, what the budget
     window holds for its tenant, day and feature; a budget denial where the cheapest option does
     not fit, a shape's own verdict where it needs no state, and ``engine.request`` otherwise. The
     per-request columns it reads and writes are in its own order (``p``), read one after another."""
-    planned, order = engine.planned, history.request_order
-    shape_of, cheapest = planned.shape.take(order).to_pylist(), planned.cheapest.take(order).to_pylist()
-    kind_of, shapes = _scan_kinds(engine, order), [s for _, s, _ in planned.shapes]
-    tenant_budget, feature_budget = [s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]
+    order = history.request_order
+    kind_of, (tenant_slack, feature_slack) = _scan_kinds(engine, order), _slack(engine.planned, order)
     tenant_code, feature_code, day_of = engine.tenant_code, engine.feature_code, engine.day
     folded = engine.folded
     tenant_at, feature_at, version_at, mode = (
@@ -363,9 +377,8 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         t, f = (0, 0) if w is None else (w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0))
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         if k == budgeted:
-            s = shape_of[p]
-            room, feature_room = tenant_budget[s] - t, feature_budget[s] - f
-            if cheapest[p] > (room if room < feature_room else feature_room):
+            # The cheapest option fits neither the tenant's nor the feature's room left.
+            if t > tenant_slack[p] or f > feature_slack[p]:
                 mode[p] = budget_denied
                 budget.version += 1
                 continue
