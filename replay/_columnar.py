@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from nexuscore.core import Observed, Outcome, Planner, Shape
 from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
-from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, History, load_history
+from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, Columns, History, load_history
 from nexuscore.replay._replay import Change, Key, ReplayReport
 from nexuscore.replay._rows import BUDGETED, DENIED, Planned, plan_rows
 from nexuscore.replay._tally import BUDGET_DENIED, DECIDED, SHAPED, Folded, tally
@@ -108,6 +108,23 @@ def _day_numbers(now_us: pa.ChunkedArray) -> pa.Array:
     return pc.subtract(q, pc.cast(inexact, _I64))
 
 
+def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
+    """The request rows served in the recorded history, with what a settlement reprices by (the
+    recorded call: deployment, input and output tokens); and the rows with a recorded dispatch.
+    Only those rows: most requests are neither."""
+    at = pc.indices_nonzero(pc.fill_null(r.arrow("served"), False))
+    calls = r.table.select(["out_deployment", "out_input", "out_output"]).take(at)
+    served = dict(
+        zip(
+            at.to_pylist(),
+            zip(*(calls.column(n).to_pylist() for n in calls.column_names), strict=True),
+            strict=True,
+        )
+    )
+    dispatch = pc.and_(pc.equal(r.arrow("verdict"), "dispatch"), pc.equal(r.arrow("rec_table"), "decisions"))
+    return served, set(pc.indices_nonzero(pc.fill_null(dispatch, False)).to_pylist())
+
+
 class _Engine:
     def __init__(
         self,
@@ -148,24 +165,12 @@ class _Engine:
         self.settled_request: list[str] = self.s["request_id"]
         v = self.v
         self.resolved = (v["tenant_id"], v["request_id"], v["at_us"], v["resolution"])
-        # What a settlement reprices by (the recorded call), where there are settlements at all.
-        billed = self.s.rows > 0
-        self.out_deployment: list[str | None] = r["out_deployment"] if billed else []
-        self.out_input: list[int | None] = r["out_input"] if billed else []
-        self.out_output: list[int | None] = r["out_output"] if billed else []
         # What the slow path reads by request row.
         self.request_ids: list[str] = r["request_id"]
         self.now_us: list[int] = r["now_us"]
         self.max_output_tokens: list[int] = r["max_output_tokens"]
         self.latency_slo_ms: list[int | None] = r["latency_slo_ms"]
-        self.served: list[bool] = r["served"]
-        # Never served, and no recorded dispatch to reprice (see ``_dispatched``).
-        recorded_dispatch = pc.and_(
-            pc.equal(r.arrow("verdict"), "dispatch"), pc.equal(r.arrow("rec_table"), "decisions")
-        )
-        self.unbilled: list[bool] = pc.and_(
-            pc.invert(r.arrow("served")), pc.invert(pc.fill_null(recorded_dispatch, False))
-        ).to_pylist()
+        self.served, self.recorded_dispatch = _served(r)
 
     def budget_of(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -239,9 +244,9 @@ class _Engine:
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
         self.report.candidate_estimated_micros += amount
-        if self.served[i]:
+        if i in self.served:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
-        elif self.unbilled[i]:
+        elif i not in self.recorded_dispatch:
             # Never served in the recorded history, and no recorded call to reprice: the estimate
             # stands for what it would have cost. The reservation stays held, as the decider keeps
             # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
@@ -262,14 +267,9 @@ class _Engine:
         self.report.candidate_actual_micros += actual
 
     def _bill(self, i: int, chain: tuple[str, ...], policy: RoutingPolicy) -> int:
-        served_on = self.out_deployment[i]
+        served_on, input_tokens, output_tokens = self.served[i]
         d = policy.deployments_by_id[served_on if served_on in chain else chain[0]]
-        return cost_micros(
-            self.out_input[i],  # type: ignore[arg-type]  # served: the outcome's numbers are there
-            self.out_output[i],  # type: ignore[arg-type]
-            d.input_micros_per_1k,
-            d.output_micros_per_1k,
-        )
+        return cost_micros(input_tokens, output_tokens, d.input_micros_per_1k, d.output_micros_per_1k)
 
     def resolution(self, j: int) -> None:
         """A person's (or the deadline's) resolution of an escalation the candidate made too: the
@@ -295,7 +295,7 @@ class _Engine:
             return
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
-        if self.served[i]:
+        if i in self.served:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
 
 
