@@ -185,7 +185,8 @@ def _keys(
             "kind": pa.repeat(pa.scalar(kind, pa.int8()), n),
             "partition": table.column("src_partition"),
             "offset": table.column("src_offset"),
-            "index": pa.array(range(n), pa.int64()),
+            # 0, 1, 2... without a Python int per row.
+            "index": pc.cast(pc.indices_nonzero(pa.repeat(pa.scalar(True), n)), pa.int64()),
         }
     )
 
