@@ -34,9 +34,9 @@ import pyarrow.compute as pc
 from nexuscore.core import Observed, Outcome, Planner, Shape
 from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
-from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, History, load_history
+from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, Columns, History, load_history
 from nexuscore.replay._replay import Change, Key, ReplayReport
-from nexuscore.replay._rows import BUDGETED, DENIED, plan_rows
+from nexuscore.replay._rows import BUDGETED, DENIED, Planned, plan_rows
 from nexuscore.replay._tally import BUDGET_DENIED, DECIDED, SHAPED, Folded, tally
 
 _DAY_US = 86_400_000_000
@@ -108,6 +108,23 @@ def _day_numbers(now_us: pa.ChunkedArray) -> pa.Array:
     return pc.subtract(q, pc.cast(inexact, _I64))
 
 
+def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
+    """The request rows served in the recorded history, with what a settlement reprices by (the
+    recorded call: deployment, input and output tokens); and the rows with a recorded dispatch.
+    Only those rows: most requests are neither."""
+    at = pc.indices_nonzero(pc.fill_null(r.arrow("served"), False))
+    calls = r.table.select(["out_deployment", "out_input", "out_output"]).take(at)
+    served = dict(
+        zip(
+            at.to_pylist(),
+            zip(*(calls.column(n).to_pylist() for n in calls.column_names), strict=True),
+            strict=True,
+        )
+    )
+    dispatch = pc.and_(pc.equal(r.arrow("verdict"), "dispatch"), pc.equal(r.arrow("rec_table"), "decisions"))
+    return served, set(pc.indices_nonzero(pc.fill_null(dispatch, False)).to_pylist())
+
+
 class _Engine:
     def __init__(
         self,
@@ -148,23 +165,12 @@ class _Engine:
         self.settled_request: list[str] = self.s["request_id"]
         v = self.v
         self.resolved = (v["tenant_id"], v["request_id"], v["at_us"], v["resolution"])
-        # What a settlement reprices by (the recorded call), where there are settlements at all.
-        billed = self.s.rows > 0
-        self.out_deployment: list[str | None] = r["out_deployment"] if billed else []
-        self.out_input: list[int | None] = r["out_input"] if billed else []
-        self.out_output: list[int | None] = r["out_output"] if billed else []
         # What the slow path reads by request row.
         self.request_ids: list[str] = r["request_id"]
+        self.now_us: list[int] = r["now_us"]
         self.max_output_tokens: list[int] = r["max_output_tokens"]
         self.latency_slo_ms: list[int | None] = r["latency_slo_ms"]
-        self.served: list[bool] = r["served"]
-        # Never served, and no recorded dispatch to reprice (see ``_dispatched``).
-        recorded_dispatch = pc.and_(
-            pc.equal(r.arrow("verdict"), "dispatch"), pc.equal(r.arrow("rec_table"), "decisions")
-        )
-        self.unbilled: list[bool] = pc.and_(
-            pc.invert(r.arrow("served")), pc.invert(pc.fill_null(recorded_dispatch, False))
-        ).to_pylist()
+        self.served, self.recorded_dispatch = _served(r)
 
     def budget_of(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -209,7 +215,7 @@ class _Engine:
         verdict = outcome.verdict
         key = (tenant, self.request_ids[i])
         if verdict == "escalated":
-            s, now_us = shape.escalation_deadline_s, self.r["now_us"][i]
+            s, now_us = shape.escalation_deadline_s, self.now_us[i]
             deadline = now_us + s * 1_000_000 if s else None
             self.escalated[key] = (
                 i, feature, planner, shape, self.planned.tokens_of[i], self.planned.complexity_of[i], deadline,
@@ -238,9 +244,9 @@ class _Engine:
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
         self.report.candidate_estimated_micros += amount
-        if self.served[i]:
+        if i in self.served:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
-        elif self.unbilled[i]:
+        elif i not in self.recorded_dispatch:
             # Never served in the recorded history, and no recorded call to reprice: the estimate
             # stands for what it would have cost. The reservation stays held, as the decider keeps
             # one whose outcome never came (a recorded dispatch with no outcome yet costs nothing
@@ -261,14 +267,9 @@ class _Engine:
         self.report.candidate_actual_micros += actual
 
     def _bill(self, i: int, chain: tuple[str, ...], policy: RoutingPolicy) -> int:
-        served_on = self.out_deployment[i]
+        served_on, input_tokens, output_tokens = self.served[i]
         d = policy.deployments_by_id[served_on if served_on in chain else chain[0]]
-        return cost_micros(
-            self.out_input[i],  # type: ignore[arg-type]  # served: the outcome's numbers are there
-            self.out_output[i],  # type: ignore[arg-type]
-            d.input_micros_per_1k,
-            d.output_micros_per_1k,
-        )
+        return cost_micros(input_tokens, output_tokens, d.input_micros_per_1k, d.output_micros_per_1k)
 
     def resolution(self, j: int) -> None:
         """A person's (or the deadline's) resolution of an escalation the candidate made too: the
@@ -294,7 +295,7 @@ class _Engine:
             return
         amount = outcome.estimated_cost_micros
         budget.reserve(day, feature, amount)
-        if self.served[i]:
+        if i in self.served:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
 
 
@@ -314,15 +315,28 @@ def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
     return kinds_of
 
 
+def _slack(planned: Planned, order: pa.Array) -> tuple[list[int], list[int]]:
+    """Per request in the scan's order, of a budgeted shape: its tenant's and its feature's budget
+    less its cheapest option. The cheapest option does not fit the room left (budget less
+    committed) exactly where the committed amount is above this (0 for other rows: never read)."""
+    if not len(order):
+        return [], []
+    shape = pc.if_else(pc.less(planned.shape, 0), pa.scalar(None, pa.int32()), planned.shape).take(order)
+    cheapest = planned.cheapest.take(order)
+    shapes, out = [s for _, s, _ in planned.shapes], []
+    for budgets in ([s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]):
+        slack = pc.subtract(pa.array(budgets, _I64).take(shape), cheapest)
+        out.append(pc.fill_null(slack, 0).to_pylist())
+    return out[0], out[1]
+
+
 def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None] | None) -> int:
     """The fold, in the history's order; the number of requests. Per request, what the budget
     window holds for its tenant, day and feature; a budget denial where the cheapest option does
     not fit, a shape's own verdict where it needs no state, and ``engine.request`` otherwise. The
     per-request columns it reads and writes are in its own order (``p``), read one after another."""
-    planned, order = engine.planned, history.request_order
-    shape_of, cheapest = planned.shape.take(order).to_pylist(), planned.cheapest.take(order).to_pylist()
-    kind_of, shapes = _scan_kinds(engine, order), [s for _, s, _ in planned.shapes]
-    tenant_budget, feature_budget = [s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]
+    order = history.request_order
+    kind_of, (tenant_slack, feature_slack) = _scan_kinds(engine, order), _slack(engine.planned, order)
     tenant_code, feature_code, day_of = engine.tenant_code, engine.feature_code, engine.day
     folded = engine.folded
     tenant_at, feature_at, version_at, mode = (
@@ -363,9 +377,8 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         t, f = (0, 0) if w is None else (w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0))
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         if k == budgeted:
-            s = shape_of[p]
-            room, feature_room = tenant_budget[s] - t, feature_budget[s] - f
-            if cheapest[p] > (room if room < feature_room else feature_room):
+            # The cheapest option fits neither the tenant's nor the feature's room left.
+            if t > tenant_slack[p] or f > feature_slack[p]:
                 mode[p] = budget_denied
                 budget.version += 1
                 continue

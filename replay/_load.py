@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nexuscore.kernel import EvidenceError
 from nexuscore.projections import EvidenceStore
 
 _WHERE = (
@@ -184,7 +185,8 @@ def _keys(
             "kind": pa.repeat(pa.scalar(kind, pa.int8()), n),
             "partition": table.column("src_partition"),
             "offset": table.column("src_offset"),
-            "index": pa.array(range(n), pa.int64()),
+            # 0, 1, 2... without a Python int per row.
+            "index": pc.cast(pc.indices_nonzero(pa.repeat(pa.scalar(True), n)), pa.int64()),
         }
     )
 
@@ -247,6 +249,35 @@ def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Ta
     return keys.select(["kind", "index"]).take(order)
 
 
+# The counts replay multiplies by prices (int64 arithmetic over columns): the schemas allow far less
+# (max_output_tokens <= 32,768), so a value outside these bounds is a tampered or corrupt store, and
+# is refused here rather than overflowing mid-fold.
+_COUNT_BOUNDS = {
+    "prompt_chars": (0, 2**40),
+    "max_output_tokens": (0, 2**31),
+    "out_input": (0, 2**31),
+    "out_output": (0, 2**31),
+}
+
+
+def _check_counts(requests: pa.Table) -> None:
+    """Every count in its bounds (``_COUNT_BOUNDS``), or an EvidenceError naming the first row
+    (tenant, request) and column that is not."""
+    for name, (low, high) in _COUNT_BOUNDS.items():
+        column = requests.column(name)
+        bounds = pc.min_max(column)
+        least, most = bounds["min"].as_py(), bounds["max"].as_py()
+        if least is None or (low <= least and most <= high):
+            continue
+        bad = pc.or_(pc.less(column, low), pc.greater(column, high))
+        row = pc.index(pc.fill_null(bad, False), True).as_py()
+        raise EvidenceError(
+            f"evidence row (tenant {requests.column('tenant_id')[row].as_py()!r}, request "
+            f"{requests.column('request_id')[row].as_py()!r}): {name} is {column[row].as_py()}, "
+            f"outside [{low}, {high}]: the store is corrupt or was tampered with"
+        )
+
+
 def load_history(
     store: EvidenceStore,
     tenant: str | None,
@@ -267,6 +298,7 @@ def load_history(
     if requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py():
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
         requests = store.query(_requests_sql(True, mode, digests), params)
+    _check_counts(requests)
     every = tenant is None and since is None and until is None
     following, bound = (_EVERY_FOLLOWING, None) if every else (_FOLLOWING, params)
     settlements = store.query(following.format(table="settlements", columns=""), bound)

@@ -268,9 +268,15 @@ def _learn(
     return out
 
 
-def _costs(tokens: pa.Array, max_out: pa.Array, input_1k: pa.Array, output_1k: pa.Array) -> pa.Array:
-    """``cost_micros`` over columns: the micros rounded up (Arrow's integer division truncates)."""
+def _costs(
+    tokens: pa.Array, max_out: pa.Array, input_1k: pa.Array, output_1k: pa.Array, non_negative: bool
+) -> pa.Array:
+    """``cost_micros`` over columns: the micros rounded up (Arrow's integer division truncates, so
+    toward zero: up for a negative amount, down for a positive one, which adding 999 first makes up).
+    With ``non_negative`` (every count and price is >= 0) no amount is negative: one case only."""
     micros = pc.add_checked(pc.multiply_checked(tokens, input_1k), pc.multiply_checked(max_out, output_1k))
+    if non_negative:
+        return pc.divide(pc.add(micros, 999), 1000)
     return pc.if_else(pc.greater(micros, 0), pc.divide(pc.add(micros, 999), 1000), pc.divide(micros, 1000))
 
 
@@ -299,9 +305,12 @@ def _price(planned: Planned, tokens: pa.Array, max_out: pa.Array) -> None:
         [(d.input_micros_per_1k, d.output_micros_per_1k) for d in s.lower] if ok else []
         for (_, s, _), ok in zip(planned.shapes, priced, strict=True)
     ]
+    counts = [pc.min(tokens).as_py(), pc.min(max_out).as_py()]
+    prices = [x for row in candidates + lower for pair in row for x in pair]
+    non_negative = all(x is None or x >= 0 for x in counts + prices)
     best = best_at = cheapest = None
     for k, (i_1k, o_1k) in enumerate(_padded(candidates, shape)):
-        c = _costs(tokens, max_out, i_1k, o_1k)  # null where the shape has no k-th candidate
+        c = _costs(tokens, max_out, i_1k, o_1k, non_negative)  # null where the shape has no k-th candidate
         if best is None:
             best, best_at, cheapest = c, pc.if_else(pc.is_valid(c), 0, pa.scalar(None, _I64)), c
             continue
@@ -311,7 +320,7 @@ def _price(planned: Planned, tokens: pa.Array, max_out: pa.Array) -> None:
     if best is None or best_at is None or cheapest is None:
         return
     for i_1k, o_1k in _padded(lower, shape):
-        cheapest = pc.min_element_wise(cheapest, _costs(tokens, max_out, i_1k, o_1k))
+        cheapest = pc.min_element_wise(cheapest, _costs(tokens, max_out, i_1k, o_1k, non_negative))
     planned.chosen = pc.fill_null(best_at, -1)
     planned.cost = pc.fill_null(best, 0)
     planned.cheapest = pc.fill_null(cheapest, 0)

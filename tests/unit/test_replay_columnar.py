@@ -329,3 +329,43 @@ def test_replay_leaves_the_cycle_collector_as_it_found_it(tmp_path: Path) -> Non
             assert not gc.isenabled()
         finally:
             gc.enable()
+
+
+def _tamper(root: Path, table: str, column: str, value: int) -> str:
+    """Overwrite ``column`` of the first row of ``table``'s first file in place (as a hostile
+    producer or a disk could): the request id of the row changed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = sorted(p for p in root.rglob("*.parquet") if f"/{table}/" in str(p) or p.name.startswith(table))[0]
+    rows = pq.read_table(path)
+    values = rows.column(column).to_pylist()
+    values[0] = value
+    at = rows.schema.get_field_index(column)
+    pq.write_table(rows.set_column(at, rows.schema.field(at), pa.array(values, pa.int64())), path)
+    return str(rows.column("request_id")[0].as_py())
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "value"),
+    [
+        ("requests", "max_output_tokens", 2**62),
+        ("requests", "prompt_chars", -7),
+        ("outcomes", "output_tokens", -(2**62)),
+        ("outcomes", "input_tokens", 2**62),
+    ],
+)
+def test_a_store_with_impossible_token_counts_stops_replay_with_one_clear_error(
+    tmp_path: Path, table: str, column: str, value: int
+) -> None:
+    from nexuscore.kernel import EvidenceError
+
+    policy = with_budgets(POLICY, "1", "0.4")
+    project(
+        tmp_path, served_history(policy, synthetic_requests(policy, 60, seed=5, start=T0, run="t"), seed=5)
+    )
+    request_id = _tamper(tmp_path, table, column, value)
+    read_as = {"output_tokens": "out_output", "input_tokens": "out_input"}.get(column, column)
+    expected = f"{request_id}.*{read_as} is {value}, outside"
+    with EvidenceStore(tmp_path) as store, pytest.raises(EvidenceError, match=expected):
+        replay(store, policy)
