@@ -135,16 +135,47 @@ RESIDENCY_SQL = _RESIDENCY_CALLS + "SELECT * FROM findings ORDER BY finding DESC
 
 # The same findings counted: one row per kind of finding, tenant, event, route and transfer basis
 # (no count of distinct requests: it doubled the cost; the dispatch rows count the requests).
-RESIDENCY_SUMMARY_SQL = (
-    _RESIDENCY_CALLS
-    + """
+_RESIDENCY_COUNTS = """
 SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
        count(*) AS calls, min(occurred_at) AS first_at, max(occurred_at) AS last_at
 FROM findings
 GROUP BY ALL
-ORDER BY finding DESC, tenant_id, event, region, transfer_basis
 """
+_RESIDENCY_ORDER = "ORDER BY finding DESC, tenant_id, event, region, transfer_basis"
+RESIDENCY_SUMMARY_SQL = _RESIDENCY_CALLS + _RESIDENCY_COUNTS + _RESIDENCY_ORDER
+
+# The summary from the sealed partials (``_residency``): their counts, plus those of the calls in the
+# files flushed since (``_tail_*``: the same findings, against every decision), added up.
+RESIDENCY_MERGED_SQL = (
+    _RESIDENCY_CALLS.replace(" FROM attempts", " FROM _tail_attempts")  # noqa: S608  # names are ours
+    .replace(" FROM outcomes", " FROM _tail_outcomes")
+    .replace(" FROM dispatches", " FROM _tail_dispatches")
+    + """,
+counts AS ("""
+    + _RESIDENCY_COUNTS
+    + """
+    UNION ALL BY NAME
+    SELECT * FROM _sealed_residency WHERE ($tenant IS NULL OR tenant_id = $tenant)
 )
+SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
+       CAST(sum(calls) AS BIGINT) AS calls, min(first_at) AS first_at, max(last_at) AS last_at
+FROM counts
+GROUP BY ALL
+"""
+    + _RESIDENCY_ORDER
+)
+
+# Calls in the covered files of a request with a decision in the tail: their findings changed since
+# the partials were counted (a decision flushed after its call, across a compaction).
+RESIDENCY_STALE_SQL = """
+SELECT count(*) AS n FROM (
+    SELECT tenant_id, request_id FROM _sealed_attempts
+    UNION ALL SELECT tenant_id, request_id FROM _sealed_outcomes
+    UNION ALL SELECT tenant_id, request_id FROM _sealed_dispatches
+) c
+SEMI JOIN _tail_decisions d USING (tenant_id, request_id)
+WHERE ($tenant IS NULL OR c.tenant_id = $tenant)
+"""
 
 
 class EvidenceStore:
@@ -167,21 +198,25 @@ class EvidenceStore:
             self._create_table_view(table, schema, by_table.get(table))
         self.con.execute(_DERIVED_VIEWS)
 
-    def _create_table_view(self, table: str, schema: pa.Schema, paths: list[str] | None) -> None:
+    def _create_table_view(
+        self, table: str, schema: pa.Schema, paths: list[str] | None, *, name: str | None = None
+    ) -> None:
+        """The view ``name`` (default: the table's) over ``paths``, files of ``table``."""
+        view = name or table
         if not paths:
             self.con.register(f"_empty_{table}", schema.empty_table())
-            self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _empty_{table}")  # noqa: S608
             return
         # Files of older versions may lack columns added since: matched by name, and any
         # column no file has is added as NULLs of its type, so queries see today's schema.
         source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
-        self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
-        present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
+        self._create_view(table, f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")  # noqa: S608
+        present = {row[0] for row in self.con.execute(f"DESCRIBE {view}").fetchall()}
         if set(schema.names) - present:
             # (Registered only when needed: each registration costs about as much as a view.)
             self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(
-                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                 f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
             )
 
@@ -243,7 +278,39 @@ class EvidenceStore:
         return self.query(RESIDENCY_SQL, {"tenant": tenant})
 
     def residency_summary(self, tenant: str | None = None) -> pa.Table:
-        """``residency`` counted: calls per finding, tenant, event, route and basis."""
+        """``residency`` counted: calls per finding, tenant, event, route and basis. From the
+        partials the last compaction sealed when they still hold (``_residency``), else in full."""
+        from nexuscore.projections import _residency
+
+        partials = _residency.current_partials(signed_entries(self.root)) if self.files else None
+        sealed = _residency.read_partials(self.root, partials) if partials is not None else None
+        if sealed is None:
+            return self.full_residency_summary(tenant)
+        counts, covered = sealed
+        in_force = {e["path"]: e for e in self.files if e.get("table") in _residency.RESIDENCY_TABLES}
+        if not set(covered) <= set(in_force):
+            return self.full_residency_summary(tenant)  # a file it counted is gone: counts stale
+        tail = [e for path, e in in_force.items() if path not in set(covered)]
+        root = str(self.root.absolute())
+        for table in _residency.RESIDENCY_TABLES:
+            schema = SCHEMAS[table]
+            paths = sorted(f"{root}/{e['path']}" for e in tail if e["table"] == table)
+            self._create_table_view(table, schema, paths, name=f"_tail_{table}")
+        if tail and any(e["table"] == "decisions" for e in tail):
+            for table in _residency.CALL_TABLES:
+                paths = sorted(f"{root}/{p}" for p in covered if in_force[p]["table"] == table)
+                self._create_table_view(table, SCHEMAS[table], paths, name=f"_sealed_{table}")
+            stale = self.query(RESIDENCY_STALE_SQL, {"tenant": tenant}).column("n")[0].as_py()
+            if stale:
+                return self.full_residency_summary(tenant)
+        self.con.register("_sealed_residency", counts)
+        try:
+            return self.query(RESIDENCY_MERGED_SQL, {"tenant": tenant})
+        finally:
+            self.con.unregister("_sealed_residency")
+
+    def full_residency_summary(self, tenant: str | None = None) -> pa.Table:
+        """The residency summary counted over every call (what the sealed partials hold)."""
         return self.query(RESIDENCY_SUMMARY_SQL, {"tenant": tenant})
 
     def escalations(self, tenant: str | None = None, state: str | None = None) -> pa.Table:
