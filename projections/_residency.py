@@ -24,6 +24,7 @@ import io
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ from nexuscore.projections._manifest import fsync_path
 PARTIALS_DIR = "_index"
 PARTIALS_PATH = re.compile(r"_index/residency-\d{12}\.parquet")
 FILES_KEY = b"nexuscore.residency.files"
+# The requests whose covered calls had no decision in the covered files, as [tenant, request id]
+# pairs (null: more than MAX_ORPHANS). A decision of one of them in the tail changes those calls'
+# finding; listing them spares the summary a scan of every covered call to find out.
+ORPHANS_KEY = b"nexuscore.residency.orphans"
+MAX_ORPHANS = 10_000
 # The tables the residency summary reads: the calls, and the decisions they are checked against.
 CALL_TABLES = ("attempts", "outcomes", "dispatches")
 RESIDENCY_TABLES = (*CALL_TABLES, "decisions")
@@ -72,16 +78,22 @@ def covered_paths(files: list[Entry]) -> list[str]:
 def write_partials(root: Path, files: list[Entry], seq: int) -> Entry:
     """Count the residency summary of ``files`` (those in force once the compaction commits) and
     write it; the ``residency`` field of the compaction's entry."""
-    from nexuscore.projections._store import EvidenceStore
+    from nexuscore.projections._store import RESIDENCY_ORPHANS_SQL, EvidenceStore
 
     paths = covered_paths(files)
     with EvidenceStore(root, files=[e for e in files if e["path"] in set(paths)]) as store:
         summary = store.full_residency_summary()
+        orphans: list[list[str]] | None = []
+        if "no_decision" in summary.column("finding").to_pylist():
+            found = store.query(RESIDENCY_ORPHANS_SQL + f" LIMIT {MAX_ORPHANS + 1}")
+            keys = zip(
+                found.column("tenant_id").to_pylist(), found.column("request_id").to_pylist(), strict=True
+            )
+            orphans = [list(k) for k in keys] if found.num_rows <= MAX_ORPHANS else None
     relative = f"{PARTIALS_DIR}/residency-{seq:012d}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(
-        summary.replace_schema_metadata({FILES_KEY: json.dumps(paths).encode()}), sink, compression="zstd"
-    )
+    metadata = {FILES_KEY: json.dumps(paths).encode(), ORPHANS_KEY: json.dumps(orphans).encode()}
+    pq.write_table(summary.replace_schema_metadata(metadata), sink, compression="zstd")
     payload = sink.getvalue().to_pybytes()
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,9 +108,15 @@ def write_partials(root: Path, files: list[Entry], seq: int) -> Entry:
     return {"path": relative, "sha256": digest, "rows": summary.num_rows, "files": len(paths)}
 
 
-def read_partials(root: Path, partials: Entry) -> tuple[pa.Table, list[str]] | None:
-    """(the counts, the paths they cover), if the file holds the bytes the ledger sealed and reads
-    as partials; None otherwise."""
+@dataclass(frozen=True)
+class Sealed:
+    counts: pa.Table  # the summary of the covered files
+    covered: list[str]  # their paths
+    orphans: pa.Table | None  # tenant_id, request_id of covered calls without a decision (None: too many)
+
+
+def read_partials(root: Path, partials: Entry) -> Sealed | None:
+    """The partials, if the file holds the bytes the ledger sealed and reads as partials; else None."""
     if not well_formed(partials):
         return None
     try:
@@ -106,15 +124,24 @@ def read_partials(root: Path, partials: Entry) -> tuple[pa.Table, list[str]] | N
         if hashlib.sha256(payload).hexdigest() != partials["sha256"]:
             return None
         table = pq.read_table(io.BytesIO(payload))
-        paths = json.loads((table.schema.metadata or {})[FILES_KEY])
-    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        metadata = table.schema.metadata or {}
+        paths, orphans = json.loads(metadata[FILES_KEY]), json.loads(metadata[ORPHANS_KEY])
+        keys = (
+            None
+            if orphans is None
+            else pa.table(
+                {"tenant_id": [k[0] for k in orphans], "request_id": [k[1] for k in orphans]},
+                schema=pa.schema([("tenant_id", pa.string()), ("request_id", pa.string())]),
+            )
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError, pa.ArrowException):
         return None
     if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
         return None
-    return table.replace_schema_metadata(None), paths
+    return Sealed(table.replace_schema_metadata(None), paths, keys)
 
 
 def trusted(root: Path, partials: Entry | None, files: list[Entry]) -> bool:
     """Are ``partials`` sealed, intact, and the counts of exactly the residency files of ``files``?"""
     read = read_partials(root, partials) if partials is not None else None
-    return read is not None and read[1] == covered_paths(files)
+    return read is not None and read.covered == covered_paths(files)

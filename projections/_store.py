@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -25,6 +25,9 @@ from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
+
+if TYPE_CHECKING:
+    from nexuscore.projections._residency import Sealed
 
 _DERIVED_VIEWS = """
 CREATE OR REPLACE VIEW decision_reasons AS
@@ -145,11 +148,16 @@ _RESIDENCY_ORDER = "ORDER BY finding DESC, tenant_id, event, region, transfer_ba
 RESIDENCY_SUMMARY_SQL = _RESIDENCY_CALLS + _RESIDENCY_COUNTS + _RESIDENCY_ORDER
 
 # The summary from the sealed partials (``_residency``): their counts, plus those of the calls in the
-# files flushed since (``_tail_*``: the same findings, against every decision), added up.
+# files flushed since (``_tail_*``), each against its decisions: those in the tail, and those of the
+# covered files (``_found_decisions``: the ones the tail's requests have), added up.
 RESIDENCY_MERGED_SQL = (
     _RESIDENCY_CALLS.replace(" FROM attempts", " FROM _tail_attempts")  # noqa: S608  # names are ours
     .replace(" FROM outcomes", " FROM _tail_outcomes")
     .replace(" FROM dispatches", " FROM _tail_dispatches")
+    .replace(
+        " LEFT JOIN decisions d",
+        " LEFT JOIN (SELECT * FROM _tail_decisions UNION ALL BY NAME SELECT * FROM _found_decisions) d",
+    )
     + """,
 counts AS ("""
     + _RESIDENCY_COUNTS
@@ -165,9 +173,39 @@ GROUP BY ALL
     + _RESIDENCY_ORDER
 )
 
-# Calls in the covered files of a request with a decision in the tail: their findings changed since
-# the partials were counted (a decision flushed after its call, across a compaction).
+# The tail's requests (of its calls, and of its decisions), and the covered files' decisions of them:
+# one scan of the covered decisions' files, whatever the size of the tail.
+_TAIL_KEYS = """
+SELECT tenant_id, request_id FROM _tail_attempts
+UNION SELECT tenant_id, request_id FROM _tail_outcomes
+UNION SELECT tenant_id, request_id FROM _tail_dispatches
+UNION SELECT tenant_id, request_id FROM _tail_decisions
+"""
+RESIDENCY_FOUND_SQL = (
+    "SELECT d.tenant_id, d.request_id, d.home_region, d.allowed_regions, d.residency_rule, "  # noqa: S608
+    f"d.transfer_basis FROM _sealed_decisions d SEMI JOIN ({_TAIL_KEYS}) k USING (tenant_id, request_id) "
+    "WHERE ($tenant IS NULL OR d.tenant_id = $tenant)"
+)
+# No file flushed since the partials: they are the summary.
+RESIDENCY_SEALED_SQL = (
+    "SELECT * FROM _sealed_residency WHERE ($tenant IS NULL OR tenant_id = $tenant) "  # noqa: S608  # ours
+    + _RESIDENCY_ORDER
+)
+
+# Decisions in the tail of a request that has calls in the covered files (a decision flushed after
+# its call, across a compaction, or a second decision): those calls' findings changed since the
+# partials were counted. Such a request either has a decision in the covered files too (then it is
+# among ``_found_decisions``) or its calls there had none (``_orphans``, which the partials list).
 RESIDENCY_STALE_SQL = """
+SELECT count(*) AS n FROM _tail_decisions t
+WHERE ($tenant IS NULL OR t.tenant_id = $tenant)
+  AND ((t.tenant_id, t.request_id) IN (SELECT tenant_id, request_id FROM _found_decisions)
+       OR (t.tenant_id, t.request_id) IN (SELECT tenant_id, request_id FROM _orphans))
+"""
+
+# The same without the list of orphans (the partials hold none when there were too many): every
+# covered call of a request decided in the tail.
+RESIDENCY_STALE_SCAN_SQL = """
 SELECT count(*) AS n FROM (
     SELECT tenant_id, request_id FROM _sealed_attempts
     UNION ALL SELECT tenant_id, request_id FROM _sealed_outcomes
@@ -176,6 +214,19 @@ SELECT count(*) AS n FROM (
 SEMI JOIN _tail_decisions d USING (tenant_id, request_id)
 WHERE ($tenant IS NULL OR c.tenant_id = $tenant)
 """
+
+# Requests with calls but no decision, in the files the partials cover: at compaction.
+RESIDENCY_ORPHANS_SQL = """
+SELECT DISTINCT tenant_id, request_id FROM (
+    SELECT tenant_id, request_id FROM attempts
+    UNION ALL SELECT tenant_id, request_id FROM outcomes
+    UNION ALL SELECT tenant_id, request_id FROM dispatches
+) c ANTI JOIN decisions d USING (tenant_id, request_id)
+ORDER BY tenant_id, request_id
+"""
+
+
+_NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
 class EvidenceStore:
@@ -284,30 +335,47 @@ class EvidenceStore:
 
         partials = _residency.current_partials(signed_entries(self.root)) if self.files else None
         sealed = _residency.read_partials(self.root, partials) if partials is not None else None
-        if sealed is None:
-            return self.full_residency_summary(tenant)
-        counts, covered = sealed
         in_force = {e["path"]: e for e in self.files if e.get("table") in _residency.RESIDENCY_TABLES}
-        if not set(covered) <= set(in_force):
-            return self.full_residency_summary(tenant)  # a file it counted is gone: counts stale
-        tail = [e for path, e in in_force.items() if path not in set(covered)]
-        root = str(self.root.absolute())
-        for table in _residency.RESIDENCY_TABLES:
-            schema = SCHEMAS[table]
-            paths = sorted(f"{root}/{e['path']}" for e in tail if e["table"] == table)
-            self._create_table_view(table, schema, paths, name=f"_tail_{table}")
-        if tail and any(e["table"] == "decisions" for e in tail):
-            for table in _residency.CALL_TABLES:
-                paths = sorted(f"{root}/{p}" for p in covered if in_force[p]["table"] == table)
-                self._create_table_view(table, SCHEMAS[table], paths, name=f"_sealed_{table}")
-            stale = self.query(RESIDENCY_STALE_SQL, {"tenant": tenant}).column("n")[0].as_py()
-            if stale:
-                return self.full_residency_summary(tenant)
-        self.con.register("_sealed_residency", counts)
+        if sealed is None or not set(sealed.covered) <= set(in_force):
+            return self.full_residency_summary(tenant)  # none, altered, or a file it counted is gone
+        params = {"tenant": tenant}
+        self.con.register("_sealed_residency", sealed.counts)
         try:
-            return self.query(RESIDENCY_MERGED_SQL, {"tenant": tenant})
+            if len(sealed.covered) == len(in_force):
+                return self.query(RESIDENCY_SEALED_SQL, params)
+            return self._residency_with_tail(sealed, in_force, tenant)
         finally:
             self.con.unregister("_sealed_residency")
+
+    def _residency_with_tail(
+        self, sealed: Sealed, in_force: dict[str, dict[str, Any]], tenant: str | None
+    ) -> pa.Table:
+        """The sealed counts plus the tail's (the files the partials do not cover), or the full
+        summary when a decision in the tail changed the finding of a covered call."""
+        covered, params = set(sealed.covered), {"tenant": tenant}
+
+        def view(table: str, name: str, *, tail: bool) -> None:
+            mine = sorted(p for p, e in in_force.items() if e["table"] == table and (p in covered) != tail)
+            self._create_table_view(
+                table, SCHEMAS[table], [f"{self.root.absolute()}/{p}" for p in mine], name=name
+            )
+
+        for table in ("attempts", "outcomes", "dispatches", "decisions"):
+            view(table, f"_tail_{table}", tail=True)
+        view("decisions", "_sealed_decisions", tail=False)
+        self.con.register("_found_decisions", self.query(RESIDENCY_FOUND_SQL, params))
+        self.con.register("_orphans", sealed.orphans if sealed.orphans is not None else _NO_ORPHANS)
+        try:
+            stale = self.query(RESIDENCY_STALE_SQL, params).column("n")[0].as_py()
+            tail_decisions = any(e["table"] == "decisions" and p not in covered for p, e in in_force.items())
+            if not stale and sealed.orphans is None and tail_decisions:
+                for table in ("attempts", "outcomes", "dispatches"):
+                    view(table, f"_sealed_{table}", tail=False)
+                stale = self.query(RESIDENCY_STALE_SCAN_SQL, params).column("n")[0].as_py()
+            return self.full_residency_summary(tenant) if stale else self.query(RESIDENCY_MERGED_SQL, params)
+        finally:
+            self.con.unregister("_found_decisions")
+            self.con.unregister("_orphans")
 
     def full_residency_summary(self, tenant: str | None = None) -> pa.Table:
         """The residency summary counted over every call (what the sealed partials hold)."""
@@ -360,7 +428,9 @@ def residency_breaches(residency: pa.Table) -> int:
     or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
     (one per call) or its summary (a ``calls`` count per row)."""
     findings = residency.column("finding").to_pylist()
-    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    calls = (
+        residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    )
     return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_RESIDENCY_FINDING)
 
 

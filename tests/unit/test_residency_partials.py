@@ -85,7 +85,7 @@ def assert_same_summaries(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_p
 def test_the_sealed_partials_cover_the_compacted_files_not_the_tail(sealed: Path) -> None:
     read = _residency.read_partials(sealed, partials_of(sealed))
     assert read is not None
-    counts, covered = read
+    counts, covered = read.counts, read.covered
     live = _residency.covered_paths(committed_files(sealed))
     assert covered and set(covered) < set(live)  # not the flushes since
     assert counts.num_rows > 0 and sum(counts.column("calls").to_pylist()) > 0
@@ -109,14 +109,18 @@ def test_after_a_second_compaction_the_partials_cover_every_file(
     root = copy(sealed, tmp_path)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     read = _residency.read_partials(root, partials_of(root))
-    assert read is not None and read[1] == _residency.covered_paths(committed_files(root))
+    assert read is not None and read.covered == _residency.covered_paths(committed_files(root))
     assert_same_summaries(root, monkeypatch, from_partials=True)
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
 
+@pytest.mark.parametrize(
+    "max_orphans", [_residency.MAX_ORPHANS, 0], ids=["orphans listed", "too many to list"]
+)
 def test_a_decision_flushed_after_its_call_across_a_compaction_counts_every_call(
-    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_orphans: int
 ) -> None:
+    monkeypatch.setattr(_residency, "MAX_ORPHANS", max_orphans)
     root = tmp_path / "evidence"
     cut = len(history) * 2 // 3
     held = [e for e in history[cut - 40 : cut] if type(e).__name__ in DECISION_TOPIC]
@@ -124,6 +128,9 @@ def test_a_decision_flushed_after_its_call_across_a_compaction_counts_every_call
     project(root, [e for e in history[:cut] if not any(e is h for h in held)], flush_every=40)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     project(root, history, flush_every=40)  # the held-back decisions, and the rest
+    read = _residency.read_partials(root, partials_of(root))
+    assert read is not None and (read.orphans is None) == (max_orphans == 0)
+    monkeypatch.undo()
     assert_same_summaries(root, monkeypatch, from_partials=False)
 
 
