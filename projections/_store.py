@@ -226,6 +226,13 @@ ORDER BY tenant_id, request_id
 """
 
 
+_CALL_COLUMNS = "request_id, tenant_id, event_id, occurred_at, region, deployment_id"
+_TAIL_COLUMNS = {
+    "attempts": _CALL_COLUMNS,
+    "outcomes": _CALL_COLUMNS,
+    "dispatches": _CALL_COLUMNS,
+    "decisions": "tenant_id, request_id, home_region, allowed_regions, residency_rule, transfer_basis",
+}
 _NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
@@ -360,8 +367,10 @@ class EvidenceStore:
                 table, SCHEMAS[table], [f"{self.root.absolute()}/{p}" for p in mine], name=name
             )
 
-        for table in ("attempts", "outcomes", "dispatches", "decisions"):
-            view(table, f"_tail_{table}", tail=True)
+        # The tail read once, its columns the summary uses: it is few rows in many small files (each
+        # a footer to read), which the queries below would each open again.
+        for table, columns in _TAIL_COLUMNS.items():
+            self.con.register(f"_tail_{table}", self._tail_rows(table, columns, in_force, covered))
         view("decisions", "_sealed_decisions", tail=False)
         self.con.register("_found_decisions", self.query(RESIDENCY_FOUND_SQL, params))
         self.con.register("_orphans", sealed.orphans if sealed.orphans is not None else _NO_ORPHANS)
@@ -374,8 +383,27 @@ class EvidenceStore:
                 stale = self.query(RESIDENCY_STALE_SCAN_SQL, params).column("n")[0].as_py()
             return self.full_residency_summary(tenant) if stale else self.query(RESIDENCY_MERGED_SQL, params)
         finally:
-            self.con.unregister("_found_decisions")
-            self.con.unregister("_orphans")
+            for name in ("_found_decisions", "_orphans", *(f"_tail_{t}" for t in _TAIL_COLUMNS)):
+                self.con.unregister(name)
+
+    def _tail_rows(
+        self, table: str, columns: str, in_force: dict[str, dict[str, Any]], covered: set[str]
+    ) -> pa.Table:
+        """``columns`` of the table's files the partials do not cover, read in one pass."""
+        paths = sorted(
+            f"{self.root.absolute()}/{p}"
+            for p, e in in_force.items()
+            if e["table"] == table and p not in covered
+        )
+        if not paths:
+            return SCHEMAS[table].empty_table().select([c.strip() for c in columns.split(",")])
+        source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
+        try:
+            return self.con.sql(f"SELECT {columns} FROM {source}").to_arrow_table()  # noqa: S608  # ours
+        except duckdb.Error:
+            # Files of an older version without one of these columns: through a view, which adds it.
+            self._create_table_view(table, SCHEMAS[table], paths, name=f"_tail_files_{table}")
+            return self.con.sql(f"SELECT {columns} FROM _tail_files_{table}").to_arrow_table()  # noqa: S608
 
     def full_residency_summary(self, tenant: str | None = None) -> pa.Table:
         """The residency summary counted over every call (what the sealed partials hold)."""
