@@ -168,3 +168,28 @@ def test_a_malformed_partials_entry_is_a_verify_finding(tmp_path: Path, history:
         assert store.residency_summary().to_pylist() == store.full_residency_summary().to_pylist()
     report = verify(root, PUBLIC, KNOWN, workers=1)
     assert "residency_invalid" in {f.kind for f in report.findings if f.fatal}
+
+
+def test_calls_without_a_decision_exit_1_from_the_partials_as_from_the_full_count(
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from nexuscore.cli import app
+
+    # Three requests' decisions never reach the store (one covered by the compaction, two after).
+    decided = [e for e in history if type(e).__name__ == "RequestDecided"]
+    lost = {id(decided[3]), id(decided[-2]), id(decided[-5])}
+    events = [e for e in history if id(e) not in lost]
+    root = tmp_path / "evidence"
+    project(root, events[: len(events) * 2 // 3], flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    project(root, events, flush_every=40)
+    read = _residency.read_partials(root, partials_of(root))
+    assert read is not None and read.orphans is not None and read.orphans.num_rows >= 1
+    with EvidenceStore(root) as store:
+        breaches = residency_breaches(store.residency_summary())
+        assert breaches > 0 and breaches == residency_breaches(store.residency())
+    assert_same_summaries(root, monkeypatch, from_partials=True)
+    result = CliRunner().invoke(app, ["evidence", "residency", "-e", str(root), "--format", "json"])
+    assert result.exit_code == 1 and f"{breaches} call(s) outside" in " ".join(result.output.split())
