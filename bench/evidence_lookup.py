@@ -14,7 +14,9 @@ clean, and the results say so):
   (start-up included), ``--cli-repeat`` times.
 - **residency** (``--residency-root``, repeatable: e.g. a 46,000-event store of small files and its
   compacted copy): ``nexuscore evidence residency`` end to end in a fresh process, and in this
-  process (the store's views opened, then the summary query), ``--cli-repeat`` times each; with
+  process (the store's views opened, then the summary query; and the query alone), ``--cli-repeat``
+  times each, interleaved with the summary counted as before (every call joined with its decision,
+  not the partials ``evidence compact`` sealed): both answers are compared; with
   ``--before-python`` (the interpreter of a checkout of the code before), its CLI in the same run.
 - **verify** (default mode), ``--repeat`` times: as it runs now (placement from the footers'
   statistics) and with placement read from the rows (as before), beside the I/O floor (sha256 of
@@ -164,21 +166,43 @@ def _runs_over(rids: list[str], argv: Callable[[str], list[str]]) -> dict[str, A
     return {"wall": _ms([w for w, _ in runs]), "cpu": _ms([c for _, c in runs])}
 
 
-def _in_process_residency(root: Path) -> Any:  # noqa: ANN401
+def _in_process_residency(root: Path, *, full: bool = False) -> Any:  # noqa: ANN401
+    """The summary as ``evidence residency`` counts it (the sealed partials plus the files flushed
+    since), or (``full``) as it did before: every call joined with its decision."""
     with EvidenceStore(root) as store:
-        return store.residency_summary()
+        return store.full_residency_summary() if full else store.residency_summary()
+
+
+def _query_only(root: Path, *, full: bool) -> tuple[float, float, Any]:
+    """The summary alone, the store's views already made."""
+    with EvidenceStore(root) as store:
+        return _timed(store.full_residency_summary if full else store.residency_summary)
 
 
 def run_residency(roots: list[Path], repeat: int, before: str | None) -> list[dict[str, Any]]:
     results = []
     for root in roots:
-        timed = [_timed(functools.partial(_in_process_residency, root)) for _ in range(repeat)]
+        timed, full, query, query_full = [], [], [], []
+        for _ in range(repeat):  # interleaved: the same load for both
+            timed.append(_timed(functools.partial(_in_process_residency, root)))
+            full.append(_timed(functools.partial(_in_process_residency, root, full=True)))
+            query.append(_query_only(root, full=False))
+            query_full.append(_query_only(root, full=True))
         row: dict[str, Any] = {
             "root": str(root),
             "events": sum(int(e["rows"]) for e in committed_files(root)),
             "files": len(committed_files(root)),
+            "identical": all(
+                t[2].to_pylist() == full[0][2].to_pylist() for t in timed + full + query + query_full
+            ),
             "cli_now": _runs(_cli(sys.executable, "residency", "-e", str(root)), repeat),
             "in_process": {"wall": _ms([w for w, _, _ in timed]), "cpu": _ms([c for _, c, _ in timed])},
+            "in_process_full": {"wall": _ms([w for w, _, _ in full]), "cpu": _ms([c for _, c, _ in full])},
+            "query": {"wall": _ms([w for w, _, _ in query]), "cpu": _ms([c for _, c, _ in query])},
+            "query_full": {
+                "wall": _ms([w for w, _, _ in query_full]),
+                "cpu": _ms([c for _, c, _ in query_full]),
+            },
         }
         if before:
             row["cli_before"] = _runs(_cli(before, "residency", "-e", str(root)), repeat)
@@ -200,7 +224,10 @@ def run_verify(root: Path, repeat: int) -> dict[str, Any]:
     files = [root / e["path"] for e in committed_files(root)]
     rows = 0
     results: dict[str, Any] = {}
-    for label, rows_placement in (("now (placement from footers)", False), ("before (placement from rows)", True)):
+    for label, rows_placement in (
+        ("now (placement from footers)", False),
+        ("before (placement from rows)", True),
+    ):
         walls, cpus, ok = [], [], True
         for _ in range(repeat):
             wall, cpu, report = _verify_once(root, rows_placement=rows_placement)
@@ -305,7 +332,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_RESIDENCY_LABELS = {"cli_now": "now", "cli_before": "before", "in_process": "in-process: views + query"}
+_RESIDENCY_LABELS = {
+    "cli_now": "now",
+    "cli_before": "before",
+    "in_process": "in-process: views + query, sealed partials + tail",
+    "in_process_full": "in-process: views + query, every call joined (before)",
+    "query": "the query alone: sealed partials + tail",
+    "query_full": "the query alone: every call joined (before)",
+}
 
 
 def _render_cli(results: dict[str, Any]) -> list[str]:
@@ -322,7 +356,8 @@ def _render_cli(results: dict[str, Any]) -> list[str]:
         )
     for r in results["residency"]:
         where = f"{Path(r['root']).name}: {r['events']:,} events, {r['files']} files"
-        for label in ("cli_now", "cli_before", "in_process"):
+        where += "" if r.get("identical", True) else " (ANSWERS DIFFER)"
+        for label in _RESIDENCY_LABELS:
             if label in r:
                 v = r[label]
                 name = _RESIDENCY_LABELS[label]
@@ -382,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--cli-repeat", type=int, default=5)
     parser.add_argument("--verify-repeat", type=int, default=None, help="default --repeat; 0 skips verify")
-    parser.add_argument("--deep-repeat", type=int, default=0, help="runs of verify --deep per path; 0 skips it")
+    parser.add_argument(
+        "--deep-repeat", type=int, default=0, help="runs of verify --deep per path; 0 skips it"
+    )
     parser.add_argument("--residency-root", type=Path, action="append", default=[])
     parser.add_argument("--before-python", help="the interpreter of a checkout of the code before")
     parser.add_argument("--label", default="")
@@ -411,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     picks = _sample(root, ns.repeat)
     results["lineage"] = run_lineage(root, picks)
     results["lineage_cli"] = run_cli_lineage(root, picks, ns.cli_repeat, ns.before_python)
-    results["residency"] = run_residency([r.resolve() for r in ns.residency_root], ns.cli_repeat, ns.before_python)
+    results["residency"] = run_residency(
+        [r.resolve() for r in ns.residency_root], ns.cli_repeat, ns.before_python
+    )
     if verify_repeat:
         results["verify"] = run_verify(root, verify_repeat)
     if ns.deep_repeat:

@@ -263,13 +263,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_stale(root: Path, keep: str | None) -> list[str]:
-    """Delete the index files no committed compaction names as the current one (superseded, or
-    written by a compaction cut short)."""
+def remove_stale(root: Path, keep: set[str]) -> list[str]:
+    """Delete the files of the index folder no committed compaction names as current (a superseded
+    index or residency partials, or those of a compaction cut short)."""
     removed = []
     for path in sorted((root / INDEX_DIR).glob("*")) if (root / INDEX_DIR).is_dir() else []:
         relative = path.relative_to(root).as_posix()
-        if relative != keep and path.is_file():
+        if relative not in keep and path.is_file():
             path.unlink()
             removed.append(relative)
     return removed

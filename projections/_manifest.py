@@ -149,10 +149,13 @@ class Manifest:
         self.add({"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()})
         self._append(now)
 
-    def commit_compaction(self, replaced: list[str], now: datetime, index: Entry | None = None) -> None:
+    def commit_compaction(
+        self, replaced: list[str], now: datetime, index: Entry | None = None, residency: Entry | None = None
+    ) -> None:
         """Close a compaction: the file entries staged since the last commit replace ``replaced``,
         in one durable append (a crash before it leaves the old files in force), then a new head.
-        ``index``: the request index of the files in force from then on (``_index``), sealed here."""
+        ``index``: the request index of the files in force from then on (``_index``), and
+        ``residency`` their residency partials (``_residency``), sealed here."""
         files = [json.loads(line)["path"] for line in self._pending]
         entry: Entry = {
             "kind": "compaction",
@@ -162,6 +165,8 @@ class Manifest:
         }
         if index is not None:
             entry["index"] = index
+        if residency is not None:
+            entry["residency"] = residency
         self.add(entry)
         self._append(now)
 

@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -25,6 +25,9 @@ from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
+
+if TYPE_CHECKING:
+    from nexuscore.projections._residency import Sealed
 
 _DERIVED_VIEWS = """
 CREATE OR REPLACE VIEW decision_reasons AS
@@ -135,16 +138,102 @@ RESIDENCY_SQL = _RESIDENCY_CALLS + "SELECT * FROM findings ORDER BY finding DESC
 
 # The same findings counted: one row per kind of finding, tenant, event, route and transfer basis
 # (no count of distinct requests: it doubled the cost; the dispatch rows count the requests).
-RESIDENCY_SUMMARY_SQL = (
-    _RESIDENCY_CALLS
-    + """
+_RESIDENCY_COUNTS = """
 SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
        count(*) AS calls, min(occurred_at) AS first_at, max(occurred_at) AS last_at
 FROM findings
 GROUP BY ALL
-ORDER BY finding DESC, tenant_id, event, region, transfer_basis
 """
+_RESIDENCY_ORDER = "ORDER BY finding DESC, tenant_id, event, region, transfer_basis"
+RESIDENCY_SUMMARY_SQL = _RESIDENCY_CALLS + _RESIDENCY_COUNTS + _RESIDENCY_ORDER
+
+# The summary from the sealed partials (``_residency``): their counts, plus those of the calls in the
+# files flushed since (``_tail_*``), each against its decisions: those in the tail, and those of the
+# covered files (``_found_decisions``: the ones the tail's requests have), added up.
+RESIDENCY_MERGED_SQL = (
+    _RESIDENCY_CALLS.replace(" FROM attempts", " FROM _tail_attempts")  # noqa: S608  # names are ours
+    .replace(" FROM outcomes", " FROM _tail_outcomes")
+    .replace(" FROM dispatches", " FROM _tail_dispatches")
+    .replace(
+        " LEFT JOIN decisions d",
+        " LEFT JOIN (SELECT * FROM _tail_decisions UNION ALL BY NAME SELECT * FROM _found_decisions) d",
+    )
+    + """,
+counts AS ("""
+    + _RESIDENCY_COUNTS
+    + """
+    UNION ALL BY NAME
+    SELECT * FROM _sealed_residency WHERE ($tenant IS NULL OR tenant_id = $tenant)
 )
+SELECT finding, tenant_id, event, home_region, region, allowed_regions, residency_rule, transfer_basis,
+       CAST(sum(calls) AS BIGINT) AS calls, min(first_at) AS first_at, max(last_at) AS last_at
+FROM counts
+GROUP BY ALL
+"""
+    + _RESIDENCY_ORDER
+)
+
+# The tail's requests (of its calls, and of its decisions), and the covered files' decisions of them:
+# one scan of the covered decisions' files, whatever the size of the tail.
+_TAIL_KEYS = """
+SELECT tenant_id, request_id FROM _tail_attempts
+UNION SELECT tenant_id, request_id FROM _tail_outcomes
+UNION SELECT tenant_id, request_id FROM _tail_dispatches
+UNION SELECT tenant_id, request_id FROM _tail_decisions
+"""
+RESIDENCY_FOUND_SQL = (
+    "SELECT d.tenant_id, d.request_id, d.home_region, d.allowed_regions, d.residency_rule, "  # noqa: S608
+    f"d.transfer_basis FROM _sealed_decisions d SEMI JOIN ({_TAIL_KEYS}) k USING (tenant_id, request_id) "
+    "WHERE ($tenant IS NULL OR d.tenant_id = $tenant)"
+)
+# No file flushed since the partials: they are the summary.
+RESIDENCY_SEALED_SQL = (
+    "SELECT * FROM _sealed_residency WHERE ($tenant IS NULL OR tenant_id = $tenant) "  # noqa: S608  # ours
+    + _RESIDENCY_ORDER
+)
+
+# Decisions in the tail of a request that has calls in the covered files (a decision flushed after
+# its call, across a compaction, or a second decision): those calls' findings changed since the
+# partials were counted. Such a request either has a decision in the covered files too (then it is
+# among ``_found_decisions``) or its calls there had none (``_orphans``, which the partials list).
+RESIDENCY_STALE_SQL = """
+SELECT count(*) AS n FROM _tail_decisions t
+WHERE ($tenant IS NULL OR t.tenant_id = $tenant)
+  AND ((t.tenant_id, t.request_id) IN (SELECT tenant_id, request_id FROM _found_decisions)
+       OR (t.tenant_id, t.request_id) IN (SELECT tenant_id, request_id FROM _orphans))
+"""
+
+# The same without the list of orphans (the partials hold none when there were too many): every
+# covered call of a request decided in the tail.
+RESIDENCY_STALE_SCAN_SQL = """
+SELECT count(*) AS n FROM (
+    SELECT tenant_id, request_id FROM _sealed_attempts
+    UNION ALL SELECT tenant_id, request_id FROM _sealed_outcomes
+    UNION ALL SELECT tenant_id, request_id FROM _sealed_dispatches
+) c
+SEMI JOIN _tail_decisions d USING (tenant_id, request_id)
+WHERE ($tenant IS NULL OR c.tenant_id = $tenant)
+"""
+
+# Requests with calls but no decision, in the files the partials cover: at compaction.
+RESIDENCY_ORPHANS_SQL = """
+SELECT DISTINCT tenant_id, request_id FROM (
+    SELECT tenant_id, request_id FROM attempts
+    UNION ALL SELECT tenant_id, request_id FROM outcomes
+    UNION ALL SELECT tenant_id, request_id FROM dispatches
+) c ANTI JOIN decisions d USING (tenant_id, request_id)
+ORDER BY tenant_id, request_id
+"""
+
+
+_CALL_COLUMNS = "request_id, tenant_id, event_id, occurred_at, region, deployment_id"
+_TAIL_COLUMNS = {
+    "attempts": _CALL_COLUMNS,
+    "outcomes": _CALL_COLUMNS,
+    "dispatches": _CALL_COLUMNS,
+    "decisions": "tenant_id, request_id, home_region, allowed_regions, residency_rule, transfer_basis",
+}
+_NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
 class EvidenceStore:
@@ -167,21 +256,25 @@ class EvidenceStore:
             self._create_table_view(table, schema, by_table.get(table))
         self.con.execute(_DERIVED_VIEWS)
 
-    def _create_table_view(self, table: str, schema: pa.Schema, paths: list[str] | None) -> None:
+    def _create_table_view(
+        self, table: str, schema: pa.Schema, paths: list[str] | None, *, name: str | None = None
+    ) -> None:
+        """The view ``name`` (default: the table's) over ``paths``, files of ``table``."""
+        view = name or table
         if not paths:
             self.con.register(f"_empty_{table}", schema.empty_table())
-            self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")  # noqa: S608
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _empty_{table}")  # noqa: S608
             return
         # Files of older versions may lack columns added since: matched by name, and any
         # column no file has is added as NULLs of its type, so queries see today's schema.
         source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
-        self._create_view(table, f"CREATE VIEW {table} AS SELECT * FROM {source}")  # noqa: S608  # names are ours
-        present = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
+        self._create_view(table, f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")  # noqa: S608
+        present = {row[0] for row in self.con.execute(f"DESCRIBE {view}").fetchall()}
         if set(schema.names) - present:
             # (Registered only when needed: each registration costs about as much as a view.)
             self.con.register(f"_empty_{table}", schema.empty_table())
             self.con.execute(
-                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
+                f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                 f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
             )
 
@@ -243,7 +336,77 @@ class EvidenceStore:
         return self.query(RESIDENCY_SQL, {"tenant": tenant})
 
     def residency_summary(self, tenant: str | None = None) -> pa.Table:
-        """``residency`` counted: calls per finding, tenant, event, route and basis."""
+        """``residency`` counted: calls per finding, tenant, event, route and basis. From the
+        partials the last compaction sealed when they still hold (``_residency``), else in full."""
+        from nexuscore.projections import _residency
+
+        partials = _residency.current_partials(signed_entries(self.root)) if self.files else None
+        sealed = _residency.read_partials(self.root, partials) if partials is not None else None
+        in_force = {e["path"]: e for e in self.files if e.get("table") in _residency.RESIDENCY_TABLES}
+        if sealed is None or not set(sealed.covered) <= set(in_force):
+            return self.full_residency_summary(tenant)  # none, altered, or a file it counted is gone
+        params = {"tenant": tenant}
+        self.con.register("_sealed_residency", sealed.counts)
+        try:
+            if len(sealed.covered) == len(in_force):
+                return self.query(RESIDENCY_SEALED_SQL, params)
+            return self._residency_with_tail(sealed, in_force, tenant)
+        finally:
+            self.con.unregister("_sealed_residency")
+
+    def _residency_with_tail(
+        self, sealed: Sealed, in_force: dict[str, dict[str, Any]], tenant: str | None
+    ) -> pa.Table:
+        """The sealed counts plus the tail's (the files the partials do not cover), or the full
+        summary when a decision in the tail changed the finding of a covered call."""
+        covered, params = set(sealed.covered), {"tenant": tenant}
+
+        def view(table: str, name: str, *, tail: bool) -> None:
+            mine = sorted(p for p, e in in_force.items() if e["table"] == table and (p in covered) != tail)
+            self._create_table_view(
+                table, SCHEMAS[table], [f"{self.root.absolute()}/{p}" for p in mine], name=name
+            )
+
+        # The tail read once, its columns the summary uses: it is few rows in many small files (each
+        # a footer to read), which the queries below would each open again.
+        for table, columns in _TAIL_COLUMNS.items():
+            self.con.register(f"_tail_{table}", self._tail_rows(table, columns, in_force, covered))
+        view("decisions", "_sealed_decisions", tail=False)
+        self.con.register("_found_decisions", self.query(RESIDENCY_FOUND_SQL, params))
+        self.con.register("_orphans", sealed.orphans if sealed.orphans is not None else _NO_ORPHANS)
+        try:
+            stale = self.query(RESIDENCY_STALE_SQL, params).column("n")[0].as_py()
+            tail_decisions = any(e["table"] == "decisions" and p not in covered for p, e in in_force.items())
+            if not stale and sealed.orphans is None and tail_decisions:
+                for table in ("attempts", "outcomes", "dispatches"):
+                    view(table, f"_sealed_{table}", tail=False)
+                stale = self.query(RESIDENCY_STALE_SCAN_SQL, params).column("n")[0].as_py()
+            return self.full_residency_summary(tenant) if stale else self.query(RESIDENCY_MERGED_SQL, params)
+        finally:
+            for name in ("_found_decisions", "_orphans", *(f"_tail_{t}" for t in _TAIL_COLUMNS)):
+                self.con.unregister(name)
+
+    def _tail_rows(
+        self, table: str, columns: str, in_force: dict[str, dict[str, Any]], covered: set[str]
+    ) -> pa.Table:
+        """``columns`` of the table's files the partials do not cover, read in one pass."""
+        paths = sorted(
+            f"{self.root.absolute()}/{p}"
+            for p, e in in_force.items()
+            if e["table"] == table and p not in covered
+        )
+        if not paths:
+            return SCHEMAS[table].empty_table().select([c.strip() for c in columns.split(",")])
+        source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
+        try:
+            return self.con.sql(f"SELECT {columns} FROM {source}").to_arrow_table()  # noqa: S608  # ours
+        except duckdb.Error:
+            # Files of an older version without one of these columns: through a view, which adds it.
+            self._create_table_view(table, SCHEMAS[table], paths, name=f"_tail_files_{table}")
+            return self.con.sql(f"SELECT {columns} FROM _tail_files_{table}").to_arrow_table()  # noqa: S608
+
+    def full_residency_summary(self, tenant: str | None = None) -> pa.Table:
+        """The residency summary counted over every call (what the sealed partials hold)."""
         return self.query(RESIDENCY_SUMMARY_SQL, {"tenant": tenant})
 
     def escalations(self, tenant: str | None = None, state: str | None = None) -> pa.Table:
@@ -293,7 +456,9 @@ def residency_breaches(residency: pa.Table) -> int:
     or without a decision (every finding but an allowed cross-border call). Takes the audit's rows
     (one per call) or its summary (a ``calls`` count per row)."""
     findings = residency.column("finding").to_pylist()
-    calls = residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    calls = (
+        residency.column("calls").to_pylist() if "calls" in residency.column_names else [1] * len(findings)
+    )
     return sum(n for f, n in zip(findings, calls, strict=True) if f != ALLOWED_RESIDENCY_FINDING)
 
 

@@ -49,6 +49,8 @@ from nexuscore.projections._manifest import (
     read_head,
     read_lines,
 )
+from nexuscore.projections._residency import current_partials, read_partials
+from nexuscore.projections._residency import well_formed as partials_well_formed
 from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
@@ -125,6 +127,7 @@ def verify(
     _check_coverage(entries, report)
     _check_compactions(entries, report)
     _check_index(root, entries, report)
+    _check_residency(root, entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     with EvidenceStore(root, keys, files=readable) as store:
         _check_events(store, known_digests, until, report)
@@ -205,6 +208,8 @@ def _check_folder(
     listed = {e["path"] for e in files}
     current = current_index(entries)
     index = current["path"] if current is not None else None
+    partials = current_partials(entries)
+    sealed = {index, partials["path"] if partials is not None else None}
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -215,14 +220,14 @@ def _check_folder(
             for p in e["partitions"]:
                 committed_end[(p["topic"], p["partition"])] = p["end"]
     for relative in _folder_files(root):
-        if relative in listed or relative in _OWN_FILES or relative == index:
+        if relative in listed or relative in _OWN_FILES or relative in sealed:
             continue
         if relative.startswith(f"{INDEX_DIR}/"):
             report.add(
                 "stale_index",
                 relative,
-                "is a request index no committed compaction names as the current one: ignored (the "
-                "next `evidence compact` deletes it)",
+                "is a request index or residency partials no committed compaction names as the current "
+                "one: ignored (the next `evidence compact` deletes it)",
                 fatal=False,
             )
             continue
@@ -286,6 +291,39 @@ def _check_index(root: Path, entries: list[dict[str, Any]], report: VerifyReport
             "index_altered",
             index["path"],
             "does not hold the bytes its compaction sealed (sha256 differs): it could hide rows from lineage",
+        )
+
+
+def _check_residency(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """The residency partials the last compaction sealed still hold those bytes. The summary reads
+    them only when they do (else it counts every call), so an altered file changes no answer; it is
+    named here because the signed chain says what the file should hold."""
+    for e in entries:
+        if e.get("kind") == "compaction" and "residency" in e and not partials_well_formed(e["residency"]):
+            report.add(
+                "residency_invalid",
+                f"manifest entry {e.get('seq')}",
+                "names no residency partials of the store's own (`_index/residency-<n>.parquet` and "
+                "its sha256)",
+            )
+    partials = current_partials(entries)
+    if partials is None:
+        return
+    if not (root / partials["path"]).is_file():
+        report.add(
+            "residency_missing",
+            partials["path"],
+            "cannot be read: the residency summary counts every call instead (`evidence compact` writes "
+            "the partials again)",
+            fatal=False,
+        )
+        return
+    if read_partials(root, partials) is None:
+        report.add(
+            "residency_altered",
+            partials["path"],
+            "does not hold the bytes its compaction sealed (sha256 differs): the residency summary "
+            "ignores it and counts every call",
         )
 
 

@@ -128,7 +128,7 @@ def test_a_crash_before_the_ledger_append_leaves_the_old_files_in_force(
     root = copy(small_files, tmp_path)
     before = rows_of(root)
 
-    def crash(self: Manifest, replaced: list[str], now: object, index: object = None) -> None:
+    def crash(self: Manifest, replaced: list[str], now: object, *sealed: object) -> None:
         raise OSError("killed")
 
     monkeypatch.setattr(Manifest, "commit_compaction", crash)
