@@ -48,7 +48,9 @@ from tests.fault._stalls import stalls
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(3600)]
 
 REQUESTS = int(os.environ.get("FAULT_REQUESTS", "20000"))
-WAVES = 10
+# Enough waves that each of the six faults finds a fresh one to strike (a fault and its restart
+# take about a wave's gap, so one may skip a wave).
+WAVES = 14
 # Waves 0..WAVES-2 go out this far apart from the start; the last one right after the last fault, so
 # requests are still arriving while every fault happens.
 WAVE_GAP_S = 8.0
