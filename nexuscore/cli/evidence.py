@@ -330,7 +330,7 @@ def evidence_compact(
         int, typer.Option(help="Rows per compacted file at most (files this large are left as they are).")
     ] = 1_000_000,
 ) -> None:
-    """Merge the small sealed files (one per table, region and partition per flush) into large ones,
+    """Merge the small sealed files (one per table and region per flush) into large ones,
     sorted by tenant and request, and re-seal them: a `compaction` entry in the signed ledger names
     the files replaced and the new ones; the old ones are deleted only after it is committed.
 
