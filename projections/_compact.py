@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import multiprocessing
 import os
 import re
@@ -63,7 +62,7 @@ from nexuscore.projections._index import (
     trusted_paths,
     write_index,
 )
-from nexuscore.projections._manifest import Manifest, file_sources, fsync_path, read_head
+from nexuscore.projections._manifest import Manifest, file_sources, fsync_path, read_head, replace_with
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -106,8 +105,14 @@ def plan(files: list[Entry], file_rows: int = FILE_ROWS) -> dict[Group, list[Ent
         if is_table_path(e) and int(e["rows"]) < file_rows:
             # A flush's files hold several partitions (``sources``): merged per table and region.
             several = "sources" in e
-            groups[(e["table"], e["region"], *(SEVERAL if several else (e["topic"], int(e["partition"]))))].append(e)
-    return {g: sorted(es, key=lambda e: e.get("first_offset", -1)) for g, es in sorted(groups.items()) if len(es) > 1}
+            groups[
+                (e["table"], e["region"], *(SEVERAL if several else (e["topic"], int(e["partition"]))))
+            ].append(e)
+    return {
+        g: sorted(es, key=lambda e: e.get("first_offset", -1))
+        for g, es in sorted(groups.items())
+        if len(es) > 1
+    }
 
 
 def compact(
@@ -280,7 +285,12 @@ def _rewrite_with(
                     **(
                         {"sources": _sources(data, entries)}
                         if several
-                        else {"topic": topic, "partition": partition, "first_offset": first, "last_offset": last}
+                        else {
+                            "topic": topic,
+                            "partition": partition,
+                            "first_offset": first,
+                            "last_offset": last,
+                        }
                     ),
                     "rows": data.num_rows,
                     "sha256": digest,
@@ -304,7 +314,13 @@ def _sources(data: pa.Table, entries: list[Entry]) -> list[dict[str, Any]]:
     counts = data.group_by(["src_topic", "src_partition"]).aggregate([([], "count_all")]).to_pylist()
     held = {(c["src_topic"], c["src_partition"]): c["count_all"] for c in counts}
     return [
-        {"topic": t, "partition": p, "first_offset": ranges[(t, p)][0], "last_offset": ranges[(t, p)][1], "rows": n}
+        {
+            "topic": t,
+            "partition": p,
+            "first_offset": ranges[(t, p)][0],
+            "last_offset": ranges[(t, p)][1],
+            "rows": n,
+        }
         for (t, p), n in sorted(held.items())
     ]
 
@@ -340,14 +356,7 @@ def _write(path: Path, data: pa.Table) -> str:
         # parses (a prompt's bounds, kilobytes, in every group of the requests table).
         write_statistics=[f.name for f in data.schema if not pa.types.is_binary(f.type)],
     )
-    payload = sink.getvalue().to_pybytes()
-    tmp = path.parent / f".{path.name}.tmp"
-    with tmp.open("wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(payload).hexdigest()
+    return replace_with(path, sink.getvalue().to_pybytes())
 
 
 def _conform(data: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path
+from nexuscore.projections._manifest import fsync_path, names_sealed_file
 from nexuscore.projections._store import sql_list
 
 INDEX_DIR = "_index"
@@ -74,15 +74,7 @@ def current_index(entries: list[Entry]) -> Entry | None:
 
 def well_formed(index: object) -> bool:
     """Does an entry's ``index`` name a file in the index folder, with a sha256?"""
-    if not isinstance(index, dict):
-        return False
-    path, digest = index.get("path"), index.get("sha256")
-    return (
-        isinstance(path, str)
-        and INDEX_PATH.fullmatch(path) is not None
-        and isinstance(digest, str)
-        and re.fullmatch(r"[0-9a-f]{64}", digest) is not None
-    )
+    return names_sealed_file(index, INDEX_PATH)
 
 
 def index_files(root: Path, index: Entry) -> list[str] | None:
@@ -212,7 +204,7 @@ def write_index(
         reader = con.sql(
             'SELECT request_id, tenant_id, CAST(file AS INTEGER) AS file, "row" '  # noqa: S608  # names are ours
             # (A row without a request id is no request's: no lineage asks for it.)
-            f'FROM ({" UNION ALL ".join(sources)}) WHERE request_id IS NOT NULL '
+            f"FROM ({' UNION ALL '.join(sources)}) WHERE request_id IS NOT NULL "
             'ORDER BY request_id, tenant_id, file, "row"'
         ).to_arrow_reader(ROW_GROUP)
     rows, digest = _write(root / relative, reader, paths)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -248,6 +249,33 @@ def file_sources(entry: Entry) -> list[dict[str, Any]]:
         keys = ("topic", "partition", "first_offset", "last_offset")
         return [{**{k: entry.get(k) for k in keys}, "rows": entry.get("rows")}]
     return [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
+
+
+def replace_with(path: Path, payload: bytes | memoryview, *, sync: bool = True) -> str:
+    """Write ``payload`` as ``path`` at once or not at all (a temporary file renamed over it),
+    flushed to disk first unless ``sync`` is false; return its sha256."""
+    tmp = path.parent / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        f.write(payload)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def names_sealed_file(reference: object, path_pattern: re.Pattern[str]) -> bool:
+    """Does a ledger entry's reference (``{"path", "sha256"}``) name a file the pattern allows,
+    with a well-formed sha256?"""
+    if not isinstance(reference, dict):
+        return False
+    path, digest = reference.get("path"), reference.get("sha256")
+    return (
+        isinstance(path, str)
+        and path_pattern.fullmatch(path) is not None
+        and isinstance(digest, str)
+        and re.fullmatch(r"[0-9a-f]{64}", digest) is not None
+    )
 
 
 def fsync_path(path: Path) -> None:

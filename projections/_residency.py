@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path
+from nexuscore.projections._manifest import fsync_path, names_sealed_file, replace_with
 
 PARTIALS_DIR = "_index"
 PARTIALS_PATH = re.compile(r"_index/residency-\d{12}\.parquet")
@@ -59,15 +58,7 @@ def current_partials(entries: list[Entry]) -> Entry | None:
 
 def well_formed(partials: object) -> bool:
     """Does an entry's ``residency`` name a file of the store's own, with a sha256?"""
-    if not isinstance(partials, dict):
-        return False
-    path, digest = partials.get("path"), partials.get("sha256")
-    return (
-        isinstance(path, str)
-        and PARTIALS_PATH.fullmatch(path) is not None
-        and isinstance(digest, str)
-        and re.fullmatch(r"[0-9a-f]{64}", digest) is not None
-    )
+    return names_sealed_file(partials, PARTIALS_PATH)
 
 
 def covered_paths(files: list[Entry]) -> list[str]:
@@ -94,17 +85,10 @@ def write_partials(root: Path, files: list[Entry], seq: int) -> Entry:
     sink = pa.BufferOutputStream()
     metadata = {FILES_KEY: json.dumps(paths).encode(), ORPHANS_KEY: json.dumps(orphans).encode()}
     pq.write_table(summary.replace_schema_metadata(metadata), sink, compression="zstd")
-    payload = sink.getvalue().to_pybytes()
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    with tmp.open("wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    digest = replace_with(path, sink.getvalue().to_pybytes())
     fsync_path(path.parent)
-    digest = hashlib.sha256(payload).hexdigest()
     return {"path": relative, "sha256": digest, "rows": summary.num_rows, "files": len(paths)}
 
 

@@ -3,9 +3,7 @@ generator) writes, so that there is one way evidence reaches disk."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nexuscore import ledger
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import Manifest, fsync_path
+from nexuscore.projections._manifest import Manifest, fsync_path, replace_with
 
 
 def region_dir(region: str) -> str:
@@ -130,7 +128,6 @@ class SealedWriter:
         self.manifest.commit(partitions, now)
 
 
-
 ROW_GROUP = 16_384
 _UNIQUE = {"event_id", "request_id", "causation_id", "trace_id"}  # a value a row: no dictionary
 
@@ -169,12 +166,4 @@ def write_table(path: Path, table: pa.Table, *, sync: bool = True, groups: list[
             # admits (16k rows measured 3x faster than one group per file, for 1% more disk).
             parquet.write_table(table.slice(start, rows), row_group_size=ROW_GROUP)
             start += rows
-    data = sink.getbuffer()  # no copy of the file's bytes
-    tmp = path.parent / f".{path.name}.tmp"
-    with tmp.open("wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
+    return replace_with(path, sink.getbuffer(), sync=sync)  # getbuffer: no copy of the file's bytes
