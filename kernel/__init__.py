@@ -1,8 +1,9 @@
 """The kernel: what every layer above may use and that imports nothing of ours — the errors
 NexusCore raises on purpose, time as an injected dependency, and Ed25519 signing primitives.
 
-Its three modules are public (``nexuscore.kernel.errors``, ``.clock``, ``.signing``); the names
-most callers need are re-exported here.
+Its modules are public (``nexuscore.kernel.errors``, ``.clock``, ``.signing``, and ``.lazy``: how a
+package exports names without importing their modules at start-up); the names most callers need
+are re-exported here.
 """
 
 from nexuscore.kernel import clock, errors, signing

@@ -3,9 +3,9 @@ them, verification, inclusion and consistency proofs, and erasure."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from nexuscore.kernel.lazy import lazy_exports
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
 from nexuscore.projections._lineage import lineage_at
 from nexuscore.projections._manifest import Manifest, committed_files
@@ -39,13 +39,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401  # whatever the named module holds
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [

@@ -11,9 +11,9 @@ This ``__init__`` is the whole public surface; the modules inside are private.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from nexuscore.kernel.lazy import lazy_exports
 from nexuscore.services._evidence import (
     compact_evidence,
     content_keys,
@@ -134,13 +134,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401  # whatever the named module holds
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, globals(), _LAZY)
 
 __all__ = [
     "Decider",
