@@ -47,7 +47,7 @@ from nexuscore.observe import Headers, batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._handlers import Decider, DeciderTables
-from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, Retention
+from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, EXPIRING, Retention
 from nexuscore.streams._state import ChangelogState
 from nexuscore.transport import DeciderTable, Topics, new_producer, start_client
 
@@ -109,13 +109,13 @@ class DeciderLoop:
         self.follower = follower
         self.instance_id = instance_id
         self.max_batch = max_batch
-        self.state = ChangelogState(topics)
-        self.outbox = Outbox()
-        tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
         self.retention = Retention(
             {DeciderTable.DECIDED: dedupe_window, DeciderTable.ESCALATIONS: dedupe_window,
              DeciderTable.ANSWERS: answer_window}
         )  # fmt: skip
+        self.state = ChangelogState(topics, timed=EXPIRING)
+        self.outbox = Outbox()
+        tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
         self.decider = Decider(
             tables, holder, clock, self.outbox, topics=topics, reviewers=reviewers, keep_outputs=False,
             trace_headers=True, retention=self.retention,
@@ -157,8 +157,9 @@ class DeciderLoop:
         if new and self._restorer is not None:
             read = await self.state.restore(self._restorer, new)
             for name, table in self.state.tables.items():
-                self.retention.restored(name, table.restored)
-                table.restored = []
+                if table.restored:
+                    self.retention.restored(name, table.restored)
+                    table.restored = []
             log.info("restored partitions %s of the decider's state: %d changelog records", sorted(new), read)
         self.held = set(partitions)  # once their state is in: what ``held`` says is ready
 

@@ -10,7 +10,7 @@ state before it (the outputs it sends again carry the same ids, and every reader
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Collection, Iterator, MutableMapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -20,14 +20,14 @@ from nexuscore.transport import DeciderTable, Topics
 class ChangelogTable(MutableMapping[bytes, bytes]):
     """One Table: its rows, and the keys changed (with their partition) since the last flush."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, *, timed: bool = False) -> None:
         self.topic = topic
         self.rows: dict[bytes, bytes] = {}
         self.owner: dict[bytes, int] = {}  # key -> the input partition whose state it is
         self.dirty: dict[bytes, int] = {}
         # Rows read back by the last restore, with their changelog record's time (microseconds):
-        # how old they are, for the decider's retention.
-        self.restored: list[tuple[int, bytes]] = []
+        # how old they are, for the decider's retention. None: a Table whose rows never expire.
+        self.restored: list[tuple[int, bytes]] | None = [] if timed else None
         self.partition = 0  # the input partition being processed: where changes are logged
 
     def __getitem__(self, key: bytes) -> bytes:
@@ -57,9 +57,12 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
 class ChangelogState:
     """All of the decider's Tables, their restore and their per-batch flush."""
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(self, topics: Topics, *, timed: Collection[str] = ()) -> None:
+        """``timed``: the Tables whose restored rows keep their time (those that expire)."""
         app = topics.group("nexuscore-decider")
-        self.tables = {t: ChangelogTable(f"{app}-{t.value}-changelog") for t in DeciderTable}
+        self.tables = {
+            t: ChangelogTable(f"{app}-{t.value}-changelog", timed=t in timed) for t in DeciderTable
+        }
 
     def at_partition(self, partition: int) -> None:
         for table in self.tables.values():
@@ -96,7 +99,8 @@ class ChangelogState:
                     else:
                         table.rows[r.key] = r.value
                         table.owner[r.key] = tp.partition
-                        table.restored.append((r.timestamp * 1000, r.key))
+                        if table.restored is not None:
+                            table.restored.append((r.timestamp * 1000, r.key))
         return read
 
     def forget(self, partitions: set[int]) -> None:

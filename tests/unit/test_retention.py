@@ -78,3 +78,19 @@ def test_each_table_has_its_own_window() -> None:
 def test_a_window_on_a_table_that_does_not_grow_per_request_is_refused() -> None:
     with pytest.raises(ValueError, match="budgets"):
         Retention({"budgets": timedelta(seconds=1)})
+
+
+@pytest.mark.parametrize("option", ["--dedupe-window-s", "--answer-window-s"])
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "inf", "1e12"])
+def test_a_window_outside_one_second_to_a_week_is_refused_before_anything_starts(
+    option: str, value: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from nexuscore.cli import app
+    from nexuscore.policy import DEFAULT_POLICY_PATH
+
+    policy = str(DEFAULT_POLICY_PATH)
+    args = ["run", "decider", "--bootstrap", "127.0.0.1:1", "--policy", policy, "-t", policy, option, value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and option in " ".join(result.output.split())
