@@ -1,6 +1,7 @@
 """The residency partials ``evidence compact`` seals: the summary from them plus the files flushed
 since is row for row the summary counted over every call (with and without a tenant, after a second
-compaction, with a decision flushed after its call across a compaction); an altered or missing
+compaction, with a decision flushed after its call across a compaction, with a second decision of a
+covered request in the tail); an altered or missing
 partials file is a ``verify`` finding and changes no answer."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nexuscore.projections import (
     verify,
 )
 from nexuscore.schemas import Event
-from tests.factories import POLICY, T0, project, run_history, signing_key
+from tests.factories import POLICY, T0, project, replace, run_history, signing_key
 
 PUBLIC = signing_key().public_key()
 KNOWN = {POLICY.digest}
@@ -193,3 +194,34 @@ def test_calls_without_a_decision_exit_1_from_the_partials_as_from_the_full_coun
     assert_same_summaries(root, monkeypatch, from_partials=True)
     result = CliRunner().invoke(app, ["evidence", "residency", "-e", str(root), "--format", "json"])
     assert result.exit_code == 1 and f"{breaches} call(s) outside" in " ".join(result.output.split())
+
+
+def test_a_second_decision_in_the_tail_for_a_covered_request_counts_every_call(
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request decided in the covered files and decided again after the compaction (a client's
+    resubmission after the dedupe window): its covered calls now meet two decisions, one of which
+    allows none of their regions, so their findings changed since the partials were counted. The
+    summary is then the full count, and says so by counting the calls the second decision refuses."""
+    root = tmp_path / "evidence"
+    cut = len(history) * 2 // 3
+    covered = history[:cut]
+    called = {(e.tenant_id, e.request_id) for e in covered if type(e).__name__ == "DispatchRequested"}
+    first = next(
+        e for e in covered if type(e).__name__ == "RequestDecided" and (e.tenant_id, e.request_id) in called
+    )
+    again = replace(
+        first,
+        event_id=f"{first.event_id}-again",
+        residency=replace(first.residency, allowed_regions=["nowhere"], home_region="nowhere"),
+    )
+    project(root, covered, flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    project(root, [*history, again], flush_every=40)
+    assert_same_summaries(root, monkeypatch, from_partials=False)
+    with EvidenceStore(root) as store:
+        summary = store.residency_summary(first.tenant_id).to_pylist()
+    refused = [
+        r for r in summary if r["finding"] == "outside_allowed_regions" and r["home_region"] == "nowhere"
+    ]
+    assert sum(r["calls"] for r in refused) >= 1
