@@ -1,8 +1,8 @@
 """The residency partials ``evidence compact`` seals: the summary from them plus the files flushed
 since is row for row the summary counted over every call (with and without a tenant, after a second
 compaction, with a decision flushed after its call across a compaction, with a second decision of a
-covered request in the tail); an altered or missing
-partials file is a ``verify`` finding and changes no answer."""
+covered request in the tail); an altered or missing partials file is a ``verify`` finding and
+changes no answer."""
 
 from __future__ import annotations
 
