@@ -9,11 +9,13 @@ and the groups ``acme.nexuscore-decider`` (the empty namespace: ``nexus.requests
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 import msgspec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from nexuscore.kernel.errors import BrokerError, NexusError
@@ -148,14 +150,33 @@ class Topics(msgspec.Struct, frozen=True):
         return f"{self.prefix}{name}"
 
 
+log = logging.getLogger(__name__)
+
+
+class _Source(IntEnum):
+    """Where a described config's value comes from (Kafka's DescribeConfigs ``config_source``)."""
+
+    DYNAMIC_TOPIC = 1
+
+
+def wanted_configs(topics: Topics) -> dict[str, dict[str, str]]:
+    """The settings every topic of ``topics`` must carry, by topic."""
+    return {**{t: _BROKER_TIME for t in topics.all}, **{t: _CHANGELOG for t in topics.changelogs}}
+
+
 async def ensure_topics(
     bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0
 ) -> None:
-    """Create every topic of ``topics`` that does not exist yet."""
+    """Create every topic of ``topics`` that does not exist yet, and give those that do the
+    settings this version needs (``wanted_configs``): a topic created by an earlier version (or by
+    hand) keeps its configs otherwise, and a topic whose records carry the producer's time lets a
+    producer choose the time a decision or an act is judged at. BrokerError when a topic's record
+    time cannot be made the broker's; other settings that cannot be changed are logged."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     await start_client(admin, bootstrap, timeout_s)
     try:
         existing = set(await admin.list_topics())
+        await _align_configs(admin, {t: c for t, c in wanted_configs(topics).items() if t in existing})
         wanted = [
             NewTopic(
                 name=t,
@@ -183,6 +204,45 @@ async def ensure_topics(
         raise BrokerError(f"cannot create topics on {bootstrap}: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def _align_configs(admin: AIOKafkaAdminClient, wanted: dict[str, dict[str, str]]) -> None:
+    """Alter the existing topics whose configs differ from ``wanted``. AlterConfigs replaces a
+    topic's whole set of overrides, so each is sent with the overrides it already had: an
+    operator's own settings (retention, say) stay."""
+    if not wanted:
+        return
+    described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in wanted])
+    changes: dict[str, dict[str, str]] = {}
+    for response in described:
+        for error_code, _message, _type, name, entries, *_ in response.resources:
+            if error_code:
+                log.warning("topic %s: its settings cannot be read (error code %s)", name, error_code)
+                continue
+            current = {e[0]: e[1] for e in entries}
+            differ = {k: v for k, v in wanted[name].items() if current.get(k) != v}
+            if differ:
+                overrides = {
+                    e[0]: e[1] for e in entries if e[3] == _Source.DYNAMIC_TOPIC and e[1] is not None
+                }
+                changes[name] = {**overrides, **wanted[name]}
+                log.info("topic %s: setting %s (was %s)", name, differ, {k: current.get(k) for k in differ})
+    if not changes:
+        return
+    answers = await admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t, c) for t, c in changes.items()]
+    )
+    for response in answers:
+        for error_code, message, _type, name, *_ in response.resources:
+            if not error_code:
+                continue
+            why = f"{message or 'error code ' + str(error_code)}"
+            if "message.timestamp.type" in wanted.get(name, {}):
+                raise BrokerError(
+                    f"topic {name} must record the broker's time (message.timestamp.type=LogAppendTime) "
+                    f"and cannot be changed: {why}"
+                )
+            log.warning("topic %s keeps its old settings (%s): %s", name, why, changes[name])
 
 
 async def partition_counts(bootstrap: str, names: tuple[str, ...], timeout_s: float = 30.0) -> dict[str, int]:
