@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import fcntl
 import gc
+import hashlib
 import logging
 import os
 import time
@@ -90,6 +91,8 @@ log = logging.getLogger(__name__)
 UNASSIGNED = "unassigned"  # rows whose tenant has no home region (unknown tenants, dead letters)
 # The content columns, encrypted under the row's tenant (and data subject) key.
 _CONTENT = {"requests": "prompt", "outcomes": "response", "deadletters": "raw_value"}
+
+
 # A client may retry a request under a new event id: requests are deduplicated by request id,
 # which is unique per tenant only. ``_dedup_keys`` gives the same key from a sealed file.
 def _dedup_key(table: str, row: Row) -> str:
@@ -106,7 +109,9 @@ def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[str, int, int,
     data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
     topics, partitions, offsets = (data.column(c).to_pylist() for c in source)
     if table == "requests":
-        keys = [f"{t}\x1f{r}" for t, r in zip(data.column(3).to_pylist(), data.column(4).to_pylist(), strict=True)]
+        keys = [
+            f"{t}\x1f{r}" for t, r in zip(data.column(3).to_pylist(), data.column(4).to_pylist(), strict=True)
+        ]
     else:
         keys = [str(k) for k in data.column(3).to_pylist()]
     return list(zip(topics, partitions, offsets, keys, strict=True))
@@ -146,21 +151,38 @@ def _topic_contract(topics: Topics) -> dict[str, tuple[tuple[type[Event], ...], 
 
 
 class _Recent:
-    """The keys of the events kept from the last ``window`` offsets of one partition."""
+    """The keys of the events kept from the last ``window`` offsets of one partition.
+
+    Held as 16-byte digests, not strings: a long-lived projector holds ``window`` keys for every
+    partition of the namespace (360,000 at the defaults), about 240 bytes each as (offset, str)
+    tuples in a deque and a set, about half that so.
+    """
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.order: deque[tuple[int, str]] = deque()
-        self.keys: set[str] = set()
+        self.offsets: deque[int] = deque()
+        self.order: deque[bytes] = deque()
+        self.keys: set[bytes] = set()
 
     def seen(self, offset: int, key: str) -> bool:
-        while self.order and self.order[0][0] < offset - self.window:
-            self.keys.discard(self.order.popleft()[1])
-        if key in self.keys:
+        offsets, order = self.offsets, self.order
+        while offsets and offsets[0] < offset - self.window:
+            offsets.popleft()
+            self.keys.discard(order.popleft())
+        digest = _digest(key)
+        if digest in self.keys:
             return True
-        self.order.append((offset, key))
-        self.keys.add(key)
+        offsets.append(offset)
+        order.append(digest)
+        self.keys.add(digest)
         return False
+
+
+def _digest(key: str) -> bytes:
+    """``key`` hashed to 128 bits: a collision, which would drop an event as a repeat, is as likely
+    as guessing a random 128-bit id. (Every key is hashed, event ids too: reading a hex id as its
+    bytes would make ids that differ in case or spacing one.)"""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class _Batch:
@@ -409,7 +431,11 @@ class Projector:
             return
         at = POSITIONS[table]
         content = columns[at[column]]
-        subjects = [s or None for s in columns[at["data_subject"]]] if "data_subject" in at else [None] * len(content)
+        subjects = (
+            [s or None for s in columns[at["data_subject"]]]
+            if "data_subject" in at
+            else [None] * len(content)
+        )
         if table == "deadletters":
             tenants = [(k or b"").decode("utf-8", "replace") or UNASSIGNED for k in columns[at["raw_key"]]]
             texts = [v.hex() for v in content]
@@ -417,7 +443,9 @@ class Projector:
             tenants, texts = columns[at["tenant_id"]], content
             if table == "requests":
                 columns[at["prompt_chars"]] = [len(t) for t in texts]
-        sealed = self.cipher.encrypt_many(column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now)
+        sealed = self.cipher.encrypt_many(
+            column, list(zip(tenants, subjects, columns[at["event_id"]], texts, strict=True)), now
+        )
         columns[at[f"{column}_key"]] = [key_id for key_id, _ in sealed]
         columns[at[column]] = [blob for _, blob in sealed]
 
@@ -624,7 +652,9 @@ class Projector:
             self._position[tp] = b.end
         return batches
 
-    async def _flush_and_commit(self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]) -> None:
+    async def _flush_and_commit(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, _Batch]
+    ) -> None:
         # Parquet encoding is CPU work: keep the event loop (and the consumer's heartbeats)
         # responsive while it runs; its native parts (Arrow, zstd, sha256, fsync) run beside it.
         # Always the same thread: each thread that allocates gets its own malloc arena, and every

@@ -19,6 +19,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.projections import SCHEMAS, FieldCipher, LocalKeyStore, Projector, committed_files, verify
+from nexuscore.projections._projector import _Recent
 from nexuscore.projections._tables import columnar
 from nexuscore.schemas import AvroCodec
 from nexuscore.transport import Topics
@@ -143,3 +144,16 @@ def test_a_restarted_projector_still_drops_what_it_projected_before_the_restart(
     assert (restarted.events, restarted.duplicates) == (len(again), len(again))
     report = verify(root, signing_key().public_key(), {POLICY.digest})
     assert report.ok and report.rows == len(history), report.findings
+
+
+def test_the_dedup_window_knows_the_keys_of_its_last_offsets_and_keeps_lookalikes_apart() -> None:
+    recent = _Recent(window=10)
+    assert not recent.seen(0, "ab" * 16)
+    assert recent.seen(5, "ab" * 16)  # within 10 offsets: a repeat
+    # Ids that read as the same bytes in hex (case, spacing) are different events.
+    assert not recent.seen(6, "AB" * 16)
+    assert not recent.seen(7, "ab " * 10 + "ab")
+    assert not recent.seen(8, "acme-bank\x1fr-1")
+    assert recent.seen(9, "acme-bank\x1fr-1")
+    assert not recent.seen(11, "ab" * 16)  # offset 0 left the window: not known any more
+    assert len(recent.keys) == len(recent.order) == len(recent.offsets) == 4
