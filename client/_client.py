@@ -30,7 +30,14 @@ from nexuscore.kernel.clock import Clock, SystemClock
 from nexuscore.kernel.errors import DecodeError, NexusError
 from nexuscore.policy import RoutingPolicy
 from nexuscore.schemas import AvroCodec
-from nexuscore.transport import Topics, new_producer, partition_counts, start_client
+from nexuscore.transport import (
+    KafkaLogin,
+    Topics,
+    login_options,
+    new_producer,
+    partition_counts,
+    start_client,
+)
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (tenant, request id): request ids are unique per tenant only
@@ -79,8 +86,12 @@ class NexusClient:
         clock: Clock | None = None,
         capacity: int = 200_000,
         tenants: Collection[str] | None = None,
+        login: KafkaLogin | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # Who the client is on the broker (a producer's own credential); None: the process's
+        # login from its environment (``nexuscore.transport._login``), PLAINTEXT when it sets none.
+        self.login = login
         self.topics = Topics(namespace)
         self.policy = policy
         self.lookback_s = lookback_s
@@ -100,9 +111,14 @@ class NexusClient:
     # --- life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        counts = await partition_counts(self.bootstrap, (self.topics.decisions, self.topics.outcomes))
+        counts = await partition_counts(
+            self.bootstrap, (self.topics.decisions, self.topics.outcomes), login=self.login
+        )
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            **login_options(self.login),
         )
         await start_client(consumer, self.bootstrap)
         self._consumer = consumer
@@ -110,7 +126,7 @@ class NexusClient:
             await self._position(
                 consumer, [TopicPartition(t, p) for t, n in counts.items() for p in range(n)]
             )
-            self._producer = new_producer(self.bootstrap)
+            self._producer = new_producer(self.bootstrap, login=self.login)
             await start_client(self._producer, self.bootstrap)
         except BaseException:
             await self.close()

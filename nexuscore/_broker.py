@@ -578,9 +578,13 @@ class LocalKafka:
         assert root is not None
         try:
             root.mkdir(parents=True, exist_ok=True)
-            formatted = (root / "data" / "meta.properties").is_file() and (root / "server.properties").is_file()
+            formatted = (root / "data" / "meta.properties").is_file() and (
+                root / "server.properties"
+            ).is_file()
             if not formatted and any(root.iterdir()):
-                raise BrokerError(f"{root} is neither empty nor a broker's data folder: give an empty or new one")
+                raise BrokerError(
+                    f"{root} is neither empty nor a broker's data folder: give an empty or new one"
+                )
         except OSError as exc:
             raise BrokerError(f"cannot use {root} as the broker's data folder: {exc.strerror}") from exc
         self.data_dir = root
@@ -588,7 +592,9 @@ class LocalKafka:
             if formatted:
                 self.port, self.controller_port = _listener_ports(self._properties_path)
                 if self._wanted_port not in (None, self.port):
-                    raise BrokerError(f"{root} holds a broker made for port {self.port}, not {self._wanted_port}")
+                    raise BrokerError(
+                        f"{root} holds a broker made for port {self.port}, not {self._wanted_port}"
+                    )
             else:
                 self._setup_storage(java, deadline, self._wanted_port)
             self._launch(java)
@@ -857,20 +863,23 @@ def _docker_socket_answers() -> bool:
         return False
 
 
-async def wait_for_broker(bootstrap: str, timeout_s: float) -> None:
-    """Wait until the Kafka broker(s) at ``bootstrap`` answer a metadata request.
+async def wait_for_broker(
+    bootstrap: str, timeout_s: float, client_config: Mapping[str, Any] | None = None
+) -> None:
+    """Wait until the Kafka broker(s) at ``bootstrap`` answer a metadata request (``client_config``:
+    extra aiokafka arguments, a login).
 
     Raises:
         BrokerError: naming ``bootstrap`` and the last error, if no answer came within ``timeout_s``.
     """
-    await _wait(bootstrap, timeout_s, None)
+    await _wait(bootstrap, timeout_s, None, client_config)
 
 
 async def _wait(
     bootstrap: str,
     timeout_s: float,
     give_up: Callable[[], str | None] | None,
-    client_config: Mapping[str, str] | None = None,
+    client_config: Mapping[str, Any] | None = None,
 ) -> None:
     """``wait_for_broker`` with an extra check, polled between attempts, that can abort the wait.
 
@@ -902,7 +911,7 @@ async def _probe(
     bootstrap: str,
     hosts: list[tuple[str, int]],
     timeout_s: float,
-    client_config: Mapping[str, str] | None = None,
+    client_config: Mapping[str, Any] | None = None,
 ) -> None:
     """One readiness check: a TCP connect, then a real metadata request through aiokafka."""
     # aiokafka logs an ERROR for every refused bootstrap connection; a plain TCP connect first keeps

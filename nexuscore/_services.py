@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -15,7 +16,7 @@ from nexuscore.kernel.errors import NexusError
 
 
 class Service:
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
@@ -24,7 +25,7 @@ class Service:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
 
     def check(self) -> None:
@@ -83,8 +84,9 @@ class Services:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.started: list[Service] = []
 
-    def start(self, name: str, *args: str) -> Service:
-        service = Service(name, list(args), self.log_dir)
+    def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> Service:
+        """Start ``python -m nexuscore *args``; ``env``: variables added to this process's."""
+        service = Service(name, list(args), self.log_dir, env)
         self.started.append(service)
         return service
 

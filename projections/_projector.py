@@ -573,7 +573,7 @@ class Projector:
         consumer = new_consumer(
             self.bootstrap,
             (),
-            self.group,  # type: ignore[arg-type]  # None: a consumer without a group
+            self.group,  # None: a consumer without a group
             # Bounded memory: aiokafka prefetches per partition; at about 60 partitions, 4 MiB each
             # held hundreds of MB before a record was processed. A fetch answers with at most
             # 16 MiB (a flush's worth), 512 KiB a partition. (256 KiB and 4 MiB measured slower:

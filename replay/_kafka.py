@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore.kernel.clock import SystemClock
 from nexuscore.policy import TrustStore
 from nexuscore.projections import Projector
-from nexuscore.transport import Topics, partition_counts, start_client
+from nexuscore.transport import Topics, login_options, partition_counts, start_client
 
 
 async def _end_offsets(bootstrap: str, topics: Topics) -> dict[tuple[str, int], int]:
     counts = await partition_counts(bootstrap, topics.all)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **login_options())
     await start_client(consumer, bootstrap)
     try:
         ends = await consumer.end_offsets(

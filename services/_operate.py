@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from nexuscore._broker import wait_for_broker
-from nexuscore.transport import Topics, ensure_topics
+from nexuscore.transport import Topics, ensure_topics, login_options
 
 
 def init_topics(bootstrap: str, namespace: str = "", partitions: int = 4, wait_s: float = 60.0) -> int:
@@ -14,7 +14,7 @@ def init_topics(bootstrap: str, namespace: str = "", partitions: int = 4, wait_s
     topics = Topics(namespace)
 
     async def main() -> None:
-        await wait_for_broker(bootstrap, wait_s)
+        await wait_for_broker(bootstrap, wait_s, login_options())
         await ensure_topics(bootstrap, topics, partitions)
 
     asyncio.run(main())

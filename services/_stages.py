@@ -55,7 +55,7 @@ from nexuscore.streams import (
     publish_governance,
     worker_id,
 )
-from nexuscore.transport import Topics, ensure_topics
+from nexuscore.transport import Topics, ensure_topics, login_options, process_login
 
 # How long a starting decider waits for the broker to answer.
 BROKER_WAIT_S = 15
@@ -123,11 +123,15 @@ def prepare_decider(
     ``runtime`` picks the stream runtime (docs/decisions/0001-decider-runtime.md)."""
     if runtime not in RUNTIMES:
         raise NexusError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "faust" and process_login().protocol != "PLAINTEXT":
+        raise NexusError(
+            "the faust runtime cannot log in to the broker: use --runtime loop with a Kafka login"
+        )
     clock = SystemClock()
     trust = load_trust_store(trust_store)
     signed = load_signed_policy(policy_path, trust, clock.now())
     topics = Topics(namespace)
-    asyncio.run(wait_for_broker(bootstrap, BROKER_WAIT_S))
+    asyncio.run(wait_for_broker(bootstrap, BROKER_WAIT_S, login_options()))
     asyncio.run(ensure_topics(bootstrap, topics))
     holder = PolicyHolder(Registry())
     follower = GovernanceFollower(bootstrap, topics, trust, clock, holder)

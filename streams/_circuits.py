@@ -28,7 +28,7 @@ from nexuscore.core import (
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas import AvroCodec, CircuitStateChanged
-from nexuscore.transport import Topics, partition_counts, start_client
+from nexuscore.transport import Topics, login_options, partition_counts, start_client
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ async def follow_circuits(
     """Fold every worker's transitions into ``board`` until ``stopping`` (no group: all partitions)."""
     codec = AvroCodec()
     counts = await partition_counts(bootstrap, (topics.circuits,))
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **login_options())
     await start_client(consumer, bootstrap)
     try:
         consumer.assign([TopicPartition(topics.circuits, p) for p in range(counts[topics.circuits])])

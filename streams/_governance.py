@@ -30,7 +30,14 @@ from nexuscore.policy import (
     judge,
 )
 from nexuscore.schemas import AvroCodec, KillSwitchChanged, PolicyStageChanged
-from nexuscore.transport import Topics, appended_at, new_producer, partition_counts, start_client
+from nexuscore.transport import (
+    Topics,
+    appended_at,
+    login_options,
+    new_producer,
+    partition_counts,
+    start_client,
+)
 
 log = logging.getLogger(__name__)
 POLICY_KEY = b"policy"  # one key, so every policy event is in one partition, in order
@@ -124,7 +131,9 @@ class GovernanceFollower:
 
     async def _consumer(self) -> AIOKafkaConsumer:
         counts = await partition_counts(self.bootstrap, (self.topic,))
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, **login_options()
+        )
         await start_client(consumer, self.bootstrap)
         partitions = [TopicPartition(self.topic, p) for p in range(counts[self.topic])]
         consumer.assign(partitions)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from datetime import datetime
 from typing import Protocol
 
@@ -90,6 +90,17 @@ class Sink(Protocol):
     ``headers`` (the trace context) are passed only to a sink the agent was told takes them."""
 
     async def send(self, topic: str, key: bytes, value: bytes, headers: Headers | None = None) -> None: ...
+
+
+# How each Table's values are read: a changelog's value that does not read is not restored.
+ROW_CHECKS: dict[str, Callable[[bytes], object]] = {
+    DeciderTable.BUDGETS: decode_state,
+    DeciderTable.RESERVATIONS: decode_reservation,
+    DeciderTable.ESCALATIONS: escalation_record,
+    DeciderTable.LATENCY: decode_window,
+    DeciderTable.ANSWERS: decode_answer,
+    DeciderTable.DECIDED: decided_record,
+}
 
 
 class DeciderTables(msgspec.Struct, frozen=True):

@@ -46,10 +46,10 @@ from nexuscore.kernel.clock import Clock
 from nexuscore.observe import Headers, batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
-from nexuscore.streams._handlers import Decider, DeciderTables
+from nexuscore.streams._handlers import ROW_CHECKS, Decider, DeciderTables
 from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, EXPIRING, Retention
 from nexuscore.streams._state import ChangelogState
-from nexuscore.transport import DeciderTable, Topics, new_producer, start_client
+from nexuscore.transport import DeciderTable, Topics, login_options, new_producer, start_client
 
 log = logging.getLogger(__name__)
 DEADLINE_SCAN_S = 1.0
@@ -113,7 +113,7 @@ class DeciderLoop:
             {DeciderTable.DECIDED: dedupe_window, DeciderTable.ESCALATIONS: dedupe_window,
              DeciderTable.ANSWERS: answer_window}
         )  # fmt: skip
-        self.state = ChangelogState(topics, timed=EXPIRING)
+        self.state = ChangelogState(topics, timed=EXPIRING, checks=ROW_CHECKS)
         self.outbox = Outbox()
         tables = DeciderTables(**{t.value: table for t, table in self.state.tables.items()})
         self.decider = Decider(
@@ -143,6 +143,7 @@ class DeciderLoop:
             return new_producer(self.bootstrap, linger_ms=0)
         return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
+            **login_options(),
             transactional_id=f"{self.topics.group('nexuscore-decider')}-{self.instance_id or uuid.uuid4().hex}",
             enable_idempotence=True,
             acks="all",
@@ -166,6 +167,7 @@ class DeciderLoop:
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **login_options(),
             group_id=self.topics.group("nexuscore-decider"),
             group_instance_id=self.instance_id,
             enable_auto_commit=False,
@@ -179,7 +181,10 @@ class DeciderLoop:
 
     async def run(self) -> None:
         self._restorer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            **login_options(),
         )
         consumer = self._consumer()
         self._producer = producer = self._new_producer()

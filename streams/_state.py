@@ -10,11 +10,17 @@ state before it (the outputs it sends again carry the same ids, and every reader
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, MutableMapping
+import logging
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from nexuscore.transport import DeciderTable, Topics
+
+log = logging.getLogger(__name__)
+# How a Table's value is read (raises on bytes that are not one): checked as a restore reads it.
+RowCheck = Callable[[bytes], object]
 
 
 class ChangelogTable(MutableMapping[bytes, bytes]):
@@ -57,9 +63,16 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
 class ChangelogState:
     """All of the decider's Tables, their restore and their per-batch flush."""
 
-    def __init__(self, topics: Topics, *, timed: Collection[str] = ()) -> None:
-        """``timed``: the Tables whose restored rows keep their time (those that expire)."""
+    def __init__(
+        self, topics: Topics, *, timed: Collection[str] = (), checks: Mapping[str, RowCheck] | None = None
+    ) -> None:
+        """``timed``: the Tables whose restored rows keep their time (those that expire).
+        ``checks``: per Table, how its values are read: a restored value that does not read (a
+        changelog written by someone else, or damaged) is skipped and logged, not kept to stop
+        the decider when a handler reads it."""
         app = topics.group("nexuscore-decider")
+        self.checks = dict(checks or {})
+        self.skipped = 0  # restored values that did not read as their Table's
         self.tables = {
             t: ChangelogTable(f"{app}-{t.value}-changelog", timed=t in timed) for t in DeciderTable
         }
@@ -87,12 +100,19 @@ class ChangelogState:
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         by_topic = {t.topic: t for t in self.tables.values()}
+        check_of = {t.topic: self.checks.get(name) for name, t in self.tables.items()}
         read = 0
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             for tp, records in (await consumer.getmany(*tps, timeout_ms=200, max_records=10_000)).items():
-                table = by_topic[tp.topic]
+                table, check = by_topic[tp.topic], check_of[tp.topic]
                 for r in records:
                     read += 1
+                    if (
+                        r.value is not None
+                        and check is not None
+                        and not self._reads(check, tp, r.offset, r.value)
+                    ):
+                        continue
                     if r.value is None:
                         table.rows.pop(r.key, None)
                         table.owner.pop(r.key, None)
@@ -102,6 +122,17 @@ class ChangelogState:
                         if table.restored is not None:
                             table.restored.append((r.timestamp * 1000, r.key))
         return read
+
+    def _reads(self, check: RowCheck, tp: TopicPartition, offset: int, value: bytes) -> bool:
+        try:
+            check(value)
+        except (msgspec.MsgspecError, ValueError, TypeError) as exc:
+            self.skipped += 1
+            log.warning(
+                "%s[%d]@%d is not a row of its Table, skipped: %s", tp.topic, tp.partition, offset, exc
+            )
+            return False
+        return True
 
     def forget(self, partitions: set[int]) -> None:
         """Drop the rows of partitions this decider no longer holds (another one restores them)."""

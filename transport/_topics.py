@@ -19,7 +19,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from nexuscore.kernel.errors import BrokerError, NexusError
-from nexuscore.transport._kafka import start_client
+from nexuscore.transport._kafka import login_options, start_client
+from nexuscore.transport._login import KafkaLogin
 
 DEFAULT_PARTITIONS = 4
 # The decider's inputs (requests, outcomes, signed human acts) take the broker's clock as each
@@ -165,14 +166,21 @@ def wanted_configs(topics: Topics) -> dict[str, dict[str, str]]:
 
 
 async def ensure_topics(
-    bootstrap: str, topics: Topics, partitions: int = DEFAULT_PARTITIONS, timeout_s: float = 30.0
+    bootstrap: str,
+    topics: Topics,
+    partitions: int = DEFAULT_PARTITIONS,
+    timeout_s: float = 30.0,
+    *,
+    login: KafkaLogin | None = None,
 ) -> None:
     """Create every topic of ``topics`` that does not exist yet, and give those that do the
     settings this version needs (``wanted_configs``): a topic created by an earlier version (or by
     hand) keeps its configs otherwise, and a topic whose records carry the producer's time lets a
     producer choose the time a decision or an act is judged at. BrokerError when a topic's record
     time cannot be made the broker's; other settings that cannot be changed are logged."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **login_options(login)
+    )
     await start_client(admin, bootstrap, timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -245,9 +253,13 @@ async def _align_configs(admin: AIOKafkaAdminClient, wanted: dict[str, dict[str,
             log.warning("topic %s keeps its old settings (%s): %s", name, why, changes[name])
 
 
-async def partition_counts(bootstrap: str, names: tuple[str, ...], timeout_s: float = 30.0) -> dict[str, int]:
+async def partition_counts(
+    bootstrap: str, names: tuple[str, ...], timeout_s: float = 30.0, *, login: KafkaLogin | None = None
+) -> dict[str, int]:
     """How many partitions each topic has; a missing topic is an error that names it."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **login_options(login)
+    )
     await start_client(admin, bootstrap, timeout_s)
     try:
         described = await admin.describe_topics(list(names))

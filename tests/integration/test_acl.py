@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -25,8 +27,16 @@ from aiokafka.errors import (
 
 from nexuscore._acls import PRINCIPALS, Grant, Operation, acl_table, apply_acls
 from nexuscore._broker import LocalKafka, ensure_kafka_jars
+from nexuscore._demo import decider_args, projector_args
+from nexuscore._devkeys import dev_keys
+from nexuscore._services import Services
+from nexuscore._synthetic import publish, synthetic_requests
 from nexuscore.kernel.errors import BrokerError
-from nexuscore.transport import Topics
+from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
+from nexuscore.projections import EvidenceStore
+from nexuscore.schemas import AvroCodec, InferenceRequested
+from nexuscore.transport import KafkaLogin, Topics, login_from_env, new_producer, start_client
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +311,79 @@ async def test_analyst_sees_no_topic_at_all(kafka: LocalKafka) -> None:
 async def test_applying_the_table_again_changes_nothing(kafka: LocalKafka) -> None:
     count = await apply_acls(kafka.bootstrap, TABLE, kafka.client_config("admin"), timeout_s=OP_TIMEOUT_S)
     assert count == sum(len(g.operations) for grants in TABLE.values() for g in grants)
+
+
+# -- the stages, each logged in as its own principal -------------------------------------------------
+
+STAGE_REQUESTS = 30
+
+
+def login_env(kafka: LocalKafka, user: str, folder: Path) -> dict[str, str]:
+    """A stage's Kafka login, as a deployment gives it: a user name and a mounted password file."""
+    secret = folder / f"{user}.password"
+    secret.write_text(kafka.client_config(user)["sasl_plain_password"] + "\n")
+    return {
+        "NEXUSCORE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "NEXUSCORE_KAFKA_USERNAME": user,
+        "NEXUSCORE_KAFKA_PASSWORD_FILE": str(secret),
+    }
+
+
+def test_every_stage_works_logged_in_as_its_own_principal(kafka: LocalKafka, tmp_path: Path) -> None:
+    """The decider, a worker and the projector, each logged in with its own credential under the
+    ACL table (nothing else granted), take requests a producer sent with its own: every request is
+    decided once, every dispatch answered, all of it sealed as evidence."""
+    keys = dev_keys(tmp_path / "keys", DEFAULT_POLICY_PATH)
+    evidence = tmp_path / "evidence"
+    common = ["--bootstrap", kafka.bootstrap]
+    with Services(tmp_path / "logs") as services:
+        provider = services.start("provider", "run", "provider", "--port", "0")
+        url = provider.wait_for_line("simulated provider listening on", 30)
+        services.start("decider", *decider_args(common, keys), env=login_env(kafka, "decider", tmp_path))
+        services.start(
+            "worker",
+            "run",
+            "worker",
+            *common,
+            "--simulated-url",
+            url,
+            env=login_env(kafka, "worker", tmp_path),
+        )
+        services.start(
+            "projector", *projector_args(common, keys, evidence), env=login_env(kafka, "projector", tmp_path)
+        )
+        sent = synthetic_requests(
+            default_policy(), STAGE_REQUESTS, seed=11, start=datetime.now(UTC), run="acl"
+        )
+        login = login_from_env(login_env(kafka, "producer", tmp_path))
+        asyncio.run(publish_as(kafka.bootstrap, login, sent))
+
+        ids = "(" + ", ".join(f"'{r.request_id}'" for r in sent) + ")"
+
+        def sealed() -> dict[str, int] | None:
+            if not (evidence / "manifest.head.json").exists():
+                return None
+            with EvidenceStore(evidence) as store:
+                counts: dict[str, int] = store.query(
+                    f"SELECT (SELECT count(*) FROM requests WHERE request_id IN {ids}) AS requests, "  # noqa: S608
+                    f"(SELECT count(*) FROM decisions WHERE request_id IN {ids}) AS decisions, "
+                    f"(SELECT count(*) FROM rejections WHERE request_id IN {ids}) AS rejections, "
+                    f"(SELECT count(*) FROM decisions WHERE request_id IN {ids} AND verdict = 'dispatch') "
+                    f"AS dispatched, (SELECT count(*) FROM outcomes WHERE request_id IN {ids}) AS outcomes"
+                ).to_pylist()[0]
+            decided = counts["decisions"] + counts["rejections"] == counts["requests"] == STAGE_REQUESTS
+            return counts if decided and counts["outcomes"] == counts["dispatched"] > 0 else None
+
+        counts = eventually(
+            sealed, "every request decided, dispatched ones answered, all sealed", 120, services
+        )
+    assert counts["decisions"] + counts["rejections"] == STAGE_REQUESTS
+
+
+async def publish_as(bootstrap: str, login: KafkaLogin, requests: list[InferenceRequested]) -> None:
+    producer = new_producer(bootstrap, login=login)
+    await start_client(producer, bootstrap)
+    try:
+        await publish(producer, TOPICS, AvroCodec(), requests)
+    finally:
+        await producer.stop()

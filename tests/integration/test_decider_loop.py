@@ -180,3 +180,35 @@ def test_requests_older_than_the_window_are_forgotten_and_stay_forgotten_after_a
     restored = asyncio.run(restart())
     assert forgotten and not forgotten & restored  # the tombstones were written
     assert before - forgotten <= restored  # what was still remembered came back
+
+
+def test_a_changelog_value_that_is_no_row_is_skipped_at_restore_and_deciding_goes_on(bootstrap: str) -> None:
+    """Bytes on a changelog that do not read as a row of its Table (written by someone else, or
+    damaged) are not restored: the decider logs and skips them, where it used to keep them and die
+    when a handler (the review-deadline timer, a request) read them."""
+    topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+
+    async def damage() -> None:
+        producer = new_producer(bootstrap)
+        await start_client(producer, bootstrap)
+        try:
+            for topic in topics.changelogs:
+                for partition in range(4):
+                    await producer.send_and_wait(
+                        topic, b"\xc1not msgpack", key=b"acme-bank", partition=partition
+                    )
+        finally:
+            await producer.stop()
+
+    async def run() -> tuple[DeciderLoop, list[Event]]:
+        reading = asyncio.ensure_future(_read(bootstrap, topics.decisions, 50))
+        await _publish(bootstrap, topics, 50, "a")
+        loop = await _run_loop(bootstrap, topics, reading)
+        return loop, reading.result()  # type: ignore[return-value]
+
+    asyncio.run(damage())
+    loop, events = asyncio.run(run())
+    assert loop.state.skipped == len(topics.changelogs) * 4
+    decided = [e for e in events if isinstance(e, RequestDecided | RequestRejected)]
+    assert len({(e.tenant_id, e.request_id) for e in decided}) == 50
