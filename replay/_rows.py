@@ -17,7 +17,7 @@ without calling ``decide``, and calls it for the rest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from nexuscore.core import ESTIMATE_TOKENS_CAP, Planner, Shape
 from nexuscore.policy import RoutingPolicy
-from nexuscore.replay._load import SEP, Columns
+from nexuscore.replay._load import SEP, Columns, values_of
 from nexuscore.replay._replay import PRODUCER
 from nexuscore.schemas import InferenceRequested
 
@@ -55,9 +55,9 @@ class Planned:
         self.tokens = pa.array([], _I64)
         self.complexity = pa.array([], pa.float64())
         # The same as lists, for the fold's scan.
-        self.shape_of: list[int] = []
-        self.tokens_of: list[int] = []
-        self.complexity_of: list[float] = []
+        self.shape_of: Sequence[int] = []
+        self.tokens_of: Sequence[int] = []
+        self.complexity_of: Sequence[float] = []
         self.chosen = pa.repeat(pa.scalar(-1, _I64), rows)
         self.cost = pa.repeat(pa.scalar(0, _I64), rows)
         self.cheapest = pa.repeat(pa.scalar(0, _I64), rows)
@@ -174,8 +174,8 @@ def plan_rows(
     combo_shape = _learn(planned, planners, pc.take(policy_code, first).to_pylist(), firsts)
     planned.shape = pc.cast(pc.take(pa.array(combo_shape, _I64), combo), pa.int32())
     planned.tokens, planned.complexity = tokens, complexity
-    planned.shape_of, planned.tokens_of = planned.shape.to_pylist(), tokens.to_pylist()
-    planned.complexity_of = complexity.to_pylist()
+    planned.shape_of, planned.tokens_of = values_of(planned.shape), values_of(tokens)
+    planned.complexity_of = values_of(complexity)
     _price(planned, tokens, max_out)
     return planned
 

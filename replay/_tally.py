@@ -11,13 +11,14 @@ rejections whose reason must be compared are looked at row by row.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from nexuscore.core import Outcome
-from nexuscore.replay._load import SEP, Columns
+from nexuscore.replay._load import SEP, Columns, arrow_of
 from nexuscore.replay._replay import Change, ReplayReport
 from nexuscore.replay._rows import REJECTED, REQUEST_FIELDS, Planned, stand_in_request
 
@@ -49,8 +50,9 @@ class Folded:
 
     def __init__(self, rows: int, day_number: pa.Array, order: pa.Array) -> None:
         self.order = order
-        self.mode = [UNCOMPARED] * rows
-        self.tenant_at, self.feature_at, self.version_at = [0] * rows, [0] * rows, [0] * rows
+        # Machine integers, not lists: no Python int kept per row, and Arrow reads them in place.
+        self.mode = array("b", bytes(rows))  # UNCOMPARED is 0
+        self.tenant_at, self.feature_at, self.version_at = (array("q", bytes(8 * rows)) for _ in range(3))
         self.day_number = day_number  # by request row
         self.decided: dict[int, Outcome] = {}
         # Verify mode's requests whose policy is not known: (place in the order, the change).
@@ -146,9 +148,9 @@ def _candidate(planned: Planned, folded: Folded, mode: pa.Array, place: pa.Array
         mask = pc.equal(mode, DECIDED)
         for (name, _), values in zip(_DECIDED, _decided(folded), strict=True):
             out[name] = pc.replace_with_mask(out[name], mask, values)
-    out["tenant_committed"] = pa.array(folded.tenant_at, _I64).take(place)
-    out["feature_committed"] = pa.array(folded.feature_at, _I64).take(place)
-    out["version"] = pa.array(folded.version_at, _I64).take(place)
+    out["tenant_committed"] = arrow_of(folded.tenant_at, _I64).take(place)
+    out["feature_committed"] = arrow_of(folded.feature_at, _I64).take(place)
+    out["version"] = arrow_of(folded.version_at, _I64).take(place)
     return out
 
 
@@ -168,7 +170,7 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
         _keep(report, folded.unknown, [], keep_changes)
         return
     place = pc.sort_indices(folded.order)
-    mode = pa.array(folded.mode, pa.int8()).take(place)
+    mode = arrow_of(folded.mode, pa.int8()).take(place)
     c = _candidate(planned, folded, mode, place)
     c["day"] = _days(folded.day_number)
     rec = {name: _recorded(r, name) for name in (*_OUTCOME, *_REC_CONTEXT, "rec_table", "rec_code")}
