@@ -150,7 +150,7 @@ class _Engine:
         self.s, self.v = history.settlements, history.resolutions
         self.policy, self.recorded_policies = policy, recorded_policies
         self.report, self.keep_changes = report, keep_changes
-        self.planned = plan_rows(r, policy, recorded_policies)
+        self.planned = plan_rows(r, policy, recorded_policies, history.digests)
         n = r.rows
         self.budgets: dict[str, _Budget] = {}
         self.held: dict[Key, _Held] = {}
@@ -475,5 +475,7 @@ def replay(
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
     with _no_cycle_collection():
-        history = load_history(store, tenant, since, until, digests=policy is None)
+        # Verify mode reads each row's place among the known digests, not the digest itself.
+        digests = False if recorded_policies is None else sorted(recorded_policies)
+        history = load_history(store, tenant, since, until, digests=digests)
         return fold_history(history, policy, recorded_policies, report, keep_changes, progress)

@@ -110,10 +110,17 @@ _LATEST_OBSERVED = (
 )
 
 
-def _requests_sql(latest: bool, control_mode: str, digests: bool = True) -> str:
-    # The recorded policy's digest (64 characters a row) only where the replay reads it.
-    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests else "NULL::VARCHAR"
-    sql = _REQUESTS.replace("{rec_digest}", digest)
+def _requests_sql(latest: bool, control_mode: str, digests: bool | Sequence[str] = True) -> str:
+    # The recorded policy's digest (64 characters a row) only where the replay reads it; with the
+    # digests known, a row's place among them ($digests) instead, and the digest only where it is
+    # none of them (a million digests read as strings cost about as much as four other columns).
+    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests is not False else "NULL::VARCHAR"
+    if digests is not True and digests is not False:
+        position = f"list_position(CAST($digests AS VARCHAR[]), {digest})"
+        digest = f"CASE WHEN {position} IS NULL THEN {digest} END AS rec_digest, {position} - 1 AS rec_policy"
+    else:
+        digest += " AS rec_digest"
+    sql = _REQUESTS.replace("{rec_digest} AS rec_digest", digest)
     for name, (table, columns) in _JOINED.items():
         sql = sql.replace(
             "{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns)
@@ -194,6 +201,7 @@ class History:
 
     __slots__ = (
         "_order",
+        "digests",
         "interleaved",
         "observations",
         "request_order",
@@ -209,8 +217,11 @@ class History:
         resolutions: Columns,
         order: pa.Table,
         observations: Columns | None = None,
+        digests: list[str] | None = None,
     ) -> None:
         self.requests, self.settlements, self.resolutions = requests, settlements, resolutions
+        # The digests the requests' ``rec_policy`` places refer to (None: they carry no places).
+        self.digests = digests
         # The recorded decisions' latency observations, where there are any: (tenant, request, list).
         self.observations = observations or Columns(_NO_OBSERVATIONS)
         # The history in order: each row's kind (KIND_*) and its index in its table's columns.
@@ -362,21 +373,25 @@ def load_history(
     since: datetime | None,
     until: datetime | None,
     *,
-    digests: bool = True,
+    digests: bool | Sequence[str] = True,
 ) -> History:
     """The chosen requests (by tenant and time) with what was recorded of them, and the
     settlements and resolutions that follow them, whatever their own times. Without ``digests``
-    the recorded policies' digests are not read (a replay under one policy does not need them)."""
+    the recorded policies' digests are not read (a replay under one policy does not need them);
+    with a list of digests, each row's place among them (``rec_policy``) is, and the recorded
+    digest only where it is none of them."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
+    known = None if isinstance(digests, bool) else list(digests)
+    asked = params if known is None else {**params, "digests": known}
     legacy = (
         store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
     )
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
-    requests = store.query(_requests_sql(False, mode, digests), params)
+    requests = store.query(_requests_sql(False, mode, digests), asked)
     latest = requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py()
     if latest:
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
-        requests = store.query(_requests_sql(True, mode, digests), params)
+        requests = store.query(_requests_sql(True, mode, digests), asked)
     observed = store.query(_LATEST_OBSERVED, params) if latest else store.query(_OBSERVED, {"tenant": tenant})
     _check_counts(requests)
     every = tenant is None and since is None and until is None
@@ -391,4 +406,5 @@ def load_history(
         resolutions=Columns(resolutions),
         order=_history_order(requests, settlements, resolutions),
         observations=Columns(observed),
+        digests=known,
     )

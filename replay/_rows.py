@@ -84,14 +84,21 @@ def _combined(parts: list[tuple[pa.Array, int]]) -> pa.Array:
 
 
 def _policy_codes(
-    requests: Columns, policy: RoutingPolicy | None, recorded: Mapping[str, RoutingPolicy] | None
+    requests: Columns,
+    policy: RoutingPolicy | None,
+    recorded: Mapping[str, RoutingPolicy] | None,
+    known: list[str] | None,
 ) -> tuple[pa.Array, list[RoutingPolicy | None]]:
     """Each row's policy: the one replayed, or the one its recorded decision names (None if none
-    is known by that digest)."""
+    is known by that digest). ``known``: the digests the rows' ``rec_policy`` places refer to."""
     if policy is not None:
         return pa.repeat(pa.scalar(0, _I64), requests.rows), [policy]
-    codes, digests = _codes(requests.arrow("rec_digest"))
     assert recorded is not None
+    if known is not None:
+        # A digest none of those: one code, whose policy is not known.
+        codes = pc.fill_null(pc.cast(requests.arrow("rec_policy").combine_chunks(), _I64), len(known))
+        return codes, [recorded.get(d) for d in known] + [None]
+    codes, digests = _codes(requests.arrow("rec_digest"))
     return codes, [recorded.get(d or "") for d in digests.to_pylist()]
 
 
@@ -145,13 +152,17 @@ def _count_below(values: pa.Array, cuts: tuple[float, ...] | tuple[int, ...], in
 
 
 def plan_rows(
-    requests: Columns, policy: RoutingPolicy | None, recorded: Mapping[str, RoutingPolicy] | None
+    requests: Columns,
+    policy: RoutingPolicy | None,
+    recorded: Mapping[str, RoutingPolicy] | None,
+    known: list[str] | None = None,
 ) -> Planned:
-    """Each row's shape, tokens and complexity, and the prices of its shape's candidates."""
+    """Each row's shape, tokens and complexity, and the prices of its shape's candidates
+    (``known``: the digests the rows' ``rec_policy`` places refer to, if they have any)."""
     planned = Planned(requests.rows)
     if requests.rows == 0:
         return planned
-    policy_code, policies = _policy_codes(requests, policy, recorded)
+    policy_code, policies = _policy_codes(requests, policy, recorded, known)
     planners = [Planner(p) if p is not None else None for p in policies]
     chars = pc.max_element_wise(pc.cast(requests.arrow("prompt_chars").combine_chunks(), _I64), 1)
     tokens = pc.max_element_wise(pc.divide(chars, 4), 1)
