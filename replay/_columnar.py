@@ -137,6 +137,20 @@ class _ByRow:
         return self.column[i].as_py()
 
 
+class _Nullable:
+    """A numeric column with nulls, read one row at a time: its values and its validity in place."""
+
+    __slots__ = ("valid", "values")
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        combined = column.combine_chunks()
+        self.values = values_of(pc.fill_null(combined, 0))
+        self.valid = values_of(pc.cast(pc.is_valid(combined), pa.int8()))
+
+    def __getitem__(self, i: int) -> Any:  # noqa: ANN401  # the column's own type, or None
+        return self.values[i] if self.valid[i] else None
+
+
 class _Engine:
     def __init__(
         self,
@@ -181,7 +195,7 @@ class _Engine:
         self.request_ids = _ByRow(r.arrow("request_id"))
         self.now_us = values_of(r.arrow("now_us"))
         self.max_output_tokens = values_of(r.arrow("max_output_tokens"))
-        self.latency_slo_ms = _ByRow(r.arrow("latency_slo_ms"))
+        self.latency_slo_ms = _Nullable(r.arrow("latency_slo_ms"))
         self.served, self.recorded_dispatch = _served(r)
 
     def budget_of(self, tenant: str) -> _Budget:
