@@ -49,11 +49,14 @@ class _Budget:
     """One tenant's ``BudgetState`` as mutable integers: per day (a day number) [tenant settled, tenant reserved,
     feature settled, feature reserved], with the same version count and the same days kept."""
 
-    __slots__ = ("version", "windows")
+    __slots__ = ("seen", "version", "windows")
 
     def __init__(self) -> None:
         self.version = 0
         self.windows: dict[int, list[Any]] = {}
+        # What ``committed`` gave per (day, feature) since the windows last changed: most requests
+        # are read between two changes, and this is one lookup where the sums are five.
+        self.seen: dict[tuple[int, int], tuple[int, int]] = {}
 
     def committed(self, day: int, feature: int) -> tuple[int, int]:
         w = self.windows.get(day)
@@ -87,6 +90,7 @@ class _Budget:
     def _kept(self) -> None:
         """``_with_window``: the two newest days, and any day that still has reservations."""
         self.version += 1
+        self.seen.clear()
         if len(self.windows) > 2:
             newest = set(sorted(self.windows)[-2:])
             for day in [d for d, w in self.windows.items() if d not in newest and not w[1]]:
@@ -389,7 +393,8 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     interleaved = history.interleaved
     # The next settlement's or resolution's place: how many requests come before it.
     taken, at = 0, interleaved[0][0] if interleaved else total + 1
-    budget, windows = _Budget(), {}
+    budget = _Budget()
+    seen = budget.seen
     # Locals: the loop runs once a row.
     request, take_in, unknown, budgeted, denied, shaped, budget_denied = (
         engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
@@ -405,15 +410,14 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         if code != current:
             current = code
             budget = by_code[code]
-            windows = budget.windows
+            seen = budget.seen
         if k == unknown:
             engine.unknown_policy(rows[p], p)
             continue
-        w = windows.get(day)
-        if w is None:
-            t = f = 0
-        else:
-            t, f = w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0)
+        committed = seen.get((day, feature))
+        if committed is None:
+            committed = seen[(day, feature)] = budget.committed(day, feature)
+        t, f = committed
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         if k == budgeted:
             # The cheapest option fits neither the tenant's nor the feature's room left.

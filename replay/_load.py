@@ -304,7 +304,8 @@ def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     int64 = pa.int64()
     ends = pc.if_else(last, pa.scalar(_LAST, int64), pa.scalar(None, int64))
     filled = pc.fill_null_backward(pc.if_else(decided, versions, ends))
-    return pa.chunked_array([filled.take(pc.sort_indices(order))])
+    # Back in the table's order: the sort's permutation inverted (no second sort).
+    return pa.chunked_array([filled.take(pc.inverse_permutation(pc.cast(order, pa.int64())))])
 
 
 def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> pa.Table:

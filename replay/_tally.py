@@ -169,7 +169,7 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
     if r.rows == 0:
         _keep(report, folded.unknown, [], keep_changes)
         return
-    place = pc.sort_indices(folded.order)
+    place = pc.inverse_permutation(folded.order)  # each request row's place in the scan's order
     mode = arrow_of(folded.mode, pa.int8()).take(place)
     c = _candidate(planned, folded, mode, place)
     c["day"] = _days(folded.day_number)
