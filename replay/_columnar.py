@@ -23,7 +23,7 @@ full (a property test checks that both give the same report on generated histori
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from nexuscore.core import Observed, Outcome, Planner, Shape
 from nexuscore.policy import RoutingPolicy, cost_micros
 from nexuscore.projections import EvidenceStore
-from nexuscore.replay._load import KIND_REQUEST, KIND_SETTLEMENT, Columns, History, load_history
+from nexuscore.replay._load import KIND_SETTLEMENT, Columns, History, load_history, values_of
 from nexuscore.replay._replay import Change, Key, ReplayReport
 from nexuscore.replay._rows import BUDGETED, DENIED, Planned, plan_rows
 from nexuscore.replay._tally import BUDGET_DENIED, DECIDED, SHAPED, Folded, tally
@@ -49,11 +49,14 @@ class _Budget:
     """One tenant's ``BudgetState`` as mutable integers: per day (a day number) [tenant settled, tenant reserved,
     feature settled, feature reserved], with the same version count and the same days kept."""
 
-    __slots__ = ("version", "windows")
+    __slots__ = ("seen", "version", "windows")
 
     def __init__(self) -> None:
         self.version = 0
         self.windows: dict[int, list[Any]] = {}
+        # What ``committed`` gave per (day, feature) since the windows last changed: most requests
+        # are read between two changes, and this is one lookup where the sums are five.
+        self.seen: dict[tuple[int, int], tuple[int, int]] = {}
 
     def committed(self, day: int, feature: int) -> tuple[int, int]:
         w = self.windows.get(day)
@@ -87,6 +90,7 @@ class _Budget:
     def _kept(self) -> None:
         """``_with_window``: the two newest days, and any day that still has reservations."""
         self.version += 1
+        self.seen.clear()
         if len(self.windows) > 2:
             newest = set(sorted(self.windows)[-2:])
             for day in [d for d, w in self.windows.items() if d not in newest and not w[1]]:
@@ -125,6 +129,32 @@ def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
     return served, set(pc.indices_nonzero(pc.fill_null(dispatch, False)).to_pylist())
 
 
+class _ByRow:
+    """A column read one row at a time, as Python has the value."""
+
+    __slots__ = ("column",)
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self.column = column
+
+    def __getitem__(self, i: int) -> Any:  # noqa: ANN401  # the column's own type
+        return self.column[i].as_py()
+
+
+class _Nullable:
+    """A numeric column with nulls, read one row at a time: its values and its validity in place."""
+
+    __slots__ = ("valid", "values")
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        combined = column.combine_chunks()
+        self.values = values_of(pc.fill_null(combined, 0))
+        self.valid = values_of(pc.cast(pc.is_valid(combined), pa.int8()))
+
+    def __getitem__(self, i: int) -> Any:  # noqa: ANN401  # the column's own type, or None
+        return self.values[i] if self.valid[i] else None
+
+
 class _Engine:
     def __init__(
         self,
@@ -138,7 +168,7 @@ class _Engine:
         self.s, self.v = history.settlements, history.resolutions
         self.policy, self.recorded_policies = policy, recorded_policies
         self.report, self.keep_changes = report, keep_changes
-        self.planned = plan_rows(r, policy, recorded_policies)
+        self.planned = plan_rows(r, policy, recorded_policies, history.digests)
         n = r.rows
         self.budgets: dict[str, _Budget] = {}
         self.held: dict[Key, _Held] = {}
@@ -147,29 +177,29 @@ class _Engine:
         order = history.request_order
         tenant = pc.dictionary_encode(r.arrow("tenant_id").combine_chunks())
         self.tenant_names: list[str] = tenant.dictionary.to_pylist()
-        self.tenant_code: list[int] = tenant.indices.take(order).to_pylist()
+        self.tenant_code = values_of(tenant.indices.take(order))
         feature = pc.dictionary_encode(r.arrow("feature").combine_chunks(), null_encoding="encode")
-        self.feature_code: list[int] = feature.indices.take(order).to_pylist()
+        self.feature_code = values_of(feature.indices.take(order))
         self.day_number = _day_numbers(r.arrow("now_us")) if n else pa.array([], _I64)
-        self.day: list[int] = self.day_number.take(order).to_pylist()
+        self.day = values_of(self.day_number.take(order))
         control = pc.fill_null(pc.not_equal(r.arrow("control_mode"), ""), False)
         self.control = set(pc.indices_nonzero(control).to_pylist()) if n else set()
-        observed = pc.is_valid(r.arrow("observations"))
-        at = pc.indices_nonzero(observed).to_pylist() if n else []
-        rows = r.arrow("observations").take(at).to_pylist() if at else []
-        self.observed: dict[int, Observed | None] = {
-            i: self._observed(o) for i, o in zip(at, rows, strict=True)
+        o = history.observations
+        self.observed: dict[Key, Observed | None] = {
+            (t, q): self._observed(rows)
+            for t, q, rows in zip(o["tenant_id"], o["request_id"], o["observations"], strict=True)
         }
         self.folded = Folded(n, self.day_number, order)
         self.settled_tenant: list[str] = self.s["tenant_id"]
         self.settled_request: list[str] = self.s["request_id"]
         v = self.v
         self.resolved = (v["tenant_id"], v["request_id"], v["at_us"], v["resolution"])
-        # What the slow path reads by request row.
-        self.request_ids: list[str] = r["request_id"]
-        self.now_us: list[int] = r["now_us"]
-        self.max_output_tokens: list[int] = r["max_output_tokens"]
-        self.latency_slo_ms: list[int | None] = r["latency_slo_ms"]
+        # What the slow path reads by request row (a few rows: the strings and the nullable
+        # column one row at a time).
+        self.request_ids = _ByRow(r.arrow("request_id"))
+        self.now_us = values_of(r.arrow("now_us"))
+        self.max_output_tokens = values_of(r.arrow("max_output_tokens"))
+        self.latency_slo_ms = _Nullable(r.arrow("latency_slo_ms"))
         self.served, self.recorded_dispatch = _served(r)
 
     def budget_of(self, tenant: str) -> _Budget:
@@ -207,13 +237,13 @@ class _Engine:
         (tenant, feature). What the fold's scan does not do itself."""
         tenant, day, feature, tenant_committed, feature_committed = at
         planner, shape, policy = self.planned.shapes[self.planned.shape_of[i]]
-        observed = self.observed.get(i)
+        key = (tenant, self.request_ids[i])
+        observed = self.observed.get(key)
         outcome = planner.decide(
             shape, self.planned.tokens_of[i], self.planned.complexity_of[i], self.max_output_tokens[i],
             self.latency_slo_ms[i], (tenant_committed, feature_committed), observed,
         )  # fmt: skip
         verdict = outcome.verdict
-        key = (tenant, self.request_ids[i])
         if verdict == "escalated":
             s, now_us = shape.escalation_deadline_s, self.now_us[i]
             deadline = now_us + s * 1_000_000 if s else None
@@ -298,8 +328,23 @@ class _Engine:
         if i in self.served:
             self.held[key] = (day, feature, amount, outcome.chain, i, policy)
 
+    def take_in(self, interleaved: list[tuple[int, int, int]], taken: int, before: int) -> tuple[int, int]:
+        """The settlements and resolutions that come before the ``before``-th request, from the
+        ``taken``-th on: how many are taken in then, and the place of the next one (after the last
+        request if none is left)."""
+        settlement, resolution = self.settlement, self.resolution
+        n = len(interleaved)
+        while taken < n and interleaved[taken][0] <= before:
+            _, kind, j = interleaved[taken]
+            if kind == KIND_SETTLEMENT:
+                settlement(j)
+            else:
+                resolution(j)
+            taken += 1
+        return taken, interleaved[taken][0] if taken < n else 2**62
 
-def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
+
+def _scan_kinds(engine: _Engine, order: pa.Array) -> Sequence[int]:
     """Per request in the scan's order, what the scan does with it: its shape's kind (``_rows``),
     or an operator's row, or a row whose policy is not known."""
     planned = engine.planned
@@ -309,13 +354,10 @@ def _scan_kinds(engine: _Engine, order: pa.Array) -> list[int]:
     kinds = pa.array([*planned.kinds, _UNKNOWN], pa.int8())
     kind = kinds.take(pc.if_else(pc.less(shape, 0), len(planned.kinds), shape))
     control = pc.is_in(order, pa.array(sorted(engine.control), _I64))
-    kinds_of: list[int] = pc.if_else(
-        pc.and_(control, pc.not_equal(kind, _UNKNOWN)), _CONTROL, kind
-    ).to_pylist()
-    return kinds_of
+    return values_of(pc.if_else(pc.and_(control, pc.not_equal(kind, _UNKNOWN)), _CONTROL, kind))
 
 
-def _slack(planned: Planned, order: pa.Array) -> tuple[list[int], list[int]]:
+def _slack(planned: Planned, order: pa.Array) -> tuple[Sequence[int], Sequence[int]]:
     """Per request in the scan's order, of a budgeted shape: its tenant's and its feature's budget
     less its cheapest option. The cheapest option does not fit the room left (budget less
     committed) exactly where the committed amount is above this (0 for other rows: never read)."""
@@ -323,10 +365,10 @@ def _slack(planned: Planned, order: pa.Array) -> tuple[list[int], list[int]]:
         return [], []
     shape = pc.if_else(pc.less(planned.shape, 0), pa.scalar(None, pa.int32()), planned.shape).take(order)
     cheapest = planned.cheapest.take(order)
-    shapes, out = [s for _, s, _ in planned.shapes], []
+    shapes, out = [s for _, s, _ in planned.shapes], list[Sequence[int]]()
     for budgets in ([s.tenant_budget for s in shapes], [s.feature_budget for s in shapes]):
         slack = pc.subtract(pa.array(budgets, _I64).take(shape), cheapest)
-        out.append(pc.fill_null(slack, 0).to_pylist())
+        out.append(values_of(pc.fill_null(slack, 0)))
     return out[0], out[1]
 
 
@@ -334,10 +376,10 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     """The fold, in the history's order; the number of requests. Per request, what the budget
     window holds for its tenant, day and feature; a budget denial where the cheapest option does
     not fit, a shape's own verdict where it needs no state, and ``engine.request`` otherwise. The
-    per-request columns it reads and writes are in its own order (``p``), read one after another."""
+    per-request columns it reads and writes are in its own order (``p``), read one after another;
+    the settlements and resolutions (a few) are taken in where they come (``History.interleaved``)."""
     order = history.request_order
     kind_of, (tenant_slack, feature_slack) = _scan_kinds(engine, order), _slack(engine.planned, order)
-    tenant_code, feature_code, day_of = engine.tenant_code, engine.feature_code, engine.day
     folded = engine.folded
     tenant_at, feature_at, version_at, mode = (
         folded.tenant_at,
@@ -345,40 +387,41 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         folded.version_at,
         folded.mode,
     )
-    request, settlement, resolution = engine.request, engine.settlement, engine.resolution
-    tenant_names = engine.tenant_names
+    tenant_names, rows = engine.tenant_names, values_of(order)
     by_code = [engine.budget_of(t) for t in tenant_names]
-    total, p, current, every = engine.r.rows, -1, -1, 5000 if progress is not None else 0
-    budget, windows = _Budget(), {}
+    total, current, every = len(rows), -1, 5000 if progress is not None else 0
+    interleaved = history.interleaved
+    # The next settlement's or resolution's place: how many requests come before it.
+    taken, at = 0, interleaved[0][0] if interleaved else total + 1
+    budget = _Budget()
+    seen = budget.seen
     # Locals: the loop runs once a row.
-    request_kind, settlement_kind, unknown, budgeted, denied, shaped, budget_denied = (
-        KIND_REQUEST, KIND_SETTLEMENT, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
+    request, take_in, unknown, budgeted, denied, shaped, budget_denied = (
+        engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
     )  # fmt: skip
-    for kind, i in zip(history.kinds, history.indices, strict=True):
-        if kind != request_kind:
-            if kind == settlement_kind:
-                settlement(i)
-            else:
-                resolution(i)
-            continue
-        p += 1
+    per_row = zip(
+        kind_of, engine.tenant_code, engine.day, engine.feature_code, tenant_slack, feature_slack, strict=True
+    )
+    for p, (k, code, day, feature, t_slack, f_slack) in enumerate(per_row):
+        if p == at:
+            taken, at = take_in(interleaved, taken, p)
         if every and p % every == 0 and p and progress is not None:
             progress(p, total)
-        k = kind_of[p]
+        if code != current:
+            current = code
+            budget = by_code[code]
+            seen = budget.seen
         if k == unknown:
-            engine.unknown_policy(i, p)
+            engine.unknown_policy(rows[p], p)
             continue
-        if tenant_code[p] != current:
-            current = tenant_code[p]
-            budget = by_code[current]
-            windows = budget.windows
-        day, feature = day_of[p], feature_code[p]
-        w = windows.get(day)
-        t, f = (0, 0) if w is None else (w[0] + w[1], w[2].get(feature, 0) + w[3].get(feature, 0))
+        committed = seen.get((day, feature))
+        if committed is None:
+            committed = seen[(day, feature)] = budget.committed(day, feature)
+        t, f = committed
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         if k == budgeted:
             # The cheapest option fits neither the tenant's nor the feature's room left.
-            if t > tenant_slack[p] or f > feature_slack[p]:
+            if t > t_slack or f > f_slack:
                 mode[p] = budget_denied
                 budget.version += 1
                 continue
@@ -386,10 +429,11 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
             mode[p] = shaped
             budget.version += k == denied
             continue
-        request(i, p, budget, (tenant_names[current], day, feature, t, f))
+        request(rows[p], p, budget, (tenant_names[code], day, feature, t, f))
+    take_in(interleaved, taken, total + 1)
     if progress is not None:
-        progress(p + 1, total)
-    return p + 1
+        progress(total, total)
+    return total
 
 
 @contextmanager
@@ -449,5 +493,7 @@ def replay(
         else ReplayReport(policy_version="recorded", policy_digest="recorded")
     )
     with _no_cycle_collection():
-        history = load_history(store, tenant, since, until, digests=policy is None)
+        # Verify mode reads each row's place among the known digests, not the digest itself.
+        digests = False if recorded_policies is None else sorted(recorded_policies)
+        history = load_history(store, tenant, since, until, digests=digests)
         return fold_history(history, policy, recorded_policies, report, keep_changes, progress)

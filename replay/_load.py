@@ -11,8 +11,10 @@ store gives the same sequence on every run.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,15 +46,15 @@ _REQUEST_COLUMNS = (
 )
 # The unit separator: cannot occur in an identifier, so lists travel as one string each.
 SEP = "\x1f"
-# Lists become strings, and observations NULL where there are none, as they are read (the join
-# then carries less).
+# Lists become strings as they are read (the join then carries less). The latency observations
+# come by their own query (``_OBSERVED``): few decisions have any, and carrying the list column
+# through the join costs about as much as three flat columns, for every row.
 _DECISION_COLUMNS = (
     _KEY + "occurred_at, policy_digest, verdict, tier, deployment_id, budget_action, estimated_cost_micros, "
     f"decode_strategy, array_to_string(allowed_regions, '{SEP}') AS allowed_regions, tenant_committed_micros, "
     "feature_committed_micros, budget_window, state_version, complexity, floor_tier, preferred_tier, "
     f"array_to_string(eligible, '{SEP}') AS eligible, array_to_string(fallbacks, '{SEP}') AS fallbacks, "
-    "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode, "
-    "CASE WHEN len(latency_observations) > 0 THEN latency_observations END AS observations"
+    "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode"
 )
 # Decisions written before control_mode existed name their kill switch in a reason: read (the
 # reasons are the bulk of a decision's row) only when the store holds such decisions.
@@ -78,7 +80,7 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
   d.allowed_regions, d.tenant_committed_micros, d.feature_committed_micros, d.budget_window,
   d.state_version, d.complexity AS rec_complexity, d.floor_tier, d.preferred_tier, d.eligible, d.fallbacks,
   d.predicted_latency_ms, d.tenant_budget_micros, d.feature_budget_micros,
-  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode, d.observations,
+  CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
   o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
   o.output_tokens AS out_output, o.cost_micros AS out_cost,
   r.src_partition, r.src_offset
@@ -93,12 +95,32 @@ _JOINED = {
     "outc": ("outcomes", _KEY + "deployment_id, input_tokens, output_tokens, cost_micros"),
 }
 _COUNT = f"SELECT count(*) AS n FROM requests {_WHERE}"  # noqa: S608
+# The decisions with latency observations, by (tenant, request): of every decision where no key has
+# two rows among the chosen requests' (the join's own test), else of the latest, as the join reads.
+_OBSERVED = (
+    "SELECT tenant_id, request_id, latency_observations AS observations FROM decisions "
+    "WHERE len(latency_observations) > 0 AND ($tenant IS NULL OR tenant_id = $tenant)"
+)
+_LATEST_OBSERVED = (
+    f"WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE}) "  # noqa: S608
+    "SELECT tenant_id, request_id, observations FROM ("
+    + _LATEST.format(table="decisions", columns="tenant_id, request_id, latency_observations AS observations")
+    # Two rows at one log position (a hostile store): the same one wins on every run.
+    + ") WHERE len(observations) > 0 ORDER BY tenant_id, request_id, observations"
+)
 
 
-def _requests_sql(latest: bool, control_mode: str, digests: bool = True) -> str:
-    # The recorded policy's digest (64 characters a row) only where the replay reads it.
-    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests else "NULL::VARCHAR"
-    sql = _REQUESTS.replace("{rec_digest}", digest)
+def _requests_sql(latest: bool, control_mode: str, digests: bool | Sequence[str] = True) -> str:
+    # The recorded policy's digest (64 characters a row) only where the replay reads it; with the
+    # digests known, a row's place among them ($digests) instead, and the digest only where it is
+    # none of them (a million digests read as strings cost about as much as four other columns).
+    digest = "coalesce(j.policy_digest, d.policy_digest)" if digests is not False else "NULL::VARCHAR"
+    if digests is not True and digests is not False:
+        position = f"list_position(CAST($digests AS VARCHAR[]), {digest})"
+        digest = f"CASE WHEN {position} IS NULL THEN {digest} END AS rec_digest, {position} - 1 AS rec_policy"
+    else:
+        digest += " AS rec_digest"
+    sql = _REQUESTS.replace("{rec_digest} AS rec_digest", digest)
     for name, (table, columns) in _JOINED.items():
         sql = sql.replace(
             "{" + name + "}", (_LATEST if latest else _EVERY).format(table=table, columns=columns)
@@ -119,6 +141,39 @@ _EVERY_FOLLOWING = (
 _LAST = 2**62  # after every state version: requests no decided request follows
 
 KIND_REQUEST, KIND_SETTLEMENT, KIND_RESOLUTION = 0, 1, 2
+_NO_OBSERVATIONS = pa.table(
+    {
+        "tenant_id": pa.array([], pa.string()),
+        "request_id": pa.array([], pa.string()),
+        "observations": pa.array([]),
+    }
+)
+
+
+_FORMATS: dict[pa.DataType, Literal["b", "i", "q", "d"]] = {
+    pa.int8(): "b",
+    pa.int32(): "i",
+    pa.int64(): "q",
+    pa.float64(): "d",
+}
+
+
+def values_of(column: pa.Array | pa.ChunkedArray) -> Sequence[Any]:
+    """A numeric column's values as Python reads them: read in place from Arrow's buffer where it
+    has no nulls (no Python object per row until a row is read: a list of a million ints costs its
+    build and some 40 MB of memory touched, and the fold reads most rows once); else as a list."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    code = _FORMATS.get(column.type)
+    if code is None or column.null_count or len(column) == 0:
+        listed: list[Any] = column.to_pylist()
+        return listed
+    return memoryview(column.buffers()[1]).cast(code)[column.offset : column.offset + len(column)]
+
+
+def arrow_of(values: array[Any], kind: pa.DataType) -> pa.Array:
+    """An ``array.array`` (of ``kind``'s width) as an Arrow array over the same memory."""
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
 
 
 class Columns:
@@ -144,22 +199,56 @@ class Columns:
 class History:
     """What a replay reads: the three tables' columns, and the order of their rows."""
 
-    __slots__ = ("indices", "kinds", "request_order", "requests", "resolutions", "settlements")
+    __slots__ = (
+        "_order",
+        "digests",
+        "interleaved",
+        "observations",
+        "request_order",
+        "requests",
+        "resolutions",
+        "settlements",
+    )
 
     def __init__(
-        self, requests: Columns, settlements: Columns, resolutions: Columns, order: pa.Table
+        self,
+        requests: Columns,
+        settlements: Columns,
+        resolutions: Columns,
+        order: pa.Table,
+        observations: Columns | None = None,
+        digests: list[str] | None = None,
     ) -> None:
         self.requests, self.settlements, self.resolutions = requests, settlements, resolutions
+        # The digests the requests' ``rec_policy`` places refer to (None: they carry no places).
+        self.digests = digests
+        # The recorded decisions' latency observations, where there are any: (tenant, request, list).
+        self.observations = observations or Columns(_NO_OBSERVATIONS)
         # The history in order: each row's kind (KIND_*) and its index in its table's columns.
-        self.kinds: list[int] = order.column("kind").to_pylist()
-        self.indices: list[int] = order.column("index").to_pylist()
+        self._order = order
+        kind, index = order.column("kind").combine_chunks(), order.column("index").combine_chunks()
+        is_request = pc.equal(kind, KIND_REQUEST)
         # The requests' row indices in that order.
-        is_request = pc.equal(order.column("kind"), KIND_REQUEST)
-        self.request_order: pa.Array = order.column("index").filter(is_request).combine_chunks()
+        self.request_order: pa.Array = index.filter(is_request)
+        # The rest (settlements and resolutions, a few), each as (how many requests come before it,
+        # its kind, its index): the fold runs over the requests and takes these in on the way.
+        before = pc.cumulative_sum(pc.cast(is_request, pa.int64()))
+        others = pc.invert(is_request)
+        self.interleaved: list[tuple[int, int, int]] = list(
+            zip(
+                before.filter(others).to_pylist(),
+                kind.filter(others).to_pylist(),
+                index.filter(others).to_pylist(),
+                strict=True,
+            )
+        )
 
     @property
     def order(self) -> list[tuple[int, int]]:
-        return list(zip(self.kinds, self.indices, strict=True))
+        """The history in order: (kind, index) per row."""
+        return list(
+            zip(self._order.column("kind").to_pylist(), self._order.column("index").to_pylist(), strict=True)
+        )
 
 
 def _tenant_ranks(tables: list[pa.Table]) -> list[pa.Array]:
@@ -215,7 +304,8 @@ def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     int64 = pa.int64()
     ends = pc.if_else(last, pa.scalar(_LAST, int64), pa.scalar(None, int64))
     filled = pc.fill_null_backward(pc.if_else(decided, versions, ends))
-    return pa.chunked_array([filled.take(pc.sort_indices(order))])
+    # Back in the table's order: the sort's permutation inverted (no second sort).
+    return pa.chunked_array([filled.take(pc.inverse_permutation(pc.cast(order, pa.int64())))])
 
 
 def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Table) -> pa.Table:
@@ -284,20 +374,26 @@ def load_history(
     since: datetime | None,
     until: datetime | None,
     *,
-    digests: bool = True,
+    digests: bool | Sequence[str] = True,
 ) -> History:
     """The chosen requests (by tenant and time) with what was recorded of them, and the
     settlements and resolutions that follow them, whatever their own times. Without ``digests``
-    the recorded policies' digests are not read (a replay under one policy does not need them)."""
+    the recorded policies' digests are not read (a replay under one policy does not need them);
+    with a list of digests, each row's place among them (``rec_policy``) is, and the recorded
+    digest only where it is none of them."""
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
+    known = None if isinstance(digests, bool) else list(digests)
+    asked = params if known is None else {**params, "digests": known}
     legacy = (
         store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
     )
     mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
-    requests = store.query(_requests_sql(False, mode, digests), params)
-    if requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py():
+    requests = store.query(_requests_sql(False, mode, digests), asked)
+    latest = requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py()
+    if latest:
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
-        requests = store.query(_requests_sql(True, mode, digests), params)
+        requests = store.query(_requests_sql(True, mode, digests), asked)
+    observed = store.query(_LATEST_OBSERVED, params) if latest else store.query(_OBSERVED, {"tenant": tenant})
     _check_counts(requests)
     every = tenant is None and since is None and until is None
     following, bound = (_EVERY_FOLLOWING, None) if every else (_FOLLOWING, params)
@@ -310,4 +406,6 @@ def load_history(
         settlements=Columns(settlements),
         resolutions=Columns(resolutions),
         order=_history_order(requests, settlements, resolutions),
+        observations=Columns(observed),
+        digests=known,
     )

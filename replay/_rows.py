@@ -17,7 +17,7 @@ without calling ``decide``, and calls it for the rest.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from nexuscore.core import ESTIMATE_TOKENS_CAP, Planner, Shape
 from nexuscore.policy import RoutingPolicy
-from nexuscore.replay._load import SEP, Columns
+from nexuscore.replay._load import SEP, Columns, values_of
 from nexuscore.replay._replay import PRODUCER
 from nexuscore.schemas import InferenceRequested
 
@@ -55,9 +55,9 @@ class Planned:
         self.tokens = pa.array([], _I64)
         self.complexity = pa.array([], pa.float64())
         # The same as lists, for the fold's scan.
-        self.shape_of: list[int] = []
-        self.tokens_of: list[int] = []
-        self.complexity_of: list[float] = []
+        self.shape_of: Sequence[int] = []
+        self.tokens_of: Sequence[int] = []
+        self.complexity_of: Sequence[float] = []
         self.chosen = pa.repeat(pa.scalar(-1, _I64), rows)
         self.cost = pa.repeat(pa.scalar(0, _I64), rows)
         self.cheapest = pa.repeat(pa.scalar(0, _I64), rows)
@@ -84,14 +84,21 @@ def _combined(parts: list[tuple[pa.Array, int]]) -> pa.Array:
 
 
 def _policy_codes(
-    requests: Columns, policy: RoutingPolicy | None, recorded: Mapping[str, RoutingPolicy] | None
+    requests: Columns,
+    policy: RoutingPolicy | None,
+    recorded: Mapping[str, RoutingPolicy] | None,
+    known: list[str] | None,
 ) -> tuple[pa.Array, list[RoutingPolicy | None]]:
     """Each row's policy: the one replayed, or the one its recorded decision names (None if none
-    is known by that digest)."""
+    is known by that digest). ``known``: the digests the rows' ``rec_policy`` places refer to."""
     if policy is not None:
         return pa.repeat(pa.scalar(0, _I64), requests.rows), [policy]
-    codes, digests = _codes(requests.arrow("rec_digest"))
     assert recorded is not None
+    if known is not None:
+        # A digest none of those: one code, whose policy is not known.
+        codes = pc.fill_null(pc.cast(requests.arrow("rec_policy").combine_chunks(), _I64), len(known))
+        return codes, [recorded.get(d) for d in known] + [None]
+    codes, digests = _codes(requests.arrow("rec_digest"))
     return codes, [recorded.get(d or "") for d in digests.to_pylist()]
 
 
@@ -145,13 +152,17 @@ def _count_below(values: pa.Array, cuts: tuple[float, ...] | tuple[int, ...], in
 
 
 def plan_rows(
-    requests: Columns, policy: RoutingPolicy | None, recorded: Mapping[str, RoutingPolicy] | None
+    requests: Columns,
+    policy: RoutingPolicy | None,
+    recorded: Mapping[str, RoutingPolicy] | None,
+    known: list[str] | None = None,
 ) -> Planned:
-    """Each row's shape, tokens and complexity, and the prices of its shape's candidates."""
+    """Each row's shape, tokens and complexity, and the prices of its shape's candidates
+    (``known``: the digests the rows' ``rec_policy`` places refer to, if they have any)."""
     planned = Planned(requests.rows)
     if requests.rows == 0:
         return planned
-    policy_code, policies = _policy_codes(requests, policy, recorded)
+    policy_code, policies = _policy_codes(requests, policy, recorded, known)
     planners = [Planner(p) if p is not None else None for p in policies]
     chars = pc.max_element_wise(pc.cast(requests.arrow("prompt_chars").combine_chunks(), _I64), 1)
     tokens = pc.max_element_wise(pc.divide(chars, 4), 1)
@@ -174,8 +185,8 @@ def plan_rows(
     combo_shape = _learn(planned, planners, pc.take(policy_code, first).to_pylist(), firsts)
     planned.shape = pc.cast(pc.take(pa.array(combo_shape, _I64), combo), pa.int32())
     planned.tokens, planned.complexity = tokens, complexity
-    planned.shape_of, planned.tokens_of = planned.shape.to_pylist(), tokens.to_pylist()
-    planned.complexity_of = complexity.to_pylist()
+    planned.shape_of, planned.tokens_of = values_of(planned.shape), values_of(tokens)
+    planned.complexity_of = values_of(complexity)
     _price(planned, tokens, max_out)
     return planned
 

@@ -11,13 +11,14 @@ rejections whose reason must be compared are looked at row by row.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from nexuscore.core import Outcome
-from nexuscore.replay._load import SEP, Columns
+from nexuscore.replay._load import SEP, Columns, arrow_of
 from nexuscore.replay._replay import Change, ReplayReport
 from nexuscore.replay._rows import REJECTED, REQUEST_FIELDS, Planned, stand_in_request
 
@@ -49,8 +50,9 @@ class Folded:
 
     def __init__(self, rows: int, day_number: pa.Array, order: pa.Array) -> None:
         self.order = order
-        self.mode = [UNCOMPARED] * rows
-        self.tenant_at, self.feature_at, self.version_at = [0] * rows, [0] * rows, [0] * rows
+        # Machine integers, not lists: no Python int kept per row, and Arrow reads them in place.
+        self.mode = array("b", bytes(rows))  # UNCOMPARED is 0
+        self.tenant_at, self.feature_at, self.version_at = (array("q", bytes(8 * rows)) for _ in range(3))
         self.day_number = day_number  # by request row
         self.decided: dict[int, Outcome] = {}
         # Verify mode's requests whose policy is not known: (place in the order, the change).
@@ -86,13 +88,34 @@ def _per_shape(planned: Planned) -> dict[str, pa.Array]:
         "verdict": pa.array([verdicts.get(k, "denied") for k in planned.kinds], _STR),
         "tier": pa.array([s.tier for s in shapes], _STR),
         "reason_code": pa.array([s.rejection or None for s in shapes], _STR),
-        "allowed_regions": pa.array([SEP.join(s.allowed_regions) for s in shapes], _STR),
-        "eligible": pa.array([SEP.join(s.eligible) for s in shapes], _STR),
-        "floor_tier": pa.array([s.floor for s in shapes], _STR),
-        "preferred_tier": pa.array([s.preferred for s in shapes], _STR),
         "tenant_budget": pa.array([s.tenant_budget for s in shapes], _I64),
         "feature_budget": pa.array([s.feature_budget for s in shapes], _I64),
     }
+
+
+def _shape_strings(planned: Planned) -> dict[str, list[str | None]]:
+    """The shape's part of the context that only its own value gives, one value per shape: compared
+    with the record without being written out per row (``_same_as_shape``)."""
+    shapes = [s for _, s, _ in planned.shapes]
+    return {
+        "allowed_regions": [SEP.join(s.allowed_regions) for s in shapes],
+        "eligible": [SEP.join(s.eligible) for s in shapes],
+        "floor_tier": [s.floor for s in shapes],
+        "preferred_tier": [s.preferred for s in shapes],
+    }
+
+
+def _same_as_shape(recorded: pa.ChunkedArray, values: list[str | None], shape: pa.Array) -> pa.Array:
+    """``_same(recorded, values[shape])`` per row (a null ``shape`` reads as None), without the
+    shapes' strings written out per row (the eligible list alone is some 60 MB at a million rows):
+    each recorded string becomes its place among the shapes' values, -1 for None, -2 for a string
+    no shape has, and the places are compared."""
+    distinct = sorted({v for v in values if v is not None})
+    place = {v: n for n, v in enumerate(distinct)}
+    theirs = pa.array([-1 if v is None else place[v] for v in values], _I64).take(shape)
+    found = pc.cast(pc.index_in(recorded, value_set=pa.array(distinct, _STR)), _I64)
+    ours = pc.if_else(pc.is_null(recorded), -1, pc.fill_null(found, -2))
+    return pc.equal(ours, pc.fill_null(theirs, -1))
 
 
 def _chosen_ids(planned: Planned, shape: pa.Array) -> pa.Array:
@@ -146,9 +169,9 @@ def _candidate(planned: Planned, folded: Folded, mode: pa.Array, place: pa.Array
         mask = pc.equal(mode, DECIDED)
         for (name, _), values in zip(_DECIDED, _decided(folded), strict=True):
             out[name] = pc.replace_with_mask(out[name], mask, values)
-    out["tenant_committed"] = pa.array(folded.tenant_at, _I64).take(place)
-    out["feature_committed"] = pa.array(folded.feature_at, _I64).take(place)
-    out["version"] = pa.array(folded.version_at, _I64).take(place)
+    out["tenant_committed"] = arrow_of(folded.tenant_at, _I64).take(place)
+    out["feature_committed"] = arrow_of(folded.feature_at, _I64).take(place)
+    out["version"] = arrow_of(folded.version_at, _I64).take(place)
     return out
 
 
@@ -167,8 +190,8 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
     if r.rows == 0:
         _keep(report, folded.unknown, [], keep_changes)
         return
-    place = pc.sort_indices(folded.order)
-    mode = pa.array(folded.mode, pa.int8()).take(place)
+    place = pc.inverse_permutation(folded.order)  # each request row's place in the scan's order
+    mode = arrow_of(folded.mode, pa.int8()).take(place)
     c = _candidate(planned, folded, mode, place)
     c["day"] = _days(folded.day_number)
     rec = {name: _recorded(r, name) for name in (*_OUTCOME, *_REC_CONTEXT, "rec_table", "rec_code")}
@@ -180,13 +203,20 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
         [compared, rejected, _is(rec["rec_table"], "rejections"), _same(rec["rec_code"], c["reason_code"])]
     )
     decision_match = _all([compared, pc.invert(rejected), recorded, same_outcome])
-    same_context = _all([_same(rec[a], c[b]) for a, b in zip(_REC_CONTEXT, _CONTEXT, strict=True)])
+    shape = pc.if_else(pc.less(planned.shape, 0), pa.scalar(None, pa.int32()), planned.shape)
+    by_shape = {k: _same_as_shape(rec[k], v, shape) for k, v in _shape_strings(planned).items()}
+    same_context = _all(
+        [
+            by_shape[a] if a in by_shape else _same(rec[a], c[b])
+            for a, b in zip(_REC_CONTEXT, _CONTEXT, strict=True)
+        ]
+    )
     report.context_differences += _count(pc.and_(decision_match, pc.invert(same_context)))
     report.context_differences += _reasons(r, planned, pc.indices_nonzero(rejection_match))
     changed = pc.and_(compared, pc.invert(pc.or_(rejection_match, decision_match)))
     report.changed += _count(changed)
     _count_changes(report, changed, recorded, rejected, rec, c)
-    _totals(report, r, compared, recorded, rejected, rec, c)
+    _totals(report, r, (compared, recorded, rejected, by_shape["allowed_regions"]), rec, c)
     changed_at = pc.indices_nonzero(changed)
     first = pc.take(changed_at, pc.sort_indices(pc.take(place, changed_at))).slice(0, keep_changes)
     _keep(report, folded.unknown, _changes(r, c, first, pc.take(place, first)), keep_changes)
@@ -226,11 +256,13 @@ def _recorded_table_known(rec: dict[str, pa.Array]) -> pa.Array:
 
 
 def _totals(
-    report: ReplayReport, r: Columns, compared: pa.Array, recorded: pa.Array, rejected: pa.Array,
+    report: ReplayReport, r: Columns, masks: tuple[pa.Array, pa.Array, pa.Array, pa.Array],
     rec: dict[str, pa.Array], c: dict[str, pa.Array],
 ) -> None:  # fmt: skip
     """The report's totals over the compared rows: estimates and actuals, denials, escalations,
-    decode and residency changes."""
+    decode and residency changes (``masks``: the rows compared, recorded as decisions, rejected
+    by the candidate, and with the allowed regions recorded)."""
+    compared, recorded, rejected, same_regions = masks
     on_record = pc.and_(compared, recorded)
     dispatched = pc.and_(on_record, _is(rec["verdict"], "dispatch"))
     report.recorded_estimated_micros += _sum(rec["estimated_cost_micros"], dispatched)
@@ -243,7 +275,7 @@ def _totals(
     decided = pc.and_(on_record, pc.invert(rejected))
     strategy = pc.invert(_same(rec["decode_strategy"], c["decode_strategy"]))
     report.decode_changes += _count(pc.and_(decided, strategy))
-    residency = pc.invert(_same(rec["allowed_regions"], c["allowed_regions"]))
+    residency = pc.invert(same_regions)
     report.residency_changes += _count(pc.and_(decided, residency))
 
 

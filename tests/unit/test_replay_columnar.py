@@ -315,6 +315,29 @@ def test_the_varied_history_has_what_the_property_test_is_about(tmp_path: Path) 
     assert (report.changed, report.context_differences) == (0, 0)
 
 
+def test_a_decision_recorded_twice_replays_under_the_latest_ones_latency_observations(tmp_path: Path) -> None:
+    """A (tenant, request) with two decisions (a hostile producer's second, later in the log, with
+    other latency observations): both replays read the later one, observations included."""
+    policy = with_budgets(POLICY, "3", "3")
+    events = varied_history(policy, 200, seed=5, days=1)
+    observed = [e for e in events if isinstance(e, RequestDecided) and e.decode and e.decode.observations]
+    assert len(observed) > 1, "the history decides under latency observations"
+
+    def again(decided: RequestDecided, slow: bool) -> RequestDecided:
+        assert decided.decode is not None
+        seen = [msgspec.structs.replace(o, p95_ms=60_000, samples=500) for o in decided.decode.observations]
+        decode = msgspec.structs.replace(decided.decode, observations=seen if slow else [])
+        return msgspec.structs.replace(decided, event_id=f"again-{decided.event_id}", decode=decode)
+
+    project(tmp_path, [*events, again(observed[0], slow=True), again(observed[1], slow=False)])
+    with EvidenceStore(tmp_path) as store:
+        for chosen, recorded in ((CANDIDATES["tighter"], None), (None, {policy.digest: policy})):
+            fast = replay(store, chosen, recorded_policies=recorded, keep_changes=10**6)
+            _same_summary(
+                fast, replay_reference(store, chosen, recorded_policies=recorded, keep_changes=10**6)
+            )
+
+
 def test_replay_leaves_the_cycle_collector_as_it_found_it(tmp_path: Path) -> None:
     import gc
 
