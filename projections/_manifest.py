@@ -151,12 +151,18 @@ class Manifest:
         self._append(now)
 
     def commit_compaction(
-        self, replaced: list[str], now: datetime, index: Entry | None = None, residency: Entry | None = None
+        self,
+        replaced: list[str],
+        now: datetime,
+        index: Entry | None = None,
+        residency: Entry | None = None,
+        routed: Entry | None = None,
     ) -> None:
         """Close a compaction: the file entries staged since the last commit replace ``replaced``,
         in one durable append (a crash before it leaves the old files in force), then a new head.
         ``index``: the request index of the files in force from then on (``_index``), and
-        ``residency`` their residency partials (``_residency``), sealed here."""
+        ``residency`` their residency partials (``_residency``) and ``routed`` their who-routed-what
+        partials (``_routed``), sealed here."""
         files = [json.loads(line)["path"] for line in self._pending]
         entry: Entry = {
             "kind": "compaction",
@@ -168,6 +174,8 @@ class Manifest:
             entry["index"] = index
         if residency is not None:
             entry["residency"] = residency
+        if routed is not None:
+            entry["routed"] = routed
         self.add(entry)
         self._append(now)
 
