@@ -139,24 +139,24 @@ WHERE {_ROUTED_FILTERS} AND ($since IS NULL OR occurred_at >= $since) AND ($unti
 """  # noqa: S608
 ROUTED_SEALED_DECISIONS_SQL = f"""
 SELECT {_DECIDED}, NOT edge AS retract FROM (
-    SELECT *, coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
-                       OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false) AS edge
-    FROM _routed_sealed_decisions WHERE {_ROUTED_FILTERS}
+    SELECT d.*, k.request_id IS NOT NULL AS late,
+           coalesce((d.occurred_at >= $edge1_from AND d.occurred_at < $edge1_to)
+                    OR (d.occurred_at >= $edge2_from AND d.occurred_at < $edge2_to), false) AS edge
+    FROM (SELECT {_DECIDED} FROM _routed_sealed_decisions WHERE {_ROUTED_FILTERS}) d
+    LEFT JOIN _routed_tail_keys k ON k.tenant_id = d.tenant_id AND k.request_id = d.request_id
 )
-WHERE edge OR ($with_keys AND ($whole_from IS NULL OR occurred_at >= $whole_from)
-               AND ($whole_to IS NULL OR occurred_at < $whole_to)
-               AND (tenant_id, request_id) IN (SELECT tenant_id, request_id FROM _routed_tail_keys))
+WHERE edge OR (late AND ($whole_from IS NULL OR occurred_at >= $whole_from)
+               AND ($whole_to IS NULL OR occurred_at < $whole_to))
 """  # noqa: S608
 # Every outcome of those decisions, covered (``sealed``) or not.
 ROUTED_OUTCOMES_SQL = """
 SELECT o.* FROM (
     SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, true AS sealed
-    FROM _routed_sealed_outcomes
+    FROM _routed_sealed_outcomes WHERE $tenant IS NULL OR tenant_id = $tenant
     UNION ALL
     SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, false AS sealed
-    FROM _routed_tail_outcomes
+    FROM _routed_tail_outcomes WHERE $tenant IS NULL OR tenant_id = $tenant
 ) o SEMI JOIN _routed_decisions d USING (tenant_id, request_id)
-WHERE ($tenant IS NULL OR o.tenant_id = $tenant)
 """
 _ROUTED_JOIN = """
 SELECT d.tenant_id, CAST(d.occurred_at AS DATE) AS day, d.feature, d.verdict, d.tier, d.deployment_id,
@@ -404,11 +404,14 @@ class EvidenceStore:
             self._made.add(name)
 
     def _views_of(self, sql: str) -> None:
-        """Make the views ``sql`` names (any it cannot tell: all of them)."""
+        """Make the views ``sql`` names."""
         try:
-            named = {n.lower() for n in self._con.get_table_names(sql, qualified=False)}
+            # (DuckDB binds the parameters to list the tables, and refuses them: NULLs in their place.)
+            bare = re.sub(r"\$\w+|\?", "NULL", sql)
+            named = {n.lower() for n in self._con.get_table_names(bare, qualified=False)}
         except duckdb.Error:
-            named = set(VIEWS)
+            # It cannot always tell: every view whose name is a word of the query then.
+            named = {w.lower() for w in re.findall(r"\w+", sql)}
         self.views(*(v for v in VIEWS if v in named))
 
     def _create_table_view(
@@ -450,11 +453,17 @@ class EvidenceStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        """Rows of one SELECT statement; anything else (COPY, SET, ATTACH, a second statement) is refused."""
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, views: tuple[str, ...] | None = None
+    ) -> pa.Table:
+        """Rows of one SELECT statement; anything else (COPY, SET, ATTACH, a second statement) is refused.
+        The views it reads are made first: ``views``, or those it names."""
         try:
             statement = _one_select(sql)
-            self._views_of(sql)
+            if views is None:
+                self._views_of(sql)
+            else:
+                self.views(*views)
             return self._con.sql(statement, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
@@ -533,11 +542,7 @@ class EvidenceStore:
             view("decisions", "sealed")
             self._con.register("_routed_tail_keys", keys)
             try:
-                decided.append(
-                    self._routed_query(
-                        ROUTED_SEALED_DECISIONS_SQL, {**params, "with_keys": keys.num_rows > 0}
-                    )
-                )
+                decided.append(self._routed_query(ROUTED_SEALED_DECISIONS_SQL, params))
             finally:
                 self._con.unregister("_routed_tail_keys")
         decisions = pa.concat_tables(decided)
@@ -555,8 +560,10 @@ class EvidenceStore:
             self._con.unregister("_routed_outcomes")
 
     def _routed_query(self, sql: str, params: dict[str, Any]) -> pa.Table:
-        """``query`` with the parameters ``sql`` names (DuckDB refuses any other)."""
-        return self.query(sql, {k: v for k, v in params.items() if k in set(re.findall(r"\$(\w+)", sql))})
+        """``query`` with the parameters ``sql`` names (DuckDB refuses any other); it reads the
+        report's own views and tables only."""
+        named = set(re.findall(r"\$(\w+)", sql))
+        return self.query(sql, {k: v for k, v in params.items() if k in named}, views=())
 
     def spend(
         self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
