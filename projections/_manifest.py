@@ -156,13 +156,13 @@ class Manifest:
         now: datetime,
         index: Entry | None = None,
         residency: Entry | None = None,
-        routed: Entry | None = None,
+        rollups: dict[str, Entry] | None = None,
     ) -> None:
         """Close a compaction: the file entries staged since the last commit replace ``replaced``,
         in one durable append (a crash before it leaves the old files in force), then a new head.
         ``index``: the request index of the files in force from then on (``_index``), and
-        ``residency`` their residency partials (``_residency``) and ``routed`` their who-routed-what
-        partials (``_routed``), sealed here."""
+        ``residency`` their residency partials (``_residency``) and ``rollups`` the partials of other
+        reports, by name (``_rollups``), sealed here."""
         files = [json.loads(line)["path"] for line in self._pending]
         entry: Entry = {
             "kind": "compaction",
@@ -174,8 +174,7 @@ class Manifest:
             entry["index"] = index
         if residency is not None:
             entry["residency"] = residency
-        if routed is not None:
-            entry["routed"] = routed
+        entry.update(rollups or {})
         self.add(entry)
         self._append(now)
 

@@ -28,7 +28,8 @@ from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 if TYPE_CHECKING:
-    from nexuscore.projections._residency import Sealed
+    from nexuscore.projections._residency import Sealed as SealedResidency
+    from nexuscore.projections._rollups import Rollup, Sealed
 
 # The views over other views, each with the tables it reads (made before it, when it is first used).
 _DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -104,7 +105,7 @@ GROUP BY ALL
     + _ROUTED_ORDER
 )
 
-# --- who-routed-what from the sealed partials (``_routed``) ----------------------------------------
+# --- who-routed-what from the sealed partials (``_rollups``) ----------------------------------------
 # The report's decision filters but the window's, on a table with the decisions' columns.
 _ROUTED_FILTERS = """($tenant IS NULL OR tenant_id = $tenant)
   AND ($feature IS NULL OR feature = $feature)
@@ -202,24 +203,8 @@ HAVING sum(requests) > 0
     + _ROUTED_ORDER
 )
 
-SPEND_SQL = """
-WITH spend AS (
-    SELECT o.tenant_id, o.feature, CAST(o.occurred_at AS DATE) AS day, o.model,
-           count(*) AS calls, sum(o.input_tokens) AS input_tokens, sum(o.output_tokens) AS output_tokens,
-           sum(o.cost_micros) AS cost_micros
-    FROM outcomes o
-    WHERE ($tenant IS NULL OR o.tenant_id = $tenant)
-      AND ($since IS NULL OR o.occurred_at >= $since) AND ($until IS NULL OR o.occurred_at < $until)
-    GROUP BY ALL
-),
-budget AS (
-    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros
-    FROM settlements GROUP BY ALL
-),
-limits AS (
-    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros
-    FROM decisions GROUP BY ALL
-)
+# The report from its three parts: ``spend``, ``budget`` and ``limits``.
+_SPEND_REPORT = """
 SELECT s.tenant_id, s.feature, s.day, s.model, s.calls, s.input_tokens, s.output_tokens,
        round(s.cost_micros / 1e6, 6) AS cost_usd,
        round(l.tenant_budget_micros / 1e6, 6) AS tenant_budget_usd,
@@ -229,6 +214,78 @@ LEFT JOIN budget b ON b.tenant_id = s.tenant_id AND b.budget_window = CAST(s.day
 LEFT JOIN limits l ON l.tenant_id = s.tenant_id AND l.budget_window = CAST(s.day AS VARCHAR)
 ORDER BY s.day, s.tenant_id, s.feature, s.model
 """
+_SPENT = """
+    SELECT tenant_id, feature, CAST(occurred_at AS DATE) AS day, model,
+           count(*) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(cost_micros) AS cost_micros
+    FROM {outcomes}
+    WHERE ($tenant IS NULL OR tenant_id = $tenant) AND {window}
+    GROUP BY ALL
+"""
+_WINDOW = "($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)"
+SPEND_SQL = (
+    "WITH spend AS ("  # noqa: S608  # names are ours
+    + _SPENT.format(outcomes="outcomes", window=_WINDOW)
+    + """),
+budget AS (
+    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros
+    FROM settlements GROUP BY ALL
+),
+limits AS (
+    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros
+    FROM decisions GROUP BY ALL
+)"""
+    + _SPEND_REPORT
+)
+
+# --- spend from the sealed partials (``_rollups``) -------------------------------------------------
+# The outcomes counted from their rows: the tail's in the window, the covered files' on its partial days.
+SPEND_TAIL_SQL = _SPENT.format(outcomes="_spend_tail_outcomes", window=_WINDOW)
+SPEND_EDGES_SQL = _SPENT.format(
+    outcomes="_spend_sealed_outcomes",
+    window="""coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+                     OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false)""",
+)
+SPEND_EDGE_DAYS_SQL = """
+SELECT count(*) AS n FROM _spend_partials
+WHERE part = 'spend' AND ($tenant IS NULL OR tenant_id = $tenant) AND list_contains($edge_days, day)
+"""
+# The partials' whole days and the counted rows; the largest settled spend and decided budget of the
+# partials and of the tail.
+SPEND_MERGED_SQL = (
+    f"""
+WITH spend AS (
+    SELECT tenant_id, feature, day, model, CAST(sum(calls) AS BIGINT) AS calls,
+           CAST(sum(input_tokens) AS HUGEINT) AS input_tokens,
+           CAST(sum(output_tokens) AS HUGEINT) AS output_tokens,
+           CAST(sum(cost_micros) AS HUGEINT) AS cost_micros
+    FROM (
+        SELECT tenant_id, feature, day, model, calls, input_tokens, output_tokens, cost_micros
+        FROM _spend_partials
+        WHERE part = 'spend' AND ($tenant IS NULL OR tenant_id = $tenant) AND {_WHOLE_DAYS}
+        UNION ALL BY NAME
+        SELECT * FROM _spend_rows
+    )
+    GROUP BY ALL
+),
+budget AS (
+    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros FROM (
+        SELECT tenant_id, budget_window, tenant_spent_micros FROM _spend_partials WHERE part = 'budget'
+        UNION ALL
+        SELECT tenant_id, budget_window, tenant_spent_micros FROM _spend_tail_settlements
+    )
+    GROUP BY ALL
+),
+limits AS (
+    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros FROM (
+        SELECT tenant_id, budget_window, tenant_budget_micros FROM _spend_partials WHERE part = 'limit'
+        UNION ALL
+        SELECT tenant_id, budget_window, tenant_budget_micros FROM _spend_tail_decisions
+    )
+    GROUP BY ALL
+)"""  # noqa: S608  # names are ours
+    + _SPEND_REPORT
+)
 
 # Every place a request's content was processed, against where its decision allowed it to go. One
 # hash join of the calls (dispatches, attempts, outcomes) with the decisions on (tenant, request),
@@ -483,8 +540,8 @@ class EvidenceStore:
     ) -> pa.Table:
         """Requests by tenant, feature, verdict, tier, deployment and policy version, with the model and
         region that served them and their cost: from the partials the last compaction sealed when they
-        still hold (``_routed``), else the full query (``full_who_routed_what``)."""
-        from nexuscore.projections import _routed
+        still hold (``_rollups``), else the full query (``full_who_routed_what``)."""
+        from nexuscore.projections import _rollups
 
         params = {
             "tenant": tenant,
@@ -495,14 +552,12 @@ class EvidenceStore:
             "tier": tier,
             "policy_version": policy_version,
         }
-        partials = _routed.current_partials(signed_entries(self.root)) if self.files else None
-        sealed = _routed.read_partials(self.root, partials) if partials is not None else None
-        in_force = {e["path"]: e for e in self.files if e.get("table") in _routed.ROUTED_TABLES}
-        if sealed is None or not set(sealed.covered) <= set(in_force):
+        sealed = self._rollup(_rollups.ROUTED)
+        if sealed is None:
             return self.full_who_routed_what(**params)  # none, altered, or a file it counted is gone
         self._con.register("_routed_partials", sealed.counts)
         try:
-            return self._routed_from_partials(set(sealed.covered), in_force, params)
+            return self._routed_from_partials(set(sealed.covered), params)
         finally:
             self._con.unregister("_routed_partials")
 
@@ -511,23 +566,36 @@ class EvidenceStore:
         names = ("tenant", "since", "until", "feature", "model", "tier", "policy_version")
         return self.query(WHO_ROUTED_WHAT_SQL, {n: params.get(n) for n in names})
 
-    def _routed_from_partials(
-        self, covered: set[str], in_force: dict[str, dict[str, Any]], params: dict[str, Any]
-    ) -> pa.Table:
-        """The partials' whole days of the window, and the rest counted from the rows (see ``_routed``)."""
+    def _rollup(self, rollup: Rollup) -> Sealed | None:
+        """The report's partials the last compaction sealed, if they hold and every file they count
+        is still in force; else None."""
+        from nexuscore.projections import _rollups
+
+        partials = _rollups.current_partials(signed_entries(self.root), rollup) if self.files else None
+        sealed = _rollups.read_partials(self.root, partials, rollup) if partials is not None else None
+        in_force = {e["path"] for e in self.files if e.get("table") in rollup.tables}
+        return sealed if sealed is not None and set(sealed.covered) <= in_force else None
+
+    def _part_view(self, table: str, covered: set[str], part: str, prefix: str) -> None:
+        """The view ``_<prefix>_<part>_<table>`` over the covered (``sealed``) or the other (``tail``)
+        files of ``table`` in force. Made only when read: a view reads its files' footers when made."""
+        mine = sorted(
+            str(e["path"])
+            for e in self.files
+            if e.get("table") == table and (e["path"] in covered) == (part == "sealed")
+        )
+        paths = [f"{self.root.absolute()}/{p}" for p in mine]
+        self._create_table_view(table, SCHEMAS[table], paths, name=f"_{prefix}_{part}_{table}")
+
+    def _routed_from_partials(self, covered: set[str], params: dict[str, Any]) -> pa.Table:
+        """The partials' whole days of the window, and the rest counted from the rows (see ``_rollups``)."""
         days = report_days(params["since"], params["until"])
         params = {**params, **days.params()}
         if self._routed_query(ROUTED_EARLY_SQL, params).column("n")[0].as_py():
             return self.full_who_routed_what(**params)
 
         def view(table: str, part: str) -> None:
-            """The view over the covered (``sealed``) or the other (``tail``) files of ``table``; the
-            covered ones made only when read (a view reads the footers of its files when made)."""
-            mine = sorted(
-                p for p, e in in_force.items() if e["table"] == table and (p in covered) == (part == "sealed")
-            )
-            paths = [f"{self.root.absolute()}/{p}" for p in mine]
-            self._create_table_view(table, SCHEMAS[table], paths, name=f"_routed_{part}_{table}")
+            self._part_view(table, covered, part, "routed")
 
         view("decisions", "tail")
         view("outcomes", "tail")
@@ -568,6 +636,37 @@ class EvidenceStore:
     def spend(
         self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
     ) -> pa.Table:
+        """Spend by tenant, feature, day and model, with the tenant's daily budget and its use: from the
+        partials the last compaction sealed when they still hold (``_rollups``), else in full."""
+        from nexuscore.projections import _rollups
+
+        params = {"tenant": tenant, "since": since, "until": until}
+        sealed = self._rollup(_rollups.SPEND)
+        if sealed is None:
+            return self.full_spend(tenant, since, until)
+        days = report_days(since, until)
+        params = {**params, **days.params(), "edge_days": days.edge_days}
+        covered = set(sealed.covered)
+        self._con.register("_spend_partials", sealed.counts)
+        try:
+            for table in ("outcomes", "settlements", "decisions"):
+                self._part_view(table, covered, "tail", "spend")
+            counted = [self._routed_query(SPEND_TAIL_SQL, params)]
+            if days.edge_days and self._routed_query(SPEND_EDGE_DAYS_SQL, params).column("n")[0].as_py():
+                self._part_view("outcomes", covered, "sealed", "spend")
+                counted.append(self._routed_query(SPEND_EDGES_SQL, params))
+            self._con.register("_spend_rows", pa.concat_tables(counted))
+            try:
+                return self._routed_query(SPEND_MERGED_SQL, params)
+            finally:
+                self._con.unregister("_spend_rows")
+        finally:
+            self._con.unregister("_spend_partials")
+
+    def full_spend(
+        self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
+    ) -> pa.Table:
+        """``spend`` over every outcome, settlement and decision (what the sealed partials hold)."""
         return self.query(SPEND_SQL, {"tenant": tenant, "since": since, "until": until})
 
     def residency(self, tenant: str | None = None) -> pa.Table:
@@ -594,7 +693,7 @@ class EvidenceStore:
             self._con.unregister("_sealed_residency")
 
     def _residency_with_tail(
-        self, sealed: Sealed, in_force: dict[str, dict[str, Any]], tenant: str | None
+        self, sealed: SealedResidency, in_force: dict[str, dict[str, Any]], tenant: str | None
     ) -> pa.Table:
         """The sealed counts plus the tail's (the files the partials do not cover), or the full
         summary when a decision in the tail changed the finding of a covered call."""

@@ -51,9 +51,10 @@ from nexuscore.projections._manifest import (
 )
 from nexuscore.projections._residency import current_partials, read_partials
 from nexuscore.projections._residency import well_formed as partials_well_formed
-from nexuscore.projections._routed import current_partials as current_routed
-from nexuscore.projections._routed import read_partials as read_routed
-from nexuscore.projections._routed import well_formed as routed_well_formed
+from nexuscore.projections._rollups import ROLLUPS, Rollup
+from nexuscore.projections._rollups import current_partials as current_rollup
+from nexuscore.projections._rollups import read_partials as read_rollup
+from nexuscore.projections._rollups import well_formed as rollup_well_formed
 from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
@@ -131,7 +132,8 @@ def verify(
     _check_compactions(entries, report)
     _check_index(root, entries, report)
     _check_residency(root, entries, report)
-    _check_routed(root, entries, report)
+    for rollup in ROLLUPS:
+        _check_rollup(root, entries, rollup, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     with EvidenceStore(root, keys, files=readable) as store:
         _check_events(store, known_digests, until, report)
@@ -212,8 +214,8 @@ def _check_folder(
     listed = {e["path"] for e in files}
     current = current_index(entries)
     index = current["path"] if current is not None else None
-    partials, routed = current_partials(entries), current_routed(entries)
-    sealed = {index, *(p["path"] for p in (partials, routed) if p is not None)}
+    partials = [current_partials(entries), *(current_rollup(entries, r) for r in ROLLUPS)]
+    sealed = {index, *(p["path"] for p in partials if p is not None)}
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -331,35 +333,34 @@ def _check_residency(root: Path, entries: list[dict[str, Any]], report: VerifyRe
         )
 
 
-def _check_routed(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
-    """The who-routed-what partials the last compaction sealed still hold those bytes (as
-    ``_check_residency``: an altered file changes no answer, the report then runs in full)."""
+def _check_rollup(root: Path, entries: list[dict[str, Any]], rollup: Rollup, report: VerifyReport) -> None:
+    """A report's partials the last compaction sealed still hold those bytes (as ``_check_residency``:
+    an altered file changes no answer, the report then reads every row)."""
+    name = rollup.name
     for e in entries:
-        if e.get("kind") == "compaction" and "routed" in e and not routed_well_formed(e["routed"]):
+        if e.get("kind") == "compaction" and name in e and not rollup_well_formed(e[name], rollup):
             report.add(
-                "routed_invalid",
+                f"{name}_invalid",
                 f"manifest entry {e.get('seq')}",
-                "names no who-routed-what partials of the store's own (`_index/routed-<n>.parquet` and "
-                "its sha256)",
+                f"names no {name} partials of the store's own (`_index/{name}-<n>.parquet` and its sha256)",
             )
-    partials = current_routed(entries)
+    partials = current_rollup(entries, rollup)
     if partials is None:
         return
     if not (root / partials["path"]).is_file():
         report.add(
-            "routed_missing",
+            f"{name}_missing",
             partials["path"],
-            "cannot be read: who-routed-what joins every decision instead (`evidence compact` writes "
-            "the partials again)",
+            "cannot be read: the report reads every row instead (`evidence compact` writes the partials again)",
             fatal=False,
         )
         return
-    if read_routed(root, partials) is None:
+    if read_rollup(root, partials, rollup) is None:
         report.add(
-            "routed_altered",
+            f"{name}_altered",
             partials["path"],
-            "does not hold the bytes its compaction sealed (sha256 differs): who-routed-what ignores "
-            "it and joins every decision",
+            "does not hold the bytes its compaction sealed (sha256 differs): the report ignores it and "
+            "reads every row",
         )
 
 

@@ -1,8 +1,8 @@
-"""The who-routed-what partials ``evidence compact`` seals: the report from them (whole days) plus the
-rows (the window's partial days, the files flushed since, covered decisions whose outcome came
-since) is row for row the full query, for every filter; an outcome earlier than the window, an
-altered, missing or malformed partials file fall back to the full query, and ``verify`` names the
-file."""
+"""The who-routed-what and spend partials ``evidence compact`` seals: a report from them (whole days)
+plus the rows (the window's partial days, the files flushed since, covered decisions whose outcome
+came since) is row for row the full query, for every window and filter; an outcome earlier than the
+window, an altered, missing or malformed partials file fall back to the full query, and ``verify``
+names the file."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import msgspec
 import pyarrow.parquet as pq
 import pytest
 
-from nexuscore.projections import EvidenceStore, _manifest, _routed, committed_files, compact, verify
+from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
 from nexuscore.projections._store import report_days
 from nexuscore.schemas import Event
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
 PUBLIC = signing_key().public_key()
 KNOWN = {POLICY.digest}
+ROUTED, SPEND = _rollups.ROUTED, _rollups.SPEND
 # Each request's events moved together by one of these (T0 is 09:00 UTC): three days, three hours.
 SHIFTS = [timedelta(days=-2, hours=-8), timedelta(days=-1, hours=10), timedelta(hours=0)]
 DAY = datetime(T0.year, T0.month, T0.day, tzinfo=UTC)
@@ -68,8 +69,8 @@ def copy(src: Path, tmp_path: Path) -> Path:
     return root
 
 
-def partials_of(root: Path) -> dict[str, object]:
-    partials = _routed.current_partials(_manifest.signed_entries(root))
+def partials_of(root: Path, rollup: _rollups.Rollup = _rollups.ROUTED) -> dict[str, object]:
+    partials = _rollups.current_partials(_manifest.signed_entries(root), rollup)
     assert partials is not None
     return partials
 
@@ -85,7 +86,7 @@ def windows() -> list[tuple[datetime | None, datetime | None]]:
         (DAY + timedelta(hours=8, minutes=59), DAY + timedelta(hours=9, seconds=30)),
         (DAY - timedelta(hours=6), DAY + timedelta(hours=9, seconds=2)),
         (DAY, DAY - timedelta(days=1)),
-        (datetime(2026, 11, 24, 12), None),  # no zone: UTC, as DuckDB reads it
+        (datetime(2026, 11, 24, 12), None),  # noqa: DTZ001  # a caller's naive time: UTC, as DuckDB reads it
     ]
 
 
@@ -128,12 +129,36 @@ def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_par
     assert (full_calls == []) is from_partials
 
 
+def assert_same_spend(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> None:
+    """``spend`` (each window, each tenant) equals the full query's, and came from the partials
+    (``from_partials``) or from the full query."""
+    full_calls: list[object] = []
+    full = EvidenceStore.full_spend
+
+    def counted(self: EvidenceStore, *args: Any) -> object:
+        full_calls.append(args)
+        return full(self, *args)
+
+    with EvidenceStore(root) as store:
+        tenants = store.query("SELECT DISTINCT tenant_id FROM outcomes ORDER BY 1").column(0).to_pylist()
+    for since, until in windows():
+        for tenant in [None, *tenants, "no-such-tenant"]:
+            with EvidenceStore(root) as store:
+                expected = full(store, tenant, since, until)
+                monkeypatch.setattr(EvidenceStore, "full_spend", counted)
+                report = store.spend(tenant, since, until)
+                monkeypatch.undo()
+            assert report.schema == expected.schema
+            assert report.to_pylist() == expected.to_pylist(), (since, until, tenant)
+    assert (full_calls == []) is from_partials
+
+
 def test_the_partials_cover_the_compacted_files_and_a_tail_holds_outcomes_of_covered_decisions(
     sealed: Path,
 ) -> None:
-    read = _routed.read_partials(sealed, partials_of(sealed))
+    read = _rollups.read_partials(sealed, partials_of(sealed), ROUTED)
     assert read is not None
-    live = _routed.covered_paths(committed_files(sealed))
+    live = _rollups.covered_paths(committed_files(sealed), ROUTED)
     assert read.covered and set(read.covered) < set(live)
     assert {str(d) for d in read.counts.column("day").to_pylist()} >= {str(DAY.date())}
     covered = [f"{sealed.absolute()}/{p}" for p in read.covered if "/decisions/" in p]
@@ -155,14 +180,25 @@ def test_the_report_from_partials_and_rows_is_the_full_query(
     assert verify(sealed, PUBLIC, KNOWN, workers=1).findings == []
 
 
+def test_spend_from_partials_and_rows_is_the_full_query(
+    sealed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read = _rollups.read_partials(sealed, partials_of(sealed, SPEND), SPEND)
+    assert read is not None and set(read.counts.column("part").to_pylist()) == {"spend", "budget", "limit"}
+    with EvidenceStore(sealed) as store:
+        assert store.spend().num_rows > 0
+    assert_same_spend(sealed, monkeypatch, from_partials=True)
+
+
 def test_after_a_second_compaction_the_partials_are_the_report(
     sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = copy(sealed, tmp_path)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
-    read = _routed.read_partials(root, partials_of(root))
-    assert read is not None and read.covered == _routed.covered_paths(committed_files(root))
+    read = _rollups.read_partials(root, partials_of(root), ROUTED)
+    assert read is not None and read.covered == _rollups.covered_paths(committed_files(root), ROUTED)
     assert_same_reports(root, monkeypatch, from_partials=True)
+    assert_same_spend(root, monkeypatch, from_partials=True)
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
 
@@ -190,16 +226,20 @@ def test_an_outcome_before_the_window_runs_the_full_query(
         assert whole.to_pylist() == store.full_who_routed_what(since=DAY - timedelta(days=1)).to_pylist()
 
 
+@pytest.mark.parametrize("rollup", [ROUTED, SPEND], ids=["routed", "spend"])
 def test_altered_partials_are_a_verify_finding_and_change_no_answer(
-    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rollup: _rollups.Rollup
 ) -> None:
     root = copy(sealed, tmp_path)
-    path = root / str(partials_of(root)["path"])
+    path = root / str(partials_of(root, rollup)["path"])
     counts = pq.read_table(path)
     pq.write_table(counts.slice(1), path)  # a group left out, the footer's list of files kept
     report = verify(root, PUBLIC, KNOWN, workers=1)
-    assert not report.ok and "routed_altered" in {f.kind for f in report.findings if f.fatal}
-    assert_same_reports(root, monkeypatch, from_partials=False)
+    assert not report.ok and f"{rollup.name}_altered" in {f.kind for f in report.findings if f.fatal}
+    if rollup is ROUTED:
+        assert_same_reports(root, monkeypatch, from_partials=False)
+    else:
+        assert_same_spend(root, monkeypatch, from_partials=False)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
@@ -209,9 +249,11 @@ def test_missing_partials_are_a_warning_and_the_report_joins_every_decision(
 ) -> None:
     root = copy(sealed, tmp_path)
     (root / str(partials_of(root)["path"])).unlink()
+    (root / str(partials_of(root, SPEND)["path"])).unlink()
     report = verify(root, PUBLIC, KNOWN, workers=1)
-    assert report.ok and [f.kind for f in report.findings] == ["routed_missing"]
+    assert report.ok and [f.kind for f in report.findings] == ["routed_missing", "spend_missing"]
     assert_same_reports(root, monkeypatch, from_partials=False)
+    assert_same_spend(root, monkeypatch, from_partials=False)
 
 
 def test_a_malformed_partials_entry_is_a_verify_finding(tmp_path: Path, history: list[Event]) -> None:
@@ -219,8 +261,8 @@ def test_a_malformed_partials_entry_is_a_verify_finding(tmp_path: Path, history:
     project(root, history[:120], flush_every=40)
     manifest = _manifest.Manifest(root, signing_key())
     bad = {"path": "../outside.parquet", "sha256": "0" * 64, "rows": 1}
-    manifest.commit_compaction([], T0, None, None, bad)
-    assert _routed.current_partials(_manifest.signed_entries(root)) is None
+    manifest.commit_compaction([], T0, None, None, {"routed": bad})
+    assert _rollups.current_partials(_manifest.signed_entries(root), ROUTED) is None
     with EvidenceStore(root) as store:
         assert store.who_routed_what().to_pylist() == store.full_who_routed_what().to_pylist()
     report = verify(root, PUBLIC, KNOWN, workers=1)
