@@ -640,7 +640,7 @@ class EvidenceStore:
         partials the last compaction sealed when they still hold (``_rollups``), else in full."""
         from nexuscore.projections import _rollups
 
-        params = {"tenant": tenant, "since": since, "until": until}
+        params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
         sealed = self._rollup(_rollups.SPEND)
         if sealed is None:
             return self.full_spend(tenant, since, until)
