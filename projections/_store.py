@@ -12,6 +12,7 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -461,13 +462,18 @@ class EvidenceStore:
             self._made.add(name)
 
     def _views_of(self, sql: str) -> None:
-        """Make the views ``sql`` names."""
+        """Make the views ``sql`` reads: the tables of its parse tree (not ``get_table_names``, which
+        binds the query and cannot bind a join USING columns); every view it names as a word if it
+        does not parse (it fails then anyway)."""
+        bare = re.sub(r"\$\w+|\?", "NULL", sql)  # (parameters: any value parses the same)
         try:
-            # (DuckDB binds the parameters to list the tables, and refuses them: NULLs in their place.)
-            bare = re.sub(r"\$\w+|\?", "NULL", sql)
-            named = {n.lower() for n in self._con.get_table_names(bare, qualified=False)}
-        except duckdb.Error:
-            # It cannot always tell: every view whose name is a word of the query then.
+            tree = json.loads(
+                self._con.execute("SELECT json_serialize_sql($q)", {"q": bare}).fetchall()[0][0]
+            )
+            named = set() if tree.get("error") else _base_tables(tree)
+        except (duckdb.Error, ValueError, AttributeError):
+            tree, named = {"error": True}, set()
+        if tree.get("error"):
             named = {w.lower() for w in re.findall(r"\w+", sql)}
         self.views(*(v for v in VIEWS if v in named))
 
@@ -835,6 +841,21 @@ def report_days(since: datetime | None, until: datetime | None) -> ReportDays:
     if until is not None and end is not None and datetime.combine(end, time(0), UTC) < until:
         edges.append((datetime.combine(end, time(0), UTC), until))
     return ReportDays(since, until, first, end, tuple(edges))
+
+
+def _base_tables(node: object) -> set[str]:
+    """The names of the tables (``BASE_TABLE`` nodes) in a parse tree of ``json_serialize_sql``."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("type") == "BASE_TABLE" and isinstance(item.get("table_name"), str):
+                found.add(item["table_name"].lower())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 def _midnight(day: date | None) -> datetime | None:

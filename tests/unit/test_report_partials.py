@@ -15,6 +15,7 @@ import msgspec
 import pyarrow.parquet as pq
 import pytest
 
+from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
 from nexuscore.projections._store import report_days
 from nexuscore.schemas import Event
@@ -321,3 +322,18 @@ def test_a_window_splits_into_whole_days_and_partial_days(
     days = report_days(since, until)
     assert (days.first_day, days.end_day) == whole
     assert days.edges == edges
+
+
+def test_a_query_makes_only_the_views_it_names(history: list[Event], tmp_path: Path) -> None:
+    """A view reads its files' footers when made: a report makes its tables' views only, so a file
+    it does not read costs nothing (here: one it could not read fails only the queries naming it)."""
+    root = tmp_path / "evidence"
+    project(root, history[:150], flush_every=50)
+    broken = next(e["path"] for e in committed_files(root) if e["table"] == "requests")
+    (root / broken).write_bytes(b"not parquet")
+    with EvidenceStore(root) as store:
+        assert store.who_routed_what().num_rows > 0
+        assert store.spend().num_rows > 0
+        assert store.query("SELECT count(*) AS n FROM escalations").column("n")[0].as_py() >= 0
+    with EvidenceStore(root) as store, pytest.raises(EvidenceError, match="cannot read the requests table"):
+        store.query("SELECT count(*) FROM requests WHERE tenant_id = $t", {"t": "acme-bank"})
