@@ -139,26 +139,29 @@ ROUTED_TAIL_DECISIONS_SQL = f"""
 SELECT {_DECIDED}, false AS retract FROM _routed_tail_decisions
 WHERE {_ROUTED_FILTERS} AND ($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)
 """  # noqa: S608
-ROUTED_SEALED_DECISIONS_SQL = f"""
-SELECT {_DECIDED}, NOT edge AS retract FROM (
-    SELECT d.*, k.request_id IS NOT NULL AS late,
-           coalesce((d.occurred_at >= $edge1_from AND d.occurred_at < $edge1_to)
-                    OR (d.occurred_at >= $edge2_from AND d.occurred_at < $edge2_to), false) AS edge
-    FROM (SELECT {_DECIDED} FROM _routed_sealed_decisions WHERE {_ROUTED_FILTERS}) d
-    LEFT JOIN _routed_tail_keys k ON k.tenant_id = d.tenant_id AND k.request_id = d.request_id
-)
-WHERE edge OR (late AND ($whole_from IS NULL OR occurred_at >= $whole_from)
-               AND ($whole_to IS NULL OR occurred_at < $whole_to))
+ROUTED_SEALED_EDGES_SQL = f"""
+SELECT {_DECIDED}, false AS retract FROM _routed_sealed_decisions
+WHERE {_ROUTED_FILTERS}
+  AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+       OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
 """  # noqa: S608
-# Every outcome of those decisions, covered (``sealed``) or not.
+# (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted.)
+ROUTED_SEALED_LATE_SQL = f"""
+SELECT {_DECIDED}, true AS retract FROM _routed_sealed_decisions
+SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+WHERE {_ROUTED_FILTERS}
+  AND ($whole_from IS NULL OR occurred_at >= $whole_from) AND ($whole_to IS NULL OR occurred_at < $whole_to)
+"""  # noqa: S608
+# Every outcome of those decisions, covered (``sealed``) or not (a semi join each: DuckDB prunes the
+# covered files' row groups by a few decisions' request ids).
 ROUTED_OUTCOMES_SQL = """
-SELECT o.* FROM (
-    SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, true AS sealed
-    FROM _routed_sealed_outcomes WHERE $tenant IS NULL OR tenant_id = $tenant
-    UNION ALL
-    SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, false AS sealed
-    FROM _routed_tail_outcomes WHERE $tenant IS NULL OR tenant_id = $tenant
-) o SEMI JOIN _routed_decisions d USING (tenant_id, request_id)
+SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, true AS sealed
+FROM _routed_sealed_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
+WHERE $tenant IS NULL OR tenant_id = $tenant
+UNION ALL
+SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, false AS sealed
+FROM _routed_tail_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
+WHERE $tenant IS NULL OR tenant_id = $tenant
 """
 _ROUTED_JOIN = """
 SELECT d.tenant_id, CAST(d.occurred_at AS DATE) AS day, d.feature, d.verdict, d.tier, d.deployment_id,
@@ -614,9 +617,12 @@ class EvidenceStore:
         decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
         if edges or keys.num_rows:
             view("decisions", "sealed")
+        if edges:
+            decided.append(self._routed_query(ROUTED_SEALED_EDGES_SQL, params))
+        if keys.num_rows:
             self._con.register("_routed_tail_keys", keys)
             try:
-                decided.append(self._routed_query(ROUTED_SEALED_DECISIONS_SQL, params))
+                decided.append(self._routed_query(ROUTED_SEALED_LATE_SQL, params))
             finally:
                 self._con.unregister("_routed_tail_keys")
         decisions = pa.concat_tables(decided)
