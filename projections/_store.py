@@ -152,6 +152,18 @@ SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
 WHERE {_ROUTED_FILTERS}
   AND ($whole_from IS NULL OR occurred_at >= $whole_from) AND ($whole_to IS NULL OR occurred_at < $whole_to)
 """  # noqa: S608
+# Both in one scan, when the window has partial days and the tail outcomes of covered decisions.
+ROUTED_SEALED_BOTH_SQL = f"""
+SELECT {_DECIDED}, NOT edge AS retract FROM (
+    SELECT d.*, k.request_id IS NOT NULL AS late,
+           coalesce((d.occurred_at >= $edge1_from AND d.occurred_at < $edge1_to)
+                    OR (d.occurred_at >= $edge2_from AND d.occurred_at < $edge2_to), false) AS edge
+    FROM (SELECT {_DECIDED} FROM _routed_sealed_decisions WHERE {_ROUTED_FILTERS}) d
+    LEFT JOIN _routed_tail_keys k ON k.tenant_id = d.tenant_id AND k.request_id = d.request_id
+)
+WHERE edge OR (late AND ($whole_from IS NULL OR occurred_at >= $whole_from)
+               AND ($whole_to IS NULL OR occurred_at < $whole_to))
+"""  # noqa: S608
 # Every outcome of those decisions, covered (``sealed``) or not (a semi join each: DuckDB prunes the
 # covered files' row groups by a few decisions' request ids).
 ROUTED_OUTCOMES_SQL = """
@@ -617,12 +629,13 @@ class EvidenceStore:
         decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
         if edges or keys.num_rows:
             view("decisions", "sealed")
-        if edges:
-            decided.append(self._routed_query(ROUTED_SEALED_EDGES_SQL, params))
-        if keys.num_rows:
+            if edges:
+                sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
+            else:
+                sql = ROUTED_SEALED_LATE_SQL
             self._con.register("_routed_tail_keys", keys)
             try:
-                decided.append(self._routed_query(ROUTED_SEALED_LATE_SQL, params))
+                decided.append(self._routed_query(sql, params))
             finally:
                 self._con.unregister("_routed_tail_keys")
         decisions = pa.concat_tables(decided)
