@@ -107,7 +107,7 @@ GROUP BY ALL
 )
 
 # --- who-routed-what from the sealed partials (``_rollups``) ----------------------------------------
-# The report's decision filters but the window's, on a table with the decisions' columns.
+# The report's filters on the decisions, all but the window, on a table with the decisions' columns.
 _ROUTED_FILTERS = """($tenant IS NULL OR tenant_id = $tenant)
   AND ($feature IS NULL OR feature = $feature)
   AND ($tier IS NULL OR tier = $tier)
@@ -848,9 +848,8 @@ def report_days(since: datetime | None, until: datetime | None) -> ReportDays:
     end = None if until is None else until.date()
     if since is not None and until is not None and until <= since:
         return ReportDays(since, until, first, first, ())  # an empty window: no day at all
-    if first is not None and end is not None and first >= end:
+    if since is not None and until is not None and first is not None and end is not None and first >= end:
         # No whole day: the window is one partial day, or the two ends of adjacent days.
-        assert since is not None and until is not None
         cut = datetime.combine(first, time(0), UTC)
         parts = ((since, cut), (cut, until)) if since < cut < until else ((since, until),)
         return ReportDays(since, until, first, first, parts)
