@@ -1,6 +1,6 @@
 """Cold ``who-routed-what`` and ``spend`` on a compacted store, from the sealed partials and as before.
 
-``python -m bench.evidence_reports --root STORE [--meta META.json] [--repeat 5]``
+``python -m bench.evidence_reports --root STORE [--meta META.json] [--repeat 5] [--label NAME]``
 (a store that ``python -m bench.evidence`` generated, compacted by ``evidence compact`` of this
 version, so that its compaction sealed the ``routed`` and ``spend`` partials; ``--meta``: the
 store's ``<root>.bench-meta.json``, for its first day and its number of days):
@@ -15,7 +15,9 @@ interleaved with the report as it was (every view made when the store opens, the
 ``full_who_routed_what``, ``full_spend``); both answers are compared. Also timed: the partials'
 queries over the whole store, what ``evidence compact`` adds to write them. CPU is this process's
 (DuckDB's threads included), stable on a shared machine where wall times are not.
-Results: ``bench/results/evidence-reports.{json,md}``.
+Results: ``bench/results/evidence-reports[-LABEL].{json,md}``. ``python -m bench._evidence.append_tail
+STORE N`` appends a tail to a copy of a store (one flush: late outcomes of covered decisions, new
+decisions), for the case of files flushed since the compaction.
 """
 
 from __future__ import annotations
@@ -104,12 +106,16 @@ def _covers(root: Path) -> dict[str, Any]:
     return out
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--meta", type=Path, help="the store's bench-meta.json (default: <root>.bench-meta.json)")
     p.add_argument("--repeat", type=int, default=5)
-    a = p.parse_args(argv)
+    p.add_argument("--label", default="", help="results to evidence-reports-LABEL.{json,md}")
+    return p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     meta = json.loads((a.meta or Path(f"{a.root}.bench-meta.json")).read_text())["generation"]
     start = datetime.fromisoformat(meta["start"]).astimezone(UTC)
     until = start + timedelta(days=meta["days"])
@@ -124,6 +130,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _case(a.root, "spend", "30 days, partial ends", {"since": partial[0], "until": partial[1]}, a.repeat),
     ]  # fmt: skip
     return {
+        "label": a.label,
         "root": str(a.root),
         "commit": git_commit(),
         "started": started,
@@ -155,7 +162,7 @@ def render(r: dict[str, Any]) -> str:
         [
             "# who-routed-what and spend from sealed partials",
             "",
-            f"`python -m bench.evidence_reports --root {r['root']}` at {r['started']['at']}, commit "
+            f"`python -m bench.evidence_reports --root {r['root']}{' --label ' + r['label'] if r.get('label') else ''}` at {r['started']['at']}, commit "
             f"`{r['commit']}`; load {r['started']['load']} at start, {r['ended']['load']} at end (2 shared "
             f"cores). Tenant {r['tenant']}; 30 days {r['window'][0]} to {r['window'][1]}; partial ends "
             f"{r['partial_window'][0]} to {r['partial_window'][1]}. Partials: {r['partials']}.",
@@ -191,7 +198,9 @@ def summary(r: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main("evidence-reports", lambda: run(argv), render, summary)
+    a = _args(argv)
+    name = f"evidence-reports-{a.label}" if a.label else "evidence-reports"
+    return run_main(name, lambda: run(a), render, summary)
 
 
 if __name__ == "__main__":
