@@ -18,10 +18,10 @@ the projector's restart treat it as any file. Order of work, safe against a cras
 1. take the projector's lock (a running projector holds it: compaction refuses, and says so);
 2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
 3. write the request index of every file in force after it (``_index``: where each request's rows
-   are, for lineage) and their residency partials (the residency summary's counts, ``_residency``),
-   then append the new files' entries and one ``compaction`` entry naming the replaced and the new
-   files and sealing the index's and the partials' sha256, in one fsynced write, then sign a new
-   head: the commit point;
+   are, for lineage), their residency partials (the residency summary's counts, ``_residency``) and
+   the who-routed-what and spend partials (``_rollups``), then append the new files' entries and one ``compaction``
+   entry naming the replaced and the new files and sealing the index's and the partials' sha256, in
+   one fsynced write, then sign a new head: the commit point;
 4. only then delete the replaced files (and the index and partials it superseded).
 
 A crash before 3 leaves new files no entry names (debris that ``verify`` warns about and the next
@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections import _residency, _seal
+from nexuscore.projections import _residency, _rollups, _seal
 from nexuscore.projections._index import (
     current_index,
     indexed_paths,
@@ -140,10 +140,11 @@ def compact(
             and index is not None
             and trusted_paths(root, index) == indexed_paths(live)
             and _residency.trusted(root, _residency.current_partials(manifest.entries), live)
+            and all(_rollups.trusted(root, manifest.entries, live, r) for r in _rollups.ROLLUPS)
         ):
             report.files_after = len(live)
             return report
-        # Nothing to merge but no (usable) index or residency partials of the files in force: a
+        # Nothing to merge but no (usable) index or partials of the files in force: a
         # compaction that only writes them (a store compacted before there were any).
         seq, jobs = len(manifest.entries), list(groups.items())
         replaced = [e["path"] for es in groups.values() for e in es]
@@ -161,9 +162,10 @@ def compact(
         with _connection() as con:
             new_index = write_index(con, root, after, index, seq)
         partials = _residency.write_partials(root, after, seq)
-        manifest.commit_compaction(replaced, now, new_index, partials)
+        rollups = {r.name: _rollups.write_partials(root, after, seq, r) for r in _rollups.ROLLUPS}
+        manifest.commit_compaction(replaced, now, new_index, partials, rollups)
         _delete(root, replaced)
-        remove_stale(root, {new_index["path"], partials["path"]})
+        remove_stale(root, {new_index["path"], partials["path"], *(r["path"] for r in rollups.values())})
         report.replaced = len(replaced)
         report.written = sum(len(g["written"]) for g in report.groups)
         report.rows = sum(g["rows"] for g in report.groups)

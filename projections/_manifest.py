@@ -151,12 +151,18 @@ class Manifest:
         self._append(now)
 
     def commit_compaction(
-        self, replaced: list[str], now: datetime, index: Entry | None = None, residency: Entry | None = None
+        self,
+        replaced: list[str],
+        now: datetime,
+        index: Entry | None = None,
+        residency: Entry | None = None,
+        rollups: dict[str, Entry] | None = None,
     ) -> None:
         """Close a compaction: the file entries staged since the last commit replace ``replaced``,
         in one durable append (a crash before it leaves the old files in force), then a new head.
         ``index``: the request index of the files in force from then on (``_index``), and
-        ``residency`` their residency partials (``_residency``), sealed here."""
+        ``residency`` their residency partials (``_residency``) and ``rollups`` the partials of other
+        reports, by name (``_rollups``), sealed here."""
         files = [json.loads(line)["path"] for line in self._pending]
         entry: Entry = {
             "kind": "compaction",
@@ -168,6 +174,7 @@ class Manifest:
             entry["index"] = index
         if residency is not None:
             entry["residency"] = residency
+        entry.update(rollups or {})
         self.add(entry)
         self._append(now)
 

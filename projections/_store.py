@@ -12,9 +12,11 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +29,23 @@ from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 if TYPE_CHECKING:
-    from nexuscore.projections._residency import Sealed
+    from nexuscore.projections._residency import Sealed as SealedResidency
+    from nexuscore.projections._rollups import Rollup, Sealed
 
-_DERIVED_VIEWS = """
+# The views over other views, each with the tables it reads (made before it, when it is first used).
+_DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
+    "decision_reasons": (
+        ("decisions",),
+        """
 CREATE OR REPLACE VIEW decision_reasons AS
 SELECT event_id, request_id, tenant_id, occurred_at, policy_digest, data_region,
        r.seq AS seq, r.stage AS stage, r.kind AS kind, r.subject AS subject, r.detail AS detail
-FROM (SELECT *, unnest(reasons) AS r FROM decisions);
-
+FROM (SELECT *, unnest(reasons) AS r FROM decisions)
+""",
+    ),
+    "terminal_states": (
+        ("outcomes", "rejections", "decisions", "resolutions"),
+        """
 CREATE OR REPLACE VIEW terminal_states AS
 SELECT request_id, tenant_id, status AS state, occurred_at FROM outcomes
 UNION ALL
@@ -44,8 +55,12 @@ SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE
 UNION ALL
 -- An escalated request ends with its resolution, unless that resumed it (its outcome ends it then).
 SELECT request_id, tenant_id, 'escalation_' || resolution AS state, occurred_at FROM resolutions
-WHERE resolution <> 'dispatched';
-
+WHERE resolution <> 'dispatched'
+""",
+    ),
+    "escalations": (
+        ("decisions", "resolutions"),
+        """
 CREATE OR REPLACE VIEW escalations AS
 SELECT d.request_id, d.tenant_id, d.feature, d.occurred_at AS escalated_at, d.verdict_reason AS reason,
        (SELECT string_agg(x.detail, '; ') FROM unnest(d.reasons) AS u(x) WHERE x.stage = 'escalation')
@@ -55,10 +70,16 @@ SELECT d.request_id, d.tenant_id, d.feature, d.occurred_at AS escalated_at, d.ve
        res.occurred_at AS reviewed_at, res.verdict_reason AS resolution_reason
 FROM decisions d
 LEFT JOIN resolutions res USING (tenant_id, request_id)
-WHERE d.verdict = 'escalated';
-"""
+WHERE d.verdict = 'escalated'
+""",
+    ),
+}
+VIEWS = (*SCHEMAS, *_DERIVED_VIEWS)  # every view a query may name
 
-WHO_ROUTED_WHAT_SQL = """
+# The report's groups, in a total order (ties in ``requests`` had none).
+_ROUTED_ORDER = "ORDER BY tenant_id, feature, requests DESC, verdict, tier, deployment_id, policy_version"
+WHO_ROUTED_WHAT_SQL = (
+    """
 SELECT d.tenant_id, d.feature, d.verdict, d.tier, d.deployment_id,
        any_value(o.model) FILTER (WHERE o.model IS NOT NULL) AS model,
        any_value(o.region) FILTER (WHERE o.region IS NOT NULL) AS region,
@@ -81,27 +102,125 @@ WHERE ($tenant IS NULL OR d.tenant_id = $tenant)
   AND ($until IS NULL OR d.occurred_at < $until)
   AND ($model IS NULL OR o.model = $model OR d.deployment_id = $model)
 GROUP BY ALL
-ORDER BY d.tenant_id, d.feature, requests DESC
-"""
-
-SPEND_SQL = """
-WITH spend AS (
-    SELECT o.tenant_id, o.feature, CAST(o.occurred_at AS DATE) AS day, o.model,
-           count(*) AS calls, sum(o.input_tokens) AS input_tokens, sum(o.output_tokens) AS output_tokens,
-           sum(o.cost_micros) AS cost_micros
-    FROM outcomes o
-    WHERE ($tenant IS NULL OR o.tenant_id = $tenant)
-      AND ($since IS NULL OR o.occurred_at >= $since) AND ($until IS NULL OR o.occurred_at < $until)
-    GROUP BY ALL
-),
-budget AS (
-    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros
-    FROM settlements GROUP BY ALL
-),
-limits AS (
-    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros
-    FROM decisions GROUP BY ALL
+"""  # noqa: S608  # names are ours
+    + _ROUTED_ORDER
 )
+
+# --- who-routed-what from the sealed partials (``_rollups``) ----------------------------------------
+# The report's filters on the decisions, all but the window, on a table with the decisions' columns.
+_ROUTED_FILTERS = """($tenant IS NULL OR tenant_id = $tenant)
+  AND ($feature IS NULL OR feature = $feature)
+  AND ($tier IS NULL OR tier = $tier)
+  AND ($policy_version IS NULL OR policy_version = $policy_version)"""
+# The whole days of the window ($first_day up to, not including, $end_day; NULL: unbounded).
+_WHOLE_DAYS = "($first_day IS NULL OR day >= $first_day) AND ($end_day IS NULL OR day < $end_day)"
+# Partial rows the report would count differently: an outcome earlier than the window.
+ROUTED_EARLY_SQL = f"""
+SELECT count(*) AS n FROM _routed_partials
+WHERE {_ROUTED_FILTERS} AND {_WHOLE_DAYS} AND $since IS NOT NULL AND first_outcome_at < $since
+"""  # noqa: S608  # names are ours
+# Have the covered files decisions of these tenants on the window's partial days ($edge_days)?
+ROUTED_EDGE_SQL = """
+SELECT count(*) AS n FROM _routed_partials
+WHERE ($tenant IS NULL OR tenant_id = $tenant) AND list_contains($edge_days, day)
+"""
+_DECIDED = (
+    "tenant_id, request_id, occurred_at, feature, verdict, tier, deployment_id, policy_version, "
+    "estimated_cost_micros"
+)
+# The tail's requests with an outcome the report counts.
+ROUTED_TAIL_KEYS_SQL = """
+SELECT DISTINCT tenant_id, request_id FROM _routed_tail_outcomes
+WHERE ($tenant IS NULL OR tenant_id = $tenant) AND ($since IS NULL OR occurred_at >= $since)
+"""
+# The decisions counted from their rows: the tail's in the window, and the covered files' on the
+# window's partial days or with an outcome in the tail (``retract``: in the partials, on a whole day).
+ROUTED_TAIL_DECISIONS_SQL = f"""
+SELECT {_DECIDED}, false AS retract FROM _routed_tail_decisions
+WHERE {_ROUTED_FILTERS} AND ($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)
+"""  # noqa: S608
+ROUTED_SEALED_EDGES_SQL = f"""
+SELECT {_DECIDED}, false AS retract FROM _routed_sealed_decisions
+WHERE {_ROUTED_FILTERS}
+  AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+       OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
+"""  # noqa: S608
+# (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted.)
+ROUTED_SEALED_LATE_SQL = f"""
+SELECT {_DECIDED}, true AS retract FROM _routed_sealed_decisions
+SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+WHERE {_ROUTED_FILTERS}
+  AND ($whole_from IS NULL OR occurred_at >= $whole_from) AND ($whole_to IS NULL OR occurred_at < $whole_to)
+"""  # noqa: S608
+# Both in one scan, when the window has partial days and the tail outcomes of covered decisions.
+ROUTED_SEALED_BOTH_SQL = f"""
+SELECT {_DECIDED}, NOT edge AS retract FROM (
+    SELECT d.*, k.request_id IS NOT NULL AS late,
+           coalesce((d.occurred_at >= $edge1_from AND d.occurred_at < $edge1_to)
+                    OR (d.occurred_at >= $edge2_from AND d.occurred_at < $edge2_to), false) AS edge
+    FROM (SELECT {_DECIDED} FROM _routed_sealed_decisions WHERE {_ROUTED_FILTERS}) d
+    LEFT JOIN _routed_tail_keys k ON k.tenant_id = d.tenant_id AND k.request_id = d.request_id
+)
+WHERE edge OR (late AND ($whole_from IS NULL OR occurred_at >= $whole_from)
+               AND ($whole_to IS NULL OR occurred_at < $whole_to))
+"""  # noqa: S608
+# Every outcome of those decisions, covered (``sealed``) or not (a semi join each: DuckDB prunes the
+# covered files' row groups by a few decisions' request ids).
+ROUTED_OUTCOMES_SQL = """
+SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, true AS sealed
+FROM _routed_sealed_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
+WHERE $tenant IS NULL OR tenant_id = $tenant
+UNION ALL
+SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, false AS sealed
+FROM _routed_tail_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
+WHERE $tenant IS NULL OR tenant_id = $tenant
+"""
+_ROUTED_JOIN = """
+SELECT d.tenant_id, CAST(d.occurred_at AS DATE) AS day, d.feature, d.verdict, d.tier, d.deployment_id,
+       d.policy_version, o.model, o.region,
+       {sign} * count(*) AS requests,
+       {sign} * count(o.request_id) FILTER (WHERE o.status = 'answered') AS answered,
+       {sign} * sum(d.estimated_cost_micros) FILTER (WHERE d.verdict = 'dispatch') AS estimated_micros,
+       {sign} * sum(o.cost_micros) AS cost_micros
+FROM {decisions} d LEFT JOIN (SELECT * FROM _routed_outcomes WHERE {outcomes}) o USING (tenant_id, request_id)
+WHERE ($model IS NULL OR o.model = $model OR d.deployment_id = $model)
+GROUP BY ALL
+"""
+# The partials' whole days, plus the decisions counted from their rows with every outcome the report
+# counts, less what the partials counted for those of them they cover (with the covered outcomes).
+ROUTED_MERGED_SQL = (
+    f"""
+WITH rows AS (
+    SELECT * EXCLUDE (first_outcome_at) FROM _routed_partials
+    WHERE {_ROUTED_FILTERS} AND {_WHOLE_DAYS} AND ($model IS NULL OR model = $model OR deployment_id = $model)
+    UNION ALL BY NAME
+"""  # noqa: S608  # names are ours
+    + _ROUTED_JOIN.format(
+        sign=1, decisions="_routed_decisions", outcomes="$since IS NULL OR occurred_at >= $since"
+    )
+    + "    UNION ALL BY NAME\n"
+    + _ROUTED_JOIN.format(
+        sign=-1, decisions="(SELECT * FROM _routed_decisions WHERE retract)", outcomes="sealed"
+    )
+    + """
+)
+SELECT tenant_id, feature, verdict, tier, deployment_id,
+       any_value(model) FILTER (WHERE model IS NOT NULL) AS model,
+       any_value(region) FILTER (WHERE region IS NOT NULL) AS region,
+       policy_version,
+       CAST(sum(requests) AS BIGINT) AS requests,
+       CAST(sum(answered) AS BIGINT) AS answered,
+       round(CAST(sum(estimated_micros) AS HUGEINT) / 1e6, 6) AS estimated_usd,
+       round(coalesce(CAST(sum(cost_micros) AS HUGEINT), 0) / 1e6, 6) AS actual_usd
+FROM rows
+GROUP BY tenant_id, feature, verdict, tier, deployment_id, policy_version
+HAVING sum(requests) > 0
+"""
+    + _ROUTED_ORDER
+)
+
+# The report from its three parts: ``spend``, ``budget`` and ``limits``.
+_SPEND_REPORT = """
 SELECT s.tenant_id, s.feature, s.day, s.model, s.calls, s.input_tokens, s.output_tokens,
        round(s.cost_micros / 1e6, 6) AS cost_usd,
        round(l.tenant_budget_micros / 1e6, 6) AS tenant_budget_usd,
@@ -111,6 +230,78 @@ LEFT JOIN budget b ON b.tenant_id = s.tenant_id AND b.budget_window = CAST(s.day
 LEFT JOIN limits l ON l.tenant_id = s.tenant_id AND l.budget_window = CAST(s.day AS VARCHAR)
 ORDER BY s.day, s.tenant_id, s.feature, s.model
 """
+_SPENT = """
+    SELECT tenant_id, feature, CAST(occurred_at AS DATE) AS day, model,
+           count(*) AS calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(cost_micros) AS cost_micros
+    FROM {outcomes}
+    WHERE ($tenant IS NULL OR tenant_id = $tenant) AND {window}
+    GROUP BY ALL
+"""
+_WINDOW = "($since IS NULL OR occurred_at >= $since) AND ($until IS NULL OR occurred_at < $until)"
+SPEND_SQL = (
+    "WITH spend AS ("  # noqa: S608  # names are ours
+    + _SPENT.format(outcomes="outcomes", window=_WINDOW)
+    + """),
+budget AS (
+    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros
+    FROM settlements GROUP BY ALL
+),
+limits AS (
+    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros
+    FROM decisions GROUP BY ALL
+)"""
+    + _SPEND_REPORT
+)
+
+# --- spend from the sealed partials (``_rollups``) -------------------------------------------------
+# The outcomes counted from their rows: the tail's in the window, the covered files' on its partial days.
+SPEND_TAIL_SQL = _SPENT.format(outcomes="_spend_tail_outcomes", window=_WINDOW)
+SPEND_EDGES_SQL = _SPENT.format(
+    outcomes="_spend_sealed_outcomes",
+    window="""coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+                     OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false)""",
+)
+SPEND_EDGE_DAYS_SQL = """
+SELECT count(*) AS n FROM _spend_partials
+WHERE part = 'spend' AND ($tenant IS NULL OR tenant_id = $tenant) AND list_contains($edge_days, day)
+"""
+# The partials' whole days and the counted rows; the largest settled spend and decided budget of the
+# partials and of the tail.
+SPEND_MERGED_SQL = (
+    f"""
+WITH spend AS (
+    SELECT tenant_id, feature, day, model, CAST(sum(calls) AS BIGINT) AS calls,
+           CAST(sum(input_tokens) AS HUGEINT) AS input_tokens,
+           CAST(sum(output_tokens) AS HUGEINT) AS output_tokens,
+           CAST(sum(cost_micros) AS HUGEINT) AS cost_micros
+    FROM (
+        SELECT tenant_id, feature, day, model, calls, input_tokens, output_tokens, cost_micros
+        FROM _spend_partials
+        WHERE part = 'spend' AND ($tenant IS NULL OR tenant_id = $tenant) AND {_WHOLE_DAYS}
+        UNION ALL BY NAME
+        SELECT * FROM _spend_rows
+    )
+    GROUP BY ALL
+),
+budget AS (
+    SELECT tenant_id, budget_window, max(tenant_spent_micros) AS tenant_spent_micros FROM (
+        SELECT tenant_id, budget_window, tenant_spent_micros FROM _spend_partials WHERE part = 'budget'
+        UNION ALL
+        SELECT tenant_id, budget_window, tenant_spent_micros FROM _spend_tail_settlements
+    )
+    GROUP BY ALL
+),
+limits AS (
+    SELECT tenant_id, budget_window, max(tenant_budget_micros) AS tenant_budget_micros FROM (
+        SELECT tenant_id, budget_window, tenant_budget_micros FROM _spend_partials WHERE part = 'limit'
+        UNION ALL
+        SELECT tenant_id, budget_window, tenant_budget_micros FROM _spend_tail_decisions
+    )
+    GROUP BY ALL
+)"""  # noqa: S608  # names are ours
+    + _SPEND_REPORT
+)
 
 # Every place a request's content was processed, against where its decision allowed it to go. One
 # hash join of the calls (dispatches, attempts, outcomes) with the decisions on (tenant, request),
@@ -233,11 +424,22 @@ _TAIL_COLUMNS = {
     "dispatches": _CALL_COLUMNS,
     "decisions": "tenant_id, request_id, home_region, allowed_regions, residency_rule, transfer_basis",
 }
+_ROUTED_NO_OUTCOMES = pa.schema(
+    [
+        SCHEMAS["outcomes"].field(c)
+        for c in ("tenant_id", "request_id", "occurred_at", "status", "model", "region", "cost_micros")
+    ]
+    + [pa.field("sealed", pa.bool_())]
+).empty_table()
 _NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
 class EvidenceStore:
-    """An in-memory DuckDB connection with one view per evidence table over the committed files."""
+    """An in-memory DuckDB connection with one view per evidence table over the committed files.
+
+    Each view is made when a query first names it: a view over a table's files reads every footer
+    of them (a second on a large compacted store), and a report reads two or three tables of fifteen.
+    """
 
     def __init__(
         self, root: Path, keystore: KeyStore | None = None, *, files: list[dict[str, Any]] | None = None
@@ -251,10 +453,44 @@ class EvidenceStore:
         self.files = committed_files(root) if files is None else files
         for entry in self.files:
             by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
-        self.con = sandbox([p for paths in by_table.values() for p in paths])
-        for table, schema in SCHEMAS.items():
-            self._create_table_view(table, schema, by_table.get(table))
-        self.con.execute(_DERIVED_VIEWS)
+        self._paths = dict(by_table)
+        self._made: set[str] = set()
+        self._con = sandbox([p for paths in by_table.values() for p in paths])
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The connection with every view made (for callers that query it directly)."""
+        self.views(*VIEWS)
+        return self._con
+
+    def views(self, *names: str) -> None:
+        """Make the views ``names`` (tables or derived views), and those they read, unless made."""
+        for name in names:
+            if name in self._made:
+                continue
+            if name in _DERIVED_VIEWS:
+                tables, sql = _DERIVED_VIEWS[name]
+                self.views(*tables)
+                self._create_view(name, sql)
+            else:
+                self._create_table_view(name, SCHEMAS[name], self._paths.get(name))
+            self._made.add(name)
+
+    def _views_of(self, sql: str) -> None:
+        """Make the views ``sql`` reads: the tables of its parse tree (not ``get_table_names``, which
+        binds the query and cannot bind a join USING columns); every view it names as a word if it
+        does not parse (it fails then anyway)."""
+        bare = re.sub(r"\$\w+|\?", "NULL", sql)  # (parameters: any value parses the same)
+        try:
+            tree = json.loads(
+                self._con.execute("SELECT json_serialize_sql($q)", {"q": bare}).fetchall()[0][0]
+            )
+            named = set() if tree.get("error") else _base_tables(tree)
+        except (duckdb.Error, ValueError, AttributeError):
+            tree, named = {"error": True}, set()
+        if tree.get("error"):
+            named = {w.lower() for w in re.findall(r"\w+", sql)}
+        self.views(*(v for v in VIEWS if v in named))
 
     def _create_table_view(
         self, table: str, schema: pa.Schema, paths: list[str] | None, *, name: str | None = None
@@ -262,32 +498,32 @@ class EvidenceStore:
         """The view ``name`` (default: the table's) over ``paths``, files of ``table``."""
         view = name or table
         if not paths:
-            self.con.register(f"_empty_{table}", schema.empty_table())
-            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _empty_{table}")  # noqa: S608
+            self._con.register(f"_empty_{table}", schema.empty_table())
+            self._con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _empty_{table}")  # noqa: S608
             return
         # Files of older versions may lack columns added since: matched by name, and any
         # column no file has is added as NULLs of its type, so queries see today's schema.
         source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
         self._create_view(table, f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source}")  # noqa: S608
-        present = {row[0] for row in self.con.execute(f"DESCRIBE {view}").fetchall()}
+        present = {row[0] for row in self._con.execute(f"DESCRIBE {view}").fetchall()}
         if set(schema.names) - present:
             # (Registered only when needed: each registration costs about as much as a view.)
-            self.con.register(f"_empty_{table}", schema.empty_table())
-            self.con.execute(
+            self._con.register(f"_empty_{table}", schema.empty_table())
+            self._con.execute(
                 f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {source} "  # noqa: S608  # names are ours
                 f"UNION ALL BY NAME SELECT * FROM _empty_{table}"
             )
 
     def _create_view(self, table: str, sql: str) -> None:
         try:
-            self.con.execute(sql)
+            self._con.execute(sql)
         except duckdb.Error as exc:
-            self.con.close()
+            self._con.close()
             first = str(exc).splitlines()[0]
             raise EvidenceError(f"cannot read the {table} table under {self.root}: {first}") from exc
 
     def close(self) -> None:
-        self.con.close()
+        self._con.close()
 
     def __enter__(self) -> EvidenceStore:
         return self
@@ -295,10 +531,18 @@ class EvidenceStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def query(self, sql: str, params: dict[str, Any] | None = None) -> pa.Table:
-        """Rows of one SELECT statement; anything else (COPY, SET, ATTACH, a second statement) is refused."""
+    def query(
+        self, sql: str, params: dict[str, Any] | None = None, *, views: tuple[str, ...] | None = None
+    ) -> pa.Table:
+        """Rows of one SELECT statement; anything else (COPY, SET, ATTACH, a second statement) is refused.
+        The views it reads are made first: ``views``, or those it names."""
         try:
-            return self.con.sql(_one_select(sql), params=params or None).to_arrow_table()
+            statement = _one_select(sql)
+            if views is None:
+                self._views_of(sql)
+            else:
+                self.views(*views)
+            return self._con.sql(statement, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
@@ -315,6 +559,11 @@ class EvidenceStore:
         tier: str | None = None,
         policy_version: str | None = None,
     ) -> pa.Table:
+        """Requests by tenant, feature, verdict, tier, deployment and policy version, with the model and
+        region that served them and their cost: from the partials the last compaction sealed when they
+        still hold (``_rollups``), else the full query (``full_who_routed_what``)."""
+        from nexuscore.projections import _rollups
+
         params = {
             "tenant": tenant,
             "since": since,
@@ -324,11 +573,125 @@ class EvidenceStore:
             "tier": tier,
             "policy_version": policy_version,
         }
-        return self.query(WHO_ROUTED_WHAT_SQL, params)
+        sealed = self._rollup(_rollups.ROUTED)
+        if sealed is None:
+            return self.full_who_routed_what(**params)  # none, altered, or a file it counted is gone
+        self._con.register("_routed_partials", sealed.counts)
+        try:
+            return self._routed_from_partials(set(sealed.covered), params)
+        finally:
+            self._con.unregister("_routed_partials")
+
+    def full_who_routed_what(self, **params: Any) -> pa.Table:
+        """The report over every decision and outcome (what the sealed partials hold)."""
+        names = ("tenant", "since", "until", "feature", "model", "tier", "policy_version")
+        return self.query(WHO_ROUTED_WHAT_SQL, {n: params.get(n) for n in names})
+
+    def _rollup(self, rollup: Rollup) -> Sealed | None:
+        """The report's partials the last compaction sealed, if they hold and every file they count
+        is still in force; else None."""
+        from nexuscore.projections import _rollups
+
+        partials = _rollups.current_partials(signed_entries(self.root), rollup) if self.files else None
+        sealed = _rollups.read_partials(self.root, partials, rollup) if partials is not None else None
+        in_force = {e["path"] for e in self.files if e.get("table") in rollup.tables}
+        return sealed if sealed is not None and set(sealed.covered) <= in_force else None
+
+    def _part_view(self, table: str, covered: set[str], part: str, prefix: str) -> None:
+        """The view ``_<prefix>_<part>_<table>`` over the covered (``sealed``) or the other (``tail``)
+        files of ``table`` in force. Made only when read: a view reads its files' footers when made."""
+        mine = sorted(
+            str(e["path"])
+            for e in self.files
+            if e.get("table") == table and (e["path"] in covered) == (part == "sealed")
+        )
+        paths = [f"{self.root.absolute()}/{p}" for p in mine]
+        self._create_table_view(table, SCHEMAS[table], paths, name=f"_{prefix}_{part}_{table}")
+
+    def _routed_from_partials(self, covered: set[str], params: dict[str, Any]) -> pa.Table:
+        """The partials' whole days of the window, and the rest counted from the rows (see ``_rollups``)."""
+        days = report_days(params["since"], params["until"])
+        params = {**params, **days.params()}
+        if self._routed_query(ROUTED_EARLY_SQL, params).column("n")[0].as_py():
+            return self.full_who_routed_what(**params)
+
+        def view(table: str, part: str) -> None:
+            self._part_view(table, covered, part, "routed")
+
+        view("decisions", "tail")
+        view("outcomes", "tail")
+        keys = self._routed_query(ROUTED_TAIL_KEYS_SQL, params)
+        edges = bool(days.edge_days) and bool(
+            self._routed_query(ROUTED_EDGE_SQL, {"tenant": params["tenant"], "edge_days": days.edge_days})
+            .column("n")[0]
+            .as_py()
+        )
+        decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
+        if edges or keys.num_rows:
+            view("decisions", "sealed")
+            if edges:
+                sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
+            else:
+                sql = ROUTED_SEALED_LATE_SQL
+            self._con.register("_routed_tail_keys", keys)
+            try:
+                decided.append(self._routed_query(sql, params))
+            finally:
+                self._con.unregister("_routed_tail_keys")
+        decisions = pa.concat_tables(decided)
+        self._con.register("_routed_decisions", decisions)
+        try:
+            if decisions.num_rows:
+                view("outcomes", "sealed")
+                outcomes = self._routed_query(ROUTED_OUTCOMES_SQL, params)
+            else:
+                outcomes = _ROUTED_NO_OUTCOMES
+            self._con.register("_routed_outcomes", outcomes)
+            return self._routed_query(ROUTED_MERGED_SQL, params)
+        finally:
+            self._con.unregister("_routed_decisions")
+            self._con.unregister("_routed_outcomes")
+
+    def _routed_query(self, sql: str, params: dict[str, Any]) -> pa.Table:
+        """``query`` with the parameters ``sql`` names (DuckDB refuses any other); it reads the
+        report's own views and tables only."""
+        named = set(re.findall(r"\$(\w+)", sql))
+        return self.query(sql, {k: v for k, v in params.items() if k in named}, views=())
 
     def spend(
         self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
     ) -> pa.Table:
+        """Spend by tenant, feature, day and model, with the tenant's daily budget and its use: from the
+        partials the last compaction sealed when they still hold (``_rollups``), else in full."""
+        from nexuscore.projections import _rollups
+
+        params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
+        sealed = self._rollup(_rollups.SPEND)
+        if sealed is None:
+            return self.full_spend(tenant, since, until)
+        days = report_days(since, until)
+        params = {**params, **days.params(), "edge_days": days.edge_days}
+        covered = set(sealed.covered)
+        self._con.register("_spend_partials", sealed.counts)
+        try:
+            for table in ("outcomes", "settlements", "decisions"):
+                self._part_view(table, covered, "tail", "spend")
+            counted = [self._routed_query(SPEND_TAIL_SQL, params)]
+            if days.edge_days and self._routed_query(SPEND_EDGE_DAYS_SQL, params).column("n")[0].as_py():
+                self._part_view("outcomes", covered, "sealed", "spend")
+                counted.append(self._routed_query(SPEND_EDGES_SQL, params))
+            self._con.register("_spend_rows", pa.concat_tables(counted))
+            try:
+                return self._routed_query(SPEND_MERGED_SQL, params)
+            finally:
+                self._con.unregister("_spend_rows")
+        finally:
+            self._con.unregister("_spend_partials")
+
+    def full_spend(
+        self, tenant: str | None = None, since: datetime | None = None, until: datetime | None = None
+    ) -> pa.Table:
+        """``spend`` over every outcome, settlement and decision (what the sealed partials hold)."""
         return self.query(SPEND_SQL, {"tenant": tenant, "since": since, "until": until})
 
     def residency(self, tenant: str | None = None) -> pa.Table:
@@ -346,16 +709,16 @@ class EvidenceStore:
         if sealed is None or not set(sealed.covered) <= set(in_force):
             return self.full_residency_summary(tenant)  # none, altered, or a file it counted is gone
         params = {"tenant": tenant}
-        self.con.register("_sealed_residency", sealed.counts)
+        self._con.register("_sealed_residency", sealed.counts)
         try:
             if len(sealed.covered) == len(in_force):
                 return self.query(RESIDENCY_SEALED_SQL, params)
             return self._residency_with_tail(sealed, in_force, tenant)
         finally:
-            self.con.unregister("_sealed_residency")
+            self._con.unregister("_sealed_residency")
 
     def _residency_with_tail(
-        self, sealed: Sealed, in_force: dict[str, dict[str, Any]], tenant: str | None
+        self, sealed: SealedResidency, in_force: dict[str, dict[str, Any]], tenant: str | None
     ) -> pa.Table:
         """The sealed counts plus the tail's (the files the partials do not cover), or the full
         summary when a decision in the tail changed the finding of a covered call."""
@@ -370,10 +733,10 @@ class EvidenceStore:
         # The tail read once, its columns the summary uses: it is few rows in many small files (each
         # a footer to read), which the queries below would each open again.
         for table, columns in _TAIL_COLUMNS.items():
-            self.con.register(f"_tail_{table}", self._tail_rows(table, columns, in_force, covered))
+            self._con.register(f"_tail_{table}", self._tail_rows(table, columns, in_force, covered))
         view("decisions", "_sealed_decisions", tail=False)
-        self.con.register("_found_decisions", self.query(RESIDENCY_FOUND_SQL, params))
-        self.con.register("_orphans", sealed.orphans if sealed.orphans is not None else _NO_ORPHANS)
+        self._con.register("_found_decisions", self.query(RESIDENCY_FOUND_SQL, params))
+        self._con.register("_orphans", sealed.orphans if sealed.orphans is not None else _NO_ORPHANS)
         try:
             stale = self.query(RESIDENCY_STALE_SQL, params).column("n")[0].as_py()
             tail_decisions = any(e["table"] == "decisions" and p not in covered for p, e in in_force.items())
@@ -384,7 +747,7 @@ class EvidenceStore:
             return self.full_residency_summary(tenant) if stale else self.query(RESIDENCY_MERGED_SQL, params)
         finally:
             for name in ("_found_decisions", "_orphans", *(f"_tail_{t}" for t in _TAIL_COLUMNS)):
-                self.con.unregister(name)
+                self._con.unregister(name)
 
     def _tail_rows(
         self, table: str, columns: str, in_force: dict[str, dict[str, Any]], covered: set[str]
@@ -399,11 +762,11 @@ class EvidenceStore:
             return SCHEMAS[table].empty_table().select([c.strip() for c in columns.split(",")])
         source = f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true)"
         try:
-            return self.con.sql(f"SELECT {columns} FROM {source}").to_arrow_table()  # noqa: S608  # ours
+            return self._con.sql(f"SELECT {columns} FROM {source}").to_arrow_table()  # noqa: S608  # ours
         except duckdb.Error:
             # Files of an older version without one of these columns: through a view, which adds it.
             self._create_table_view(table, SCHEMAS[table], paths, name=f"_tail_files_{table}")
-            return self.con.sql(f"SELECT {columns} FROM _tail_files_{table}").to_arrow_table()  # noqa: S608
+            return self._con.sql(f"SELECT {columns} FROM _tail_files_{table}").to_arrow_table()  # noqa: S608
 
     def full_residency_summary(self, tenant: str | None = None) -> pa.Table:
         """The residency summary counted over every call (what the sealed partials hold)."""
@@ -432,7 +795,8 @@ class EvidenceStore:
 
     def terminal_summary(self) -> dict[str, int]:
         """Requests seen, requests with a terminal state, and requests with more than one."""
-        rows = self.con.execute(
+        self.views("terminal_states", "requests", "deadletters")
+        rows = self._con.execute(
             """
             WITH t AS (SELECT tenant_id, request_id, count(*) AS n FROM terminal_states GROUP BY ALL),
                  r AS (SELECT DISTINCT tenant_id, request_id FROM requests)
@@ -444,6 +808,86 @@ class EvidenceStore:
         ).fetchall()
         row = rows[0]
         return {"requests": row[0], "terminal": row[1], "multiple_terminal": row[2], "deadletters": row[3]}
+
+
+@dataclass(frozen=True)
+class ReportDays:
+    """A report's window [since, until) as whole UTC days and the partial days at its ends."""
+
+    since: datetime | None
+    until: datetime | None
+    first_day: date | None  # the first whole day (None: unbounded)
+    end_day: date | None  # the day after the last whole day (None: unbounded)
+    edges: tuple[tuple[datetime, datetime], ...]  # the partial days' parts inside the window
+
+    @property
+    def edge_days(self) -> list[date]:
+        return sorted({start.date() for start, _ in self.edges})
+
+    def params(self) -> dict[str, Any]:
+        """The query parameters of the whole days and of (up to two) partial days."""
+        edges = [*self.edges, (None, None), (None, None)]
+        return {
+            "first_day": self.first_day,
+            "end_day": self.end_day,
+            "whole_from": _midnight(self.first_day),
+            "whole_to": _midnight(self.end_day),
+            "edge1_from": edges[0][0],
+            "edge1_to": edges[0][1],
+            "edge2_from": edges[1][0],
+            "edge2_to": edges[1][1],
+        }
+
+
+def report_days(since: datetime | None, until: datetime | None) -> ReportDays:
+    """The whole days and partial days of [since, until) (times without a zone are UTC, as DuckDB
+    reads them in the store's session)."""
+    since = None if since is None else _utc(since)
+    until = None if until is None else _utc(until)
+    first = None if since is None else _next_midnight(since)
+    end = None if until is None else until.date()
+    if since is not None and until is not None and until <= since:
+        return ReportDays(since, until, first, first, ())  # an empty window: no day at all
+    if since is not None and until is not None and first is not None and end is not None and first >= end:
+        # No whole day: the window is one partial day, or the two ends of adjacent days.
+        cut = datetime.combine(first, time(0), UTC)
+        parts = ((since, cut), (cut, until)) if since < cut < until else ((since, until),)
+        return ReportDays(since, until, first, first, parts)
+    edges = []
+    if since is not None and first is not None and since < datetime.combine(first, time(0), UTC):
+        edges.append((since, datetime.combine(first, time(0), UTC)))
+    if until is not None and end is not None and datetime.combine(end, time(0), UTC) < until:
+        edges.append((datetime.combine(end, time(0), UTC), until))
+    return ReportDays(since, until, first, end, tuple(edges))
+
+
+def _base_tables(node: object) -> set[str]:
+    """The names of the tables (``BASE_TABLE`` nodes) in a parse tree of ``json_serialize_sql``."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("type") == "BASE_TABLE" and isinstance(item.get("table_name"), str):
+                found.add(item["table_name"].lower())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _midnight(day: date | None) -> datetime | None:
+    return None if day is None else datetime.combine(day, time(0), UTC)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _next_midnight(moment: datetime) -> date:
+    """The first midnight at or after ``moment`` (UTC), as its day."""
+    day = moment.date()
+    return day if moment == datetime.combine(day, time(0), UTC) else day + timedelta(days=1)
 
 
 # The one finding of the residency audit that is allowed: a call outside the tenant's home region

@@ -51,6 +51,10 @@ from nexuscore.projections._manifest import (
 )
 from nexuscore.projections._residency import current_partials, read_partials
 from nexuscore.projections._residency import well_formed as partials_well_formed
+from nexuscore.projections._rollups import ROLLUPS, Rollup
+from nexuscore.projections._rollups import current_partials as current_rollup
+from nexuscore.projections._rollups import read_partials as read_rollup
+from nexuscore.projections._rollups import well_formed as rollup_well_formed
 from nexuscore.projections._store import EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
@@ -128,6 +132,8 @@ def verify(
     _check_compactions(entries, report)
     _check_index(root, entries, report)
     _check_residency(root, entries, report)
+    for rollup in ROLLUPS:
+        _check_rollup(root, entries, rollup, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     with EvidenceStore(root, keys, files=readable) as store:
         _check_events(store, known_digests, until, report)
@@ -208,8 +214,8 @@ def _check_folder(
     listed = {e["path"] for e in files}
     current = current_index(entries)
     index = current["path"] if current is not None else None
-    partials = current_partials(entries)
-    sealed = {index, partials["path"] if partials is not None else None}
+    partials = [current_partials(entries), *(current_rollup(entries, r) for r in ROLLUPS)]
+    sealed = {index, *(p["path"] for p in partials if p is not None)}
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -226,7 +232,7 @@ def _check_folder(
             report.add(
                 "stale_index",
                 relative,
-                "is a request index or residency partials no committed compaction names as the current "
+                "is a request index or partials no committed compaction names as the current "
                 "one: ignored (the next `evidence compact` deletes it)",
                 fatal=False,
             )
@@ -324,6 +330,37 @@ def _check_residency(root: Path, entries: list[dict[str, Any]], report: VerifyRe
             partials["path"],
             "does not hold the bytes its compaction sealed (sha256 differs): the residency summary "
             "ignores it and counts every call",
+        )
+
+
+def _check_rollup(root: Path, entries: list[dict[str, Any]], rollup: Rollup, report: VerifyReport) -> None:
+    """A report's partials the last compaction sealed still hold those bytes (as ``_check_residency``:
+    an altered file changes no answer, the report then reads every row)."""
+    name = rollup.name
+    for e in entries:
+        if e.get("kind") == "compaction" and name in e and not rollup_well_formed(e[name], rollup):
+            report.add(
+                f"{name}_invalid",
+                f"manifest entry {e.get('seq')}",
+                f"names no {name} partials of the store's own (`_index/{name}-<n>.parquet` and its sha256)",
+            )
+    partials = current_rollup(entries, rollup)
+    if partials is None:
+        return
+    if not (root / partials["path"]).is_file():
+        report.add(
+            f"{name}_missing",
+            partials["path"],
+            "cannot be read: the report reads every row instead (`evidence compact` writes the partials again)",
+            fatal=False,
+        )
+        return
+    if read_rollup(root, partials, rollup) is None:
+        report.add(
+            f"{name}_altered",
+            partials["path"],
+            "does not hold the bytes its compaction sealed (sha256 differs): the report ignores it and "
+            "reads every row",
         )
 
 
@@ -480,7 +517,9 @@ def _footer_groups(path: Path) -> list[tuple[Any, ...]] | None:
             topic, partition, offset, region = (stats[name] for name in PLACEMENT)
             if topic.min != topic.max or partition.min != partition.max:
                 return None
-            groups.append((topic.min, partition.min, offset.min, offset.max, region.min, region.max, group.num_rows))
+            groups.append(
+                (topic.min, partition.min, offset.min, offset.max, region.min, region.max, group.num_rows)
+            )
     except (KeyError, TypeError, ValueError, OSError):
         return None
     return groups
@@ -495,28 +534,43 @@ def _judge_sources(e: dict[str, Any], groups: list[tuple[Any, ...]], report: Ver
         at = held.setdefault((topic, partition), [lo, hi, 0])
         at[0], at[1], at[2] = min(at[0], lo), max(at[1], hi), at[2] + rows
         if not r1 == r2 == e["region"]:
-            report.add("row_misplaced", e["path"], f"holds rows of region {r1}..{r2}; sealed for {e['region']}")
+            report.add(
+                "row_misplaced", e["path"], f"holds rows of region {r1}..{r2}; sealed for {e['region']}"
+            )
             return
     for (topic, partition), (lo, hi, rows) in sorted(held.items()):
         s = claimed.get((topic, partition))
         if s is None or not (_int(s.get("first_offset")) <= lo <= hi <= _int(s.get("last_offset"))):
-            sealed = "no rows of it" if s is None else f"offsets {s.get('first_offset')}..{s.get('last_offset')}"
+            sealed = (
+                "no rows of it" if s is None else f"offsets {s.get('first_offset')}..{s.get('last_offset')}"
+            )
             report.add(
                 "row_misplaced",
                 e["path"],
                 f"holds rows of {topic}[{partition}] offsets {lo}..{hi}; sealed with {sealed}",
             )
         elif rows != s.get("rows"):
-            report.add("rows_mismatch", e["path"], f"has {rows} rows of {topic}[{partition}], sealed with {s.get('rows')}")
+            report.add(
+                "rows_mismatch",
+                e["path"],
+                f"has {rows} rows of {topic}[{partition}], sealed with {s.get('rows')}",
+            )
     for (topic, partition), s in claimed.items():
         if (topic, partition) not in held and s.get("rows") != 0:
-            report.add("rows_mismatch", e["path"], f"has no rows of {topic}[{partition}], sealed with {s.get('rows')}")
+            report.add(
+                "rows_mismatch",
+                e["path"],
+                f"has no rows of {topic}[{partition}], sealed with {s.get('rows')}",
+            )
 
 
 def _tp(source: dict[str, Any]) -> tuple[Any, Any]:
     """(topic, partition) of a source, hashable whatever a hostile entry holds there."""
     topic, partition = source.get("topic"), source.get("partition")
-    return (topic if isinstance(topic, str) else repr(topic), partition if isinstance(partition, int) else repr(partition))
+    return (
+        topic if isinstance(topic, str) else repr(topic),
+        partition if isinstance(partition, int) else repr(partition),
+    )
 
 
 def _int(value: object) -> int:

@@ -96,9 +96,10 @@ def test_a_second_compaction_indexes_every_file_in_force(indexed: Path, tmp_path
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     index = index_entry(root)
     assert _index.index_files(root, index) == _index.indexed_paths(committed_files(root))
-    # The index and the residency partials the same compaction sealed: nothing superseded is left.
+    # The index and the residency, who-routed-what and spend partials the same compaction sealed: nothing
+    # superseded is left.
     names = sorted(p.name for p in (root / _index.INDEX_DIR).iterdir())
-    assert len(names) == 2 and Path(str(index["path"])).name in names
+    assert len(names) == 4 and Path(str(index["path"])).name in names
     for tenant, request_id in requests_of(root)[::5]:
         assert lineage_at(root, request_id, tenant).to_pylist() == scanned(root, request_id, tenant)
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
@@ -110,8 +111,13 @@ def test_lineage_without_its_index_still_finds_every_row(indexed: Path, tmp_path
     for tenant, request_id in requests_of(root)[::7]:
         assert lineage_at(root, request_id, tenant).to_pylist() == scanned(root, request_id, tenant)
     report = verify(root, PUBLIC, KNOWN, workers=1)
-    # (The residency partials were in the same folder: the summary counts every call instead.)
-    assert report.ok and [f.kind for f in report.findings] == ["index_missing", "residency_missing"]
+    # (The partials were in the same folder: the reports count every row instead.)
+    assert report.ok and [f.kind for f in report.findings] == [
+        "index_missing",
+        "residency_missing",
+        "routed_missing",
+        "spend_missing",
+    ]
 
 
 def _rewrite_index(root: Path, change: pa.Table) -> None:

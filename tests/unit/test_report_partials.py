@@ -1,0 +1,339 @@
+"""The who-routed-what and spend partials ``evidence compact`` seals: a report from them (whole days)
+plus the rows (the window's partial days, the files flushed since, covered decisions whose outcome
+came since) is row for row the full query, for every window and filter; an outcome earlier than the
+window, an altered, missing or malformed partials file fall back to the full query, and ``verify``
+names the file."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pyarrow.parquet as pq
+import pytest
+
+from nexuscore.kernel.errors import EvidenceError
+from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
+from nexuscore.projections._store import report_days
+from nexuscore.schemas import Event
+from tests.factories import POLICY, T0, project, run_history, signing_key
+
+PUBLIC = signing_key().public_key()
+KNOWN = {POLICY.digest}
+ROUTED, SPEND = _rollups.ROUTED, _rollups.SPEND
+# Each request's events moved together by one of these (T0 is 09:00 UTC): three days, three hours.
+SHIFTS = [timedelta(days=-2, hours=-8), timedelta(days=-1, hours=10), timedelta(hours=0)]
+DAY = datetime(T0.year, T0.month, T0.day, tzinfo=UTC)
+
+
+def spread(history: list[Event]) -> list[Event]:
+    """The history over three days: a request's events keep their order and spacing."""
+    shifts: dict[str, timedelta] = {}
+    out = []
+    for e in history:
+        request = getattr(e, "request_id", None) or e.event_id
+        shift = shifts.setdefault(request, SHIFTS[len(shifts) % len(SHIFTS)])
+        out.append(msgspec.structs.replace(e, occurred_at=e.occurred_at + shift))
+    return out
+
+
+@pytest.fixture(scope="module")
+def history() -> list[Event]:
+    return spread(run_history(POLICY, 90, seed=23))
+
+
+def is_outcome(e: Event) -> bool:
+    return type(e).__name__ == "OutcomeRecorded"
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory: pytest.TempPathFactory, history: list[Event]) -> Path:
+    """Two thirds of the history compacted (partials sealed), the rest flushed since (a tail); some
+    outcomes of covered decisions held back into the tail."""
+    root = tmp_path_factory.mktemp("sealed") / "evidence"
+    cut = len(history) * 2 // 3
+    held = {id(e) for e in history[cut - 60 : cut] if is_outcome(e)}
+    project(root, [e for e in history[:cut] if id(e) not in held], flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    project(
+        root, [*history[:cut], *(e for e in history[:cut] if id(e) in held), *history[cut:]], flush_every=40
+    )
+    return root
+
+
+def copy(src: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "evidence"
+    shutil.copytree(src, root)
+    return root
+
+
+def partials_of(root: Path, rollup: _rollups.Rollup = _rollups.ROUTED) -> dict[str, object]:
+    partials = _rollups.current_partials(_manifest.signed_entries(root), rollup)
+    assert partials is not None
+    return partials
+
+
+def windows() -> list[tuple[datetime | None, datetime | None]]:
+    """Whole days, partial days at either end, within one day, across one midnight, empty, unbounded."""
+    return [
+        (None, None),
+        (DAY - timedelta(days=1), DAY + timedelta(days=1)),
+        (DAY - timedelta(days=2, hours=-3), None),
+        (None, DAY - timedelta(hours=10)),
+        (DAY - timedelta(days=2, hours=-0.5), DAY + timedelta(hours=9, seconds=1)),
+        (DAY + timedelta(hours=8, minutes=59), DAY + timedelta(hours=9, seconds=30)),
+        (DAY - timedelta(hours=6), DAY + timedelta(hours=9, seconds=2)),
+        (DAY, DAY - timedelta(days=1)),
+        (datetime(2026, 11, 24, 12), None),  # noqa: DTZ001  # a caller's naive time: UTC, as DuckDB reads it
+    ]
+
+
+def filters(root: Path) -> list[dict[str, Any]]:
+    with EvidenceStore(root) as store:
+        d = store.query("SELECT * FROM decisions WHERE verdict = 'dispatch' LIMIT 1").to_pylist()[0]
+        o = store.query("SELECT model FROM outcomes LIMIT 1").to_pylist()[0]
+    return [
+        {},
+        {"tenant": d["tenant_id"]},
+        {"tenant": "no-such-tenant"},
+        {"feature": d["feature"]},
+        {"tier": d["tier"], "tenant": d["tenant_id"]},
+        {"policy_version": d["policy_version"]},
+        {"model": o["model"]},
+        {"model": d["deployment_id"]},
+    ]
+
+
+def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> None:
+    """Every report (each window, each filter) equals the full query's, same schema and order, and
+    came from the partials (``from_partials``) or from the full query."""
+    full_calls: list[dict[str, Any]] = []
+    full = EvidenceStore.full_who_routed_what
+
+    def counted(self: EvidenceStore, **params: Any) -> object:
+        full_calls.append(params)
+        return full(self, **params)
+
+    for since, until in windows():
+        for kwargs in filters(root):
+            with EvidenceStore(root) as store:
+                expected = full(store, since=since, until=until, **kwargs)
+                monkeypatch.setattr(EvidenceStore, "full_who_routed_what", counted)
+                tenant = kwargs.pop("tenant", None)
+                report = store.who_routed_what(tenant, since, until, **kwargs)
+                monkeypatch.undo()
+            assert report.schema == expected.schema
+            assert report.to_pylist() == expected.to_pylist(), (since, until, tenant, kwargs)
+    assert (full_calls == []) is from_partials
+
+
+def assert_same_spend(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> None:
+    """``spend`` (each window, each tenant) equals the full query's, and came from the partials
+    (``from_partials``) or from the full query."""
+    full_calls: list[object] = []
+    full = EvidenceStore.full_spend
+
+    def counted(self: EvidenceStore, *args: Any) -> object:
+        full_calls.append(args)
+        return full(self, *args)
+
+    with EvidenceStore(root) as store:
+        tenants = store.query("SELECT DISTINCT tenant_id FROM outcomes ORDER BY 1").column(0).to_pylist()
+    for since, until in windows():
+        for tenant in [None, *tenants, "no-such-tenant"]:
+            with EvidenceStore(root) as store:
+                expected = full(store, tenant, since, until)
+                monkeypatch.setattr(EvidenceStore, "full_spend", counted)
+                report = store.spend(tenant, since, until)
+                monkeypatch.undo()
+            assert report.schema == expected.schema
+            assert report.to_pylist() == expected.to_pylist(), (since, until, tenant)
+    assert (full_calls == []) is from_partials
+
+
+def test_the_partials_cover_the_compacted_files_and_a_tail_holds_outcomes_of_covered_decisions(
+    sealed: Path,
+) -> None:
+    read = _rollups.read_partials(sealed, partials_of(sealed), ROUTED)
+    assert read is not None
+    live = _rollups.covered_paths(committed_files(sealed), ROUTED)
+    assert read.covered and set(read.covered) < set(live)
+    assert {str(d) for d in read.counts.column("day").to_pylist()} >= {str(DAY.date())}
+    covered = [f"{sealed.absolute()}/{p}" for p in read.covered if "/decisions/" in p]
+    tail = [f"{sealed.absolute()}/{p}" for p in set(live) - set(read.covered) if "/outcomes/" in p]
+    with EvidenceStore(sealed) as store:
+        late = store.query(
+            f"SELECT count(*) AS n FROM read_parquet({tail}) o SEMI JOIN read_parquet({covered}) d "
+            "USING (tenant_id, request_id)"
+        )
+    assert late.column("n")[0].as_py() > 0  # the case the report takes off and counts again
+
+
+def test_the_report_from_partials_and_rows_is_the_full_query(
+    sealed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EvidenceStore(sealed) as store:
+        assert store.who_routed_what().num_rows > 0
+    assert_same_reports(sealed, monkeypatch, from_partials=True)
+    assert verify(sealed, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_spend_from_partials_and_rows_is_the_full_query(
+    sealed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read = _rollups.read_partials(sealed, partials_of(sealed, SPEND), SPEND)
+    assert read is not None and set(read.counts.column("part").to_pylist()) == {"spend", "budget", "limit"}
+    with EvidenceStore(sealed) as store:
+        assert store.spend().num_rows > 0
+    assert_same_spend(sealed, monkeypatch, from_partials=True)
+
+
+def test_after_a_second_compaction_the_partials_are_the_report(
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(sealed, tmp_path)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    read = _rollups.read_partials(root, partials_of(root), ROUTED)
+    assert read is not None and read.covered == _rollups.covered_paths(committed_files(root), ROUTED)
+    assert_same_reports(root, monkeypatch, from_partials=True)
+    assert_same_spend(root, monkeypatch, from_partials=True)
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_an_outcome_before_the_window_runs_the_full_query(
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's clock a day behind: the outcome precedes its decision's day, which the window starts.
+    late = next(e for e in history if is_outcome(e) and e.occurred_at >= DAY)
+    skewed = [
+        msgspec.structs.replace(e, occurred_at=DAY - timedelta(hours=1)) if e is late else e for e in history
+    ]
+    root = tmp_path / "evidence"
+    project(root, skewed, flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    calls = []
+    full = EvidenceStore.full_who_routed_what
+    monkeypatch.setattr(EvidenceStore, "full_who_routed_what", lambda s, **p: calls.append(p) or full(s, **p))
+    with EvidenceStore(root) as store:
+        report = store.who_routed_what(since=DAY)
+        whole = store.who_routed_what(since=DAY - timedelta(days=1))  # the outcome is inside this one
+    monkeypatch.undo()
+    assert len(calls) == 1
+    with EvidenceStore(root) as store:
+        assert report.to_pylist() == store.full_who_routed_what(since=DAY).to_pylist()
+        assert whole.to_pylist() == store.full_who_routed_what(since=DAY - timedelta(days=1)).to_pylist()
+
+
+@pytest.mark.parametrize("rollup", [ROUTED, SPEND], ids=["routed", "spend"])
+def test_altered_partials_are_a_verify_finding_and_change_no_answer(
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rollup: _rollups.Rollup
+) -> None:
+    root = copy(sealed, tmp_path)
+    path = root / str(partials_of(root, rollup)["path"])
+    counts = pq.read_table(path)
+    pq.write_table(counts.slice(1), path)  # a group left out, the footer's list of files kept
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert not report.ok and f"{rollup.name}_altered" in {f.kind for f in report.findings if f.fatal}
+    if rollup is ROUTED:
+        assert_same_reports(root, monkeypatch, from_partials=False)
+    else:
+        assert_same_spend(root, monkeypatch, from_partials=False)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_missing_partials_are_a_warning_and_the_report_joins_every_decision(
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(sealed, tmp_path)
+    (root / str(partials_of(root)["path"])).unlink()
+    (root / str(partials_of(root, SPEND)["path"])).unlink()
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert report.ok and [f.kind for f in report.findings] == ["routed_missing", "spend_missing"]
+    assert_same_reports(root, monkeypatch, from_partials=False)
+    assert_same_spend(root, monkeypatch, from_partials=False)
+
+
+def test_a_malformed_partials_entry_is_a_verify_finding(tmp_path: Path, history: list[Event]) -> None:
+    root = tmp_path / "evidence"
+    project(root, history[:120], flush_every=40)
+    manifest = _manifest.Manifest(root, signing_key())
+    bad = {"path": "../outside.parquet", "sha256": "0" * 64, "rows": 1}
+    manifest.commit_compaction([], T0, None, None, {"routed": bad})
+    assert _rollups.current_partials(_manifest.signed_entries(root), ROUTED) is None
+    with EvidenceStore(root) as store:
+        assert store.who_routed_what().to_pylist() == store.full_who_routed_what().to_pylist()
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert "routed_invalid" in {f.kind for f in report.findings if f.fatal}
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "whole", "edges"),
+    [
+        (None, None, (None, None), ()),
+        (
+            datetime(2026, 11, 2, tzinfo=UTC),
+            datetime(2026, 11, 5, tzinfo=UTC),
+            (date(2026, 11, 2), date(2026, 11, 5)),
+            (),
+        ),
+        (
+            datetime(2026, 11, 2, 6, tzinfo=UTC),
+            datetime(2026, 11, 5, 7, tzinfo=UTC),
+            (date(2026, 11, 3), date(2026, 11, 5)),
+            (
+                (datetime(2026, 11, 2, 6, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)),
+                (datetime(2026, 11, 5, tzinfo=UTC), datetime(2026, 11, 5, 7, tzinfo=UTC)),
+            ),
+        ),
+        (
+            datetime(2026, 11, 2, 6, tzinfo=UTC),
+            datetime(2026, 11, 2, 7, tzinfo=UTC),
+            (date(2026, 11, 3), date(2026, 11, 3)),
+            ((datetime(2026, 11, 2, 6, tzinfo=UTC), datetime(2026, 11, 2, 7, tzinfo=UTC)),),
+        ),
+        (
+            datetime(2026, 11, 2, 6, tzinfo=UTC),
+            datetime(2026, 11, 3, 7, tzinfo=UTC),
+            (date(2026, 11, 3), date(2026, 11, 3)),
+            (
+                (datetime(2026, 11, 2, 6, tzinfo=UTC), datetime(2026, 11, 3, tzinfo=UTC)),
+                (datetime(2026, 11, 3, tzinfo=UTC), datetime(2026, 11, 3, 7, tzinfo=UTC)),
+            ),
+        ),
+        (
+            datetime(2026, 11, 3, tzinfo=UTC),
+            datetime(2026, 11, 2, tzinfo=UTC),
+            (date(2026, 11, 3), date(2026, 11, 3)),
+            (),
+        ),
+    ],
+    ids=["unbounded", "whole days", "partial ends", "within a day", "across a midnight", "empty"],
+)
+def test_a_window_splits_into_whole_days_and_partial_days(
+    since: datetime | None,
+    until: datetime | None,
+    whole: tuple[date | None, date | None],
+    edges: tuple[tuple[datetime, datetime], ...],
+) -> None:
+    days = report_days(since, until)
+    assert (days.first_day, days.end_day) == whole
+    assert days.edges == edges
+
+
+def test_a_query_makes_only_the_views_it_names(history: list[Event], tmp_path: Path) -> None:
+    """A view reads its files' footers when made: a report makes its tables' views only, so a file
+    it does not read costs nothing (here: one it could not read fails only the queries naming it)."""
+    root = tmp_path / "evidence"
+    project(root, history[:150], flush_every=50)
+    broken = next(e["path"] for e in committed_files(root) if e["table"] == "requests")
+    (root / broken).write_bytes(b"not parquet")
+    with EvidenceStore(root) as store:
+        assert store.who_routed_what().num_rows > 0
+        assert store.spend().num_rows > 0
+        assert store.query("SELECT count(*) AS n FROM escalations").column("n")[0].as_py() >= 0
+    with EvidenceStore(root) as store, pytest.raises(EvidenceError, match="cannot read the requests table"):
+        store.query("SELECT count(*) FROM requests WHERE tenant_id = $t", {"t": "acme-bank"})
