@@ -87,6 +87,7 @@ class WorkerSettings:
     attempts: int = 3
     breaker_failures: int = 5
     breaker_cool_down_s: float = 10.0
+    instance_id: str | None = None  # static group membership (unique per worker)
 
 
 def bootstrap_policy(
@@ -198,6 +199,7 @@ def run_worker(
             topics=Topics(namespace),
             concurrency=settings.concurrency,
             tenant_concurrency=settings.tenant_concurrency,
+            instance_id=settings.instance_id,
         )
         stop_on_signals(worker.stopping)
         ready()

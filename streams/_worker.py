@@ -344,8 +344,12 @@ class Worker:
         tenant_concurrency: int | None = None,
         commit_interval_s: float = 0.2,
         called_limit: int = 200_000,
+        instance_id: str | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # Static group membership: a worker restarted under the same id takes its partitions back
+        # at once, where a new member waits for the dead one's session to time out and a rebalance.
+        self.instance_id = instance_id
         self.caller = caller
         self.clock = clock
         self.topics = topics
@@ -370,7 +374,12 @@ class Worker:
 
     async def run(self) -> None:
         consumer = new_consumer(
-            self.bootstrap, [self.topics.dispatch], self.topics.group("nexuscore-workers")
+            self.bootstrap,
+            [self.topics.dispatch],
+            self.topics.group("nexuscore-workers"),
+            group_instance_id=self.instance_id,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
         )
         producer = new_producer(self.bootstrap)
         await start_client(producer, self.bootstrap)

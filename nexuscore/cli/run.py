@@ -204,6 +204,13 @@ def run_worker(
         ),
     ] = None,
     metrics_port: MetricsPort = 0,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This worker's static group membership id (a restart takes its partitions back at once); unique per worker.",
+            envvar="NEXUSCORE_WORKER_ID",
+        ),
+    ] = None,
 ) -> None:
     """The data-plane worker: calls the chosen deployment for each dispatch, records attempts and outcome.
 
@@ -223,6 +230,7 @@ def run_worker(
         attempts=attempts,
         breaker_failures=breaker_failures,
         breaker_cool_down_s=breaker_cool_down,
+        instance_id=instance_id,
     )
     services.run_worker(bootstrap, settings, namespace, ready=lambda: print("worker ready", flush=True))
 

@@ -197,10 +197,18 @@ class Pipeline:
             options = [f"--{k.replace('_', '-')}={v}" for k, v in PROVIDER_FAULTS.items()]
             return ["run", "provider", "--port", str(self.provider_port), "--seed", "11", *options]
         if kind == "decider":
-            # Static membership: a restarted decider takes its partitions back at once.
+            # Static membership: a restarted decider (or worker) takes its partitions back at once.
             return [*decider_args(self.common, self.keys), "--instance-id", role]
         if kind == "worker":
-            return ["run", "worker", *self.common, "--simulated-url", self.provider_url]
+            return [
+                "run",
+                "worker",
+                *self.common,
+                "--simulated-url",
+                self.provider_url,
+                "--instance-id",
+                role,
+            ]
         return projector_args(self.common, self.keys, self.evidence)
 
     @property
