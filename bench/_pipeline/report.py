@@ -105,6 +105,10 @@ def _latency_context(lat: dict[str, Any]) -> list[tuple[str, Any]]:
         ),
         ("Dispatches measured", ev.get("count")),
         (
+            "Dispatched after a person's review (not measured: the wait is the review's), count; wait p50 / p99 (ms)",
+            _review_wait(lat),
+        ),
+        (
             "Decider dispatches/s vs offered dispatches/s",
             f"{lat['decider_dispatches_per_s']} / {lat['offered_dispatches_per_s']}",
         ),
@@ -113,6 +117,13 @@ def _latency_context(lat: dict[str, Any]) -> list[tuple[str, Any]]:
             f"{first.get('p50_ms')} / {first.get('p99_ms')}",
         ),
     ]
+
+
+def _review_wait(lat: dict[str, Any]) -> str:
+    wait = lat.get("review_wait_ms")
+    if wait is None:
+        return "not separated in this run"
+    return f"{lat.get('dispatched_after_review', 0)}; {wait.get('p50_ms')} / {wait.get('p99_ms')}"
 
 
 def _context_lines(results: dict[str, Any]) -> list[str]:
