@@ -9,6 +9,7 @@ printing of rows and ``main``.
 
 from nexuscore.cli import control, demo, evidence, gateway, policy, replay, review, run
 from nexuscore.cli._common import app, main
+from nexuscore.cli._help import reflow_help
 
 app.command()(demo.demo)
 app.command()(replay.replay)
@@ -19,5 +20,6 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(review.app, name="review")
 app.add_typer(control.app, name="control")
 app.add_typer(gateway.app, name="gateway")
+reflow_help(app)
 
 __all__ = ["app", "main"]
