@@ -19,8 +19,6 @@ on disk changes no answer: it only costs the full query, and ``verify`` names it
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -28,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, names_sealed_file, replace_with
+from nexuscore.projections._manifest import names_sealed_file
+from nexuscore.projections._partials import read_sealed, write_sealed
 
 PARTIALS_DIR = "_index"
 PARTIALS_PATH = re.compile(r"_index/residency-\d{12}\.parquet")
@@ -82,14 +80,8 @@ def write_partials(root: Path, files: list[Entry], seq: int) -> Entry:
             )
             orphans = [list(k) for k in keys] if found.num_rows <= MAX_ORPHANS else None
     relative = f"{PARTIALS_DIR}/residency-{seq:012d}.parquet"
-    sink = pa.BufferOutputStream()
     metadata = {FILES_KEY: json.dumps(paths).encode(), ORPHANS_KEY: json.dumps(orphans).encode()}
-    pq.write_table(summary.replace_schema_metadata(metadata), sink, compression="zstd")
-    path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = replace_with(path, sink.getvalue().to_pybytes())
-    fsync_path(path.parent)
-    return {"path": relative, "sha256": digest, "rows": summary.num_rows, "files": len(paths)}
+    return {**write_sealed(root, relative, summary, metadata), "files": len(paths)}
 
 
 @dataclass(frozen=True)
@@ -103,12 +95,10 @@ def read_partials(root: Path, partials: Entry) -> Sealed | None:
     """The partials, if the file holds the bytes the ledger sealed and reads as partials; else None."""
     if not well_formed(partials):
         return None
+    table = read_sealed(root, partials)
+    if table is None:
+        return None
     try:
-        payload = (root / partials["path"]).read_bytes()
-        if hashlib.sha256(payload).hexdigest() != partials["sha256"]:
-            return None
-        # (ParquetFile, not read_table: that loads pyarrow.dataset, a quarter second of start-up.)
-        table = pq.ParquetFile(io.BytesIO(payload)).read(use_threads=False)
         metadata = table.schema.metadata or {}
         paths, orphans = json.loads(metadata[FILES_KEY]), json.loads(metadata[ORPHANS_KEY])
         keys = (

@@ -25,8 +25,6 @@ it.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -34,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, names_sealed_file, replace_with
+from nexuscore.projections._manifest import names_sealed_file
+from nexuscore.projections._partials import read_sealed, write_sealed
 
 PARTIALS_DIR = "_index"
 Entry = dict[str, Any]
@@ -123,14 +121,8 @@ def write_partials(root: Path, files: list[Entry], seq: int, rollup: Rollup) -> 
     with EvidenceStore(root, files=[e for e in files if e["path"] in set(paths)]) as store:
         counts = store.query(rollup.sql)
     relative = f"{PARTIALS_DIR}/{rollup.name}-{seq:012d}.parquet"
-    sink = pa.BufferOutputStream()
-    metadata = {rollup.files_key: json.dumps(paths).encode()}
-    pq.write_table(counts.replace_schema_metadata(metadata), sink, compression="zstd")
-    path = root / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = replace_with(path, sink.getvalue().to_pybytes())
-    fsync_path(path.parent)
-    return {"path": relative, "sha256": digest, "rows": counts.num_rows, "files": len(paths)}
+    written = write_sealed(root, relative, counts, {rollup.files_key: json.dumps(paths).encode()})
+    return {**written, "files": len(paths)}
 
 
 @dataclass(frozen=True)
@@ -143,13 +135,12 @@ def read_partials(root: Path, partials: Entry, rollup: Rollup) -> Sealed | None:
     """The partials, if the file holds the bytes the ledger sealed and reads as partials; else None."""
     if not well_formed(partials, rollup):
         return None
+    table = read_sealed(root, partials)
+    if table is None:
+        return None
     try:
-        payload = (root / partials["path"]).read_bytes()
-        if hashlib.sha256(payload).hexdigest() != partials["sha256"]:
-            return None
-        table = pq.ParquetFile(io.BytesIO(payload)).read(use_threads=False)
         paths = json.loads((table.schema.metadata or {})[rollup.files_key])
-    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+    except (ValueError, KeyError, TypeError):
         return None
     if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
         return None

@@ -1,0 +1,42 @@
+"""The small sealed Parquet files compaction writes beside the tables (the residency, who-routed-what
+and spend partials): written whole or not at all, and read only when their bytes are the ones the
+ledger sealed, so a file altered on disk changes no answer (``verify`` names it)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nexuscore.projections._manifest import fsync_path, replace_with
+
+Entry = dict[str, Any]
+
+
+def write_sealed(root: Path, relative: str, table: pa.Table, metadata: dict[bytes, bytes]) -> Entry:
+    """Write ``table`` with ``metadata`` in its footer to ``root/relative``, durably; the fields of
+    its ledger entry (path, sha256, rows)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(metadata), sink, compression="zstd")
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = replace_with(path, sink.getvalue().to_pybytes())
+    fsync_path(path.parent)
+    return {"path": relative, "sha256": digest, "rows": table.num_rows}
+
+
+def read_sealed(root: Path, entry: Entry) -> pa.Table | None:
+    """The table of the file ``entry`` seals (its footer's metadata kept), if the file holds the
+    sealed bytes and reads as Parquet; else None."""
+    try:
+        payload = (root / entry["path"]).read_bytes()
+        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+            return None
+        # (ParquetFile, not read_table: that loads pyarrow.dataset, a quarter second of start-up.)
+        return pq.ParquetFile(io.BytesIO(payload)).read(use_threads=False)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
