@@ -50,7 +50,9 @@ def write_synthetic_index(path: Path, decisions: int) -> list[str]:
         path, schema, compression="zstd", write_statistics=["request_id"], use_dictionary=["tenant_id"]
     ) as writer:
         for start in range(0, decisions, CHUNK):
-            ids = [f"{i * step + rnd.randrange(step):032x}" for i in range(start, min(decisions, start + CHUNK))]
+            ids = [
+                f"{i * step + rnd.randrange(step):032x}" for i in range(start, min(decisions, start + CHUNK))
+            ]
             sample.append(ids[len(ids) // 2])
             rows = [x for x in ids for _ in range(EVENTS_PER_REQUEST)]
             table = pa.table(
@@ -96,7 +98,9 @@ def measure_files(store: Path, work: Path, repeat: int, *, fresh: bool) -> dict[
         path = work / f"{table}-1m.parquet"
         if fresh or not path.exists():
             rows = pq.read_table(source)
-            _compact._write(path, pa.concat_tables([rows] * -(-1_000_000 // rows.num_rows)).slice(0, 1_000_000))
+            _compact._write(
+                path, pa.concat_tables([rows] * -(-1_000_000 // rows.num_rows)).slice(0, 1_000_000)
+            )
         metadata = pq.read_metadata(path)
         groups = random.Random(2).sample(range(metadata.num_row_groups), min(repeat, metadata.num_row_groups))
         opens, reads = [], []
@@ -148,7 +152,9 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.index_scale", description=__doc__)
-    parser.add_argument("--store", type=Path, required=True, help="a compacted store (its rows fill the files)")
+    parser.add_argument(
+        "--store", type=Path, required=True, help="a compacted store (its rows fill the files)"
+    )
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--decisions", type=int, default=10_000_000)
     parser.add_argument("--repeat", type=int, default=25)

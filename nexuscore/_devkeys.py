@@ -66,7 +66,9 @@ def dev_keys(directory: Path, policy_path: Path) -> DevKeys:
     return demo_keys(directory, policy_path, private, public)
 
 
-def demo_keys(directory: Path, policy_path: Path, private: Path | None = None, public: Path | None = None) -> DevKeys:
+def demo_keys(
+    directory: Path, policy_path: Path, private: Path | None = None, public: Path | None = None
+) -> DevKeys:
     """Demo keys in ``directory`` whatever the environment says: the evidence signing pair (unless
     given), two reviewers in ``trust.yaml`` and ``policy_path`` copied in and signed by both (valid
     30 days). ``make compose-keys`` makes these for compose.yaml."""
@@ -134,7 +136,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m nexuscore._devkeys DIR", file=sys.stderr)
         return 2
     keys, gateway_keys, secret = compose_keys(Path(argv[0]), DEFAULT_POLICY_PATH)
-    for path in (keys.evidence_private, keys.trust_store, keys.policy, signatures_path(keys.policy), gateway_keys):
+    for path in (
+        keys.evidence_private,
+        keys.trust_store,
+        keys.policy,
+        signatures_path(keys.policy),
+        gateway_keys,
+    ):
         print(f"wrote {path}")
     if secret is not None:
         print(f"the gateway's demo API key for tenant acme-bank (shown once, stored hashed): {secret}")

@@ -16,7 +16,9 @@ from nexuscore.kernel.errors import NexusError
 
 
 class Service:
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")

@@ -128,7 +128,9 @@ def _check_roots(
     with _root_map(workers) as seal:
         for e, (rows, merkle_root) in zip(files, seal(paths, files), strict=True):
             if rows < 0:
-                report.add("merkle_mismatch", e["path"], f"its rows cannot be read to hash them: {merkle_root}")
+                report.add(
+                    "merkle_mismatch", e["path"], f"its rows cannot be read to hash them: {merkle_root}"
+                )
             elif rows != e["rows"]:
                 report.add("rows_mismatch", e["path"], f"has {rows} rows, sealed with {e['rows']}")
             elif merkle_root != e["merkle_root"]:

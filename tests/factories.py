@@ -148,7 +148,8 @@ def project(
     offsets: dict[tuple[str, int], int] = defaultdict(int)
     batches: dict[Any, Any] = {}
     messages = [
-        (getattr(topics, _TOPIC_OF[type(e).__name__]), _key_of(e), codec.encode(e), e.occurred_at) for e in events
+        (getattr(topics, _TOPIC_OF[type(e).__name__]), _key_of(e), codec.encode(e), e.occurred_at)
+        for e in events
     ] + [(getattr(topics, topic), key, value, T0) for topic, key, value in raw]
     for n, (topic, key, value, at) in enumerate(messages, 1):
         partition = 0 if topic == topics.governance else zlib.crc32(key or b"") % partitions

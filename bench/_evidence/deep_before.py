@@ -28,7 +28,9 @@ WORKER_CPU: dict[int, float] = {}  # worker pid -> its CPU seconds so far (the l
 
 
 def _leaf_hashes(con: duckdb.DuckDBPyConnection, schema: pa.Schema, source: str) -> list[bytes]:
-    column = con.sql(f"SELECT encode({_seal.leaf_sql(schema)}) AS b FROM {source}").to_arrow_table().column("b")  # noqa: S608
+    column = (
+        con.sql(f"SELECT encode({_seal.leaf_sql(schema)}) AS b FROM {source}").to_arrow_table().column("b")
+    )  # noqa: S608
     hashes: list[bytes] = []
     for chunk in column.chunks:
         width = "q" if pa.types.is_large_binary(chunk.type) else "i"
@@ -53,7 +55,9 @@ def _seal_file(path: str, table: str) -> tuple[int, str, int, float]:
     return len(hashes), ledger.root(hashes).hex(), os.getpid(), time.process_time()
 
 
-def check_roots(root: Path, files: list[dict[str, Any]], report: Any, progress: Any, workers: int) -> list[dict[str, Any]]:
+def check_roots(
+    root: Path, files: list[dict[str, Any]], report: Any, progress: Any, workers: int
+) -> list[dict[str, Any]]:
     intact = []
     paths, tables = [str(root / e["path"]) for e in files], [e["table"] for e in files]
     with ProcessPoolExecutor(

@@ -278,7 +278,12 @@ def _measure_baseline_projector(
         f"print(json.dumps(projector_child(*{call!r}, {args.flush_rows}, {args.flush_interval_s})))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tree, timeout=CHILD_TIMEOUT_S
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        timeout=CHILD_TIMEOUT_S,
     )
     shutil.rmtree(work / "baseline-evidence", ignore_errors=True)
     shutil.rmtree(work / "baseline-code", ignore_errors=True)
@@ -325,7 +330,9 @@ def _measure(
     if args.projector_baseline:
         print(f"[kafka] projector of {args.projector_baseline} first, on the same log", flush=True)
         cpu0 = cpu_seconds(broker_pid) if broker_pid else None
-        old = results["projector_baseline"] = _measure_baseline_projector(args, bootstrap, topics, ends, regions, work)
+        old = results["projector_baseline"] = _measure_baseline_projector(
+            args, bootstrap, topics, ends, regions, work
+        )
         cpu1 = cpu_seconds(broker_pid) if broker_pid else None
         old["broker_cpu_s"] = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2)
         print(

@@ -109,7 +109,12 @@ def evidence_lineage(
     served it, where the data went and under which transfer basis, what it cost."""
     from nexuscore import services
 
-    _print(services.lineage_of(evidence_dir, request_id, tenant, keystore), fmt, f"Lineage of {request_id}", output)
+    _print(
+        services.lineage_of(evidence_dir, request_id, tenant, keystore),
+        fmt,
+        f"Lineage of {request_id}",
+        output,
+    )
 
 
 @app.command("spend")
@@ -342,7 +347,9 @@ def evidence_compact(
     report = services.compact_evidence(evidence_dir, key, datetime.now(UTC), file_rows)
     indexed = f"; request index of {report.indexed:,} rows written" if report.indexed else ""
     if not report.groups:
-        console.print(f"nothing to compact: {report.files_before:,} files, none small enough to merge{indexed}")
+        console.print(
+            f"nothing to compact: {report.files_before:,} files, none small enough to merge{indexed}"
+        )
         return
     console.print(
         f"compacted {report.replaced:,} files into {report.written:,} ({report.rows:,} rows); "

@@ -74,7 +74,9 @@ def policy_show(
         console.print("unsigned")
     if trust_store is not None:
         trust = load_trust_store(trust_store)
-        signed = check_signatures(p, path.read_bytes(), signatures, trust, datetime.now(UTC), source=str(path))
+        signed = check_signatures(
+            p, path.read_bytes(), signatures, trust, datetime.now(UTC), source=str(path)
+        )
         console.print(f"[green]trusted[/]: {len(signed.signatures)} valid signature(s)")
 
 

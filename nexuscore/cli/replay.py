@@ -148,7 +148,11 @@ def _log_snapshot(
 
     with contextlib.ExitStack() as stack:
         with Progress(
-            TextColumn("reading the log"), BarColumn(), MofNCompleteColumn(), console=err_console, transient=True
+            TextColumn("reading the log"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err_console,
+            transient=True,
         ) as reading:
             task = reading.add_task("log", total=None)
             root = stack.enter_context(

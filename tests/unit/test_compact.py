@@ -106,7 +106,9 @@ def test_compacted_files_are_sorted_by_tenant_and_request(small_files: Path, tmp
         assert pairs == sorted(pairs)
 
 
-def test_proofs_hold_after_compaction_old_and_reissued(small_files: Path, tmp_path: Path, history: list[Event]) -> None:
+def test_proofs_hold_after_compaction_old_and_reissued(
+    small_files: Path, tmp_path: Path, history: list[Event]
+) -> None:
     root = copy(small_files, tmp_path)
     request = next(e for e in history if isinstance(e, InferenceRequested)).request_id
     old_proof = prove(root, request)
@@ -219,7 +221,9 @@ def _rechain(root: Path, entries: list[dict[str, object]]) -> None:
     Manifest(root, signing_key())
 
 
-def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_files: Path, tmp_path: Path) -> None:
+def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(
+    small_files: Path, tmp_path: Path
+) -> None:
     from cryptography.hazmat.primitives import serialization
     from typer.testing import CliRunner
 
@@ -232,7 +236,9 @@ def test_the_cli_compacts_then_has_nothing_to_do_and_verify_deep_agrees(small_fi
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    pub.write_bytes(PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        PUBLIC.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     runner = CliRunner()
     args = ["evidence", "compact", "-e", str(root), "--signing-key", str(pem), "--file-rows", "1000"]
     first = runner.invoke(app, args)

@@ -62,13 +62,20 @@ def test_the_residency_summary_counts_the_residency_audit(stores: tuple[Path, Pa
         calls = store.residency().to_pylist()
         summary = store.residency_summary().to_pylist()
     assert calls, "the history has cross-border calls to count"
-    counted = Counter((c["finding"], c["tenant_id"], c["event"], c["region"], c["transfer_basis"]) for c in calls)
-    assert {(s["finding"], s["tenant_id"], s["event"], s["region"], s["transfer_basis"]): s["calls"] for s in summary} == dict(counted)
+    counted = Counter(
+        (c["finding"], c["tenant_id"], c["event"], c["region"], c["transfer_basis"]) for c in calls
+    )
+    assert {
+        (s["finding"], s["tenant_id"], s["event"], s["region"], s["transfer_basis"]): s["calls"]
+        for s in summary
+    } == dict(counted)
     per_call = services.residency_breaches(pa.Table.from_pylist(calls))
     assert services.residency_breaches(pa.Table.from_pylist(summary)) == per_call
 
 
-def test_the_direct_lineage_is_the_stores_lineage_on_both_stores(stores: tuple[Path, Path, list[str]]) -> None:
+def test_the_direct_lineage_is_the_stores_lineage_on_both_stores(
+    stores: tuple[Path, Path, list[str]],
+) -> None:
     from nexuscore.kernel.errors import NexusError
     from nexuscore.projections import lineage_at
 

@@ -114,7 +114,9 @@ def test_rows_of_one_partition_removed_or_doubled_inside_a_file_are_caught(
     victim = sealed["sources"][0]
     parts, sources = [], []
     for s in sealed["sources"]:
-        mine = pc.and_(pc.equal(data["src_topic"], s["topic"]), pc.equal(data["src_partition"], s["partition"]))
+        mine = pc.and_(
+            pc.equal(data["src_topic"], s["topic"]), pc.equal(data["src_partition"], s["partition"])
+        )
         rows = data.filter(mine)
         if s is victim:
             rows = rows.slice(1) if change == "remove" else pa.concat_tables([rows, rows])
@@ -136,7 +138,9 @@ def test_rows_of_one_partition_removed_or_doubled_inside_a_file_are_caught(
         assert any(where in d for d in details), report.findings
 
 
-def test_compaction_merges_files_of_several_partitions_and_still_verifies(flushed: Path, tmp_path: Path) -> None:
+def test_compaction_merges_files_of_several_partitions_and_still_verifies(
+    flushed: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "evidence"
     shutil.copytree(flushed / "evidence", root)
     shutil.copytree(flushed / "keys", tmp_path / "keys")
@@ -151,7 +155,9 @@ def test_compaction_merges_files_of_several_partitions_and_still_verifies(flushe
     assert report.ok and report.findings == [], report.findings
 
 
-def test_a_flush_in_progress_is_tolerated_and_an_old_flush_name_unlisted_is_not(flushed: Path, tmp_path: Path) -> None:
+def test_a_flush_in_progress_is_tolerated_and_an_old_flush_name_unlisted_is_not(
+    flushed: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "evidence"
     shutil.copytree(flushed / "evidence", root)
     shutil.copytree(flushed / "keys", tmp_path / "keys")

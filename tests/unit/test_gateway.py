@@ -216,7 +216,9 @@ def test_over_http_without_a_broker_every_failure_is_an_openai_error(tmp_path: P
                     "unavailable",
                 ),
                 (
-                    await http.post("/v1/chat/completions", data=io.BytesIO(b" " * (MAX_BODY + 1)), headers=auth),
+                    await http.post(
+                        "/v1/chat/completions", data=io.BytesIO(b" " * (MAX_BODY + 1)), headers=auth
+                    ),
                     413,
                     "http_413",
                 ),

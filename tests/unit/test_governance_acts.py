@@ -40,7 +40,9 @@ CANDIDATE_DOC = DOCUMENT.replace(b'version: "2026.11.1"', b'version: "2026.12.0"
 CANDIDATE = type(POLICY).model_validate({**POLICY.model_dump(mode="json"), "version": "2026.12.0"})
 
 
-def switch(mode: str, at: datetime, *, key: Ed25519PrivateKey = OPS, actor: str = "dana@ops", target: str = "") -> KillSwitchChanged:
+def switch(
+    mode: str, at: datetime, *, key: Ed25519PrivateKey = OPS, actor: str = "dana@ops", target: str = ""
+) -> KillSwitchChanged:
     event = KillSwitchChanged(
         event_id=f"k-{mode}-{at.isoformat()}", request_id="", tenant_id="", occurred_at=at, producer="t",
         scope="tenant" if target else "global", target=target, mode=mode, actor=actor, reason="incident 42",
@@ -49,7 +51,10 @@ def switch(mode: str, at: datetime, *, key: Ed25519PrivateKey = OPS, actor: str 
 
 
 def active_state() -> GovernanceState:
-    sigs = [sign(POLICY, DOCUMENT, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9)) for k in (ALICE, BOB)]
+    sigs = [
+        sign(POLICY, DOCUMENT, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9))
+        for k in (ALICE, BOB)
+    ]
     boot = bootstrap_event(
         SignedPolicy(POLICY, tuple(sigs)),
         DOCUMENT,
@@ -62,8 +67,13 @@ def active_state() -> GovernanceState:
     return state
 
 
-def step(to: str, at: datetime, *, key: Ed25519PrivateKey | None = OPS, **changes: object) -> PolicyStageChanged:
-    sigs = [sign(CANDIDATE, CANDIDATE_DOC, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9)) for k in (ALICE, BOB)]
+def step(
+    to: str, at: datetime, *, key: Ed25519PrivateKey | None = OPS, **changes: object
+) -> PolicyStageChanged:
+    sigs = [
+        sign(CANDIDATE, CANDIDATE_DOC, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9))
+        for k in (ALICE, BOB)
+    ]
     event = PolicyStageChanged(
         event_id=f"p-{to}-{at.isoformat()}", request_id="", tenant_id="", occurred_at=at, producer="cli",
         policy_digest=CANDIDATE.digest, policy_version=CANDIDATE.version, from_stage="", to_stage=to,
@@ -97,7 +107,11 @@ def test_a_signed_act_that_reaches_the_log_long_after_signing_is_stale() -> None
 
 @pytest.mark.parametrize(
     ("key", "actor", "code"),
-    [(MALLORY, "dana@ops", "unknown_key"), (ALICE, "alice", "wrong_role"), (OPS, "someone-else", "actor_mismatch")],
+    [
+        (MALLORY, "dana@ops", "unknown_key"),
+        (ALICE, "alice", "wrong_role"),
+        (OPS, "someone-else", "actor_mismatch"),
+    ],
 )
 def test_a_kill_switch_needs_an_operators_key_in_the_operators_own_name(
     key: Ed25519PrivateKey, actor: str, code: str

@@ -46,9 +46,17 @@ def records(partitions: int = 3) -> list[ConsumerRecord[bytes, bytes]]:
         offsets[(topic, partition)] += 1
         out.append(
             ConsumerRecord(
-                topic=topic, partition=partition, offset=offset, timestamp=int(T0.timestamp() * 1000),
-                timestamp_type=1, key=key, value=value, checksum=None, serialized_key_size=len(key),
-                serialized_value_size=len(value), headers=(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp=int(T0.timestamp() * 1000),
+                timestamp_type=1,
+                key=key,
+                value=value,
+                checksum=None,
+                serialized_key_size=len(key),
+                serialized_value_size=len(value),
+                headers=(),
             )  # fmt: skip
         )
     return out
@@ -89,7 +97,9 @@ def test_a_poll_added_per_partition_writes_the_same_ledger_as_records_one_by_one
     b = projected(tmp_path / "b", tmp_path / "keys", polls)
     assert (a.events, a.undecodable, a.duplicates) == (b.events, b.undecodable, b.duplicates)
     assert a.undecodable == 2 and a.events == len(log) - 1  # the bad request is its owner's to record
-    assert (tmp_path / "a" / "manifest.jsonl").read_bytes() == (tmp_path / "b" / "manifest.jsonl").read_bytes()
+    assert (tmp_path / "a" / "manifest.jsonl").read_bytes() == (
+        tmp_path / "b" / "manifest.jsonl"
+    ).read_bytes()
     report = verify(
         tmp_path / "b", signing_key().public_key(), {POLICY.digest}, keystore=LocalKeyStore(tmp_path / "keys")
     )
@@ -108,9 +118,9 @@ def test_bulk_encryption_gives_the_bytes_of_one_field_at_a_time(tmp_path: Path) 
     ]
     bulk = cipher.encrypt_many("prompt", items, now)
     assert bulk == [cipher.encrypt(t, s, e, "prompt", text, now) for t, s, e, text in items]
-    assert [cipher.decrypt(k, e, "prompt", blob) for (k, blob), (_, _, e, _) in zip(bulk, items, strict=True)] == [
-        text for *_, text in items
-    ]
+    assert [
+        cipher.decrypt(k, e, "prompt", blob) for (k, blob), (_, _, e, _) in zip(bulk, items, strict=True)
+    ] == [text for *_, text in items]
 
 
 @pytest.fixture(scope="module")

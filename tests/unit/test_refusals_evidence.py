@@ -27,8 +27,13 @@ def test_refused_kill_switches_go_to_refusals_and_only_accepted_ones_to_kill_swi
     project(tmp_path, [on, off, forged, msgspec.structs.replace(on, occurred_at=on.occurred_at)], trust=TRUST)
     accepted = _rows(tmp_path, "SELECT mode FROM kill_switches ORDER BY src_offset")
     assert [r["mode"] for r in accepted] == ["on", "off"]
-    refused = _rows(tmp_path, "SELECT act, code, act_event_id, source_offset FROM refusals ORDER BY source_offset")
-    assert [(r["act"], r["code"]) for r in refused] == [("kill_switch", "unknown_key"), ("kill_switch", "not_newer")]
+    refused = _rows(
+        tmp_path, "SELECT act, code, act_event_id, source_offset FROM refusals ORDER BY source_offset"
+    )
+    assert [(r["act"], r["code"]) for r in refused] == [
+        ("kill_switch", "unknown_key"),
+        ("kill_switch", "not_newer"),
+    ]
     assert refused[1]["act_event_id"] == on.event_id  # the replay is named, not dropped as a duplicate
 
 
@@ -47,14 +52,28 @@ def test_forged_and_replayed_reviews_are_refusals_not_reviews(tmp_path: Path) ->
     project(tmp_path, [genuine, unsigned, genuine], trust=REVIEWERS)
     assert [r["reviewer"] for r in _rows(tmp_path, "SELECT reviewer FROM reviews")] == ["carol@acme-bank"]
     codes = _rows(tmp_path, "SELECT code, claimed_actor FROM refusals ORDER BY source_offset")
-    assert codes == [{"code": "unsigned", "claimed_actor": "the-ceo"}, {"code": "replayed", "claimed_actor": "carol@acme-bank"}]
+    assert codes == [
+        {"code": "unsigned", "claimed_actor": "the-ceo"},
+        {"code": "replayed", "claimed_actor": "carol@acme-bank"},
+    ]
 
 
 def test_garbage_on_the_governance_topic_is_a_dead_letter_and_the_projector_goes_on(tmp_path: Path) -> None:
     huge = b"\xc3\x01" + b"\x00" * 900_000
-    project(tmp_path, [switch("off", T0)], trust=TRUST, raw=[("governance", b"policy", b"not avro"), ("governance", None, huge)])
-    dead = _rows(tmp_path, "SELECT source_topic, raw_size, octet_length(raw_key) AS k FROM deadletters ORDER BY source_offset")
-    assert [(d["source_topic"], d["raw_size"]) for d in dead] == [("nexus.governance", 8), ("nexus.governance", len(huge))]
+    project(
+        tmp_path,
+        [switch("off", T0)],
+        trust=TRUST,
+        raw=[("governance", b"policy", b"not avro"), ("governance", None, huge)],
+    )
+    dead = _rows(
+        tmp_path,
+        "SELECT source_topic, raw_size, octet_length(raw_key) AS k FROM deadletters ORDER BY source_offset",
+    )
+    assert [(d["source_topic"], d["raw_size"]) for d in dead] == [
+        ("nexus.governance", 8),
+        ("nexus.governance", len(huge)),
+    ]
     assert [r["mode"] for r in _rows(tmp_path, "SELECT mode FROM kill_switches")] == ["off"]
 
 

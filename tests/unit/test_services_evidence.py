@@ -23,7 +23,9 @@ from tests.factories import POLICY, T0, project, request, run_history, signing_k
 
 def pem(path: Path, key: Ed25519PrivateKey) -> Path:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return path
 
@@ -79,14 +81,18 @@ def test_a_lineage_of_an_unknown_request_is_an_error_naming_the_store(evidence: 
 def test_only_an_allowed_cross_border_call_is_not_a_residency_breach(evidence: Path) -> None:
     with services.open_store(evidence) as store:
         assert services.residency_breaches(store.residency()) == 0
-    findings = pa.table({"finding": ["cross_border", "outside_allowed_regions", "no_decision", "cross_border"]})
+    findings = pa.table(
+        {"finding": ["cross_border", "outside_allowed_regions", "no_decision", "cross_border"]}
+    )
     assert services.residency_breaches(findings) == 2
 
 
 def test_verify_knows_the_bundled_policies_and_the_ones_named(tmp_path: Path) -> None:
     assert POLICY.digest in services.known_policy_digests()
     other = tmp_path / "other.yaml"
-    other.write_bytes(DEFAULT_POLICY_PATH.read_bytes().replace(b'version: "2026.11.1"', b'version: "2099.1.1"'))
+    other.write_bytes(
+        DEFAULT_POLICY_PATH.read_bytes().replace(b'version: "2026.11.1"', b'version: "2099.1.1"')
+    )
     known = services.known_policy_digests([other])
     assert len(known - services.known_policy_digests()) == 1
 
@@ -179,7 +185,9 @@ def test_waiting_for_a_pending_escalation_gives_up(tmp_path: Path) -> None:
 # --- replay ---------------------------------------------------------------------------------------
 
 
-def test_replay_under_the_recorded_policy_changes_nothing_and_does_not_fail(evidence: Path, tmp_path: Path) -> None:
+def test_replay_under_the_recorded_policy_changes_nothing_and_does_not_fail(
+    evidence: Path, tmp_path: Path
+) -> None:
     report = services.replay_history(evidence, POLICY)
     assert report.requests > 0 and report.changed == 0
     assert services.replay_failure(report, verify_mode=False) is None
@@ -194,7 +202,9 @@ def test_replay_under_the_recorded_policy_changes_nothing_and_does_not_fail(evid
     assert "changes" not in document
 
 
-def test_verify_mode_fails_on_decisions_under_policies_it_cannot_trust(evidence: Path, tmp_path: Path) -> None:
+def test_verify_mode_fails_on_decisions_under_policies_it_cannot_trust(
+    evidence: Path, tmp_path: Path
+) -> None:
     report = services.replay_history(evidence, None, {}, keep_all_changes=True)
     failure = services.replay_failure(report, verify_mode=True)
     assert failure is not None and "not reproduced" in failure

@@ -33,7 +33,9 @@ from tests.unit.test_governance_acts import ALICE, BOB, CANDIDATE, DOCUMENT, MAL
 
 def pem(path: Path, key: Ed25519PrivateKey) -> Path:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return path
 
@@ -49,14 +51,19 @@ def signed_policy_file(tmp_path: Path, *reviewers: Ed25519PrivateKey) -> Path:
     path = tmp_path / "policy.yaml"
     path.write_bytes(DOCUMENT)
     for key in reviewers:
-        signature = sign(POLICY, DOCUMENT, key, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9))
+        signature = sign(
+            POLICY, DOCUMENT, key, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9)
+        )
         add_signature(signatures_path(path), signature)
     return path
 
 
 def bootstrap(*reviewers: Ed25519PrivateKey) -> PolicyStageChanged:
     """The decider's bootstrap step of the default policy, signed by ``reviewers``."""
-    sigs = [sign(POLICY, DOCUMENT, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9)) for k in reviewers]
+    sigs = [
+        sign(POLICY, DOCUMENT, k, signer="x", role="reviewer", now=T0, valid_for=timedelta(days=9))
+        for k in reviewers
+    ]
     document = json.dumps({"signatures": [msgspec.to_builtins(s) for s in sigs]})
     return bootstrap_event(SignedPolicy(POLICY, tuple(sigs)), DOCUMENT, document, "decider", T0)
 
@@ -163,7 +170,9 @@ def test_replay_trusts_the_recorded_policies_whose_signatures_hold(tmp_path: Pat
 
 def test_the_policy_history_names_signers_and_shows_refused_steps(tmp_path: Path) -> None:
     evidence = tmp_path / "evidence"
-    project(evidence, [bootstrap(ALICE, BOB), step("draft", T0 + timedelta(minutes=1), key=None)], trust=TRUST)
+    project(
+        evidence, [bootstrap(ALICE, BOB), step("draft", T0 + timedelta(minutes=1), key=None)], trust=TRUST
+    )
     rows = services.policy_history(evidence).to_pylist()
     assert [r["status"].split(" ")[0] for r in rows] == ["accepted", "refused"]
     assert rows[0]["to_stage"] == "active" and rows[0]["from_stage"] == "-"

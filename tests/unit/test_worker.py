@@ -256,7 +256,11 @@ class RecordingProducer:
         self.headers: list[list[tuple[str, bytes]] | None] = []
 
     async def send(
-        self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> asyncio.Future[object]:
         self.sent.append((topic, value, key))
         self.headers.append(headers)
