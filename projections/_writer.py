@@ -49,26 +49,13 @@ class SealedWriter:
         """Write and seal one file. ``leaves``: its rows' leaf hashes when the caller rendered them
         already (``_leaves.column_leaves``, equal to ``_seal.leaf_hashes``); else DuckDB renders them."""
         name = f"{topic}-p{partition}-{first_offset:012d}-{last_offset:012d}.parquet"
-        relative = f"{region_dir(region)}/{table}/{name}"
-        digest = write_table(self.root / relative, data, sync=False)
-        self._unsynced.append(self.root / relative)
-        self._directories.add((self.root / relative).parent)
-        self.manifest.add(
-            {
-                "kind": "file",
-                "path": relative,
-                "table": table,
-                "region": region,
-                "topic": topic,
-                "partition": partition,
-                "first_offset": first_offset,
-                "last_offset": last_offset,
-                "rows": data.num_rows,
-                "merkle_root": (ledger.root(leaves) if leaves is not None else self._duckdb_root(data)).hex(),
-                "sha256": digest,
-            }
-        )
-        self.files += 1
+        placement = {
+            "topic": topic,
+            "partition": partition,
+            "first_offset": first_offset,
+            "last_offset": last_offset,
+        }
+        self._seal(data, table, region, name, placement, leaves, groups=None)
 
     def write_flush(
         self,
@@ -87,8 +74,24 @@ class SealedWriter:
         one name per table, region and flush (a flush cut short is written again under its name).
         ``leaves`` as for ``write``."""
         name = f"flush-{len(self.manifest.entries):012d}.parquet"
+        groups = [int(src["rows"]) for src in sources]
+        self._seal(data, table, region, name, {"sources": sources}, leaves, groups=groups)
+
+    def _seal(
+        self,
+        data: pa.Table,
+        table: str,
+        region: str,
+        name: str,
+        placement: dict[str, Any],
+        leaves: list[bytes] | None,
+        *,
+        groups: list[int] | None,
+    ) -> None:
+        """Write one file (fsynced at commit) and add its entry: where its rows came from
+        (``placement``), their count, Merkle root and the file's sha256."""
         relative = f"{region_dir(region)}/{table}/{name}"
-        digest = write_table(self.root / relative, data, sync=False, groups=[int(s["rows"]) for s in sources])
+        digest = write_table(self.root / relative, data, sync=False, groups=groups)
         self._unsynced.append(self.root / relative)
         self._directories.add((self.root / relative).parent)
         self.manifest.add(
@@ -97,7 +100,7 @@ class SealedWriter:
                 "path": relative,
                 "table": table,
                 "region": region,
-                "sources": sources,
+                **placement,
                 "rows": data.num_rows,
                 "merkle_root": (ledger.root(leaves) if leaves is not None else self._duckdb_root(data)).hex(),
                 "sha256": digest,
