@@ -55,7 +55,7 @@ from nexuscore.streams import (
     publish_governance,
     worker_id,
 )
-from nexuscore.transport import Topics, ensure_topics, login_options, process_login
+from nexuscore.transport import Topics, check_instance_id, ensure_topics, login_options, process_login
 
 # How long a starting decider waits for the broker to answer.
 BROKER_WAIT_S = 15
@@ -124,6 +124,7 @@ def prepare_decider(
     ``runtime`` picks the stream runtime (docs/decisions/0001-decider-runtime.md)."""
     if runtime not in RUNTIMES:
         raise NexusError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    check_instance_id(instance_id)
     if runtime == "faust" and process_login().protocol != "PLAINTEXT":
         raise NexusError(
             "the faust runtime cannot log in to the broker: use --runtime loop with a Kafka login"
@@ -176,6 +177,7 @@ def run_worker(
     bootstrap: str, settings: WorkerSettings, namespace: str = "", ready: Callable[[], None] = lambda: None
 ) -> None:
     """Run a data-plane worker until SIGTERM or SIGINT (``ready``: called once it is set up)."""
+    check_instance_id(settings.instance_id)
 
     async def main() -> None:
         adapters = default_adapters()

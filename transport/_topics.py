@@ -72,6 +72,21 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+# A static group member's id (also part of the transactional decider's transactional id): Kafka's
+# own characters for names, bounded so that the ids built from it stay under Kafka's 249.
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def check_instance_id(instance_id: str | None) -> str | None:
+    """``instance_id`` if it is valid (or None: no static membership), else NexusError naming the rule."""
+    if instance_id is not None and not _INSTANCE_ID.fullmatch(instance_id):
+        raise NexusError(
+            f"invalid instance id {instance_id[:80]!r}: use 1 to 128 letters, digits, '.', '_' or '-', "
+            "one per decider or worker"
+        )
+    return instance_id
+
+
 class Topics(msgspec.Struct, frozen=True):
     """The pipeline's topics, under an optional namespace (NexusError if it is not valid)."""
 
