@@ -6,11 +6,13 @@
 1. **Baseline**: N messages of exactly the encoded synthetic requests' bytes and keys through plain
    aiokafka with no processing (an idempotent acks=all producer here, a consumer-group member in a
    child process) into a fresh 4-partition topic: the transport's own limit on this machine.
-2. **Throughput**: the four stages as child processes (the demo's command lines, but a provider that
-   answers at once and never fails) in a fresh namespace; after a warm-up batch has reached the
-   evidence (so every consumer group has joined), N requests are published as fast as possible and
-   timed until every one has a terminal state in the Parquet evidence. The decider is profiled with
-   py-spy meanwhile.
+2. **Throughput**: the stages as child processes (the demo's command lines, but a provider that
+   answers at once and never fails, and ``--workers`` worker processes, 2 by default: one per core)
+   in a fresh namespace; after a warm-up batch has reached the evidence (so every consumer group has
+   joined), N requests are published as fast as possible and timed until every one has a terminal
+   state in the Parquet evidence. Escalations are reviewed the moment they are on the decisions topic
+   (``bench._pipeline.desk``): the run measures the pipeline, not a person. The decider is profiled
+   with py-spy meanwhile.
 3. **Latency**: a fresh pipeline in another namespace; requests paced at R/s for S s, each stamped
    with the wall clock right before it is sent; added latency = dispatch.occurred_at - requested_at,
    and Kafka's record timestamp of the dispatch - requested_at.
@@ -51,6 +53,7 @@ from bench._pipeline.baseline import run_baseline
 from bench._pipeline.latency import run_latency
 from bench._pipeline.params import PHASES, PIPELINE_STAGES, Params
 from bench._pipeline.report import print_summary, render_markdown
+from bench._pipeline.stages import worker_names
 from bench._pipeline.sustained import run_observed, run_sustained
 from bench._pipeline.throughput import run_throughput
 from bench._pipeline.topics import encode_requests
@@ -94,6 +97,12 @@ def parse_args(argv: Sequence[str] | None) -> Params:
         default=",".join(PHASES),
         help=f"Which phases, comma-separated (default: all of {', '.join(PHASES)}).",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Worker processes, one consumer group (default 2: one per core of this machine).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes for a smoke check.")
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="Do not run py-spy on the decider."
@@ -105,8 +114,20 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     requests = ns.requests if ns.requests is not None else (2000 if ns.quick else 20_000)
     duration = ns.duration if ns.duration is not None else (5.0 if ns.quick else 20.0)
     sustained_s = ns.sustained_s if ns.sustained_s is not None else (10.0 if ns.quick else 60.0)
-    if min(requests, ns.rate, duration, ns.warmup, ns.observed_rate, ns.sustained_rate, sustained_s) <= 0:
-        parser.error("--requests, --rate, --duration, --warmup and the other rates must be positive")
+    if (
+        min(
+            requests,
+            ns.rate,
+            duration,
+            ns.warmup,
+            ns.observed_rate,
+            ns.sustained_rate,
+            sustained_s,
+            ns.workers,
+        )
+        <= 0
+    ):
+        parser.error("--requests, --rate, --duration, --warmup, --workers and the rates must be positive")
     phases = tuple(p.strip() for p in ns.phases.split(",") if p.strip())
     unknown = sorted(set(phases) - set(PHASES))
     if unknown or not phases:
@@ -116,7 +137,7 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     return Params(
         requests, ns.rate, duration, ns.warmup, ns.quick, ns.profile, ns.keep_work,
         observed_rate=ns.observed_rate, observed_s=min(duration, 20.0), sustained_rate=ns.sustained_rate,
-        sustained_s=sustained_s, phases=phases,
+        sustained_s=sustained_s, phases=phases, workers=ns.workers,
     )  # fmt: skip
 
 
@@ -134,7 +155,7 @@ def machine_info(bootstrap: str, broker_pid: int | None) -> dict[str, Any]:
     }
 
 
-def memory(results: dict[str, Any], broker_pid: int | None) -> dict[str, Any]:
+def memory(results: dict[str, Any], args: Params, broker_pid: int | None) -> dict[str, Any]:
     """Peak RSS of every stage over both pipelines, of the broker and of this process."""
     peaks = {
         stage: max(
@@ -149,7 +170,7 @@ def memory(results: dict[str, Any], broker_pid: int | None) -> dict[str, Any]:
             ),
             default=None,
         )
-        for stage in PIPELINE_STAGES
+        for stage in (*PIPELINE_STAGES, *worker_names(args.workers)[1:])
     }
     broker_rss = peak_rss_mb(broker_pid) if broker_pid is not None else None
     return {
@@ -200,7 +221,7 @@ def run_phases(results: dict[str, Any], args: Params, policy: RoutingPolicy, run
         if "sustained" in args.phases:
             print(f"[sustained] {args.sustained_rate:g} requests/s for {args.sustained_s:g} s", flush=True)
             results["sustained"] = run_sustained(*phase)
-        results["memory"] = memory(results, broker_pid)
+        results["memory"] = memory(results, args, broker_pid)
 
 
 def run(args: Params) -> dict[str, Any]:
@@ -222,6 +243,7 @@ def run(args: Params) -> dict[str, Any]:
             "observed_rate": args.observed_rate,
             "sustained_rate": args.sustained_rate,
             "sustained_s": args.sustained_s,
+            "workers": args.workers,
         },
         "policy": {"version": policy.version, "digest": policy.digest},
     }

@@ -169,16 +169,26 @@ def promotion_event(
     return sign_promotion(unsigned, key)
 
 
-async def publish(bootstrap: str, topics: Topics, event: ReviewRecorded | KillSwitchChanged) -> None:
-    """Put a review on the reviews topic (keyed by tenant: it reaches the decider holding the
-    request), or a kill switch on the governance topic (one key: all in order)."""
+async def publish(
+    bootstrap: str,
+    topics: Topics,
+    event: ReviewRecorded | KillSwitchChanged,
+    *more: ReviewRecorded | KillSwitchChanged,
+) -> None:
+    """Put reviews on the reviews topic (keyed by tenant: each reaches the decider holding its
+    request) and kill switches on the governance topic (one key: all in order), through one producer."""
     producer = new_producer(bootstrap)
     await start_client(producer, bootstrap)
+    codec = AvroCodec()
     try:
-        if isinstance(event, ReviewRecorded):
-            topic, key = topics.reviews, event.tenant_id.encode()
-        else:
-            topic, key = topics.governance, POLICY_KEY
-        await producer.send_and_wait(topic, AvroCodec().encode(event), key=key)
+        sent = []
+        for act in (event, *more):
+            if isinstance(act, ReviewRecorded):
+                topic, key = topics.reviews, act.tenant_id.encode()
+            else:
+                topic, key = topics.governance, POLICY_KEY
+            sent.append(await producer.send(topic, codec.encode(act), key=key))
+        for future in sent:
+            await future
     finally:
         await producer.stop()

@@ -236,7 +236,11 @@ def run_latency(
     topics = Topics(namespace=f"bench-{run}-latency.")
     total = max(1, round(args.rate * args.duration))
     requests = fresh_requests(policy, total, run)
-    with running_pipeline(bootstrap, topics, policy_path, work / "latency") as (services, stages, watch):
+    with running_pipeline(bootstrap, topics, policy_path, work / "latency", args.workers) as (
+        services,
+        stages,
+        watch,
+    ):
         warmup_s = warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
         cpu = CpuMeter(stage_pids(stages, "bench (paced publisher)", broker_pid))
         cpu.start()

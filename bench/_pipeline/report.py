@@ -223,7 +223,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}` at {results['timestamp_utc']}, commit `{results['git_commit']}`; "
         f"{m['nproc']} cores, Python {m['python']}, Kafka {m['kafka_version']} ({m['broker']}); "
-        f"N={p['requests']}, R={p['rate']:g}/s, S={p['duration']:g} s, warm-up {p['warmup']}. "
+        f"N={p['requests']}, R={p['rate']:g}/s, S={p['duration']:g} s, warm-up {p['warmup']}, "
+        f"{p.get('workers', 1)} worker process(es). "
         f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}.",
         "",
         *table(("Metric", "Target", "Measured", "Met"), headline(results)),

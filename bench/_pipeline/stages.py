@@ -38,9 +38,10 @@ from nexuscore.transport import Topics, ensure_topics
 
 
 def start_pipeline(
-    services: Services, bootstrap: str, topics: Topics, keys: DevKeys, evidence_dir: Path
+    services: Services, bootstrap: str, topics: Topics, keys: DevKeys, evidence_dir: Path, workers: int
 ) -> dict[str, Service]:
-    """The four stages with ``nexuscore._demo.Pipeline``'s command lines, minus ``--error-rate 0.03``.
+    """The stages with ``nexuscore._demo.Pipeline``'s command lines, minus ``--error-rate 0.03``, and
+    ``workers`` worker processes (a worker is one event loop: one per core is how a node runs them).
 
     Pipeline offers no way to change the error rate; the benchmark measures the gateway, so the
     simulated provider must answer at once and never fail (no retries, no backoff sleeps).
@@ -48,12 +49,19 @@ def start_pipeline(
     provider = services.start("provider", "run", "provider", "--port", "0")
     url = provider.wait_for_line("simulated provider listening on", 30)
     common = ["--bootstrap", bootstrap, "--namespace", topics.namespace]
-    return {
+    stages = {
         "provider": provider,
         "decider": services.start("decider", *decider_args(common, keys)),
-        "worker": services.start("worker", "run", "worker", *common, "--simulated-url", url),
         "projector": services.start("projector", *projector_args(common, keys, evidence_dir)),
     }
+    for name in worker_names(workers):  # one consumer group: the dispatch partitions are shared out
+        stages[name] = services.start(name, "run", "worker", *common, "--simulated-url", url)
+    return stages
+
+
+def worker_names(workers: int) -> list[str]:
+    """``worker``, then ``worker-2``, ``worker-3``...: the first keeps the name of a one-worker run."""
+    return ["worker", *(f"worker-{i}" for i in range(2, workers + 1))]
 
 
 def stage_pids(stages: dict[str, Service], me: str, broker_pid: int | None) -> dict[str, int]:
@@ -185,7 +193,7 @@ def warm_up(
 
 @contextlib.contextmanager
 def running_pipeline(
-    bootstrap: str, topics: Topics, policy_path: Path, root: Path
+    bootstrap: str, topics: Topics, policy_path: Path, root: Path, workers: int
 ) -> Iterator[tuple[Services, dict[str, Service], EvidenceWatch]]:
     asyncio.run(ensure_topics(bootstrap, topics))
     asyncio.run(await_topics(bootstrap, topics.all, JOIN_TIMEOUT_S))
@@ -194,5 +202,5 @@ def running_pipeline(
     # Services stops every stage (SIGTERM, grace, SIGKILL) on any exit, Ctrl-C included.
     with Services(root / "logs") as services:
         keys = dev_keys(root / "keys", policy_path)
-        stages = start_pipeline(services, bootstrap, topics, keys, evidence)
+        stages = start_pipeline(services, bootstrap, topics, keys, evidence, workers)
         yield services, stages, EvidenceWatch(evidence, keys)

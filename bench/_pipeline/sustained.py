@@ -94,7 +94,11 @@ def run_observed(
     topics = Topics(namespace=f"bench-{run}-observed.")
     total = max(1, round(args.observed_rate * args.observed_s))
     requests = fresh_requests(policy, total, f"{run}-observed")
-    with running_pipeline(bootstrap, topics, policy_path, work / "observed") as (services, stages, watch):
+    with running_pipeline(bootstrap, topics, policy_path, work / "observed", args.workers) as (
+        services,
+        stages,
+        watch,
+    ):
         warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
         pacing, latencies, appended = asyncio.run(
             observe(bootstrap, topics, requests, args.observed_rate, 60.0)
@@ -174,7 +178,11 @@ def run_sustained(
     topics = Topics(namespace=f"bench-{run}-sustained.")
     total = max(1, round(args.sustained_rate * args.sustained_s))
     requests = fresh_requests(policy, total, f"{run}-sustained")
-    with running_pipeline(bootstrap, topics, policy_path, work / "sustained") as (services, stages, watch):
+    with running_pipeline(bootstrap, topics, policy_path, work / "sustained", args.workers) as (
+        services,
+        stages,
+        watch,
+    ):
         warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
         cpu = CpuMeter(stage_pids(stages, "bench (publisher)", broker_pid))
         cpu.start()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._harness import CpuMeter, loadavg
+from bench._pipeline.desk import LiveDesk
 from bench._pipeline.params import FLOOR_RPS, Params
 from bench._pipeline.stages import (
     EvidenceWatch,
@@ -62,21 +63,23 @@ def _timed_run(
     if profiler is not None and profiler.pid is not None:
         pids["py-spy"] = profiler.pid
     cpu = CpuMeter(pids)
+    desk = ReviewDesk(bootstrap, topics, watch.keys)
     try:
         cpu.start()
-        sent = asyncio.run(send_all(bootstrap, topics.requests, messages))
-        print(
-            f"    published {sent.count} requests in {sent.seconds:.2f} s; waiting for the evidence",
-            flush=True,
-        )
-        summary, seen_mono, check_s = wait_for_terminal(
-            watch,
-            services,
-            args.warmup + args.requests,
-            120 + args.requests / FLOOR_RPS,
-            "throughput",
-            ReviewDesk(bootstrap, topics, watch.keys),
-        )
+        with LiveDesk(bootstrap, topics, desk):  # escalations reviewed as they appear
+            sent = asyncio.run(send_all(bootstrap, topics.requests, messages))
+            print(
+                f"    published {sent.count} requests in {sent.seconds:.2f} s; waiting for the evidence",
+                flush=True,
+            )
+            summary, seen_mono, check_s = wait_for_terminal(
+                watch,
+                services,
+                args.warmup + args.requests,
+                120 + args.requests / FLOOR_RPS,
+                "throughput",
+                desk,
+            )
         cpu.stop()
     finally:
         if profiler is not None:
@@ -104,7 +107,7 @@ def run_throughput(
         policy, args.requests, seed=7, start=datetime.now(UTC), run=f"{run}-throughput"
     )
     messages = encode_requests(AvroCodec(), requests)
-    with running_pipeline(bootstrap, topics, policy_path, work / "throughput") as pipeline:
+    with running_pipeline(bootstrap, topics, policy_path, work / "throughput", args.workers) as pipeline:
         services, stages, watch = pipeline
         warmup_s = warm_up(bootstrap, topics, policy, services, watch, args.warmup, run)
         timed = _timed_run(bootstrap, topics, pipeline, messages, args, broker_pid)

@@ -18,7 +18,7 @@ from nexuscore._services import Services
 from nexuscore.client import InvalidRequest, NexusClient, RequestSpec, Result, SyncNexusClient
 from nexuscore.kernel.signing import load_private_key
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy, load_trust_store
-from nexuscore.schemas import AvroCodec, InferenceRequested
+from nexuscore.schemas import AvroCodec, InferenceRequested, ReviewRecorded
 from nexuscore.services import publish, review_event, signer_name
 from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
 from tests.waiting import eventually_async
@@ -131,15 +131,35 @@ def test_an_escalation_returns_its_deadline_then_its_resolution(live: Live) -> N
     run(go)
 
 
+def test_reviews_published_together_each_reach_their_own_escalation(live: Live) -> None:
+    async def go() -> None:
+        async with live.client() as nexus:
+            first = await nexus.submit(chat(risk_class="critical"), timeout_s=60)
+            second = await nexus.submit(chat(risk_class="critical"), timeout_s=60)
+            assert first.status == second.status == "escalated"
+            await publish(
+                live.bootstrap, live.topics, review(live, first, "approved"), review(live, second, "denied")
+            )
+            approved = await nexus.result(first.tenant_id, first.request_id, 60)
+            denied = await nexus.result(second.tenant_id, second.request_id, 60)
+        assert approved.status == "answered" and approved.resolution == "dispatched"
+        assert denied.status == "denied" and denied.reason_code == "escalation_denied"
+
+    run(go)
+
+
 async def approve(live: Live, escalated: Result) -> None:
+    await publish(live.bootstrap, live.topics, review(live, escalated, "approved"))
+
+
+def review(live: Live, escalated: Result, action: str) -> ReviewRecorded:
     assert live.keys.reviewer is not None
     key = load_private_key(live.keys.reviewer)
     reviewer = signer_name(key, load_trust_store(live.keys.trust_store), "reviewer")
-    review = review_event(
-        escalated.request_id, escalated.tenant_id, escalated.decision_id, "approved",
+    return review_event(
+        escalated.request_id, escalated.tenant_id, escalated.decision_id, action,
         "checked by the test", key, reviewer, datetime.now(UTC),
     )  # fmt: skip
-    await publish(live.bootstrap, live.topics, review)
 
 
 def test_a_retry_under_the_same_request_id_returns_the_same_result(live: Live) -> None:
