@@ -14,6 +14,12 @@ What the table relies on (Kafka 4.1):
   (KIP-679) WRITE on any topic implies IDEMPOTENT_WRITE, which older brokers wanted on the cluster.
 * READ on a consumer group implies DESCRIBE on it; consumers that ``assign()`` partitions without a
   group (the governance and circuit followers) need only READ on the topic.
+* The decider and ``promote`` run ``ensure_topics`` at start: DESCRIBE_CONFIGS on every topic (a
+  prefix grant on ``<namespace>.nexus``, which covers ``nexus.*`` and ``nexuscore-*``) lets them check
+  that each records the broker's time. Without ALTER_CONFIGS they cannot change one that does not:
+  they stop with that reason instead of judging decisions by a producer's clock.
+* The transactional decider (``--transactional``) names its transactional id after its app id:
+  WRITE and DESCRIBE on that prefix, nobody else's.
 * Creating topics is the administrator's job (``ensure_topics`` logged in as ``admin``). The one
   exception is the decider's faust app, which declares its own internal topics (Table changelogs,
   ``<app id>-__assignor-__leader``) at start: it gets CREATE on its prefix.
@@ -38,8 +44,8 @@ from nexuscore.transport import Topics
 
 __all__ = ["PRINCIPALS", "Grant", "Operation", "acl_table", "apply_acls", "bindings", "markdown_table"]
 
-Operation = Literal["READ", "WRITE", "CREATE", "DESCRIBE"]
-Resource = Literal["topic", "group"]
+Operation = Literal["READ", "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"]
+Resource = Literal["topic", "group", "transactional_id"]
 
 PRINCIPALS: Final = ("producer", "decider", "worker", "projector", "operator", "reviewer", "analyst")
 
@@ -49,9 +55,15 @@ _READ_WRITE: Final[tuple[Operation, ...]] = ("READ", "WRITE")
 
 # Kafka's wire codes (org.apache.kafka.common.acl / resource): ResourceType, PatternType,
 # AclOperation, AclPermissionType.
-_RESOURCE_CODE: Final[Mapping[Resource, int]] = {"topic": 2, "group": 3}
+_RESOURCE_CODE: Final[Mapping[Resource, int]] = {"topic": 2, "group": 3, "transactional_id": 5}
 _ANY, _LITERAL, _PREFIXED, _ALLOW = 1, 3, 4, 3
-_OPERATION_CODE: Final[Mapping[Operation, int]] = {"READ": 3, "WRITE": 4, "CREATE": 5, "DESCRIBE": 8}
+_OPERATION_CODE: Final[Mapping[Operation, int]] = {
+    "READ": 3,
+    "WRITE": 4,
+    "CREATE": 5,
+    "DESCRIBE": 8,
+    "DESCRIBE_CONFIGS": 10,
+}
 
 # (resource type, name, pattern type, principal, host, operation, permission): one Kafka ACL binding.
 Binding = tuple[int, str, int, str, str, int, int]
@@ -92,6 +104,7 @@ def acl_table(
                 _READ_WRITE,
                 "kill switches, promotions (promote reads the log first)",
             ),
+            _settings_check(topics),
         ),
         "reviewer": (Grant("topic", topics.reviews, _WRITE, "reviews of escalated requests"),),
         "analyst": (),  # reads the evidence store (Parquet + DuckDB), never Kafka
@@ -133,6 +146,26 @@ def _decider(t: Topics, bootstrap: bool) -> tuple[Grant, ...]:
             "Table changelogs and faust's leader topic, declared at start",
             prefixed=True,
         ),
+        Grant(
+            "transactional_id",
+            f"{app}-",
+            ("WRITE", "DESCRIBE"),
+            "its transactional id (`--transactional`: a transaction per batch)",
+            prefixed=True,
+        ),
+        _settings_check(t),
+    )
+
+
+def _settings_check(t: Topics) -> Grant:
+    """Reading every topic's settings: the decider and ``promote`` check at start that each records
+    the broker's time (``ensure_topics``), and refuse to go on if it cannot be made to (no ALTER)."""
+    return Grant(
+        "topic",
+        f"{t.prefix}nexus",
+        ("DESCRIBE_CONFIGS",),
+        "checks that every topic records the broker's time",
+        prefixed=True,
     )
 
 

@@ -15,6 +15,7 @@ from nexuscore.transport._topics import (
     check_namespace,
     ensure_topics,
     partition_counts,
+    wanted_configs,
 )
 
 __all__ = [
@@ -38,5 +39,6 @@ __all__ = [
     "new_producer",
     "partition_counts",
     "process_login",
+    "wanted_configs",
     "start_client",
 ]

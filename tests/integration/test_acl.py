@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
     TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
 )
 
 from nexuscore._acls import PRINCIPALS, Grant, Operation, acl_table, apply_acls
@@ -35,7 +37,14 @@ from nexuscore.kernel.errors import BrokerError
 from nexuscore.policy import DEFAULT_POLICY_PATH, default_policy
 from nexuscore.projections import EvidenceStore
 from nexuscore.schemas import AvroCodec, InferenceRequested
-from nexuscore.transport import KafkaLogin, Topics, login_from_env, new_producer, start_client
+from nexuscore.transport import (
+    KafkaLogin,
+    Topics,
+    login_from_env,
+    new_producer,
+    start_client,
+    wanted_configs,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -151,12 +160,10 @@ async def create_topic(kafka: LocalKafka, user: str, name: str) -> int:
 
 
 async def prepare(kafka: LocalKafka) -> None:
-    """As admin: every topic (changelogs compacted, as ensure_topics makes them), one record on
-    partition 0 of each, then the ACL table."""
-    compact = {"cleanup.policy": "compact"}
-    new = [NewTopic(t, 4, 1) for t in TOPICS.all] + [
-        NewTopic(t, 4, 1, topic_configs=compact) for t in TOPICS.changelogs
-    ]
+    """As admin: every topic with the settings ensure_topics gives it (the broker's time; changelogs
+    compacted), one record on partition 0 of each, then the ACL table."""
+    configs = wanted_configs(TOPICS)
+    new = [NewTopic(t, 4, 1, topic_configs=configs[t]) for t in EVERY_TOPIC]
     async with admin(kafka, "admin") as client:
         response = await asyncio.wait_for(client.create_topics(new), OP_TIMEOUT_S)
     assert {code for _, code, *_ in response.topic_errors} == {0}
@@ -299,6 +306,47 @@ async def test_only_the_decider_creates_topics_and_only_its_own(kafka: LocalKafk
     assert await create_topic(kafka, "producer", f"{app}-sneaky") == TOPIC_AUTHORIZATION_FAILED
 
 
+async def settings_readable(kafka: LocalKafka, user: str) -> set[str]:
+    """The topics whose settings (DescribeConfigs) ``user`` may read."""
+    async with admin(kafka, user) as client:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in EVERY_TOPIC]
+        answers = await asyncio.wait_for(client.describe_configs(resources), OP_TIMEOUT_S)
+    return {name for answer in answers for code, _m, _t, name, *_ in answer.resources if code == 0}
+
+
+@pytest.mark.asyncio
+async def test_the_decider_and_operator_may_read_every_topics_settings_and_nobody_else(
+    kafka: LocalKafka,
+) -> None:
+    for principal in ("decider", "operator"):
+        assert await settings_readable(kafka, principal) == set(EVERY_TOPIC), principal
+    for principal in ("producer", "worker", "projector", "reviewer"):
+        assert await settings_readable(kafka, principal) == set(), principal
+
+
+async def transact(kafka: LocalKafka, user: str, transactional_id: str) -> None:
+    """One committed transaction of one record on ``nexus.decisions``, as ``user`` under that id."""
+    client = AIOKafkaProducer(
+        bootstrap_servers=kafka.bootstrap, transactional_id=transactional_id, **kafka.client_config(user)
+    )
+    try:
+        await asyncio.wait_for(client.start(), OP_TIMEOUT_S)
+        async with client.transaction():
+            await send(client, TOPICS.decisions)
+    finally:
+        await client.stop()
+
+
+@pytest.mark.asyncio
+async def test_transactional_ids_are_the_deciders_own(kafka: LocalKafka) -> None:
+    app = TOPICS.group("nexuscore-decider")
+    await transact(kafka, "decider", f"{app}-decider-a")  # what ``--transactional`` names its id
+    with pytest.raises(TransactionalIdAuthorizationFailed):
+        await transact(kafka, "decider", "someone-else")
+    with pytest.raises((TransactionalIdAuthorizationFailed, TopicAuthorizationFailedError)):
+        await transact(kafka, "producer", f"{app}-decider-a")
+
+
 @pytest.mark.asyncio
 async def test_analyst_sees_no_topic_at_all(kafka: LocalKafka) -> None:
     assert TABLE["analyst"] == ()
@@ -377,7 +425,9 @@ def test_every_stage_works_logged_in_as_its_own_principal(kafka: LocalKafka, tmp
         counts = eventually(
             sealed, "every request decided, dispatched ones answered, all sealed", 120, services
         )
+        decider_log = services.started[1].log_path.read_text(encoding="utf-8")
     assert counts["decisions"] + counts["rejections"] == STAGE_REQUESTS
+    assert "cannot be read" not in decider_log  # it checked every topic's settings at start
 
 
 async def publish_as(bootstrap: str, login: KafkaLogin, requests: list[InferenceRequested]) -> None:
