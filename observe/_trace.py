@@ -135,7 +135,7 @@ def _provider_from_environment(service: str) -> Any:
         )
     except ImportError:
         raise NexusError(
-            "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http "
+            "OTLP export needs the exporter package: pip install 'nexuscore[otlp]' "
             "(or set OTEL_TRACES_EXPORTER=console)"
         ) from None
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
