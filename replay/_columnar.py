@@ -54,9 +54,10 @@ class _Budget:
     def __init__(self) -> None:
         self.version = 0
         self.windows: dict[int, list[Any]] = {}
-        # What ``committed`` gave per (day, feature) since the windows last changed: most requests
-        # are read between two changes, and this is one lookup where the sums are five.
-        self.seen: dict[tuple[int, int], tuple[int, int]] = {}
+        # What ``committed`` gave per (day, feature) since the windows last changed, by the scan's
+        # one integer for the pair: most requests are read between two changes, and this is one
+        # lookup where the sums are five.
+        self.seen: dict[int, tuple[int, int]] = {}
 
     def committed(self, day: int, feature: int) -> tuple[int, int]:
         w = self.windows.get(day)
@@ -110,6 +111,12 @@ def _day_numbers(now_us: pa.ChunkedArray) -> pa.Array:
     q = pc.divide(x, _DAY_US)
     inexact = pc.and_(pc.less(x, 0), pc.not_equal(pc.multiply(q, _DAY_US), x))
     return pc.subtract(q, pc.cast(inexact, _I64))
+
+
+def _codes_of(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """A column dictionary-encoded (nulls too), first seen first: (indices as int64, values)."""
+    encoded = pc.dictionary_encode(column.combine_chunks(), null_encoding="encode")
+    return pc.cast(encoded.indices, _I64), encoded.dictionary
 
 
 def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
@@ -175,13 +182,16 @@ class _Engine:
         self.escalated: dict[Key, _Escalated] = {}
         # Per request in the history's order (the scan's): its tenant, feature and day.
         order = history.request_order
-        tenant = pc.dictionary_encode(r.arrow("tenant_id").combine_chunks())
-        self.tenant_names: list[str] = tenant.dictionary.to_pylist()
-        self.tenant_code = values_of(tenant.indices.take(order))
-        feature = pc.dictionary_encode(r.arrow("feature").combine_chunks(), null_encoding="encode")
-        self.feature_code = values_of(feature.indices.take(order))
+        # The tenants' and features' codes as the planner numbered them (first seen first).
+        tenant_code, tenants = self.planned.codes.get("tenant_id") or _codes_of(r.arrow("tenant_id"))
+        self.tenant_names: list[str] = tenants.to_pylist()
+        self.tenant_code = values_of(tenant_code.take(order))
+        feature_code, features = self.planned.codes.get("feature") or _codes_of(r.arrow("feature"))
         self.day_number = _day_numbers(r.arrow("now_us")) if n else pa.array([], _I64)
-        self.day = values_of(self.day_number.take(order))
+        # (day, feature) as one integer (day * features + feature): the scan's key for a pair.
+        self.features = max(1, len(features))
+        feature_at = feature_code.take(order)
+        self.slot = values_of(pc.add(pc.multiply(self.day_number.take(order), self.features), feature_at))
         control = pc.fill_null(pc.not_equal(r.arrow("control_mode"), ""), False)
         self.control = set(pc.indices_nonzero(control).to_pylist()) if n else set()
         o = history.observations
@@ -396,13 +406,11 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     budget = _Budget()
     seen = budget.seen
     # Locals: the loop runs once a row.
-    request, take_in, unknown, budgeted, denied, shaped, budget_denied = (
-        engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
+    request, take_in, unknown, budgeted, denied, shaped, budget_denied, features = (
+        engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED, engine.features,
     )  # fmt: skip
-    per_row = zip(
-        kind_of, engine.tenant_code, engine.day, engine.feature_code, tenant_slack, feature_slack, strict=True
-    )
-    for p, (k, code, day, feature, t_slack, f_slack) in enumerate(per_row):
+    per_row = zip(kind_of, engine.tenant_code, engine.slot, tenant_slack, feature_slack, strict=True)
+    for p, (k, code, slot, t_slack, f_slack) in enumerate(per_row):
         if p == at:
             taken, at = take_in(interleaved, taken, p)
         if every and p % every == 0 and p and progress is not None:
@@ -414,9 +422,9 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         if k == unknown:
             engine.unknown_policy(rows[p], p)
             continue
-        committed = seen.get((day, feature))
+        committed = seen.get(slot)
         if committed is None:
-            committed = seen[(day, feature)] = budget.committed(day, feature)
+            committed = seen[slot] = budget.committed(*divmod(slot, features))
         t, f = committed
         tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
         if k == budgeted:
@@ -429,6 +437,7 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
             mode[p] = shaped
             budget.version += k == denied
             continue
+        day, feature = divmod(slot, features)
         request(rows[p], p, budget, (tenant_names[code], day, feature, t, f))
     take_in(interleaved, taken, total + 1)
     if progress is not None:

@@ -288,14 +288,20 @@ def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     n = requests.num_rows
     if n == 0:
         return pa.chunked_array([pa.array([], pa.int64())])
-    keys = pa.table(
-        {
-            "tenant": tenant,
-            "partition": requests.column("src_partition"),
-            "offset": requests.column("src_offset"),
-        }
-    )
-    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
+    position = _packed_positions([requests])
+    if position is not None and pc.max(tenant).as_py() < 2**12:
+        # One integer per row (tenant above the log position): one sort key where there were three.
+        tenant64 = pc.cast(tenant, pa.int64())
+        order = pc.sort_indices(pc.add(pc.multiply(tenant64, 2**_POSITION_BITS), position[0]))
+    else:
+        keys = pa.table(
+            {
+                "tenant": tenant,
+                "partition": requests.column("src_partition"),
+                "offset": requests.column("src_offset"),
+            }
+        )
+        order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
     tenants = tenant.take(order)
     # A tenant's last row, where no later decided request of the tenant can follow.
     last = pa.concat_arrays([pc.not_equal(tenants.slice(0, n - 1), tenants.slice(1)), pa.array([True])])
@@ -334,9 +340,41 @@ def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Ta
             ),
         ]
     )
-    names = ("tenant", "version", "sub", "kind", "partition", "offset")
+    names: tuple[str, ...] = ("tenant", "version", "sub", "kind", "partition", "offset")
+    positions = _packed_positions([requests, settlements, resolutions])
+    if positions is not None:
+        # (sub, kind, log position) as one integer: sub + 1 and kind (0..2) above the position.
+        within = pc.add(pc.multiply(pc.cast(keys.column("sub"), pa.int64()), 3), keys.column("kind"))
+        tail = pc.add(
+            pc.multiply(pc.add(within, 3), 2**_POSITION_BITS),
+            pa.chunked_array([c for p in positions for c in p.chunks], pa.int64()),
+        )
+        keys, names = keys.append_column("tail", tail), ("tenant", "version", "tail")
     order = pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names])
     return keys.select(["kind", "index"]).take(order)
+
+
+# A log position (partition, offset) as one integer, partition above offset, where every one fits:
+# partitions below 2**10, offsets below 2**40 (a topic's partitions and offsets in practice).
+_OFFSET_BITS, _POSITION_BITS = 40, 50
+
+
+def _packed_positions(tables: list[pa.Table]) -> list[pa.ChunkedArray] | None:
+    """Each table's log positions packed (``_POSITION_BITS``), ordered as (partition, offset) are;
+    None if any partition or offset is null or out of range (then they are sorted as two keys)."""
+    for table in tables:
+        for name, bits in (("src_partition", _POSITION_BITS - _OFFSET_BITS), ("src_offset", _OFFSET_BITS)):
+            column = table.column(name)
+            bounds = pc.min_max(column).as_py()
+            if column.null_count or (table.num_rows and not 0 <= bounds["min"] <= bounds["max"] < 2**bits):
+                return None
+    return [
+        pc.add(
+            pc.multiply(pc.cast(t.column("src_partition"), pa.int64()), 2**_OFFSET_BITS),
+            t.column("src_offset"),
+        )
+        for t in tables
+    ]
 
 
 # The counts replay multiplies by prices (int64 arithmetic over columns): the schemas allow far less

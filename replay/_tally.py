@@ -51,8 +51,9 @@ class Folded:
     def __init__(self, rows: int, day_number: pa.Array, order: pa.Array) -> None:
         self.order = order
         # Machine integers, not lists: no Python int kept per row, and Arrow reads them in place.
-        self.mode = array("b", bytes(rows))  # UNCOMPARED is 0
-        self.tenant_at, self.feature_at, self.version_at = (array("q", bytes(8 * rows)) for _ in range(3))
+        # (Repeated, not built from a zeroed bytes object: its memory would be touched twice.)
+        self.mode = array("b", [UNCOMPARED]) * rows
+        self.tenant_at, self.feature_at, self.version_at = (array("q", [0]) * rows for _ in range(3))
         self.day_number = day_number  # by request row
         self.decided: dict[int, Outcome] = {}
         # Verify mode's requests whose policy is not known: (place in the order, the change).
