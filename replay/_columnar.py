@@ -119,12 +119,13 @@ def _codes_of(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     return pc.cast(encoded.indices, _I64), encoded.dictionary
 
 
-def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
+def _served(r: Columns, outcomes: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
     """The request rows served in the recorded history, with what a settlement reprices by (the
     recorded call: deployment, input and output tokens); and the rows with a recorded dispatch.
     Only those rows: most requests are neither."""
-    at = pc.indices_nonzero(pc.fill_null(r.arrow("served"), False))
-    calls = r.table.select(["out_deployment", "out_input", "out_output"]).take(at)
+    out_row = r.arrow("out_row")
+    at = pc.indices_nonzero(pc.is_valid(out_row))
+    calls = outcomes.table.select(["out_deployment", "out_input", "out_output"]).take(out_row.take(at))
     served = dict(
         zip(
             at.to_pylist(),
@@ -210,7 +211,8 @@ class _Engine:
         self.now_us = values_of(r.arrow("now_us"))
         self.max_output_tokens = values_of(r.arrow("max_output_tokens"))
         self.latency_slo_ms = _Nullable(r.arrow("latency_slo_ms"))
-        self.served, self.recorded_dispatch = _served(r)
+        self.outcomes = history.outcomes
+        self.served, self.recorded_dispatch = _served(r, history.outcomes)
 
     def budget_of(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -471,7 +473,7 @@ def fold_history(
     with _no_cycle_collection():
         engine = _Engine(history, policy, recorded_policies, report, keep_changes)
         report.requests += _scan(engine, history, progress)
-        tally(engine.r, engine.planned, engine.folded, report, keep_changes)
+        tally(engine.r, engine.outcomes, engine.planned, engine.folded, report, keep_changes)
     return report
 
 
