@@ -57,7 +57,7 @@ _DECISION_COLUMNS = (
     "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode"
 )
 # Decisions written before control_mode existed name their kill switch in a reason: read (the
-# reasons are the bulk of a decision's row) only when the store holds such decisions.
+# reasons are the bulk of a decision's row) only when the rows read hold such decisions.
 _LEGACY_CONTROL_MODE = (
     "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
     "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
@@ -421,6 +421,12 @@ _COUNT_BOUNDS = {"prompt_chars": (0, 2**40), "max_output_tokens": (0, 2**31)}
 _OUTCOME_BOUNDS = {"out_input": (0, 2**31), "out_output": (0, 2**31)}
 
 
+def _unmarked(requests: pa.Table) -> bool:
+    """Does any row read have a recorded decision with no control_mode?"""
+    decided = pc.equal(requests.column("rec_table"), "decisions")
+    return bool(pc.any(pc.and_(decided, pc.is_null(requests.column("control_mode")))).as_py())
+
+
 def _check_counts(requests: pa.Table, bounds_of: dict[str, tuple[int, int]]) -> None:
     """Every count in its bounds (``bounds_of``), or an EvidenceError naming the first row
     (tenant, request) and column that is not."""
@@ -455,11 +461,13 @@ def load_history(
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
     known = None if isinstance(digests, bool) else list(digests)
     asked = params if known is None else {**params, "digests": known}
-    legacy = (
-        store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
-    )
-    mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
+    mode = "control_mode"
     requests = store.query(_requests_sql(False, mode, digests), asked)
+    if _unmarked(requests):
+        # Decisions written before control_mode existed, among those read: read again, the kill
+        # switch found in their reasons (the rows of the latest decisions are among these rows).
+        mode = _LEGACY_CONTROL_MODE
+        requests = store.query(_requests_sql(False, mode, digests), asked)
     latest = requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py()
     if latest:
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
