@@ -406,7 +406,10 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     # The next settlement's or resolution's place: how many requests come before it.
     taken, at = 0, interleaved[0][0] if interleaved else total + 1
     budget = _Budget()
-    seen = budget.seen
+    # The current tenant's state version as a local (the loop adds 1 on most rows), written back to
+    # its budget before anything else reads or changes it (a request decided, a settlement or a
+    # resolution taken in, the next tenant's rows), and read again after.
+    seen, version = budget.seen, 0
     # Locals: the loop runs once a row.
     request, take_in, unknown, budgeted, denied, shaped, budget_denied, features = (
         engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED, engine.features,
@@ -414,13 +417,16 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     per_row = zip(kind_of, engine.tenant_code, engine.slot, tenant_slack, feature_slack, strict=True)
     for p, (k, code, slot, t_slack, f_slack) in enumerate(per_row):
         if p == at:
+            budget.version = version
             taken, at = take_in(interleaved, taken, p)
+            version = budget.version
         if every and p % every == 0 and p and progress is not None:
             progress(p, total)
         if code != current:
+            budget.version = version
             current = code
             budget = by_code[code]
-            seen = budget.seen
+            seen, version = budget.seen, budget.version
         if k == unknown:
             engine.unknown_policy(rows[p], p)
             continue
@@ -428,19 +434,22 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
         if committed is None:
             committed = seen[slot] = budget.committed(*divmod(slot, features))
         t, f = committed
-        tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
+        tenant_at[p], feature_at[p], version_at[p] = t, f, version
         if k == budgeted:
             # The cheapest option fits neither the tenant's nor the feature's room left.
             if t > t_slack or f > f_slack:
                 mode[p] = budget_denied
-                budget.version += 1
+                version += 1
                 continue
         elif k <= denied:  # REJECTED or DENIED (0 and 1)
             mode[p] = shaped
-            budget.version += k == denied
+            version += k == denied
             continue
         day, feature = divmod(slot, features)
+        budget.version = version
         request(rows[p], p, budget, (tenant_names[code], day, feature, t, f))
+        version = budget.version
+    budget.version = version
     take_in(interleaved, taken, total + 1)
     if progress is not None:
         progress(total, total)
