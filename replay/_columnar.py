@@ -54,9 +54,10 @@ class _Budget:
     def __init__(self) -> None:
         self.version = 0
         self.windows: dict[int, list[Any]] = {}
-        # What ``committed`` gave per (day, feature) since the windows last changed: most requests
-        # are read between two changes, and this is one lookup where the sums are five.
-        self.seen: dict[tuple[int, int], tuple[int, int]] = {}
+        # What ``committed`` gave per (day, feature) since the windows last changed, by the scan's
+        # one integer for the pair: most requests are read between two changes, and this is one
+        # lookup where the sums are five.
+        self.seen: dict[int, tuple[int, int]] = {}
 
     def committed(self, day: int, feature: int) -> tuple[int, int]:
         w = self.windows.get(day)
@@ -112,12 +113,19 @@ def _day_numbers(now_us: pa.ChunkedArray) -> pa.Array:
     return pc.subtract(q, pc.cast(inexact, _I64))
 
 
-def _served(r: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
+def _codes_of(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """A column dictionary-encoded (nulls too), first seen first: (indices as int64, values)."""
+    encoded = pc.dictionary_encode(column.combine_chunks(), null_encoding="encode")
+    return pc.cast(encoded.indices, _I64), encoded.dictionary
+
+
+def _served(r: Columns, outcomes: Columns) -> tuple[dict[int, tuple[str, int, int]], set[int]]:
     """The request rows served in the recorded history, with what a settlement reprices by (the
     recorded call: deployment, input and output tokens); and the rows with a recorded dispatch.
     Only those rows: most requests are neither."""
-    at = pc.indices_nonzero(pc.fill_null(r.arrow("served"), False))
-    calls = r.table.select(["out_deployment", "out_input", "out_output"]).take(at)
+    out_row = r.arrow("out_row")
+    at = pc.indices_nonzero(pc.is_valid(out_row))
+    calls = outcomes.table.select(["out_deployment", "out_input", "out_output"]).take(out_row.take(at))
     served = dict(
         zip(
             at.to_pylist(),
@@ -175,13 +183,16 @@ class _Engine:
         self.escalated: dict[Key, _Escalated] = {}
         # Per request in the history's order (the scan's): its tenant, feature and day.
         order = history.request_order
-        tenant = pc.dictionary_encode(r.arrow("tenant_id").combine_chunks())
-        self.tenant_names: list[str] = tenant.dictionary.to_pylist()
-        self.tenant_code = values_of(tenant.indices.take(order))
-        feature = pc.dictionary_encode(r.arrow("feature").combine_chunks(), null_encoding="encode")
-        self.feature_code = values_of(feature.indices.take(order))
+        # The tenants' and features' codes as the planner numbered them (first seen first).
+        tenant_code, tenants = self.planned.codes.get("tenant_id") or _codes_of(r.arrow("tenant_id"))
+        self.tenant_names: list[str] = tenants.to_pylist()
+        self.tenant_code = values_of(tenant_code.take(order))
+        feature_code, features = self.planned.codes.get("feature") or _codes_of(r.arrow("feature"))
         self.day_number = _day_numbers(r.arrow("now_us")) if n else pa.array([], _I64)
-        self.day = values_of(self.day_number.take(order))
+        # (day, feature) as one integer (day * features + feature): the scan's key for a pair.
+        self.features = max(1, len(features))
+        feature_at = feature_code.take(order)
+        self.slot = values_of(pc.add(pc.multiply(self.day_number.take(order), self.features), feature_at))
         control = pc.fill_null(pc.not_equal(r.arrow("control_mode"), ""), False)
         self.control = set(pc.indices_nonzero(control).to_pylist()) if n else set()
         o = history.observations
@@ -200,7 +211,8 @@ class _Engine:
         self.now_us = values_of(r.arrow("now_us"))
         self.max_output_tokens = values_of(r.arrow("max_output_tokens"))
         self.latency_slo_ms = _Nullable(r.arrow("latency_slo_ms"))
-        self.served, self.recorded_dispatch = _served(r)
+        self.outcomes = history.outcomes
+        self.served, self.recorded_dispatch = _served(r, history.outcomes)
 
     def budget_of(self, tenant: str) -> _Budget:
         b = self.budgets.get(tenant)
@@ -394,42 +406,50 @@ def _scan(engine: _Engine, history: History, progress: Callable[[int, int], None
     # The next settlement's or resolution's place: how many requests come before it.
     taken, at = 0, interleaved[0][0] if interleaved else total + 1
     budget = _Budget()
-    seen = budget.seen
+    # The current tenant's state version as a local (the loop adds 1 on most rows), written back to
+    # its budget before anything else reads or changes it (a request decided, a settlement or a
+    # resolution taken in, the next tenant's rows), and read again after.
+    seen, version = budget.seen, 0
     # Locals: the loop runs once a row.
-    request, take_in, unknown, budgeted, denied, shaped, budget_denied = (
-        engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED,
+    request, take_in, unknown, budgeted, denied, shaped, budget_denied, features = (
+        engine.request, engine.take_in, _UNKNOWN, BUDGETED, DENIED, SHAPED, BUDGET_DENIED, engine.features,
     )  # fmt: skip
-    per_row = zip(
-        kind_of, engine.tenant_code, engine.day, engine.feature_code, tenant_slack, feature_slack, strict=True
-    )
-    for p, (k, code, day, feature, t_slack, f_slack) in enumerate(per_row):
+    per_row = zip(kind_of, engine.tenant_code, engine.slot, tenant_slack, feature_slack, strict=True)
+    for p, (k, code, slot, t_slack, f_slack) in enumerate(per_row):
         if p == at:
+            budget.version = version
             taken, at = take_in(interleaved, taken, p)
+            version = budget.version
         if every and p % every == 0 and p and progress is not None:
             progress(p, total)
         if code != current:
+            budget.version = version
             current = code
             budget = by_code[code]
-            seen = budget.seen
+            seen, version = budget.seen, budget.version
         if k == unknown:
             engine.unknown_policy(rows[p], p)
             continue
-        committed = seen.get((day, feature))
+        committed = seen.get(slot)
         if committed is None:
-            committed = seen[(day, feature)] = budget.committed(day, feature)
+            committed = seen[slot] = budget.committed(*divmod(slot, features))
         t, f = committed
-        tenant_at[p], feature_at[p], version_at[p] = t, f, budget.version
+        tenant_at[p], feature_at[p], version_at[p] = t, f, version
         if k == budgeted:
             # The cheapest option fits neither the tenant's nor the feature's room left.
             if t > t_slack or f > f_slack:
                 mode[p] = budget_denied
-                budget.version += 1
+                version += 1
                 continue
         elif k <= denied:  # REJECTED or DENIED (0 and 1)
             mode[p] = shaped
-            budget.version += k == denied
+            version += k == denied
             continue
+        day, feature = divmod(slot, features)
+        budget.version = version
         request(rows[p], p, budget, (tenant_names[code], day, feature, t, f))
+        version = budget.version
+    budget.version = version
     take_in(interleaved, taken, total + 1)
     if progress is not None:
         progress(total, total)
@@ -462,7 +482,7 @@ def fold_history(
     with _no_cycle_collection():
         engine = _Engine(history, policy, recorded_policies, report, keep_changes)
         report.requests += _scan(engine, history, progress)
-        tally(engine.r, engine.planned, engine.folded, report, keep_changes)
+        tally(engine.r, engine.outcomes, engine.planned, engine.folded, report, keep_changes)
     return report
 
 

@@ -57,7 +57,7 @@ _DECISION_COLUMNS = (
     "predicted_latency_ms, tenant_budget_micros, feature_budget_micros, {control_mode} AS control_mode"
 )
 # Decisions written before control_mode existed name their kill switch in a reason: read (the
-# reasons are the bulk of a decision's row) only when the store holds such decisions.
+# reasons are the bulk of a decision's row) only when the rows read hold such decisions.
 _LEGACY_CONTROL_MODE = (
     "coalesce(control_mode, CASE WHEN len(list_filter(reasons, lambda x: x.stage = 'admission' "
     "AND x.subject IN ('kill_switch', 'offline'))) > 0 THEN 'legacy' ELSE '' END)"
@@ -81,19 +81,32 @@ SELECT r.tenant_id, r.request_id, r.feature, r.task_type, r.risk_class, r.data_c
   d.state_version, d.complexity AS rec_complexity, d.floor_tier, d.preferred_tier, d.eligible, d.fallbacks,
   d.predicted_latency_ms, d.tenant_budget_micros, d.feature_budget_micros,
   CASE WHEN j.request_id IS NOT NULL THEN '' ELSE d.control_mode END AS control_mode,
-  o.request_id IS NOT NULL AS served, o.deployment_id AS out_deployment, o.input_tokens AS out_input,
-  o.output_tokens AS out_output, o.cost_micros AS out_cost,
+  o.out_row,
   r.src_partition, r.src_offset
 FROM chosen r LEFT JOIN dec d USING (tenant_id, request_id) LEFT JOIN rej j USING (tenant_id, request_id)
   LEFT JOIN outc o USING (tenant_id, request_id)
 """  # noqa: S608
+_OUT_ROW = (
+    "row_number() OVER (ORDER BY tenant_id, request_id, src_partition, src_offset, deployment_id, "
+    "input_tokens, output_tokens, cost_micros) - 1 AS out_row"
+)
 # The rows in no particular order (sorting the wide rows costs more than the rest of the query):
 # the history's order is worked out on the keys (``_history_order``).
 _JOINED = {
     "dec": ("decisions", _DECISION_COLUMNS),
     "rej": ("rejections", _KEY + "occurred_at, policy_digest, reason_code, reason"),
-    "outc": ("outcomes", _KEY + "deployment_id, input_tokens, output_tokens, cost_micros"),
+    "outc": ("outcomes", _KEY + "deployment_id, input_tokens, output_tokens, cost_micros, " + _OUT_ROW),
 }
+# The outcomes joined (a few rows) come by their own query, in the order of their ``out_row``: the
+# join carries that one number instead of four columns that are null on most rows. Ordered by every
+# column read, ties are between rows that read the same: the numbering is the same in both queries.
+_OUTCOMES = f"""
+WITH chosen AS (SELECT {_REQUEST_COLUMNS} FROM requests {_WHERE}),
+outc AS ({{outc}})
+SELECT tenant_id, request_id, deployment_id AS out_deployment, input_tokens AS out_input,
+  output_tokens AS out_output, cost_micros AS out_cost
+FROM outc ORDER BY out_row
+"""  # noqa: S608
 _COUNT = f"SELECT count(*) AS n FROM requests {_WHERE}"  # noqa: S608
 # The decisions with latency observations, by (tenant, request): of every decision where no key has
 # two rows among the chosen requests' (the join's own test), else of the latest, as the join reads.
@@ -128,6 +141,14 @@ def _requests_sql(latest: bool, control_mode: str, digests: bool | Sequence[str]
     return sql.replace("{control_mode}", control_mode)
 
 
+def _outcomes_sql(latest: bool) -> str:
+    """The outcomes the requests' query joins, in the order of their ``out_row``."""
+    _, columns = _JOINED["outc"]
+    return _OUTCOMES.replace(
+        "{outc}", (_LATEST if latest else _EVERY).format(table="outcomes", columns=columns)
+    )
+
+
 _FOLLOWING = f"""
 WITH chosen AS (SELECT tenant_id, request_id FROM requests {_WHERE})
 SELECT tenant_id, request_id, state_version, {{columns}} src_partition, src_offset
@@ -146,6 +167,18 @@ _NO_OBSERVATIONS = pa.table(
         "tenant_id": pa.array([], pa.string()),
         "request_id": pa.array([], pa.string()),
         "observations": pa.array([]),
+    }
+)
+
+
+_NO_OUTCOMES = pa.table(
+    {
+        "tenant_id": pa.array([], pa.string()),
+        "request_id": pa.array([], pa.string()),
+        "out_deployment": pa.array([], pa.string()),
+        "out_input": pa.array([], pa.int64()),
+        "out_output": pa.array([], pa.int64()),
+        "out_cost": pa.array([], pa.int64()),
     }
 )
 
@@ -204,6 +237,7 @@ class History:
         "digests",
         "interleaved",
         "observations",
+        "outcomes",
         "request_order",
         "requests",
         "resolutions",
@@ -218,8 +252,11 @@ class History:
         order: pa.Table,
         observations: Columns | None = None,
         digests: list[str] | None = None,
+        outcomes: Columns | None = None,
     ) -> None:
         self.requests, self.settlements, self.resolutions = requests, settlements, resolutions
+        # The recorded outcomes the requests' ``out_row`` numbers (a row per served request).
+        self.outcomes = outcomes or Columns(_NO_OUTCOMES)
         # The digests the requests' ``rec_policy`` places refer to (None: they carry no places).
         self.digests = digests
         # The recorded decisions' latency observations, where there are any: (tenant, request, list).
@@ -288,14 +325,20 @@ def _request_versions(requests: pa.Table, tenant: pa.Array) -> pa.ChunkedArray:
     n = requests.num_rows
     if n == 0:
         return pa.chunked_array([pa.array([], pa.int64())])
-    keys = pa.table(
-        {
-            "tenant": tenant,
-            "partition": requests.column("src_partition"),
-            "offset": requests.column("src_offset"),
-        }
-    )
-    order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
+    position = _packed_positions([requests])
+    if position is not None and pc.max(tenant).as_py() < 2**12:
+        # One integer per row (tenant above the log position): one sort key where there were three.
+        tenant64 = pc.cast(tenant, pa.int64())
+        order = pc.sort_indices(pc.add(pc.multiply(tenant64, 2**_POSITION_BITS), position[0]))
+    else:
+        keys = pa.table(
+            {
+                "tenant": tenant,
+                "partition": requests.column("src_partition"),
+                "offset": requests.column("src_offset"),
+            }
+        )
+        order = pc.sort_indices(keys, sort_keys=[(k, "ascending") for k in keys.column_names])
     tenants = tenant.take(order)
     # A tenant's last row, where no later decided request of the tenant can follow.
     last = pa.concat_arrays([pc.not_equal(tenants.slice(0, n - 1), tenants.slice(1)), pa.array([True])])
@@ -334,26 +377,60 @@ def _history_order(requests: pa.Table, settlements: pa.Table, resolutions: pa.Ta
             ),
         ]
     )
-    names = ("tenant", "version", "sub", "kind", "partition", "offset")
+    names: tuple[str, ...] = ("tenant", "version", "sub", "kind", "partition", "offset")
+    positions = _packed_positions([requests, settlements, resolutions])
+    if positions is not None:
+        # (sub, kind, log position) as one integer: sub + 1 and kind (0..2) above the position.
+        within = pc.add(pc.multiply(pc.cast(keys.column("sub"), pa.int64()), 3), keys.column("kind"))
+        tail = pc.add(
+            pc.multiply(pc.add(within, 3), 2**_POSITION_BITS),
+            pa.chunked_array([c for p in positions for c in p.chunks], pa.int64()),
+        )
+        keys, names = keys.append_column("tail", tail), ("tenant", "version", "tail")
     order = pc.sort_indices(keys, sort_keys=[(n, "ascending") for n in names])
     return keys.select(["kind", "index"]).take(order)
+
+
+# A log position (partition, offset) as one integer, partition above offset, where every one fits:
+# partitions below 2**10, offsets below 2**40 (a topic's partitions and offsets in practice).
+_OFFSET_BITS, _POSITION_BITS = 40, 50
+
+
+def _packed_positions(tables: list[pa.Table]) -> list[pa.ChunkedArray] | None:
+    """Each table's log positions packed (``_POSITION_BITS``), ordered as (partition, offset) are;
+    None if any partition or offset is null or out of range (then they are sorted as two keys)."""
+    for table in tables:
+        for name, bits in (("src_partition", _POSITION_BITS - _OFFSET_BITS), ("src_offset", _OFFSET_BITS)):
+            column = table.column(name)
+            bounds = pc.min_max(column).as_py()
+            if column.null_count or (table.num_rows and not 0 <= bounds["min"] <= bounds["max"] < 2**bits):
+                return None
+    return [
+        pc.add(
+            pc.multiply(pc.cast(t.column("src_partition"), pa.int64()), 2**_OFFSET_BITS),
+            t.column("src_offset"),
+        )
+        for t in tables
+    ]
 
 
 # The counts replay multiplies by prices (int64 arithmetic over columns): the schemas allow far less
 # (max_output_tokens <= 32,768), so a value outside these bounds is a tampered or corrupt store, and
 # is refused here rather than overflowing mid-fold.
-_COUNT_BOUNDS = {
-    "prompt_chars": (0, 2**40),
-    "max_output_tokens": (0, 2**31),
-    "out_input": (0, 2**31),
-    "out_output": (0, 2**31),
-}
+_COUNT_BOUNDS = {"prompt_chars": (0, 2**40), "max_output_tokens": (0, 2**31)}
+_OUTCOME_BOUNDS = {"out_input": (0, 2**31), "out_output": (0, 2**31)}
 
 
-def _check_counts(requests: pa.Table) -> None:
-    """Every count in its bounds (``_COUNT_BOUNDS``), or an EvidenceError naming the first row
+def _unmarked(requests: pa.Table) -> bool:
+    """Does any row read have a recorded decision with no control_mode?"""
+    decided = pc.equal(requests.column("rec_table"), "decisions")
+    return bool(pc.any(pc.and_(decided, pc.is_null(requests.column("control_mode")))).as_py())
+
+
+def _check_counts(requests: pa.Table, bounds_of: dict[str, tuple[int, int]]) -> None:
+    """Every count in its bounds (``bounds_of``), or an EvidenceError naming the first row
     (tenant, request) and column that is not."""
-    for name, (low, high) in _COUNT_BOUNDS.items():
+    for name, (low, high) in bounds_of.items():
         column = requests.column(name)
         bounds = pc.min_max(column)
         least, most = bounds["min"].as_py(), bounds["max"].as_py()
@@ -384,17 +461,22 @@ def load_history(
     params: dict[str, Any] = {"tenant": tenant, "since": since, "until": until}
     known = None if isinstance(digests, bool) else list(digests)
     asked = params if known is None else {**params, "digests": known}
-    legacy = (
-        store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").column("n")[0].as_py()
-    )
-    mode = _LEGACY_CONTROL_MODE if legacy else "control_mode"
+    mode = "control_mode"
     requests = store.query(_requests_sql(False, mode, digests), asked)
+    if _unmarked(requests):
+        # Decisions written before control_mode existed, among those read: read again, the kill
+        # switch found in their reasons (the rows of the latest decisions are among these rows).
+        mode = _LEGACY_CONTROL_MODE
+        requests = store.query(_requests_sql(False, mode, digests), asked)
     latest = requests.num_rows != store.query(_COUNT, params).column("n")[0].as_py()
     if latest:
         # A (tenant, request) with two rows in a table: the latest by log position is replayed against.
         requests = store.query(_requests_sql(True, mode, digests), asked)
     observed = store.query(_LATEST_OBSERVED, params) if latest else store.query(_OBSERVED, {"tenant": tenant})
-    _check_counts(requests)
+    outcomes = store.query(_outcomes_sql(latest), params)
+    _check_counts(requests, _COUNT_BOUNDS)
+    # The outcomes some request joined (the rest is never read).
+    _check_counts(outcomes.take(pc.drop_null(requests.column("out_row"))), _OUTCOME_BOUNDS)
     every = tenant is None and since is None and until is None
     following, bound = (_EVERY_FOLLOWING, None) if every else (_FOLLOWING, params)
     settlements = store.query(following.format(table="settlements", columns=""), bound)
@@ -408,4 +490,5 @@ def load_history(
         order=_history_order(requests, settlements, resolutions),
         observations=Columns(observed),
         digests=known,
+        outcomes=Columns(outcomes),
     )

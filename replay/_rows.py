@@ -61,6 +61,8 @@ class Planned:
         self.chosen = pa.repeat(pa.scalar(-1, _I64), rows)
         self.cost = pa.repeat(pa.scalar(0, _I64), rows)
         self.cheapest = pa.repeat(pa.scalar(0, _I64), rows)
+        # Per attribute (``_ATTRIBUTES``): each row's code, first seen first, and the values.
+        self.codes: dict[str, tuple[pa.Array, pa.Array]] = {}
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -168,6 +170,7 @@ def plan_rows(
     tokens = pc.max_element_wise(pc.divide(chars, 4), 1)
     max_out = pc.cast(requests.arrow("max_output_tokens").combine_chunks(), _I64)
     attributes = [_codes(requests.arrow(name)) for name in _ATTRIBUTES]
+    planned.codes = dict(zip(_ATTRIBUTES, attributes, strict=True))
     given = requests.arrow("complexity").combine_chunks()
     estimated, low = _estimates(planners, policy_code, attributes[3], tokens, attributes[5])
     is_given = pc.is_valid(given)
@@ -279,13 +282,20 @@ def _learn(
     return out
 
 
-def _costs(
-    tokens: pa.Array, max_out: pa.Array, input_1k: pa.Array, output_1k: pa.Array, non_negative: bool
+def _micros(
+    tokens: pa.Array, max_out: pa.Array, input_1k: pa.Array, output_1k: pa.Array, bounded: bool
 ) -> pa.Array:
-    """``cost_micros`` over columns: the micros rounded up (Arrow's integer division truncates, so
-    toward zero: up for a negative amount, down for a positive one, which adding 999 first makes up).
-    With ``non_negative`` (every count and price is >= 0) no amount is negative: one case only."""
-    micros = pc.add_checked(pc.multiply_checked(tokens, input_1k), pc.multiply_checked(max_out, output_1k))
+    """The amount ``cost_micros`` rounds, over columns: with ``bounded`` (no product or sum can
+    overflow int64, checked once on the extremes) without the per-value overflow checks."""
+    if bounded:
+        return pc.add(pc.multiply(tokens, input_1k), pc.multiply(max_out, output_1k))
+    return pc.add_checked(pc.multiply_checked(tokens, input_1k), pc.multiply_checked(max_out, output_1k))
+
+
+def _rounded(micros: pa.Array, non_negative: bool) -> pa.Array:
+    """The micros rounded up to the unit as ``cost_micros`` does (Arrow's integer division truncates,
+    so toward zero: up for a negative amount, down for a positive one, which adding 999 first makes
+    up). With ``non_negative`` (every count and price is >= 0) no amount is negative: one case only."""
     if non_negative:
         return pc.divide(pc.add(micros, 999), 1000)
     return pc.if_else(pc.greater(micros, 0), pc.divide(pc.add(micros, 999), 1000), pc.divide(micros, 1000))
@@ -316,12 +326,17 @@ def _price(planned: Planned, tokens: pa.Array, max_out: pa.Array) -> None:
         [(d.input_micros_per_1k, d.output_micros_per_1k) for d in s.lower] if ok else []
         for (_, s, _), ok in zip(planned.shapes, priced, strict=True)
     ]
-    counts = [pc.min(tokens).as_py(), pc.min(max_out).as_py()]
+    least, most = pc.min_max(tokens).as_py(), pc.min_max(max_out).as_py()
     prices = [x for row in candidates + lower for pair in row for x in pair]
-    non_negative = all(x is None or x >= 0 for x in counts + prices)
+    non_negative = all(x is None or x >= 0 for x in [least["min"], most["min"], *prices])
+    # Every amount within int64 (the largest counts times the largest prices): no checks per value.
+    top = max((abs(x) for x in prices), default=0)
+    extremes = [abs(x) for x in (least["min"], least["max"], most["min"], most["max"]) if x is not None]
+    bounded = max(extremes, default=0) * top * 2 < 2**62
     best = best_at = cheapest = None
     for k, (i_1k, o_1k) in enumerate(_padded(candidates, shape)):
-        c = _costs(tokens, max_out, i_1k, o_1k, non_negative)  # null where the shape has no k-th candidate
+        # null where the shape has no k-th candidate
+        c = _rounded(_micros(tokens, max_out, i_1k, o_1k, bounded), non_negative)
         if best is None:
             best, best_at, cheapest = c, pc.if_else(pc.is_valid(c), 0, pa.scalar(None, _I64)), c
             continue
@@ -330,8 +345,13 @@ def _price(planned: Planned, tokens: pa.Array, max_out: pa.Array) -> None:
         cheapest = pc.min_element_wise(cheapest, c)  # nulls skipped
     if best is None or best_at is None or cheapest is None:
         return
+    # Rounding up keeps the order: the least of the lower options' amounts, rounded once.
+    lowest = None
     for i_1k, o_1k in _padded(lower, shape):
-        cheapest = pc.min_element_wise(cheapest, _costs(tokens, max_out, i_1k, o_1k, non_negative))
+        micros = _micros(tokens, max_out, i_1k, o_1k, bounded)
+        lowest = micros if lowest is None else pc.min_element_wise(lowest, micros)
+    if lowest is not None:
+        cheapest = pc.min_element_wise(cheapest, _rounded(lowest, non_negative))
     planned.chosen = pc.fill_null(best_at, -1)
     planned.cost = pc.fill_null(best, 0)
     planned.cheapest = pc.fill_null(cheapest, 0)

@@ -51,8 +51,9 @@ class Folded:
     def __init__(self, rows: int, day_number: pa.Array, order: pa.Array) -> None:
         self.order = order
         # Machine integers, not lists: no Python int kept per row, and Arrow reads them in place.
-        self.mode = array("b", bytes(rows))  # UNCOMPARED is 0
-        self.tenant_at, self.feature_at, self.version_at = (array("q", bytes(8 * rows)) for _ in range(3))
+        # (Repeated, not built from a zeroed bytes object: its memory would be touched twice.)
+        self.mode = array("b", [UNCOMPARED]) * rows
+        self.tenant_at, self.feature_at, self.version_at = (array("q", [0]) * rows for _ in range(3))
         self.day_number = day_number  # by request row
         self.decided: dict[int, Outcome] = {}
         # Verify mode's requests whose policy is not known: (place in the order, the change).
@@ -184,8 +185,11 @@ def _days(day_number: pa.Array) -> pa.Array:
     return pc.take(pa.array(names, _STR), encoded.indices)
 
 
-def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, keep_changes: int) -> None:
-    """Compare every compared row with its recorded decision (or rejection) and count."""
+def tally(
+    r: Columns, outcomes: Columns, planned: Planned, folded: Folded, report: ReplayReport, keep_changes: int
+) -> None:
+    """Compare every compared row with its recorded decision (or rejection) and count (``outcomes``: the
+    recorded outcomes the rows' ``out_row`` numbers)."""
     report.residency_breaches += folded.residency_breaches
     if r.rows == 0:
         _keep(report, folded.unknown, [], keep_changes)
@@ -216,7 +220,7 @@ def tally(r: Columns, planned: Planned, folded: Folded, report: ReplayReport, ke
     changed = pc.and_(compared, pc.invert(pc.or_(rejection_match, decision_match)))
     report.changed += _count(changed)
     _count_changes(report, changed, recorded, rejected, rec, c)
-    _totals(report, r, (compared, recorded, rejected, by_shape["allowed_regions"]), rec, c)
+    _totals(report, (r, outcomes), (compared, recorded, rejected, by_shape["allowed_regions"]), rec, c)
     changed_at = pc.indices_nonzero(changed)
     first = pc.take(changed_at, pc.sort_indices(pc.take(place, changed_at))).slice(0, keep_changes)
     _keep(report, folded.unknown, _changes(r, c, first, pc.take(place, first)), keep_changes)
@@ -256,18 +260,21 @@ def _recorded_table_known(rec: dict[str, pa.Array]) -> pa.Array:
 
 
 def _totals(
-    report: ReplayReport, r: Columns, masks: tuple[pa.Array, pa.Array, pa.Array, pa.Array],
+    report: ReplayReport, tables: tuple[Columns, Columns], masks: tuple[pa.Array, pa.Array, pa.Array, pa.Array],
     rec: dict[str, pa.Array], c: dict[str, pa.Array],
 ) -> None:  # fmt: skip
     """The report's totals over the compared rows: estimates and actuals, denials, escalations,
-    decode and residency changes (``masks``: the rows compared, recorded as decisions, rejected
-    by the candidate, and with the allowed regions recorded)."""
+    decode and residency changes (``tables``: the requests and the outcomes they number; ``masks``:
+    the rows compared, recorded as decisions, rejected by the candidate, and with the allowed
+    regions recorded)."""
+    r, outcomes = tables
     compared, recorded, rejected, same_regions = masks
     on_record = pc.and_(compared, recorded)
     dispatched = pc.and_(on_record, _is(rec["verdict"], "dispatch"))
     report.recorded_estimated_micros += _sum(rec["estimated_cost_micros"], dispatched)
-    served = pc.and_(compared, pc.fill_null(r.arrow("served").combine_chunks(), False))
-    report.recorded_actual_micros += _sum(r.arrow("out_cost").combine_chunks(), served)
+    out_row = r.arrow("out_row").combine_chunks()
+    served = pc.and_(compared, pc.is_valid(out_row))
+    report.recorded_actual_micros += _sum(outcomes.arrow("out_cost").take(out_row), served)
     report.recorded_budget_denials += _count(pc.and_(on_record, _is(rec["budget_action"], "denied")))
     report.candidate_budget_denials += _count(pc.and_(compared, _is(c["budget_action"], "denied")))
     report.recorded_escalations += _count(pc.and_(on_record, _is(rec["verdict"], "escalated")))

@@ -131,3 +131,42 @@ def test_decisions_made_under_a_kill_switch_replay_from_the_recorded_control_mod
         report = replay(store, None, recorded_policies={POLICY.digest: POLICY})
     assert modes == [{"control_mode": "off", "verdict": "denied"}]
     assert report.operator_overrides == 5 and report.changed == 0
+
+
+def test_decisions_recorded_before_control_mode_existed_replay_from_their_reasons(tmp_path: Path) -> None:
+    # A store written before decisions carried `control_mode` (null): the switch is read from the
+    # admission reason, by both replays, and the decisions are an operator's, never compared.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nexuscore.core import EMPTY_STATE, on_request
+    from nexuscore.policy import Controls
+    from nexuscore.replay import replay_reference
+    from nexuscore.schemas import KillSwitchChanged
+    from tests.factories import request
+
+    off = KillSwitchChanged(
+        event_id="k", request_id="", tenant_id="", occurred_at=T0, producer="t", scope="global", target="",
+        mode="off", actor="dana", reason="incident",
+    )  # fmt: skip
+    state, events = EMPTY_STATE, []
+    for n in range(5):
+        state, _, out = on_request(
+            state, request(request_id=f"r{n}"), POLICY, "tests", T0, controls=Controls().apply(off)
+        )
+        events += [request(request_id=f"r{n}"), *out]
+    write_evidence(events, tmp_path)
+    files = [p for p in tmp_path.rglob("*.parquet") if p.parent.name == "decisions"]
+    assert files
+    for path in files:
+        rows = pq.read_table(path)
+        at = rows.schema.get_field_index("control_mode")
+        pq.write_table(rows.set_column(at, rows.schema.field(at), pa.nulls(rows.num_rows, pa.string())), path)
+    with EvidenceStore(tmp_path) as store:
+        assert store.query("SELECT count(*) AS n FROM decisions WHERE control_mode IS NULL").to_pylist() == [
+            {"n": 5}
+        ]
+        reports = [
+            run(store, None, recorded_policies={POLICY.digest: POLICY}) for run in (replay, replay_reference)
+        ]
+    assert [(r.operator_overrides, r.changed) for r in reports] == [(5, 0), (5, 0)]

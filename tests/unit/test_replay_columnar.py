@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import pyarrow as pa
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -392,3 +393,29 @@ def test_a_store_with_impossible_token_counts_stops_replay_with_one_clear_error(
     expected = f"{request_id}.*{read_as} is {value}, outside"
     with EvidenceStore(tmp_path) as store, pytest.raises(EvidenceError, match=expected):
         replay(store, policy)
+
+
+def test_the_history_order_is_the_same_whether_log_positions_pack_into_one_sort_key_or_not(
+    tmp_path: Path,
+) -> None:
+    """Log positions that fit are sorted as one integer; offsets past 2**40 (kept in the same
+    order) are sorted as (partition, offset): the history's order is the same either way."""
+    import pyarrow.compute as pc
+
+    from nexuscore.replay import load_history
+    from nexuscore.replay._load import _history_order
+
+    policy = with_budgets(POLICY, "0.08", "0.08")
+    project(tmp_path, varied_history(policy, 300, seed=3, days=2), flush_every=80, partitions=3)
+    with EvidenceStore(tmp_path) as store:
+        history = load_history(store, None, None, None)
+    tables = [history.requests.table, history.settlements.table, history.resolutions.table]
+    assert all(t.num_rows for t in tables)
+
+    def shifted(table: pa.Table) -> pa.Table:
+        at = table.column_names.index("src_offset")
+        return table.set_column(at, "src_offset", pc.add(table.column("src_offset"), 2**45))
+
+    packed, unpacked = _history_order(*tables), _history_order(*(shifted(t) for t in tables))
+    assert packed.equals(unpacked)
+    assert packed.column("kind").to_pylist() == [k for k, _ in history.order]
