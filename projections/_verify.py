@@ -61,9 +61,10 @@ from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
 
 SHOW = 20  # ids named per finding before "and N more"
-# DuckDB's memory for the event checks (``duckdb_limits``); the process peaks at about twice this
-# (Python, pyarrow, DuckDB's own untracked allocations), whatever the store's size.
-DUCKDB_MEMORY = "384MB"
+# DuckDB's memory for the event checks (``duckdb_limits``). The process holds more: Python and
+# pyarrow (about 150 MB), and the footers of the files a scan reads, which DuckDB keeps outside
+# its limit (about 280 MB at 10M decisions): 0.7 GB at peak there, against 5 GB unbounded.
+DUCKDB_MEMORY = "256MB"
 # What the folder may hold besides committed files: the ledger, its head, the erasure ledger, the
 # projector's lock file, and the local keystore (checked through its keys, not as files).
 _OWN_FILES = {MANIFEST, HEAD, ERASURES, ".projector.lock"}
@@ -107,21 +108,24 @@ class VerifyReport:
         self.findings.append(Finding(kind, where, detail, fatal))
 
 
-def duckdb_limits(threads: int, spill: str) -> dict[str, object]:
-    """DuckDB's settings for the event checks: bounded memory, spilling to ``spill`` beyond it.
+def duckdb_limits(threads: int, spill: str, memory: str | None = DUCKDB_MEMORY) -> dict[str, object]:
+    """DuckDB's settings for the event checks: ``memory`` at most (None: DuckDB's default, 80% of
+    the machine's), spilling to the folder ``spill`` beyond it.
 
-    Its defaults (80% of the machine's memory) let the aggregations over every request grow with
-    the store: about 5 GB at 10M decisions, and seconds of page faults to get it. No check needs
-    the rows in the order they were read (each orders what it returns). The footers are read again
-    by each query rather than cached: the cache counts against the limit and cannot be evicted.
+    Unbounded, the aggregations over every request grow with the store: about 5 GB at 10M
+    decisions, and seconds of page faults to get it. No check needs the rows in the order they were
+    read (each orders what it returns). The footers are read again by each query rather than
+    cached: the cache counts against the limit and is not evicted.
     """
-    return {
-        "memory_limit": DUCKDB_MEMORY,
+    limits: dict[str, object] = {
         "threads": threads,
         "preserve_insertion_order": False,
         "temp_directory": spill,
         "parquet_metadata_cache": False,
     }
+    if memory is not None:
+        limits["memory_limit"] = memory
+    return limits
 
 
 def verify(
@@ -156,15 +160,50 @@ def verify(
     for rollup in ROLLUPS:
         _check_rollup(root, entries, rollup, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
-    threads = workers or os.cpu_count() or 1
-    with (
-        tempfile.TemporaryDirectory(prefix="nexuscore-verify-") as spill,
-        EvidenceStore(root, keys, files=readable, settings=duckdb_limits(threads, spill)) as store,
-    ):
-        _check_events(store, known_digests, until, report)
-        _check_keys(store, _signed_erasures(root, public_key, report), report)
+    erased = _signed_erasures(root, public_key, report)
+    checks = _StoredChecks(root, keys, readable, known_digests, until, erased)
+    _check_stored(checks, workers or os.cpu_count() or 1, report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass(frozen=True)
+class _StoredChecks:
+    """What the checks of the stored events and their content keys read."""
+
+    root: Path
+    keys: KeyStore
+    files: list[dict[str, Any]]
+    known_digests: set[str]
+    until: datetime | None
+    erased: set[str]
+
+
+def _check_stored(checks: _StoredChecks, threads: int, report: VerifyReport) -> None:
+    """The event and content key checks in DuckDB's bounded memory; should DuckDB run out of it
+    all the same (an operation it cannot spill, on a store of another shape), once more unbounded
+    rather than fail."""
+    for memory in (DUCKDB_MEMORY, None):
+        found = VerifyReport()
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="nexuscore-verify-") as spill,
+                EvidenceStore(
+                    checks.root,
+                    checks.keys,
+                    files=checks.files,
+                    settings=duckdb_limits(threads, spill, memory),
+                ) as store,
+            ):
+                _check_events(store, checks.known_digests, checks.until, found)
+                _check_keys(store, checks.erased, found)
+        except duckdb.OutOfMemoryException:
+            if memory is None:
+                raise
+            continue
+        report.findings.extend(found.findings)
+        report.requests = found.requests
+        return
 
 
 def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> list[dict[str, Any]]:
@@ -684,11 +723,16 @@ def _check_events(
     known = known_digests | {
         r[0] for r in con.execute("SELECT DISTINCT policy_digest FROM policy_events").fetchall()
     }
-    _check_requests(store, until, report)
-    for kind, where, sql, params in _event_checks(known):
-        rows = con.execute(sql, params or None).fetchall()
-        if rows:
-            report.add(kind, where, f"{len(rows)}: {_ids(rows)}")
+    orphans = _check_requests(store, until, report)
+    unknown = con.execute(
+        "SELECT policy_digest, count(*) FROM decisions "
+        "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
+        {"known": sorted(known)},
+    ).fetchall()
+    if unknown:
+        report.add("unknown_policy", "decisions", f"{len(unknown)}: {_ids(unknown)}")
+    if orphans:
+        report.add("outcome_without_decision", "outcomes", f"{len(orphans)}: {_ids(orphans)}")
     for table in SCHEMAS:
         if table != "requests":
             rows = _duplicates(con, table)
@@ -720,8 +764,9 @@ def _duplicates(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, .
 
 # One pass over every request-keyed table counts, per (tenant, request id), its requests, terminal
 # states, decisions and rejections, and keeps only the keys that are not exactly one request with
-# exactly one terminal state: one hash aggregation instead of five joins and groupings (measured
-# 2 to 3 times faster), and the handful of keys it returns are judged here. The tables are read by
+# exactly one terminal state, or has an outcome but was never dispatched (by a decision, or by a
+# review that resumed it): one hash aggregation instead of six joins and groupings (measured 2 to
+# 3 times faster), and the handful of keys it returns are judged here. The tables are read by
 # one scan of all their files (each row's table is its file's, by position in the list): DuckDB
 # runs the branches of a UNION ALL side by side, each with hash tables of its own, and ran out of
 # any bounded memory at 10M decisions (``duckdb_limits``); one scan feeds one aggregation, which
@@ -737,10 +782,14 @@ SELECT tenant_id, request_id,
               OR ({resolutions} AND {resolution} <> 'dispatched')
        ) AS terminal,
        count(*) FILTER (WHERE {decisions}) AS decisions,
-       count(*) FILTER (WHERE {rejections}) AS rejections
+       count(*) FILTER (WHERE {rejections}) AS rejections,
+       count(*) FILTER (WHERE {outcomes}) AS outcomes,
+       count(*) FILTER (
+           WHERE ({decisions} AND {verdict} = 'dispatch') OR ({resolutions} AND {resolution} = 'dispatched')
+       ) AS dispatched
 FROM {source}
 GROUP BY tenant_id, request_id
-HAVING requests <> 1 OR terminal <> 1
+HAVING requests <> 1 OR terminal <> 1 OR (outcomes > 0 AND dispatched = 0)
 ORDER BY tenant_id, request_id
 """
 _REQUEST_FINDINGS = {  # finding: (the table it is about, whether it is fatal)
@@ -771,14 +820,19 @@ def _odd_requests(store: EvidenceStore, until: datetime | None) -> list[tuple[An
     return store.con.execute(sql, {"until": until}).fetchall()
 
 
-def _check_requests(store: EvidenceStore, until: datetime | None, report: VerifyReport) -> None:
+def _check_requests(store: EvidenceStore, until: datetime | None, report: VerifyReport) -> list[tuple[str]]:
+    """Judge the odd request ids; return the outcomes of requests never dispatched (``tenant/id``
+    once per outcome), which ``_check_events`` names after the unknown policies."""
     odd = _odd_requests(store, until)
     rows = store.con.execute("SELECT count(*) FROM requests").fetchall()[0][0]
     # Distinct requests: every row, less the second and later rows of a resubmitted id.
     report.requests = rows - sum(r[2] - 1 for r in odd if r[2] > 1)
     found: dict[str, list[tuple[str]]] = defaultdict(list)
-    for tenant, request, requests, due, terminal, decisions, rejections in odd:
+    orphans: list[tuple[str]] = []
+    for tenant, request, requests, due, terminal, decisions, rejections, outcomes, dispatched in odd:
         key = (f"{tenant}/{request}",)
+        if outcomes and not dispatched:
+            orphans.extend([key] * outcomes)
         for kind, wrong in (
             ("no_terminal_state", due and not terminal),
             ("multiple_terminal_states", terminal > 1),
@@ -793,33 +847,7 @@ def _check_requests(store: EvidenceStore, until: datetime | None, report: Verify
         if ids:
             what = " request ids submitted more than once (one decision each)" if not fatal else ""
             report.add(kind, table, f"{len(ids)}{what}: {_ids(ids)}", fatal=fatal)
-
-
-def _event_checks(known: set[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(finding, table, query, parameters): each query lists what is wrong, first column named.
-
-    Requests are matched by (tenant, request id): ids are unique per tenant only, and are named
-    ``tenant/id``. (Duplicate events: ``_duplicates``.)
-    """
-    checks: list[tuple[str, str, str, dict[str, Any]]] = [
-        (
-            "unknown_policy",
-            "decisions",
-            "SELECT policy_digest, count(*) FROM decisions "
-            "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
-            {"known": sorted(known)},
-        ),
-        (
-            "outcome_without_decision",
-            "outcomes",
-            "SELECT tenant_id || '/' || request_id FROM outcomes ANTI JOIN "
-            "(SELECT tenant_id, request_id FROM decisions WHERE verdict = 'dispatch' UNION ALL "
-            "SELECT tenant_id, request_id FROM resolutions WHERE resolution = 'dispatched') "
-            "USING (tenant_id, request_id) ORDER BY 1",
-            {},
-        ),
-    ]
-    return checks
+    return sorted(orphans)
 
 
 def _signed_erasures(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> set[str]:
