@@ -86,7 +86,7 @@ def run_once(tree: Path | None, args: argparse.Namespace) -> dict[str, Any]:
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "runs": runs,
-        "median": {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "ok"},
+        "median": {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0] if k != "ok"},
         "all_ok": all(r["ok"] for r in runs),
     }
 
