@@ -916,8 +916,7 @@ def _key_samples(store: EvidenceStore) -> dict[str, tuple[str, str, bytes]]:
     """One encrypted value per content key id: key id -> (event id, column, ciphertext).
 
     The first row of each key (by file and row number) is found from the key column alone, then
-    only those rows' content is read, the scan skipping every row group that holds none of them:
-    content is most of the store's bytes.
+    only those rows' content is read: content is most of the store's bytes.
     """
     samples: dict[str, tuple[str, str, bytes]] = {}
     for table, column in _CONTENT:
@@ -935,14 +934,18 @@ def _key_samples(store: EvidenceStore) -> dict[str, tuple[str, str, bytes]]:
             f"SELECT {key}, file_index, min(file_row_number) AS file_row_number FROM {source} "
             f"WHERE {key} <> '' GROUP BY ALL) GROUP BY 1"
         ).fetchall()
-        wanted = {(i, r): k for k, i, r in firsts}
+        # Only the files that hold a first row (a few: keys are in use from the start), and in
+        # them, a list of constants, not a parameter: DuckDB then skips the row groups holding none.
+        holding = sorted({i for _, i, _ in firsts})
+        position = {i: n for n, i in enumerate(holding)}
+        wanted = {(position[i], r): k for k, i, r in firsts}
         if not wanted:
             continue
-        # A list of constants, not a parameter: DuckDB then skips the row groups that hold none.
         numbers = ", ".join(str(int(r)) for r in sorted({r for _, r in wanted}))
         rows = store.con.execute(
-            f"SELECT file_index, file_row_number, event_id, {column} FROM {source} "  # noqa: S608
-            f"WHERE file_row_number IN ({numbers})"
+            f"SELECT file_index, file_row_number, event_id, {column} "  # noqa: S608
+            f"FROM read_parquet({sql_list([paths[i] for i in holding])}, hive_partitioning = false, "
+            f"union_by_name = true, file_row_number = true) WHERE file_row_number IN ({numbers})"
         ).fetchall()
         for i, r, event_id, blob in rows:
             k = wanted.get((i, r))
