@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -442,7 +443,12 @@ class EvidenceStore:
     """
 
     def __init__(
-        self, root: Path, keystore: KeyStore | None = None, *, files: list[dict[str, Any]] | None = None
+        self,
+        root: Path,
+        keystore: KeyStore | None = None,
+        *,
+        files: list[dict[str, Any]] | None = None,
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         if not root.is_dir():
             raise EvidenceError(f"no evidence at {root} (run the pipeline or pass --evidence-dir)")
@@ -455,13 +461,17 @@ class EvidenceStore:
             by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
         self._paths = dict(by_table)
         self._made: set[str] = set()
-        self._con = sandbox([p for paths in by_table.values() for p in paths])
+        self._con = sandbox([p for paths in by_table.values() for p in paths], settings)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
         """The connection with every view made (for callers that query it directly)."""
         self.views(*VIEWS)
         return self._con
+
+    def table_paths(self, table: str) -> list[str]:
+        """The files of ``table`` the views read (absolute paths; none when the table has none)."""
+        return list(self._paths.get(table, []))
 
     def views(self, *names: str) -> None:
         """Make the views ``names`` (tables or derived views), and those they read, unless made."""
@@ -911,8 +921,9 @@ def sql_list(items: list[str]) -> str:
     return "[" + ", ".join("'" + i.replace("'", "''") + "'" for i in items) + "]"
 
 
-def sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
-    """A connection that may read ``paths`` and nothing else, and cannot be talked out of it.
+def sandbox(paths: list[str], settings: Mapping[str, object] | None = None) -> duckdb.DuckDBPyConnection:
+    """A connection that may read ``paths`` and nothing else, and cannot be talked out of it;
+    ``settings`` (DuckDB option names, ours, and their values) are set before it is locked.
 
     External access off with ``allowed_paths`` leaves exactly these files readable (no other file,
     no ``_keys/``, no URL); extensions neither load nor install; the locked configuration stops a
@@ -930,6 +941,8 @@ def sandbox(paths: list[str]) -> duckdb.DuckDBPyConnection:
         con.execute("SET TimeZone = 'UTC'")
         # Footers read once (when the views are made) serve every later query of this connection.
         con.execute("SET parquet_metadata_cache = true")
+        for name, value in (settings or {}).items():
+            con.execute(f"SET {name} = $value", {"value": value})
         con.execute("SET allowed_paths = $paths", {"paths": paths})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -60,6 +61,10 @@ from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
 
 SHOW = 20  # ids named per finding before "and N more"
+# DuckDB's memory for the event checks (``duckdb_limits``). The process holds more: Python and
+# pyarrow (about 150 MB), and the footers of the files a scan reads, which DuckDB keeps outside
+# its limit (about 280 MB at 10M decisions): 0.7 GB at peak there, against 5 GB unbounded.
+DUCKDB_MEMORY = "256MB"
 # What the folder may hold besides committed files: the ledger, its head, the erasure ledger, the
 # projector's lock file, and the local keystore (checked through its keys, not as files).
 _OWN_FILES = {MANIFEST, HEAD, ERASURES, ".projector.lock"}
@@ -103,6 +108,26 @@ class VerifyReport:
         self.findings.append(Finding(kind, where, detail, fatal))
 
 
+def duckdb_limits(threads: int, spill: str, memory: str | None = DUCKDB_MEMORY) -> dict[str, object]:
+    """DuckDB's settings for the event checks: ``memory`` at most (None: DuckDB's default, 80% of
+    the machine's), spilling to the folder ``spill`` beyond it.
+
+    Unbounded, the aggregations over every request grow with the store: about 5 GB at 10M
+    decisions, and seconds of page faults to get it. No check needs the rows in the order they were
+    read (each orders what it returns). The footers are read again by each query rather than
+    cached: the cache counts against the limit and is not evicted.
+    """
+    limits: dict[str, object] = {
+        "threads": threads,
+        "preserve_insertion_order": False,
+        "temp_directory": spill,
+        "parquet_metadata_cache": False,
+    }
+    if memory is not None:
+        limits["memory_limit"] = memory
+    return limits
+
+
 def verify(
     root: Path,
     public_key: Ed25519PublicKey,
@@ -135,11 +160,50 @@ def verify(
     for rollup in ROLLUPS:
         _check_rollup(root, entries, rollup, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
-    with EvidenceStore(root, keys, files=readable) as store:
-        _check_events(store, known_digests, until, report)
-        _check_keys(store, _signed_erasures(root, public_key, report), report)
+    erased = _signed_erasures(root, public_key, report)
+    checks = _StoredChecks(root, keys, readable, known_digests, until, erased)
+    _check_stored(checks, workers or os.cpu_count() or 1, report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass(frozen=True)
+class _StoredChecks:
+    """What the checks of the stored events and their content keys read."""
+
+    root: Path
+    keys: KeyStore
+    files: list[dict[str, Any]]
+    known_digests: set[str]
+    until: datetime | None
+    erased: set[str]
+
+
+def _check_stored(checks: _StoredChecks, threads: int, report: VerifyReport) -> None:
+    """The event and content key checks in DuckDB's bounded memory; should DuckDB run out of it
+    all the same (an operation it cannot spill, on a store of another shape), once more unbounded
+    rather than fail."""
+    for memory in (DUCKDB_MEMORY, None):
+        found = VerifyReport()
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="nexuscore-verify-") as spill,
+                EvidenceStore(
+                    checks.root,
+                    checks.keys,
+                    files=checks.files,
+                    settings=duckdb_limits(threads, spill, memory),
+                ) as store,
+            ):
+                _check_events(store, checks.known_digests, checks.until, found)
+                _check_keys(store, checks.erased, found)
+        except duckdb.OutOfMemoryException:
+            if memory is None:
+                raise
+            continue
+        report.findings.extend(found.findings)
+        report.requests = found.requests
+        return
 
 
 def _check_manifest(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> list[dict[str, Any]]:
@@ -659,32 +723,73 @@ def _check_events(
     known = known_digests | {
         r[0] for r in con.execute("SELECT DISTINCT policy_digest FROM policy_events").fetchall()
     }
-    _check_requests(con, until, report)
-    for kind, where, sql, params in _event_checks(known):
-        rows = con.execute(sql, params or None).fetchall()
-        if rows:
-            report.add(kind, where, f"{len(rows)}: {_ids(rows)}")
+    orphans = _check_requests(store, until, report)
+    unknown = con.execute(
+        "SELECT policy_digest, count(*) FROM decisions "
+        "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
+        {"known": sorted(known)},
+    ).fetchall()
+    if unknown:
+        report.add("unknown_policy", "decisions", f"{len(unknown)}: {_ids(unknown)}")
+    if orphans:
+        report.add("outcome_without_decision", "outcomes", f"{len(orphans)}: {_ids(orphans)}")
+    for table in SCHEMAS:
+        if table != "requests":
+            rows = _duplicates(con, table)
+            if rows:
+                report.add("duplicate_event", table, f"{len(rows)}: {_ids(rows)}")
+
+
+def _duplicates(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, ...]]:
+    """(``tenant/event id``, count) of each event of ``table`` stored more than once.
+
+    Events are grouped by a 64-bit hash of (tenant, event id) first: equal ids hash alike, so every
+    duplicate is among the hashes seen twice, and only the rows of those (a duplicate, or two ids
+    whose hashes collide: rare) are grouped by the ids themselves. Grouping 8-byte hashes rather
+    than two strings takes less memory, and less CPU (measured, ``bench/results/verify-*.md``).
+    """
+    twice = con.execute(
+        f"SELECT h FROM (SELECT hash(tenant_id, event_id) AS h FROM {table}) "  # noqa: S608
+        "GROUP BY h HAVING count(*) > 1"
+    ).fetchall()
+    if not twice:
+        return []
+    return con.execute(
+        f"SELECT tenant_id || '/' || event_id, count(*) FROM {table} "  # noqa: S608
+        "WHERE hash(tenant_id, event_id) IN (SELECT unnest($twice::UBIGINT[])) "
+        "GROUP BY tenant_id, event_id HAVING count(*) > 1 ORDER BY 1",
+        {"twice": [h for (h,) in twice]},
+    ).fetchall()
 
 
 # One pass over every request-keyed table counts, per (tenant, request id), its requests, terminal
 # states, decisions and rejections, and keeps only the keys that are not exactly one request with
-# exactly one terminal state: one hash aggregation instead of five joins and groupings (measured
-# 2 to 3 times faster), and the handful of keys it returns are judged here.
+# exactly one terminal state, or has an outcome but was never dispatched (by a decision, or by a
+# review that resumed it): one hash aggregation instead of six joins and groupings (measured 2 to
+# 3 times faster), and the handful of keys it returns are judged here. The tables are read by
+# one scan of all their files (each row's table is its file's, by position in the list): DuckDB
+# runs the branches of a UNION ALL side by side, each with hash tables of its own, and ran out of
+# any bounded memory at 10M decisions (``duckdb_limits``); one scan feeds one aggregation, which
+# spills. Its terminal states are those of the ``terminal_states`` view: an outcome, a rejection,
+# a denial, or a resolution other than "dispatched" (which resumes the request to its outcome).
+_REQUEST_TABLES = ("requests", "outcomes", "rejections", "decisions", "resolutions")
 _ODD_REQUESTS_SQL = """
 SELECT tenant_id, request_id,
-       count(*) FILTER (WHERE src = 0) AS requests,
-       count(*) FILTER (WHERE src = 0 AND ($until IS NULL OR occurred_at < $until)) AS requests_due,
-       count(*) FILTER (WHERE src = 1) AS terminal,
-       count(*) FILTER (WHERE src = 2) AS decisions,
-       count(*) FILTER (WHERE src = 3) AS rejections
-FROM (
-    SELECT tenant_id, request_id, 0 AS src, occurred_at FROM requests
-    UNION ALL SELECT tenant_id, request_id, 1, NULL FROM terminal_states
-    UNION ALL SELECT tenant_id, request_id, 2, NULL FROM decisions
-    UNION ALL SELECT tenant_id, request_id, 3, NULL FROM rejections
-)
+       count(*) FILTER (WHERE {requests}) AS requests,
+       count(*) FILTER (WHERE {requests} AND ($until IS NULL OR {occurred_at} < $until)) AS requests_due,
+       count(*) FILTER (
+           WHERE {outcomes} OR {rejections} OR ({decisions} AND {verdict} = 'denied')
+              OR ({resolutions} AND {resolution} <> 'dispatched')
+       ) AS terminal,
+       count(*) FILTER (WHERE {decisions}) AS decisions,
+       count(*) FILTER (WHERE {rejections}) AS rejections,
+       count(*) FILTER (WHERE {outcomes}) AS outcomes,
+       count(*) FILTER (
+           WHERE ({decisions} AND {verdict} = 'dispatch') OR ({resolutions} AND {resolution} = 'dispatched')
+       ) AS dispatched
+FROM {source}
 GROUP BY tenant_id, request_id
-HAVING requests <> 1 OR terminal <> 1
+HAVING requests <> 1 OR terminal <> 1 OR (outcomes > 0 AND dispatched = 0)
 ORDER BY tenant_id, request_id
 """
 _REQUEST_FINDINGS = {  # finding: (the table it is about, whether it is fatal)
@@ -696,14 +801,38 @@ _REQUEST_FINDINGS = {  # finding: (the table it is about, whether it is fatal)
 }
 
 
-def _check_requests(con: duckdb.DuckDBPyConnection, until: datetime | None, report: VerifyReport) -> None:
-    odd = con.execute(_ODD_REQUESTS_SQL, {"until": until}).fetchall()
-    rows = con.execute("SELECT count(*) FROM requests").fetchall()[0][0]
+def _odd_requests(store: EvidenceStore, until: datetime | None) -> list[tuple[Any, ...]]:
+    """(tenant, request id, requests, requests due, terminal states, decisions, rejections) of
+    every request id that is not one request with one terminal state (``_ODD_REQUESTS_SQL``)."""
+    files: list[str] = []
+    where: dict[str, str] = {}
+    for table in _REQUEST_TABLES:
+        paths = store.table_paths(table)
+        where[table] = f"(file_index BETWEEN {len(files)} AND {len(files) + len(paths) - 1})"
+        files.extend(paths)
+    if not files:
+        return []
+    source = f"read_parquet({sql_list(files)}, hive_partitioning = false, union_by_name = true)"
+    present = _columns(store, source)
+    # (A column no file has, as in a store of one table only, is NULL: no row matches it.)
+    columns = {c: c if c in present else "NULL" for c in ("occurred_at", "verdict", "resolution")}
+    sql = _ODD_REQUESTS_SQL.format(source=source, **where, **columns)
+    return store.con.execute(sql, {"until": until}).fetchall()
+
+
+def _check_requests(store: EvidenceStore, until: datetime | None, report: VerifyReport) -> list[tuple[str]]:
+    """Judge the odd request ids; return the outcomes of requests never dispatched (``tenant/id``
+    once per outcome), which ``_check_events`` names after the unknown policies."""
+    odd = _odd_requests(store, until)
+    rows = store.con.execute("SELECT count(*) FROM requests").fetchall()[0][0]
     # Distinct requests: every row, less the second and later rows of a resubmitted id.
     report.requests = rows - sum(r[2] - 1 for r in odd if r[2] > 1)
     found: dict[str, list[tuple[str]]] = defaultdict(list)
-    for tenant, request, requests, due, terminal, decisions, rejections in odd:
+    orphans: list[tuple[str]] = []
+    for tenant, request, requests, due, terminal, decisions, rejections, outcomes, dispatched in odd:
         key = (f"{tenant}/{request}",)
+        if outcomes and not dispatched:
+            orphans.extend([key] * outcomes)
         for kind, wrong in (
             ("no_terminal_state", due and not terminal),
             ("multiple_terminal_states", terminal > 1),
@@ -718,44 +847,7 @@ def _check_requests(con: duckdb.DuckDBPyConnection, until: datetime | None, repo
         if ids:
             what = " request ids submitted more than once (one decision each)" if not fatal else ""
             report.add(kind, table, f"{len(ids)}{what}: {_ids(ids)}", fatal=fatal)
-
-
-def _event_checks(known: set[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(finding, table, query, parameters): each query lists what is wrong, first column named.
-
-    Requests are matched by (tenant, request id), and events by (tenant, event id): both ids are
-    unique per tenant only. Ids are named ``tenant/id``.
-    """
-    checks: list[tuple[str, str, str, dict[str, Any]]] = [
-        (
-            "unknown_policy",
-            "decisions",
-            "SELECT policy_digest, count(*) FROM decisions "
-            "WHERE NOT list_contains($known, policy_digest) GROUP BY 1 ORDER BY 1",
-            {"known": sorted(known)},
-        ),
-        (
-            "outcome_without_decision",
-            "outcomes",
-            "SELECT tenant_id || '/' || request_id FROM outcomes ANTI JOIN "
-            "(SELECT tenant_id, request_id FROM decisions WHERE verdict = 'dispatch' UNION ALL "
-            "SELECT tenant_id, request_id FROM resolutions WHERE resolution = 'dispatched') "
-            "USING (tenant_id, request_id) ORDER BY 1",
-            {},
-        ),
-    ]
-    for table in SCHEMAS:
-        if table != "requests":
-            checks.append(
-                (
-                    "duplicate_event",
-                    table,
-                    f"SELECT tenant_id || '/' || event_id, count(*) FROM {table} "  # noqa: S608
-                    "GROUP BY tenant_id, event_id HAVING count(*) > 1 ORDER BY 1",
-                    {},
-                )
-            )
-    return checks
+    return sorted(orphans)
 
 
 def _signed_erasures(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> set[str]:
@@ -823,24 +915,47 @@ def _check_keys(store: EvidenceStore, erased: set[str], report: VerifyReport) ->
 def _key_samples(store: EvidenceStore) -> dict[str, tuple[str, str, bytes]]:
     """One encrypted value per content key id: key id -> (event id, column, ciphertext).
 
-    The first event of each key is found from the id columns alone, then only those rows' content is
-    read: content is most of the store's bytes.
+    The first row of each key (by file and row number) is found from the key column alone, then
+    only those rows' content is read: content is most of the store's bytes.
     """
     samples: dict[str, tuple[str, str, bytes]] = {}
     for table, column in _CONTENT:
+        paths = store.table_paths(table)
         key = f"{column}_key"
+        source = (
+            f"read_parquet({sql_list(paths)}, hive_partitioning = false, union_by_name = true, "
+            "file_row_number = true)"
+        )
+        # (Files older than the content keys have no key column: none of their rows uses a key.)
+        if not paths or not {key, column, "event_id"} <= _columns(store, source):
+            continue
         firsts = store.con.execute(
-            f"SELECT {key}, min(event_id) FROM {table} WHERE {key} <> '' GROUP BY 1"  # noqa: S608
+            f"SELECT {key}, min(file_index), arg_min(file_row_number, file_index) FROM ("  # noqa: S608
+            f"SELECT {key}, file_index, min(file_row_number) AS file_row_number FROM {source} "
+            f"WHERE {key} <> '' GROUP BY ALL) GROUP BY 1"
         ).fetchall()
-        wanted = {(k, e) for k, e in firsts}
+        # Only the files that hold a first row (a few: keys are in use from the start), and in
+        # them, a list of constants, not a parameter: DuckDB then skips the row groups holding none.
+        holding = sorted({i for _, i, _ in firsts})
+        position = {i: n for n, i in enumerate(holding)}
+        wanted = {(position[i], r): k for k, i, r in firsts}
+        if not wanted:
+            continue
+        numbers = ", ".join(str(int(r)) for r in sorted({r for _, r in wanted}))
         rows = store.con.execute(
-            f"SELECT {key}, event_id, {column} FROM {table} WHERE event_id IN (SELECT unnest($ids))",  # noqa: S608
-            {"ids": sorted({e for _, e in firsts})},
+            f"SELECT file_index, file_row_number, event_id, {column} "  # noqa: S608
+            f"FROM read_parquet({sql_list([paths[i] for i in holding])}, hive_partitioning = false, "
+            f"union_by_name = true, file_row_number = true) WHERE file_row_number IN ({numbers})"
         ).fetchall()
-        for k, e, blob in rows:
-            if (k, e) in wanted:
-                samples[k] = (e, column, blob)
+        for i, r, event_id, blob in rows:
+            k = wanted.get((i, r))
+            if k is not None:
+                samples[k] = (event_id, column, blob)
     return samples
+
+
+def _columns(store: EvidenceStore, source: str) -> set[str]:
+    return {row[0] for row in store.con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}  # noqa: S608
 
 
 __all__ = ["Finding", "VerifyReport", "verify"]

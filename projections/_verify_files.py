@@ -82,10 +82,14 @@ def _read(path: Path) -> tuple[str | None, int, Placement]:
     """(sha256 hex, rows in the Parquet footer, placement by the footer's statistics) of one file;
     (None, 0, None) when it is gone."""
     h = hashlib.sha256()
+    # Read into one buffer: a new megabyte for each read is mapped afresh, page by page (measured
+    # on 4 GB: 0.7 s of system time, against 0.3 s this way).
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        with path.open("rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                h.update(view[:n])
     except FileNotFoundError:
         return None, 0, None
     try:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -198,6 +199,26 @@ def test_gaps_are_named_precisely(tmp_path: Path, history: list[Event]) -> None:
     assert [(g.where, g.detail.split(" are ")[0]) for g in gaps] == [
         ("nexus.outcomes[0]", f"offsets {end}..{end + 4}")
     ]
+
+
+def test_an_outcome_of_a_request_never_dispatched_is_named(tmp_path: Path, history: list[Event]) -> None:
+    outcome = next(e for e in history if isinstance(e, OutcomeRecorded))
+    decided = next(e for e in history if isinstance(e, RequestDecided) and e.request_id == outcome.request_id)
+    root = tmp_path / "evidence"
+    project(root, [e for e in history if e is not decided])
+    found = {f.kind: f for f in verify(root, PUBLIC, KNOWN, workers=1).findings}
+    assert found["outcome_without_decision"].detail == f"1: {outcome.tenant_id}/{outcome.request_id}"
+
+
+def test_duplicate_events_are_named_with_their_counts() -> None:
+    from nexuscore.projections._verify import _duplicates
+
+    con = duckdb.connect()
+    con.register(
+        "decisions",
+        pa.table({"tenant_id": ["a", "a", "b", "a", "b", "a"], "event_id": ["1", "2", "1", "1", "1", "1"]}),
+    )
+    assert _duplicates(con, "decisions") == [("a/1", 3), ("b/1", 2)]
 
 
 def test_a_crash_mid_flush_is_undone_and_the_projection_is_exactly_once(

@@ -81,6 +81,26 @@ def test_both_modes_pass_a_pristine_store_and_count_the_same_rows(pristine: Path
     assert default.rows == deep.rows > 0 and default.files == deep.files
 
 
+def test_verify_runs_unbounded_when_duckdb_cannot_keep_to_its_memory(
+    pristine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexuscore.projections import _verify
+
+    bounded = verify(pristine, PUBLIC, KNOWN, workers=1)
+    asked: list[str | None] = []
+    duckdb_limits = _verify.duckdb_limits
+
+    def limits(threads: int, spill: str, memory: str | None = None) -> dict[str, object]:
+        asked.append(memory)
+        return duckdb_limits(threads, spill, memory)
+
+    monkeypatch.setattr(_verify, "duckdb_limits", limits)
+    monkeypatch.setattr(_verify, "DUCKDB_MEMORY", "1MB")  # too little for any query
+    report = verify(pristine, PUBLIC, KNOWN, workers=1)
+    assert asked == ["1MB", None]
+    assert report.findings == [] and (report.rows, report.requests) == (bounded.rows, bounded.requests)
+
+
 def test_only_deep_finds_a_sealed_root_that_is_not_the_rows(pristine: Path, tmp_path: Path) -> None:
     root = tmp_path / "evidence"
     shutil.copytree(pristine, root)
