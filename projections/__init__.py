@@ -7,23 +7,28 @@ from typing import TYPE_CHECKING
 
 from nexuscore.kernel.lazy import lazy_exports
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
-from nexuscore.projections._lineage import lineage_at
 from nexuscore.projections._manifest import Manifest, committed_files
-from nexuscore.projections._store import ALLOWED_RESIDENCY_FINDING, EvidenceStore, residency_breaches
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
 from nexuscore.projections._writer import SealedWriter, region_dir, write_table
 
 if TYPE_CHECKING:
     from nexuscore.projections._compact import CompactReport, compact
+    from nexuscore.projections._lineage import lineage_at
     from nexuscore.projections._projector import UNASSIGNED, Projector
     from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
     from nexuscore.projections._report import render_html
+    from nexuscore.projections._store import ALLOWED_RESIDENCY_FINDING, EvidenceStore, residency_breaches
     from nexuscore.projections._verify import Finding, VerifyReport, verify
 
 # Loaded on first use: the projector brings the decider's core, the policy model and aiokafka, and
 # compaction and verify their process pools, about half a second of CPU that a query or a lineage
-# (``evidence residency``, ``evidence lineage``: a fresh process each) does not need.
+# (``evidence residency``, ``evidence lineage``: a fresh process each) does not need; the store and
+# lineage bring DuckDB, about 15 MB that the projector (and every stage) does not need resident.
 _LAZY = {
+    "lineage_at": "_lineage",
+    "ALLOWED_RESIDENCY_FINDING": "_store",
+    "EvidenceStore": "_store",
+    "residency_breaches": "_store",
     "CompactReport": "_compact",
     "compact": "_compact",
     "UNASSIGNED": "_projector",

@@ -7,9 +7,8 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,6 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore import ledger
 from nexuscore.projections import _seal
 from nexuscore.projections._manifest import Manifest, fsync_path, replace_with
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 def region_dir(region: str) -> str:
@@ -110,6 +112,8 @@ class SealedWriter:
 
     def _duckdb_root(self, data: pa.Table) -> bytes:
         if self._con is None:
+            import duckdb  # rarely needed (values Python cannot render as DuckDB does): loaded then
+
             self._con = duckdb.connect()
         return _seal.table_root(self._con, data)
 

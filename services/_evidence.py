@@ -19,7 +19,6 @@ from nexuscore.kernel.signing import load_private_key, load_public_key
 from nexuscore.projections import (
     CompactReport,
     EvidenceStore,
-    LocalKeyStore,
     VerifyReport,
     check_consistency,
     check_proof,
@@ -30,14 +29,10 @@ from nexuscore.projections import (
     render_html,
     verify,
 )
+from nexuscore.services._keys import content_keys
 
 # The one finding of `EvidenceStore.residency` that is allowed (kept for callers of this name).
 ALLOWED_FINDING = projections.ALLOWED_RESIDENCY_FINDING
-
-
-def content_keys(evidence_dir: Path, keystore: Path | None = None) -> LocalKeyStore:
-    """The tenants' content keys: ``keystore``, or ``_keys`` inside the evidence folder."""
-    return LocalKeyStore(keystore or evidence_dir / "_keys")
 
 
 def open_store(evidence_dir: Path, keystore: Path | None = None) -> EvidenceStore:

@@ -38,7 +38,7 @@ from nexuscore.policy import (
 from nexuscore.projections import Projector
 from nexuscore.providers import SimulatedProviderConfig, serve_forever
 from nexuscore.schemas import PolicyStageChanged
-from nexuscore.services._evidence import content_keys
+from nexuscore.services._keys import content_keys
 from nexuscore.streams import (
     ANSWER_WINDOW,
     DEDUPE_WINDOW,

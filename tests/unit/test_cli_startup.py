@@ -37,6 +37,17 @@ def test_the_cli_and_the_evidence_package_load_neither_the_policy_model_nor_the_
     }
 
 
+def test_a_running_stage_does_not_load_duckdb() -> None:
+    # What `nexuscore run decider|worker|projector` imports: DuckDB (about 15 MB resident) is the
+    # evidence commands' engine; the projector seals without it unless a value needs DuckDB's rendering.
+    code = (
+        "import sys; import nexuscore.cli; from nexuscore.services import run_projector, run_decider, run_worker; "
+        "from nexuscore.projections import Projector, SealedWriter; print('duckdb' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)  # noqa: S603
+    assert done.stdout.strip() == "False"
+
+
 def test_every_public_name_of_the_lazily_loaded_packages_resolves() -> None:
     from nexuscore import projections, services
 
