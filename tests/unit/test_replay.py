@@ -108,8 +108,8 @@ def test_verify_mode_lists_decisions_whose_policy_is_unknown(tmp_path: Path) -> 
     assert report.changes[0].fields == ("policy_digest",)
 
 
-def test_decisions_made_under_a_kill_switch_replay_from_the_recorded_control_mode(tmp_path: Path) -> None:
-    # Replay reads the switch from the decision's own `control_mode` field, not from its prose.
+def write_switched_off_history(root: Path) -> None:
+    """Five requests decided while an operator's global kill switch was off, as evidence."""
     from nexuscore.core import EMPTY_STATE, on_request
     from nexuscore.policy import Controls
     from nexuscore.schemas import KillSwitchChanged
@@ -125,7 +125,12 @@ def test_decisions_made_under_a_kill_switch_replay_from_the_recorded_control_mod
             state, request(request_id=f"r{n}"), POLICY, "tests", T0, controls=Controls().apply(off)
         )
         events += [request(request_id=f"r{n}"), *out]
-    write_evidence(events, tmp_path)
+    write_evidence(events, root)
+
+
+def test_decisions_made_under_a_kill_switch_replay_from_the_recorded_control_mode(tmp_path: Path) -> None:
+    # Replay reads the switch from the decision's own `control_mode` field, not from its prose.
+    write_switched_off_history(tmp_path)
     with EvidenceStore(tmp_path) as store:
         modes = store.query("SELECT DISTINCT control_mode, verdict FROM decisions").to_pylist()
         report = replay(store, None, recorded_policies={POLICY.digest: POLICY})
@@ -139,23 +144,9 @@ def test_decisions_recorded_before_control_mode_existed_replay_from_their_reason
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nexuscore.core import EMPTY_STATE, on_request
-    from nexuscore.policy import Controls
     from nexuscore.replay import replay_reference
-    from nexuscore.schemas import KillSwitchChanged
-    from tests.factories import request
 
-    off = KillSwitchChanged(
-        event_id="k", request_id="", tenant_id="", occurred_at=T0, producer="t", scope="global", target="",
-        mode="off", actor="dana", reason="incident",
-    )  # fmt: skip
-    state, events = EMPTY_STATE, []
-    for n in range(5):
-        state, _, out = on_request(
-            state, request(request_id=f"r{n}"), POLICY, "tests", T0, controls=Controls().apply(off)
-        )
-        events += [request(request_id=f"r{n}"), *out]
-    write_evidence(events, tmp_path)
+    write_switched_off_history(tmp_path)
     files = [p for p in tmp_path.rglob("*.parquet") if p.parent.name == "decisions"]
     assert files
     for path in files:
