@@ -29,6 +29,24 @@ from nexuscore.projections._keys import KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import committed_files, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
+# Which rows end a request, per table: all of them (None), or those whose column compares so. The
+# ``terminal_states`` view and verify's one-pass count (``_verify._ODD_REQUESTS_SQL``) both read
+# this, so what a terminal state is cannot differ between them. A resolution that resumed the
+# request ("dispatched") does not end it: its outcome does.
+TERMINAL_ROWS: dict[str, tuple[str, str] | None] = {
+    "outcomes": None,
+    "rejections": None,
+    "decisions": ("verdict", "= 'denied'"),
+    "resolutions": ("resolution", "<> 'dispatched'"),
+}
+
+
+def _terminal(table: str) -> str:
+    """The WHERE clause that keeps ``table``'s terminal rows (TERMINAL_ROWS), or nothing."""
+    rule = TERMINAL_ROWS[table]
+    return "" if rule is None else f"WHERE {rule[0]} {rule[1]}"
+
+
 if TYPE_CHECKING:
     from nexuscore.projections._residency import Sealed as SealedResidency
     from nexuscore.projections._rollups import Rollup, Sealed
@@ -46,18 +64,17 @@ FROM (SELECT *, unnest(reasons) AS r FROM decisions)
     ),
     "terminal_states": (
         ("outcomes", "rejections", "decisions", "resolutions"),
-        """
+        f"""
 CREATE OR REPLACE VIEW terminal_states AS
-SELECT request_id, tenant_id, status AS state, occurred_at FROM outcomes
+SELECT request_id, tenant_id, status AS state, occurred_at FROM outcomes {_terminal("outcomes")}
 UNION ALL
-SELECT request_id, tenant_id, 'rejected' AS state, occurred_at FROM rejections
+SELECT request_id, tenant_id, 'rejected' AS state, occurred_at FROM rejections {_terminal("rejections")}
 UNION ALL
-SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions WHERE verdict = 'denied'
+SELECT request_id, tenant_id, verdict AS state, occurred_at FROM decisions {_terminal("decisions")}
 UNION ALL
--- An escalated request ends with its resolution, unless that resumed it (its outcome ends it then).
 SELECT request_id, tenant_id, 'escalation_' || resolution AS state, occurred_at FROM resolutions
-WHERE resolution <> 'dispatched'
-""",
+{_terminal("resolutions")}
+""",  # noqa: S608 (module constants only)
     ),
     "escalations": (
         ("decisions", "resolutions"),

@@ -56,7 +56,7 @@ from nexuscore.projections._rollups import ROLLUPS, Rollup
 from nexuscore.projections._rollups import current_partials as current_rollup
 from nexuscore.projections._rollups import read_partials as read_rollup
 from nexuscore.projections._rollups import well_formed as rollup_well_formed
-from nexuscore.projections._store import EvidenceStore, sql_list
+from nexuscore.projections._store import TERMINAL_ROWS, EvidenceStore, sql_list
 from nexuscore.projections._tables import SCHEMAS
 from nexuscore.projections._verify_files import PLACEMENT, Placement, check_files
 
@@ -770,17 +770,13 @@ def _duplicates(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, .
 # one scan of all their files (each row's table is its file's, by position in the list): DuckDB
 # runs the branches of a UNION ALL side by side, each with hash tables of its own, and ran out of
 # any bounded memory at 10M decisions (``duckdb_limits``); one scan feeds one aggregation, which
-# spills. Its terminal states are those of the ``terminal_states`` view: an outcome, a rejection,
-# a denial, or a resolution other than "dispatched" (which resumes the request to its outcome).
+# spills. Its terminal states are those of the ``terminal_states`` view (``TERMINAL_ROWS``).
 _REQUEST_TABLES = ("requests", "outcomes", "rejections", "decisions", "resolutions")
 _ODD_REQUESTS_SQL = """
 SELECT tenant_id, request_id,
        count(*) FILTER (WHERE {requests}) AS requests,
        count(*) FILTER (WHERE {requests} AND ($until IS NULL OR {occurred_at} < $until)) AS requests_due,
-       count(*) FILTER (
-           WHERE {outcomes} OR {rejections} OR ({decisions} AND {verdict} = 'denied')
-              OR ({resolutions} AND {resolution} <> 'dispatched')
-       ) AS terminal,
+       count(*) FILTER (WHERE {terminal}) AS terminal,
        count(*) FILTER (WHERE {decisions}) AS decisions,
        count(*) FILTER (WHERE {rejections}) AS rejections,
        count(*) FILTER (WHERE {outcomes}) AS outcomes,
@@ -791,7 +787,13 @@ FROM {source}
 GROUP BY tenant_id, request_id
 HAVING requests <> 1 OR terminal <> 1 OR (outcomes > 0 AND dispatched = 0)
 ORDER BY tenant_id, request_id
-"""
+""".replace(
+    "{terminal}",  # each table's terminal rows as the view has them: a table's rows, its column so
+    " OR ".join(
+        f"{{{table}}}" if rule is None else f"({{{table}}} AND {{{rule[0]}}} {rule[1]})"
+        for table, rule in TERMINAL_ROWS.items()
+    ),
+)
 _REQUEST_FINDINGS = {  # finding: (the table it is about, whether it is fatal)
     "no_terminal_state": ("requests", True),
     "multiple_terminal_states": ("terminal_states", True),
