@@ -165,5 +165,18 @@ def test_the_dedup_window_knows_the_keys_of_its_last_offsets_and_keeps_lookalike
     assert not recent.seen(7, "ab " * 10 + "ab")
     assert not recent.seen(8, "acme-bank\x1fr-1")
     assert recent.seen(9, "acme-bank\x1fr-1")
+    # Blocks of 10 // 8 = 1 offset: offset 0 leaves once it is more than 10 offsets behind.
     assert not recent.seen(11, "ab" * 16)  # offset 0 left the window: not known any more
-    assert len(recent.keys) == len(recent.order) == len(recent.offsets) == 4
+    assert len(recent.keys) == sum(len(keys) for _, keys in recent.blocks) == 4
+
+
+def test_the_dedup_window_keeps_a_key_for_at_least_its_window_and_lets_whole_blocks_go() -> None:
+    recent = _Recent(window=80)  # blocks of 10 offsets
+    assert not recent.seen(100, "first")
+    assert not recent.seen(109, "end of the first block")
+    assert recent.seen(189, "first")  # 89 offsets on: its block (100-109) is still held
+    assert recent.seen(189, "end of the first block")
+    assert not recent.seen(190, "next")  # 100-109 are all more than 80 behind 190: the block goes
+    assert not recent.seen(191, "first")  # so both are new again
+    assert not recent.seen(192, "end of the first block")
+    assert len(recent.keys) == 3 and [first for first, _ in recent.blocks] == [190]
