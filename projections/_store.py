@@ -12,10 +12,11 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -204,8 +205,35 @@ FROM {decisions} d LEFT JOIN (SELECT * FROM _routed_outcomes WHERE {outcomes}) o
 WHERE ($model IS NULL OR o.model = $model OR d.deployment_id = $model)
 GROUP BY ALL
 """
+# The window's partial days from the sealed routed rows (``_rollups``): the decisions the report
+# counts there, each with its covered outcomes (joined at compaction).
+ROUTED_EDGE_ROWS_SQL = f"""
+SELECT * FROM _routed_rows_read
+WHERE {_ROUTED_FILTERS}
+  AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+       OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
+"""  # noqa: S608
+# Rows that cannot stand for the join: an outcome the report leaves out (earlier than the window),
+# or a decision with an outcome in the tail as well (its rows lack that one).
+ROUTED_EDGE_ROWS_UNSURE_SQL = """
+SELECT count(*) AS n FROM _routed_edge_rows r
+WHERE ($since IS NOT NULL AND r.outcome AND NOT coalesce(r.outcome_at >= $since, false))
+   OR EXISTS (SELECT 1 FROM _routed_tail_keys k WHERE k.tenant_id = r.tenant_id AND k.request_id = r.request_id)
+"""
+_ROUTED_EDGE_COUNTS = """
+SELECT tenant_id, CAST(occurred_at AS DATE) AS day, feature, verdict, tier, deployment_id,
+       policy_version, model, region,
+       count(*) AS requests,
+       count(*) FILTER (WHERE outcome AND status = 'answered') AS answered,
+       sum(estimated_cost_micros) FILTER (WHERE verdict = 'dispatch') AS estimated_micros,
+       sum(cost_micros) AS cost_micros
+FROM _routed_edge_rows
+WHERE ($model IS NULL OR model = $model OR deployment_id = $model)
+GROUP BY ALL
+"""
 # The partials' whole days, plus the decisions counted from their rows with every outcome the report
-# counts, less what the partials counted for those of them they cover (with the covered outcomes).
+# counts, less what the partials counted for those of them they cover (with the covered outcomes),
+# plus the partial days' routed rows when they stand for the rows.
 ROUTED_MERGED_SQL = (
     f"""
 WITH rows AS (
@@ -220,6 +248,8 @@ WITH rows AS (
     + _ROUTED_JOIN.format(
         sign=-1, decisions="(SELECT * FROM _routed_decisions WHERE retract)", outcomes="sealed"
     )
+    + "    UNION ALL BY NAME\n"
+    + _ROUTED_EDGE_COUNTS
     + """
 )
 SELECT tenant_id, feature, verdict, tier, deployment_id,
@@ -449,6 +479,11 @@ _ROUTED_NO_OUTCOMES = pa.schema(
     ]
     + [pa.field("sealed", pa.bool_())]
 ).empty_table()
+_ROUTED_NO_ROWS = pa.schema(
+    [SCHEMAS["decisions"].field(c) for c in _DECIDED.split(", ")]
+    + [pa.field("outcome", pa.bool_()), SCHEMAS["outcomes"].field("occurred_at").with_name("outcome_at")]
+    + [SCHEMAS["outcomes"].field(c) for c in ("status", "model", "region", "cost_micros")]
+).empty_table()
 _NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
@@ -573,6 +608,16 @@ class EvidenceStore:
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
+    def batches(self, sql: str, rows: int, *, views: tuple[str, ...]) -> pa.RecordBatchReader:
+        """The rows of one SELECT statement over ``views`` as a stream of batches of up to ``rows``
+        rows (for results too large to hold at once)."""
+        try:
+            statement = _one_select(sql)
+            self.views(*views)
+            return self._con.sql(statement).to_arrow_reader(rows)
+        except duckdb.Error as exc:
+            raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
+
     # --- canned reports ----------------------------------------------------------------------------
 
     def who_routed_what(
@@ -653,31 +698,69 @@ class EvidenceStore:
             .column("n")[0]
             .as_py()
         )
-        decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
-        if edges or keys.num_rows:
-            view("decisions", "sealed")
-            if edges:
-                sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
-            else:
-                sql = ROUTED_SEALED_LATE_SQL
-            self._con.register("_routed_tail_keys", keys)
-            try:
+        with self._registered("_routed_tail_keys", keys):
+            edge_rows = self._routed_edge_rows(params, days) if edges else None
+            raw_edges = edges and edge_rows is None  # the partial days from the tables' rows
+            decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
+            if raw_edges or keys.num_rows:
+                view("decisions", "sealed")
+                if raw_edges:
+                    sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
+                else:
+                    sql = ROUTED_SEALED_LATE_SQL
                 decided.append(self._routed_query(sql, params))
-            finally:
-                self._con.unregister("_routed_tail_keys")
         decisions = pa.concat_tables(decided)
-        self._con.register("_routed_decisions", decisions)
-        try:
+        with (
+            self._registered("_routed_decisions", decisions),
+            self._registered("_routed_edge_rows", _ROUTED_NO_ROWS if edge_rows is None else edge_rows),
+        ):
             if decisions.num_rows:
                 view("outcomes", "sealed")
                 outcomes = self._routed_query(ROUTED_OUTCOMES_SQL, params)
             else:
                 outcomes = _ROUTED_NO_OUTCOMES
-            self._con.register("_routed_outcomes", outcomes)
-            return self._routed_query(ROUTED_MERGED_SQL, params)
+            with self._registered("_routed_outcomes", outcomes):
+                return self._routed_query(ROUTED_MERGED_SQL, params)
+
+    def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays) -> pa.Table | None:
+        """The sealed routed rows of the window's partial days that the report counts (``_rollups``),
+        read from the row groups of the tenant and hours only; None when they cannot stand for the
+        tables' rows (none sealed, one altered, an outcome the report leaves out, or a decision with
+        an outcome in the tail too): those days are then counted from the tables."""
+        from nexuscore.projections import _rollups
+
+        by_day = _rollups.current_rows(signed_entries(self.root))
+        if by_day is None:
+            return None
+        read = []
+        for day in days.edge_days:
+            entry = by_day.get(day)  # (none: the partials hold that day, so something is off)
+            rows = (
+                None
+                if entry is None
+                else _rollups.read_rows(self.root, entry, params["tenant"], [*days.edges])
+            )
+            if rows is None:
+                return None
+            read.append(rows)
+        try:
+            candidates = pa.concat_tables(read)
+        except pa.ArrowInvalid:
+            return None
+        with self._registered("_routed_rows_read", candidates):
+            edge_rows = self._routed_query(ROUTED_EDGE_ROWS_SQL, params)
+        with self._registered("_routed_edge_rows", edge_rows):
+            unsure = self._routed_query(ROUTED_EDGE_ROWS_UNSURE_SQL, params).column("n")[0].as_py()
+        return None if unsure else edge_rows
+
+    @contextlib.contextmanager
+    def _registered(self, name: str, table: pa.Table) -> Iterator[None]:
+        """``table`` readable as ``name`` for the block's queries."""
+        self._con.register(name, table)
+        try:
+            yield
         finally:
-            self._con.unregister("_routed_decisions")
-            self._con.unregister("_routed_outcomes")
+            self._con.unregister(name)
 
     def _routed_query(self, sql: str, params: dict[str, Any]) -> pa.Table:
         """``query`` with the parameters ``sql`` names (DuckDB refuses any other); it reads the
