@@ -259,11 +259,15 @@ def rows_trusted(root: Path, entries: list[Entry]) -> bool:
 
 
 def read_rows(
-    root: Path, entry: Entry, tenant: str | None, spans: list[tuple[datetime, datetime]]
+    root: Path,
+    entry: Entry,
+    tenant: str | None,
+    spans: list[tuple[datetime, datetime]],
+    columns: list[str],
 ) -> pa.Table | None:
-    """The row groups of a routed rows file that may hold ``tenant``'s (any tenant's: None) decisions
-    in one of ``spans`` (by the groups' statistics), if the file holds the sealed bytes; else None.
-    The caller filters the rows themselves."""
+    """``columns`` of the row groups of a routed rows file that may hold ``tenant``'s (any tenant's:
+    None) decisions in one of ``spans`` (by the groups' statistics), if the file holds the sealed
+    bytes; else None. The caller filters the rows themselves."""
     sealed = open_sealed(root, entry)
     if sealed is None:
         return None
@@ -277,7 +281,7 @@ def read_rows(
             if _may_hold(meta.row_group(i).column(tenant_at).statistics, tenant)
             and any(_overlaps(meta.row_group(i).column(time_at).statistics, s) for s in spans)
         ]
-        return sealed.read_row_groups(groups, use_threads=False)
+        return sealed.read_row_groups(groups, columns=columns, use_threads=False)
     except (OSError, ValueError, pa.ArrowException):
         return None
 

@@ -215,10 +215,12 @@ WHERE {_ROUTED_FILTERS}
 """  # noqa: S608
 # Rows that cannot stand for the join: an outcome the report leaves out (earlier than the window),
 # or a decision with an outcome in the tail as well (its rows lack that one).
-ROUTED_EDGE_ROWS_UNSURE_SQL = """
-SELECT count(*) AS n FROM _routed_edge_rows r
-WHERE ($since IS NOT NULL AND r.outcome AND NOT coalesce(r.outcome_at >= $since, false))
-   OR EXISTS (SELECT 1 FROM _routed_tail_keys k WHERE k.tenant_id = r.tenant_id AND k.request_id = r.request_id)
+ROUTED_EDGE_ROWS_EARLY_SQL = """
+SELECT count(*) AS n FROM _routed_edge_rows
+WHERE $since IS NOT NULL AND outcome AND NOT coalesce(outcome_at >= $since, false)
+"""
+ROUTED_EDGE_ROWS_LATE_SQL = """
+SELECT count(*) AS n FROM _routed_edge_rows SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
 """
 _ROUTED_EDGE_COUNTS = """
 SELECT tenant_id, CAST(occurred_at AS DATE) AS day, feature, verdict, tier, deployment_id,
@@ -699,7 +701,7 @@ class EvidenceStore:
             .as_py()
         )
         with self._registered("_routed_tail_keys", keys):
-            edge_rows = self._routed_edge_rows(params, days) if edges else None
+            edge_rows = self._routed_edge_rows(params, days, late=keys.num_rows > 0) if edges else None
             raw_edges = edges and edge_rows is None  # the partial days from the tables' rows
             decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
             if raw_edges or keys.num_rows:
@@ -722,23 +724,27 @@ class EvidenceStore:
             with self._registered("_routed_outcomes", outcomes):
                 return self._routed_query(ROUTED_MERGED_SQL, params)
 
-    def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays) -> pa.Table | None:
+    def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays, *, late: bool) -> pa.Table | None:
         """The sealed routed rows of the window's partial days that the report counts (``_rollups``),
         read from the row groups of the tenant and hours only; None when they cannot stand for the
         tables' rows (none sealed, one altered, an outcome the report leaves out, or a decision with
-        an outcome in the tail too): those days are then counted from the tables."""
+        an outcome in the tail, ``_routed_tail_keys``, when there are any: ``late``): those days are
+        then counted from the tables."""
         from nexuscore.projections import _rollups
 
         by_day = _rollups.current_rows(signed_entries(self.root))
         if by_day is None:
             return None
+        # (Request ids, half the decoding, only to match the tail's outcomes.)
+        columns = [c for c in _ROUTED_NO_ROWS.column_names if late or c != "request_id"]
         read = []
         for day in days.edge_days:
             entry = by_day.get(day)  # (none: the partials hold that day, so something is off)
+            spans = [*days.edges]
             rows = (
                 None
                 if entry is None
-                else _rollups.read_rows(self.root, entry, params["tenant"], [*days.edges])
+                else _rollups.read_rows(self.root, entry, params["tenant"], spans, columns)
             )
             if rows is None:
                 return None
@@ -750,8 +756,10 @@ class EvidenceStore:
         with self._registered("_routed_rows_read", candidates):
             edge_rows = self._routed_query(ROUTED_EDGE_ROWS_SQL, params)
         with self._registered("_routed_edge_rows", edge_rows):
-            unsure = self._routed_query(ROUTED_EDGE_ROWS_UNSURE_SQL, params).column("n")[0].as_py()
-        return None if unsure else edge_rows
+            checks = [ROUTED_EDGE_ROWS_EARLY_SQL, *([ROUTED_EDGE_ROWS_LATE_SQL] if late else [])]
+            if any(self._routed_query(sql, params).column("n")[0].as_py() for sql in checks):
+                return None
+        return edge_rows
 
     @contextlib.contextmanager
     def _registered(self, name: str, table: pa.Table) -> Iterator[None]:

@@ -120,8 +120,8 @@ def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_par
         full_calls.append(params)
         return full(self, **params)
 
-    def rows(self: EvidenceStore, *args: Any) -> object:
-        read = edge_rows(self, *args)
+    def rows(self: EvidenceStore, *args: Any, **kwargs: Any) -> object:
+        read = edge_rows(self, *args, **kwargs)
         from_rows.append(read is not None)
         return read
 
