@@ -165,11 +165,19 @@ WHERE {_ROUTED_FILTERS}
        OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
 """  # noqa: S608
 # (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted.)
+# Those on the window's partial days too, when the routed rows count the others there (they lack the
+# tail's outcomes): counted with every outcome, nothing taken off.
 ROUTED_SEALED_LATE_SQL = f"""
-SELECT {_DECIDED}, true AS retract FROM _routed_sealed_decisions
-SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
-WHERE {_ROUTED_FILTERS}
-  AND ($whole_from IS NULL OR occurred_at >= $whole_from) AND ($whole_to IS NULL OR occurred_at < $whole_to)
+SELECT {_DECIDED}, NOT edge AS retract FROM (
+    SELECT {_DECIDED},
+           coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+                    OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false) AS edge
+    FROM _routed_sealed_decisions
+    SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+    WHERE {_ROUTED_FILTERS}
+)
+WHERE edge OR (($whole_from IS NULL OR occurred_at >= $whole_from)
+               AND ($whole_to IS NULL OR occurred_at < $whole_to))
 """  # noqa: S608
 # Both in one scan, when the window has partial days and the tail outcomes of covered decisions.
 ROUTED_SEALED_BOTH_SQL = f"""
@@ -213,14 +221,15 @@ WHERE {_ROUTED_FILTERS}
   AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
        OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
 """  # noqa: S608
-# Rows that cannot stand for the join: an outcome the report leaves out (earlier than the window),
-# or a decision with an outcome in the tail as well (its rows lack that one).
+# Rows that cannot stand for the join: an outcome the report leaves out (earlier than the window).
 ROUTED_EDGE_ROWS_EARLY_SQL = """
 SELECT count(*) AS n FROM _routed_edge_rows
 WHERE $since IS NOT NULL AND outcome AND NOT coalesce(outcome_at >= $since, false)
 """
-ROUTED_EDGE_ROWS_LATE_SQL = """
-SELECT count(*) AS n FROM _routed_edge_rows SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+# The rows of decisions with an outcome in the tail as well lack that one: left to the tables' rows
+# (``ROUTED_SEALED_LATE_SQL``).
+ROUTED_EDGE_ROWS_NOT_LATE_SQL = """
+SELECT * FROM _routed_edge_rows ANTI JOIN _routed_tail_keys USING (tenant_id, request_id)
 """
 _ROUTED_EDGE_COUNTS = """
 SELECT tenant_id, CAST(occurred_at AS DATE) AS day, feature, verdict, tier, deployment_id,
@@ -726,10 +735,10 @@ class EvidenceStore:
 
     def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays, *, late: bool) -> pa.Table | None:
         """The sealed routed rows of the window's partial days that the report counts (``_rollups``),
-        read from the row groups of the tenant and hours only; None when they cannot stand for the
-        tables' rows (none sealed, one altered, an outcome the report leaves out, or a decision with
-        an outcome in the tail, ``_routed_tail_keys``, when there are any: ``late``): those days are
-        then counted from the tables."""
+        read from the row groups of the tenant and hours only, but those of decisions with an outcome
+        in the tail (``_routed_tail_keys``, when there are any: ``late``), which the tables' rows
+        count; None when they cannot stand for the tables' rows (none sealed, one altered, an outcome
+        the report leaves out): those days are then counted from the tables."""
         from nexuscore.projections import _rollups
 
         by_day = _rollups.current_rows(signed_entries(self.root))
@@ -755,11 +764,12 @@ class EvidenceStore:
             return None
         with self._registered("_routed_rows_read", candidates):
             edge_rows = self._routed_query(ROUTED_EDGE_ROWS_SQL, params)
+        if late:
+            with self._registered("_routed_edge_rows", edge_rows):
+                edge_rows = self._routed_query(ROUTED_EDGE_ROWS_NOT_LATE_SQL, params)
         with self._registered("_routed_edge_rows", edge_rows):
-            checks = [ROUTED_EDGE_ROWS_EARLY_SQL, *([ROUTED_EDGE_ROWS_LATE_SQL] if late else [])]
-            if any(self._routed_query(sql, params).column("n")[0].as_py() for sql in checks):
-                return None
-        return edge_rows
+            early = self._routed_query(ROUTED_EDGE_ROWS_EARLY_SQL, params).column("n")[0].as_py()
+        return None if early else edge_rows
 
     @contextlib.contextmanager
     def _registered(self, name: str, table: pa.Table) -> Iterator[None]:

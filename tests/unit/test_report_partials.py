@@ -17,7 +17,7 @@ import pytest
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
-from nexuscore.projections._store import report_days
+from nexuscore.projections._store import ROUTED_SEALED_LATE_SQL, report_days
 from nexuscore.schemas import Event
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
@@ -127,13 +127,12 @@ def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_par
 
     for since, until in windows():
         for kwargs in filters(root):
-            with EvidenceStore(root) as store:
+            with EvidenceStore(root) as store, monkeypatch.context() as patched:
                 expected = full(store, since=since, until=until, **kwargs)
-                monkeypatch.setattr(EvidenceStore, "full_who_routed_what", counted)
-                monkeypatch.setattr(EvidenceStore, "_routed_edge_rows", rows)
+                patched.setattr(EvidenceStore, "full_who_routed_what", counted)
+                patched.setattr(EvidenceStore, "_routed_edge_rows", rows)
                 tenant = kwargs.pop("tenant", None)
                 report = store.who_routed_what(tenant, since, until, **kwargs)
-                monkeypatch.undo()
             assert report.schema == expected.schema
             assert report.to_pylist() == expected.to_pylist(), (since, until, tenant, kwargs)
     assert (full_calls == []) is from_partials
@@ -264,13 +263,24 @@ def test_altered_partials_are_a_verify_finding_and_change_no_answer(
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
 
-def test_partial_days_with_outcomes_in_the_tail_are_counted_from_the_tables(
+def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_tables(
     sealed: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Held-back outcomes of covered decisions are in the tail: the routed rows of those decisions
-    # lack them, so such a window counts its partial days from the tables; the others from the rows.
+    # lack them, so the report counts those decisions from the tables, the others from the rows.
+    query = EvidenceStore._routed_query
+    from_tables: list[int] = []
+
+    def spied(self: EvidenceStore, sql: str, params: dict[str, Any]) -> Any:
+        out = query(self, sql, params)
+        if sql == ROUTED_SEALED_LATE_SQL:
+            from_tables.append(out.num_rows - sum(out.column("retract").to_pylist()))
+        return out
+
+    monkeypatch.setattr(EvidenceStore, "_routed_query", spied)
     from_rows = assert_same_reports(sealed, monkeypatch, from_partials=True)
-    assert any(from_rows) and not all(from_rows)
+    assert from_rows and all(from_rows)
+    assert any(from_tables)  # some partial day's decision had an outcome in the tail
 
 
 def test_altered_routed_rows_are_a_verify_finding_and_change_no_answer(
