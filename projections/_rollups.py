@@ -15,7 +15,9 @@ compaction entry names each (path, sha256, rows, files), so the signed chain cov
 A report then takes the whole days of its window from its partials and counts the rest from the
 rows: the files flushed since (the tail), the covered files on the window's partial first and last
 days, and (who-routed-what) the covered decisions with an outcome in the tail, whose partial count is
-taken off and counted again with every outcome. Row for row the full query. It is the full query
+taken off and counted again with every outcome. Who-routed-what takes the partial days' covered
+decisions from the routed rows the same compaction seals (below: the join per decision, sorted by
+time, a file per day), not from the tables' rows. Row for row the full query. It is the full query
 whenever the partials file is not the one the ledger sealed, covers a file no longer in force, or
 (who-routed-what) counts an outcome earlier than the window starts (the report leaves those out: an
 outcome timed before its decision's day, by a producer's clock). The counts are read only after their
@@ -238,7 +240,7 @@ def current_rows(entries: list[Entry]) -> dict[date, Entry] | None:
     for e in reversed(entries):
         if e.get("kind") == "compaction":
             field = e.get(ROUTED_ROWS)
-            if not rows_well_formed(field):
+            if field is None or not rows_well_formed(field):
                 return None
             try:
                 return {date.fromisoformat(f["day"]): f for f in field["files"]}

@@ -143,6 +143,10 @@ ROUTED_EDGE_SQL = """
 SELECT count(*) AS n FROM _routed_partials
 WHERE ($tenant IS NULL OR tenant_id = $tenant) AND list_contains($edge_days, day)
 """
+# The window's partial days on which the covered files have decisions (of any tenant).
+ROUTED_EDGE_DAYS_SQL = """
+SELECT DISTINCT day FROM _routed_partials WHERE list_contains($edge_days, day) ORDER BY day
+"""
 _DECIDED = (
     "tenant_id, request_id, occurred_at, feature, verdict, tier, deployment_id, policy_version, "
     "estimated_cost_micros"
@@ -746,9 +750,11 @@ class EvidenceStore:
             return None
         # (Request ids, half the decoding, only to match the tail's outcomes.)
         columns = [c for c in _ROUTED_NO_ROWS.column_names if late or c != "request_id"]
+        # A day without a file had no decision, as its partials then show (else something is off).
+        counted = self._routed_query(ROUTED_EDGE_DAYS_SQL, {"edge_days": days.edge_days}).column("day")
         read = []
-        for day in days.edge_days:
-            entry = by_day.get(day)  # (none: the partials hold that day, so something is off)
+        for day in counted.to_pylist():
+            entry = by_day.get(day)
             spans = [*days.edges]
             rows = (
                 None
@@ -758,6 +764,8 @@ class EvidenceStore:
             if rows is None:
                 return None
             read.append(rows)
+        if not read:
+            return _ROUTED_NO_ROWS
         try:
             candidates = pa.concat_tables(read)
         except pa.ArrowInvalid:

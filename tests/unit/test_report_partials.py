@@ -245,6 +245,39 @@ def test_an_outcome_before_the_window_runs_the_full_query(
         assert whole.to_pylist() == store.full_who_routed_what(since=DAY - timedelta(days=1)).to_pylist()
 
 
+def test_an_outcome_before_a_partial_first_day_counts_that_day_from_the_tables(
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outcome timed before its decision, which a window starts with: the routed rows hold it, the
+    # report leaves it out (the decision counts without an outcome), so the tables count that day.
+    late = next(e for e in history if is_outcome(e) and e.occurred_at >= DAY + timedelta(hours=1))
+    decided = next(
+        e for e in history if type(e).__name__ == "RequestDecided" and e.request_id == late.request_id
+    )
+    skewed = [msgspec.structs.replace(e, occurred_at=DAY) if e is late else e for e in history]
+    root = tmp_path / "evidence"
+    project(root, skewed, flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    since, until = decided.occurred_at, DAY + timedelta(days=1, hours=2)
+    edge_rows = EvidenceStore._routed_edge_rows
+    from_rows: list[bool] = []
+
+    def rows(self: EvidenceStore, *args: Any, **kwargs: Any) -> object:
+        read = edge_rows(self, *args, **kwargs)
+        from_rows.append(read is not None)
+        return read
+
+    monkeypatch.setattr(EvidenceStore, "_routed_edge_rows", rows)
+    with EvidenceStore(root) as store:
+        report = store.who_routed_what(since=since, until=until)
+        expected = store.full_who_routed_what(since=since, until=until)
+        later = store.who_routed_what(since=since + timedelta(hours=1), until=until)
+        expected_later = store.full_who_routed_what(since=since + timedelta(hours=1), until=until)
+    assert report.to_pylist() == expected.to_pylist()
+    assert later.to_pylist() == expected_later.to_pylist()
+    assert from_rows == [False, True]
+
+
 @pytest.mark.parametrize("rollup", [ROUTED, SPEND], ids=["routed", "spend"])
 def test_altered_partials_are_a_verify_finding_and_change_no_answer(
     sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rollup: _rollups.Rollup
