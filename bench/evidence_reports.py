@@ -7,13 +7,15 @@ store's ``<root>.bench-meta.json``, for its first day and its number of days):
 
 - **who-routed-what**, the largest tenant, the store's last 30 days: whole UTC days (the window the
   evidence benchmark measures), then with partial first and last days (13:07 after the first
-  midnight to 19:00 on the last day), which the report counts from the rows;
+  midnight to 19:00 on the last day), which the report counts from the sealed routed rows of those
+  two days (the join per decision, time-sorted, that compaction writes beside the partials);
 - **spend**, every tenant: the whole store, then the same partial-day window.
 
 Each case runs ``--repeat`` times cold (a fresh ``EvidenceStore`` each, the OS page cache warm),
 interleaved with the report as it was (every view made when the store opens, then the full query:
 ``full_who_routed_what``, ``full_spend``); both answers are compared. Also timed: the partials'
-queries over the whole store, what ``evidence compact`` adds to write them. CPU is this process's
+queries over the whole store, what ``evidence compact`` adds to write them (the routed rows: their
+query over the whole store, read to the end, not written). CPU is this process's
 (DuckDB's threads included), stable on a shared machine where wall times are not.
 Results: ``bench/results/evidence-reports[-LABEL].{json,md}``. ``python -m bench._evidence.append_tail
 STORE N`` appends a tail to a copy of a store (one flush: late outcomes of covered decisions, new
@@ -30,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -38,8 +40,10 @@ from bench._harness import git_commit, loadavg, run_main, table
 from nexuscore.policy import default_policy
 from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files
 
+T = TypeVar("T")
 
-def _timed(call: Callable[[], pa.Table]) -> tuple[float, float, pa.Table]:
+
+def _timed(call: Callable[[], T]) -> tuple[float, float, T]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = call()
     return time.perf_counter() - w0, time.process_time() - c0, out
@@ -88,6 +92,10 @@ def _sealing(root: Path) -> dict[str, Any]:
         with EvidenceStore(root) as store:
             wall, cpu, counts = _timed(functools.partial(store.query, rollup.sql))
         out[rollup.name] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rows": counts.num_rows}
+    with EvidenceStore(root) as store:
+        batches = store.batches(_rollups.ROUTED_ROWS_SQL, 65_536, views=_rollups.ROUTED.tables)
+        wall, cpu, rows = _timed(lambda: sum(b.num_rows for b in batches))
+    out[_rollups.ROUTED_ROWS] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rows": rows}
     return out
 
 
@@ -103,6 +111,8 @@ def _covers(root: Path) -> dict[str, Any]:
             "sealed": read is not None,
             "tail_files": None if read is None else len(set(live) - set(read.covered)),
         }
+    by_day = _rollups.current_rows(entries)
+    out[_rollups.ROUTED_ROWS] = {"sealed": _rollups.rows_trusted(root, entries), "days": len(by_day or {})}
     return out
 
 

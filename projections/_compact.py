@@ -19,7 +19,7 @@ the projector's restart treat it as any file. Order of work, safe against a cras
 2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
 3. write the request index of every file in force after it (``_index``: where each request's rows
    are, for lineage), their residency partials (the residency summary's counts, ``_residency``) and
-   the who-routed-what and spend partials (``_rollups``), then append the new files' entries and one ``compaction``
+   the who-routed-what and spend partials and the routed rows (``_rollups``), then append the new files' entries and one ``compaction``
    entry naming the replaced and the new files and sealing the index's and the partials' sha256, in
    one fsynced write, then sign a new head: the commit point;
 4. only then delete the replaced files (and the index and partials it superseded).
@@ -141,6 +141,7 @@ def compact(
             and trusted_paths(root, index) == indexed_paths(live)
             and _residency.trusted(root, _residency.current_partials(manifest.entries), live)
             and all(_rollups.trusted(root, manifest.entries, live, r) for r in _rollups.ROLLUPS)
+            and _rollups.rows_trusted(root, manifest.entries)
         ):
             report.files_after = len(live)
             return report
@@ -163,9 +164,13 @@ def compact(
             new_index = write_index(con, root, after, index, seq)
         partials = _residency.write_partials(root, after, seq)
         rollups = {r.name: _rollups.write_partials(root, after, seq, r) for r in _rollups.ROLLUPS}
-        manifest.commit_compaction(replaced, now, new_index, partials, rollups)
+        routed_rows = _rollups.write_routed_rows(root, after, seq)
+        manifest.commit_compaction(
+            replaced, now, new_index, partials, {**rollups, _rollups.ROUTED_ROWS: routed_rows}
+        )
         _delete(root, replaced)
-        remove_stale(root, {new_index["path"], partials["path"], *(r["path"] for r in rollups.values())})
+        sealed = [*rollups.values(), *routed_rows["files"]]
+        remove_stale(root, {new_index["path"], partials["path"], *(r["path"] for r in sealed)})
         report.replaced = len(replaced)
         report.written = sum(len(g["written"]) for g in report.groups)
         report.rows = sum(g["rows"] for g in report.groups)

@@ -17,11 +17,20 @@ from nexuscore.projections._manifest import fsync_path, replace_with
 Entry = dict[str, Any]
 
 
-def write_sealed(root: Path, relative: str, table: pa.Table, metadata: dict[bytes, bytes]) -> Entry:
+def write_sealed(
+    root: Path,
+    relative: str,
+    table: pa.Table,
+    metadata: dict[bytes, bytes],
+    *,
+    row_group_size: int | None = None,
+) -> Entry:
     """Write ``table`` with ``metadata`` in its footer to ``root/relative``, durably; the fields of
     its ledger entry (path, sha256, rows)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table.replace_schema_metadata(metadata), sink, compression="zstd")
+    pq.write_table(
+        table.replace_schema_metadata(metadata), sink, compression="zstd", row_group_size=row_group_size
+    )
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = replace_with(path, sink.getvalue().to_pybytes())
@@ -32,11 +41,21 @@ def write_sealed(root: Path, relative: str, table: pa.Table, metadata: dict[byte
 def read_sealed(root: Path, entry: Entry) -> pa.Table | None:
     """The table of the file ``entry`` seals (its footer's metadata kept), if the file holds the
     sealed bytes and reads as Parquet; else None."""
+    sealed = open_sealed(root, entry)
+    try:
+        return None if sealed is None else sealed.read(use_threads=False)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def open_sealed(root: Path, entry: Entry) -> pq.ParquetFile | None:
+    """The file ``entry`` seals, opened from the bytes that were hashed (so a file changed on disk
+    after the check is not what is read), if it holds the sealed bytes and reads as Parquet; else None."""
     try:
         payload = (root / entry["path"]).read_bytes()
         if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
             return None
         # (ParquetFile, not read_table: that loads pyarrow.dataset, a quarter second of start-up.)
-        return pq.ParquetFile(io.BytesIO(payload)).read(use_threads=False)
+        return pq.ParquetFile(io.BytesIO(payload))
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
         return None

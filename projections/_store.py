@@ -12,10 +12,11 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -142,6 +143,10 @@ ROUTED_EDGE_SQL = """
 SELECT count(*) AS n FROM _routed_partials
 WHERE ($tenant IS NULL OR tenant_id = $tenant) AND list_contains($edge_days, day)
 """
+# The window's partial days on which the covered files have decisions (of any tenant).
+ROUTED_EDGE_DAYS_SQL = """
+SELECT DISTINCT day FROM _routed_partials WHERE list_contains($edge_days, day) ORDER BY day
+"""
 _DECIDED = (
     "tenant_id, request_id, occurred_at, feature, verdict, tier, deployment_id, policy_version, "
     "estimated_cost_micros"
@@ -164,11 +169,19 @@ WHERE {_ROUTED_FILTERS}
        OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
 """  # noqa: S608
 # (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted.)
+# Those on the window's partial days too, when the routed rows count the others there (they lack the
+# tail's outcomes): counted with every outcome, nothing taken off.
 ROUTED_SEALED_LATE_SQL = f"""
-SELECT {_DECIDED}, true AS retract FROM _routed_sealed_decisions
-SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
-WHERE {_ROUTED_FILTERS}
-  AND ($whole_from IS NULL OR occurred_at >= $whole_from) AND ($whole_to IS NULL OR occurred_at < $whole_to)
+SELECT {_DECIDED}, NOT edge AS retract FROM (
+    SELECT {_DECIDED},
+           coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+                    OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false) AS edge
+    FROM _routed_sealed_decisions
+    SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+    WHERE {_ROUTED_FILTERS}
+)
+WHERE edge OR (($whole_from IS NULL OR occurred_at >= $whole_from)
+               AND ($whole_to IS NULL OR occurred_at < $whole_to))
 """  # noqa: S608
 # Both in one scan, when the window has partial days and the tail outcomes of covered decisions.
 ROUTED_SEALED_BOTH_SQL = f"""
@@ -204,8 +217,38 @@ FROM {decisions} d LEFT JOIN (SELECT * FROM _routed_outcomes WHERE {outcomes}) o
 WHERE ($model IS NULL OR o.model = $model OR d.deployment_id = $model)
 GROUP BY ALL
 """
+# The window's partial days from the sealed routed rows (``_rollups``): the decisions the report
+# counts there, each with its covered outcomes (joined at compaction).
+ROUTED_EDGE_ROWS_SQL = f"""
+SELECT * FROM _routed_rows_read
+WHERE {_ROUTED_FILTERS}
+  AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
+       OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
+"""  # noqa: S608
+# Rows that cannot stand for the join: an outcome the report leaves out (earlier than the window).
+ROUTED_EDGE_ROWS_EARLY_SQL = """
+SELECT count(*) AS n FROM _routed_edge_rows
+WHERE $since IS NOT NULL AND outcome AND NOT coalesce(outcome_at >= $since, false)
+"""
+# The rows of decisions with an outcome in the tail as well lack that one: left to the tables' rows
+# (``ROUTED_SEALED_LATE_SQL``).
+ROUTED_EDGE_ROWS_NOT_LATE_SQL = """
+SELECT * FROM _routed_edge_rows ANTI JOIN _routed_tail_keys USING (tenant_id, request_id)
+"""
+_ROUTED_EDGE_COUNTS = """
+SELECT tenant_id, CAST(occurred_at AS DATE) AS day, feature, verdict, tier, deployment_id,
+       policy_version, model, region,
+       count(*) AS requests,
+       count(*) FILTER (WHERE outcome AND status = 'answered') AS answered,
+       sum(estimated_cost_micros) FILTER (WHERE verdict = 'dispatch') AS estimated_micros,
+       sum(cost_micros) AS cost_micros
+FROM _routed_edge_rows
+WHERE ($model IS NULL OR model = $model OR deployment_id = $model)
+GROUP BY ALL
+"""
 # The partials' whole days, plus the decisions counted from their rows with every outcome the report
-# counts, less what the partials counted for those of them they cover (with the covered outcomes).
+# counts, less what the partials counted for those of them they cover (with the covered outcomes),
+# plus the partial days' routed rows when they stand for the rows.
 ROUTED_MERGED_SQL = (
     f"""
 WITH rows AS (
@@ -220,6 +263,8 @@ WITH rows AS (
     + _ROUTED_JOIN.format(
         sign=-1, decisions="(SELECT * FROM _routed_decisions WHERE retract)", outcomes="sealed"
     )
+    + "    UNION ALL BY NAME\n"
+    + _ROUTED_EDGE_COUNTS
     + """
 )
 SELECT tenant_id, feature, verdict, tier, deployment_id,
@@ -449,6 +494,11 @@ _ROUTED_NO_OUTCOMES = pa.schema(
     ]
     + [pa.field("sealed", pa.bool_())]
 ).empty_table()
+_ROUTED_NO_ROWS = pa.schema(
+    [SCHEMAS["decisions"].field(c) for c in _DECIDED.split(", ")]
+    + [pa.field("outcome", pa.bool_()), SCHEMAS["outcomes"].field("occurred_at").with_name("outcome_at")]
+    + [SCHEMAS["outcomes"].field(c) for c in ("status", "model", "region", "cost_micros")]
+).empty_table()
 _NO_ORPHANS = pa.table({"tenant_id": pa.array([], pa.string()), "request_id": pa.array([], pa.string())})
 
 
@@ -573,6 +623,16 @@ class EvidenceStore:
         except duckdb.Error as exc:
             raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
 
+    def batches(self, sql: str, rows: int, *, views: tuple[str, ...]) -> pa.RecordBatchReader:
+        """The rows of one SELECT statement over ``views`` as a stream of batches of up to ``rows``
+        rows (for results too large to hold at once)."""
+        try:
+            statement = _one_select(sql)
+            self.views(*views)
+            return self._con.sql(statement).to_arrow_reader(rows)
+        except duckdb.Error as exc:
+            raise EvidenceError(f"query failed: {str(exc).splitlines()[0]}") from exc
+
     # --- canned reports ----------------------------------------------------------------------------
 
     def who_routed_what(
@@ -653,31 +713,80 @@ class EvidenceStore:
             .column("n")[0]
             .as_py()
         )
-        decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
-        if edges or keys.num_rows:
-            view("decisions", "sealed")
-            if edges:
-                sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
-            else:
-                sql = ROUTED_SEALED_LATE_SQL
-            self._con.register("_routed_tail_keys", keys)
-            try:
+        with self._registered("_routed_tail_keys", keys):
+            edge_rows = self._routed_edge_rows(params, days, late=keys.num_rows > 0) if edges else None
+            raw_edges = edges and edge_rows is None  # the partial days from the tables' rows
+            decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
+            if raw_edges or keys.num_rows:
+                view("decisions", "sealed")
+                if raw_edges:
+                    sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
+                else:
+                    sql = ROUTED_SEALED_LATE_SQL
                 decided.append(self._routed_query(sql, params))
-            finally:
-                self._con.unregister("_routed_tail_keys")
         decisions = pa.concat_tables(decided)
-        self._con.register("_routed_decisions", decisions)
-        try:
+        with (
+            self._registered("_routed_decisions", decisions),
+            self._registered("_routed_edge_rows", _ROUTED_NO_ROWS if edge_rows is None else edge_rows),
+        ):
             if decisions.num_rows:
                 view("outcomes", "sealed")
                 outcomes = self._routed_query(ROUTED_OUTCOMES_SQL, params)
             else:
                 outcomes = _ROUTED_NO_OUTCOMES
-            self._con.register("_routed_outcomes", outcomes)
-            return self._routed_query(ROUTED_MERGED_SQL, params)
+            with self._registered("_routed_outcomes", outcomes):
+                return self._routed_query(ROUTED_MERGED_SQL, params)
+
+    def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays, *, late: bool) -> pa.Table | None:
+        """The sealed routed rows of the window's partial days that the report counts (``_rollups``),
+        read from the row groups of the tenant and hours only, but those of decisions with an outcome
+        in the tail (``_routed_tail_keys``, when there are any: ``late``), which the tables' rows
+        count; None when they cannot stand for the tables' rows (none sealed, one altered, an outcome
+        the report leaves out): those days are then counted from the tables."""
+        from nexuscore.projections import _rollups
+
+        by_day = _rollups.current_rows(signed_entries(self.root))
+        if by_day is None:
+            return None
+        # (Request ids, half the decoding, only to match the tail's outcomes.)
+        columns = [c for c in _ROUTED_NO_ROWS.column_names if late or c != "request_id"]
+        # A day without a file had no decision, as its partials then show (else something is off).
+        counted = self._routed_query(ROUTED_EDGE_DAYS_SQL, {"edge_days": days.edge_days}).column("day")
+        read = []
+        for day in counted.to_pylist():
+            entry = by_day.get(day)
+            spans = [*days.edges]
+            rows = (
+                None
+                if entry is None
+                else _rollups.read_rows(self.root, entry, params["tenant"], spans, columns)
+            )
+            if rows is None:
+                return None
+            read.append(rows)
+        if not read:
+            return _ROUTED_NO_ROWS
+        try:
+            candidates = pa.concat_tables(read)
+        except pa.ArrowInvalid:
+            return None
+        with self._registered("_routed_rows_read", candidates):
+            edge_rows = self._routed_query(ROUTED_EDGE_ROWS_SQL, params)
+        if late:
+            with self._registered("_routed_edge_rows", edge_rows):
+                edge_rows = self._routed_query(ROUTED_EDGE_ROWS_NOT_LATE_SQL, params)
+        with self._registered("_routed_edge_rows", edge_rows):
+            early = self._routed_query(ROUTED_EDGE_ROWS_EARLY_SQL, params).column("n")[0].as_py()
+        return None if early else edge_rows
+
+    @contextlib.contextmanager
+    def _registered(self, name: str, table: pa.Table) -> Iterator[None]:
+        """``table`` readable as ``name`` for the block's queries."""
+        self._con.register(name, table)
+        try:
+            yield
         finally:
-            self._con.unregister("_routed_decisions")
-            self._con.unregister("_routed_outcomes")
+            self._con.unregister(name)
 
     def _routed_query(self, sql: str, params: dict[str, Any]) -> pa.Table:
         """``query`` with the parameters ``sql`` names (DuckDB refuses any other); it reads the

@@ -52,7 +52,7 @@ from nexuscore.projections._manifest import (
 )
 from nexuscore.projections._residency import current_partials, read_partials
 from nexuscore.projections._residency import well_formed as partials_well_formed
-from nexuscore.projections._rollups import ROLLUPS, Rollup
+from nexuscore.projections._rollups import ROLLUPS, ROUTED_ROWS, Rollup, current_rows, rows_well_formed
 from nexuscore.projections._rollups import current_partials as current_rollup
 from nexuscore.projections._rollups import read_partials as read_rollup
 from nexuscore.projections._rollups import well_formed as rollup_well_formed
@@ -159,6 +159,7 @@ def verify(
     _check_residency(root, entries, report)
     for rollup in ROLLUPS:
         _check_rollup(root, entries, rollup, report)
+    _check_routed_rows(root, entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     erased = _signed_erasures(root, public_key, report)
     checks = _StoredChecks(root, keys, readable, known_digests, until, erased)
@@ -280,6 +281,7 @@ def _check_folder(
     index = current["path"] if current is not None else None
     partials = [current_partials(entries), *(current_rollup(entries, r) for r in ROLLUPS)]
     sealed = {index, *(p["path"] for p in partials if p is not None)}
+    sealed |= {e["path"] for e in (current_rows(entries) or {}).values()}
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -426,6 +428,38 @@ def _check_rollup(root: Path, entries: list[dict[str, Any]], rollup: Rollup, rep
             "does not hold the bytes its compaction sealed (sha256 differs): the report ignores it and "
             "reads every row",
         )
+
+
+def _check_routed_rows(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """The routed rows files the last compaction sealed still hold those bytes (as ``_check_rollup``:
+    the report reads a file only when its sha256 matches, else counts those days from the tables)."""
+    for e in entries:
+        if e.get("kind") == "compaction" and ROUTED_ROWS in e and not rows_well_formed(e[ROUTED_ROWS]):
+            report.add(
+                "routed_rows_invalid",
+                f"manifest entry {e.get('seq')}",
+                "names no routed rows of the store's own (`_index/routed-rows-<n>-<day>.parquet`, one per "
+                "day, each with its sha256)",
+            )
+    for sealed in (current_rows(entries) or {}).values():
+        try:
+            digest = sha256_of(root / sealed["path"])
+        except OSError as exc:
+            report.add(
+                "routed_rows_missing",
+                sealed["path"],
+                f"cannot be read ({exc.strerror}): who-routed-what counts that day's partial windows "
+                "from the tables instead (`evidence compact` writes the rows again)",
+                fatal=False,
+            )
+            continue
+        if digest != sealed["sha256"]:
+            report.add(
+                "routed_rows_altered",
+                sealed["path"],
+                "does not hold the bytes its compaction sealed (sha256 differs): who-routed-what ignores "
+                "it and counts that day's partial windows from the tables",
+            )
 
 
 def _paths(value: object) -> list[str]:

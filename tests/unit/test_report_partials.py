@@ -17,7 +17,7 @@ import pytest
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
-from nexuscore.projections._store import report_days
+from nexuscore.projections._store import ROUTED_SEALED_LATE_SQL, report_days
 from nexuscore.schemas import Event
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
@@ -107,27 +107,36 @@ def filters(root: Path) -> list[dict[str, Any]]:
     ]
 
 
-def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> None:
+def assert_same_reports(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> list[bool]:
     """Every report (each window, each filter) equals the full query's, same schema and order, and
-    came from the partials (``from_partials``) or from the full query."""
+    came from the partials (``from_partials``) or from the full query. Returns, for each report
+    with partial days counted, whether the sealed routed rows counted them (else the tables did)."""
     full_calls: list[dict[str, Any]] = []
     full = EvidenceStore.full_who_routed_what
+    edge_rows = EvidenceStore._routed_edge_rows
+    from_rows: list[bool] = []
 
     def counted(self: EvidenceStore, **params: Any) -> object:
         full_calls.append(params)
         return full(self, **params)
 
+    def rows(self: EvidenceStore, *args: Any, **kwargs: Any) -> object:
+        read = edge_rows(self, *args, **kwargs)
+        from_rows.append(read is not None)
+        return read
+
     for since, until in windows():
         for kwargs in filters(root):
-            with EvidenceStore(root) as store:
+            with EvidenceStore(root) as store, monkeypatch.context() as patched:
                 expected = full(store, since=since, until=until, **kwargs)
-                monkeypatch.setattr(EvidenceStore, "full_who_routed_what", counted)
+                patched.setattr(EvidenceStore, "full_who_routed_what", counted)
+                patched.setattr(EvidenceStore, "_routed_edge_rows", rows)
                 tenant = kwargs.pop("tenant", None)
                 report = store.who_routed_what(tenant, since, until, **kwargs)
-                monkeypatch.undo()
             assert report.schema == expected.schema
             assert report.to_pylist() == expected.to_pylist(), (since, until, tenant, kwargs)
     assert (full_calls == []) is from_partials
+    return from_rows
 
 
 def assert_same_spend(root: Path, monkeypatch: pytest.MonkeyPatch, *, from_partials: bool) -> None:
@@ -170,6 +179,13 @@ def test_the_partials_cover_the_compacted_files_and_a_tail_holds_outcomes_of_cov
             "USING (tenant_id, request_id)"
         )
     assert late.column("n")[0].as_py() > 0  # the case the report takes off and counts again
+    # The routed rows: one file per decision day the partials count, as many rows as they count.
+    by_day = _rollups.current_rows(_manifest.signed_entries(sealed))
+    assert by_day is not None
+    requests: dict[date, int] = {}
+    for row in read.counts.to_pylist():
+        requests[row["day"]] = requests.get(row["day"], 0) + row["requests"]
+    assert {d: int(e["rows"]) for d, e in by_day.items()} == requests
 
 
 def test_the_report_from_partials_and_rows_is_the_full_query(
@@ -198,7 +214,9 @@ def test_after_a_second_compaction_the_partials_are_the_report(
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     read = _rollups.read_partials(root, partials_of(root), ROUTED)
     assert read is not None and read.covered == _rollups.covered_paths(committed_files(root), ROUTED)
-    assert_same_reports(root, monkeypatch, from_partials=True)
+    # No tail, no outcome before its decision: every partial day is counted from the routed rows.
+    from_rows = assert_same_reports(root, monkeypatch, from_partials=True)
+    assert from_rows and all(from_rows)
     assert_same_spend(root, monkeypatch, from_partials=True)
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
@@ -227,6 +245,39 @@ def test_an_outcome_before_the_window_runs_the_full_query(
         assert whole.to_pylist() == store.full_who_routed_what(since=DAY - timedelta(days=1)).to_pylist()
 
 
+def test_an_outcome_before_a_partial_first_day_counts_that_day_from_the_tables(
+    history: list[Event], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outcome timed before its decision, which a window starts with: the routed rows hold it, the
+    # report leaves it out (the decision counts without an outcome), so the tables count that day.
+    late = next(e for e in history if is_outcome(e) and e.occurred_at >= DAY + timedelta(hours=1))
+    decided = next(
+        e for e in history if type(e).__name__ == "RequestDecided" and e.request_id == late.request_id
+    )
+    skewed = [msgspec.structs.replace(e, occurred_at=DAY) if e is late else e for e in history]
+    root = tmp_path / "evidence"
+    project(root, skewed, flush_every=40)
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)
+    since, until = decided.occurred_at, DAY + timedelta(days=1, hours=2)
+    edge_rows = EvidenceStore._routed_edge_rows
+    from_rows: list[bool] = []
+
+    def rows(self: EvidenceStore, *args: Any, **kwargs: Any) -> object:
+        read = edge_rows(self, *args, **kwargs)
+        from_rows.append(read is not None)
+        return read
+
+    monkeypatch.setattr(EvidenceStore, "_routed_edge_rows", rows)
+    with EvidenceStore(root) as store:
+        report = store.who_routed_what(since=since, until=until)
+        expected = store.full_who_routed_what(since=since, until=until)
+        later = store.who_routed_what(since=since + timedelta(hours=1), until=until)
+        expected_later = store.full_who_routed_what(since=since + timedelta(hours=1), until=until)
+    assert report.to_pylist() == expected.to_pylist()
+    assert later.to_pylist() == expected_later.to_pylist()
+    assert from_rows == [False, True]
+
+
 @pytest.mark.parametrize("rollup", [ROUTED, SPEND], ids=["routed", "spend"])
 def test_altered_partials_are_a_verify_finding_and_change_no_answer(
     sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rollup: _rollups.Rollup
@@ -243,6 +294,56 @@ def test_altered_partials_are_a_verify_finding_and_change_no_answer(
         assert_same_spend(root, monkeypatch, from_partials=False)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_tables(
+    sealed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held-back outcomes of covered decisions are in the tail: the routed rows of those decisions
+    # lack them, so the report counts those decisions from the tables, the others from the rows.
+    query = EvidenceStore._routed_query
+    from_tables: list[int] = []
+
+    def spied(self: EvidenceStore, sql: str, params: dict[str, Any]) -> Any:
+        out = query(self, sql, params)
+        if sql == ROUTED_SEALED_LATE_SQL:
+            from_tables.append(out.num_rows - sum(out.column("retract").to_pylist()))
+        return out
+
+    monkeypatch.setattr(EvidenceStore, "_routed_query", spied)
+    from_rows = assert_same_reports(sealed, monkeypatch, from_partials=True)
+    assert from_rows and all(from_rows)
+    assert any(from_tables)  # some partial day's decision had an outcome in the tail
+
+
+def test_altered_routed_rows_are_a_verify_finding_and_change_no_answer(
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(sealed, tmp_path)
+    by_day = _rollups.current_rows(_manifest.signed_entries(root))
+    assert by_day
+    for entry in by_day.values():
+        path = root / str(entry["path"])
+        pq.write_table(pq.read_table(path).slice(1), path)  # a decision left out of each day
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    altered = {f.where for f in report.findings if f.fatal and f.kind == "routed_rows_altered"}
+    assert not report.ok and altered == {str(e["path"]) for e in by_day.values()}
+    assert not any(assert_same_reports(root, monkeypatch, from_partials=True))
+    compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_missing_routed_rows_are_a_warning_and_change_no_answer(
+    sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy(sealed, tmp_path)
+    by_day = _rollups.current_rows(_manifest.signed_entries(root))
+    assert by_day
+    for entry in by_day.values():
+        (root / str(entry["path"])).unlink()
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert report.ok and {f.kind for f in report.findings} == {"routed_rows_missing"}
+    assert not any(assert_same_reports(root, monkeypatch, from_partials=True))
 
 
 def test_missing_partials_are_a_warning_and_the_report_joins_every_decision(
@@ -262,12 +363,14 @@ def test_a_malformed_partials_entry_is_a_verify_finding(tmp_path: Path, history:
     project(root, history[:120], flush_every=40)
     manifest = _manifest.Manifest(root, signing_key())
     bad = {"path": "../outside.parquet", "sha256": "0" * 64, "rows": 1}
-    manifest.commit_compaction([], T0, None, None, {"routed": bad})
+    rows = {"files": [{**bad, "day": "2026-11-02"}], "rows": 1}
+    manifest.commit_compaction([], T0, None, None, {"routed": bad, _rollups.ROUTED_ROWS: rows})
     assert _rollups.current_partials(_manifest.signed_entries(root), ROUTED) is None
+    assert _rollups.current_rows(_manifest.signed_entries(root)) is None
     with EvidenceStore(root) as store:
         assert store.who_routed_what().to_pylist() == store.full_who_routed_what().to_pylist()
     report = verify(root, PUBLIC, KNOWN, workers=1)
-    assert "routed_invalid" in {f.kind for f in report.findings if f.fatal}
+    assert {"routed_invalid", "routed_rows_invalid"} <= {f.kind for f in report.findings if f.fatal}
 
 
 @pytest.mark.parametrize(

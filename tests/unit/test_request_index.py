@@ -18,6 +18,7 @@ from nexuscore.projections import (
     _index,
     _lineage,
     _manifest,
+    _rollups,
     committed_files,
     compact,
     lineage_at,
@@ -96,10 +97,12 @@ def test_a_second_compaction_indexes_every_file_in_force(indexed: Path, tmp_path
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     index = index_entry(root)
     assert _index.index_files(root, index) == _index.indexed_paths(committed_files(root))
-    # The index and the residency, who-routed-what and spend partials the same compaction sealed: nothing
-    # superseded is left.
+    # The index, the residency, who-routed-what and spend partials and the routed rows (a file per
+    # day) the same compaction sealed: nothing superseded is left.
     names = sorted(p.name for p in (root / _index.INDEX_DIR).iterdir())
-    assert len(names) == 4 and Path(str(index["path"])).name in names
+    rows = _rollups.current_rows(_manifest.signed_entries(root))
+    assert rows and len(names) == 4 + len(rows) and Path(str(index["path"])).name in names
+    assert {Path(str(e["path"])).name for e in rows.values()} < set(names)
     for tenant, request_id in requests_of(root)[::5]:
         assert lineage_at(root, request_id, tenant).to_pylist() == scanned(root, request_id, tenant)
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
@@ -117,6 +120,7 @@ def test_lineage_without_its_index_still_finds_every_row(indexed: Path, tmp_path
         "residency_missing",
         "routed_missing",
         "spend_missing",
+        *["routed_rows_missing"] * len(_rollups.current_rows(_manifest.signed_entries(root)) or {}),
     ]
 
 
