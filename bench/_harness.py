@@ -172,6 +172,26 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def runqueue_wait_s(pid: int) -> float | None:
+    """Seconds the threads of a live process spent runnable but waiting for a CPU (Linux schedstat:
+    the second field of each thread's ``/proc/<pid>/task/<tid>/schedstat``); None if unreadable.
+
+    The figure that says whether a slow stage is busy or starved: CPU time counts only the first.
+    Threads that ended before the read are not counted.
+    """
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    waited = 0
+    for task in tasks:
+        try:
+            waited += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended (or the kernel keeps no schedstat)
+    return waited / 1e9
+
+
 def own_cpu_s() -> float:
     """CPU seconds of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -200,15 +220,19 @@ class CpuMeter:
         self.pids = dict(pids)
         self.before: dict[str, float | None] = {}
         self.after: dict[str, float | None] = {}
+        self.waited_before: dict[str, float | None] = {}
+        self.waited_after: dict[str, float | None] = {}
         self.t0 = self.t1 = 0.0
 
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.waited_before = {name: runqueue_wait_s(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> None:
         self.t1 = time.monotonic()
         self.after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.waited_after = {name: runqueue_wait_s(pid) for name, pid in self.pids.items()}
 
     def result(self) -> dict[str, Any]:
         wall = self.t1 - self.t0
@@ -218,9 +242,14 @@ class CpuMeter:
             if b is None or a is None:
                 per[name] = None
             else:
+                wb, wa = self.waited_before.get(name), self.waited_after.get(name)
                 per[name] = {
                     "cpu_s": round(a - b, 2),
                     "cpu_pct": round(100 * (a - b) / wall, 1) if wall else None,
+                    # Runnable but not running (all threads): CPU starvation, in % of the wall time.
+                    "waited_for_cpu_pct": round(100 * (wa - wb) / wall, 1)
+                    if wall and wa is not None and wb is not None
+                    else None,
                 }
         total = sum(v["cpu_s"] for v in per.values() if v is not None)
         return {"wall_s": round(wall, 2), "processes": per, "total_cpu_s": round(total, 2)}

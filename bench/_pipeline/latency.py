@@ -285,5 +285,9 @@ def run_latency(
         "evidence_summary": summary,
         "peak_rss_mb": rss,
         "cpu_during_sends": cpu.result(),
+        "cpu_ms_per_request_during_sends": {
+            name: None if v is None else round(v["cpu_s"] * 1000 / max(1, pacing["sent"]), 3)
+            for name, v in cpu.result()["processes"].items()
+        },
         "loadavg_after": loadavg(),
     }

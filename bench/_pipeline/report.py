@@ -170,6 +170,31 @@ def _cpu_lines(title: str, per_request: dict[str, Any]) -> list[str]:
     return [title, "", *table(("Process", "CPU ms per request"), rows), ""]
 
 
+def _latency_cpu_lines(lat: dict[str, Any] | None) -> list[str]:
+    """Where the latency run's time went: each process's CPU per request and share of a core, and
+    how long its threads were runnable but waiting for a CPU (a starved stage queues its input)."""
+    if not lat or "cpu_during_sends" not in lat:
+        return []
+    cpu = lat["cpu_during_sends"]
+    rows = [
+        (
+            name,
+            fmt(lat.get("cpu_ms_per_request_during_sends", {}).get(name), ".3f"),
+            fmt(v and v["cpu_pct"], ".1f"),
+            fmt(v and v.get("waited_for_cpu_pct"), ".1f"),
+        )
+        for name, v in cpu["processes"].items()
+    ]
+    return [
+        f"CPU during the latency run's {cpu['wall_s']:g} s of sends, by process (own counters; "
+        f"{cpu['total_cpu_s']:g} CPU s in all, {100 * cpu['total_cpu_s'] / max(cpu['wall_s'], 1e-9):.0f} % "
+        "of one core):",
+        "",
+        *table(("Process", "CPU ms per request", "% of a core", "waited for a CPU, % of wall"), rows),
+        "",
+    ]
+
+
 def _sustained_lines(sus: dict[str, Any] | None) -> list[str]:
     if not sus:
         return []
@@ -255,6 +280,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += profile_lines(prof, title)
     elif prof.get("skipped"):
         lines += [f"Decider profile skipped: {prof['skipped']}", ""]
+    lines += _latency_cpu_lines(results.get("latency"))
     lines += _sustained_lines(results.get("sustained"))
     lines += _gateway_lines(results.get("gateway"))
     lines += ["All figures: `bench/results/pipeline.json`.", ""]
@@ -292,6 +318,13 @@ def _print_latency(lat: dict[str, Any]) -> None:
             f"    the decider fell behind: {lat['decider_dispatches_per_s']} dispatches/s against "
             f"{lat['offered_dispatches_per_s']}/s offered, so these figures are mostly queueing delay"
         )
+    cpu = lat.get("cpu_during_sends", {}).get("processes", {})
+    print(
+        "    CPU during the sends (% of a core / waited for a CPU, % of wall): "
+        + ", ".join(
+            f"{name} {v['cpu_pct']}/{v.get('waited_for_cpu_pct')}" for name, v in cpu.items() if v is not None
+        )
+    )
     for label, s in (
         ("sent -> dispatched", ev),
         ("decider alone", rec),
