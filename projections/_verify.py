@@ -332,31 +332,54 @@ def _check_folder(
             )
 
 
+def _invalid_compaction_fields(
+    entries: list[dict[str, Any]],
+    field: str,
+    well_formed: Callable[[Any], bool],
+    report: VerifyReport,
+    kind: str,
+    what: str,
+) -> None:
+    """Name every compaction entry whose ``field`` is there but not ``well_formed``: ``kind``, saying
+    it names no ``what``."""
+    for e in entries:
+        if e.get("kind") == "compaction" and field in e and not well_formed(e[field]):
+            report.add(kind, f"manifest entry {e.get('seq')}", f"names no {what}")
+
+
+def _sealed_digest(root: Path, path: str, report: VerifyReport, kind: str, instead: str) -> str | None:
+    """The sha256 of a side file a compaction sealed (index, rows), or None when it cannot be read: a
+    warning ``kind`` (its readers then do ``instead``: slower, never a different answer)."""
+    try:
+        return sha256_of(root / path)
+    except OSError as exc:
+        report.add(kind, path, f"cannot be read ({exc.strerror}): {instead}", fatal=False)
+        return None
+
+
 def _check_index(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
     """The request index the last compaction sealed still holds those bytes. Lineage trusts it to
     name every row of a request in the files it covers: an index edited to leave rows out would
     hide them, and only this check (the sha256 the signed chain covers) can tell."""
-    for e in entries:
-        if e.get("kind") == "compaction" and "index" in e and not well_formed(e["index"]):
-            report.add(
-                "index_invalid",
-                f"manifest entry {e.get('seq')}",
-                "names no request index of the store's own (`_index/requests-<n>.parquet` and its sha256)",
-            )
+    _invalid_compaction_fields(
+        entries,
+        "index",
+        well_formed,
+        report,
+        "index_invalid",
+        "request index of the store's own (`_index/requests-<n>.parquet` and its sha256)",
+    )
     index = current_index(entries)
     if index is None:
         return
-    try:
-        digest = sha256_of(root / index["path"])
-    except OSError as exc:
-        # Lineage then searches every file: slower, but every row is still found.
-        report.add(
-            "index_missing",
-            index["path"],
-            f"cannot be read ({exc.strerror}): lineage searches every file instead (`evidence compact` "
-            "writes the index again)",
-            fatal=False,
-        )
+    digest = _sealed_digest(
+        root,
+        index["path"],
+        report,
+        "index_missing",
+        "lineage searches every file instead (`evidence compact` writes the index again)",
+    )
+    if digest is None:
         return
     if digest != index["sha256"] or index_files(root, index) is None:
         report.add(
@@ -370,14 +393,14 @@ def _check_residency(root: Path, entries: list[dict[str, Any]], report: VerifyRe
     """The residency partials the last compaction sealed still hold those bytes. The summary reads
     them only when they do (else it counts every call), so an altered file changes no answer; it is
     named here because the signed chain says what the file should hold."""
-    for e in entries:
-        if e.get("kind") == "compaction" and "residency" in e and not partials_well_formed(e["residency"]):
-            report.add(
-                "residency_invalid",
-                f"manifest entry {e.get('seq')}",
-                "names no residency partials of the store's own (`_index/residency-<n>.parquet` and "
-                "its sha256)",
-            )
+    _invalid_compaction_fields(
+        entries,
+        "residency",
+        partials_well_formed,
+        report,
+        "residency_invalid",
+        "residency partials of the store's own (`_index/residency-<n>.parquet` and its sha256)",
+    )
     partials = current_partials(entries)
     if partials is None:
         return
@@ -403,13 +426,14 @@ def _check_rollup(root: Path, entries: list[dict[str, Any]], rollup: Rollup, rep
     """A report's partials the last compaction sealed still hold those bytes (as ``_check_residency``:
     an altered file changes no answer, the report then reads every row)."""
     name = rollup.name
-    for e in entries:
-        if e.get("kind") == "compaction" and name in e and not rollup_well_formed(e[name], rollup):
-            report.add(
-                f"{name}_invalid",
-                f"manifest entry {e.get('seq')}",
-                f"names no {name} partials of the store's own (`_index/{name}-<n>.parquet` and its sha256)",
-            )
+    _invalid_compaction_fields(
+        entries,
+        name,
+        lambda field: rollup_well_formed(field, rollup),
+        report,
+        f"{name}_invalid",
+        f"{name} partials of the store's own (`_index/{name}-<n>.parquet` and its sha256)",
+    )
     partials = current_rollup(entries, rollup)
     if partials is None:
         return
@@ -433,25 +457,25 @@ def _check_rollup(root: Path, entries: list[dict[str, Any]], rollup: Rollup, rep
 def _check_routed_rows(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
     """The routed rows files the last compaction sealed still hold those bytes (as ``_check_rollup``:
     the report reads a file only when its sha256 matches, else counts those days from the tables)."""
-    for e in entries:
-        if e.get("kind") == "compaction" and ROUTED_ROWS in e and not rows_well_formed(e[ROUTED_ROWS]):
-            report.add(
-                "routed_rows_invalid",
-                f"manifest entry {e.get('seq')}",
-                "names no routed rows of the store's own (`_index/routed-rows-<n>-<day>.parquet`, one per "
-                "day, each with its sha256)",
-            )
+    _invalid_compaction_fields(
+        entries,
+        ROUTED_ROWS,
+        rows_well_formed,
+        report,
+        "routed_rows_invalid",
+        "routed rows of the store's own (`_index/routed-rows-<n>-<day>.parquet`, one per day, each "
+        "with its sha256)",
+    )
     for sealed in (current_rows(entries) or {}).values():
-        try:
-            digest = sha256_of(root / sealed["path"])
-        except OSError as exc:
-            report.add(
-                "routed_rows_missing",
-                sealed["path"],
-                f"cannot be read ({exc.strerror}): who-routed-what counts that day's partial windows "
-                "from the tables instead (`evidence compact` writes the rows again)",
-                fatal=False,
-            )
+        digest = _sealed_digest(
+            root,
+            sealed["path"],
+            report,
+            "routed_rows_missing",
+            "who-routed-what counts that day's partial windows from the tables instead (`evidence "
+            "compact` writes the rows again)",
+        )
+        if digest is None:
             continue
         if digest != sealed["sha256"]:
             report.add(

@@ -70,6 +70,14 @@ def copy(src: Path, tmp_path: Path) -> Path:
     return root
 
 
+def copy_with_rows(sealed: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A copy of the sealed store, and the routed rows files its last compaction names (one a day)."""
+    root = copy(sealed, tmp_path)
+    by_day = _rollups.current_rows(_manifest.signed_entries(root))
+    assert by_day
+    return root, [root / str(entry["path"]) for entry in by_day.values()]
+
+
 def partials_of(root: Path, rollup: _rollups.Rollup = _rollups.ROUTED) -> dict[str, object]:
     partials = _rollups.current_partials(_manifest.signed_entries(root), rollup)
     assert partials is not None
@@ -319,15 +327,12 @@ def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_ta
 def test_altered_routed_rows_are_a_verify_finding_and_change_no_answer(
     sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = copy(sealed, tmp_path)
-    by_day = _rollups.current_rows(_manifest.signed_entries(root))
-    assert by_day
-    for entry in by_day.values():
-        path = root / str(entry["path"])
+    root, rows_files = copy_with_rows(sealed, tmp_path)
+    for path in rows_files:
         pq.write_table(pq.read_table(path).slice(1), path)  # a decision left out of each day
     report = verify(root, PUBLIC, KNOWN, workers=1)
     altered = {f.where for f in report.findings if f.fatal and f.kind == "routed_rows_altered"}
-    assert not report.ok and altered == {str(e["path"]) for e in by_day.values()}
+    assert not report.ok and altered == {str(path.relative_to(root)) for path in rows_files}
     assert not any(assert_same_reports(root, monkeypatch, from_partials=True))
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
@@ -336,11 +341,9 @@ def test_altered_routed_rows_are_a_verify_finding_and_change_no_answer(
 def test_missing_routed_rows_are_a_warning_and_change_no_answer(
     sealed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = copy(sealed, tmp_path)
-    by_day = _rollups.current_rows(_manifest.signed_entries(root))
-    assert by_day
-    for entry in by_day.values():
-        (root / str(entry["path"])).unlink()
+    root, rows_files = copy_with_rows(sealed, tmp_path)
+    for path in rows_files:
+        path.unlink()
     report = verify(root, PUBLIC, KNOWN, workers=1)
     assert report.ok and {f.kind for f in report.findings} == {"routed_rows_missing"}
     assert not any(assert_same_reports(root, monkeypatch, from_partials=True))
