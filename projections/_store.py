@@ -168,17 +168,23 @@ WHERE {_ROUTED_FILTERS}
   AND ((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
        OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to))
 """  # noqa: S608
-# (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted.)
-# Those on the window's partial days too, when the routed rows count the others there (they lack the
-# tail's outcomes): counted with every outcome, nothing taken off.
+# (A semi join: DuckDB prunes the row groups by the request ids of a few keys, the files being sorted;
+# a tail's late outcomes spread over the tenant's history, though, leave few unread.) Those on the
+# window's partial days too, when the routed rows count the others there (they lack the tail's
+# outcomes): counted with every outcome, nothing taken off. The join comes first (``MATERIALIZED``):
+# else DuckDB evaluates the time test on every row the scan reads (3.3 M for a tenant's month at 10 M
+# decisions, about 0.1 s of CPU with partial days) instead of on the few it keeps.
 ROUTED_SEALED_LATE_SQL = f"""
+WITH late AS MATERIALIZED (
+    SELECT {_DECIDED} FROM _routed_sealed_decisions
+    SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
+    WHERE {_ROUTED_FILTERS}
+)
 SELECT {_DECIDED}, NOT edge AS retract FROM (
     SELECT {_DECIDED},
            coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
                     OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false) AS edge
-    FROM _routed_sealed_decisions
-    SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
-    WHERE {_ROUTED_FILTERS}
+    FROM late
 )
 WHERE edge OR (($whole_from IS NULL OR occurred_at >= $whole_from)
                AND ($whole_to IS NULL OR occurred_at < $whole_to))

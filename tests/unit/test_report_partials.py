@@ -304,6 +304,10 @@ def test_altered_partials_are_a_verify_finding_and_change_no_answer(
     assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
 
 
+def aware(t: datetime | None) -> datetime | None:
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_tables(
     sealed: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,6 +320,13 @@ def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_ta
         out = query(self, sql, params)
         if sql == ROUTED_SEALED_LATE_SQL:
             from_tables.append(out.num_rows - sum(out.column("retract").to_pylist()))
+            # (The time test runs after the join: only decisions of the window come back.)
+            since, until = (aware(params[k]) for k in ("since", "until"))
+            times = [aware(t) for t in out.column("occurred_at").to_pylist() if t is not None]
+            assert all(
+                t is not None and (since is None or t >= since) and (until is None or t < until)
+                for t in times
+            )
         return out
 
     monkeypatch.setattr(EvidenceStore, "_routed_query", spied)
