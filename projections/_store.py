@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed_files, signed_entries
+from nexuscore.projections._manifest import committed, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 # Which rows end a request, per table: all of them (None), or those whose column compares so. The
@@ -528,8 +528,11 @@ class EvidenceStore:
         self.root = root
         self.keystore = keystore if keystore is not None else LocalKeyStore(root / "_keys")
         by_table: dict[str, list[str]] = defaultdict(list)
+        # The signed manifest, read once (``entries``): the files it commits and the side files
+        # (partials, routed rows, index) the reports trust come from the same snapshot.
+        self._entries: list[dict[str, Any]] | None = None
         # ``verify`` passes the files that passed its checks; everyone else reads what is committed.
-        self.files = committed_files(root) if files is None else files
+        self.files: list[dict[str, Any]] = committed(self.entries) if files is None else files
         for entry in self.files:
             by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
         self._paths = dict(by_table)
@@ -541,6 +544,13 @@ class EvidenceStore:
         """The connection with every view made (for callers that query it directly)."""
         self.views(*VIEWS)
         return self._con
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The signed manifest's entries, read once (when the store opened, unless given its files)."""
+        if self._entries is None:
+            self._entries = signed_entries(self.root)
+        return self._entries
 
     def table_paths(self, table: str) -> list[str]:
         """The files of ``table`` the views read (absolute paths; none when the table has none)."""
@@ -685,7 +695,7 @@ class EvidenceStore:
         is still in force; else None."""
         from nexuscore.projections import _rollups
 
-        partials = _rollups.current_partials(signed_entries(self.root), rollup) if self.files else None
+        partials = _rollups.current_partials(self.entries, rollup) if self.files else None
         sealed = _rollups.read_partials(self.root, partials, rollup) if partials is not None else None
         in_force = {e["path"] for e in self.files if e.get("table") in rollup.tables}
         return sealed if sealed is not None and set(sealed.covered) <= in_force else None
@@ -751,7 +761,7 @@ class EvidenceStore:
         the report leaves out): those days are then counted from the tables."""
         from nexuscore.projections import _rollups
 
-        by_day = _rollups.current_rows(signed_entries(self.root))
+        by_day = _rollups.current_rows(self.entries)
         if by_day is None:
             return None
         # (Request ids, half the decoding, only to match the tail's outcomes.)
@@ -845,7 +855,7 @@ class EvidenceStore:
         partials the last compaction sealed when they still hold (``_residency``), else in full."""
         from nexuscore.projections import _residency
 
-        partials = _residency.current_partials(signed_entries(self.root)) if self.files else None
+        partials = _residency.current_partials(self.entries) if self.files else None
         sealed = _residency.read_partials(self.root, partials) if partials is not None else None
         in_force = {e["path"]: e for e in self.files if e.get("table") in _residency.RESIDENCY_TABLES}
         if sealed is None or not set(sealed.covered) <= set(in_force):
@@ -932,7 +942,7 @@ class EvidenceStore:
 
         # The direct path, not the views: the same rows from the same committed files (through the
         # request index, for the files it covers).
-        index = current_index(signed_entries(self.root))
+        index = current_index(self.entries)
         return lineage(self.root, self.files, self.keystore, request_id, tenant, index=index)
 
     def terminal_summary(self) -> dict[str, int]:
