@@ -46,4 +46,4 @@ class Params:
     sustained_rate: float = 800.0
     sustained_s: float = 60.0
     phases: tuple[str, ...] = PHASES
-    workers: int = 2
+    workers: int = 1
