@@ -42,8 +42,9 @@ async def publish_paced(
     """Send ``requests`` at ``rate`` per second, each stamped with the wall clock just before sending;
     return the pacing figures and each request's send time (epoch seconds, by request id)."""
     codec = AvroCodec()
-    # What earlier phases left in this process (their requests, results, clients) is not garbage
-    # the pacing should walk: a collection over it held the sends back and then sent them in bursts.
+    # What earlier phases left in this process (their requests, results, clients) is not garbage for
+    # the pacing to walk: a collection over it would hold sends back, then send them in a burst. (Its
+    # effect is within the runs' noise: p50 7.8 and 11.5 ms after the other phases, 10.2-17.2 before.)
     gc.collect()
     gc.freeze()
     # No linger: the client batching on purpose would be counted as gateway latency.
