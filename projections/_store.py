@@ -768,10 +768,10 @@ class EvidenceStore:
         columns = [c for c in _ROUTED_NO_ROWS.column_names if late or c != "request_id"]
         # A day without a file had no decision, as its partials then show (else something is off).
         counted = self._routed_query(ROUTED_EDGE_DAYS_SQL, {"edge_days": days.edge_days}).column("day")
+        spans = list(days.edges)
         read = []
         for day in counted.to_pylist():
             entry = by_day.get(day)
-            spans = [*days.edges]
             rows = (
                 None
                 if entry is None
