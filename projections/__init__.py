@@ -14,7 +14,7 @@ from nexuscore.projections._writer import SealedWriter, region_dir, write_table
 if TYPE_CHECKING:
     from nexuscore.projections._compact import CompactReport, compact
     from nexuscore.projections._lineage import lineage_at
-    from nexuscore.projections._projector import UNASSIGNED, Projector
+    from nexuscore.projections._projector import UNASSIGNED, Projector, use_system_allocator
     from nexuscore.projections._prove import check_consistency, check_proof, prove, prove_consistency
     from nexuscore.projections._report import render_html
     from nexuscore.projections._store import ALLOWED_RESIDENCY_FINDING, EvidenceStore, residency_breaches
@@ -33,6 +33,7 @@ _LAZY = {
     "compact": "_compact",
     "UNASSIGNED": "_projector",
     "Projector": "_projector",
+    "use_system_allocator": "_projector",
     "check_consistency": "_prove",
     "check_proof": "_prove",
     "prove": "_prove",
@@ -75,6 +76,7 @@ __all__ = [
     "prove_consistency",
     "region_dir",
     "residency_breaches",
+    "use_system_allocator",
     "verify",
     "write_table",
 ]

@@ -35,7 +35,7 @@ from nexuscore.policy import (
     read_signatures,
     signatures_path,
 )
-from nexuscore.projections import Projector
+from nexuscore.projections import Projector, use_system_allocator
 from nexuscore.providers import SimulatedProviderConfig, serve_forever
 from nexuscore.schemas import PolicyStageChanged
 from nexuscore.services._keys import content_keys
@@ -232,12 +232,7 @@ def run_projector(
     key = load_private_key(signing_key)
     trust = load_trust_store(trust_store)
     regions = {t.id: t.home_region for t in load_policy(policy).tenants}
-    # Arrow's default allocator (mimalloc) keeps what a flush freed for the next one: the system
-    # allocator gives it back. Peak RSS in bench.pipeline's throughput run, 3 runs each: 232-256 MB
-    # against 260-281 MB, at the same CPU per event within the runs' spread.
-    import pyarrow
-
-    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    use_system_allocator()
 
     async def main() -> None:
         projector = Projector(

@@ -176,8 +176,9 @@ def projector_child(
     flush_interval_s: float,
 ) -> dict[str, Any]:
     """Child: the real Projector from offset 0 until its manifest positions reach the end offsets."""
-    from nexuscore.projections import _projector
+    from nexuscore.projections import _projector, use_system_allocator
 
+    use_system_allocator()  # as the stage does (``nexuscore run projector``)
     projector = Projector(
         bootstrap,
         Path(evidence_dir),
