@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError
 
 from nexuscore.core import (
     BudgetState,
+    LatencyWindow,
     Reservation,
     answer_to_keep,
     bump,
@@ -177,6 +178,8 @@ class Decider:
         self.tally = Tally("decider")
         # Whether outputs carry a W3C traceparent header (the sink must take ``headers``).
         self.trace_headers = trace_headers
+        # Each latency window decoded once per value its table holds (``window``).
+        self._windows: dict[bytes, tuple[bytes | None, LatencyWindow]] = {}
 
     # --- the boundary ---------------------------------------------------------------------------
 
@@ -431,10 +434,10 @@ class Decider:
         if kept is not None:
             self.t.answers[kept[0]] = encode_answer(kept[1])
         if held is not None and event.status == "answered" and not event.cached and event.decode_strategy:
-            window = _latency_key(source.partition, event.deployment_id, event.decode_strategy)
-            self.t.latency[window] = encode_window(
-                observe(decode_window(self.t.latency.get(window)), event.latency_ms, source.now)
-            )
+            at = _latency_key(source.partition, event.deployment_id, event.decode_strategy)
+            window = observe(self.window(at), event.latency_ms, source.now)
+            self.t.latency[at] = data = encode_window(window)
+            self._windows[at] = (data, window)
         sent = await self.emit(out, tenant)
         if held is not None:
             if memo is not None:
@@ -517,8 +520,20 @@ class Decider:
         for topic, key, value in sent:
             await self.sink.send(topic, key, value)
 
+    def window(self, key: bytes) -> LatencyWindow:
+        """The latency window under ``key``, decoded once per value the table holds: a decision
+        reads one per deployment and strategy of its chain (7.6 µs each at 200 samples), an outcome
+        changes one. The memo holds the value it decoded, so that ``is`` cannot match another."""
+        data = self.t.latency.get(key)
+        decoded = self._windows.get(key)
+        if decoded is not None and decoded[0] is data:
+            return decoded[1]
+        window = decode_window(data)
+        self._windows[key] = (data, window)
+        return window
+
     def observed(self, partition: int, deployment: str, strategy: str) -> LatencyObservation | None:
-        w = decode_window(self.t.latency.get(_latency_key(partition, deployment, strategy)))
+        w = self.window(_latency_key(partition, deployment, strategy))
         if not w.samples:
             return None
         return LatencyObservation(

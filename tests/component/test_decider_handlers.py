@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from nexuscore.core import decode_window, encode_window, observe
+from nexuscore.core._latency import EMPTY_WINDOW, MIN_SAMPLES
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import Registry, SignedPolicy
 from nexuscore.schemas import (
@@ -156,3 +158,22 @@ async def test_an_open_reservation_and_a_pending_escalation_outlive_the_window()
     # ("late" and "later" hold open reservations: they stay.)
     assert {k.split(b"\x1f")[1] for k in decider.t.decided} == {b"late", b"later"}
     assert decider.t.escalations == {}
+
+
+@pytest.mark.asyncio
+async def test_a_decision_reads_the_latency_window_the_table_holds_now_not_one_decoded_before() -> None:
+    # The decider keeps each window decoded; a value put in the table another way (a restore from
+    # the changelog) must be the one the next decision reads.
+    decider, sink, _ = _decider()
+    await _put(decider, TOPICS.requests, request(request_id="w-0", data_classification="confidential"), 0)
+    await _put(decider, TOPICS.outcomes, _outcome(sink.of(DispatchRequested)[-1][2], latency_ms=9000.0), 0)
+    [(key, value)] = decider.t.latency.items()
+    assert decode_window(value).samples == 1
+    restored = EMPTY_WINDOW
+    for n in range(MIN_SAMPLES + 5):
+        restored = observe(restored, 2.0, T0 + timedelta(seconds=n))
+    decider.t.latency[key] = encode_window(restored)
+    await _put(decider, TOPICS.requests, request(request_id="w-1", data_classification="confidential"), 1)
+    last = sink.of(RequestDecided)[-1][2]
+    [seen] = [o for o in last.decode.observations if o.samples == MIN_SAMPLES + 5]
+    assert (seen.p50_ms, seen.p95_ms) == (2, 2)

@@ -71,6 +71,26 @@ def test_the_latency_window_keeps_the_newest_samples_and_its_quantiles_are_neare
     assert min(kept) <= w.p50_ms <= w.p95_ms <= max(kept) + 1
 
 
+@given(
+    st.lists(st.tuples(st.integers(0, 3 * WINDOW_S), st.floats(min_value=-5, max_value=60_000)), max_size=300)
+)
+def test_the_latency_window_is_its_definition_whatever_order_the_calls_come_in(
+    calls: list[tuple[int, float]],
+) -> None:
+    # The definition: every call of the last WINDOW_S seconds (by the newest call's time), in the
+    # order they came, the newest MAX_SAMPLES of them; quantiles nearest-rank.
+    w, kept = EMPTY_WINDOW, []
+    for offset_s, latency in calls:
+        now = T0 + timedelta(seconds=offset_s)
+        now_us = int(now.timestamp() * 1_000_000)
+        w = observe(w, latency, now)
+        kept = [(t, v) for t, v in kept if t >= now_us - WINDOW_S * 1_000_000]
+        kept = [*kept, (now_us, max(0.0, latency))][-MAX_SAMPLES:]
+        assert w.at_us == tuple(t for t, _ in kept) and w.latency_ms == tuple(v for _, v in kept)
+        values = sorted(v for _, v in kept)
+        assert (w.p50_ms, w.p95_ms) == (quantile(values, 0.5), quantile(values, 0.95))
+
+
 def test_the_latency_window_forgets_calls_older_than_its_span() -> None:
     w = observe(EMPTY_WINDOW, 5000.0, T0)
     w = observe(w, 100.0, T0 + timedelta(seconds=WINDOW_S + 1))
