@@ -51,6 +51,8 @@ def observe(window: LatencyWindow, latency_ms: float, now: datetime) -> LatencyW
     now_us = _micros(now)
     oldest = now_us - WINDOW_S * 1_000_000
     at, latencies = window.at_us, window.latency_ms
+    if len(at) != len(latencies):  # a damaged window: refused, as the pairing below would be
+        raise ValueError(f"latency window of {len(at)} times and {len(latencies)} latencies")
     if at and min(at) < oldest:  # some expired (else the tuples are kept whole: 3x faster at 200)
         kept = [(t, v) for t, v in zip(at, latencies, strict=True) if t >= oldest]
         at, latencies = tuple(t for t, _ in kept), tuple(v for _, v in kept)

@@ -684,17 +684,24 @@ class Projector:
             await _commit(consumer, batches)
 
 
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def _give_back_free_heap() -> bool:
     """Return the C heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing):
     a flush frees tens of megabytes of rows and columns, and the next batch's peak would grow on
     top of what malloc keeps. After every flush, in ``bench.evidence``'s projector (200,000 events
     from offset 0, two runs each, interleaved): peak RSS 227-228 MB against 239-240 MB, CPU per
-    event within the runs' spread. True if it released any."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    event within the runs' spread. It locks each arena in turn: the loop thread's allocations wait
+    a few milliseconds at most. True if it released any."""
+    return _MALLOC_TRIM is not None and bool(_MALLOC_TRIM(0))
 
 
 def use_system_allocator() -> None:

@@ -176,9 +176,13 @@ def projector_child(
     flush_interval_s: float,
 ) -> dict[str, Any]:
     """Child: the real Projector from offset 0 until its manifest positions reach the end offsets."""
-    from nexuscore.projections import _projector, use_system_allocator
+    import pyarrow as pa
 
-    use_system_allocator()  # as the stage does (``nexuscore run projector``)
+    from nexuscore.projections import _projector
+
+    # The stage's allocator (``use_system_allocator``), set directly: the child also runs on the
+    # trees of earlier commits (``--projector-baseline``), which may lack the helper.
+    pa.set_memory_pool(pa.system_memory_pool())
     projector = Projector(
         bootstrap,
         Path(evidence_dir),

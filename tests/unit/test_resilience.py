@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nexuscore.core import EMPTY_STATE, BreakerConfig, Decision, decide, on_request, on_review
@@ -74,6 +74,9 @@ def test_the_latency_window_keeps_the_newest_samples_and_its_quantiles_are_neare
 @given(
     st.lists(st.tuples(st.integers(0, 3 * WINDOW_S), st.floats(min_value=-5, max_value=60_000)), max_size=300)
 )
+# Generated lists stay short: these two reach MAX_SAMPLES, one within the span, one past it.
+@example([(n, float(n)) for n in range(MAX_SAMPLES + 50)])
+@example([(3 * n, float(n)) for n in range(MAX_SAMPLES + 60)])
 def test_the_latency_window_is_its_definition_whatever_order_the_calls_come_in(
     calls: list[tuple[int, float]],
 ) -> None:
@@ -178,3 +181,9 @@ def test_an_approval_reserves_and_dispatches_and_a_denial_or_timeout_only_ends_t
         [only] = events
         assert isinstance(only, EscalationResolved) and only.resolution == expected and held is None
         assert state.window(T0.date().isoformat()).tenant_reserved == 0
+
+
+def test_a_damaged_window_is_refused_not_paired_out_of_step() -> None:
+    damaged = msgspec.structs.replace(observe(EMPTY_WINDOW, 5.0, T0), latency_ms=(5.0, 6.0))
+    with pytest.raises(ValueError, match="1 times and 2 latencies"):
+        observe(damaged, 7.0, T0)
