@@ -15,7 +15,9 @@ Each case runs ``--repeat`` times cold (a fresh ``EvidenceStore`` each, the OS p
 interleaved with the report as it was (every view made when the store opens, then the full query:
 ``full_who_routed_what``, ``full_spend``); both answers are compared. Also timed: the partials'
 queries over the whole store, what ``evidence compact`` adds to write them (the routed rows: their
-query over the whole store, read to the end, not written). CPU is this process's
+query over the whole store, read to the end, not written; the routed keys' sorted rows likewise).
+With routed keys sealed, who-routed-what also runs with the tail's covered rows found by scanning
+the tables (``scan``: the code before the keys). CPU is this process's
 (DuckDB's threads included), stable on a shared machine where wall times are not.
 Results: ``bench/results/evidence-reports[-LABEL].{json,md}``. ``python -m bench._evidence.append_tail
 STORE N`` appends a tail to a copy of a store (one flush: late outcomes of covered decisions, new
@@ -38,7 +40,7 @@ import pyarrow as pa
 
 from bench._harness import git_commit, loadavg, run_main, table
 from nexuscore.policy import default_policy
-from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files
+from nexuscore.projections import EvidenceStore, _keyed, _manifest, _rollups, committed_files
 
 T = TypeVar("T")
 
@@ -62,15 +64,30 @@ def _before(root: Path, report: str, args: dict[str, Any]) -> pa.Table:
         return store.full_spend(**args)
 
 
+def _scanned(root: Path, report: str, args: dict[str, Any]) -> pa.Table:
+    """The report as ``_now``, the tail's covered rows found by scanning the tables (as before the
+    routed keys): no key set is small enough for lookups."""
+    kept = _keyed.MAX_KEYS
+    _keyed.MAX_KEYS = -1
+    try:
+        return _now(root, report, args)
+    finally:
+        _keyed.MAX_KEYS = kept
+
+
 def _case(root: Path, report: str, label: str, args: dict[str, Any], repeat: int) -> dict[str, Any]:
     print(f"[reports] {report}, {label} x{repeat}", flush=True)
     runs: dict[str, list[tuple[float, float]]] = {"now": [], "before": []}
+    calls = [("now", _now), ("before", _before)]
+    if report == "who-routed-what" and _keyed.trusted(root, _manifest.signed_entries(root)):
+        calls.append(("scan", _scanned))
+        runs["scan"] = []
     answers: dict[str, pa.Table] = {}
     for _ in range(repeat):
-        for kind, call in (("now", _now), ("before", _before)):
+        for kind, call in calls:
             wall, cpu, answers[kind] = _timed(functools.partial(call, root, report, args))
             runs[kind].append((wall, cpu))
-    same = answers["now"].to_pylist() == answers["before"].to_pylist()
+    same = all(a.to_pylist() == answers["before"].to_pylist() for a in answers.values())
     out: dict[str, Any] = {"report": report, "window": label, "rows": answers["now"].num_rows, "same": same}
     for kind, xs in runs.items():
         out[kind] = {
@@ -96,6 +113,11 @@ def _sealing(root: Path) -> dict[str, Any]:
         batches = store.batches(_rollups.ROUTED_ROWS_SQL, 65_536, views=_rollups.ROUTED.tables)
         wall, cpu, rows = _timed(lambda: sum(b.num_rows for b in batches))
     out[_rollups.ROUTED_ROWS] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rows": rows}
+    for k in _keyed.KEYED:  # (the sorted rows read to the end; not written)
+        with EvidenceStore(root) as store:
+            batches = store.batches(_keyed.rows_sql(k), 65_536, views=(k.table,))
+            wall, cpu, rows = _timed(lambda: sum(b.num_rows for b in batches))  # noqa: B023
+        out[f"{_keyed.FIELD}.{k.table}"] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "rows": rows}
     return out
 
 
@@ -113,6 +135,7 @@ def _covers(root: Path) -> dict[str, Any]:
         }
     by_day = _rollups.current_rows(entries)
     out[_rollups.ROUTED_ROWS] = {"sealed": _rollups.rows_trusted(root, entries), "days": len(by_day or {})}
+    out[_keyed.FIELD] = {"sealed": _keyed.trusted(root, entries)}
     return out
 
 
@@ -160,6 +183,7 @@ def render(r: dict[str, Any]) -> str:
             c["report"],
             c["window"],
             f"**{c['now']['cpu_s']:.3f}** / {c['now']['wall_s']:.3f}",
+            f"{c['scan']['cpu_s']:.3f} / {c['scan']['wall_s']:.3f}" if "scan" in c else "–",
             f"{c['before']['cpu_s']:.3f} / {c['before']['wall_s']:.3f}",
             f"{c['now']['cpu_s'] / c['before']['cpu_s']:.3f}",
             c["rows"],
@@ -179,13 +203,15 @@ def render(r: dict[str, Any]) -> str:
             "",
             "Cold (a fresh store per run), medians; CPU of the process, DuckDB's threads included. "
             "Before = every view made when the store opens, then the full query (the report as it was), "
-            "same run, interleaved.",
+            "same run, interleaved. Tables scanned = the report as now, but the tail's covered rows found by "
+            "semi joins over the covered tables, not by the routed keys (their code before them).",
             "",
             *table(
                 [
                     "report",
                     "window",
                     "now: CPU / wall s",
+                    "tables scanned: CPU / wall s",
                     "before: CPU / wall s",
                     "CPU ratio",
                     "rows",

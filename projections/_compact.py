@@ -19,9 +19,10 @@ the projector's restart treat it as any file. Order of work, safe against a cras
 2. write the new files (atomically, fsynced) under names no flush uses (``compact-…``);
 3. write the request index of every file in force after it (``_index``: where each request's rows
    are, for lineage), their residency partials (the residency summary's counts, ``_residency``) and
-   the who-routed-what and spend partials and the routed rows (``_rollups``), then append the new files' entries and one ``compaction``
-   entry naming the replaced and the new files and sealing the index's and the partials' sha256, in
-   one fsynced write, then sign a new head: the commit point;
+   the who-routed-what and spend partials and the routed rows (``_rollups``) and the routed keys
+   (``_keyed``), then append the new files' entries and one ``compaction`` entry naming the replaced
+   and the new files and sealing the sha256 of the index, partials, rows and keys, in one fsynced
+   write, then sign a new head: the commit point;
 4. only then delete the replaced files (and the index and partials it superseded).
 
 A crash before 3 leaves new files no entry names (debris that ``verify`` warns about and the next
@@ -53,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections import _residency, _rollups, _seal
+from nexuscore.projections import _keyed, _residency, _rollups, _seal
 from nexuscore.projections._index import (
     current_index,
     indexed_paths,
@@ -142,6 +143,7 @@ def compact(
             and _residency.trusted(root, _residency.current_partials(manifest.entries), live)
             and all(_rollups.trusted(root, manifest.entries, live, r) for r in _rollups.ROLLUPS)
             and _rollups.rows_trusted(root, manifest.entries)
+            and _keyed.trusted(root, manifest.entries)
         ):
             report.files_after = len(live)
             return report
@@ -165,11 +167,11 @@ def compact(
         partials = _residency.write_partials(root, after, seq)
         rollups = {r.name: _rollups.write_partials(root, after, seq, r) for r in _rollups.ROLLUPS}
         routed_rows = _rollups.write_routed_rows(root, after, seq)
-        manifest.commit_compaction(
-            replaced, now, new_index, partials, {**rollups, _rollups.ROUTED_ROWS: routed_rows}
-        )
+        routed_keys = _keyed.write_keys(root, after, seq)
+        sides = {**rollups, _rollups.ROUTED_ROWS: routed_rows, _keyed.FIELD: routed_keys}
+        manifest.commit_compaction(replaced, now, new_index, partials, sides)
         _delete(root, replaced)
-        sealed = [*rollups.values(), *routed_rows["files"]]
+        sealed = [*rollups.values(), *routed_rows["files"], *_keyed.sealed_files(routed_keys)]
         remove_stale(root, {new_index["path"], partials["path"], *(r["path"] for r in sealed)})
         report.replaced = len(replaced)
         report.written = sum(len(g["written"]) for g in report.groups)

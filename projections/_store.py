@@ -16,7 +16,7 @@ import contextlib
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -49,6 +49,7 @@ def _terminal(table: str) -> str:
 
 
 if TYPE_CHECKING:
+    from nexuscore.projections._keyed import Keyed
     from nexuscore.projections._residency import Sealed as SealedResidency
     from nexuscore.projections._rollups import Rollup, Sealed
 
@@ -174,21 +175,29 @@ WHERE {_ROUTED_FILTERS}
 # outcomes): counted with every outcome, nothing taken off. The join comes first (``MATERIALIZED``):
 # else DuckDB evaluates the time test on every row the scan reads (3.3 M for a tenant's month at 10 M
 # decisions, about 0.1 s of CPU with partial days) instead of on the few it keeps.
-ROUTED_SEALED_LATE_SQL = f"""
+_LATE = """
 WITH late AS MATERIALIZED (
-    SELECT {_DECIDED} FROM _routed_sealed_decisions
-    SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)
-    WHERE {_ROUTED_FILTERS}
+    SELECT {decided} FROM {source}
+    WHERE {filters}
 )
-SELECT {_DECIDED}, NOT edge AS retract FROM (
-    SELECT {_DECIDED},
+SELECT {decided}, NOT edge AS retract FROM (
+    SELECT {decided},
            coalesce((occurred_at >= $edge1_from AND occurred_at < $edge1_to)
                     OR (occurred_at >= $edge2_from AND occurred_at < $edge2_to), false) AS edge
     FROM late
 )
 WHERE edge OR (($whole_from IS NULL OR occurred_at >= $whole_from)
                AND ($whole_to IS NULL OR occurred_at < $whole_to))
-"""  # noqa: S608
+"""
+ROUTED_SEALED_LATE_SQL = _LATE.format(
+    decided=_DECIDED,
+    source="_routed_sealed_decisions SEMI JOIN _routed_tail_keys USING (tenant_id, request_id)",
+    filters=_ROUTED_FILTERS,
+)
+# The same from the covered decisions the routed keys found (``_keyed``: those of the tail's keys).
+ROUTED_FOUND_LATE_SQL = _LATE.format(
+    decided=_DECIDED, source="_routed_found_decisions", filters=_ROUTED_FILTERS
+)
 # Both in one scan, when the window has partial days and the tail outcomes of covered decisions.
 ROUTED_SEALED_BOTH_SQL = f"""
 SELECT {_DECIDED}, NOT edge AS retract FROM (
@@ -203,15 +212,20 @@ WHERE edge OR (late AND ($whole_from IS NULL OR occurred_at >= $whole_from)
 """  # noqa: S608
 # Every outcome of those decisions, covered (``sealed``) or not (a semi join each: DuckDB prunes the
 # covered files' row groups by a few decisions' request ids).
-ROUTED_OUTCOMES_SQL = """
+_SEALED_OUTCOMES = """
 SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, true AS sealed
-FROM _routed_sealed_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
+FROM {source}
 WHERE $tenant IS NULL OR tenant_id = $tenant
 UNION ALL
 SELECT tenant_id, request_id, occurred_at, status, model, region, cost_micros, false AS sealed
 FROM _routed_tail_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)
 WHERE $tenant IS NULL OR tenant_id = $tenant
 """
+ROUTED_OUTCOMES_SQL = _SEALED_OUTCOMES.format(
+    source="_routed_sealed_outcomes SEMI JOIN _routed_decisions USING (tenant_id, request_id)"
+)
+# The same with the covered outcomes the routed keys found (``_keyed``: those of the decisions counted).
+ROUTED_FOUND_OUTCOMES_SQL = _SEALED_OUTCOMES.format(source="_routed_found_outcomes")
 _ROUTED_JOIN = """
 SELECT d.tenant_id, CAST(d.occurred_at AS DATE) AS day, d.feature, d.verdict, d.tier, d.deployment_id,
        d.policy_version, o.model, o.region,
@@ -733,25 +747,74 @@ class EvidenceStore:
             edge_rows = self._routed_edge_rows(params, days, late=keys.num_rows > 0) if edges else None
             raw_edges = edges and edge_rows is None  # the partial days from the tables' rows
             decided = [self._routed_query(ROUTED_TAIL_DECISIONS_SQL, params)]
-            if raw_edges or keys.num_rows:
+            if raw_edges:
                 view("decisions", "sealed")
-                if raw_edges:
-                    sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
-                else:
-                    sql = ROUTED_SEALED_LATE_SQL
+                sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
                 decided.append(self._routed_query(sql, params))
+            elif keys.num_rows:
+                decided.append(self._routed_late(keys, params, view))
         decisions = pa.concat_tables(decided)
         with (
             self._registered("_routed_decisions", decisions),
             self._registered("_routed_edge_rows", _ROUTED_NO_ROWS if edge_rows is None else edge_rows),
         ):
-            if decisions.num_rows:
-                view("outcomes", "sealed")
-                outcomes = self._routed_query(ROUTED_OUTCOMES_SQL, params)
-            else:
-                outcomes = _ROUTED_NO_OUTCOMES
+            outcomes = (
+                self._routed_outcomes(decisions, params, view) if decisions.num_rows else _ROUTED_NO_OUTCOMES
+            )
             with self._registered("_routed_outcomes", outcomes):
                 return self._routed_query(ROUTED_MERGED_SQL, params)
+
+    def _routed_late(
+        self, keys: pa.Table, params: dict[str, Any], view: Callable[[str, str], None]
+    ) -> pa.Table:
+        """The covered decisions with an outcome in the tail (``keys``): found by the routed keys
+        (``_keyed``), or by a semi join over the covered decisions when those cannot."""
+        from nexuscore.projections import _keyed
+
+        found = self._keyed_rows(_keyed.DECISIONS, keys)
+        if found is not None:
+            with self._registered("_routed_found_decisions", found):
+                return self._routed_query(ROUTED_FOUND_LATE_SQL, params)
+        view("decisions", "sealed")
+        return self._routed_query(ROUTED_SEALED_LATE_SQL, params)
+
+    def _routed_outcomes(
+        self, decisions: pa.Table, params: dict[str, Any], view: Callable[[str, str], None]
+    ) -> pa.Table:
+        """Every outcome of the decisions counted from rows (``_routed_decisions``), the covered ones
+        found by the routed keys (``_keyed``) or, when those cannot, by a semi join."""
+        from nexuscore.projections import _keyed
+
+        found = self._keyed_rows(_keyed.OUTCOMES, decisions)
+        if found is not None:
+            with self._registered("_routed_found_outcomes", found):
+                return self._routed_query(ROUTED_FOUND_OUTCOMES_SQL, params)
+        view("outcomes", "sealed")
+        return self._routed_query(ROUTED_OUTCOMES_SQL, params)
+
+    def _keyed_rows(self, keyed: Keyed, requests: pa.Table) -> pa.Table | None:
+        """The covered rows of ``keyed``'s table of the (tenant, request id) pairs of ``requests``,
+        from the routed keys the last compaction sealed; None when it sealed none, one does not hold
+        its sealed bytes, or the pairs are too many for lookups to beat a scan."""
+        from nexuscore.projections import _keyed
+
+        field = _keyed.current(self.entries)
+        probes = sorted(
+            {
+                (t, r)
+                for t, r in zip(
+                    requests.column("tenant_id").to_pylist(),
+                    requests.column("request_id").to_pylist(),
+                    strict=True,
+                )
+                if t is not None and r is not None
+            }
+        )
+        if field is None or len(probes) > _keyed.MAX_KEYS:
+            return None
+        directory = _keyed.Directory.open(self.root, field, keyed)
+        found = directory.find(probes) if directory is not None else None
+        return None if found is None else _keyed.found_table(probes, found, keyed)
 
     def _routed_edge_rows(self, params: dict[str, Any], days: ReportDays, *, late: bool) -> pa.Table | None:
         """The sealed routed rows of the window's partial days that the report counts (``_rollups``),

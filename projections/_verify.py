@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import KeyStoreError
+from nexuscore.projections import _keyed
 from nexuscore.projections._compact import COMPACTED
 from nexuscore.projections._index import INDEX_DIR, current_index, index_files, sha256_of, well_formed
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
@@ -160,6 +161,7 @@ def verify(
     for rollup in ROLLUPS:
         _check_rollup(root, entries, rollup, report)
     _check_routed_rows(root, entries, report)
+    _check_routed_keys(root, entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
     erased = _signed_erasures(root, public_key, report)
     checks = _StoredChecks(root, keys, readable, known_digests, until, erased)
@@ -282,6 +284,8 @@ def _check_folder(
     partials = [current_partials(entries), *(current_rollup(entries, r) for r in ROLLUPS)]
     sealed = {index, *(p["path"] for p in partials if p is not None)}
     sealed |= {e["path"] for e in (current_rows(entries) or {}).values()}
+    keyed = _keyed.current(entries)
+    sealed |= {e["path"] for e in _keyed.sealed_files(keyed)} if keyed is not None else set()
     named = {e.get("path") for e in entries if e.get("kind") == "file"}
     replaced = {p for e in entries if e.get("kind") == "compaction" for p in _paths(e.get("replaces"))}
     committed_end: dict[tuple[str, int], int] = {}
@@ -483,6 +487,31 @@ def _check_routed_rows(root: Path, entries: list[dict[str, Any]], report: Verify
                 sealed["path"],
                 "does not hold the bytes its compaction sealed (sha256 differs): who-routed-what ignores "
                 "it and counts that day's partial windows from the tables",
+            )
+
+
+def _check_routed_keys(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """The routed keys the last compaction sealed still hold those bytes (a report checks each block
+    it reads against the fences and reads the tables when one differs: slower, not wrong)."""
+    _invalid_compaction_fields(
+        entries,
+        _keyed.FIELD,
+        _keyed.well_formed,
+        report,
+        "routed_keys_invalid",
+        "routed keys of the store's own (`_index/routed-keys-<n>-<table>.{bin,parquet}` per table, each "
+        "with its sha256)",
+    )
+    field = _keyed.current(entries)
+    for sealed in _keyed.sealed_files(field) if field is not None else []:
+        instead = "who-routed-what finds a tail's covered rows by scanning the tables (`evidence compact` writes the keys again)"
+        digest = _sealed_digest(root, sealed["path"], report, "routed_keys_missing", instead)
+        if digest is not None and digest != sealed["sha256"]:
+            report.add(
+                "routed_keys_altered",
+                sealed["path"],
+                "does not hold the bytes its compaction sealed (sha256 differs): who-routed-what ignores "
+                "it and finds a tail's covered rows by scanning the tables",
             )
 
 

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nexuscore.kernel.errors import EvidenceError
-from nexuscore.projections import EvidenceStore, _manifest, _rollups, committed_files, compact, verify
-from nexuscore.projections._store import ROUTED_SEALED_LATE_SQL, report_days
+from nexuscore.projections import EvidenceStore, _keyed, _manifest, _rollups, committed_files, compact, verify
+from nexuscore.projections._store import ROUTED_FOUND_LATE_SQL, ROUTED_SEALED_LATE_SQL, report_days
 from nexuscore.schemas import Event
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
@@ -308,17 +308,22 @@ def aware(t: datetime | None) -> datetime | None:
     return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+@pytest.mark.parametrize("keyed", [True, False], ids=["routed keys", "scanned"])
 def test_partial_day_decisions_with_outcomes_in_the_tail_are_counted_from_the_tables(
-    sealed: Path, monkeypatch: pytest.MonkeyPatch
+    sealed: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool
 ) -> None:
     # Held-back outcomes of covered decisions are in the tail: the routed rows of those decisions
-    # lack them, so the report counts those decisions from the tables, the others from the rows.
+    # lack them, so the report counts those decisions from the tables (found by the routed keys, or
+    # by a semi join when there are too many for lookups), the others from the rows.
     query = EvidenceStore._routed_query
     from_tables: list[int] = []
+    late_sql = ROUTED_FOUND_LATE_SQL if keyed else ROUTED_SEALED_LATE_SQL
+    if not keyed:
+        monkeypatch.setattr(_keyed, "MAX_KEYS", -1)
 
     def spied(self: EvidenceStore, sql: str, params: dict[str, Any]) -> Any:
         out = query(self, sql, params)
-        if sql == ROUTED_SEALED_LATE_SQL:
+        if sql == late_sql:
             from_tables.append(out.num_rows - sum(out.column("retract").to_pylist()))
             # (The time test runs after the join: only decisions of the window come back.)
             since, until = (aware(params[k]) for k in ("since", "until"))

@@ -97,11 +97,12 @@ def test_a_second_compaction_indexes_every_file_in_force(indexed: Path, tmp_path
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)
     index = index_entry(root)
     assert _index.index_files(root, index) == _index.indexed_paths(committed_files(root))
-    # The index, the residency, who-routed-what and spend partials and the routed rows (a file per
-    # day) the same compaction sealed: nothing superseded is left.
+    # The index, the residency, who-routed-what and spend partials, the routed rows (a file per day)
+    # and the routed keys (data and fences per table) the same compaction sealed: nothing superseded
+    # is left.
     names = sorted(p.name for p in (root / _index.INDEX_DIR).iterdir())
     rows = _rollups.current_rows(_manifest.signed_entries(root))
-    assert rows and len(names) == 4 + len(rows) and Path(str(index["path"])).name in names
+    assert rows and len(names) == 4 + len(rows) + 4 and Path(str(index["path"])).name in names
     assert {Path(str(e["path"])).name for e in rows.values()} < set(names)
     for tenant, request_id in requests_of(root)[::5]:
         assert lineage_at(root, request_id, tenant).to_pylist() == scanned(root, request_id, tenant)
@@ -121,6 +122,7 @@ def test_lineage_without_its_index_still_finds_every_row(indexed: Path, tmp_path
         "routed_missing",
         "spend_missing",
         *["routed_rows_missing"] * len(_rollups.current_rows(_manifest.signed_entries(root)) or {}),
+        *["routed_keys_missing"] * 4,  # (data and fences, of decisions and of outcomes)
     ]
 
 
