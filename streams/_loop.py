@@ -6,14 +6,16 @@ written while the next batches are decided, by one writer, a group of batches at
    outbox and Table changes in the changelog state, nothing is sent yet;
 2. the outbox is sent at once (idempotent producer, acks=all), behind earlier batches' outputs;
 3. once the outputs of every batch of the writer's group are acknowledged, the group's Table
-   changes are written to their changelogs (each row's last value) and acknowledged;
-4. the group's input offsets are committed; then the next group.
-A crash before 3 repeats the batch (and any later one) against the state before it: the same
-inputs under the same state give the same decisions (a decision's time is its input record's
-broker timestamp, never the decider's clock), whose outputs carry the same derived ids and are dropped by every
-reader (the projector by id, the worker by dispatch id). A crash between 3 and 4 repeats inputs the
-state has seen: the requests' decision records make them no-ops. So outputs, state and offsets
-agree after any crash, without a Kafka transaction per batch (see docs/decisions).
+   changes (each row's last value) and its input offsets are written in one Kafka transaction of
+   the state's own producer (its transactional id this member's: a restart aborts what a killed
+   one left open); then the next group.
+A crash before 3 commits repeats the batch (and any later one) against the state before it: the
+same inputs under the same state give the same decisions (a decision's time is its input record's
+broker timestamp, never the decider's clock), whose outputs carry the same derived ids and are
+dropped by every reader (the projector by id, the worker by dispatch id). State and offsets move
+together, a group at a time, and the state is restored reading committed records only. So outputs,
+state and offsets agree after any crash, with one transaction per group of batches written in the
+background, never one per batch on the decisions' path (see docs/decisions).
 
 Requests, outcomes and reviews are co-partitioned (the range assignor gives partition ``p`` of all
 three to one member), and the state of partition ``p`` is restored from partition ``p`` of each
@@ -58,6 +60,9 @@ MAX_BATCHES_WAITING = 64
 MAX_INPUTS_WAITING = 2_000
 # How long the writer lets decided batches gather before it makes them durable as one group.
 WRITE_GATHER_S = 0.05
+# A transaction of state a killed decider left open holds back every reader of those changelogs
+# (they read committed records only) until its restart aborts it, or this long at most.
+STATE_TRANSACTION_TIMEOUT_MS = 15_000
 
 
 class Outbox:
@@ -141,13 +146,20 @@ class DeciderLoop:
         """Made inside the running loop (aiokafka needs one)."""
         if not self.transactional:
             return new_producer(self.bootstrap, linger_ms=0)
+        return self._transactional_producer("")
+
+    def _transactional_producer(self, role: str) -> AIOKafkaProducer:
+        """A producer whose transactional id is this member's (``role``: which of its producers):
+        the same after a restart, so that starting it aborts what the killed one left open."""
+        member = self.instance_id or uuid.uuid4().hex
         return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             **login_options(),
-            transactional_id=f"{self.topics.group('nexuscore-decider')}-{self.instance_id or uuid.uuid4().hex}",
+            transactional_id=f"{self.topics.group('nexuscore-decider')}-{role}{member}",
             enable_idempotence=True,
             acks="all",
             linger_ms=0,
+            transaction_timeout_ms=STATE_TRANSACTION_TIMEOUT_MS,
         )
 
     async def restore(self, partitions: set[int]) -> None:
@@ -189,7 +201,7 @@ class DeciderLoop:
         consumer = self._consumer()
         self._producer = producer = self._new_producer()
         await start_client(producer, self.bootstrap)
-        self._state_producer = producer if self.transactional else new_producer(self.bootstrap, linger_ms=0)
+        self._state_producer = producer if self.transactional else self._transactional_producer("state-")
         if self._state_producer is not producer:
             await start_client(self._state_producer, self.bootstrap)
         await start_client(self._restorer, self.bootstrap)
@@ -233,7 +245,7 @@ class DeciderLoop:
                         next_scan = time.monotonic() + DEADLINE_SCAN_S
                     self.decider.forget_old()  # its tombstones go with this batch's state
                     batch_done(self.decider.tally, "decider", consumer, batches)  # metrics, per batch
-                    await self._flush(consumer, self._job(batches))
+                    await self._flush(self._job(batches))
         finally:
             await self.settled()
 
@@ -255,7 +267,7 @@ class DeciderLoop:
             writer, self._writer = self._writer, None
             await writer  # it returns once nothing is waiting
 
-    async def _flush(self, consumer: AIOKafkaConsumer, job: _FlushJob) -> None:
+    async def _flush(self, job: _FlushJob) -> None:
         """Send the batch's outputs now; its state and offsets follow in the background.
 
         The outputs go out at once, behind the previous batches' on the one idempotent producer: a
@@ -283,14 +295,14 @@ class DeciderLoop:
             self._writer.result()  # a failed write stops the decider: nothing after it may commit
             self._writer = None
         if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all(consumer))
+            self._writer = asyncio.create_task(self._write_all())
         # Back-pressure: the broker sets the pace, and what a crash makes the decider decide again
         # (everything after the last durable group) stays about a second's work.
         waiting = sum(job.inputs for job, _ in self._waiting)
         if len(self._waiting) > MAX_BATCHES_WAITING or waiting > MAX_INPUTS_WAITING:
             await self.settled()
 
-    async def _write_all(self, consumer: AIOKafkaConsumer) -> None:
+    async def _write_all(self) -> None:
         assert self._state_producer is not None, "run() first"
         while self._waiting:
             # On a trickle, let a group gather for a moment: one state write and one commit for
@@ -301,17 +313,20 @@ class DeciderLoop:
             for _, sent in group:
                 for future in sent:
                     await future
-            futures = [
-                await self._state_producer.send(topic, value, key=key, partition=p)
-                for topic, key, value, p in _last_values(job.state for job, _ in group)
-            ]
-            for future in futures:
-                await future
             offsets: dict[TopicPartition, int] = {}
             for job, _ in group:
                 offsets.update(job.offsets)
-            if offsets:
-                await consumer.commit(offsets)
+            # The group's state changes and offsets in one transaction: a crash part-way through
+            # sending them must not leave, say, a tenant's budget with a reservation but not the
+            # decision record that says which request made it (that request would be decided again,
+            # against its own reservation). The state is restored reading committed records only.
+            async with self._state_producer.transaction():
+                for topic, key, value, p in _last_values(job.state for job, _ in group):
+                    await self._state_producer.send(topic, value, key=key, partition=p)
+                if offsets:
+                    await self._state_producer.send_offsets_to_transaction(
+                        offsets, self.topics.group("nexuscore-decider")
+                    )
 
     async def _flush_transaction(self, job: _FlushJob) -> None:
         assert self._producer is not None, "run() first"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -12,15 +15,40 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from nexuscore._synthetic import synthetic_requests
+from nexuscore.core import BudgetState, encode_record
 from nexuscore.kernel.clock import SystemClock
 from nexuscore.policy import Registry, SignedPolicy, TrustStore, default_policy
 from nexuscore.schemas import AvroCodec, DispatchRequested, Event, RequestDecided, RequestRejected
 from nexuscore.streams import PolicyHolder
 from nexuscore.streams._loop import DeciderLoop
-from nexuscore.transport import DeciderTable, Topics, ensure_topics, new_producer, start_client
+from nexuscore.transport import (
+    DEFAULT_PARTITIONS,
+    DeciderTable,
+    Topics,
+    ensure_topics,
+    new_producer,
+    start_client,
+)
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
+# A decider's state write, cut short by SIGKILL inside its transaction (``writes``: topic, key, partition).
+CUT_SHORT = """
+import asyncio
+from aiokafka import AIOKafkaProducer
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers={bootstrap!r}, transactional_id={txn!r}, enable_idempotence=True)
+    await producer.start()
+    await producer.begin_transaction()
+    sent = [await producer.send(topic, {value!r}, key=key, partition=p) for topic, key, p in {writes!r}]
+    for future in sent:
+        await future
+    print("written", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
 CODEC = AvroCodec()
 POLICY = default_policy()
 
@@ -212,3 +240,59 @@ def test_a_changelog_value_that_is_no_row_is_skipped_at_restore_and_deciding_goe
     assert loop.state.skipped == len(topics.changelogs) * 4
     decided = [e for e in events if isinstance(e, RequestDecided | RequestRejected)]
     assert len({(e.tenant_id, e.request_id) for e in decided}) == 50
+
+
+def test_a_state_write_cut_short_is_never_restored_nor_holds_back_later_state(bootstrap: str) -> None:
+    # A decider killed while it writes a group's state leaves that write's transaction open. Its
+    # restart (same member, same transactional id) aborts it: the restore reads committed records
+    # only, so none of it comes back, and no open transaction holds back the committed state written
+    # after it (a later restart reads that to its end). The write cut short here puts an absurd
+    # budget version for every tenant on every partition: restored, the next decisions would carry
+    # versions above it.
+    topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    absurd = 10**12
+
+    def cut_short() -> None:
+        """A process that opens the loop's state transaction (as member d1), writes, and is killed."""
+        budgets = f"{topics.group('nexuscore-decider')}-{DeciderTable.BUDGETS.value}-changelog"
+        value = encode_record(BudgetState(version=absurd))
+        writes = [(budgets, t.id.encode(), p) for t in POLICY.tenants for p in range(DEFAULT_PARTITIONS)]
+        script = CUT_SHORT.format(
+            bootstrap=bootstrap,
+            txn=f"{topics.group('nexuscore-decider')}-state-d1",
+            writes=writes,
+            value=value,
+        )
+        with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+            try:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+            finally:
+                proc.send_signal(signal.SIGKILL)  # in the transaction: neither committed nor aborted
+                proc.wait(10)
+
+    async def run(n: int, until: int) -> list[Event]:
+        reading = asyncio.ensure_future(_read(bootstrap, topics.decisions, until))
+        await _publish(bootstrap, topics, 300, str(n))
+        await _run_loop(bootstrap, topics, reading)
+        return reading.result()  # type: ignore[return-value]
+
+    def versions(events: list[Event]) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for e in events:
+            if isinstance(e, RequestDecided):
+                last[e.tenant_id] = max(last.get(e.tenant_id, 0), e.state_version)
+        return last
+
+    first = asyncio.run(run(1, 300))
+    cut_short()
+    second = asyncio.run(run(2, 600))
+    third = asyncio.run(run(3, 900))
+    for before, after in ((first, second), (second, third)):
+        last = versions(before)
+        later = [
+            (e.tenant_id, e.state_version) for e in after[len(before) :] if isinstance(e, RequestDecided)
+        ]
+        assert later and all(last.get(t, -1) < version < absurd for t, version in later), later
+    decided = [e for e in third if isinstance(e, RequestDecided | RequestRejected)]
+    assert len({(e.tenant_id, e.request_id) for e in decided}) == 900 == len(decided)
