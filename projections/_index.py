@@ -23,10 +23,12 @@ on every lookup would cost more than the lookup).
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,8 +250,13 @@ def _write(path: Path, reader: pa.RecordBatchReader, paths: list[str]) -> tuple[
 
 
 def sha256_of(path: Path) -> str:
+    """The sha256 of a regular file's bytes (OSError for a link, a pipe or a device: they could block
+    or never end)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -11,9 +11,10 @@ keyed by the first 16 bytes of sha256(tenant id, NUL, request id) and sorted by 
 - ``_index/routed-keys-<n>-<table>.bin``: blocks of ``BLOCK`` rows (the last one shorter), each laid
   out by column: the keys (16 bytes each), the time (int64 microseconds since the epoch), the amount
   (int64: a decision's estimated cost, an outcome's cost, in micro-USD) and the group (uint32: the
-  row's report columns as a number in the table's list of them), little-endian; null is ``NULL``.
+  row's report columns as a number in the table's list of them, its two top bits saying that the
+  time, the amount is null), little-endian.
 - ``_index/routed-keys-<n>-<table>.parquet``, the fences: per block its first key, its rows and the
-  sha256 of its bytes; the list of groups in the footer.
+  sha256 of its bytes; the list of groups and the layout (block size, row width) in the footer.
 
 The compaction entry names both per table (``routed_keys``: path, sha256 and rows), so the signed
 chain covers their bytes, and ``verify`` checks them. A lookup reads the fences only after their
@@ -27,10 +28,12 @@ hash, not the id: two requests of a tenant whose keys collide (by chance 2^-128;
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -50,13 +53,16 @@ FIELD = "routed_keys"  # the compaction entry's field
 BLOCK = 128  # rows per block: a lookup reads and hashes one block per key (4.6 KB)
 KEY_BYTES = 16
 WIDTH = KEY_BYTES + 8 + 8 + 4  # key, time, amount, group
-NULL = -(2**63)
+TIME_NULL, AMOUNT_NULL = 1 << 31, 1 << 30  # the group's top bits
+GROUP_BITS = AMOUNT_NULL - 1
 # A lookup costs about 20 us a request (10M decisions): beyond this many (a second's worth) the
 # report scans the tables instead, about as long.
 MAX_KEYS = 50_000
-_DATA = re.compile(r"_index/routed-keys-\d{12}-(decisions|outcomes)\.bin")
-_FENCES = re.compile(r"_index/routed-keys-\d{12}-(decisions|outcomes)\.parquet")
+_DATA = re.compile(r"_index/routed-keys-[0-9]{12}-(decisions|outcomes)\.bin")
+_FENCES = re.compile(r"_index/routed-keys-[0-9]{12}-(decisions|outcomes)\.parquet")
 _GROUPS_KEY = b"nexuscore.routed_keys.groups"
+_LAYOUT_KEY = b"nexuscore.routed_keys.layout"
+BATCH_BLOCKS = 512  # blocks per batch the compaction reads from DuckDB
 Entry = dict[str, Any]
 
 
@@ -96,7 +102,9 @@ WITH g AS (
     FROM ({_groups_sql(k)})
 )
 SELECT from_hex(substr(sha256(t.tenant_id || chr(0) || t.request_id), 1, {2 * KEY_BYTES})) AS key,
-       epoch_us(t.occurred_at) AS time_us, t.{k.amount} AS amount, g.code
+       coalesce(epoch_us(t.occurred_at), 0) AS time_us, coalesce(CAST(t.{k.amount} AS BIGINT), 0) AS amount,
+       CAST(g.code + CASE WHEN t.occurred_at IS NULL THEN {TIME_NULL} ELSE 0 END
+            + CASE WHEN t.{k.amount} IS NULL THEN {AMOUNT_NULL} ELSE 0 END AS UINTEGER) AS code
 FROM {k.table} t JOIN g ON {same}
 WHERE t.tenant_id IS NOT NULL AND t.request_id IS NOT NULL
 ORDER BY key, time_us, amount, code
@@ -120,10 +128,12 @@ def write_keys(root: Path, files: list[Entry], seq: int) -> Entry:
 
 def _write_table(store: Any, root: Path, seq: int, k: Keyed) -> Entry:
     groups = store.query(_groups_sql(k), views=(k.table,))
+    if groups.num_rows > GROUP_BITS:  # (a group per row at most: a store of a billion rows)
+        raise OSError(f"{groups.num_rows} groups of {k.table}: more than routed keys can number")
     relative = f"_index/routed-keys-{seq:012d}-{k.table}"
     fences: dict[str, list[Any]] = {"first_key": [], "rows": [], "sha256": []}
     with _Sink(root, f"{relative}.bin") as sink:
-        batch = BLOCK * 512  # (whole blocks: only the last one is short)
+        batch = BLOCK * BATCH_BLOCKS  # (whole blocks: only the last one is short)
         for chunk in rechunk(store.batches(rows_sql(k), batch, views=(k.table,)), batch):
             for block in _blocks(chunk):
                 sink.write(block.payload)
@@ -138,7 +148,7 @@ def _write_table(store: Any, root: Path, seq: int, k: Keyed) -> Entry:
         }
     )
     listed = json.dumps([list(row.values()) for row in groups.to_pylist()]).encode()
-    fenced = write_sealed(root, f"{relative}.parquet", table, {_GROUPS_KEY: listed})
+    fenced = write_sealed(root, f"{relative}.parquet", table, {_GROUPS_KEY: listed, _LAYOUT_KEY: _layout()})
     return {"data": sink.entry, "fences": fenced}
 
 
@@ -153,8 +163,8 @@ def _blocks(chunk: pa.Table) -> Iterator[_Block]:
     """The chunk's rows as blocks of ``BLOCK`` (the last one shorter), each laid out by column."""
     columns = [
         (pc.cast(chunk.column("key"), pa.binary(KEY_BYTES)).combine_chunks(), KEY_BYTES),
-        (pc.fill_null(chunk.column("time_us"), NULL).combine_chunks(), 8),
-        (pc.fill_null(chunk.column("amount"), NULL).combine_chunks(), 8),
+        (chunk.column("time_us").combine_chunks(), 8),
+        (chunk.column("amount").combine_chunks(), 8),
         (chunk.column("code").combine_chunks(), 4),
     ]
     views = [(memoryview(a.buffers()[1])[a.offset * width :], width) for a, width in columns]
@@ -240,12 +250,17 @@ def sealed_files(field: Entry) -> list[Entry]:
 def trusted(root: Path, entries: list[Entry]) -> bool:
     """Does the last compaction name directories whose files all hold the bytes it sealed?"""
     field = current(entries)
-    if field is None:
-        return False
+    return field is not None and trusted_files(root, field)
+
+
+def trusted_files(root: Path, field: Entry) -> bool:
+    """Do the files of a well-formed ``routed_keys`` field all hold the bytes it sealed, and open as
+    directories of this version's layout?"""
     try:
-        return all(sha256_of(root / f["path"]) == f["sha256"] for f in sealed_files(field))
+        intact = all(sha256_of(root / f["path"]) == f["sha256"] for f in sealed_files(field))
     except OSError:
         return False
+    return intact and all(Directory.open(root, field, k) is not None for k in KEYED)
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -288,6 +303,8 @@ class Directory:
         fences = read_sealed(root, refs["fences"])
         if fences is None or not _fences_hold(fences, int(refs["data"]["rows"])):
             return None
+        if (fences.schema.metadata or {}).get(_LAYOUT_KEY) != _layout():
+            return None  # (written by another version: the report scans; a compaction rewrites it)
         groups = _groups(fences, len(k.groups))
         return None if groups is None else cls(root, k, refs, fences, groups)
 
@@ -295,15 +312,22 @@ class Directory:
         """Every row of each probe's (tenant, request id) key; None when a block read does not hold
         its sealed bytes (or cannot be read)."""
         found = Found([], [], [], [])
+        if self.blocks == 0:
+            return found
         order = sorted((key_of(t, r), n) for n, (t, r) in enumerate(probes))
         try:
-            with (self.root / self.refs["data"]["path"]).open("rb") as f:
-                blocks = _Blocks(f, self)
-                for key, n in order:
-                    if not self._find_one(blocks, key, n, found):
-                        return None
+            fd = _open_data(self.root / self.refs["data"]["path"], self.data_rows * WIDTH)
         except OSError:
             return None
+        try:
+            blocks = _Blocks(fd, self)
+            for key, n in order:
+                if not self._find_one(blocks, key, n, found):
+                    return None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return found
 
     def _find_one(self, blocks: _Blocks, key: bytes, n: int, found: Found) -> bool:
@@ -317,12 +341,12 @@ class Directory:
             rows = self.rows(i)
             for j in range(*_span(blob, rows, key)):
                 time, amount, code = _unpack(blob, rows, j)
-                if code >= len(self.groups):
+                if code & GROUP_BITS >= len(self.groups):
                     return False  # (the block was sealed with it: a directory not written by us)
                 found.probe.append(n)
-                found.at.append(None if time == NULL else time)
-                found.amount.append(None if amount == NULL else amount)
-                found.group.append(self.groups[code])
+                found.at.append(None if code & TIME_NULL else time)
+                found.amount.append(None if code & AMOUNT_NULL else amount)
+                found.group.append(self.groups[code & GROUP_BITS])
             i += 1
             if i == self.blocks or self.first_key(i) != key:
                 return True
@@ -341,15 +365,33 @@ def _span(blob: bytes, rows: int, key: bytes) -> tuple[int, int]:
 class _Blocks:
     """The data file's blocks, each read once and used only when its sha256 is the sealed one."""
 
-    def __init__(self, f: BinaryIO, directory: Directory) -> None:
-        self.f, self.directory = f, directory
+    def __init__(self, fd: int, directory: Directory) -> None:
+        self.fd, self.directory = fd, directory
+        # The last two read: keys come sorted, so a lookup goes back one block at most.
         self.read_blocks: dict[int, bytes | None] = {}
 
     def read(self, i: int) -> bytes | None:
         if i not in self.read_blocks:
-            blob = os.pread(self.f.fileno(), self.directory.rows(i) * WIDTH, i * BLOCK * WIDTH)
+            blob = os.pread(self.fd, self.directory.rows(i) * WIDTH, i * BLOCK * WIDTH)
+            if len(self.read_blocks) == 2:
+                del self.read_blocks[min(self.read_blocks)]
             self.read_blocks[i] = blob if hashlib.sha256(blob).digest() == self.directory.digest(i) else None
         return self.read_blocks[i]
+
+
+def _open_data(path: Path, size: int) -> int:
+    """A descriptor of the data file, if it is a regular file (not a link, a pipe, a device) of
+    ``size`` bytes; else OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not the data file its fences describe")
+    return fd
+
+
+def _layout() -> bytes:
+    return json.dumps({"block": BLOCK, "width": WIDTH, "key": KEY_BYTES, "version": 1}).encode()
 
 
 def _unpack(blob: bytes, rows: int, j: int) -> tuple[int, int, int]:

@@ -799,6 +799,8 @@ class EvidenceStore:
         from nexuscore.projections import _keyed
 
         field = _keyed.current(self.entries)
+        if field is None or requests.num_rows > _keyed.MAX_KEYS:
+            return None
         probes = sorted(
             {
                 (t, r)
@@ -810,7 +812,7 @@ class EvidenceStore:
                 if t is not None and r is not None
             }
         )
-        if field is None or len(probes) > _keyed.MAX_KEYS:
+        if len(probes) > _keyed.MAX_KEYS:
             return None
         directory = _keyed.Directory.open(self.root, field, keyed)
         found = directory.find(probes) if directory is not None else None

@@ -6,13 +6,16 @@ same answer, and ``verify`` names what is wrong."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from nexuscore.projections import EvidenceStore, _keyed, _manifest, compact, verify
+from nexuscore.projections import SCHEMAS, EvidenceStore, _keyed, _manifest, compact, verify
 from nexuscore.schemas import Event
 from tests.factories import POLICY, T0, project, run_history, signing_key
 from tests.unit.test_report_partials import KNOWN, PUBLIC, assert_same_reports, copy, is_outcome, spread
@@ -120,20 +123,21 @@ def test_more_keys_than_lookups_are_worth_are_scanned_for(
     assert_same_reports(keyed, monkeypatch, from_partials=True)
 
 
-def test_an_altered_block_is_a_verify_finding_and_changes_no_answer(
-    keyed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("part", ["data", "fences"])
+def test_an_altered_file_is_a_verify_finding_and_changes_no_answer(
+    keyed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str
 ) -> None:
     root = copy(keyed, tmp_path)
-    data = root / field_of(root)["outcomes"]["data"]["path"]
-    payload = bytearray(data.read_bytes())
-    payload[_keyed.KEY_BYTES * 3] ^= 1  # the first block's fourth key
-    data.write_bytes(bytes(payload))
+    altered = root / field_of(root)["outcomes"][part]["path"]
+    payload = bytearray(altered.read_bytes())
+    payload[_keyed.KEY_BYTES * 3 if part == "data" else len(payload) // 2] ^= 1  # (data: a key)
+    altered.write_bytes(bytes(payload))
     with EvidenceStore(root) as store:
         rows = store.query("SELECT tenant_id, request_id FROM outcomes")
         assert store._keyed_rows(_keyed.OUTCOMES, rows) is None
     report = verify(root, PUBLIC, KNOWN, workers=1)
     assert [(f.kind, f.where) for f in report.findings if f.fatal] == [
-        ("routed_keys_altered", str(data.relative_to(root)))
+        ("routed_keys_altered", str(altered.relative_to(root)))
     ]
     assert_same_reports(root, monkeypatch, from_partials=True)
     compact(root, signing_key(), T0, file_rows=1_000, workers=1)  # writes them again
@@ -167,3 +171,75 @@ def test_a_malformed_keys_entry_is_a_verify_finding(keyed: Path, tmp_path: Path)
     assert _keyed.current(_manifest.signed_entries(root)) is None
     report = verify(root, PUBLIC, KNOWN, workers=1)
     assert "routed_keys_invalid" in {f.kind for f in report.findings if f.fatal}
+
+
+def crafted(root: Path) -> list[dict[str, Any]]:
+    """A decisions and an outcomes file with what events never carry but a table may hold: null
+    times and amounts, an amount of -2**63 (the smallest int64), null report columns."""
+    files = []
+    for k in _keyed.KEYED:
+        rows: dict[str, list[Any]] = {name: [None] * 4 for name in SCHEMAS[k.table].names}
+        rows["tenant_id"], rows["request_id"] = ["t1", "t1", "t2", "t2"], ["r1", "r2", "r3", "r3"]
+        rows["occurred_at"] = [T0, None, T0, T0]
+        rows[k.amount] = [-(2**63), None, 2**63 - 1, 0]
+        rows[k.groups[0]] = ["a", "b", None, "a"]
+        path = root / "region=eu" / k.table / "crafted.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.table(rows, schema=SCHEMAS[k.table]), path)
+        files.append({"path": str(path.relative_to(root)), "table": k.table, "region": "eu"})
+    return files
+
+
+@pytest.mark.parametrize("block", [1, 3, _keyed.BLOCK])
+def test_every_value_a_table_may_hold_is_found_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    # (Batches of 2 blocks: the compaction's read of the sorted rows crosses batches.)
+    monkeypatch.setattr(_keyed, "BLOCK", block)
+    monkeypatch.setattr(_keyed, "BATCH_BLOCKS", 2)
+    field = _keyed.write_keys(tmp_path, crafted(tmp_path), 7)
+    probes = [("t1", "r1"), ("t1", "r2"), ("t2", "r3"), ("t2", "r1"), ("t3", "r3")]
+    for k in _keyed.KEYED:
+        directory = _keyed.Directory.open(tmp_path, field, k)
+        assert directory is not None
+        found = directory.find(probes)
+        assert found is not None
+        rows = _keyed.found_table(probes, found, k).to_pylist()
+        with EvidenceStore(tmp_path, files=crafted_entries(tmp_path)) as store:
+            expected = store.query(f"SELECT {', '.join(COLUMNS[k.table])} FROM {k.table}").to_pylist()  # noqa: S608
+        assert sorted(rows, key=repr) == sorted(expected, key=repr)
+
+
+def crafted_entries(root: Path) -> list[dict[str, Any]]:
+    return [
+        {"path": str(p.relative_to(root)), "table": p.parent.name, "region": "eu"}
+        for p in sorted(root.glob("region=eu/*/crafted.parquet"))
+    ]
+
+
+def test_an_empty_directory_finds_nothing_without_reading(tmp_path: Path) -> None:
+    files = [e for e in crafted(tmp_path) if e["table"] == "decisions"]  # no outcome at all
+    field = _keyed.write_keys(tmp_path, files, 7)
+    assert field["outcomes"]["data"]["rows"] == 0
+    directory = _keyed.Directory.open(tmp_path, field, _keyed.OUTCOMES)
+    assert directory is not None and directory.blocks == 0
+    found = directory.find([("t1", "r1")])
+    assert found is not None and found.probe == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "longer"])
+def test_a_data_file_that_is_not_the_sealed_one_fails_the_lookup_at_once(tmp_path: Path, kind: str) -> None:
+    field = _keyed.write_keys(tmp_path, crafted(tmp_path), 7)
+    data = tmp_path / field["decisions"]["data"]["path"]
+    payload = data.read_bytes()
+    data.unlink()
+    if kind == "fifo":
+        os.mkfifo(data)  # (opening one to read would block until a writer comes)
+    elif kind == "symlink":
+        (tmp_path / "elsewhere.bin").write_bytes(payload)
+        data.symlink_to(tmp_path / "elsewhere.bin")
+    else:
+        data.write_bytes(payload + b"\0" * _keyed.WIDTH)
+    directory = _keyed.Directory.open(tmp_path, field, _keyed.DECISIONS)
+    assert directory is not None and directory.find([("t1", "r1")]) is None
+    assert not _keyed.trusted_files(tmp_path, field)
