@@ -226,6 +226,11 @@ ROUTED_OUTCOMES_SQL = _SEALED_OUTCOMES.format(
 )
 # The same with the covered outcomes the routed keys found (``_keyed``: those of the decisions counted).
 ROUTED_FOUND_OUTCOMES_SQL = _SEALED_OUTCOMES.format(source="_routed_found_outcomes")
+# Per table, the report's query over the covered rows the routed keys found, and over a semi join.
+_ROUTED_COVERED = {
+    "decisions": (ROUTED_FOUND_LATE_SQL, ROUTED_SEALED_LATE_SQL),
+    "outcomes": (ROUTED_FOUND_OUTCOMES_SQL, ROUTED_OUTCOMES_SQL),
+}
 _ROUTED_JOIN = """
 SELECT d.tenant_id, CAST(d.occurred_at AS DATE) AS day, d.feature, d.verdict, d.tier, d.deployment_id,
        d.policy_version, o.model, o.region,
@@ -752,45 +757,37 @@ class EvidenceStore:
                 sql = ROUTED_SEALED_BOTH_SQL if keys.num_rows else ROUTED_SEALED_EDGES_SQL
                 decided.append(self._routed_query(sql, params))
             elif keys.num_rows:
-                decided.append(self._routed_late(keys, params, view))
+                decided.append(self._routed_covered("decisions", keys, params, view))
         decisions = pa.concat_tables(decided)
         with (
             self._registered("_routed_decisions", decisions),
             self._registered("_routed_edge_rows", _ROUTED_NO_ROWS if edge_rows is None else edge_rows),
         ):
             outcomes = (
-                self._routed_outcomes(decisions, params, view) if decisions.num_rows else _ROUTED_NO_OUTCOMES
+                self._routed_covered("outcomes", decisions, params, view)
+                if decisions.num_rows
+                else _ROUTED_NO_OUTCOMES
             )
             with self._registered("_routed_outcomes", outcomes):
                 return self._routed_query(ROUTED_MERGED_SQL, params)
 
-    def _routed_late(
-        self, keys: pa.Table, params: dict[str, Any], view: Callable[[str, str], None]
+    def _routed_covered(
+        self, table: str, requests: pa.Table, params: dict[str, Any], view: Callable[[str, str], None]
     ) -> pa.Table:
-        """The covered decisions with an outcome in the tail (``keys``): found by the routed keys
-        (``_keyed``), or by a semi join over the covered decisions when those cannot."""
+        """The covered rows of ``table`` the report counts for ``requests``: the decisions with an
+        outcome in the tail (``_routed_tail_keys``), or every outcome of the decisions counted from
+        rows (``_routed_decisions``). Found by the routed keys (``_keyed``), or by a semi join over
+        the covered files when those cannot."""
         from nexuscore.projections import _keyed
 
-        found = self._keyed_rows(_keyed.DECISIONS, keys)
+        keyed = _keyed.DECISIONS if table == "decisions" else _keyed.OUTCOMES
+        found_sql, scan_sql = _ROUTED_COVERED[table]
+        found = self._keyed_rows(keyed, requests)
         if found is not None:
-            with self._registered("_routed_found_decisions", found):
-                return self._routed_query(ROUTED_FOUND_LATE_SQL, params)
-        view("decisions", "sealed")
-        return self._routed_query(ROUTED_SEALED_LATE_SQL, params)
-
-    def _routed_outcomes(
-        self, decisions: pa.Table, params: dict[str, Any], view: Callable[[str, str], None]
-    ) -> pa.Table:
-        """Every outcome of the decisions counted from rows (``_routed_decisions``), the covered ones
-        found by the routed keys (``_keyed``) or, when those cannot, by a semi join."""
-        from nexuscore.projections import _keyed
-
-        found = self._keyed_rows(_keyed.OUTCOMES, decisions)
-        if found is not None:
-            with self._registered("_routed_found_outcomes", found):
-                return self._routed_query(ROUTED_FOUND_OUTCOMES_SQL, params)
-        view("outcomes", "sealed")
-        return self._routed_query(ROUTED_OUTCOMES_SQL, params)
+            with self._registered(f"_routed_found_{table}", found):
+                return self._routed_query(found_sql, params)
+        view(table, "sealed")
+        return self._routed_query(scan_sql, params)
 
     def _keyed_rows(self, keyed: Keyed, requests: pa.Table) -> pa.Table | None:
         """The covered rows of ``keyed``'s table of the (tenant, request id) pairs of ``requests``,
