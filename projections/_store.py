@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -553,7 +555,7 @@ class EvidenceStore:
         # ``verify`` passes the files that passed its checks; everyone else reads what is committed.
         self.files: list[dict[str, Any]] = committed(self.entries) if files is None else files
         for entry in self.files:
-            by_table[entry["table"]].append(str(root.absolute() / _table_path(entry, root)))
+            by_table[entry["table"]].append(_regular(root.absolute() / _table_path(entry, root)))
         self._paths = dict(by_table)
         self._made: set[str] = set()
         self._con = sandbox([p for paths in by_table.values() for p in paths], settings)
@@ -1168,6 +1170,18 @@ def _one_select(sql: str) -> duckdb.Statement:
         kind = statements[0].type.name
         raise EvidenceError(f"evidence queries are read-only: one SELECT statement, not {kind}")
     return statements[0]
+
+
+def _regular(path: Path) -> str:
+    """``path``, if it is not something else than a regular file in place of a sealed one: a pipe or
+    a device would stall every query that reads it, or never end (``verify`` names it altered)."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return str(path)  # (gone: the query says so, naming it)
+    if not regular:
+        raise EvidenceError(f"{path} is not a regular file: not evidence (run `nexuscore evidence verify`)")
+    return str(path)
 
 
 def _table_path(entry: dict[str, Any], root: Path) -> str:

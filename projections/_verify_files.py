@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import queue
+import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +80,9 @@ def check_files(
     return intact, placements
 
 
+NOT_A_FILE = "not a regular file"  # the digest of a path that is not one (no sha256 matches it)
+
+
 def _read(path: Path) -> tuple[str | None, int, Placement]:
     """(sha256 hex, rows in the Parquet footer, placement by the footer's statistics) of one file;
     (None, 0, None) when it is gone."""
@@ -87,11 +92,16 @@ def _read(path: Path) -> tuple[str | None, int, Placement]:
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     try:
-        with path.open("rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                h.update(view[:n])
+        # (Not blocking: a pipe or a device put where a sealed file was would stall verify, or never
+        # end; neither is a sealed file, so it is named altered.)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None, 0, None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return NOT_A_FILE, -1, None
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     try:
         metadata = pq.read_metadata(path)
     except (OSError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nexuscore.projections import SCHEMAS, Manifest, verify
+from nexuscore.kernel.errors import EvidenceError
+from nexuscore.projections import SCHEMAS, EvidenceStore, Manifest, verify
 from nexuscore.projections._manifest import canonical
 from nexuscore.projections._writer import write_table
 from tests.factories import POLICY, project, run_history, signing_key
@@ -151,3 +153,17 @@ def test_deep_names_a_sealed_file_whose_rows_cannot_be_rendered(pristine: Path, 
     found = [f for f in deep.findings if f.kind == "merkle_mismatch"]
     assert [f.where for f in found] == [path]
     assert "cannot be read" in found[0].detail and "producer" in found[0].detail
+
+
+def test_a_pipe_in_place_of_a_sealed_file_is_named_and_stalls_nothing(pristine: Path, tmp_path: Path) -> None:
+    # (Opening a pipe to read blocks until a writer comes: verify and the queries would hang.)
+    root = tmp_path / "evidence"
+    shutil.copytree(pristine, root)
+    victim = sorted(root.glob("region=*/*/*.parquet"))[0]
+    victim.unlink()
+    os.mkfifo(victim)
+    for deep in (False, True):
+        report = verify(root, PUBLIC, KNOWN, workers=1, deep=deep)
+        assert ("file_altered", str(victim.relative_to(root))) in {(f.kind, f.where) for f in report.findings}
+    with pytest.raises(EvidenceError, match="is not a regular file"):
+        EvidenceStore(root)
