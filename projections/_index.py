@@ -23,12 +23,10 @@ on every lookup would cost more than the lookup).
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import json
 import os
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, names_sealed_file
+from nexuscore.projections._manifest import fsync_path, names_sealed_file, open_regular
 from nexuscore.projections._store import sql_list
 
 INDEX_DIR = "_index"
@@ -253,10 +251,8 @@ def sha256_of(path: Path) -> str:
     """The sha256 of a regular file's bytes (OSError for a link, a pipe or a device: they could block
     or never end)."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+    f, _ = open_regular(path)
+    with f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -28,12 +28,10 @@ hash, not the id: two requests of a tenant whose keys collide (by chance 2^-128;
 from __future__ import annotations
 
 import bisect
-import errno
 import hashlib
 import json
 import os
 import re
-import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -45,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nexuscore.projections._index import rechunk, sha256_of
-from nexuscore.projections._manifest import fsync_path, names_sealed_file
+from nexuscore.projections._manifest import fsync_path, names_sealed_file, open_regular
 from nexuscore.projections._partials import read_sealed, write_sealed
 from nexuscore.projections._tables import SCHEMAS
 
@@ -316,18 +314,15 @@ class Directory:
             return found
         order = sorted((key_of(t, r), n) for n, (t, r) in enumerate(probes))
         try:
-            fd = _open_data(self.root / self.refs["data"]["path"], self.data_rows * WIDTH)
-        except OSError:
-            return None
-        try:
-            blocks = _Blocks(fd, self)
-            for key, n in order:
-                if not self._find_one(blocks, key, n, found):
+            f, size = open_regular(self.root / self.refs["data"]["path"])
+            with f:
+                if size != self.data_rows * WIDTH:
+                    return None  # (not the data file its fences describe)
+                blocks = _Blocks(f.fileno(), self)
+                if not all(self._find_one(blocks, key, n, found) for key, n in order):
                     return None
         except OSError:
             return None
-        finally:
-            os.close(fd)
         return found
 
     def _find_one(self, blocks: _Blocks, key: bytes, n: int, found: Found) -> bool:
@@ -377,17 +372,6 @@ class _Blocks:
                 del self.read_blocks[min(self.read_blocks)]
             self.read_blocks[i] = blob if hashlib.sha256(blob).digest() == self.directory.digest(i) else None
         return self.read_blocks[i]
-
-
-def _open_data(path: Path, size: int) -> int:
-    """A descriptor of the data file, if it is a regular file (not a link, a pipe, a device) of
-    ``size`` bytes; else OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not the data file its fences describe")
-    return fd
 
 
 def _layout() -> bytes:

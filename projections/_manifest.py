@@ -27,10 +27,13 @@ accepts a content key as gone only if a signed record names it; any other missin
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -283,6 +286,17 @@ def names_sealed_file(reference: object, path_pattern: re.Pattern[str]) -> bool:
         and isinstance(digest, str)
         and re.fullmatch(r"[0-9a-f]{64}", digest) is not None
     )
+
+
+def open_regular(path: Path, *, links: bool = False) -> tuple[io.BufferedReader, int]:
+    """``path`` opened to read, with its size, if it is a regular file; else OSError (EINVAL for a
+    pipe or a device, which could block a reader or never end; ELOOP for a link unless ``links``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if links else os.O_NOFOLLOW))
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb"), info.st_size
 
 
 def fsync_path(path: Path) -> None:

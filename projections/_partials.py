@@ -7,15 +7,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, replace_with
+from nexuscore.projections._manifest import fsync_path, open_regular, replace_with
 
 Entry = dict[str, Any]
 # No side file compaction writes comes near this (the largest, a day's routed rows at 10 M
@@ -26,15 +24,11 @@ MAX_SEALED_BYTES = 1 << 30
 def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file (not a link, a pipe or a device, which could
     block or never end) of at most ``limit`` bytes; else OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            raise OSError(errno.EINVAL, f"not a regular file of at most {limit} bytes")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(limit + 1)[:limit]
-    finally:
-        os.close(fd)
+    f, size = open_regular(path)
+    with f:
+        if size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        return f.read(limit + 1)[:limit]
 
 
 def write_sealed(

@@ -15,10 +15,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import os
 import queue
-import stat
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from nexuscore.projections import _seal
+from nexuscore.projections._manifest import open_regular
 from nexuscore.projections._store import is_table_path
 
 if TYPE_CHECKING:
@@ -92,14 +92,16 @@ def _read(path: Path) -> tuple[str | None, int, Placement]:
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     try:
-        # (Not blocking: a pipe or a device put where a sealed file was would stall verify, or never
-        # end; neither is a sealed file, so it is named altered.)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        f, _ = open_regular(path, links=True)
     except FileNotFoundError:
         return None, 0, None
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return NOT_A_FILE, -1, None
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # A pipe or a device put where a sealed file was would stall verify, or never end; neither
+        # is a sealed file, so it is named altered.
+        return NOT_A_FILE, -1, None
+    with f:
         while n := f.readinto(buffer):
             h.update(view[:n])
     try:

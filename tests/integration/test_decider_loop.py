@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 # A decider's state write, cut short by SIGKILL inside its transaction (``writes``: topic, key, partition).
 CUT_SHORT = """
 import asyncio
+import sys
 from aiokafka import AIOKafkaProducer
 
 async def main():
@@ -45,7 +46,7 @@ async def main():
     for future in sent:
         await future
     print("written", flush=True)
-    await asyncio.sleep(3600)
+    sys.stdin.read()  # held open until the test kills it (or closes this pipe)
 
 asyncio.run(main())
 """
@@ -264,7 +265,8 @@ def test_a_state_write_cut_short_is_never_restored_nor_holds_back_later_state(bo
             writes=writes,
             value=value,
         )
-        with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        command = [sys.executable, "-c", script]
+        with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
             try:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
             finally:
