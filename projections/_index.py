@@ -35,7 +35,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, names_sealed_file, open_regular
+from nexuscore.projections._manifest import fsync_path, names_sealed_file, open_regular, require_regular
 from nexuscore.projections._store import sql_list
 
 INDEX_DIR = "_index"
@@ -80,7 +80,7 @@ def well_formed(index: object) -> bool:
 def index_files(root: Path, index: Entry) -> list[str] | None:
     """The paths an index covers, from its footer (None if it cannot be read as an index)."""
     try:
-        metadata = pq.read_metadata(root / index["path"])
+        metadata = pq.read_metadata(require_regular(root / index["path"]))
         return _paths(metadata)
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
         return None
@@ -103,7 +103,7 @@ def locate(
     if not well_formed(index):
         return None
     try:
-        parquet = pq.ParquetFile(root / index["path"])
+        parquet = pq.ParquetFile(require_regular(root / index["path"]))
         paths = _paths(parquet.metadata)
         found = _rows_of(parquet, request_id)
     except (OSError, ValueError, KeyError, TypeError, IndexError, pa.ArrowException):

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import KeyStoreError
-from nexuscore.projections._manifest import read_head, record_erasure
+from nexuscore.projections._manifest import read_head, read_regular, record_erasure
 
 NONCE_BYTES = 12
 
@@ -107,7 +107,11 @@ class LocalKeyStore:
                 f.write(secrets.token_bytes(32))
                 f.flush()
                 os.fsync(f.fileno())
-        key = self._kek_path.read_bytes()
+        try:
+            # A pipe or a device in its place would block or never end: a key is a regular file.
+            key = read_regular(self._kek_path, 33, links=True)
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read {self._kek_path}: {exc.strerror}") from exc
         if len(key) != 32:
             raise KeyStoreError(f"{self._kek_path} is not a 32-byte key")
         self._kek_cipher = AESGCM(key)
@@ -121,7 +125,7 @@ class LocalKeyStore:
         if not force and mtime == self._mtime:
             return
         try:
-            self._doc = _parts(json.loads(self.path.read_text(encoding="utf-8")), self.path)
+            self._doc = _parts(json.loads(read_regular(self.path, links=True).decode("utf-8")), self.path)
         except (OSError, ValueError) as exc:
             raise KeyStoreError(f"cannot read the keystore {self.path}: {exc}") from exc
         self._mtime = mtime

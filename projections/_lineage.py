@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed, signed_entries
+from nexuscore.projections._manifest import committed, require_regular, signed_entries
 from nexuscore.projections._store import is_table_path, sandbox, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -255,7 +255,7 @@ def _read_rows(root: Path, found: list[tuple[str, str, int]]) -> list[Row]:
     rows: list[Row] = []
     try:
         for path, places in wanted.items():
-            parquet = pq.ParquetFile(path)
+            parquet = pq.ParquetFile(require_regular(Path(path)))
             starts = list(
                 itertools.accumulate(
                     (parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)),

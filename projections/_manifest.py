@@ -48,6 +48,8 @@ from nexuscore.kernel.errors import EvidenceError
 MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
 ERASURES = "erasures.jsonl"
+# A head is a few hundred bytes: a larger file in its place is not read into memory.
+MAX_HEAD_BYTES = 1 << 20
 GENESIS = "0" * 64
 COMMITS = ("checkpoint", "compaction")  # the entry kinds that commit the file entries before them
 Entry = dict[str, Any]
@@ -64,7 +66,7 @@ def head_message(head: dict[str, Any]) -> bytes:
 
 def read_lines(root: Path) -> list[bytes]:
     try:
-        data = (root / MANIFEST).read_bytes()
+        data = read_regular(root / MANIFEST, links=True)
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -74,7 +76,7 @@ def read_lines(root: Path) -> list[bytes]:
 
 def read_head(root: Path) -> dict[str, Any] | None:
     try:
-        head: dict[str, Any] = json.loads((root / HEAD).read_bytes())
+        head: dict[str, Any] = json.loads(read_regular(root / HEAD, MAX_HEAD_BYTES, links=True))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -299,6 +301,24 @@ def open_regular(path: Path, *, links: bool = False) -> tuple[io.BufferedReader,
     return os.fdopen(fd, "rb"), info.st_size
 
 
+def read_regular(path: Path, limit: int | None = None, *, links: bool = False) -> bytes:
+    """The bytes of ``path`` if it is a regular file (``open_regular``) of at most ``limit`` bytes
+    (any size when None); else OSError (EFBIG when it is larger)."""
+    f, size = open_regular(path, links=links)
+    with f:
+        if limit is not None and size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+        return f.read() if limit is None else f.read(limit + 1)[:limit]
+
+
+def require_regular(path: Path) -> Path:
+    """``path``, if it names a regular file (links followed), for a reader that hands the path to
+    pyarrow: else OSError (EINVAL for a pipe or a device, on which pyarrow's open would block)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return path
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a folder so that the names of the files just written in it are durable too."""
     fd = os.open(path, os.O_RDONLY)
@@ -334,7 +354,7 @@ def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -
 def read_erasures(root: Path) -> list[bytes]:
     """The erasure ledger's lines (none when nothing was ever erased)."""
     try:
-        data = (root / ERASURES).read_bytes()
+        data = read_regular(root / ERASURES, links=True)
     except FileNotFoundError:
         return []
     except OSError as exc:

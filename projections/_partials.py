@@ -4,7 +4,6 @@ ledger sealed, so a file altered on disk changes no answer (``verify`` names it)
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 from pathlib import Path
@@ -13,22 +12,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nexuscore.projections._manifest import fsync_path, open_regular, replace_with
+from nexuscore.projections._manifest import fsync_path, read_regular, replace_with
 
 Entry = dict[str, Any]
 # No side file compaction writes comes near this (the largest, a day's routed rows at 10 M
 # decisions, is 10 MB): a larger one is not ours, and is not read into memory.
 MAX_SEALED_BYTES = 1 << 30
-
-
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file (not a link, a pipe or a device, which could
-    block or never end) of at most ``limit`` bytes; else OSError."""
-    f, size = open_regular(path)
-    with f:
-        if size > limit:
-            raise OSError(errno.EFBIG, f"larger than {limit} bytes")
-        return f.read(limit + 1)[:limit]
 
 
 def write_sealed(

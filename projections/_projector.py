@@ -47,7 +47,7 @@ from nexuscore.observe import record_lag, record_sealed, record_spans, with_trac
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
-from nexuscore.projections._manifest import Manifest, file_sources
+from nexuscore.projections._manifest import Manifest, file_sources, require_regular
 from nexuscore.projections._tables import (
     POSITIONS,
     ROW_BUILDERS,
@@ -108,7 +108,12 @@ def _dedup_keys(path: Path, table: str, since: int) -> list[tuple[str, int, int,
     recovery; a file holds the rows of several partitions)."""
     source = ["src_topic", "src_partition", "src_offset"]
     columns = [*source, "tenant_id", "request_id"] if table == "requests" else [*source, "event_id"]
-    data = pq.read_table(path, columns=columns, filters=[("src_offset", ">=", since)])
+    try:
+        data = pq.read_table(require_regular(path), columns=columns, filters=[("src_offset", ">=", since)])
+    except (OSError, pa.ArrowException) as exc:
+        # A sealed file that cannot be read (a pipe in its place would block here for ever): no
+        # dedup window can be rebuilt, and more evidence on top of it is not written blind.
+        raise EvidenceError(f"cannot read {path} to resume: {exc} (run `nexuscore evidence verify`)") from exc
     topics, partitions, offsets = (data.column(c).to_pylist() for c in source)
     if table == "requests":
         keys = [

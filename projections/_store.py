@@ -13,10 +13,9 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import os
 import re
-import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pyarrow as pa
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed, signed_entries
+from nexuscore.projections._manifest import committed, require_regular, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 # Which rows end a request, per table: all of them (None), or those whose column compares so. The
@@ -1176,12 +1175,15 @@ def _regular(path: Path) -> str:
     """``path``, if it is not something else than a regular file in place of a sealed one: a pipe or
     a device would stall every query that reads it, or never end (``verify`` names it altered)."""
     try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+        return str(require_regular(path))
+    except FileNotFoundError:
         return str(path)  # (gone: the query says so, naming it)
-    if not regular:
-        raise EvidenceError(f"{path} is not a regular file: not evidence (run `nexuscore evidence verify`)")
-    return str(path)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            return str(path)
+        raise EvidenceError(
+            f"{path} is not a regular file: not evidence (run `nexuscore evidence verify`)"
+        ) from None
 
 
 def _table_path(entry: dict[str, Any], root: Path) -> str:
