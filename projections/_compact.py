@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import multiprocessing
 import os
 import re
@@ -63,7 +64,14 @@ from nexuscore.projections._index import (
     trusted_paths,
     write_index,
 )
-from nexuscore.projections._manifest import Manifest, file_sources, fsync_path, read_head, replace_with
+from nexuscore.projections._manifest import (
+    Manifest,
+    file_sources,
+    fsync_path,
+    open_regular,
+    read_head,
+    replace_with,
+)
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -153,13 +161,17 @@ def compact(
         replaced = [e["path"] for es in groups.values() for e in es]
         after = [e for e in live if e["path"] not in set(replaced)]
         calls = [(str(root), g, es, seq, n, file_rows) for n, (g, es) in enumerate(jobs)]
-        with _pool(workers or os.cpu_count() or 1, len(jobs)) as run:
-            results = run(_rewrite, *zip(*calls, strict=True)) if calls else iter([])
-            for (group, entries), written in zip(jobs, results, strict=True):
-                for entry in written:
-                    manifest.add(entry)
-                after.extend(written)
-                report.groups.append(_group_report(group, entries, written))
+        try:
+            with _pool(workers or os.cpu_count() or 1, len(jobs)) as run:
+                results = run(_rewrite, *zip(*calls, strict=True)) if calls else iter([])
+                for (group, entries), written in zip(jobs, results, strict=True):
+                    for entry in written:
+                        manifest.add(entry)
+                    after.extend(written)
+                    report.groups.append(_group_report(group, entries, written))
+        except EvidenceError:
+            remove_debris(root, {e["path"] for e in live})  # what the other groups wrote: no entry names it
+            raise
         for directory in {(root / e["path"]).parent for es in groups.values() for e in es}:
             fsync_path(directory)
         with _connection() as con:
@@ -254,8 +266,41 @@ def _rewrite(
     root_dir: str, group: Group, entries: list[Entry], seq: int, n: int, file_rows: int
 ) -> list[Entry]:
     """Write one group's rows, sorted, as files of up to ``file_rows`` rows; their entries."""
-    with _connection() as con:
-        return _rewrite_with(con, Path(root_dir), group, entries, seq, n, file_rows)
+    with (
+        tempfile.TemporaryDirectory(prefix="nexuscore-compact-inputs-") as inputs,
+        _connection() as con,
+    ):
+        copies = sealed_copies(Path(root_dir), entries, Path(inputs))
+        return _rewrite_with(con, Path(root_dir), group, entries, copies, seq, n, file_rows)
+
+
+def sealed_copies(root: Path, entries: list[Entry], into: Path) -> list[str]:
+    """Each file to merge, copied into the private folder ``into`` as its bytes are hashed, if they
+    are the bytes the ledger sealed (else EvidenceError, naming the file).
+
+    Compaction re-seals what it reads: a file changed on disk and then merged would come out under
+    a new, valid seal (``verify`` checks that a compaction kept the row counts, not the content of
+    the files it replaced), so the change would be laundered. The merge reads the copies: a change
+    made to a file after its check cannot reach it."""
+    copies = []
+    for i, e in enumerate(entries):
+        path, copy = root / e["path"], into / f"{i:06d}.parquet"
+        digest = hashlib.sha256()
+        try:
+            source, _ = open_regular(path)
+            with source, copy.open("wb") as out:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as exc:
+            raise EvidenceError(f"cannot read {path} to compact it: {exc.strerror}") from exc
+        if digest.hexdigest() != e.get("sha256"):
+            raise EvidenceError(
+                f"{e['path']} is not the file the ledger sealed (its sha256 differs): compacting it "
+                "would seal the change; nothing was compacted (run `nexuscore evidence verify`)"
+            )
+        copies.append(str(copy))
+    return copies
 
 
 def _rewrite_with(
@@ -263,13 +308,14 @@ def _rewrite_with(
     root: Path,
     group: Group,
     entries: list[Entry],
+    copies: list[str],
     seq: int,
     n: int,
     file_rows: int,
 ) -> list[Entry]:
     table, region, topic, partition = group
     schema = SCHEMAS[table]
-    sources = sql_list([str(root / e["path"]) for e in entries])
+    sources = sql_list(copies)  # (the entries' files, checked against their seals)
     reader = con.sql(
         f"SELECT * FROM read_parquet({sources}, hive_partitioning = false, union_by_name = true) "  # noqa: S608
         f"ORDER BY {SORT}"

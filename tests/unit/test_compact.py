@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nexuscore.kernel.errors import EvidenceError, NexusError
@@ -333,3 +335,46 @@ def test_a_row_outside_its_entrys_offsets_is_a_finding_with_or_without_statistic
     _verify._check_placement(tmp_path, [entry], {relative: placement}, report)
     assert [f.kind for f in report.findings] == ["row_misplaced"]
     assert "offsets 5..9" in report.findings[0].detail
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_changed_on_disk_is_never_resealed_by_a_compaction(
+    small_files: Path, tmp_path: Path, workers: int
+) -> None:
+    """The residency rule rewritten in a sealed file (same rows, same count, no invariant broken) is
+    a ``file_altered`` finding; a compaction that merged it sealed the change anew, and both verify
+    modes passed after it (the code before this test). It refuses instead, naming the file, and
+    leaves the ledger and the files as they were."""
+    root = copy(small_files, tmp_path)
+    entry = next(e for e in committed_files(root) if e["table"] == "decisions" and e["rows"] > 1)
+    path = root / entry["path"]
+    table = pq.read_table(path)
+    forged = pa.array(["approved-by-compliance"] * table.num_rows)
+    at = table.schema.get_field_index("residency_rule")
+    pq.write_table(table.set_column(at, "residency_rule", forged), path)
+    ledger, files = (root / "manifest.jsonl").read_bytes(), sorted(p.name for p in root.glob("region=*/*/*"))
+    assert ("file_altered", entry["path"]) in {
+        (f.kind, f.where) for f in verify(root, PUBLIC, KNOWN).findings
+    }
+
+    with pytest.raises(EvidenceError, match=f"{entry['path']} is not the file the ledger sealed"):
+        compact(root, signing_key(), T0, workers=workers)
+
+    assert (root / "manifest.jsonl").read_bytes() == ledger
+    assert sorted(p.name for p in root.glob("region=*/*/*")) == files  # (nothing another group wrote)
+    assert ("file_altered", entry["path"]) in {
+        (f.kind, f.where) for f in verify(root, PUBLIC, KNOWN).findings
+    }
+
+
+def test_the_merge_reads_copies_checked_against_their_seals(small_files: Path, tmp_path: Path) -> None:
+    root = copy(small_files, tmp_path)
+    entries = [e for e in committed_files(root) if e["table"] == "decisions"][:3]
+    into = tmp_path / "inputs"
+    into.mkdir()
+    copies = _compact.sealed_copies(root, entries, into)
+    assert [Path(c).read_bytes() for c in copies] == [(root / e["path"]).read_bytes() for e in entries]
+    (root / entries[1]["path"]).unlink()
+    os.mkfifo(root / entries[1]["path"])  # (a pipe would block the reader: refused as not a file)
+    with pytest.raises(EvidenceError, match="cannot read .* to compact it: not a regular file"):
+        _compact.sealed_copies(root, entries, into)
