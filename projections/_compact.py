@@ -41,7 +41,7 @@ import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +61,7 @@ from nexuscore.projections._index import (
     indexed_paths,
     rechunk,
     remove_stale,
+    sha256_of,
     trusted_paths,
     write_index,
 )
@@ -160,6 +161,9 @@ def compact(
         seq, jobs = len(manifest.entries), list(groups.items())
         replaced = [e["path"] for es in groups.values() for e in es]
         after = [e for e in live if e["path"] not in set(replaced)]
+        # The index and the partials are derived from every file in force, then sealed: from a file
+        # changed on disk, they would carry its change under the compaction's seal.
+        _check_sealed(root, after, workers or os.cpu_count() or 1)
         calls = [(str(root), g, es, seq, n, file_rows) for n, (g, es) in enumerate(jobs)]
         try:
             with _pool(workers or os.cpu_count() or 1, len(jobs)) as run:
@@ -274,6 +278,29 @@ def _rewrite(
         return _rewrite_with(con, Path(root_dir), group, entries, copies, seq, n, file_rows)
 
 
+def _check_sealed(root: Path, entries: list[Entry], workers: int) -> None:
+    """EvidenceError, naming the first of ``entries`` whose bytes are not the ones the ledger sealed.
+    (Hashed on ``workers`` threads: reading and hashing release the GIL.)"""
+
+    def intact(e: Entry) -> bool:
+        try:
+            return sha256_of(root / e["path"]) == e.get("sha256")
+        except OSError:
+            return False
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for e, ok in zip(entries, pool.map(intact, entries), strict=True):
+            if not ok:
+                raise EvidenceError(_not_sealed(e["path"]))
+
+
+def _not_sealed(path: str) -> str:
+    return (
+        f"{path} is not the file the ledger sealed (its sha256 differs, or it cannot be read as a "
+        "file): compacting would seal its change; nothing was compacted (run `nexuscore evidence verify`)"
+    )
+
+
 def sealed_copies(root: Path, entries: list[Entry], into: Path) -> list[str]:
     """Each file to merge, copied into the private folder ``into`` as its bytes are hashed, if they
     are the bytes the ledger sealed (else EvidenceError, naming the file).
@@ -295,10 +322,7 @@ def sealed_copies(root: Path, entries: list[Entry], into: Path) -> list[str]:
         except OSError as exc:
             raise EvidenceError(f"cannot read {path} to compact it: {exc.strerror}") from exc
         if digest.hexdigest() != e.get("sha256"):
-            raise EvidenceError(
-                f"{e['path']} is not the file the ledger sealed (its sha256 differs): compacting it "
-                "would seal the change; nothing was compacted (run `nexuscore evidence verify`)"
-            )
+            raise EvidenceError(_not_sealed(e["path"]))
         copies.append(str(copy))
     return copies
 

@@ -378,3 +378,25 @@ def test_the_merge_reads_copies_checked_against_their_seals(small_files: Path, t
     os.mkfifo(root / entries[1]["path"])  # (a pipe would block the reader: refused as not a file)
     with pytest.raises(EvidenceError, match="cannot read .* to compact it: not a regular file"):
         _compact.sealed_copies(root, entries, into)
+
+
+def test_a_file_changed_on_disk_that_is_not_merged_seals_no_report_derived_from_it(
+    small_files: Path, tmp_path: Path
+) -> None:
+    """A file left as it is still feeds the index and the partials the compaction seals: changed on
+    disk, it makes the compaction refuse too, before anything is written."""
+    root = copy(small_files, tmp_path)
+    merged = {e["path"] for es in _compact.plan(committed_files(root)).values() for e in es}
+    entry = next(e for e in committed_files(root) if e["path"] not in merged)
+    path = root / entry["path"]
+    table = pq.read_table(path)
+    at = table.schema.get_field_index("producer")
+    pq.write_table(table.set_column(at, "producer", pa.array(["forged"] * table.num_rows)), path)
+    ledger, files = (root / "manifest.jsonl").read_bytes(), sorted(p.name for p in root.glob("region=*/*/*"))
+
+    with pytest.raises(EvidenceError, match=f"{entry['path']} is not the file the ledger sealed"):
+        compact(root, signing_key(), T0, workers=2)
+
+    assert (root / "manifest.jsonl").read_bytes() == ledger
+    assert sorted(p.name for p in root.glob("region=*/*/*")) == files
+    assert not (root / "_index").exists()  # (no index, no partials)
