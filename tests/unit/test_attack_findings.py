@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives import serialization
 
 from nexuscore.client import NexusClient
 from nexuscore.gateway import KeyDefaults, KeyRing, add_key, make_app
+from nexuscore.kernel.clock import FixedClock
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import (
     EvidenceStore,
     LocalKeyStore,
+    Projector,
     check_proof,
     committed_files,
     erase,
@@ -68,6 +70,36 @@ def a_copy(pristine: Path, tmp_path: Path) -> Path:
 
 def tables(proof: dict[str, Any]) -> list[str]:
     return sorted(ev["table"] for ev in proof["events"])
+
+
+# --- 0. a restarting projector truncates the signed ledger to fit the file on disk ---------------
+
+
+@pytest.mark.xfail(strict=True, reason="Manifest._recover never compares the ledger with its signed head")
+def test_a_restarting_projector_refuses_a_ledger_shorter_than_its_signed_head(
+    pristine: Path, tmp_path: Path
+) -> None:
+    """The folder writer cuts ``manifest.jsonl`` back to an earlier checkpoint (or garbles one
+    committed line: ``_recover`` stops at the first line that is not JSON). The projector, which
+    holds the key, then deletes every sealed file the lost entries named and signs a head over the
+    shorter ledger; verify afterwards has no trace of it (the old head is gone)."""
+    root = a_copy(pristine, tmp_path)
+    lines = (root / "manifest.jsonl").read_bytes().splitlines(keepends=True)
+    files = len(committed_files(root))
+    first_checkpoint = next(i for i, line in enumerate(lines) if b'"kind":"checkpoint"' in line)
+    (root / "manifest.jsonl").write_bytes(b"".join(lines[: first_checkpoint + 1]))
+    projector = Projector(
+        "unused:9092",
+        root,
+        signing_key(),
+        FixedClock(T0),
+        regions={t.id: t.home_region for t in POLICY.tenants},
+    )
+    try:
+        projector.recover()
+    except EvidenceError:
+        return  # refused, naming the ledger: the fix
+    assert len(committed_files(root)) == files, "sealed files deleted and the shorter ledger signed"
 
 
 # --- 1. check_proof (and the README's audit.py) accept another request's rows --------------------
