@@ -8,6 +8,7 @@ and ``loan-17`` (answered), ids a client may choose."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from nexuscore.projections import (
     erase,
     lineage_at,
     prove,
+    prove_consistency,
     verify,
 )
 from tests.factories import POLICY, T0, project, replace, run_history, signing_key
@@ -260,3 +262,37 @@ def test_a_deeply_nested_body_is_a_400_not_an_internal_error(tmp_path: Path) -> 
             return response.status, (await response.json())["error"]["code"]
 
     assert asyncio.run(go()) == (400, "invalid_request")
+
+
+# --- 6. a rollback to an older signed head: verify alone cannot tell, a kept head can -------------
+
+
+def test_a_rollback_to_an_older_signed_head_passes_verify_and_only_a_kept_head_shows_it(
+    tmp_path: Path,
+) -> None:
+    """Not a failing test: the gap it pins down needs an anchor verify does not take today. A
+    folder writer who once copied ``manifest.head.json`` puts it back, cuts ``manifest.jsonl`` to
+    its size and deletes the files flushed since: the store is a genuine earlier state, so verify
+    passes with no finding, and half the evidence is gone. Only an auditor who kept a later head
+    sees it (``prove_consistency`` refuses)."""
+    history = run_history(POLICY, 40, seed=11)
+    root = tmp_path / "evidence"
+    project(root, history[: len(history) // 2], flush_every=60)
+    old_head = (root / "manifest.head.json").read_bytes()
+    old_size = len((root / "manifest.jsonl").read_bytes().splitlines())
+    project(root, history, flush_every=60)
+    later_head = json.loads((root / "manifest.head.json").read_bytes())
+    whole = verify(root, PUBLIC, KNOWN, workers=1)
+    files = {e["path"] for e in committed_files(root)}
+
+    lines = (root / "manifest.jsonl").read_bytes().splitlines(keepends=True)[:old_size]
+    (root / "manifest.jsonl").write_bytes(b"".join(lines))
+    (root / "manifest.head.json").write_bytes(old_head)
+    for path in files - {e["path"] for e in committed_files(root)}:
+        (root / path).unlink()
+
+    rolled_back = verify(root, PUBLIC, KNOWN, workers=1)
+    assert whole.ok and rolled_back.ok and rolled_back.findings == []
+    assert rolled_back.rows < whole.rows
+    with pytest.raises(EvidenceError, match="cannot have grown"):
+        prove_consistency(root, later_head)
