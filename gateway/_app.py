@@ -79,6 +79,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = msgspec.json.decode(await request.read())
     except msgspec.DecodeError:
         return error(invalid("the body is not JSON"))
+    except RecursionError:  # msgspec's own limit on nesting: hostile input, not a gateway fault
+        return error(invalid("the body is nested too deeply"))
     call = chat_call(body, request.headers, key)
     if isinstance(call, ApiError):
         return error(call)
