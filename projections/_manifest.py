@@ -99,8 +99,13 @@ class Manifest:
         self._recover()
 
     def _recover(self) -> None:
-        """Keep every entry up to the last checkpoint whose chain holds; drop the rest."""
+        """Keep every entry up to the last checkpoint whose chain holds; drop the rest: the torn
+        tail of a flush cut short, never an entry the signed head covers. Those were fsynced before
+        the head was signed, so a ledger shorter than its head, or broken within it, was cut or
+        changed by someone else: refused, as dropping those entries would delete their sealed files
+        and sign the loss."""
         lines = read_lines(self.root)
+        signed = self._signed_size(lines)
         keep = 0
         parsed: list[Entry] = []
         prev = GENESIS
@@ -108,20 +113,53 @@ class Manifest:
             try:
                 entry = json.loads(line)
             except ValueError:
+                if i < signed:
+                    raise self._broken(i, "not JSON") from None
                 break
             if entry.get("prev") != prev or entry.get("seq") != i or canonical(entry) != line:
-                raise EvidenceError(
-                    f"{self.root / MANIFEST} is broken at entry {i}: run `nexuscore evidence verify`"
-                )
+                raise self._broken(i, "it does not chain to the entry before it")
             prev = hashlib.sha256(line).hexdigest()
             parsed.append(entry)
             if entry["kind"] in COMMITS:
                 keep = i + 1
+        if keep < signed:
+            raise self._broken(
+                keep, f"the last whole checkpoint ends here, but the signed head covers {signed} entries"
+            )
         if keep < len(lines):
             self._rewrite(lines[:keep])
         for line, entry in zip(lines[:keep], parsed[:keep], strict=True):
             self._absorb(line, entry)
         self.sign(_now_from(self.entries))
+
+    def _signed_size(self, lines: list[bytes]) -> int:
+        """How many entries the signed head covers (0 without a head), once the head is this key's
+        and its root and last entry are those of the ledger's first entries (else EvidenceError)."""
+        head = read_head(self.root)
+        if head is None:
+            return 0
+        size = head.get("size")
+        if head.get("key_id") != self.key_id or not signing.verify(
+            self.key.public_key(), head_message(head), str(head.get("signature", ""))
+        ):
+            raise EvidenceError(
+                f"{self.root / HEAD} is not signed by this key ({self.key_id}): run `nexuscore evidence verify`"
+            )
+        if not isinstance(size, int) or not 0 <= size <= len(lines):
+            raise self._broken(len(lines), f"the ledger ends here, but the signed head covers {size} entries")
+        leaves = [ledger.leaf_hash(line) for line in lines[:size]]
+        last = hashlib.sha256(lines[size - 1]).hexdigest() if size else GENESIS
+        if ledger.root(leaves).hex() != head.get("root") or (size and last != head.get("last")):
+            raise self._broken(
+                size, "the signed head's root or last entry is not that of the entries before it"
+            )
+        return size
+
+    def _broken(self, i: int, why: str) -> EvidenceError:
+        return EvidenceError(
+            f"{self.root / MANIFEST} is broken at entry {i}: {why}; nothing was removed or signed "
+            "(run `nexuscore evidence verify`)"
+        )
 
     def _absorb(self, line: bytes, entry: Entry) -> None:
         self.last = hashlib.sha256(line).hexdigest()

@@ -77,7 +77,6 @@ def tables(proof: dict[str, Any]) -> list[str]:
 # --- 0. a restarting projector truncates the signed ledger to fit the file on disk ---------------
 
 
-@pytest.mark.xfail(strict=True, reason="Manifest._recover never compares the ledger with its signed head")
 def test_a_restarting_projector_refuses_a_ledger_shorter_than_its_signed_head(
     pristine: Path, tmp_path: Path
 ) -> None:

@@ -220,6 +220,7 @@ def _rechain(root: Path, entries: list[dict[str, object]]) -> None:
         out.append(line)
         prev = hashlib.sha256(line).hexdigest()
     (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in out))
+    (root / "manifest.head.json").unlink()  # (a ledger shorter than its head is refused: re-signed anew)
     Manifest(root, signing_key())
 
 

@@ -98,6 +98,7 @@ def _reseal(root: Path, index: int, parts: list[pa.Table], sources: list[dict[st
         later["prev"] = hashlib.sha256(lines[i - 1]).hexdigest()
         lines[i] = canonical(later)
     (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    (root / "manifest.head.json").unlink()  # (the old head no longer signs these entries: refused)
     Manifest(root, signing_key())  # recovers the ledger and signs its head
 
 

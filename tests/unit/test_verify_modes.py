@@ -46,6 +46,7 @@ def _reseal(root: Path, change: Callable[[dict[str, Any]], None]) -> str:
         out.append(line)
         prev = hashlib.sha256(line).hexdigest()
     (root / "manifest.jsonl").write_bytes(b"".join(line + b"\n" for line in out))
+    (root / "manifest.head.json").unlink()  # (the old head no longer signs these entries: refused)
     Manifest(root, signing_key())  # recovers (the chain holds) and signs the head
     return str(entries[target]["path"])
 
