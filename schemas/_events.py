@@ -47,7 +47,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event_type"):
 
     event_id: Identifier
     request_id: str
-    tenant_id: str
+    # Bounded as every policy's tenant ids are: an unknown tenant's id is repeated in its rejection
+    # (key, field and reason), and a 400,000-character one made a rejection the broker refused,
+    # which stopped the decider. A longer one is now an invalid request, dead-lettered.
+    tenant_id: Annotated[str, msgspec.Meta(max_length=200)]
     occurred_at: datetime
     producer: str
     causation_id: str = ""

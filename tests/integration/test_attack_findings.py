@@ -1,5 +1,4 @@
-"""Attack findings that need the real broker (see tests/unit/test_attack_findings.py for the rest),
-proven by tests that fail today and marked ``xfail(strict=True)`` so the branch stays green."""
+"""Attack findings that need the real broker (see tests/unit/test_attack_findings.py for the rest)."""
 
 from __future__ import annotations
 
@@ -41,15 +40,13 @@ async def _decided(bootstrap: str, topic: str, wanted: set[tuple[str, str]]) -> 
         await consumer.stop()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a schema-valid request whose rejection outgrows the broker stops the decider"
-)
 def test_a_request_with_a_huge_unknown_tenant_id_does_not_stop_the_decider(bootstrap: str) -> None:
     """A producer credential publishes one request for an unknown tenant whose id is 400,000
-    characters (``tenant_id`` is the one envelope field no schema bounds), then ordinary requests.
-    The decider's rejection of the first is over the producer's ``max_request_size``: its send
-    raises a KafkaError, which the boundary re-raises, and the decider stops; restarted, it reads
-    the same request again (its offset was never committed)."""
+    characters, then ordinary requests: the first is dead-lettered (a tenant id is at most 200
+    characters) and the others are decided, on the first run and after a restart. (Before the
+    bound, its rejection was over the producer's ``max_request_size``: the send raised a KafkaError,
+    which the boundary re-raises, and the decider stopped, and stopped again once restarted, reading
+    the same request.)"""
     topics = Topics(f"atk-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(bootstrap, topics))
     normal = synthetic_requests(POLICY, 3, seed=5, start=datetime.now(UTC), run="atk")
