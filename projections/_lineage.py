@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed, require_regular, signed_entries
+from nexuscore.projections._manifest import committed, readable_path, require_regular, signed_entries
 from nexuscore.projections._store import is_table_path, sandbox, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -221,7 +221,7 @@ def _search(
     """(table, path, row number) of the request's rows in ``files``, found by DuckDB."""
     by_table: dict[str, list[str]] = {t: [] for t in _ORDER}
     for entry in files:
-        by_table[entry["table"]].append(str(root.absolute() / entry["path"]))
+        by_table[entry["table"]].append(readable_path(root.absolute() / entry["path"]))
     # Two steps: DuckDB finds where the request's rows are (footer statistics, bloom filters, then
     # the two key columns of the groups that may hold it), and pyarrow reads those rows' groups
     # whole. Asking DuckDB for every column instead measured about half as much CPU again.

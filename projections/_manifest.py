@@ -357,6 +357,22 @@ def require_regular(path: Path) -> Path:
     return path
 
 
+def readable_path(path: Path) -> str:
+    """``path`` for DuckDB or pyarrow to read, if it is not something else than a regular file in
+    place of a sealed one (else EvidenceError): a pipe or a device would stall every query that
+    reads it, or never end (``verify`` names it altered). A missing file passes: the reader says so."""
+    try:
+        return str(require_regular(path))
+    except FileNotFoundError:
+        return str(path)  # (gone: the query says so, naming it)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            return str(path)
+        raise EvidenceError(
+            f"{path} is not a regular file: not evidence (run `nexuscore evidence verify`)"
+        ) from None
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a folder so that the names of the files just written in it are durable too."""
     fd = os.open(path, os.O_RDONLY)

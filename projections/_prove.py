@@ -26,7 +26,14 @@ import duckdb
 from nexuscore import ledger
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
-from nexuscore.projections._manifest import MANIFEST, committed_files, head_message, read_head, read_lines
+from nexuscore.projections._manifest import (
+    MANIFEST,
+    committed_files,
+    head_message,
+    read_head,
+    read_lines,
+    readable_path,
+)
 from nexuscore.projections._store import sql_list
 from nexuscore.projections._tables import SCHEMAS
 
@@ -42,21 +49,14 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     index_of = {json.loads(line).get("path"): i for i, line in enumerate(lines)}
     by_table: dict[str, list[str]] = {}
     for e in committed_files(root):
-        by_table.setdefault(e["table"], []).append(str(root / e["path"]))
+        by_table.setdefault(e["table"], []).append(readable_path(root / e["path"]))
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    hits: list[tuple[str, str, int]] = []
-    tenants: set[str] = set()
-    for table, paths in by_table.items():
-        sources = sql_list(paths)
-        found = con.execute(
-            f"SELECT filename, file_row_number, tenant_id FROM read_parquet({sources}, hive_partitioning = false, "  # noqa: S608
-            "filename = true, file_row_number = true) WHERE request_id = ? AND (? IS NULL OR tenant_id = ?) "
-            "ORDER BY src_offset",
-            [request_id, tenant, tenant],
-        ).fetchall()
-        hits.extend((table, name, row) for name, row, _ in found)
-        tenants.update(t for _, _, t in found)
+    try:
+        hits, tenants = _hits(con, by_table, request_id, tenant)
+    except duckdb.Error as exc:
+        con.close()
+        raise EvidenceError(f"cannot read the evidence under {root}: {str(exc).splitlines()[0]}") from exc
     if not hits:
         raise EvidenceError(f"no events of request {request_id!r} in the committed evidence under {root}")
     if len(tenants) > 1:
@@ -84,11 +84,30 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     con.close()
     return {
         "request_id": request_id,
+        "tenant_id": tenants.pop(),
         "algorithm": "RFC 6962 Merkle trees over sha256; Ed25519 head signature",
         "head": head,
         "signed_message": head_message(head).decode("ascii"),
         "events": events,
     }
+
+
+def _hits(
+    con: duckdb.DuckDBPyConnection, by_table: dict[str, list[str]], request_id: str, tenant: str | None
+) -> tuple[list[tuple[str, str, int]], set[str]]:
+    """(table, file, row number) of every row of the request, and the tenants they belong to."""
+    hits: list[tuple[str, str, int]] = []
+    tenants: set[str] = set()
+    for table, paths in by_table.items():
+        found = con.execute(
+            f"SELECT filename, file_row_number, tenant_id FROM read_parquet({sql_list(paths)}, "  # noqa: S608
+            "hive_partitioning = false, filename = true, file_row_number = true) "
+            "WHERE request_id = ? AND (? IS NULL OR tenant_id = ?) ORDER BY src_offset",
+            [request_id, tenant, tenant],
+        ).fetchall()
+        hits.extend((table, name, row) for name, row, _ in found)
+        tenants.update(t for _, _, t in found)
+    return hits, tenants
 
 
 def _file_path(
@@ -161,11 +180,25 @@ def check_proof(proof: dict[str, Any], public_key_raw: bytes) -> list[str]:
         )
         if top.hex() != head["root"]:
             problems.append(f"manifest entry {ev['entry_index']} does not climb to the signed root")
-        if proof["request_id"] not in ev["leaf"]:
+        if not _of_request(ev["leaf"], proof["request_id"], proof.get("tenant_id")):
             problems.append(
-                f"{ev['table']} row {ev['leaf_index']} is not about request {proof['request_id']}"
+                f"{ev['table']} row {ev['leaf_index']} is not about request {proof['request_id']} "
+                f"of tenant {proof.get('tenant_id')}"
             )
+    if not proof["events"]:
+        problems.append("no events: a proof of nothing")
     return problems
+
+
+def _of_request(leaf: str, request_id: str, tenant: object) -> bool:
+    """Is the row ``leaf`` renders the request's of the tenant? Every table's columns begin with the
+    envelope (event id, request id, tenant id): the values compared, not a substring of the row,
+    which a longer id (or another tenant's same id) would contain."""
+    try:
+        row = json.loads(leaf)
+    except ValueError:
+        return False
+    return isinstance(row, list) and len(row) > 2 and row[1] == request_id and row[2] == tenant
 
 
 def prove_consistency(root: Path, old_head: dict[str, Any]) -> dict[str, Any]:

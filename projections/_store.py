@@ -13,7 +13,6 @@ cannot change its own configuration, and it runs one SELECT statement at a time.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import re
 from collections import defaultdict
@@ -28,7 +27,7 @@ import pyarrow as pa
 
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections._keys import KeyStore, LocalKeyStore
-from nexuscore.projections._manifest import committed, require_regular, signed_entries
+from nexuscore.projections._manifest import committed, readable_path, signed_entries
 from nexuscore.projections._tables import SCHEMAS
 
 # Which rows end a request, per table: all of them (None), or those whose column compares so. The
@@ -554,7 +553,7 @@ class EvidenceStore:
         # ``verify`` passes the files that passed its checks; everyone else reads what is committed.
         self.files: list[dict[str, Any]] = committed(self.entries) if files is None else files
         for entry in self.files:
-            by_table[entry["table"]].append(_regular(root.absolute() / _table_path(entry, root)))
+            by_table[entry["table"]].append(readable_path(root.absolute() / _table_path(entry, root)))
         self._paths = dict(by_table)
         self._made: set[str] = set()
         self._con = sandbox([p for paths in by_table.values() for p in paths], settings)
@@ -1169,21 +1168,6 @@ def _one_select(sql: str) -> duckdb.Statement:
         kind = statements[0].type.name
         raise EvidenceError(f"evidence queries are read-only: one SELECT statement, not {kind}")
     return statements[0]
-
-
-def _regular(path: Path) -> str:
-    """``path``, if it is not something else than a regular file in place of a sealed one: a pipe or
-    a device would stall every query that reads it, or never end (``verify`` names it altered)."""
-    try:
-        return str(require_regular(path))
-    except FileNotFoundError:
-        return str(path)  # (gone: the query says so, naming it)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            return str(path)
-        raise EvidenceError(
-            f"{path} is not a regular file: not evidence (run `nexuscore evidence verify`)"
-        ) from None
 
 
 def _table_path(entry: dict[str, Any], root: Path) -> str:

@@ -1,6 +1,7 @@
-"""Holes found by attacking NexusCore as an outsider would (2026-12-01), each proven by a test that
-fails today. They are marked ``xfail(strict=True)`` so the branch stays green: when one is fixed,
-its test passes, strict xfail turns that into a failure, and the mark comes off.
+"""Holes found by attacking NexusCore as an outsider would (2026-12-01). Each test states the
+attack and the behaviour we want: those fixed since pass; those still open are marked
+``xfail(strict=True)`` with what is missing, so that a fix shows (strict: its test then passes and
+the mark must come off).
 
 The store: a small history in which two requests were renamed ``loan-1`` (rejected at admission)
 and ``loan-17`` (answered), ids a client may choose."""
@@ -106,7 +107,6 @@ def test_a_restarting_projector_refuses_a_ledger_shorter_than_its_signed_head(
 # --- 1. check_proof (and the README's audit.py) accept another request's rows --------------------
 
 
-@pytest.mark.xfail(strict=True, reason="check_proof tests `request_id in leaf` as a substring")
 def test_a_proof_of_loan_17_does_not_pass_for_loan_1(pristine: Path) -> None:
     """Anyone handing an auditor a proof (no key, no folder access needed) relabels the proof of
     ``loan-17`` (answered) as one of ``loan-1`` (rejected): the check passes, since "loan-1" is a
@@ -118,7 +118,6 @@ def test_a_proof_of_loan_17_does_not_pass_for_loan_1(pristine: Path) -> None:
     assert check_proof(relabelled, RAW_PUBLIC) != []
 
 
-@pytest.mark.xfail(strict=True, reason="check_proof accepts a proof without events")
 def test_a_proof_with_no_events_is_not_a_proof(pristine: Path) -> None:
     empty = {**prove(pristine, "loan-1"), "events": []}
     assert check_proof(empty, RAW_PUBLIC) != []
@@ -157,7 +156,6 @@ def the_requests_file(root: Path) -> Path:
     return root / entry["path"]
 
 
-@pytest.mark.xfail(strict=True, reason="prove and lineage's DuckDB search open table files unchecked")
 @pytest.mark.parametrize("reader", sorted(READERS))
 def test_a_pipe_in_place_of_a_table_file_is_named_not_waited_on(
     pristine: Path, tmp_path: Path, reader: str
@@ -172,7 +170,6 @@ def test_a_pipe_in_place_of_a_table_file_is_named_not_waited_on(
     assert done.returncode == 3 and "not a regular file" in done.stdout, done.stderr[-300:]
 
 
-@pytest.mark.xfail(strict=True, reason="prove lets duckdb.IOException through (CLI traceback)")
 def test_prove_names_a_missing_table_file_in_one_line(pristine: Path, tmp_path: Path) -> None:
     root = a_copy(pristine, tmp_path)
     the_requests_file(root).unlink()
