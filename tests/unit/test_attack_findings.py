@@ -263,14 +263,10 @@ def test_a_deeply_nested_body_is_a_400_not_an_internal_error(tmp_path: Path) -> 
 # --- 6. a rollback to an older signed head: verify alone cannot tell, a kept head can -------------
 
 
-def test_a_rollback_to_an_older_signed_head_passes_verify_and_only_a_kept_head_shows_it(
-    tmp_path: Path,
-) -> None:
-    """Not a failing test: the gap it pins down needs an anchor verify does not take today. A
-    folder writer who once copied ``manifest.head.json`` puts it back, cuts ``manifest.jsonl`` to
-    its size and deletes the files flushed since: the store is a genuine earlier state, so verify
-    passes with no finding, and half the evidence is gone. Only an auditor who kept a later head
-    sees it (``prove_consistency`` refuses)."""
+def rolled_back(tmp_path: Path) -> tuple[Path, dict[str, Any], int]:
+    """A folder writer who once copied ``manifest.head.json`` puts it back, cuts ``manifest.jsonl``
+    to its size and deletes the files flushed since: a genuine earlier state of the store, with
+    half the evidence gone. (The store, the later head an auditor kept, the rows before.)"""
     history = run_history(POLICY, 40, seed=11)
     root = tmp_path / "evidence"
     project(root, history[: len(history) // 2], flush_every=60)
@@ -279,16 +275,26 @@ def test_a_rollback_to_an_older_signed_head_passes_verify_and_only_a_kept_head_s
     project(root, history, flush_every=60)
     later_head = json.loads((root / "manifest.head.json").read_bytes())
     whole = verify(root, PUBLIC, KNOWN, workers=1)
+    assert whole.ok
     files = {e["path"] for e in committed_files(root)}
-
     lines = (root / "manifest.jsonl").read_bytes().splitlines(keepends=True)[:old_size]
     (root / "manifest.jsonl").write_bytes(b"".join(lines))
     (root / "manifest.head.json").write_bytes(old_head)
     for path in files - {e["path"] for e in committed_files(root)}:
         (root / path).unlink()
+    return root, later_head, whole.rows
 
-    rolled_back = verify(root, PUBLIC, KNOWN, workers=1)
-    assert whole.ok and rolled_back.ok and rolled_back.findings == []
-    assert rolled_back.rows < whole.rows
+
+def test_a_rollback_to_an_older_signed_head_is_refused_against_a_later_head_kept(tmp_path: Path) -> None:
+    root, later_head, _ = rolled_back(tmp_path)
     with pytest.raises(EvidenceError, match="cannot have grown"):
         prove_consistency(root, later_head)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="verify has no anchor outside the folder (a head kept, Kafka's offsets)"
+)
+def test_verify_alone_notices_a_rollback_to_an_older_signed_head(tmp_path: Path) -> None:
+    root, _, rows = rolled_back(tmp_path)
+    report = verify(root, PUBLIC, KNOWN, workers=1)
+    assert not report.ok or report.rows == rows
