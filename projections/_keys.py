@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nexuscore.kernel import signing
-from nexuscore.kernel.errors import KeyStoreError
-from nexuscore.projections._manifest import read_head, read_regular, record_erasure
+from nexuscore.kernel.errors import EvidenceError, KeyStoreError
+from nexuscore.projections._manifest import ERASURES, read_erasures, read_head, read_regular, record_erasure
 
 NONCE_BYTES = 12
 
@@ -78,6 +78,8 @@ class LocalKeyStore:
         self._mtime = -1.0
         self._plain: dict[str, bytes] = {}
         self._kek_cipher: AESGCM | None = None
+        # The erasure ledger's key ids, and the (mtime, size) they were read at.
+        self._erasures: tuple[tuple[int, int], dict[str, str]] = ((-1, -1), {})
 
     # --- persistence -----------------------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class LocalKeyStore:
             return key_id, key
         with self._locked():
             key_id = self._doc["active"].get(_scope(tenant, subject))
-            if key_id is None or key_id not in self._doc["keys"]:
+            if key_id is None or key_id not in self._doc["keys"] or key_id in self._recorded_erased():
                 key_id = secrets.token_hex(8)
                 key = AESGCM.generate_key(bit_length=256)
                 nonce = secrets.token_bytes(NONCE_BYTES)
@@ -176,6 +178,8 @@ class LocalKeyStore:
         return key_id, found
 
     def lookup(self, key_id: str) -> bytes | None:
+        if key_id in self._recorded_erased():
+            return None  # erased by record: a keystore put back from before the erasure changes nothing
         key = self._plain.get(key_id)
         if key is not None:
             return key
@@ -194,7 +198,31 @@ class LocalKeyStore:
     def erased_at(self, key_id: str) -> str | None:
         self._reload()
         entry = self._doc["erased"].get(key_id)
-        return None if not isinstance(entry, dict) else str(entry.get("erased_at", "at an unknown time"))
+        if isinstance(entry, dict):
+            return str(entry.get("erased_at", "at an unknown time"))
+        return self._recorded_erased().get(key_id)
+
+    def _recorded_erased(self) -> dict[str, str]:
+        """The key ids the erasure ledger beside this keystore names (``<evidence>/erasures.jsonl``,
+        for a keystore at ``<evidence>/_keys``), with when. They stay erased whatever the keystore
+        holds: the ledger is written before the keys are destroyed, and a keystore restored from
+        before an erasure (a backup, or someone undoing it) must not make the content readable again.
+        Every record counts, signed or not: one can only hide content this way, and ``verify``
+        names a record whose signature fails."""
+        path = self.directory.parent / ERASURES
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read {path}: {exc.strerror}") from exc
+        if self._erasures[0] != (info.st_mtime_ns, info.st_size):
+            try:
+                lines = read_erasures(self.directory.parent)
+            except EvidenceError as exc:
+                raise KeyStoreError(str(exc)) from exc
+            self._erasures = ((info.st_mtime_ns, info.st_size), _erased_ids(lines))
+        return self._erasures[1]
 
     def erase(
         self,
@@ -225,6 +253,21 @@ class LocalKeyStore:
             if doomed:
                 self._save()
         return doomed
+
+
+def _erased_ids(lines: list[bytes]) -> dict[str, str]:
+    """Key id -> when it was erased, from the erasure ledger's readable records."""
+    erased: dict[str, str] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        ids = record.get("key_ids") if isinstance(record, dict) else None
+        if isinstance(ids, list):
+            when = str(record.get("erased_at", "at an unknown time"))
+            erased.update((k, when) for k in ids if isinstance(k, str))
+    return erased
 
 
 def _parts(doc: object, path: Path) -> dict[str, Any]:

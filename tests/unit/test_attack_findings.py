@@ -216,7 +216,6 @@ def erase_loan_17s_tenant(root: Path) -> list[str]:
     return erase(root, LocalKeyStore(root / "_keys"), signing_key(), tenant, None, at, "art. 17")
 
 
-@pytest.mark.xfail(strict=True, reason="a signed erasure does not stop its keys from decrypting")
 def test_an_erasure_stays_done_when_the_old_keystore_is_put_back(pristine: Path, tmp_path: Path) -> None:
     """The writer kept ``_keys/keystore.json`` from before the erasure and puts it back: lineage
     shows the erased prompt again, and verify passes (``erasure_incomplete`` is only a warning)."""

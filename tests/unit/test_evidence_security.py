@@ -429,3 +429,27 @@ def test_the_demo_keeps_its_keys_and_logs_beside_the_evidence_not_in_it(tmp_path
         (evidence / legacy).write_text("x")
     clear_evidence(evidence)
     assert list(evidence.iterdir()) == []
+
+
+def test_a_key_named_by_an_erasure_record_stays_erased_and_the_next_write_gets_a_new_key(
+    tmp_path: Path,
+) -> None:
+    """The record is written before the keys are destroyed: cut short there (or with the keystore
+    put back from a backup), the key is still in the keystore, but the record rules. New content of
+    the tenant goes under a new key, so the projector goes on."""
+    root = tmp_path / "evidence"
+    root.mkdir()
+    keys = LocalKeyStore(root / "_keys")
+    old, _ = keys.data_key("acme-bank", None, T0)
+    line = {
+        "tenant": "acme-bank",
+        "subject": None,
+        "key_ids": [old],
+        "erased_at": T0.isoformat(),
+        "reason": "r",
+    }
+    (root / ERASURES).write_bytes(canonical(line) + b"\n")
+    again = LocalKeyStore(root / "_keys")
+    assert again.lookup(old) is None and again.erased_at(old) == T0.isoformat()
+    new, key = again.data_key("acme-bank", None, T0)
+    assert new != old and again.lookup(new) == key
