@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from nexuscore import ledger
 from nexuscore.kernel import signing
-from nexuscore.kernel.errors import KeyStoreError
+from nexuscore.kernel.errors import EvidenceError, KeyStoreError
 from nexuscore.projections import _keyed
 from nexuscore.projections._compact import COMPACTED
 from nexuscore.projections._index import INDEX_DIR, current_index, index_files, sha256_of, well_formed
@@ -51,6 +51,7 @@ from nexuscore.projections._manifest import (
     read_head,
     read_lines,
 )
+from nexuscore.projections._prove import prove_consistency
 from nexuscore.projections._residency import current_partials, read_partials
 from nexuscore.projections._residency import well_formed as partials_well_formed
 from nexuscore.projections._rollups import ROLLUPS, ROUTED_ROWS, Rollup, current_rows, rows_well_formed
@@ -139,14 +140,17 @@ def verify(
     workers: int | None = None,
     keystore: KeyStore | None = None,
     deep: bool = False,
+    kept_heads: Sequence[object] = (),
 ) -> VerifyReport:
     """Check the store under ``root``; ``keystore`` holds its content keys (default: ``root/_keys``).
 
     ``deep`` also recomputes every row's Merkle leaf and every file's Merkle root (``_verify_files``
-    says what each depth proves)."""
+    says what each depth proves). ``kept_heads``: earlier signed heads kept outside the folder, which
+    the ledger must still extend (the only check that sees a rollback to an earlier signed state)."""
     started = time.perf_counter()
     report = VerifyReport()
     entries = _check_manifest(root, public_key, report)
+    _check_kept_heads(root, public_key, kept_heads, report)
     files = committed(entries)
     report.files = len(files)
     readable, placements = check_files(
@@ -512,6 +516,32 @@ def _check_routed_keys(root: Path, entries: list[dict[str, Any]], report: Verify
                 sealed["path"],
                 "does not hold the bytes its compaction sealed (sha256 differs): who-routed-what ignores "
                 "it and finds a tail's covered rows by scanning the tables",
+            )
+
+
+def _check_kept_heads(
+    root: Path, public_key: Ed25519PublicKey, kept: Sequence[object], report: VerifyReport
+) -> None:
+    """Each head kept outside the folder (an earlier ``manifest.head.json``) is signed by the trusted
+    key, and the ledger only grew since it: else someone put an older signed state back (a head,
+    the ledger cut to it, the later files deleted), which nothing inside the folder can show."""
+    for i, head in enumerate(kept, start=1):
+        where = f"kept head {i}"
+        if not isinstance(head, dict) or not signing.verify(
+            public_key, head_message(head), str(head.get("signature", ""))
+        ):
+            report.add(
+                "kept_head_invalid", where, "is not a head signed by the trusted key: it proves nothing"
+            )
+            continue
+        try:
+            prove_consistency(root, head)
+        except EvidenceError as exc:
+            report.add(
+                "rolled_back",
+                where,
+                f"signed at {head.get('signed_at')} over {head.get('size')} entries, is not a prefix of "
+                f"this ledger: {exc}",
             )
 
 

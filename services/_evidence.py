@@ -31,6 +31,8 @@ from nexuscore.projections import (
 )
 from nexuscore.services._keys import content_keys
 
+KEPT_HEAD_BYTES = 1 << 16  # a head is a few hundred bytes
+
 # The one finding of `EvidenceStore.residency` that is allowed (kept for callers of this name).
 ALLOWED_FINDING = projections.ALLOWED_RESIDENCY_FINDING
 
@@ -97,10 +99,13 @@ def verify_evidence(
     keystore: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     deep: bool = False,
+    since_heads: Sequence[Path] = (),
 ) -> VerifyReport:
     """Is the evidence complete and unaltered, its manifest signed by ``public_key``'s holder?
-    ``deep`` also recomputes every row's Merkle leaf and every file's root."""
+    ``deep`` also recomputes every row's Merkle leaf and every file's root; ``since_heads`` are
+    earlier heads kept outside the folder, which the ledger must still extend."""
     key = load_public_key(public_key)
+    kept = [read_kept_head(path) for path in since_heads]
     if not (evidence_dir / "manifest.jsonl").exists():
         raise NexusError(
             f"no evidence manifest under {evidence_dir} (run the projector or pass --evidence-dir)"
@@ -115,7 +120,25 @@ def verify_evidence(
         progress=progress,
         keystore=content_keys(evidence_dir, keystore),
         deep=deep,
+        kept_heads=kept,
     )
+
+
+def read_kept_head(path: Path) -> object:
+    """A head file an auditor kept (``manifest.head.json`` as it was), as JSON; NexusError in one
+    line if it cannot be read as one (its signature is verify's to judge)."""
+    try:
+        if not path.is_file():  # (a pipe would block the read)
+            raise NexusError(f"{path} is not a file: not a manifest.head.json")
+        if path.stat().st_size > KEPT_HEAD_BYTES:
+            raise NexusError(
+                f"{path} is larger than any head ({KEPT_HEAD_BYTES} bytes): not a manifest.head.json"
+            )
+        return json.loads(path.read_bytes())
+    except OSError as exc:
+        raise NexusError(f"cannot read the kept head {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise NexusError(f"{path} is not JSON: not a manifest.head.json ({exc})") from exc
 
 
 def verification_note(report: VerifyReport | None) -> str:

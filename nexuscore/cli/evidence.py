@@ -224,6 +224,14 @@ def evidence_verify(
             "sealed roots, and so every inclusion proof, are those of the rows; slower).",
         ),
     ] = False,
+    since_head: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--since-head",
+            help="An earlier manifest.head.json kept outside the evidence folder (repeatable): the "
+            "ledger must still extend it. Only this sees a rollback to an earlier signed state.",
+        ),
+    ] = None,
 ) -> None:
     """Check the evidence is complete and unaltered; name every gap; exit 1 on any.
 
@@ -237,7 +245,15 @@ def evidence_verify(
     """
     until_time = parse_time(until, "--until")
     key = trusted_public_key(public_key)
-    report = _verify(evidence_dir, key, policy or [], until_time, keystore=keystore, deep=deep)
+    report = _verify(
+        evidence_dir,
+        key,
+        policy or [],
+        until_time,
+        keystore=keystore,
+        deep=deep,
+        since_heads=since_head or [],
+    )
     for f in report.findings:
         style = "red" if f.fatal else "yellow"
         console.print(f"[{style}]{f.kind}[/] {f.where}: {f.detail}", highlight=False, soft_wrap=True)
@@ -263,6 +279,7 @@ def _verify(
     keystore: Path | None = None,
     quiet: bool = False,
     deep: bool = False,
+    since_heads: list[Path] | None = None,
 ) -> VerifyReport:
     """``services.verify_evidence`` under a progress bar on stderr (none when ``quiet``)."""
     from nexuscore import services
@@ -278,6 +295,7 @@ def _verify(
             keystore=keystore,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             deep=deep,
+            since_heads=since_heads or [],
         )
 
 

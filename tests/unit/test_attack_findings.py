@@ -290,9 +290,21 @@ def test_a_rollback_to_an_older_signed_head_is_refused_against_a_later_head_kept
         prove_consistency(root, later_head)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="verify has no anchor outside the folder (a head kept, Kafka's offsets)"
-)
+def test_verify_with_a_later_head_kept_names_the_rollback(tmp_path: Path) -> None:
+    root, later_head, _ = rolled_back(tmp_path)
+    report = verify(root, PUBLIC, KNOWN, workers=1, kept_heads=[later_head])
+    assert not report.ok and [f.kind for f in report.findings] == ["rolled_back"]
+    forged = {**later_head, "size": 1}  # (a head its signature does not cover proves nothing)
+    kinds = [f.kind for f in verify(root, PUBLIC, KNOWN, workers=1, kept_heads=[forged]).findings]
+    assert kinds == ["kept_head_invalid"]
+
+
+def test_verify_with_an_earlier_head_kept_passes_a_store_that_only_grew(pristine: Path) -> None:
+    head = json.loads((pristine / "manifest.head.json").read_bytes())
+    assert verify(pristine, PUBLIC, KNOWN, workers=1, kept_heads=[head]).ok
+
+
+@pytest.mark.xfail(strict=True, reason="with no head kept outside the folder, nothing anchors the ledger")
 def test_verify_alone_notices_a_rollback_to_an_older_signed_head(tmp_path: Path) -> None:
     root, _, rows = rolled_back(tmp_path)
     report = verify(root, PUBLIC, KNOWN, workers=1)

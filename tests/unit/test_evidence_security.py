@@ -453,3 +453,26 @@ def test_a_key_named_by_an_erasure_record_stays_erased_and_the_next_write_gets_a
     assert again.lookup(old) is None and again.erased_at(old) == T0.isoformat()
     new, key = again.data_key("acme-bank", None, T0)
     assert new != old and again.lookup(new) == key
+
+
+def test_verify_since_a_kept_head_passes_a_store_that_grew_and_refuses_a_bad_head_in_one_line(
+    root: Path,
+    keys_on_disk: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    kept = tmp_path / "kept.head.json"
+    shutil.copy(root / "manifest.head.json", kept)
+    verify_args = ["evidence", "verify", "-e", str(root), "--public-key", str(keys_on_disk[1])]
+    code, out, err = cli(monkeypatch, capsys, *verify_args, "--since-head", str(kept))
+    assert code == 0, out + err
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "x").write_text("{")
+    for bad, says in [
+        (tmp_path / "missing.json", "not a file"),
+        (tmp_path / "pipe", "not a file"),
+        (tmp_path / "x", "not JSON"),
+    ]:
+        code, _, err = cli(monkeypatch, capsys, *verify_args, "--since-head", str(bad))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
