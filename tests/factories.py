@@ -26,7 +26,7 @@ from nexuscore.core import (
 )
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import RoutingPolicy, TrustStore, default_policy
-from nexuscore.projections import Projector
+from nexuscore.projections import LocalKeyStore, Projector
 from nexuscore.schemas import (
     AvroCodec,
     CircuitStateChanged,
@@ -116,6 +116,19 @@ def _key_of(e: Event) -> bytes:
 
 def signing_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # fixed: tests are repeatable
+
+
+def offline_projector(root: Path, keystore: LocalKeyStore | None = None) -> Projector:
+    """A projector over ``root`` that never reaches a broker (``recover``, ``add``, ``flush`` only),
+    signing with the test key, for the policy's tenants."""
+    return Projector(
+        "unused:9092",
+        root,
+        signing_key(),
+        FixedClock(T0),
+        regions={t.id: t.home_region for t in POLICY.tenants},
+        keystore=keystore,
+    )
 
 
 def project(

@@ -27,12 +27,10 @@ from cryptography.hazmat.primitives import serialization
 
 from nexuscore.client import NexusClient
 from nexuscore.gateway import KeyDefaults, KeyRing, add_key, make_app
-from nexuscore.kernel.clock import FixedClock
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import (
     EvidenceStore,
     LocalKeyStore,
-    Projector,
     check_proof,
     committed_files,
     erase,
@@ -41,7 +39,7 @@ from nexuscore.projections import (
     prove_consistency,
     verify,
 )
-from tests.factories import POLICY, T0, project, replace, run_history, signing_key
+from tests.factories import POLICY, T0, offline_projector, project, replace, run_history, signing_key
 
 PUBLIC = signing_key().public_key()
 RAW_PUBLIC = PUBLIC.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -90,13 +88,7 @@ def test_a_restarting_projector_refuses_a_ledger_shorter_than_its_signed_head(
     files = len(committed_files(root))
     first_checkpoint = next(i for i, line in enumerate(lines) if b'"kind":"checkpoint"' in line)
     (root / "manifest.jsonl").write_bytes(b"".join(lines[: first_checkpoint + 1]))
-    projector = Projector(
-        "unused:9092",
-        root,
-        signing_key(),
-        FixedClock(T0),
-        regions={t.id: t.home_region for t in POLICY.tenants},
-    )
+    projector = offline_projector(root)
     try:
         projector.recover()
     except EvidenceError:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from nexuscore.kernel.clock import FixedClock
 from nexuscore.kernel.errors import EvidenceError, KeyStoreError
 from nexuscore.projections import (
     EvidenceStore,
@@ -26,7 +25,7 @@ from nexuscore.projections import (
     lineage_at,
 )
 from nexuscore.schemas import Event
-from tests.factories import POLICY, T0, project, run_history, signing_key
+from tests.factories import POLICY, T0, offline_projector, project, run_history, signing_key
 
 # (The thread method: a reader blocked in C on a pipe never sees the signal method's alarm.)
 pytestmark = pytest.mark.timeout(120, method="thread")
@@ -48,9 +47,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, history: list[Event]) -> 
 
 
 def restarted(root: Path) -> Projector:
-    return Projector(
-        "unused:9092", root, signing_key(), FixedClock(T0), regions={}, keystore=LocalKeyStore(root / "_keys")
-    )
+    return offline_projector(root, LocalKeyStore(root / "_keys"))
 
 
 def a_copy_with_a_pipe(pristine: Path, tmp_path: Path, relative: str) -> Path:

@@ -17,13 +17,21 @@ import pyarrow.parquet as pq
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from nexuscore.kernel.clock import FixedClock
 from nexuscore.projections import SCHEMAS, FieldCipher, LocalKeyStore, Projector, committed_files, verify
 from nexuscore.projections._projector import _Recent
 from nexuscore.projections._tables import columnar
 from nexuscore.schemas import AvroCodec
 from nexuscore.transport import Topics
-from tests.factories import _TOPIC_OF, POLICY, T0, _key_of, project, run_history, signing_key
+from tests.factories import (
+    _TOPIC_OF,
+    POLICY,
+    T0,
+    _key_of,
+    offline_projector,
+    project,
+    run_history,
+    signing_key,
+)
 
 TOPICS = Topics()
 
@@ -63,14 +71,7 @@ def records(partitions: int = 3) -> list[ConsumerRecord[bytes, bytes]]:
 
 
 def projected(root: Path, keys: Path, feed: Callable[[Projector, dict[Any, Any]], None]) -> Projector:
-    projector = Projector(
-        "unused:9092",
-        root,
-        signing_key(),
-        FixedClock(T0),
-        regions={t.id: t.home_region for t in POLICY.tenants},
-        keystore=LocalKeyStore(keys),  # shared: the same keys, so the same ciphertext
-    )
+    projector = offline_projector(root, LocalKeyStore(keys))  # shared keys: the same ciphertext
     projector.recover()
     batches: dict[Any, Any] = {}
     feed(projector, batches)
