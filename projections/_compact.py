@@ -320,7 +320,8 @@ def sealed_copies(root: Path, entries: list[Entry], into: Path) -> list[str]:
                     digest.update(chunk)
                     out.write(chunk)
         except OSError as exc:
-            raise EvidenceError(f"cannot read {path} to compact it: {exc.strerror}") from exc
+            # (Reading it, or writing its copy: the temporary folder, $TMPDIR, needs room for a group.)
+            raise EvidenceError(f"cannot copy {path} to {into} to compact it: {exc.strerror}") from exc
         if digest.hexdigest() != e.get("sha256"):
             raise EvidenceError(_not_sealed(e["path"]))
         copies.append(str(copy))

@@ -377,7 +377,7 @@ def test_the_merge_reads_copies_checked_against_their_seals(small_files: Path, t
     assert [Path(c).read_bytes() for c in copies] == [(root / e["path"]).read_bytes() for e in entries]
     (root / entries[1]["path"]).unlink()
     os.mkfifo(root / entries[1]["path"])  # (a pipe would block the reader: refused as not a file)
-    with pytest.raises(EvidenceError, match="cannot read .* to compact it: not a regular file"):
+    with pytest.raises(EvidenceError, match="cannot copy .* to compact it: not a regular file"):
         _compact.sealed_copies(root, entries, into)
 
 
