@@ -69,8 +69,11 @@ def _scope(tenant: str, subject: str | None) -> str:
 class LocalKeyStore:
     """Data keys in ``keystore.json``, wrapped by the 32-byte key-encryption key in ``master.key``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, erasures_from: Path | None = None) -> None:
         self.directory = directory
+        # The evidence folder whose erasure ledger rules these keys: the keystore's own parent
+        # when it is ``<evidence>/_keys``; given, for a keystore kept elsewhere.
+        self.erasures_from = erasures_from if erasures_from is not None else directory.parent
         self.path = directory / "keystore.json"
         self._lock_path = directory / ".keystore.lock"
         self._kek_path = directory / "master.key"
@@ -203,13 +206,13 @@ class LocalKeyStore:
         return self._recorded_erased().get(key_id)
 
     def _recorded_erased(self) -> dict[str, str]:
-        """The key ids the erasure ledger beside this keystore names (``<evidence>/erasures.jsonl``,
-        for a keystore at ``<evidence>/_keys``), with when. They stay erased whatever the keystore
+        """The key ids the erasure ledger of ``erasures_from`` names (``<evidence>/erasures.jsonl``),
+        with when. They stay erased whatever the keystore
         holds: the ledger is written before the keys are destroyed, and a keystore restored from
         before an erasure (a backup, or someone undoing it) must not make the content readable again.
         Every record counts, signed or not: one can only hide content this way, and ``verify``
         names a record whose signature fails."""
-        path = self.directory.parent / ERASURES
+        path = self.erasures_from / ERASURES
         try:
             info = path.stat()
         except FileNotFoundError:
@@ -218,7 +221,7 @@ class LocalKeyStore:
             raise KeyStoreError(f"cannot read {path}: {exc.strerror}") from exc
         if self._erasures[0] != (info.st_mtime_ns, info.st_size):
             try:
-                lines = read_erasures(self.directory.parent)
+                lines = read_erasures(self.erasures_from)
             except EvidenceError as exc:
                 raise KeyStoreError(str(exc)) from exc
             self._erasures = ((info.st_mtime_ns, info.st_size), _erased_ids(lines))

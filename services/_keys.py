@@ -9,4 +9,4 @@ from nexuscore.projections import LocalKeyStore
 
 def content_keys(evidence_dir: Path, keystore: Path | None = None) -> LocalKeyStore:
     """The tenants' content keys: ``keystore``, or ``_keys`` inside the evidence folder."""
-    return LocalKeyStore(keystore or evidence_dir / "_keys")
+    return LocalKeyStore(keystore or evidence_dir / "_keys", erasures_from=evidence_dir)

@@ -453,6 +453,10 @@ def test_a_key_named_by_an_erasure_record_stays_erased_and_the_next_write_gets_a
     assert again.lookup(old) is None and again.erased_at(old) == T0.isoformat()
     new, key = again.data_key("acme-bank", None, T0)
     assert new != old and again.lookup(new) == key
+    # A keystore kept outside the evidence folder follows the folder's erasure ledger too.
+    shutil.copytree(root / "_keys", tmp_path / "elsewhere")
+    assert LocalKeyStore(tmp_path / "elsewhere", erasures_from=root).lookup(old) is None
+    assert LocalKeyStore(tmp_path / "elsewhere").lookup(old) is not None  # (no ledger beside it)
 
 
 def test_verify_since_a_kept_head_passes_a_store_that_grew_and_refuses_a_bad_head_in_one_line(
