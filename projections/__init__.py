@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from nexuscore.kernel.lazy import lazy_exports
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore, erase
-from nexuscore.projections._manifest import Manifest, committed_files
+from nexuscore.projections._manifest import MAX_HEAD_BYTES, Manifest, committed_files, read_regular
 from nexuscore.projections._tables import ROW_BUILDERS, SCHEMAS, TABLES, Row
 from nexuscore.projections._writer import SealedWriter, region_dir, write_table
 
@@ -49,6 +49,7 @@ __getattr__ = lazy_exports(__name__, globals(), _LAZY)
 
 
 __all__ = [
+    "MAX_HEAD_BYTES",
     "ALLOWED_RESIDENCY_FINDING",
     "ROW_BUILDERS",
     "Row",
@@ -79,4 +80,5 @@ __all__ = [
     "use_system_allocator",
     "verify",
     "write_table",
+    "read_regular",
 ]

@@ -152,8 +152,11 @@ class LocalKeyStore:
         self._mtime = self.path.stat().st_mtime
 
     def refresh(self) -> None:
-        """Pick up erasures made by other processes (a stat when nothing changed)."""
+        """Pick up erasures made by other processes (a stat of the keystore and one of the erasure
+        ledger when nothing changed)."""
         self._reload()
+        erased = self._recorded_erased()
+        self._plain = {k: v for k, v in self._plain.items() if k not in erased}
 
     # --- KeyStore ---------------------------------------------------------------------------------
 
@@ -181,11 +184,11 @@ class LocalKeyStore:
         return key_id, found
 
     def lookup(self, key_id: str) -> bytes | None:
-        if key_id in self._recorded_erased():
-            return None  # erased by record: a keystore put back from before the erasure changes nothing
-        key = self._plain.get(key_id)
+        key = self._plain.get(key_id)  # (unwrapped after the check below; ``refresh`` prunes it)
         if key is not None:
             return key
+        if key_id in self._recorded_erased():
+            return None  # erased by record: a keystore put back from before the erasure changes nothing
         self._reload()
         entry = self._doc["keys"].get(key_id)
         if entry is None:

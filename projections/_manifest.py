@@ -105,7 +105,7 @@ class Manifest:
         changed by someone else: refused, as dropping those entries would delete their sealed files
         and sign the loss."""
         lines = read_lines(self.root)
-        signed = self._signed_size(lines)
+        signed, leaves = self._signed_size(lines)
         keep = 0
         parsed: list[Entry] = []
         prev = GENESIS
@@ -128,16 +128,17 @@ class Manifest:
             )
         if keep < len(lines):
             self._rewrite(lines[:keep])
-        for line, entry in zip(lines[:keep], parsed[:keep], strict=True):
-            self._absorb(line, entry)
+        for i, (line, entry) in enumerate(zip(lines[:keep], parsed[:keep], strict=True)):
+            self._absorb(line, entry, leaves[i] if i < signed else None)
         self.sign(_now_from(self.entries))
 
-    def _signed_size(self, lines: list[bytes]) -> int:
+    def _signed_size(self, lines: list[bytes]) -> tuple[int, list[bytes]]:
         """How many entries the signed head covers (0 without a head), once the head is this key's
-        and its root and last entry are those of the ledger's first entries (else EvidenceError)."""
+        and its root and last entry are those of the ledger's first entries (else EvidenceError);
+        with those entries' leaf hashes (not hashed again when they are absorbed)."""
         head = read_head(self.root)
         if head is None:
-            return 0
+            return 0, []
         size = head.get("size")
         if head.get("key_id") != self.key_id or not signing.verify(
             self.key.public_key(), head_message(head), str(head.get("signature", ""))
@@ -153,7 +154,7 @@ class Manifest:
             raise self._broken(
                 size, "the signed head's root or last entry is not that of the entries before it"
             )
-        return size
+        return size, leaves
 
     def _broken(self, i: int, why: str) -> EvidenceError:
         return EvidenceError(
@@ -161,9 +162,9 @@ class Manifest:
             "(run `nexuscore evidence verify`)"
         )
 
-    def _absorb(self, line: bytes, entry: Entry) -> None:
+    def _absorb(self, line: bytes, entry: Entry, leaf: bytes | None = None) -> None:
         self.last = hashlib.sha256(line).hexdigest()
-        self.frontier.append(ledger.leaf_hash(line))
+        self.frontier.append(ledger.leaf_hash(line) if leaf is None else leaf)
         self.entries.append(entry)
         if entry["kind"] == "checkpoint":
             for p in entry["partitions"]:

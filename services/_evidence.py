@@ -4,6 +4,7 @@ checked against a trusted key, and erasure."""
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -30,8 +31,6 @@ from nexuscore.projections import (
     verify,
 )
 from nexuscore.services._keys import content_keys
-
-KEPT_HEAD_BYTES = 1 << 16  # a head is a few hundred bytes
 
 # The one finding of `EvidenceStore.residency` that is allowed (kept for callers of this name).
 ALLOWED_FINDING = projections.ALLOWED_RESIDENCY_FINDING
@@ -128,14 +127,12 @@ def read_kept_head(path: Path) -> object:
     """A head file an auditor kept (``manifest.head.json`` as it was), as JSON; NexusError in one
     line if it cannot be read as one (its signature is verify's to judge)."""
     try:
-        if not path.is_file():  # (a pipe would block the read)
-            raise NexusError(f"{path} is not a file: not a manifest.head.json")
-        if path.stat().st_size > KEPT_HEAD_BYTES:
-            raise NexusError(
-                f"{path} is larger than any head ({KEPT_HEAD_BYTES} bytes): not a manifest.head.json"
-            )
-        return json.loads(path.read_bytes())
+        return json.loads(projections.read_regular(path, projections.MAX_HEAD_BYTES, links=True))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise NexusError(f"{path} is not a file: not a manifest.head.json") from exc
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a pipe or a device (its read would block or never end)
+            raise NexusError(f"{path} is not a file: not a manifest.head.json") from exc
         raise NexusError(f"cannot read the kept head {path}: {exc.strerror}") from exc
     except ValueError as exc:
         raise NexusError(f"{path} is not JSON: not a manifest.head.json ({exc})") from exc
