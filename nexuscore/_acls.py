@@ -135,7 +135,12 @@ def _decider(t: Topics, bootstrap: bool) -> tuple[Grant, ...]:
             if bootstrap
             else "policies, kill switches",
         ),
-        Grant("topic", t.decisions, _WRITE, "decisions, rejections, settlements"),
+        Grant(
+            "topic",
+            t.decisions,
+            _READ_WRITE,
+            "decisions, rejections, settlements; read back after a crash to decide again in order",
+        ),
         Grant("topic", t.dispatch, _WRITE, "approved requests for the workers"),
         Grant("topic", t.deadletter, _WRITE, "undecodable input"),
         Grant("group", app, _READ, "the faust app's consumer group"),

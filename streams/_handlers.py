@@ -71,6 +71,7 @@ from nexuscore.streams._records import (
     encode_escalation,
     escalation_record,
 )
+from nexuscore.streams._recovery import Cause, InputKind
 from nexuscore.streams._retention import Retention
 from nexuscore.transport import DeciderTable, Topics, appended_at, dead_letter, decode_tenant_event
 
@@ -466,6 +467,20 @@ class Decider:
             review = timeout_review(escalated, now)
             await self.sink.send(self.topics.reviews, escalated.tenant_id.encode(), self.codec.encode(review))
             self.timed_out.add(key)
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def holds(self, cause: Cause) -> bool:
+        """Whether the state holds the effect of the input ``cause`` names (it was made durable, or
+        decided since): a request's decision, an outcome's settlement, a review's resolution."""
+        key = cause.tenant_id.encode() + b"\x1f" + cause.request_id.encode()
+        if cause.kind == InputKind.REQUEST:
+            return self.t.decided.get(key) is not None
+        if cause.kind == InputKind.OUTCOME:
+            memo = decided_record(self.t.decided.get(key))
+            return memo is not None and memo.settled_by == cause.event_id
+        record = escalation_record(self.t.escalations.get(key))
+        return record is not None and record.resolved and record.resolved_by == cause.event_id
 
     # --- memory ---------------------------------------------------------------------------------
 

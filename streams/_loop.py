@@ -10,12 +10,14 @@ written while the next batches are decided, by one writer, a group of batches at
    the state's own producer (its transactional id this member's: a restart aborts what a killed
    one left open); then the next group.
 A crash before 3 commits repeats the batch (and any later one) against the state before it: the
-same inputs under the same state give the same decisions (a decision's time is its input record's
-broker timestamp, never the decider's clock), whose outputs carry the same derived ids and are
-dropped by every reader (the projector by id, the worker by dispatch id). State and offsets move
-together, a group at a time, and the state is restored reading committed records only. So outputs,
-state and offsets agree after any crash, with one transaction per group of batches written in the
-background, never one per batch on the decisions' path (see docs/decisions).
+same inputs under the same state, in the same order, give the same decisions (a decision's time is
+its input record's broker timestamp, never the decider's clock), whose outputs carry the same
+derived ids and are dropped by every reader (the projector by id, the worker by dispatch id). The
+order is the one the published decisions record: a restart decides those inputs again in it
+before anything new (``nexuscore.streams._recovery``). State and offsets move together, a group at
+a time, and the state is restored reading committed records only. So outputs, state and offsets
+agree after any crash, with one transaction per group of batches written in the background, never
+one per batch on the decisions' path (see docs/decisions).
 
 Requests, outcomes and reviews are co-partitioned (the range assignor gives partition ``p`` of all
 three to one member), and the state of partition ``p`` is restored from partition ``p`` of each
@@ -43,12 +45,23 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.partitioner import DefaultPartitioner
 
 from nexuscore.kernel.clock import Clock
 from nexuscore.observe import Headers, batch_done
 from nexuscore.policy import TrustStore
 from nexuscore.streams._governance import GovernanceFollower, PolicyHolder
 from nexuscore.streams._handlers import ROW_CHECKS, Decider, DeciderTables
+from nexuscore.streams._recovery import (
+    CLOCK_SKEW_MS,
+    Cause,
+    InputKind,
+    causes,
+    first_timestamps,
+    lost_outputs,
+    read_again,
+    replay_order,
+)
 from nexuscore.streams._retention import ANSWER_WINDOW, DEDUPE_WINDOW, EXPIRING, Retention
 from nexuscore.streams._state import ChangelogState
 from nexuscore.transport import DeciderTable, Topics, login_options, new_producer, start_client
@@ -63,6 +76,8 @@ WRITE_GATHER_S = 0.05
 # A transaction of state a killed decider left open holds back every reader of those changelogs
 # (they read committed records only) until its restart aborts it, or this long at most.
 STATE_TRANSACTION_TIMEOUT_MS = 15_000
+# Input keys whose partition is remembered (each tenant on each input topic).
+MAX_HOMES_KEPT = 10_000
 
 
 class Outbox:
@@ -85,10 +100,15 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.loop.lock:  # the batch in hand is flushed and committed first
             await self.loop.settled()
+            self.loop.deciding -= {tp.partition for tp in revoked}  # their state is kept, for now
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self.loop.lock:
-            await self.loop.restore({tp.partition for tp in assigned})
+            try:
+                await self.loop.restore({tp.partition for tp in assigned})
+            except Exception as exc:  # aiokafka would log it and fetch on: the loop stops instead
+                self.loop.failed = exc
+                raise
 
 
 class DeciderLoop:
@@ -128,8 +148,17 @@ class DeciderLoop:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
+        # The partitions whose inputs this decider decides: those held, less any being revoked.
+        self.deciding: set[int] = set()
         self.processed = 0
+        # Why restoring an assignment failed (the loop stops rather than decide without state).
+        self.failed: BaseException | None = None
         self._restorer: AIOKafkaConsumer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        # Per input partition a recovery decided again: where deciding resumes (``_still_ours``).
+        self._resume_at: dict[TopicPartition, int] = {}
+        # Each (topic, key)'s partition by the producers' partitioner (``_process``).
+        self._homes: dict[tuple[str, bytes | None], int] = {}
         # The alternative measured in docs/decisions: a Kafka transaction per batch (outputs, state
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
@@ -166,6 +195,7 @@ class DeciderLoop:
         """Hold ``partitions``: drop the state of those given away, read that of those gained. The
         state of a partition kept across a rebalance stays (every change to it was flushed)."""
         self.state.forget(self.held - partitions)
+        self._resume_at = {tp: at for tp, at in self._resume_at.items() if tp.partition in partitions}
         new = partitions - self.held
         if new and self._restorer is not None:
             read = await self.state.restore(self._restorer, new)
@@ -174,9 +204,81 @@ class DeciderLoop:
                     self.retention.restored(name, table.restored)
                     table.restored = []
             log.info("restored partitions %s of the decider's state: %d changelog records", sorted(new), read)
+            await self._decide_again(new)
+            self._restorer.unsubscribe()  # nothing left to fetch for it until the next assignment
         self.held = set(partitions)  # once their state is in: what ``held`` says is ready
+        self.deciding = set(partitions)
 
-    def _consumer(self) -> AIOKafkaConsumer:
+    async def _decide_again(self, partitions: set[int]) -> None:
+        """Decide again, in their first order, the inputs of ``partitions`` whose decisions went
+        out but whose state and offsets a crash lost (see ``nexuscore.streams._recovery``); make
+        them durable, and go on after them."""
+        assert self._consumer is not None, "run() first"
+        inputs = {
+            p: {
+                InputKind.REQUEST: TopicPartition(self.topics.requests, p),
+                InputKind.OUTCOME: TopicPartition(self.topics.outcomes, p),
+                InputKind.REVIEW: TopicPartition(self.topics.reviews, p),
+            }
+            for p in sorted(partitions)
+        }
+        starts = await self._durable_offsets([tp for tps in inputs.values() for tp in tps.values()])
+        orders = await self._lost_orders(inputs, starts)
+        if not orders:
+            return  # no decision went out beyond the durable state
+        wanted = {
+            tp: {c.input_key for c in order if c.kind == kind}
+            for p, order in orders.items()
+            for kind, tp in inputs[p].items()
+        }
+        assert self._restorer is not None, "run() first"
+        read = await read_again(self._restorer, starts, wanted, self.decider.codec)
+        offsets: dict[TopicPartition, int] = {}
+        for p, order in orders.items():
+            replay, missing = replay_order(order, {kind: read.get(tp, []) for kind, tp in inputs[p].items()})
+            self.state.at_partition(p)
+            for r in replay:
+                await self._process(self._consumer, r)
+            offsets.update(_next_offsets(_by_partition(replay)))
+            log.warning(  # an SRE's sign of a crash recovered from
+                "partition %d: %d inputs decided again in the order of the %d decisions a crash left "
+                "without their state (%d of those inputs were not found again)",
+                p, len(replay), len(order), missing,
+            )  # fmt: skip
+        if offsets:
+            await self._flush(self._job({}, offsets))
+            await self.settled()
+            for tp, offset in offsets.items():
+                self._consumer.seek(tp, offset)
+            self._resume_at.update(offsets)
+
+    async def _lost_orders(
+        self, inputs: dict[int, dict[InputKind, TopicPartition]], starts: dict[TopicPartition, int]
+    ) -> dict[int, list[Cause]]:
+        """Per partition with inputs not durable, the causes of the decisions published for them,
+        in the order they were published (``nexuscore.streams._recovery.causes``)."""
+        assert self._restorer is not None, "run() first"
+        times = await first_timestamps(self._restorer, starts)
+        since = {}
+        for p, tps in inputs.items():
+            first = [times[tp] for tp in tps.values() if tp in times]
+            if first:  # outputs come after their input: read back from the first input not durable
+                since[TopicPartition(self.topics.decisions, p)] = min(first) - CLOCK_SKEW_MS
+        lost = await lost_outputs(self._restorer, since, self.decider.codec)
+        orders = {tp.partition: causes(outputs, self.decider.holds) for tp, outputs in lost.items()}
+        return {p: order for p, order in orders.items() if order}
+
+    async def _durable_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where each input partition's durable offset stands (its beginning if none was committed)."""
+        assert self._restorer is not None and self._consumer is not None, "run() first"
+        beginnings = await self._restorer.beginning_offsets(tps)
+        starts = {}
+        for tp in tps:
+            committed = await self._consumer.committed(tp)
+            starts[tp] = beginnings[tp] if committed is None else committed
+        return starts
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             **login_options(),
@@ -196,9 +298,12 @@ class DeciderLoop:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             isolation_level="read_committed",
+            # A restore reads several partitions in turn, some at their end: a fetch that waited
+            # the default 500 ms there held up the next one (3 s of a restart's recovery).
+            fetch_max_wait_ms=20,
             **login_options(),
         )
-        consumer = self._consumer()
+        self._consumer = consumer = self._new_consumer()
         self._producer = producer = self._new_producer()
         await start_client(producer, self.bootstrap)
         self._state_producer = producer if self.transactional else self._transactional_producer("state-")
@@ -233,12 +338,13 @@ class DeciderLoop:
             while not self.stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
                 async with self.lock:
+                    if self.failed is not None:  # deciding without the partitions' state: never
+                        raise RuntimeError("the decider's state could not be restored") from self.failed
+                    batches = self._still_ours(batches)
                     for tp, records in batches.items():
                         self.state.at_partition(tp.partition)
                         for r in records:
-                            await self.decider.process(
-                                r.topic, r.partition, r.offset, r.key, r.value, r.timestamp
-                            )
+                            await self._process(consumer, r)
                         self.processed += len(records)
                     if time.monotonic() >= next_scan:
                         await self.decider.overdue_reviews()
@@ -249,11 +355,52 @@ class DeciderLoop:
         finally:
             await self.settled()
 
-    def _job(self, batches: dict[TopicPartition, list[ConsumerRecord]]) -> _FlushJob:
+    def _still_ours(
+        self, batches: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """What of a fetch is still this decider's to decide: a fetch returns while a rebalance
+        holds the lock, so it may hold records of partitions given away since, or records a
+        recovery has just decided again (``_decide_again``: below where it moved the consumer)."""
+        ours: dict[TopicPartition, list[ConsumerRecord]] = {}
+        for tp, records in batches.items():
+            if tp.partition not in self.deciding:
+                continue
+            resume = self._resume_at.get(tp)
+            if resume is not None:
+                records = [r for r in records if r.offset >= resume]
+                if records:
+                    del self._resume_at[tp]
+            if records:
+                ours[tp] = records
+        return ours
+
+    async def _process(self, consumer: AIOKafkaConsumer, r: ConsumerRecord) -> None:
+        """One input, if it is on its tenant's partition: a tenant's requests, outcomes and reviews
+        must reach the one decider holding its state, in order. A producer that writes to a
+        partition of its choice would otherwise be decided against another copy of its budget."""
+        home = self._homes.get((r.topic, r.key))
+        if home is None:
+            partitions = sorted(consumer.partitions_for_topic(r.topic) or ())
+            home = (
+                DefaultPartitioner()(r.key, partitions, partitions) if r.key and partitions else r.partition
+            )
+            if len(self._homes) < MAX_HOMES_KEPT:  # keys are tenants; any beyond are a producer's noise
+                self._homes[(r.topic, r.key)] = home
+        if home != r.partition:
+            reason = f"written to partition {r.partition}; its key's (its tenant's) partition is {home}"
+            await self.decider.reject(r.topic, r.partition, r.offset, r.key, r.value, reason)
+            return
+        await self.decider.process(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+
+    def _job(
+        self,
+        batches: dict[TopicPartition, list[ConsumerRecord]],
+        offsets: dict[TopicPartition, int] | None = None,
+    ) -> _FlushJob:
         job = _FlushJob(
             list(self.outbox.messages),
             self.state.snapshot(),
-            _next_offsets(batches),
+            _next_offsets(batches) if offsets is None else offsets,
             self.outbox.headers,
             sum(len(records) for records in batches.values()),
         )
@@ -369,3 +516,11 @@ def _last_values(
 
 def _next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
     return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+
+
+def _by_partition(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, list[ConsumerRecord]]:
+    """``records`` grouped by topic partition, each group in the order given."""
+    grouped: dict[TopicPartition, list[ConsumerRecord]] = {}
+    for r in records:
+        grouped.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
+    return grouped

@@ -12,11 +12,11 @@ from aiokafka import AIOKafkaConsumer
 from nexuscore._synthetic import synthetic_requests
 from nexuscore.kernel.clock import SystemClock
 from nexuscore.policy import Registry, SignedPolicy, TrustStore, default_policy
-from nexuscore.schemas import AvroCodec, Event, RequestDecided, RequestRejected
+from nexuscore.schemas import AvroCodec, DeadLettered, Event, RequestDecided, RequestRejected
 from nexuscore.streams import PolicyHolder
 from nexuscore.streams._loop import DeciderLoop
-from nexuscore.transport import Topics, ensure_topics, new_producer, start_client
-from tests.factories import request
+from nexuscore.transport import DEFAULT_PARTITIONS, Topics, ensure_topics, new_producer, start_client
+from tests.factories import replace, request
 
 pytestmark = pytest.mark.integration
 CODEC = AvroCodec()
@@ -86,3 +86,54 @@ def test_a_request_with_a_huge_unknown_tenant_id_does_not_stop_the_decider(boots
         assert not stopped, stopped
 
     asyncio.run(go())
+
+
+def test_a_request_written_to_another_partition_than_its_tenants_is_dead_lettered(bootstrap: str) -> None:
+    """A producer credential may name the partition it writes to. A tenant's state (its budget)
+    lives with the decider holding the tenant's partition, so a request written elsewhere would be
+    decided by another decider, against another copy of that budget. It is dead-lettered with the
+    reason; the same tenant's requests on its own partition are decided."""
+    topics = Topics(f"atk-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    ours, stray = synthetic_requests(POLICY, 2, seed=5, start=datetime.now(UTC), run="atk-partition")
+    stray = replace(stray, tenant_id=ours.tenant_id)
+
+    async def go() -> list[Event]:
+        producer = new_producer(bootstrap)
+        await start_client(producer, bootstrap)
+        try:
+            key = ours.tenant_id.encode()
+            home = (await producer.send_and_wait(topics.requests, CODEC.encode(ours), key=key)).partition
+            elsewhere = (home + 1) % DEFAULT_PARTITIONS
+            await producer.send_and_wait(topics.requests, CODEC.encode(stray), key=key, partition=elsewhere)
+        finally:
+            await producer.stop()
+        holder = PolicyHolder(Registry().apply(SignedPolicy(POLICY, ()), "active"))
+        loop = DeciderLoop(
+            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1"
+        )
+        running = asyncio.create_task(loop.run())
+        try:
+            await _decided(bootstrap, topics.decisions, {(ours.tenant_id, ours.request_id)})
+            return await _read_until(bootstrap, topics.deadletter, 1)
+        finally:
+            loop.stopping.set()
+            await running
+
+    [dead] = asyncio.run(go())
+    assert isinstance(dead, DeadLettered) and "its tenant's) partition is" in dead.reason
+    assert dead.raw_value == CODEC.encode(stray)
+
+
+async def _read_until(bootstrap: str, topic: str, n: int) -> list[Event]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await start_client(consumer, bootstrap)
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(events) < n:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    events.extend(CODEC.decode(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return events

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,7 +19,15 @@ from nexuscore._synthetic import synthetic_requests
 from nexuscore.core import BudgetState, encode_record
 from nexuscore.kernel.clock import SystemClock
 from nexuscore.policy import Registry, SignedPolicy, TrustStore, default_policy
-from nexuscore.schemas import AvroCodec, DispatchRequested, Event, RequestDecided, RequestRejected
+from nexuscore.schemas import (
+    AvroCodec,
+    BudgetSettled,
+    DispatchRequested,
+    Event,
+    OutcomeRecorded,
+    RequestDecided,
+    RequestRejected,
+)
 from nexuscore.streams import PolicyHolder
 from nexuscore.streams._loop import DeciderLoop
 from nexuscore.transport import (
@@ -29,6 +38,7 @@ from nexuscore.transport import (
     new_producer,
     start_client,
 )
+from tests.factories import T0, numbered, with_budgets
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
@@ -298,3 +308,106 @@ def test_a_state_write_cut_short_is_never_restored_nor_holds_back_later_state(bo
         assert later and all(last.get(t, -1) < version < absurd for t, version in later), later
     decided = [e for e in third if isinstance(e, RequestDecided | RequestRejected)]
     assert len({(e.tenant_id, e.request_id) for e in decided}) == 900 == len(decided)
+
+
+class _KilledBeforeItsState(DeciderLoop):
+    """A decider whose state and offsets never become durable: as if killed after each batch's
+    outputs went out and before its writer wrote the batch's state (the window a crash can hit)."""
+
+    async def _write_all(self) -> None:
+        self._waiting.clear()
+
+
+async def _send(bootstrap: str, topic: str, events: list[Event]) -> None:
+    producer = new_producer(bootstrap)
+    await start_client(producer, bootstrap)
+    try:
+        for e in events:
+            await producer.send_and_wait(topic, CODEC.encode(e), key=e.tenant_id.encode())
+    finally:
+        await producer.stop()
+
+
+async def _read_until(
+    bootstrap: str, topic: str, enough: Callable[[list[Event]], bool], timeout_s: float = 60
+) -> list[tuple[bytes, Event]]:
+    """Every record of ``topic`` (value and event) from its beginning, until ``enough`` of its events."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await start_client(consumer, bootstrap)
+    read: list[tuple[bytes, Event]] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not enough([e for _, e in read]):
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    read.extend((r.value, CODEC.decode(r.value)) for r in records)
+    finally:
+        await consumer.stop()
+    return read
+
+
+def _answered(dispatch: DispatchRequested) -> OutcomeRecorded:
+    return OutcomeRecorded(
+        event_id=f"o-{dispatch.request_id}", request_id=dispatch.request_id, tenant_id=dispatch.tenant_id,
+        occurred_at=T0, producer="w", policy_digest=dispatch.policy_digest, status="answered",
+        feature=dispatch.feature, deployment_id=dispatch.deployment_id, model=dispatch.model, model_version="v",
+        region=dispatch.region, attempts=1, input_tokens=8, output_tokens=10, cost_micros=7,
+        latency_ms=1.0, response="ok", finish_reason="stop", decode_strategy=dispatch.decode_strategy,
+    )  # fmt: skip
+
+
+def _count(kind: type[Event], n: int) -> Callable[[list[Event]], bool]:
+    return lambda events: sum(isinstance(e, kind) for e in events) >= n
+
+
+def test_decisions_a_crash_left_without_state_are_made_again_in_their_first_order(bootstrap: str) -> None:
+    """A tenant's budget holds three reservations of these requests. Four requests come (three
+    dispatched, one denied), three outcomes settle them, four more come (three dispatched again).
+    The decider dies before any of it is durable. Its successor reads the same requests and
+    outcomes again, on two topics, in whatever order a fetch gives: decided requests first, the
+    last three would be denied, and the calls already made for them never charged. It decides
+    them in the order the published decisions say, and ends with the state the dead one had."""
+    topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    policy = with_budgets(POLICY, "0.0003", "0.0003")  # a request reserves 92 µUSD, costs 7
+    holder = PolicyHolder(Registry().apply(SignedPolicy(policy, ()), "active"))
+    decision = RequestDecided | RequestRejected
+
+    def decider(kind: type[DeciderLoop]) -> DeciderLoop:
+        return kind(bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1")
+
+    async def first() -> dict[str, dict[bytes, bytes]]:
+        loop = decider(_KilledBeforeItsState)
+        task = asyncio.create_task(loop.run())
+        try:
+            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
+            dispatched = await _read_until(bootstrap, topics.dispatch, _count(DispatchRequested, 3))
+            outcomes = [_answered(d) for _, d in dispatched if isinstance(d, DispatchRequested)]
+            await _send(bootstrap, topics.outcomes, outcomes)
+            await _read_until(bootstrap, topics.decisions, _count(BudgetSettled, 3))
+            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4, 8)])
+            await _read_until(bootstrap, topics.decisions, _count(decision, 8))
+        finally:
+            loop.stopping.set()
+            await task
+        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+
+    async def again() -> dict[str, dict[bytes, bytes]]:
+        loop = decider(DeciderLoop)
+        task = asyncio.create_task(loop.run())
+        try:  # partitions are held once their state is restored and the lost decisions made again
+            await eventually_async(lambda: loop.held, "partitions assigned and restored")
+        finally:
+            loop.stopping.set()
+            await task
+        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+
+    died_with = asyncio.run(first())
+    restored = asyncio.run(again())
+    assert restored == died_with
+    published = asyncio.run(_read_until(bootstrap, topics.decisions, _count(decision, 16)))
+    copies: dict[str, set[bytes]] = {}
+    for value, e in published:
+        copies.setdefault(e.event_id, set()).add(value)
+    assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
+    first_time = [e.verdict for _, e in published[:11] if isinstance(e, RequestDecided)]
+    assert first_time == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]
