@@ -26,13 +26,16 @@ import duckdb
 from nexuscore import ledger
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
+from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate, sha256_of
 from nexuscore.projections._manifest import (
     MANIFEST,
+    Entry,
     committed_files,
     head_message,
     read_head,
     read_lines,
     readable_path,
+    signed_entries,
 )
 from nexuscore.projections._store import sql_list
 from nexuscore.projections._tables import SCHEMAS
@@ -47,8 +50,10 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     lines = read_lines(root)[: head["size"]]
     entry_leaves = [ledger.leaf_hash(line) for line in lines]
     index_of = {json.loads(line).get("path"): i for i, line in enumerate(lines)}
+    may_hold = _may_hold(root, committed_files(root), request_id, tenant)
+    _refuse_unsealed(root, may_hold)
     by_table: dict[str, list[str]] = {}
-    for e in committed_files(root):
+    for e in may_hold:  # those checked: what a row added elsewhere says is no proof's business
         by_table.setdefault(e["table"], []).append(readable_path(root / e["path"]))
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -90,6 +95,49 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
         "signed_message": head_message(head).decode("ascii"),
         "events": events,
     }
+
+
+def _may_hold(root: Path, files: list[Entry], request_id: str, tenant: str | None) -> list[Entry]:
+    """The committed files a row of the request may be in: those the request index places its rows
+    in, and every file the index does not cover (all of them when there is no index whose bytes
+    are the ones the ledger sealed)."""
+    index = current_index(signed_entries(root))
+    located = None
+    if index is not None and _sealed_index(root / index["path"], index["sha256"]):
+        lineage = {e["path"]: e for e in files if e.get("table") in LINEAGE_TABLES}
+        located = locate(root, index, lineage, request_id, tenant)
+    if located is None:
+        return files
+    covered, found = located
+    holding = {Path(path).relative_to(root.absolute()).as_posix() for _, path, _ in found}
+    return [e for e in files if e["path"] not in covered or e["path"] in holding]
+
+
+def _sealed_index(path: Path, sealed: str) -> bool:
+    """Whether the request index's bytes are the sealed ones (one that cannot be read is not)."""
+    try:
+        return sha256_of(path) == sealed
+    except OSError:
+        return False
+
+
+def _refuse_unsealed(root: Path, files: list[Entry]) -> None:
+    """Refuse a proof built on a file that is not the one the ledger sealed: a row taken out of it
+    (no key needed) would leave a proof of the request's other rows that checks, and the auditor
+    would see a request that was never refused, say."""
+    for e in files:
+        if _sha256(root / e["path"]) != e["sha256"]:
+            raise EvidenceError(
+                f"{root / e['path']} is not the file the ledger sealed (its sha256 differs): no proof "
+                "is built on it; run `nexuscore evidence verify`"
+            )
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return sha256_of(path)
+    except OSError as exc:
+        raise EvidenceError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _hits(
