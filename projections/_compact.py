@@ -33,7 +33,6 @@ Rows are neither lost nor doubled: the same rows, in another order, in other fil
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import multiprocessing
 import os
@@ -67,6 +66,7 @@ from nexuscore.projections._index import (
 )
 from nexuscore.projections._manifest import (
     Manifest,
+    exclusive,
     file_sources,
     fsync_path,
     open_regular,
@@ -76,7 +76,6 @@ from nexuscore.projections._manifest import (
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
 
-LOCK = ".projector.lock"  # the projector's own lock file: one writer of the ledger at a time
 FILE_ROWS = 1_000_000
 # Rows per row group of a compacted file. A lookup by request id reads the one group per tenant
 # whose request-id range holds it (statistics, then bloom filters) and decompresses all of it:
@@ -137,7 +136,7 @@ def compact(
     Groups are merged and sealed in ``workers`` processes (default: one per core)."""
     if file_rows < 1:
         raise EvidenceError("file_rows must be at least 1")
-    with exclusive(root):
+    with exclusive(root, "compact"):
         _same_signer(root, signing_key)
         manifest = Manifest(root, signing_key)
         live = list(manifest.files())
@@ -195,25 +194,6 @@ def compact(
         report.files_after = len(list(manifest.files()))
         report.indexed = new_index["rows"]
         return report
-
-
-@contextlib.contextmanager
-def exclusive(root: Path) -> Iterator[None]:
-    """Hold the projector's lock on ``root`` (a running projector holds it: refuse then)."""
-    if not (root / "manifest.jsonl").exists():
-        raise EvidenceError(f"no evidence manifest under {root}: nothing to compact")
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise EvidenceError(
-            f"a projector is writing {root} (it holds {LOCK}): stop it, then compact"
-        ) from None
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def _same_signer(root: Path, key: Ed25519PrivateKey) -> None:

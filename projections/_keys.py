@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError, KeyStoreError
-from nexuscore.projections._manifest import ERASURES, read_erasures, read_head, read_regular, record_erasure
+from nexuscore.projections._manifest import (
+    ERASURES,
+    Manifest,
+    exclusive,
+    read_erasures,
+    read_head,
+    read_regular,
+    record_erasure,
+)
+
+log = logging.getLogger(__name__)
 
 NONCE_BYTES = 12
 
@@ -316,7 +327,22 @@ def erase(
         }
         record_erasure(root, signing_key, {**entry, "reason": reason})
 
-    return keys.erase(tenant, subject, now, reason, record)
+    erased = keys.erase(tenant, subject, now, reason, record)
+    _seal_erasures(root, signing_key, now)
+    return erased
+
+
+def _seal_erasures(root: Path, signing_key: Ed25519PrivateKey, now: datetime) -> None:
+    """Seal the erasure ledger in the manifest now, unless a projector is writing it (it then
+    seals it with its next commit): until sealed, deleting the record goes unseen by ``verify``."""
+    try:
+        with exclusive(root, "seal the erasure"):
+            Manifest(root, signing_key).commit([], now)  # a checkpoint of no partitions
+    except EvidenceError as exc:
+        log.warning(
+            "the erasure is not sealed in the manifest yet (%s); a projector seals it with its next flush",
+            exc,
+        )
 
 
 class FieldCipher:

@@ -27,10 +27,13 @@ accepts a content key as gone only if a signed record names it; any other missin
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -45,14 +48,38 @@ from nexuscore import ledger
 from nexuscore.kernel import signing
 from nexuscore.kernel.errors import EvidenceError
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
 ERASURES = "erasures.jsonl"
+LOCK = ".projector.lock"  # the projector's own lock file: one writer of the ledger at a time
 # A head is a few hundred bytes: a larger file in its place is not read into memory.
 MAX_HEAD_BYTES = 1 << 20
+# An erasure record is a few hundred bytes: this holds about 200,000 of them.
+MAX_ERASURES_BYTES = 64 << 20
 GENESIS = "0" * 64
 COMMITS = ("checkpoint", "compaction")  # the entry kinds that commit the file entries before them
 Entry = dict[str, Any]
+
+
+@contextlib.contextmanager
+def exclusive(root: Path, then: str) -> Iterator[None]:
+    """Hold the projector's lock on ``root``: the ledger has one writer at a time (a running
+    projector holds it: EvidenceError, telling to stop it and ``then``)."""
+    if not (root / MANIFEST).exists():
+        raise EvidenceError(f"no evidence manifest under {root}: nothing to {then}")
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EvidenceError(
+            f"a projector is writing {root} (it holds {LOCK}): stop it, then {then}"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def canonical(obj: dict[str, Any]) -> bytes:
@@ -96,6 +123,7 @@ class Manifest:
         self.entries: list[Entry] = []  # committed ones
         self.positions: dict[tuple[str, int], int] = {}
         self._pending: list[bytes] = []
+        self.erasures_sealed: Entry | None = None  # the last commit's seal of the erasure ledger
         self._recover()
 
     def _recover(self) -> None:
@@ -166,6 +194,8 @@ class Manifest:
         self.last = hashlib.sha256(line).hexdigest()
         self.frontier.append(ledger.leaf_hash(line) if leaf is None else leaf)
         self.entries.append(entry)
+        if entry["kind"] in COMMITS and "erasures" in entry:
+            self.erasures_sealed = entry["erasures"]
         if entry["kind"] == "checkpoint":
             for p in entry["partitions"]:
                 self.positions[(p["topic"], p["partition"])] = p["end"]
@@ -191,8 +221,22 @@ class Manifest:
 
     def commit(self, partitions: list[dict[str, Any]], now: datetime) -> None:
         """Close a flush: its checkpoint, durably, then a newly signed head."""
-        self.add({"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()})
+        entry: Entry = {"kind": "checkpoint", "partitions": partitions, "sealed_at": now.isoformat()}
+        self.add({**entry, **self._erasures_seal()})
         self._append(now)
+
+    def _erasures_seal(self) -> Entry:
+        """``{"erasures": {"lines", "sha256"}}`` of the erasure ledger as it is now (nothing while
+        it is empty), sealed with each commit: deleting, cutting or changing the erasure ledger
+        afterwards, so that a keystore put back shows erased content again, is then a finding of
+        ``verify``. A ledger that cannot be read, or no longer begins with the records sealed
+        before, keeps the last seal (logged; ``verify`` names the file)."""
+        try:
+            seal = seal_erasures(self.root, self.erasures_sealed)
+        except EvidenceError as exc:
+            log.error("the erasure ledger is not sealed again with this commit: %s", exc)
+            seal = self.erasures_sealed
+        return {} if seal is None else {"erasures": seal}
 
     def commit_compaction(
         self,
@@ -219,7 +263,7 @@ class Manifest:
         if residency is not None:
             entry["residency"] = residency
         entry.update(rollups or {})
-        self.add(entry)
+        self.add({**entry, **self._erasures_seal()})
         self._append(now)
 
     def _append(self, now: datetime) -> None:
@@ -406,12 +450,43 @@ def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -
         raise EvidenceError(f"cannot record the erasure in {path}: {exc.strerror}") from exc
 
 
-def read_erasures(root: Path) -> list[bytes]:
-    """The erasure ledger's lines (none when nothing was ever erased)."""
+def seal_erasures(root: Path, previous: Entry | None) -> Entry | None:
+    """The seal of the erasure ledger: how many whole records (lines) it holds and the sha256 of
+    their lines (None: it holds none), read at most ``MAX_ERASURES_BYTES``. EvidenceError when it
+    cannot be read, or does not begin with the records ``previous`` sealed (it was cut or changed:
+    sealing it would launder that)."""
+    lines = read_erasures(root, MAX_ERASURES_BYTES, whole=True)
+    if previous is not None and not begins_with(lines, previous):
+        raise EvidenceError(
+            f"{root / ERASURES} no longer begins with the {previous.get('lines')} erasure records sealed "
+            "before (run `nexuscore evidence verify`)"
+        )
+    if not lines:
+        return None
+    return {"lines": len(lines), "sha256": erasure_lines_sha256(lines)}
+
+
+def begins_with(lines: list[bytes], seal: Entry) -> bool:
+    """Do ``lines`` begin with the records ``seal`` sealed?"""
+    count = seal.get("lines")
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= len(lines):
+        return False
+    return erasure_lines_sha256(lines[:count]) == seal.get("sha256")
+
+
+def erasure_lines_sha256(lines: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(line + b"\n" for line in lines)).hexdigest()
+
+
+def read_erasures(root: Path, limit: int | None = MAX_ERASURES_BYTES, *, whole: bool = False) -> list[bytes]:
+    """The erasure ledger's lines (none when nothing was ever erased); ``whole``: only those that
+    end (a record being appended is not one yet)."""
     try:
-        data = read_regular(root / ERASURES, links=True)
+        data = read_regular(root / ERASURES, limit, links=True)
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise EvidenceError(f"cannot read {root / ERASURES}: {exc.strerror}") from exc
+        raise EvidenceError(f"cannot read {root / ERASURES}: {exc.strerror or exc}") from exc
+    if whole:
+        data = data[: data.rfind(b"\n") + 1]
     return [line for line in data.split(b"\n") if line]

@@ -38,10 +38,12 @@ from nexuscore.projections._compact import COMPACTED
 from nexuscore.projections._index import INDEX_DIR, current_index, index_files, sha256_of, well_formed
 from nexuscore.projections._keys import FieldCipher, KeyStore, LocalKeyStore
 from nexuscore.projections._manifest import (
+    COMMITS,
     ERASURES,
     GENESIS,
     HEAD,
     MANIFEST,
+    begins_with,
     canonical,
     committed,
     erasure_message,
@@ -167,6 +169,7 @@ def verify(
     _check_routed_rows(root, entries, report)
     _check_routed_keys(root, entries, report)
     keys = keystore if keystore is not None else LocalKeyStore(root / _KEYS_DIR)
+    _check_erasures_sealed(root, entries, report)
     erased = _signed_erasures(root, public_key, report)
     checks = _StoredChecks(root, keys, readable, known_digests, until, erased)
     _check_stored(checks, workers or os.cpu_count() or 1, report)
@@ -967,6 +970,33 @@ def _check_requests(store: EvidenceStore, until: datetime | None, report: Verify
             what = " request ids submitted more than once (one decision each)" if not fatal else ""
             report.add(kind, table, f"{len(ids)}{what}: {_ids(ids)}", fatal=fatal)
     return sorted(orphans)
+
+
+def _check_erasures_sealed(root: Path, entries: list[dict[str, Any]], report: VerifyReport) -> None:
+    """The erasure ledger still begins with the records every commit sealed: deleted, cut or
+    changed, with a keystore from before an erasure put back, erased content would be readable
+    again and nothing else would show it."""
+    seals = {
+        canonical(e["erasures"]): e["erasures"]
+        for e in entries
+        if e.get("kind") in COMMITS and "erasures" in e
+    }
+    if not seals:
+        return  # nothing was erased when the last commit was sealed
+    try:
+        lines = read_erasures(root)
+    except EvidenceError as exc:
+        report.add("erasures_altered", ERASURES, str(exc))
+        return
+    broken = [seal for seal in seals.values() if not isinstance(seal, dict) or not begins_with(lines, seal)]
+    if broken:
+        counts = sorted({str(seal.get("lines")) if isinstance(seal, dict) else "?" for seal in broken})
+        report.add(
+            "erasures_altered",
+            ERASURES,
+            f"does not begin with the erasure records the ledger sealed ({', '.join(counts)} of them: "
+            "deleted, cut or changed): content they erased may be readable again",
+        )
 
 
 def _signed_erasures(root: Path, public_key: Ed25519PublicKey, report: VerifyReport) -> set[str]:

@@ -33,6 +33,7 @@ from nexuscore.projections import (
     LocalKeyStore,
     check_proof,
     committed_files,
+    compact,
     erase,
     lineage_at,
     prove,
@@ -172,21 +173,43 @@ def test_prove_names_a_missing_table_file_in_one_line(pristine: Path, tmp_path: 
 # --- 3. prove trusts the bytes on disk: a folder writer hides a request's events from its proof ---
 
 
-@pytest.mark.xfail(strict=True, reason="prove does not check a file's sha256 against its seal")
-def test_a_folder_writer_cannot_drop_the_rejection_from_a_proof(pristine: Path, tmp_path: Path) -> None:
-    """The rejection of ``loan-1`` taken out of its file (no key needed): ``prove`` builds a proof
-    of the request alone, and that proof checks, so the auditor sees a request that was never refused."""
-    root = a_copy(pristine, tmp_path)
+def drop_loan_1s_rejection(root: Path) -> str:
+    """Take ``loan-1``'s rejection out of the file that holds it (no key needed); that file's path."""
     for e in committed_files(root):
         path = root / e["path"]
         if e["table"] == "rejections" and "loan-1" in pq.read_table(path).column("request_id").to_pylist():
             rows = pq.read_table(path)
             pq.write_table(rows.filter(pc.not_equal(rows["request_id"], "loan-1")), path)
-    try:
-        proof = prove(root, "loan-1")
-    except EvidenceError:
-        return  # refused, naming the altered file: the fix
-    assert tables(proof) == ["rejections", "requests"] or check_proof(proof, RAW_PUBLIC) != []
+            return str(e["path"])
+    raise AssertionError("no rejection of loan-1")
+
+
+def test_a_folder_writer_cannot_drop_the_rejection_from_a_proof(pristine: Path, tmp_path: Path) -> None:
+    """The rejection of ``loan-1`` taken out of its file: ``prove`` built a proof of the request
+    alone, and that proof checked, so the auditor saw a request that was never refused. It now
+    hashes the files the request's rows may be in and refuses, naming the altered one."""
+    root = a_copy(pristine, tmp_path)
+    altered = drop_loan_1s_rejection(root)
+    with pytest.raises(EvidenceError, match="is not the file the ledger sealed") as refused:
+        prove(root, "loan-1")
+    assert altered in str(refused.value)
+
+
+def test_after_a_compaction_the_files_the_index_names_are_checked(pristine: Path, tmp_path: Path) -> None:
+    """With a request index (written by compaction), ``prove`` hashes the files the index places
+    the request's rows in and those it does not cover, not the whole store: the rejection taken
+    out of its compacted file is refused all the same."""
+    root = a_copy(pristine, tmp_path)
+    compact(root, signing_key(), T0, file_rows=1_000)
+    assert tables(prove(root, "loan-1")) == ["rejections", "requests"]
+    unindexed = shutil.copytree(root, tmp_path / "unindexed")
+    for index in (unindexed / "_index").glob("requests-*.parquet"):
+        index.unlink()  # without its index, prove checks (and reads) every file
+    assert tables(prove(unindexed, "loan-1")) == ["rejections", "requests"]
+    altered = drop_loan_1s_rejection(root)
+    with pytest.raises(EvidenceError, match="is not the file the ledger sealed") as refused:
+        prove(root, "loan-1")
+    assert altered in str(refused.value)
 
 
 # --- 4. an erasure undone by a folder writer: the content readable again, verify green -----------
@@ -220,7 +243,6 @@ def test_an_erasure_stays_done_when_the_old_keystore_is_put_back(pristine: Path,
     assert "[erased" in prompt_of(root, "loan-17") or not report.ok
 
 
-@pytest.mark.xfail(strict=True, reason="the erasure ledger is not anchored in the signed manifest")
 def test_deleting_the_erasure_record_too_leaves_a_trace(pristine: Path, tmp_path: Path) -> None:
     """Same, and ``erasures.jsonl`` deleted as well: verify finds nothing at all, not even a warning."""
     root = a_copy(pristine, tmp_path)

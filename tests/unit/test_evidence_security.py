@@ -5,6 +5,7 @@ signing keys kept out of the evidence. Stores are built by the projector's own c
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +24,14 @@ from nexuscore._demo import clear_evidence, demo_dirs
 from nexuscore.cli import main
 from nexuscore.kernel.errors import EvidenceError, KeyStoreError, NexusError
 from nexuscore.projections import EvidenceStore, Finding, LocalKeyStore, committed_files, erase, verify
-from nexuscore.projections._manifest import ERASURES, canonical, erasure_message
+from nexuscore.projections._manifest import (
+    ERASURES,
+    LOCK,
+    Manifest,
+    canonical,
+    erasure_message,
+    signed_entries,
+)
 from nexuscore.schemas import Event, InferenceRequested
 from tests.factories import POLICY, T0, project, run_history, signing_key
 
@@ -306,7 +314,9 @@ def test_an_altered_erasure_record_is_not_accepted(root: Path) -> None:
     record = json.loads(path.read_bytes())
     record["key_ids"] = sorted(record["key_ids"] + other)
     path.write_bytes(canonical(record) + b"\n")
-    assert fatal(verify(root, PUBLIC, KNOWN, workers=1).findings) == {"erasure_forged", "key_missing"}
+    findings = fatal(verify(root, PUBLIC, KNOWN, workers=1).findings)
+    # (and the sealed erasure ledger no longer begins with the record it sealed)
+    assert findings == {"erasure_forged", "key_missing", "erasures_altered"}
 
 
 def test_erase_refuses_a_key_that_does_not_sign_this_evidence(root: Path) -> None:
@@ -480,3 +490,60 @@ def test_verify_since_a_kept_head_passes_a_store_that_grew_and_refuses_a_bad_hea
     ]:
         code, _, err = cli(monkeypatch, capsys, *verify_args, "--since-head", str(bad))
         assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+# --- the erasure ledger, sealed in the manifest ------------------------------------------------
+
+
+def test_an_erasure_is_sealed_in_the_manifest_and_deleting_its_record_is_named(root: Path) -> None:
+    """With a keystore from before the erasure put back and the erasure ledger deleted, the erased
+    content was readable again and ``verify`` found nothing. The erasure's own commit seals the
+    ledger's records (count and sha256), so ``verify`` now names its loss, its cut or a change."""
+    erase(root, LocalKeyStore(root / "_keys"), signing_key(), "acme-bank", "subject-7", T0, "art. 17")
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 1
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+    kept = (root / ERASURES).read_bytes()
+    (root / ERASURES).unlink()
+    assert "erasures_altered" in fatal(verify(root, PUBLIC, KNOWN, workers=1).findings)
+    (root / ERASURES).write_bytes(kept.replace(b"art. 17", b"art. 18"))
+    assert "erasures_altered" in fatal(verify(root, PUBLIC, KNOWN, workers=1).findings)
+    (root / ERASURES).write_bytes(kept)
+    erase(root, LocalKeyStore(root / "_keys"), signing_key(), "globex-insurance", None, T0, "art. 17")
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 2  # a later record extends the seal
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_while_a_projector_writes_an_erasure_is_sealed_by_its_next_commit(root: Path) -> None:
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running projector holds it
+    try:
+        before = len(signed_entries(root))
+        erase(root, LocalKeyStore(root / "_keys"), signing_key(), "acme-bank", None, T0, "art. 17")
+        assert len(signed_entries(root)) == before  # the ledger has one writer: not erase
+        Manifest(root, signing_key()).commit([], T0)  # the projector's next flush
+    finally:
+        os.close(fd)
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 1
+    assert verify(root, PUBLIC, KNOWN, workers=1).findings == []
+
+
+def test_a_cut_erasure_ledger_is_not_sealed_again_by_the_next_commit(root: Path) -> None:
+    """Cut back to its first record, the erasure ledger would be sealed as it is by the next
+    commit (a projector's flush, a compaction, another erasure), and ``verify`` would see a ledger
+    that matches its last seal. A commit seals it only if it begins with what was sealed before."""
+    for tenant in ("acme-bank", "globex-insurance"):
+        erase(root, LocalKeyStore(root / "_keys"), signing_key(), tenant, None, T0, "art. 17")
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 2
+    first = (root / ERASURES).read_bytes().split(b"\n")[0] + b"\n"
+    (root / ERASURES).write_bytes(first)
+    Manifest(root, signing_key()).commit([], T0)  # the next commit
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 2  # the earlier seal, kept
+    assert "erasures_altered" in fatal(verify(root, PUBLIC, KNOWN, workers=1).findings)
+
+
+def test_a_record_being_appended_is_not_sealed_half_written(root: Path) -> None:
+    erase(root, LocalKeyStore(root / "_keys"), signing_key(), "acme-bank", None, T0, "art. 17")
+    with (root / ERASURES).open("ab") as f:
+        f.write(b'{"tenant":"globex-insurance"')  # an erasure writing its record right now
+    Manifest(root, signing_key()).commit([], T0)
+    assert signed_entries(root)[-1]["erasures"]["lines"] == 1
