@@ -78,6 +78,8 @@ WRITE_GATHER_S = 0.05
 STATE_TRANSACTION_TIMEOUT_MS = 15_000
 # Input keys whose partition is remembered (each tenant on each input topic).
 MAX_HOMES_KEPT = 10_000
+# A tenant id is at most 200 characters: 800 bytes of UTF-8.
+MAX_TENANT_KEY_BYTES = 800
 
 
 class Outbox:
@@ -100,10 +102,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka s
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.loop.lock:  # the batch in hand is flushed and committed first
             await self.loop.settled()
-            self.loop.deciding -= {tp.partition for tp in revoked}  # their state is kept, for now
+            self.loop.rebalances += 1
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self.loop.lock:
+            self.loop.rebalances += 1
             try:
                 await self.loop.restore({tp.partition for tp in assigned})
             except Exception as exc:  # aiokafka would log it and fetch on: the loop stops instead
@@ -148,17 +151,16 @@ class DeciderLoop:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
-        # The partitions whose inputs this decider decides: those held, less any being revoked.
-        self.deciding: set[int] = set()
+        # Rebalances so far: a fetch that returned while one held the lock is dropped (``_loop``).
+        self.rebalances = 0
         self.processed = 0
         # Why restoring an assignment failed (the loop stops rather than decide without state).
         self.failed: BaseException | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._consumer: AIOKafkaConsumer | None = None
-        # Per input partition a recovery decided again: where deciding resumes (``_still_ours``).
-        self._resume_at: dict[TopicPartition, int] = {}
-        # Each (topic, key)'s partition by the producers' partitioner (``_process``).
-        self._homes: dict[tuple[str, bytes | None], int] = {}
+        # Each (topic, key)'s partition by the producers' partitioner, with the topic's partition
+        # count it was worked out for (``_process``).
+        self._homes: dict[tuple[str, bytes], tuple[int, int]] = {}
         # The alternative measured in docs/decisions: a Kafka transaction per batch (outputs, state
         # and offsets atomically) instead of ordered, idempotent writes.
         self.transactional = transactional
@@ -195,7 +197,6 @@ class DeciderLoop:
         """Hold ``partitions``: drop the state of those given away, read that of those gained. The
         state of a partition kept across a rebalance stays (every change to it was flushed)."""
         self.state.forget(self.held - partitions)
-        self._resume_at = {tp: at for tp, at in self._resume_at.items() if tp.partition in partitions}
         new = partitions - self.held
         if new and self._restorer is not None:
             read = await self.state.restore(self._restorer, new)
@@ -207,7 +208,6 @@ class DeciderLoop:
             await self._decide_again(new)
             self._restorer.unsubscribe()  # nothing left to fetch for it until the next assignment
         self.held = set(partitions)  # once their state is in: what ``held`` says is ready
-        self.deciding = set(partitions)
 
     async def _decide_again(self, partitions: set[int]) -> None:
         """Decide again, in their first order, the inputs of ``partitions`` whose decisions went
@@ -238,7 +238,7 @@ class DeciderLoop:
             replay, missing = replay_order(order, {kind: read.get(tp, []) for kind, tp in inputs[p].items()})
             self.state.at_partition(p)
             for r in replay:
-                await self._process(self._consumer, r)
+                await self._process(r, len(self._consumer.partitions_for_topic(r.topic) or ()))
             offsets.update(_next_offsets(_by_partition(replay)))
             log.warning(  # an SRE's sign of a crash recovered from
                 "partition %d: %d inputs decided again in the order of the %d decisions a crash left "
@@ -250,7 +250,6 @@ class DeciderLoop:
             await self.settled()
             for tp, offset in offsets.items():
                 self._consumer.seek(tp, offset)
-            self._resume_at.update(offsets)
 
     async def _lost_orders(
         self, inputs: dict[int, dict[InputKind, TopicPartition]], starts: dict[TopicPartition, int]
@@ -336,15 +335,22 @@ class DeciderLoop:
         next_scan = time.monotonic() + DEADLINE_SCAN_S
         try:
             while not self.stopping.is_set():
+                before = self.rebalances
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
                 async with self.lock:
                     if self.failed is not None:  # deciding without the partitions' state: never
                         raise RuntimeError("the decider's state could not be restored") from self.failed
-                    batches = self._still_ours(batches)
+                    if self.rebalances != before:
+                        # Fetched before a rebalance (or a recovery's seek) that ran meanwhile: the
+                        # partitions may be another's now, or decided again already. Every position
+                        # was reset (to the committed offset, or where the recovery moved it), so
+                        # what is still this decider's comes again.
+                        continue
                     for tp, records in batches.items():
                         self.state.at_partition(tp.partition)
+                        partitions = len(consumer.partitions_for_topic(tp.topic) or ())
                         for r in records:
-                            await self._process(consumer, r)
+                            await self._process(r, partitions)
                         self.processed += len(records)
                     if time.monotonic() >= next_scan:
                         await self.decider.overdue_reviews()
@@ -355,42 +361,29 @@ class DeciderLoop:
         finally:
             await self.settled()
 
-    def _still_ours(
-        self, batches: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """What of a fetch is still this decider's to decide: a fetch returns while a rebalance
-        holds the lock, so it may hold records of partitions given away since, or records a
-        recovery has just decided again (``_decide_again``: below where it moved the consumer)."""
-        ours: dict[TopicPartition, list[ConsumerRecord]] = {}
-        for tp, records in batches.items():
-            if tp.partition not in self.deciding:
-                continue
-            resume = self._resume_at.get(tp)
-            if resume is not None:
-                records = [r for r in records if r.offset >= resume]
-                if records:
-                    del self._resume_at[tp]
-            if records:
-                ours[tp] = records
-        return ours
-
-    async def _process(self, consumer: AIOKafkaConsumer, r: ConsumerRecord) -> None:
-        """One input, if it is on its tenant's partition: a tenant's requests, outcomes and reviews
-        must reach the one decider holding its state, in order. A producer that writes to a
-        partition of its choice would otherwise be decided against another copy of its budget."""
-        home = self._homes.get((r.topic, r.key))
-        if home is None:
-            partitions = sorted(consumer.partitions_for_topic(r.topic) or ())
-            home = (
-                DefaultPartitioner()(r.key, partitions, partitions) if r.key and partitions else r.partition
-            )
-            if len(self._homes) < MAX_HOMES_KEPT:  # keys are tenants; any beyond are a producer's noise
-                self._homes[(r.topic, r.key)] = home
-        if home != r.partition:
-            reason = f"written to partition {r.partition}; its key's (its tenant's) partition is {home}"
-            await self.decider.reject(r.topic, r.partition, r.offset, r.key, r.value, reason)
-            return
+    async def _process(self, r: ConsumerRecord, partitions: int) -> None:
+        """One input, if it is on its tenant's partition (of ``partitions``, 0 if unknown: then
+        not checked): a tenant's requests, outcomes and reviews must reach the one decider holding
+        its state, in order. A producer that writes to a partition of its choice would otherwise be
+        decided against another copy of its budget. (A key longer than any tenant id's is refused
+        by the decoding, without hashing it.)"""
+        if partitions and r.key and len(r.key) <= MAX_TENANT_KEY_BYTES:
+            home = self._home(r.topic, r.key, partitions)
+            if home != r.partition:
+                reason = f"written to partition {r.partition}; its key's (its tenant's) partition is {home}"
+                await self.decider.reject(r.topic, r.partition, r.offset, r.key, r.value, reason)
+                return
         await self.decider.process(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+
+    def _home(self, topic: str, key: bytes, partitions: int) -> int:
+        """The partition the producers' partitioner (murmur2 of the key) gives ``key``."""
+        known = self._homes.get((topic, key))
+        if known is not None and known[0] == partitions:
+            return known[1]
+        home: int = DefaultPartitioner()(key, list(range(partitions)), None)
+        if len(self._homes) < MAX_HOMES_KEPT:  # keys are tenants; any beyond are a producer's noise
+            self._homes[(topic, key)] = (partitions, home)
+        return home
 
     def _job(
         self,
