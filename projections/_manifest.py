@@ -52,11 +52,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 HEAD = "manifest.head.json"
 ERASURES = "erasures.jsonl"
+# An erasure record is a few hundred bytes; a line longer than this is none (and is not sealed).
+MAX_ERASURE_RECORD_BYTES = 1 << 20
 LOCK = ".projector.lock"  # the projector's own lock file: one writer of the ledger at a time
 # A head is a few hundred bytes: a larger file in its place is not read into memory.
 MAX_HEAD_BYTES = 1 << 20
-# An erasure record is a few hundred bytes: this holds about 200,000 of them.
-MAX_ERASURES_BYTES = 64 << 20
 GENESIS = "0" * 64
 COMMITS = ("checkpoint", "compaction")  # the entry kinds that commit the file entries before them
 Entry = dict[str, Any]
@@ -452,18 +452,33 @@ def record_erasure(root: Path, key: Ed25519PrivateKey, record: dict[str, Any]) -
 
 def seal_erasures(root: Path, previous: Entry | None) -> Entry | None:
     """The seal of the erasure ledger: how many whole records (lines) it holds and the sha256 of
-    their lines (None: it holds none), read at most ``MAX_ERASURES_BYTES``. EvidenceError when it
-    cannot be read, or does not begin with the records ``previous`` sealed (it was cut or changed:
-    sealing it would launder that)."""
-    lines = read_erasures(root, MAX_ERASURES_BYTES, whole=True)
-    if previous is not None and not begins_with(lines, previous):
+    their lines (None: it holds none), hashed as it is read. EvidenceError when it cannot be read,
+    or does not begin with the records ``previous`` sealed (it was cut or changed: sealing it
+    would launder that)."""
+    want = previous.get("lines") if previous is not None else None
+    digest, count, prefix = hashlib.sha256(), 0, None
+    try:
+        f, _ = open_regular(root / ERASURES, links=True)
+    except FileNotFoundError:
+        f = None
+    except OSError as exc:
+        raise EvidenceError(f"cannot read {root / ERASURES}: {exc.strerror or exc}") from exc
+    if f is not None:
+        with f:
+            for line in iter(lambda: f.readline(MAX_ERASURE_RECORD_BYTES), b""):
+                if not line.endswith(b"\n"):
+                    break  # a record being appended is not one yet (nor is a line this long)
+                if line != b"\n":
+                    digest.update(line)
+                    count += 1
+                    if count == want:
+                        prefix = digest.hexdigest()
+    if previous is not None and (prefix is None or prefix != previous.get("sha256")):
         raise EvidenceError(
-            f"{root / ERASURES} no longer begins with the {previous.get('lines')} erasure records sealed "
-            "before (run `nexuscore evidence verify`)"
+            f"{root / ERASURES} no longer begins with the {want} erasure records sealed before "
+            "(run `nexuscore evidence verify`)"
         )
-    if not lines:
-        return None
-    return {"lines": len(lines), "sha256": erasure_lines_sha256(lines)}
+    return {"lines": count, "sha256": digest.hexdigest()} if count else None
 
 
 def begins_with(lines: list[bytes], seal: Entry) -> bool:
@@ -478,15 +493,12 @@ def erasure_lines_sha256(lines: list[bytes]) -> str:
     return hashlib.sha256(b"".join(line + b"\n" for line in lines)).hexdigest()
 
 
-def read_erasures(root: Path, limit: int | None = MAX_ERASURES_BYTES, *, whole: bool = False) -> list[bytes]:
-    """The erasure ledger's lines (none when nothing was ever erased); ``whole``: only those that
-    end (a record being appended is not one yet)."""
+def read_erasures(root: Path) -> list[bytes]:
+    """The erasure ledger's lines (none when nothing was ever erased)."""
     try:
-        data = read_regular(root / ERASURES, limit, links=True)
+        data = read_regular(root / ERASURES, links=True)
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise EvidenceError(f"cannot read {root / ERASURES}: {exc.strerror or exc}") from exc
-    if whole:
-        data = data[: data.rfind(b"\n") + 1]
     return [line for line in data.split(b"\n") if line]

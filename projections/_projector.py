@@ -47,7 +47,7 @@ from nexuscore.observe import record_lag, record_sealed, record_spans, with_trac
 from nexuscore.policy import GovernanceState, Refusal, TrustStore, check_review, judge
 from nexuscore.projections._keys import FieldCipher, LocalKeyStore
 from nexuscore.projections._leaves import column_leaves
-from nexuscore.projections._manifest import Manifest, file_sources, require_regular
+from nexuscore.projections._manifest import ERASURES, Manifest, file_sources, require_regular
 from nexuscore.projections._tables import (
     POSITIONS,
     ROW_BUILDERS,
@@ -241,6 +241,7 @@ class Projector:
         self.governance = GovernanceState()
         # Governance offsets below these were projected before a restart: folded, not projected.
         self._governance_until: dict[TopicPartition, int] = {}
+        self._erasures_seen: tuple[int, int, int] | None = None  # the erasure ledger's, last looked
         self._own_dead_letters = _own_dead_letters(topics)
         self._contract = _topic_contract(topics)
         # Topic names are properties computed on each read: resolved once for the per-event path.
@@ -540,7 +541,19 @@ class Projector:
             tmp.unlink()
         self._rebuild_windows(manifest)
         self._position = {TopicPartition(t, p): end for (t, p), end in manifest.positions.items()}
+        self._erasures_changed()  # what it is now: sealed by the next commit
         return manifest
+
+    def _erasures_changed(self) -> bool:
+        """Whether the erasure ledger changed (size, time, inode) since the last look: an
+        ``evidence erase`` cannot seal it while this projector holds the ledger's lock."""
+        try:
+            info = os.stat(self.evidence_dir / ERASURES)
+            seen: tuple[int, int, int] | None = (info.st_size, info.st_mtime_ns, info.st_ino)
+        except OSError:
+            seen = None
+        changed, self._erasures_seen = seen != self._erasures_seen, seen
+        return changed
 
     def _rebuild_windows(self, manifest: Manifest) -> None:
         """The dedup window of each partition, from the files of its last ``dedup_window`` offsets.
@@ -657,6 +670,11 @@ class Projector:
                     batches, pending, size, last_flush = {}, 0, 0, time.monotonic()
                 elif not batches:
                     last_flush = time.monotonic()
+                    if self._erasures_changed():  # an erasure while idle: seal it now, not at the next flush
+                        if flushing is not None:
+                            await flushing
+                            flushing = None
+                        self.writer.commit([], self.clock.now())  # type: ignore[union-attr]  # recovered
         finally:
             if flushing is not None:
                 await flushing
