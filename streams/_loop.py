@@ -239,7 +239,7 @@ class DeciderLoop:
             self.state.at_partition(p)
             for r in replay:
                 await self._process(r, len(self._consumer.partitions_for_topic(r.topic) or ()))
-            offsets.update(_next_offsets(_by_partition(replay)))
+                offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1  # each topic in log order
             log.warning(  # an SRE's sign of a crash recovered from
                 "partition %d: %d inputs decided again in the order of the %d decisions a crash left "
                 "without their state (%d of those inputs were not found again)",
@@ -509,11 +509,3 @@ def _last_values(
 
 def _next_offsets(batches: dict[TopicPartition, list[ConsumerRecord]]) -> dict[TopicPartition, int]:
     return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
-
-
-def _by_partition(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, list[ConsumerRecord]]:
-    """``records`` grouped by topic partition, each group in the order given."""
-    grouped: dict[TopicPartition, list[ConsumerRecord]] = {}
-    for r in records:
-        grouped.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
-    return grouped
