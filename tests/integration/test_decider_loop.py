@@ -380,6 +380,8 @@ def test_decisions_a_crash_left_without_state_are_made_again_in_their_first_orde
         task = asyncio.create_task(loop.run())
         try:
             await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
+            # all four decided before any outcome exists: the fourth is denied whatever the fetches
+            await _read_until(bootstrap, topics.decisions, _count(decision, 4))
             dispatched = await _read_until(bootstrap, topics.dispatch, _count(DispatchRequested, 3))
             outcomes = [_answered(d) for _, d in dispatched if isinstance(d, DispatchRequested)]
             await _send(bootstrap, topics.outcomes, outcomes)
