@@ -33,7 +33,6 @@ Rows are neither lost nor doubled: the same rows, in another order, in other fil
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import multiprocessing
 import os
 import re
@@ -69,9 +68,9 @@ from nexuscore.projections._manifest import (
     exclusive,
     file_sources,
     fsync_path,
-    open_regular,
     read_head,
     replace_with,
+    sealed_copies,
 )
 from nexuscore.projections._store import is_table_path, sql_list
 from nexuscore.projections._tables import SCHEMAS
@@ -254,7 +253,12 @@ def _rewrite(
         tempfile.TemporaryDirectory(prefix="nexuscore-compact-inputs-") as inputs,
         _connection() as con,
     ):
-        copies = sealed_copies(Path(root_dir), entries, Path(inputs))
+        # Compaction re-seals what it reads: a file changed on disk and then merged would come out
+        # under a new, valid seal (``verify`` checks that a compaction kept the row counts, not the
+        # content of the files it replaced). The merge reads private copies of the sealed bytes.
+        copies = sealed_copies(
+            Path(root_dir), entries, Path(inputs), purpose="compact it", refusal=_not_sealed
+        )
         return _rewrite_with(con, Path(root_dir), group, entries, copies, seq, n, file_rows)
 
 
@@ -279,33 +283,6 @@ def _not_sealed(path: str) -> str:
         f"{path} is not the file the ledger sealed (its sha256 differs, or it cannot be read as a "
         "file): compacting would seal its change; nothing was compacted (run `nexuscore evidence verify`)"
     )
-
-
-def sealed_copies(root: Path, entries: list[Entry], into: Path) -> list[str]:
-    """Each file to merge, copied into the private folder ``into`` as its bytes are hashed, if they
-    are the bytes the ledger sealed (else EvidenceError, naming the file).
-
-    Compaction re-seals what it reads: a file changed on disk and then merged would come out under
-    a new, valid seal (``verify`` checks that a compaction kept the row counts, not the content of
-    the files it replaced), so the change would be laundered. The merge reads the copies: a change
-    made to a file after its check cannot reach it."""
-    copies = []
-    for i, e in enumerate(entries):
-        path, copy = root / e["path"], into / f"{i:06d}.parquet"
-        digest = hashlib.sha256()
-        try:
-            source, _ = open_regular(path)
-            with source, copy.open("wb") as out:
-                while chunk := source.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-        except OSError as exc:
-            # (Reading it, or writing its copy: the temporary folder, $TMPDIR, needs room for a group.)
-            raise EvidenceError(f"cannot copy {path} to {into} to compact it: {exc.strerror}") from exc
-        if digest.hexdigest() != e.get("sha256"):
-            raise EvidenceError(_not_sealed(e["path"]))
-        copies.append(str(copy))
-    return copies
 
 
 def _rewrite_with(

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,34 @@ def read_regular(path: Path, limit: int | None = None, *, links: bool = False) -
         if limit is not None and size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes")
         return f.read() if limit is None else f.read(limit + 1)[:limit]
+
+
+def sealed_copies(
+    root: Path, entries: list[Entry], into: Path, *, purpose: str, refusal: Callable[[str], str]
+) -> list[str]:
+    """Each entry's file, copied into the private folder ``into`` as its bytes are hashed, if they
+    are the bytes the ledger sealed (else EvidenceError: ``refusal`` of the entry's path).
+
+    A reader that checks a file's sha256 and then opens it by path again reads whatever is there
+    by then: someone who can write in the folder swaps a row out between the two. The copies are
+    the checked bytes, and nothing outside this process can reach them. ``purpose`` says in the
+    error what a copy that cannot be made was for (``$TMPDIR`` needs room for them)."""
+    copies = []
+    for i, e in enumerate(entries):
+        path, copy = root / e["path"], into / f"{i:06d}.parquet"
+        digest = hashlib.sha256()
+        try:
+            source, _ = open_regular(path)
+            with source, copy.open("wb") as out:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except OSError as exc:
+            raise EvidenceError(f"cannot copy {path} to {into} to {purpose}: {exc.strerror}") from exc
+        if digest.hexdigest() != e.get("sha256"):
+            raise EvidenceError(refusal(e["path"]))
+        copies.append(str(copy))
+    return copies
 
 
 def require_regular(path: Path) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -26,7 +27,7 @@ import duckdb
 from nexuscore import ledger
 from nexuscore.kernel.errors import EvidenceError
 from nexuscore.projections import _seal
-from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate, sha256_of
+from nexuscore.projections._index import LINEAGE_TABLES, current_index, locate, well_formed
 from nexuscore.projections._manifest import (
     MANIFEST,
     Entry,
@@ -34,7 +35,7 @@ from nexuscore.projections._manifest import (
     head_message,
     read_head,
     read_lines,
-    readable_path,
+    sealed_copies,
     signed_entries,
 )
 from nexuscore.projections._store import sql_list
@@ -48,13 +49,30 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     if head is None:
         raise EvidenceError(f"no signed manifest head under {root}")
     lines = read_lines(root)[: head["size"]]
+    with tempfile.TemporaryDirectory(prefix="nexuscore-prove-") as private:
+        may_hold = _may_hold(root, committed_files(root), request_id, tenant, Path(private))
+        # The proof reads copies of the bytes it checked: a row swapped out after the check, and
+        # put back before anyone looks, is not left out of a proof that still checks.
+        copies = sealed_copies(root, may_hold, Path(private), purpose="prove from it", refusal=_not_sealed)
+        sealed = dict(zip(copies, may_hold, strict=True))
+        return _prove_from(root, head, lines, sealed, request_id, tenant)
+
+
+def _prove_from(
+    root: Path,
+    head: dict[str, Any],
+    lines: list[bytes],
+    sealed: dict[str, Entry],
+    request_id: str,
+    tenant: str | None,
+) -> dict[str, Any]:
+    """The proof, from ``sealed``: private copies of the files that may hold the request's rows,
+    each with its ledger entry."""
     entry_leaves = [ledger.leaf_hash(line) for line in lines]
     index_of = {json.loads(line).get("path"): i for i, line in enumerate(lines)}
-    may_hold = _may_hold(root, committed_files(root), request_id, tenant)
-    _refuse_unsealed(root, may_hold)
     by_table: dict[str, list[str]] = {}
-    for e in may_hold:  # those checked: what a row added elsewhere says is no proof's business
-        by_table.setdefault(e["table"], []).append(readable_path(root / e["path"]))
+    for copy, e in sealed.items():
+        by_table.setdefault(e["table"], []).append(copy)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     try:
@@ -71,8 +89,7 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     events = []
     for table, name, row in hits:
         leaf = _seal.canonical_row(con, SCHEMAS[table], name, row)
-        relative = Path(name).relative_to(root).as_posix()
-        entry_index = index_of[relative]
+        entry_index = index_of[sealed[name]["path"]]
         size, path = _file_path(con, table, name, row, json.loads(lines[entry_index]))
         events.append(
             {
@@ -97,47 +114,41 @@ def prove(root: Path, request_id: str, tenant: str | None = None) -> dict[str, A
     }
 
 
-def _may_hold(root: Path, files: list[Entry], request_id: str, tenant: str | None) -> list[Entry]:
+def _may_hold(
+    root: Path, files: list[Entry], request_id: str, tenant: str | None, private: Path
+) -> list[Entry]:
     """The committed files a row of the request may be in: those the request index places its rows
     in, and every file the index does not cover (all of them when there is no index whose bytes
-    are the ones the ledger sealed)."""
+    are the ones the ledger sealed). The index is read from a private copy of the checked bytes."""
     index = current_index(signed_entries(root))
-    located = None
-    if index is not None and _sealed_index(root / index["path"], index["sha256"]):
-        lineage = {e["path"]: e for e in files if e.get("table") in LINEAGE_TABLES}
-        located = locate(root, index, lineage, request_id, tenant)
+    if index is None or not well_formed(index):
+        return files
+    copied = private / "index"
+    copied.mkdir()
+    try:
+        (copy,) = sealed_copies(root, [index], copied, purpose="read it", refusal=str)
+    except EvidenceError:
+        return files  # unreadable, or not the sealed index: every file is searched
+    placed = copied / index["path"]  # where ``locate`` looks for it (a well-formed relative path)
+    placed.parent.mkdir(parents=True)
+    Path(copy).rename(placed)
+    lineage = {e["path"]: e for e in files if e.get("table") in LINEAGE_TABLES}
+    located = locate(copied, index, lineage, request_id, tenant)
     if located is None:
         return files
     covered, found = located
-    holding = {Path(path).relative_to(root.absolute()).as_posix() for _, path, _ in found}
+    holding = {Path(path).relative_to(copied.absolute()).as_posix() for _, path, _ in found}
     return [e for e in files if e["path"] not in covered or e["path"] in holding]
 
 
-def _sealed_index(path: Path, sealed: str) -> bool:
-    """Whether the request index's bytes are the sealed ones (one that cannot be read is not)."""
-    try:
-        return sha256_of(path) == sealed
-    except OSError:
-        return False
-
-
-def _refuse_unsealed(root: Path, files: list[Entry]) -> None:
-    """Refuse a proof built on a file that is not the one the ledger sealed: a row taken out of it
+def _not_sealed(path: str) -> str:
+    """Why no proof is built on a file that is not the one the ledger sealed: a row taken out of it
     (no key needed) would leave a proof of the request's other rows that checks, and the auditor
     would see a request that was never refused, say."""
-    for e in files:
-        if _sha256(root / e["path"]) != e["sha256"]:
-            raise EvidenceError(
-                f"{root / e['path']} is not the file the ledger sealed (its sha256 differs): no proof "
-                "is built on it; run `nexuscore evidence verify`"
-            )
-
-
-def _sha256(path: Path) -> str:
-    try:
-        return sha256_of(path)
-    except OSError as exc:
-        raise EvidenceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return (
+        f"{path} is not the file the ledger sealed (its sha256 differs): no proof is built on it; "
+        "run `nexuscore evidence verify`"
+    )
 
 
 def _hits(

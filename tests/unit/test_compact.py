@@ -20,6 +20,7 @@ from nexuscore.projections import (
     EvidenceStore,
     Manifest,
     _compact,
+    _manifest,
     check_consistency,
     check_proof,
     committed_files,
@@ -369,16 +370,24 @@ def test_a_file_changed_on_disk_is_never_resealed_by_a_compaction(
 
 
 def test_the_merge_reads_copies_checked_against_their_seals(small_files: Path, tmp_path: Path) -> None:
+    """Compaction and ``prove`` read private copies of the bytes they checked: a file changed after
+    the check (and put back before anyone looks) cannot reach them."""
     root = copy(small_files, tmp_path)
     entries = [e for e in committed_files(root) if e["table"] == "decisions"][:3]
     into = tmp_path / "inputs"
     into.mkdir()
-    copies = _compact.sealed_copies(root, entries, into)
-    assert [Path(c).read_bytes() for c in copies] == [(root / e["path"]).read_bytes() for e in entries]
+    copies = _manifest.sealed_copies(root, entries, into, purpose="compact it", refusal=str)
+    originals = [(root / e["path"]).read_bytes() for e in entries]
+    assert [Path(c).read_bytes() for c in copies] == originals
+    (root / entries[0]["path"]).write_bytes(b"PAR1 swapped in after the check")
+    assert Path(copies[0]).read_bytes() == originals[0]
+    with pytest.raises(EvidenceError, match=f"^{entries[0]['path']}$"):  # (``refusal`` of its path)
+        _manifest.sealed_copies(root, entries, tmp_path, purpose="compact it", refusal=str)
+    (root / entries[0]["path"]).write_bytes(originals[0])
     (root / entries[1]["path"]).unlink()
     os.mkfifo(root / entries[1]["path"])  # (a pipe would block the reader: refused as not a file)
     with pytest.raises(EvidenceError, match="cannot copy .* to compact it: not a regular file"):
-        _compact.sealed_copies(root, entries, into)
+        _manifest.sealed_copies(root, entries, into, purpose="compact it", refusal=str)
 
 
 def test_a_file_changed_on_disk_that_is_not_merged_seals_no_report_derived_from_it(
