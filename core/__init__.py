@@ -46,9 +46,11 @@ from nexuscore.core._steps import (
     refusal_event,
     shadow_event,
 )
+from nexuscore.core._timeout import DECIDER, judge_timeout, timeout_review
 
 __all__ = [
     "CLOSED_BREAKER",
+    "DECIDER",
     "CutPoints",
     "ESTIMATE_TOKENS_CAP",
     "Observed",
@@ -111,4 +113,6 @@ __all__ = [
     "reserve",
     "settle",
     "shadow_event",
+    "judge_timeout",
+    "timeout_review",
 ]

@@ -40,7 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore.core import refusal_event
+from nexuscore.core import judge_timeout, refusal_event
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError, EvidenceError
 from nexuscore.observe import record_lag, record_sealed, record_spans, with_trace
@@ -401,15 +401,19 @@ class Projector:
         return ROW_BUILDERS[type(event)](msgspec.to_builtins(event, builtin_types=(datetime, bytes)))
 
     def _review_rows(self, record: ConsumerRecord) -> Rows:
-        """A person's review enters ``reviews`` only with a valid reviewer signature (the decider
-        judges the rest: what it answers, and timeouts); a forgery enters ``refusals``."""
+        """A person's review enters ``reviews`` only with a valid reviewer signature, a timeout only
+        as the deciders write it, after its deadline (the decider judges the rest: what it answers);
+        a forgery enters ``refusals``."""
         event, data = decode_tenant_record(self.codec, record.key, record.value, (ReviewRecorded,))
         assert isinstance(event, ReviewRecorded)
-        if event.action != "timed_out":
-            appended = appended_at(record.timestamp, self.clock.now())
+        appended = appended_at(record.timestamp, self.clock.now())
+        if event.action == "timed_out":  # unsigned: only one shaped as the deciders write it
+            refused = judge_timeout(event, appended)
+        else:
             signer = check_review(event, self.trust, appended)
-            if isinstance(signer, Refusal):
-                return [self._refused(record, ReviewRecorded, data, signer, appended)]
+            refused = signer if isinstance(signer, Refusal) else None
+        if refused is not None:
+            return [self._refused(record, ReviewRecorded, data, refused, appended)]
         return ROW_BUILDERS[ReviewRecorded](data)
 
     def _refused(

@@ -23,6 +23,7 @@ import msgspec
 from aiokafka.errors import KafkaError
 
 from nexuscore.core import (
+    DECIDER,
     BudgetState,
     LatencyWindow,
     Reservation,
@@ -32,10 +33,10 @@ from nexuscore.core import (
     decode_reservation,
     decode_state,
     decode_window,
-    derive_id,
     encode_answer,
     encode_record,
     encode_window,
+    judge_timeout,
     observe,
     on_outcome,
     on_request,
@@ -43,6 +44,7 @@ from nexuscore.core import (
     refusal_event,
     reserve,
     shadow_event,
+    timeout_review,
 )
 from nexuscore.kernel.clock import Clock
 from nexuscore.kernel.errors import DecodeError
@@ -76,7 +78,7 @@ from nexuscore.streams._retention import Retention
 from nexuscore.transport import DeciderTable, Topics, appended_at, dead_letter, decode_tenant_event
 
 log = logging.getLogger(__name__)
-PRODUCER = "nexuscore.decider"
+PRODUCER = DECIDER
 _ANY_INPUT = (InferenceRequested, OutcomeRecorded, ReviewRecorded)
 # The decider's span over one input, named by its first output (anything else answers a review).
 _SPAN_NAMES: dict[type[Event], str] = {
@@ -369,7 +371,9 @@ class Decider:
         request = with_trace(self.codec.decode(record.request, (InferenceRequested,)))
         escalated = self.codec.decode(record.decided, (RequestDecided,))
         assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
-        refused = judge_review(
+        refused = (
+            judge_timeout(event, source.appended) if event.action == "timed_out" else None
+        ) or judge_review(
             event, escalated.event_id, escalated.review_deadline, self.reviewers, source.appended
         )
         if refused is not None:
@@ -554,25 +558,6 @@ class Decider:
         return LatencyObservation(
             deployment_id=deployment, strategy=strategy, p50_ms=w.p50_ms, p95_ms=w.p95_ms, samples=w.samples
         )
-
-
-def timeout_review(escalated: RequestDecided, now: datetime) -> ReviewRecorded:
-    """The decider's own review of an escalation whose deadline passed (unsigned: the deciders
-    take a timeout only once the broker's clock has passed the deadline)."""
-    return ReviewRecorded(
-        event_id=derive_id(escalated.request_id, escalated.tenant_id, "review-timeout"),
-        request_id=escalated.request_id,
-        tenant_id=escalated.tenant_id,
-        occurred_at=now,
-        producer=PRODUCER,
-        causation_id=escalated.event_id,
-        trace_id=escalated.trace_id,
-        policy_digest=escalated.policy_digest,
-        action="timed_out",
-        reviewer=PRODUCER,
-        reason="no review before the deadline",
-        deadline=escalated.review_deadline,
-    )
 
 
 def _destination(topics: Topics, e: Event, tenant: bytes, value: bytes) -> tuple[str, bytes, bytes]:

@@ -23,6 +23,7 @@ from nexuscore.core import (
     on_outcome,
     on_request,
     on_review,
+    timeout_review,
 )
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import RoutingPolicy, TrustStore, default_policy
@@ -222,11 +223,10 @@ def run_history(policy: RoutingPolicy, n: int, seed: int, start: datetime = T0) 
             if action == "timed_out"
             else escalated.occurred_at
         )
-        r = ReviewRecorded(
+        r = timeout_review(escalated, at) if action == "timed_out" else ReviewRecorded(
             event_id=derive_id(req.request_id, "review"), request_id=req.request_id, tenant_id=req.tenant_id,
             occurred_at=at, producer="reviewer", action=action,  # type: ignore[arg-type]  # one of the three
-            reviewer="carol@bank" if action != "timed_out" else "nexuscore.decider", reason=f"{action} in a test",
-            deadline=escalated.review_deadline,
+            reviewer="carol@bank", reason=f"{action} in a test", deadline=escalated.review_deadline,
         )  # fmt: skip
         states[req.tenant_id], reservation, out = on_review(
             states[req.tenant_id], req, escalated, r, policy, "decider", at

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore.core import decode_reservation, decode_state, derive_id
+from nexuscore.core import decode_reservation, decode_state, derive_id, timeout_review
 from nexuscore.core._latency import MIN_SAMPLES
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import Controls, SignedPolicy, TrustStore, sign_review, trusted_key_entry
@@ -415,9 +415,12 @@ async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_p
         "wrong_escalation": sign_review(
             msgspec.structs.replace(genuine, event_id="f5", causation_id="other"), REVIEWER
         ),
-        "not_due": msgspec.structs.replace(
+        # A timeout is unsigned: one not shaped as the deciders write it is refused, and so is the
+        # deciders' own shape before the deadline.
+        "invalid": msgspec.structs.replace(
             genuine, event_id="f6", action="timed_out", key_id="", signature=""
         ),
+        "not_due": timeout_review(sink.of(RequestDecided)[0][2], T0),
     }
     for forged in forgeries.values():
         await put_review(ctx, forged)
@@ -426,7 +429,7 @@ async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_p
     # The decider records what only its state can judge; the projector records the signature
     # failures from the reviews topic (tests/unit/test_refusals_evidence.py), one refusal per act.
     codes = [e.code for _, _, e in sink.of(ActRefused)]
-    assert codes == ["wrong_escalation", "not_due"]
+    assert codes == ["wrong_escalation", "invalid", "not_due"]
     assert not sink.of(EscalationResolved) and not sink.of(DispatchRequested)
     await put_review(ctx, genuine)  # the reviewer's own, fresh: applied
     [(_, _, resolved)] = sink.of(EscalationResolved)

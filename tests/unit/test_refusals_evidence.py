@@ -8,10 +8,11 @@ from pathlib import Path
 
 import msgspec
 
+from nexuscore.core import timeout_review
 from nexuscore.policy import sign_review
 from nexuscore.projections import EvidenceStore
-from nexuscore.schemas import ReviewRecorded
-from tests.factories import T0, project
+from nexuscore.schemas import RequestDecided, ReviewRecorded
+from tests.factories import POLICY, T0, project, run_history
 from tests.unit.test_governance_acts import MALLORY, TRUST, active_state, switch  # noqa: F401
 
 
@@ -93,3 +94,26 @@ def test_policy_history_shows_a_refused_promotion_as_refused(tmp_path: Path) -> 
     assert row["status"].startswith("refused (unsigned)") and row["actor"] == "dana@ops"
     counted = _rows(tmp_path, "SELECT act, code, count(*) AS n FROM refusals GROUP BY ALL")
     assert counted == [{"act": "policy_stage", "code": "unsigned", "n": 1}]  # one query for an auditor
+
+
+def test_only_a_timeout_as_the_deciders_write_it_after_its_deadline_is_a_review(tmp_path: Path) -> None:
+    """A timeout is unsigned: anyone who can write on the reviews topic can write one. The
+    projector holds no escalations, so it takes one into ``reviews`` only as the deciders write it
+    (derived id, the decider as author, its reason), appended after its deadline."""
+    escalated = [
+        e
+        for e in run_history(POLICY, 400, seed=3)
+        if isinstance(e, RequestDecided) and e.verdict == "escalated" and e.review_deadline is not None
+    ][:3]
+    assert len(escalated) == 3, "the history has escalations to time out"
+    late = [timeout_review(e, e.review_deadline + timedelta(seconds=1)) for e in escalated]  # type: ignore[operator]
+    genuine = late[0]
+    forged = msgspec.structs.replace(late[1], reason="the reviewer said nothing; approve it")
+    early = timeout_review(escalated[2], escalated[2].occurred_at)  # appended before its deadline
+    project(tmp_path, [genuine, forged, early])
+    reviews = _rows(tmp_path, "SELECT event_id, action FROM reviews")
+    assert reviews == [{"event_id": genuine.event_id, "action": "timed_out"}]
+    refused = _rows(tmp_path, "SELECT act_event_id, code FROM refusals ORDER BY source_offset")
+    assert sorted((r["act_event_id"], r["code"]) for r in refused) == sorted(
+        [(forged.event_id, "invalid"), (early.event_id, "not_due")]
+    )
