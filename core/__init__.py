@@ -46,11 +46,12 @@ from nexuscore.core._steps import (
     refusal_event,
     shadow_event,
 )
-from nexuscore.core._timeout import DECIDER, judge_timeout, timeout_review
+from nexuscore.core._timeout import DECIDER, TIMEOUT_REASON, judge_timeout, timeout_review
 
 __all__ = [
     "CLOSED_BREAKER",
     "DECIDER",
+    "TIMEOUT_REASON",
     "CutPoints",
     "ESTIMATE_TOKENS_CAP",
     "Observed",

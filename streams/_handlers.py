@@ -352,6 +352,11 @@ class Decider:
     # --- reviews --------------------------------------------------------------------------------
 
     async def on_review(self, event: ReviewRecorded, source: Input) -> None:
+        if event.action == "timed_out" and (refused := judge_timeout(event, source.appended)) is not None:
+            # Not a timeout as the deciders write it: the projector records the refusal from the
+            # reviews topic (one refusal per act), as it does for a review's signature.
+            log.warning("review %s of %s refused: %s", event.event_id, event.request_id, refused)
+            return
         key, tenant = request_key(event), event.tenant_id.encode()
         record = escalation_record(self.t.escalations.get(key))
         if record is not None and record.resolved:
@@ -371,9 +376,7 @@ class Decider:
         request = with_trace(self.codec.decode(record.request, (InferenceRequested,)))
         escalated = self.codec.decode(record.decided, (RequestDecided,))
         assert isinstance(request, InferenceRequested) and isinstance(escalated, RequestDecided)
-        refused = (
-            judge_timeout(event, source.appended) if event.action == "timed_out" else None
-        ) or judge_review(
+        refused = judge_review(
             event, escalated.event_id, escalated.review_deadline, self.reviewers, source.appended
         )
         if refused is not None:

@@ -13,8 +13,9 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nexuscore.core import decode_reservation, decode_state, derive_id, timeout_review
+from nexuscore.core import DECIDER, decode_reservation, decode_state, derive_id, timeout_review
 from nexuscore.core._latency import MIN_SAMPLES
+from nexuscore.core._timeout import TIMEOUT_REASON
 from nexuscore.kernel.clock import FixedClock
 from nexuscore.policy import Controls, SignedPolicy, TrustStore, sign_review, trusted_key_entry
 from nexuscore.policy._promotion import Registry
@@ -415,12 +416,14 @@ async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_p
         "wrong_escalation": sign_review(
             msgspec.structs.replace(genuine, event_id="f5", causation_id="other"), REVIEWER
         ),
-        # A timeout is unsigned: one not shaped as the deciders write it is refused, and so is the
-        # deciders' own shape before the deadline.
+        # A timeout is unsigned. One not shaped as the deciders write it, or appended before the
+        # deadline it names, is the projector's to record (tests/unit/test_refusals_evidence.py);
+        # one that names an earlier deadline than the escalation's is the decider's.
         "invalid": msgspec.structs.replace(
             genuine, event_id="f6", action="timed_out", key_id="", signature=""
         ),
-        "not_due": timeout_review(sink.of(RequestDecided)[0][2], T0),
+        "early": timeout_review(sink.of(RequestDecided)[0][2], T0),
+        "not_due": msgspec.structs.replace(timeout_review(sink.of(RequestDecided)[0][2], T0), deadline=T0),
     }
     for forged in forgeries.values():
         await put_review(ctx, forged)
@@ -429,7 +432,7 @@ async def test_forged_reviews_are_refused_as_evidence_and_the_escalation_stays_p
     # The decider records what only its state can judge; the projector records the signature
     # failures from the reviews topic (tests/unit/test_refusals_evidence.py), one refusal per act.
     codes = [e.code for _, _, e in sink.of(ActRefused)]
-    assert codes == ["wrong_escalation", "invalid", "not_due"]
+    assert codes == ["wrong_escalation", "not_due"]
     assert not sink.of(EscalationResolved) and not sink.of(DispatchRequested)
     await put_review(ctx, genuine)  # the reviewer's own, fresh: applied
     [(_, _, resolved)] = sink.of(EscalationResolved)
@@ -441,7 +444,12 @@ async def test_an_early_forged_review_is_not_kept_so_the_table_cannot_be_filled(
     app, ctx, sink = harness
     unsigned = msgspec.structs.replace(_review("crit-7", "approved"), key_id="", signature="")
     await put_review(ctx, unsigned)
-    await put_review(ctx, msgspec.structs.replace(unsigned, event_id="t", action="timed_out"))
+    timeout = msgspec.structs.replace(  # as the deciders write one, its deadline passed
+        unsigned, event_id=derive_id("crit-7", "acme-bank", "review-timeout"), action="timed_out",
+        producer=DECIDER, reviewer=DECIDER, reason=TIMEOUT_REASON, deadline=T0 - timedelta(minutes=1),
+    )  # fmt: skip
+    await put_review(ctx, timeout)
+    await put_review(ctx, msgspec.structs.replace(timeout, reason="forged"))  # "invalid": the projector's
     assert [e.code for _, _, e in sink.of(ActRefused)] == ["not_pending"]  # "unsigned": the projector's
     assert len(app.tables["escalations"]) == 0
 
