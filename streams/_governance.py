@@ -10,7 +10,10 @@ with what it had.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
+from collections.abc import Iterator
 from datetime import datetime
 
 import msgspec
@@ -41,14 +44,32 @@ from nexuscore.transport import (
 
 log = logging.getLogger(__name__)
 POLICY_KEY = b"policy"  # one key, so every policy event is in one partition, in order
+# Governance states a decider remembers, to decide an input again under the one that decided it.
+EARLIER_STATES = 32
 
 
 class PolicyHolder:
     """The governance state the agent reads on every event (which policy decides each tenant, which
-    kill switches hold); the follower swaps it as the log moves on."""
+    kill switches hold); the follower swaps it as the log moves on.
+
+    It remembers the last ``EARLIER_STATES`` states it held, so that a decider recovering from a
+    crash decides an input again under the policy that decided it the first time (``pinned``): a
+    promotion taken up between a decision and its repetition must not change it."""
 
     def __init__(self, registry: Registry, controls: Controls = NO_CONTROLS) -> None:
-        self.state = GovernanceState(registry=registry, controls=controls)
+        self._state = GovernanceState(registry=registry, controls=controls)
+        self.earlier: deque[GovernanceState] = deque(maxlen=EARLIER_STATES)
+        self._pin: GovernanceState | None = None
+
+    @property
+    def state(self) -> GovernanceState:
+        return self._state if self._pin is None else self._pin
+
+    @state.setter
+    def state(self, state: GovernanceState) -> None:
+        if state != self._state:
+            self.earlier.append(self._state)
+        self._state = state
 
     @property
     def registry(self) -> Registry:
@@ -56,7 +77,7 @@ class PolicyHolder:
 
     @registry.setter
     def registry(self, registry: Registry) -> None:
-        self.state = msgspec.structs.replace(self.state, registry=registry)
+        self.state = msgspec.structs.replace(self._state, registry=registry)
 
     @property
     def controls(self) -> Controls:
@@ -64,7 +85,28 @@ class PolicyHolder:
 
     @controls.setter
     def controls(self, controls: Controls) -> None:
-        self.state = msgspec.structs.replace(self.state, controls=controls)
+        self.state = msgspec.structs.replace(self._state, controls=controls)
+
+    @contextlib.contextmanager
+    def pinned(self, digest: str, tenant_id: str) -> Iterator[bool]:
+        """Within it, the latest state held in which ``digest`` served ``tenant_id`` (yields whether
+        one is remembered; if not, the current state serves). No digest: nothing to pin."""
+        if not digest:
+            yield True
+            return
+        self._pin = _serving(digest, tenant_id, [self._state, *reversed(self.earlier)])
+        try:
+            yield self._pin is not None
+        finally:
+            self._pin = None
+
+
+def _serving(digest: str, tenant_id: str, states: list[GovernanceState]) -> GovernanceState | None:
+    for state in states:
+        with contextlib.suppress(LookupError):  # (no active policy in that state)
+            if state.registry.for_tenant(tenant_id).digest == digest:
+                return state
+    return None
 
 
 def bootstrap_event(

@@ -247,13 +247,18 @@ class DeciderLoop:
         for p, order in orders.items():
             replay, missing = replay_order(order, {kind: read.get(tp, []) for kind, tp in inputs[p].items()})
             self.state.at_partition(p)
-            for r in replay:
-                await self._process(r, len(self._consumer.partitions_for_topic(r.topic) or ()))
+            unpinned = 0
+            for r, cause in replay:
+                # Under the policy that decided it: one promoted since must not change the decision.
+                with self.decider.holder.pinned(cause.policy_digest, cause.tenant_id) as known:
+                    unpinned += not known
+                    await self._process(r, len(self._consumer.partitions_for_topic(r.topic) or ()))
                 offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1  # each topic in log order
             log.warning(  # an SRE's sign of a crash recovered from
                 "partition %d: %d inputs decided again in the order of the %d decisions a crash left "
-                "without their state (%d of those inputs were not found again)",
-                p, len(replay), len(order), missing,
+                "without their state (%d of those inputs were not found again; %d under the policy "
+                "serving now, the one that decided them no longer remembered)",
+                p, len(replay), len(order), missing, unpinned,
             )  # fmt: skip
         if offsets:
             await self._flush(self._job({}, offsets))

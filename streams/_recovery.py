@@ -57,12 +57,13 @@ InputKey = tuple[str, str]  # (tenant id, event id) of an input record
 
 
 class Cause(NamedTuple):
-    """The input an output was made from."""
+    """The input an output was made from, and the policy that decided it."""
 
     kind: InputKind
     tenant_id: str
     request_id: str
     event_id: str
+    policy_digest: str = ""
 
     @property
     def input_key(self) -> InputKey:
@@ -82,18 +83,20 @@ def cause_of(output: Event) -> Cause | None:
         kind, cause = InputKind.REVIEW, output.review_event_id
     else:
         return None
-    return Cause(kind, output.tenant_id, output.request_id, cause) if cause else None
+    if not cause:
+        return None
+    return Cause(kind, output.tenant_id, output.request_id, cause, output.policy_digest or "")
 
 
 def causes(outputs: Iterable[Event], held: Callable[[Cause], bool]) -> list[Cause]:
     """The inputs that made ``outputs`` (one partition's, in log order), in the order they were
     decided, each once, less those whose effect the state holds already (``held``)."""
     order: list[Cause] = []
-    seen: set[Cause] = set()
+    seen: set[tuple[InputKind, InputKey]] = set()
     for output in outputs:
         cause = cause_of(output)
-        if cause is not None and cause not in seen:
-            seen.add(cause)
+        if cause is not None and (cause.kind, cause.input_key) not in seen:
+            seen.add((cause.kind, cause.input_key))
             if not held(cause):
                 order.append(cause)
     return order
@@ -101,9 +104,10 @@ def causes(outputs: Iterable[Event], held: Callable[[Cause], bool]) -> list[Caus
 
 def replay_order(
     order: Sequence[Cause], records: Mapping[InputKind, Sequence[tuple[InputKey | None, _Record]]]
-) -> tuple[list[_Record], int]:
-    """The records to decide again, in order: for each cause of ``order``, its input's topic's
-    records up to it (those before it were decided before it), then the next cause's. ``records``:
+) -> tuple[list[tuple[_Record, Cause]], int]:
+    """The records to decide again, in order, each with the cause it is decided for: for each cause
+    of ``order``, its input's topic's records up to it (those before it were decided before it,
+    under its policy), then the next cause's. ``records``:
     per topic, in log order, each with its tenant and event id (None: it did not decode). Also how
     many causes were not found (their input was made durable before all its outputs were read
     back, or lies beyond what was read)."""
@@ -113,14 +117,14 @@ def replay_order(
             if key is not None:
                 first[kind].setdefault(key, i)
     taken = dict.fromkeys(records, 0)
-    replay: list[_Record] = []
+    replay: list[tuple[_Record, Cause]] = []
     missing = 0
     for cause in order:
         at = first.get(cause.kind, {}).get(cause.input_key)
         if at is None or at < taken[cause.kind]:
             missing += 1
             continue
-        replay.extend(record for _, record in records[cause.kind][taken[cause.kind] : at + 1])
+        replay.extend((record, cause) for _, record in records[cause.kind][taken[cause.kind] : at + 1])
         taken[cause.kind] = at + 1
     return replay, missing
 

@@ -413,3 +413,55 @@ def test_decisions_a_crash_left_without_state_are_made_again_in_their_first_orde
     assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
     first_time = [e.verdict for _, e in published[:11] if isinstance(e, RequestDecided)]
     assert first_time == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]
+
+
+def test_a_decision_made_again_after_a_crash_is_made_under_the_policy_that_made_it(bootstrap: str) -> None:
+    """A budget of three reservations, four requests: three dispatched, one denied. The decider dies
+    before any of it is durable, and a policy with a budget of one is promoted before its successor
+    starts. The successor decides the four again under the policy that decided them (the published
+    decisions name it), not the one serving now: the same decisions, the same state. Under today's
+    policy, two calls already made would be denied and never charged."""
+    topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
+    asyncio.run(ensure_topics(bootstrap, topics))
+    first_policy = with_budgets(POLICY, "0.0003", "0.0003")  # a request reserves 92 µUSD
+    promoted = Registry().apply(SignedPolicy(with_budgets(POLICY, "0.0001", "0.0001"), ()), "active")
+    decision = RequestDecided | RequestRejected
+
+    async def first() -> dict[str, dict[bytes, bytes]]:
+        holder = PolicyHolder(Registry().apply(SignedPolicy(first_policy, ()), "active"))
+        loop = _KilledBeforeItsState(
+            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1"
+        )
+        task = asyncio.create_task(loop.run())
+        try:
+            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
+            await _read_until(bootstrap, topics.decisions, _count(decision, 4))
+        finally:
+            loop.stopping.set()
+            await task
+        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+
+    async def again() -> dict[str, dict[bytes, bytes]]:
+        holder = PolicyHolder(Registry().apply(SignedPolicy(first_policy, ()), "active"))
+        holder.registry = promoted  # the governance log's promotion, folded at start
+        loop = DeciderLoop(
+            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1"
+        )
+        task = asyncio.create_task(loop.run())
+        try:
+            await eventually_async(lambda: loop.held, "partitions assigned and restored")
+        finally:
+            loop.stopping.set()
+            await task
+        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+
+    died_with = asyncio.run(first())
+    restored = asyncio.run(again())
+    assert restored == died_with
+    published = asyncio.run(_read_until(bootstrap, topics.decisions, _count(decision, 8)))
+    copies: dict[str, set[bytes]] = {}
+    for value, e in published:
+        copies.setdefault(e.event_id, set()).add(value)
+    assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
+    verdicts = [e.verdict for _, e in published if isinstance(e, RequestDecided)]
+    assert verdicts == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]

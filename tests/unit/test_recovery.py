@@ -3,7 +3,7 @@ decisions it finds published beyond the durable state, in the order those decisi
 
 from __future__ import annotations
 
-from nexuscore.policy import default_policy
+from nexuscore.policy import Registry, SignedPolicy, default_policy
 from nexuscore.schemas import (
     ActRefused,
     BudgetSettled,
@@ -15,8 +15,10 @@ from nexuscore.schemas import (
     RequestRejected,
     ReviewRecorded,
 )
+from nexuscore.streams import PolicyHolder
+from nexuscore.streams._governance import EARLIER_STATES
 from nexuscore.streams._recovery import Cause, InputKind, cause_of, causes, replay_order
-from tests.factories import replace, run_history
+from tests.factories import POLICY, replace, run_history, with_budgets
 
 KIND_OF: dict[type[Event], InputKind] = {
     InferenceRequested: InputKind.REQUEST,
@@ -61,7 +63,11 @@ def test_outputs_that_change_no_state_name_no_cause() -> None:
     assert cause_of(refused) is None
     assert cause_of(replace(settled, causation_id="")) is None
     assert cause_of(settled) == Cause(
-        InputKind.OUTCOME, settled.tenant_id, settled.request_id, settled.causation_id
+        InputKind.OUTCOME,
+        settled.tenant_id,
+        settled.request_id,
+        settled.causation_id,
+        settled.policy_digest or "",
     )
 
 
@@ -86,7 +92,9 @@ def test_records_are_replayed_in_the_causes_order_each_topic_in_log_order() -> N
     replay, missing = replay_order(order, records)
     # r2 and the record that does not decode were decided before r3 (no decision of theirs was
     # published); r4 comes after every cause: it is new, and is left to be decided as it comes.
-    assert replay == ["R1", "O1", "R2", "garbled", "R3", "O2"]
+    assert [r for r, _ in replay] == ["R1", "O1", "R2", "garbled", "R3", "O2"]
+    # each decided under its cause's policy: those before a cause under that cause's
+    assert [c.event_id for _, c in replay] == ["r1", "o1", "r3", "r3", "r3", "o2"]
     assert missing == 0
 
 
@@ -96,7 +104,7 @@ def test_a_cause_not_read_again_is_counted_and_the_rest_keep_their_order() -> No
     replay, missing = replay_order(order, records)
     # o1 was durable already (not read again). r1 lies before r2 in its topic: it went with r2's
     # stretch, before it, and cannot also take its own later place.
-    assert replay == ["R1", "R2", "O2"]
+    assert [r for r, _ in replay] == ["R1", "R2", "O2"]
     assert missing == 2
 
 
@@ -104,7 +112,26 @@ def test_an_input_is_found_by_its_tenant_and_event_id_not_the_event_id_alone() -
     """Event ids are the producers' choice: another tenant's request may carry the same one."""
     records = {REQ: [(_of("e1", "globex-insurance"), "theirs"), (_of("e1"), "ours")], OUT: []}
     replay, missing = replay_order([_cause(REQ, "e1")], records)
-    assert replay == ["theirs", "ours"]  # ours decided after theirs, as the log had it
+    assert [r for r, _ in replay] == ["theirs", "ours"]  # ours decided after theirs, as the log had it
     assert missing == 0
     replay, _ = replay_order([_cause(REQ, "e1", "globex-insurance")], records)
-    assert replay == ["theirs"]
+    assert [r for r, _ in replay] == ["theirs"]
+
+
+def test_a_decision_is_made_again_under_the_policy_that_made_it_while_it_is_remembered() -> None:
+    first, second = (with_budgets(POLICY, usd, usd) for usd in ("0.0003", "0.0001"))
+    holder = PolicyHolder(Registry().apply(SignedPolicy(first, ()), "active"))
+    holder.registry = Registry().apply(SignedPolicy(second, ()), "active")  # a promotion
+    with holder.pinned(first.digest, "acme-bank") as known:
+        assert known and holder.registry.for_tenant("acme-bank").digest == first.digest
+    assert holder.registry.for_tenant("acme-bank").digest == second.digest  # the pin ends with it
+    with holder.pinned("sha256:never-served", "acme-bank") as known:
+        assert not known and holder.registry.for_tenant("acme-bank").digest == second.digest
+    with holder.pinned("", "acme-bank") as known:  # an output naming no policy: nothing to pin
+        assert known and holder.registry.for_tenant("acme-bank").digest == second.digest
+    for i in range(EARLIER_STATES):  # as many promotions again: the first is forgotten
+        holder.registry = Registry().apply(
+            SignedPolicy(with_budgets(POLICY, f"0.{i + 2:04d}", "0.0001"), ()), "active"
+        )
+    with holder.pinned(first.digest, "acme-bank") as known:
+        assert not known
