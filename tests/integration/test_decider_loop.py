@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -359,6 +359,45 @@ def _count(kind: type[Event], n: int) -> Callable[[list[Event]], bool]:
     return lambda events: sum(isinstance(e, kind) for e in events) >= n
 
 
+DECISION = RequestDecided | RequestRejected
+Tables = dict[str, dict[bytes, bytes]]
+
+
+def _decider(kind: type[DeciderLoop], bootstrap: str, topics: Topics, holder: PolicyHolder) -> DeciderLoop:
+    return kind(bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1")
+
+
+async def _stopped(loop: DeciderLoop, work: Callable[[], Awaitable[object]]) -> Tables:
+    """Run ``loop`` through ``work``, stop it, and return its Tables as it left them."""
+    task = asyncio.create_task(loop.run())
+    try:
+        await work()
+    finally:
+        loop.stopping.set()
+        await task
+    return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+
+
+def _restarted(bootstrap: str, topics: Topics, holder: PolicyHolder) -> Tables:
+    """A successor's Tables once it holds its partitions: their state restored and the decisions
+    the dead one left without state made again."""
+    loop = _decider(DeciderLoop, bootstrap, topics, holder)
+    return asyncio.run(
+        _stopped(loop, lambda: eventually_async(lambda: loop.held, "partitions assigned and restored"))
+    )
+
+
+def _verdicts_each_published_once(bootstrap: str, topics: Topics, decisions: int) -> list[str]:
+    """The verdicts of the first ``decisions`` published, once every decision was published twice
+    (by the dead decider and its successor) byte for byte the same."""
+    published = asyncio.run(_read_until(bootstrap, topics.decisions, _count(DECISION, 2 * decisions)))
+    copies: dict[str, set[bytes]] = {}
+    for value, e in published:
+        copies.setdefault(e.event_id, set()).add(value)
+    assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
+    return [e.verdict for _, e in published if isinstance(e, RequestDecided)][:decisions]
+
+
 def test_decisions_a_crash_left_without_state_are_made_again_in_their_first_order(bootstrap: str) -> None:
     """A tenant's budget holds three reservations of these requests. Four requests come (three
     dispatched, one denied), three outcomes settle them, four more come (three dispatched again).
@@ -370,49 +409,22 @@ def test_decisions_a_crash_left_without_state_are_made_again_in_their_first_orde
     asyncio.run(ensure_topics(bootstrap, topics))
     policy = with_budgets(POLICY, "0.0003", "0.0003")  # a request reserves 92 µUSD, costs 7
     holder = PolicyHolder(Registry().apply(SignedPolicy(policy, ()), "active"))
-    decision = RequestDecided | RequestRejected
 
-    def decider(kind: type[DeciderLoop]) -> DeciderLoop:
-        return kind(bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1")
+    async def traffic() -> None:
+        await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
+        # all four decided before any outcome exists: the fourth is denied whatever the fetches
+        await _read_until(bootstrap, topics.decisions, _count(DECISION, 4))
+        dispatched = await _read_until(bootstrap, topics.dispatch, _count(DispatchRequested, 3))
+        outcomes = [_answered(d) for _, d in dispatched if isinstance(d, DispatchRequested)]
+        await _send(bootstrap, topics.outcomes, outcomes)
+        await _read_until(bootstrap, topics.decisions, _count(BudgetSettled, 3))
+        await _send(bootstrap, topics.requests, [numbered(i) for i in range(4, 8)])
+        await _read_until(bootstrap, topics.decisions, _count(DECISION, 8))
 
-    async def first() -> dict[str, dict[bytes, bytes]]:
-        loop = decider(_KilledBeforeItsState)
-        task = asyncio.create_task(loop.run())
-        try:
-            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
-            # all four decided before any outcome exists: the fourth is denied whatever the fetches
-            await _read_until(bootstrap, topics.decisions, _count(decision, 4))
-            dispatched = await _read_until(bootstrap, topics.dispatch, _count(DispatchRequested, 3))
-            outcomes = [_answered(d) for _, d in dispatched if isinstance(d, DispatchRequested)]
-            await _send(bootstrap, topics.outcomes, outcomes)
-            await _read_until(bootstrap, topics.decisions, _count(BudgetSettled, 3))
-            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4, 8)])
-            await _read_until(bootstrap, topics.decisions, _count(decision, 8))
-        finally:
-            loop.stopping.set()
-            await task
-        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
-
-    async def again() -> dict[str, dict[bytes, bytes]]:
-        loop = decider(DeciderLoop)
-        task = asyncio.create_task(loop.run())
-        try:  # partitions are held once their state is restored and the lost decisions made again
-            await eventually_async(lambda: loop.held, "partitions assigned and restored")
-        finally:
-            loop.stopping.set()
-            await task
-        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
-
-    died_with = asyncio.run(first())
-    restored = asyncio.run(again())
-    assert restored == died_with
-    published = asyncio.run(_read_until(bootstrap, topics.decisions, _count(decision, 16)))
-    copies: dict[str, set[bytes]] = {}
-    for value, e in published:
-        copies.setdefault(e.event_id, set()).add(value)
-    assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
-    first_time = [e.verdict for _, e in published[:11] if isinstance(e, RequestDecided)]
-    assert first_time == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]
+    died_with = asyncio.run(_stopped(_decider(_KilledBeforeItsState, bootstrap, topics, holder), traffic))
+    assert _restarted(bootstrap, topics, holder) == died_with
+    verdicts = _verdicts_each_published_once(bootstrap, topics, 8)
+    assert verdicts == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]
 
 
 def test_a_decision_made_again_after_a_crash_is_made_under_the_policy_that_made_it(bootstrap: str) -> None:
@@ -423,45 +435,17 @@ def test_a_decision_made_again_after_a_crash_is_made_under_the_policy_that_made_
     policy, two calls already made would be denied and never charged."""
     topics = Topics(f"loop-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(bootstrap, topics))
-    first_policy = with_budgets(POLICY, "0.0003", "0.0003")  # a request reserves 92 µUSD
+    first = Registry().apply(SignedPolicy(with_budgets(POLICY, "0.0003", "0.0003"), ()), "active")
     promoted = Registry().apply(SignedPolicy(with_budgets(POLICY, "0.0001", "0.0001"), ()), "active")
-    decision = RequestDecided | RequestRejected
 
-    async def first() -> dict[str, dict[bytes, bytes]]:
-        holder = PolicyHolder(Registry().apply(SignedPolicy(first_policy, ()), "active"))
-        loop = _KilledBeforeItsState(
-            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1"
-        )
-        task = asyncio.create_task(loop.run())
-        try:
-            await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
-            await _read_until(bootstrap, topics.decisions, _count(decision, 4))
-        finally:
-            loop.stopping.set()
-            await task
-        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
+    async def traffic() -> None:
+        await _send(bootstrap, topics.requests, [numbered(i) for i in range(4)])
+        await _read_until(bootstrap, topics.decisions, _count(DECISION, 4))
 
-    async def again() -> dict[str, dict[bytes, bytes]]:
-        holder = PolicyHolder(Registry().apply(SignedPolicy(first_policy, ()), "active"))
-        holder.registry = promoted  # the governance log's promotion, folded at start
-        loop = DeciderLoop(
-            bootstrap, holder, SystemClock(), topics=topics, reviewers=TrustStore(), instance_id="d1"
-        )
-        task = asyncio.create_task(loop.run())
-        try:
-            await eventually_async(lambda: loop.held, "partitions assigned and restored")
-        finally:
-            loop.stopping.set()
-            await task
-        return {name: dict(table.rows) for name, table in loop.state.tables.items()}
-
-    died_with = asyncio.run(first())
-    restored = asyncio.run(again())
-    assert restored == died_with
-    published = asyncio.run(_read_until(bootstrap, topics.decisions, _count(decision, 8)))
-    copies: dict[str, set[bytes]] = {}
-    for value, e in published:
-        copies.setdefault(e.event_id, set()).add(value)
-    assert all(len(values) == 1 for values in copies.values())  # each decision made again identically
-    verdicts = [e.verdict for _, e in published if isinstance(e, RequestDecided)]
-    assert verdicts == ["dispatch"] * 3 + ["denied"] + ["dispatch"] * 3 + ["denied"]
+    died_with = asyncio.run(
+        _stopped(_decider(_KilledBeforeItsState, bootstrap, topics, PolicyHolder(first)), traffic)
+    )
+    holder = PolicyHolder(first)
+    holder.registry = promoted  # the governance log's promotion, folded at the successor's start
+    assert _restarted(bootstrap, topics, holder) == died_with
+    assert _verdicts_each_published_once(bootstrap, topics, 4) == ["dispatch"] * 3 + ["denied"]
