@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -401,9 +402,11 @@ def sealed_copies(
     are the bytes the ledger sealed (else EvidenceError: ``refusal`` of the entry's path).
 
     A reader that checks a file's sha256 and then opens it by path again reads whatever is there
-    by then: someone who can write in the folder swaps a row out between the two. The copies are
-    the checked bytes, and nothing outside this process can reach them. ``purpose`` says in the
-    error what a copy that cannot be made was for (``$TMPDIR`` needs room for them)."""
+    by then: someone who can write in the evidence folder swaps a row out between the two. The
+    copies are the checked bytes, in a folder only this user can enter. ``purpose`` says in the
+    error what a copy that cannot be made was for. They are refused, before any is made, if
+    ``into`` has not the room for them all (``$TMPDIR``: it is not filled up on a request)."""
+    _room_for(root, entries, into, purpose)
     copies = []
     for i, e in enumerate(entries):
         path, copy = root / e["path"], into / f"{i:06d}.parquet"
@@ -420,6 +423,19 @@ def sealed_copies(
             raise EvidenceError(refusal(e["path"]))
         copies.append(str(copy))
     return copies
+
+
+def _room_for(root: Path, entries: list[Entry], into: Path, purpose: str) -> None:
+    needed = 0
+    for e in entries:
+        with contextlib.suppress(OSError):  # (one that cannot be read is named when it is copied)
+            needed += (root / e["path"]).stat().st_size
+    free = shutil.disk_usage(into).free
+    if needed > free:
+        raise EvidenceError(
+            f"cannot copy {len(entries)} files to {into} to {purpose}: they need {needed / 1e6:,.1f} MB "
+            f"there and {free / 1e6:,.1f} MB are free (set TMPDIR to a folder with room)"
+        )
 
 
 def require_regular(path: Path) -> Path:

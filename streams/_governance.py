@@ -63,6 +63,7 @@ class PolicyHolder:
 
     @property
     def state(self) -> GovernanceState:
+        """The state deciding now: the pinned one within ``pinned``, else the current one."""
         return self._state if self._pin is None else self._pin
 
     @state.setter
@@ -70,6 +71,11 @@ class PolicyHolder:
         if state != self._state:
             self.earlier.append(self._state)
         self._state = state
+
+    @property
+    def current(self) -> GovernanceState:
+        """The state the governance log has reached, pinned or not: what its next act is judged on."""
+        return self._state
 
     @property
     def registry(self) -> Registry:
@@ -157,7 +163,7 @@ class GovernanceFollower:
             return
         assert isinstance(event, PolicyStageChanged | KillSwitchChanged)
         state, refused = judge(
-            self.holder.state, event, self.trust, appended_at(timestamp_ms, self.clock.now())
+            self.holder.current, event, self.trust, appended_at(timestamp_ms, self.clock.now())
         )
         self.holder.state = state
         if refused is not None:

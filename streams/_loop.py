@@ -172,8 +172,10 @@ class DeciderLoop:
         # Batches decided and sent, whose state and offsets are not yet durable; their writer.
         self._waiting: list[tuple[_FlushJob, list[asyncio.Future[object]]]] = []
         self._writer: asyncio.Task[None] | None = None
-        # Set while something waits for the writer to finish: its gathering pause is cut short.
+        # Set while something waits for the writer to finish (``_settlers`` of them): its gathering
+        # pause is cut short. (Made again in ``run``: an Event belongs to the loop that waits on it.)
         self._settling = asyncio.Event()
+        self._settlers = 0
 
     def _new_producer(self) -> AIOKafkaProducer:
         """Made inside the running loop (aiokafka needs one)."""
@@ -250,7 +252,9 @@ class DeciderLoop:
             unpinned = 0
             for r, cause in replay:
                 # Under the policy that decided it: one promoted since must not change the decision.
-                with self.decider.holder.pinned(cause.policy_digest, cause.tenant_id) as known:
+                # (An outcome's settlement reads no policy, and its digest is the worker's to write.)
+                digest = "" if cause.kind is InputKind.OUTCOME else cause.policy_digest
+                with self.decider.holder.pinned(digest, cause.tenant_id) as known:
                     unpinned += not known
                     await self._process(r, len(self._consumer.partitions_for_topic(r.topic) or ()))
                 offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1  # each topic in log order
@@ -318,6 +322,7 @@ class DeciderLoop:
         )
 
     async def run(self) -> None:
+        self._settling = asyncio.Event()
         self._restorer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
@@ -430,11 +435,14 @@ class DeciderLoop:
         """Wait until everything decided so far is durable (a rebalance or a stop must not outrun it)."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
+            self._settlers += 1
             self._settling.set()
             try:
                 await writer  # it returns once nothing is waiting
             finally:
-                self._settling.clear()
+                self._settlers -= 1
+                if not self._settlers:
+                    self._settling.clear()
 
     async def _flush(self, job: _FlushJob) -> None:
         """Send the batch's outputs now; its state and offsets follow in the background.

@@ -124,6 +124,8 @@ def test_a_decision_is_made_again_under_the_policy_that_made_it_while_it_is_reme
     holder.registry = Registry().apply(SignedPolicy(second, ()), "active")  # a promotion
     with holder.pinned(first.digest, "acme-bank") as known:
         assert known and holder.registry.for_tenant("acme-bank").digest == first.digest
+        # the governance log's next act is judged on where the log is, not on the pin
+        assert holder.current.registry.for_tenant("acme-bank").digest == second.digest
     assert holder.registry.for_tenant("acme-bank").digest == second.digest  # the pin ends with it
     with holder.pinned("sha256:never-served", "acme-bank") as known:
         assert not known and holder.registry.for_tenant("acme-bank").digest == second.digest
