@@ -17,6 +17,7 @@ from nexuscore.streams import PolicyHolder
 from nexuscore.streams._loop import DeciderLoop
 from nexuscore.transport import DEFAULT_PARTITIONS, Topics, ensure_topics, new_producer, start_client
 from tests.factories import replace, request
+from tests.integration._topics import read_from_start
 
 pytestmark = pytest.mark.integration
 CODEC = AvroCodec()
@@ -126,14 +127,4 @@ def test_a_request_written_to_another_partition_than_its_tenants_is_dead_lettere
 
 
 async def _read_until(bootstrap: str, topic: str, n: int) -> list[Event]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await start_client(consumer, bootstrap)
-    events: list[Event] = []
-    try:
-        async with asyncio.timeout(60):
-            while len(events) < n:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    events.extend(CODEC.decode(r.value) for r in records)
-    finally:
-        await consumer.stop()
-    return events
+    return await read_from_start(bootstrap, topic, lambda events: len(events) >= n, CODEC.decode)

@@ -39,6 +39,7 @@ from nexuscore.transport import (
     start_client,
 )
 from tests.factories import T0, numbered, with_budgets
+from tests.integration._topics import read_from_start
 from tests.waiting import eventually_async
 
 pytestmark = pytest.mark.integration
@@ -332,17 +333,9 @@ async def _read_until(
     bootstrap: str, topic: str, enough: Callable[[list[Event]], bool], timeout_s: float = 60
 ) -> list[tuple[bytes, Event]]:
     """Every record of ``topic`` (value and event) from its beginning, until ``enough`` of its events."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await start_client(consumer, bootstrap)
-    read: list[tuple[bytes, Event]] = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not enough([e for _, e in read]):
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    read.extend((r.value, CODEC.decode(r.value)) for r in records)
-    finally:
-        await consumer.stop()
-    return read
+    return await read_from_start(
+        bootstrap, topic, lambda read: enough([e for _, e in read]), lambda v: (v, CODEC.decode(v)), timeout_s
+    )
 
 
 def _answered(dispatch: DispatchRequested) -> OutcomeRecorded:

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from nexuscore._broker import LocalKafka, ensure_kafka_jars
 from nexuscore.kernel.errors import BrokerError
 from nexuscore.transport import Topics, ensure_topics, start_client
+from tests.integration._topics import read_from_start
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +37,7 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 async def read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await start_client(consumer, bootstrap)
-    out: list[bytes] = []
-    try:
-        async with asyncio.timeout(60):
-            while len(out) < n:
-                batch = await consumer.getmany(timeout_ms=500)
-                out.extend(r.value for records in batch.values() for r in records)
-    finally:
-        await consumer.stop()
-    return out
+    return await read_from_start(bootstrap, topic, lambda values: len(values) >= n, bytes)
 
 
 def test_the_log_survives_a_stop_and_a_start_on_the_same_folder_and_port(tmp_path: Path) -> None:
