@@ -11,8 +11,8 @@
    in a fresh namespace; after a warm-up batch has reached the evidence (so every consumer group has
    joined), N requests are published as fast as possible and timed until every one has a terminal
    state in the Parquet evidence. Escalations are reviewed the moment they are on the decisions topic
-   (``bench._pipeline.desk``): the run measures the pipeline, not a person. The decider is profiled
-   with py-spy meanwhile.
+   (``bench._pipeline.desk``): the run measures the pipeline, not a person. One stage (the decider
+   unless ``--profile`` names another) is profiled with py-spy meanwhile.
 3. **Latency**: a fresh pipeline in another namespace; requests paced at R/s for S s, each stamped
    with the wall clock right before it is sent; added latency = dispatch.occurred_at - requested_at,
    and Kafka's record timestamp of the dispatch - requested_at.
@@ -25,7 +25,7 @@
 7. Peak RSS (VmHWM) of every process and CPU seconds (utime + stime) per process and phase.
 
 Results go to ``bench/results/pipeline.json`` and ``bench/results/pipeline.md`` (overwritten), and the
-decider's collapsed py-spy stacks to ``bench/results/pipeline-decider.pyspy.txt``.
+profiled stage's collapsed py-spy stacks to ``bench/results/pipeline-<stage>.pyspy.txt``.
 
 Needs ``py-spy`` in the virtualenv for the profile (``pip install py-spy``); without it the profile is
 skipped with a note and everything else still runs.
@@ -64,6 +64,9 @@ from nexuscore.policy import DEFAULT_POLICY_PATH, RoutingPolicy, load_policy
 from nexuscore.schemas import AvroCodec
 
 DESCRIPTION = (__doc__ or "").split("\n\n")[0]
+
+
+STAGES = ("decider", "worker", "projector")  # the stages --profile may name
 
 
 def parse_args(argv: Sequence[str] | None) -> Params:
@@ -109,8 +112,9 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes for a smoke check.")
     parser.add_argument(
-        "--no-profile", dest="profile", action="store_false", help="Do not run py-spy on the decider."
+        "--profile", choices=STAGES, default="decider", help="The stage py-spy samples (default decider)."
     )
+    parser.add_argument("--no-profile", dest="profile", action="store_const", const="", help="No profile.")
     parser.add_argument(
         "--keep-work", action="store_true", help="Keep evidence and logs (kept anyway on failure)."
     )

@@ -10,6 +10,7 @@ import httpx
 
 from ._adapter import ChatRequest, ChatResult, ProviderAdapter
 from ._anthropic import AnthropicMessagesAdapter
+from ._http import MAX_RESPONSE_BYTES
 from ._openai import OpenAIChatAdapter
 from ._simulated import SimulatedProvider, SimulatedProviderConfig, serve_forever
 
@@ -17,6 +18,7 @@ __all__ = [
     "AnthropicMessagesAdapter",
     "ChatRequest",
     "ChatResult",
+    "MAX_RESPONSE_BYTES",
     "OpenAIChatAdapter",
     "ProviderAdapter",
     "SimulatedProvider",

@@ -10,7 +10,7 @@ import msgspec
 from nexuscore.kernel.errors import ProviderError
 
 from ._adapter import ChatRequest, ChatResult
-from ._http import new_client, post_json
+from ._http import post_json, poster_for
 
 _PROVIDER = "anthropic"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -55,12 +55,11 @@ class AnthropicMessagesAdapter:
     """Calls ``POST {base_url}/messages``.
 
     An injected ``client`` is shared and left open by :meth:`aclose`; without one the adapter owns a
-    pooled client sized for about 200 concurrent calls and closes it in :meth:`aclose`.
+    pooled aiohttp client (256 connections) and closes it in :meth:`aclose`.
     """
 
     def __init__(self, client: httpx.AsyncClient | None = None, api_key: str | None = None) -> None:
-        self._owns_client = client is None
-        self._client = client if client is not None else new_client()
+        self._poster = poster_for(client)
         self._api_key = api_key
 
     async def complete(self, base_url: str, request: ChatRequest) -> ChatResult:
@@ -83,7 +82,7 @@ class AnthropicMessagesAdapter:
             )
         )
         raw = await post_json(
-            self._client, provider=_PROVIDER, url=url, headers=headers, body=body, timeout_s=request.timeout_s
+            self._poster, provider=_PROVIDER, url=url, headers=headers, body=body, timeout_s=request.timeout_s
         )
         try:
             parsed = _decoder.decode(raw)
@@ -103,6 +102,5 @@ class AnthropicMessagesAdapter:
         )
 
     async def aclose(self) -> None:
-        """Close the HTTP client if this adapter created it."""
-        if self._owns_client:
-            await self._client.aclose()
+        """Close the HTTP client if this adapter created it (an injected one stays open)."""
+        await self._poster.aclose()

@@ -39,7 +39,7 @@ class Params:
     duration: float
     warmup: int
     quick: bool
-    profile: bool
+    profile: str  # the stage py-spy samples; empty: none
     keep_work: bool
     observed_rate: float = 200.0
     observed_s: float = 20.0

@@ -271,15 +271,15 @@ def render_markdown(results: dict[str, Any]) -> str:
             "(every topic of the namespace, warm-up included in the count).",
             "",
         ]
-    prof = (tp or {}).get("profile_decider", {})
+    prof = (tp or {}).get("profile", {})
     if prof.get("top_own"):
         title = (
-            f"Decider profile during the throughput run (py-spy, {prof['samples']} samples at "
+            f"The {prof['stage']}'s profile during the throughput run (py-spy, {prof['samples']} samples at "
             f"{prof['rate_hz']} Hz), top functions by own time:"
         )
         lines += profile_lines(prof, title)
     elif prof.get("skipped"):
-        lines += [f"Decider profile skipped: {prof['skipped']}", ""]
+        lines += [f"Profile skipped: {prof['skipped']}", ""]
     lines += _latency_cpu_lines(results.get("latency"))
     lines += _sustained_lines(results.get("sustained"))
     lines += _gateway_lines(results.get("gateway"))
@@ -338,7 +338,7 @@ def _print_latency(lat: dict[str, Any]) -> None:
 
 def _print_profile(prof: dict[str, Any]) -> None:
     if prof.get("top_own"):
-        print(f"  decider profile ({prof['samples']} samples), top by own time:")
+        print(f"  {prof['stage']} profile ({prof['samples']} samples), top by own time:")
         for f in prof["top_own"]:
             print(
                 f"    {f['own_pct']:>5.1f}% own {f['inclusive_pct']:>5.1f}% incl  {f['function']}  ({f['where']})"
@@ -347,7 +347,7 @@ def _print_profile(prof: dict[str, Any]) -> None:
             "    by package: " + ", ".join(f"{x['package']} {x['own_pct']}%" for x in prof["own_by_package"])
         )
     elif prof.get("skipped"):
-        print(f"  decider profile skipped: {prof['skipped']}")
+        print(f"  profile skipped: {prof['skipped']}")
 
 
 def print_summary(results: dict[str, Any]) -> None:
@@ -371,4 +371,4 @@ def print_summary(results: dict[str, Any]) -> None:
             + ", ".join(f"{k} {fmt(v, '.0f')}" for k, v in mem.get("pipeline_peak_rss_mb", {}).items())
             + f"; broker {fmt(mem.get('broker_peak_rss_mb'), '.0f')}; bench {fmt(mem.get('bench_peak_rss_mb'), '.0f')}"
         )
-    _print_profile((tp or {}).get("profile_decider", {}))
+    _print_profile((tp or {}).get("profile", {}))

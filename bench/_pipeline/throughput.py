@@ -3,7 +3,7 @@
 A fresh namespace and pipeline; after the warm-up, the requests (encoded before the clock starts, as
 in the baseline) are published as fast as the producer takes them. The end is when the last terminal
 state's Parquet file was renamed into place (its mtime), not when the poll noticed it. CPU per process
-is measured over the run, and the decider is profiled with py-spy meanwhile.
+is measured over the run, and one stage (``--profile``) is profiled with py-spy meanwhile.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def _timed_run(
 ) -> Timed:
     """Publish ``messages`` and wait for their terminal states, measuring CPU (and profiling the decider)."""
     services, stages, watch = pipeline
-    profile_raw = watch.root.parent / "decider.pyspy.txt"
-    profiler = Profiler(stages["decider"].proc.pid, profile_raw) if args.profile else None
+    stage = args.profile
+    profile_raw = watch.root.parent / f"{stage}.pyspy.txt"
+    profiler = Profiler(stages[stage].proc.pid, profile_raw) if stage else None
     pids = stage_pids(stages, "bench (publisher, evidence poll)", broker_pid)
     if profiler is not None and profiler.pid is not None:
         pids["py-spy"] = profiler.pid
@@ -87,7 +88,7 @@ def _timed_run(
     profile = (
         {"skipped": "--no-profile"}
         if profiler is None
-        else profiler.summary(keep_as="pipeline-decider.pyspy.txt")
+        else {"stage": stage, **profiler.summary(keep_as=f"pipeline-{stage}.pyspy.txt")}
     )
     return Timed(sent, summary, seen_mono, check_s, cpu, profile)
 
@@ -145,6 +146,6 @@ def run_throughput(
         },
         "messages_per_request": round(sum(t["messages"] for t in topics_written.values()) / total, 2),
         "kb_per_request": round(sum(t["mb"] or 0 for t in topics_written.values()) * 1024 / total, 2),
-        "profile_decider": timed.profile,
+        "profile": timed.profile,
         "loadavg_after": loadavg(),
     }

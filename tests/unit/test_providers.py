@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from nexuscore.kernel.errors import ProviderError
 from nexuscore.providers import (
+    MAX_RESPONSE_BYTES,
     AnthropicMessagesAdapter,
     ChatRequest,
     ChatResult,
@@ -500,6 +502,66 @@ async def test_unsupported_scheme_is_not_retryable(openai_adapter: OpenAIChatAda
     with pytest.raises(ProviderError) as caught:
         await openai_adapter.complete("ftp://example.test/v1", _request())
     assert caught.value.retryable is False
+
+
+# --- what a provider answers is bounded ------------------------------------------------------------
+
+
+async def _answering(body: bytes, *, gzip: bool = False) -> tuple[web.AppRunner, str]:
+    """A provider on a real port that answers every call with ``body`` (gzip-encoded on the wire)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        response = web.Response(body=body, content_type="application/json")
+        if gzip:
+            response.enable_compression(web.ContentCoding.gzip)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip-bomb"])
+async def test_an_answer_larger_than_the_bound_is_refused_not_read_whole(
+    openai_adapter: OpenAIChatAdapter, gzip: bool
+) -> None:
+    # 9 MiB of JSON whitespace: gzip shrinks it to a few KB on the wire, so only a bound on the
+    # decompressed bytes stops it.
+    runner, url = await _answering(b" " * (MAX_RESPONSE_BYTES + 1024 * 1024), gzip=gzip)
+    try:
+        with pytest.raises(ProviderError, match="answered more than") as caught:
+            await openai_adapter.complete(url, _request())
+    finally:
+        await runner.cleanup()
+    assert caught.value.retryable is False
+
+
+@pytest.mark.asyncio
+async def test_an_answer_within_the_bound_is_read_whole(openai_adapter: OpenAIChatAdapter) -> None:
+    text = "x" * (MAX_RESPONSE_BYTES - 1024)
+    answer = {"model": "m", "choices": [{"message": {"content": text}, "finish_reason": "stop"}]}
+    answer["usage"] = {"prompt_tokens": 1, "completion_tokens": 2}
+    runner, url = await _answering(json.dumps(answer).encode())
+    try:
+        result = await openai_adapter.complete(url, _request())
+    finally:
+        await runner.cleanup()
+    assert result.text == text
+
+
+@pytest.mark.asyncio
+async def test_an_injected_client_bounds_the_answer_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b" " * (MAX_RESPONSE_BYTES + 1))
+
+    with pytest.raises(ProviderError, match="answered more than"):
+        await _call_mock(OpenAIChatAdapter, handler)
 
 
 # --- adapter_for ----------------------------------------------------------------------------------
