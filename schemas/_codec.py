@@ -19,6 +19,7 @@ from fastavro.schema import to_parsing_canonical_form
 
 from nexuscore.kernel.errors import DecodeError
 from nexuscore.schemas._avro import AVRO_DIR, avro_name
+from nexuscore.schemas._encoder import compile_encoder
 from nexuscore.schemas._events import EVENT_TYPES, Event
 
 MAGIC = b"\xc3\x01"
@@ -58,6 +59,8 @@ class _Writer(msgspec.Struct, frozen=True):
     header: bytes
     # Set for an earlier version of the schema: fastavro resolves its records to the current one.
     reader: Any = None
+    # The generated writer of this schema's body (None: fastavro writes it).
+    body: Any = None
 
 
 class AvroCodec:
@@ -73,7 +76,7 @@ class AvroCodec:
             path = avro_dir / f"{avro_name(cls)}.avsc"
             schema = json.loads(path.read_text(encoding="utf-8"))
             header = MAGIC + fingerprint(schema)
-            writer = _Writer(cls, fastavro.parse_schema(schema), header)
+            writer = _Writer(cls, fastavro.parse_schema(schema), header, body=compile_encoder(schema))
             self._by_type[cls] = writer
             self._by_fingerprint[header[2:]] = writer
             for old_path in sorted((avro_dir / "history").glob(f"{avro_name(cls)}.*.avsc")):
@@ -85,6 +88,13 @@ class AvroCodec:
 
     def encode(self, event: Event) -> bytes:
         writer = self._by_type[type(event)]
+        if writer.body is not None:
+            buf = bytearray(writer.header)
+            try:
+                writer.body(event, buf)
+                return bytes(buf)
+            except Exception:  # noqa: BLE001, S110  # fastavro writes what the generated code does not, or says why not
+                pass
         out = io.BytesIO()
         out.write(writer.header)
         fastavro.schemaless_writer(out, writer.parsed, msgspec.to_builtins(event, builtin_types=_NATIVE))
