@@ -53,6 +53,7 @@ def _micros(value: datetime) -> int:
 
 _HELPERS: dict[str, Any] = {
     "_long": _long,
+    "_SMALL": _SMALL,
     "_micros": _micros,
     "_double": struct.Struct("<d").pack,
     "Unencodable": Unencodable,
