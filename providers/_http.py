@@ -90,14 +90,21 @@ class AiohttpPoster:
         # Made on first use: a session belongs to the event loop it was made in.
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._connections)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=_NO_TIMEOUT)
+            # No cookies kept: one provider's answer must not shape the calls to another.
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=_NO_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     async def post(
         self, provider: str, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float
     ) -> tuple[int, bytes]:
         try:
-            async with self._opened().post(url, data=body, headers=headers) as response:
+            # Never followed, as httpx does not by default: a 307 would carry the prompt to a host
+            # the routing never chose, possibly outside the allowed regions.
+            async with self._opened().post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 return response.status, await _bounded(response.content.iter_any(), provider, url)
         except aiohttp.ClientConnectorError as exc:
             raise _no_connection(provider, url, timeout_s) from exc

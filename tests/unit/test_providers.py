@@ -556,6 +556,30 @@ async def test_an_answer_within_the_bound_is_read_whole(openai_adapter: OpenAICh
 
 
 @pytest.mark.asyncio
+async def test_a_redirect_is_not_followed_so_the_prompt_stays_where_it_was_routed(
+    openai_adapter: OpenAIChatAdapter,
+) -> None:
+    elsewhere, elsewhere_url = await _started(SimulatedProviderConfig())
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{elsewhere_url}/chat/completions")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        with pytest.raises(ProviderError, match="HTTP 307") as caught:
+            await openai_adapter.complete(f"http://127.0.0.1:{runner.addresses[0][1]}/v1", _request())
+    finally:
+        await runner.cleanup()
+        await elsewhere.stop()
+    assert caught.value.retryable is False
+    assert elsewhere.calls == 0
+
+
+@pytest.mark.asyncio
 async def test_an_injected_client_bounds_the_answer_too() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=b" " * (MAX_RESPONSE_BYTES + 1))
