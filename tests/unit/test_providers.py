@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -507,8 +507,18 @@ async def test_unsupported_scheme_is_not_retryable(openai_adapter: OpenAIChatAda
 # --- what a provider answers is bounded ------------------------------------------------------------
 
 
+async def _serving(handler: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, str]:
+    """A provider on a real port whose chat completions ``handler`` answers."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
 async def _answering(body: bytes, *, gzip: bool = False) -> tuple[web.AppRunner, str]:
-    """A provider on a real port that answers every call with ``body`` (gzip-encoded on the wire)."""
+    """A provider that answers every call with ``body`` (gzip-encoded on the wire)."""
 
     async def handler(request: web.Request) -> web.Response:
         response = web.Response(body=body, content_type="application/json")
@@ -516,14 +526,7 @@ async def _answering(body: bytes, *, gzip: bool = False) -> tuple[web.AppRunner,
             response.enable_compression(web.ContentCoding.gzip)
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}/v1"
+    return await _serving(handler)
 
 
 @pytest.mark.asyncio
@@ -564,14 +567,10 @@ async def test_a_redirect_is_not_followed_so_the_prompt_stays_where_it_was_route
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect(f"{elsewhere_url}/chat/completions")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner, url = await _serving(redirect)
     try:
         with pytest.raises(ProviderError, match="HTTP 307") as caught:
-            await openai_adapter.complete(f"http://127.0.0.1:{runner.addresses[0][1]}/v1", _request())
+            await openai_adapter.complete(url, _request())
     finally:
         await runner.cleanup()
         await elsewhere.stop()
