@@ -42,9 +42,12 @@ class Poster(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _no_connection(provider: str, url: str, timeout_s: float) -> ProviderError:
+def _no_connection(provider: str, url: str, timeout_s: float, exc: Exception | None = None) -> ProviderError:
+    # The cause says which: refused, a name that does not resolve, a certificate refused.
+    cause = f": {exc}" if exc is not None else ""
     return ProviderError(
-        f"{provider} call to {url}: no connection (refused, or none within {timeout_s:g}s)", retryable=True
+        f"{provider} call to {url}: no connection (refused, or none within {timeout_s:g}s){cause}",
+        retryable=True,
     )
 
 
@@ -85,15 +88,22 @@ class AiohttpPoster:
     def __init__(self, connections: int = POOL_CONNECTIONS) -> None:
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _opened(self) -> aiohttp.ClientSession:
-        # Made on first use: a session belongs to the event loop it was made in.
-        if self._session is None:
+        # Made on first use, and again under another event loop: a session belongs to its loop.
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=self._connections)
-            # No cookies kept: one provider's answer must not shape the calls to another.
+            # No cookies kept: one provider's answer must not shape the calls to another. The
+            # environment's proxy settings (HTTPS_PROXY, NO_PROXY) apply, as they did with httpx.
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=_NO_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
+                connector=connector,
+                timeout=_NO_TIMEOUT,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=True,
             )
+            self._loop = loop
         return self._session
 
     async def post(
@@ -107,16 +117,16 @@ class AiohttpPoster:
             ) as response:
                 return response.status, await _bounded(response.content.iter_any(), provider, url)
         except aiohttp.ClientConnectorError as exc:
-            raise _no_connection(provider, url, timeout_s) from exc
+            raise _no_connection(provider, url, timeout_s, exc) from exc
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError) as exc:
             raise _unsendable(provider, url, exc) from exc
         except aiohttp.ClientError as exc:
             raise _failed(provider, url, exc) from exc
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        session, self._session = self._session, None  # a call made meanwhile opens a new one
+        if session is not None and self._loop is asyncio.get_running_loop():
+            await session.close()
 
 
 class HttpxPoster:
@@ -139,8 +149,10 @@ class HttpxPoster:
             raise TimeoutError from exc  # reported by post_json, as for every poster
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
             raise _unsendable(provider, url, exc) from exc
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise _failed(provider, url, exc) from exc
+        except ValueError as exc:  # a header value httpx cannot encode, for one
+            raise _unsendable(provider, url, exc) from exc
 
     async def aclose(self) -> None:
         """Nothing to release: the injected client is its owner's to close."""

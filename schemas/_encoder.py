@@ -14,6 +14,7 @@ fastavro instead: ``compile_encoder`` returns None, or the encoder raises :class
 
 from __future__ import annotations
 
+import keyword
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ def _long(n: int) -> bytes:
 
 
 def _micros(value: datetime) -> int:
-    if value.tzinfo is None:
+    if type(value) is not datetime or value.tzinfo is None:
         raise Unencodable("a naive datetime")  # fastavro reads it as local time
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -60,6 +61,16 @@ _HELPERS: dict[str, Any] = {
 }
 
 
+# Each value must be of exactly its field's type: anything else (a bool in a long, an int in a
+# double, a str subclass, None where no null is allowed) is left to fastavro, which writes or
+# refuses it as it always did.
+_EXACT = {"string": "str", "long": "int", "double": "float", "boolean": "bool"}
+
+
+def _exact(var: str, type_name: str, indent: str) -> list[str]:
+    return [f"{indent}if type({var}) is not {type_name}:", f"{indent}    raise Unencodable({type_name!r})"]
+
+
 class _Unsupported(Exception):
     """The schema uses something this generator does not write."""
 
@@ -70,20 +81,21 @@ class _Generator:
     def __init__(self) -> None:
         self.functions: dict[str, list[str]] = {}
         self.named: dict[str, dict[str, Any]] = {}
+        self.entries: dict[str, str] = {}  # a record's full name -> its function
         self.temp = 0
 
     def record(self, schema: dict[str, Any]) -> str:
-        name = f"_enc_{schema['name']}"
-        if name in self.functions:
-            return name
-        self.named[schema["name"]] = schema
-        if "namespace" in schema:
-            self.named[f"{schema['namespace']}.{schema['name']}"] = schema
+        full = f"{schema.get('namespace', '')}.{schema['name']}"
+        if full in self.entries:
+            return self.entries[full]
+        # Numbered, not named after the record: a name never reaches the generated source.
+        name = self.entries[full] = f"_enc_{len(self.entries)}"
+        self.named[schema["name"]] = self.named[full.lstrip(".")] = schema
         self.functions[name] = []  # reserved first: a record that names itself recurses
         lines = [f"def {name}(v, buf):"]
         for field in schema["fields"]:
             attr = field["name"]
-            if not attr.isidentifier():
+            if not isinstance(attr, str) or not attr.isidentifier() or keyword.iskeyword(attr):
                 raise _Unsupported(f"field name {attr!r}")
             lines += self.value(field["type"], f"v.{attr}", "    ")
         if len(lines) == 1:
@@ -113,6 +125,7 @@ class _Generator:
             items, item = self._var(), self._var()
             return [
                 f"{indent}{items} = {expr}",
+                *_exact(items, "list", indent),
                 f"{indent}if {items}:",
                 f"{indent}    buf += _long(len({items}))",
                 f"{indent}    for {item} in {items}:",
@@ -122,11 +135,15 @@ class _Generator:
         return self.primitive(kind, expr, indent)
 
     def primitive(self, kind: str, expr: str, indent: str) -> list[str]:
+        x, head = self._var(), []
+        if kind in _EXACT:
+            head = [f"{indent}{x} = {expr}", *_exact(x, _EXACT[kind], indent)]
         if kind == "string":
             b, n = self._var(), self._var()
             # The length looked up inline: a call per string was 4 % of the decider's time.
             return [
-                f"{indent}{b} = {expr}.encode()",
+                *head,
+                f"{indent}{b} = {x}.encode()",
                 f"{indent}{n} = len({b})",
                 f"{indent}buf += _SMALL[{n}] if {n} < 8192 else _long({n})",
                 f"{indent}buf += {b}",
@@ -141,11 +158,11 @@ class _Generator:
                 f"{indent}buf += {b}",
             ]
         if kind == "long":
-            return [f"{indent}buf += _long({expr})"]
+            return [*head, f"{indent}buf += _long({x})"]
         if kind == "double":
-            return [f"{indent}buf += _double({expr})"]
+            return [*head, f"{indent}buf += _double({x})"]
         if kind == "boolean":
-            return [f"{indent}buf += b'\\x01' if {expr} else b'\\x00'"]
+            return [*head, f"{indent}buf += b'\\x01' if {x} else b'\\x00'"]
         if kind == "null":
             return []
         raise _Unsupported(f"type {kind}")
@@ -172,7 +189,7 @@ def compile_encoder(schema: dict[str, Any]) -> Callable[[Any, bytearray], None] 
     generator = _Generator()
     try:
         entry = generator.record(schema)
-    except _Unsupported:
+    except (_Unsupported, KeyError, TypeError, AttributeError):
         return None
     source = "\n\n".join("\n".join(lines) for lines in generator.functions.values())
     namespace = dict(_HELPERS)

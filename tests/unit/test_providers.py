@@ -610,3 +610,19 @@ def test_adapter_for_rejects_unknown_kind(kind: str) -> None:
     with pytest.raises(ValueError, match="expected one of: anthropic, openai") as caught:
         adapter_for(kind)
     assert repr(kind) in str(caught.value)
+
+
+def test_an_adapter_of_its_own_client_serves_one_event_loop_after_another() -> None:
+    # A client belongs to the loop it was made in: each loop gets its own, not an error.
+    adapter = OpenAIChatAdapter()
+
+    async def call_once() -> str:
+        provider, url = await _started(SimulatedProviderConfig())
+        try:
+            return (await adapter.complete(url, _request())).text
+        finally:
+            await adapter.aclose()
+            await provider.stop()
+
+    first = asyncio.run(call_once())
+    assert asyncio.run(call_once()) == first != ""
