@@ -64,7 +64,7 @@ _HELPERS: dict[str, Any] = {
 # Each value must be of exactly its field's type: anything else (a bool in a long, an int in a
 # double, a str subclass, None where no null is allowed) is left to fastavro, which writes or
 # refuses it as it always did.
-_EXACT = {"string": "str", "long": "int", "double": "float", "boolean": "bool"}
+_EXACT = {"string": "str", "bytes": "bytes", "long": "int", "double": "float", "boolean": "bool"}
 
 
 def _exact(var: str, type_name: str, indent: str) -> list[str]:
@@ -149,14 +149,7 @@ class _Generator:
                 f"{indent}buf += {b}",
             ]
         if kind == "bytes":
-            b = self._var()
-            return [
-                f"{indent}{b} = {expr}",
-                f"{indent}if type({b}) is not bytes:",
-                f"{indent}    raise Unencodable('not bytes')",
-                f"{indent}buf += _long(len({b}))",
-                f"{indent}buf += {b}",
-            ]
+            return [*head, f"{indent}buf += _long(len({x}))", f"{indent}buf += {x}"]
         if kind == "long":
             return [*head, f"{indent}buf += _long({x})"]
         if kind == "double":
